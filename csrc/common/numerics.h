@@ -1,0 +1,178 @@
+// Bit-exact scalar numerics shared by the CPU and CUDA kernels.
+//
+// Every rounding step that auto-round performs with a separate PyTorch op is a separate,
+// correctly rounded operation here: no fused multiply-add, no fast-math reciprocal. The CPU
+// build uses -ffp-contract=off, the CUDA build the explicit *_rn intrinsics, so both
+// backends produce the same bits and match PyTorch's elementwise kernels.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define AF_HD __host__ __device__ __forceinline__
+#else
+#define AF_HD inline
+#endif
+
+namespace autoround_fast {
+
+// Storage types: the kernels read and write raw 16-bit patterns and convert themselves,
+// so the same code runs on the host and the device without cuda_bf16.h or c10.
+struct bf16_t { uint16_t bits; };
+struct f16_t { uint16_t bits; };
+
+AF_HD float bits_to_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+AF_HD uint32_t float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+#endif
+}
+
+// Correctly rounded fp32 arithmetic, never contracted.
+AF_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+AF_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+AF_HD float sub_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+AF_HD float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+// torch.round: half to even.
+AF_HD float round_even(float x) {
+#if defined(__CUDA_ARCH__)
+  return rintf(x);
+#else
+  return std::nearbyint(x);
+#endif
+}
+AF_HD float fmax_(float a, float b) { return a > b ? a : b; }
+AF_HD float fmin_(float a, float b) { return a < b ? a : b; }
+AF_HD float fabs_(float a) { return bits_to_float(float_to_bits(a) & 0x7fffffffu); }
+AF_HD bool is_finite(float a) { return (float_to_bits(a) & 0x7f800000u) != 0x7f800000u; }
+// torch.sign as a float factor: -1, 0 or +1.
+AF_HD float sign_of(float a) { return a > 0.f ? 1.f : (a < 0.f ? -1.f : 0.f); }
+
+// fp32 -> bf16, round to nearest even (as c10::BFloat16).
+AF_HD uint16_t float_to_bf16_bits(float f) {
+  uint32_t u = float_to_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+AF_HD float bf16_bits_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
+
+// fp32 -> fp16, round to nearest even, subnormals kept, overflow to inf (as c10::Half).
+AF_HD uint16_t float_to_f16_bits(float f) {
+  uint32_t x = float_to_bits(f);
+  uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  x &= 0x7fffffffu;
+  if (x >= 0x7f800000u) return sign | (x > 0x7f800000u ? 0x7e00 : 0x7c00);
+  if (x >= 0x477ff000u) return sign | 0x7c00;  // >= 65520 rounds to inf
+  if (x < 0x38800000u) {                       // below 2^-14: fp16 subnormal, unit 2^-24
+    float a = bits_to_float(x) * 16777216.0f;  // exact power-of-two scaling
+    return sign | static_cast<uint16_t>(round_even(a));
+  }
+  x += 0xfffu + ((x >> 13) & 1u);
+  return sign | static_cast<uint16_t>((x - (112u << 23)) >> 13);
+}
+AF_HD float f16_bits_to_float(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t e = (h >> 10) & 0x1f;
+  uint32_t m = h & 0x3ff;
+  if (e == 0) {
+    float v = static_cast<float>(m) * 5.9604644775390625e-08f;  // m * 2^-24, exact
+    return bits_to_float(float_to_bits(v) | sign);
+  }
+  if (e == 31) return bits_to_float(sign | 0x7f800000u | (m << 13));
+  return bits_to_float(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+template <typename T> struct Cvt;
+template <> struct Cvt<float> {
+  static AF_HD float load(float v) { return v; }
+  static AF_HD float store(float v) { return v; }
+};
+template <> struct Cvt<bf16_t> {
+  static AF_HD float load(bf16_t v) { return bf16_bits_to_float(v.bits); }
+  static AF_HD bf16_t store(float v) { return bf16_t{float_to_bf16_bits(v)}; }
+};
+template <> struct Cvt<f16_t> {
+  static AF_HD float load(f16_t v) { return f16_bits_to_float(v.bits); }
+  static AF_HD f16_t store(float v) { return f16_t{float_to_f16_bits(v)}; }
+};
+template <typename T> AF_HD float to_f32(T v) { return Cvt<T>::load(v); }
+template <typename T> AF_HD T from_f32(float v) { return Cvt<T>::store(v); }
+// Round an fp32 value through T and back: the value a tensor of dtype T would hold.
+template <typename T> AF_HD float round_through(float v) { return Cvt<T>::load(Cvt<T>::store(v)); }
+
+// Scale dtypes are named by c10::ScalarType codes, which the Python side passes as ints.
+enum ScaleDtype : int { kHalf = 5, kFloat = 6, kBFloat16 = 15 };
+AF_HD float round_to_scale_dtype(float v, int code) {
+  if (code == kHalf) return round_through<f16_t>(v);
+  if (code == kBFloat16) return round_through<bf16_t>(v);
+  return v;
+}
+
+// fp32 -> float8_e4m3fn -> fp32, round to nearest even, for |x| <= 448 (callers clamp).
+AF_HD float e4m3_round(float x) {
+  float a = fabs_(x);
+  float q;
+  if (a < 0.015625f) {  // below 2^-6: subnormal grid of 2^-9
+    q = round_even(a * 512.0f) * 0.001953125f;
+  } else {
+    uint32_t u = float_to_bits(a);
+    u += 0x7ffffu + ((u >> 20) & 1u);
+    q = bits_to_float(u & 0xfff00000u);
+  }
+  return x < 0.f ? -q : q;
+}
+
+// |x| on the FP4 (e2m1) grid {0, .5, 1, 1.5, 2, 3, 4, 6}, ties to even, as auto-round's
+// cast_to_fp4 computes it: round(2a)/2 below 2, round(a) below 4, 2*round(a/2) above.
+AF_HD float fp4_magnitude(float a) {
+  float q;
+  if (a < 2.0f) q = round_even(a * 2.0f) * 0.5f;
+  else if (a < 4.0f) q = round_even(a);
+  else q = 2.0f * round_even(a * 0.5f);
+  return fmin_(q, 6.0f);
+}
+
+// 1/x with 1/0 -> 0 (auto-round's get_reciprocal in nvfp.py).
+AF_HD float reciprocal_or_zero(float x) { return x == 0.f ? 0.f : div_rn(1.0f, x); }
+
+}  // namespace autoround_fast

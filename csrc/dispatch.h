@@ -1,0 +1,20 @@
+// Runs f(T{}) with T the storage type for a c10::ScalarType code (float, bf16_t, f16_t).
+#pragma once
+
+#include "common/numerics.h"
+
+namespace autoround_fast {
+
+template <typename F>
+bool with_float_type(int code, F&& f) {
+  switch (code) {
+    case kFloat: f(float{}); return true;
+    case kBFloat16: f(bf16_t{}); return true;
+    case kHalf: f(f16_t{}); return true;
+    default: return false;
+  }
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace autoround_fast

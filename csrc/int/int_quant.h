@@ -1,0 +1,163 @@
+// Integer fake quantization of one group, forward and backward (auto-round 0.15.1,
+// data_type/int.py: quant_tensor_sym "full range" and quant_tensor_asym).
+//
+// sym:  maxq = 2^(b-1); A = -(wmin * min_scale), B = wmax * max_scale (wmin <= 0 <= wmax)
+//       s = cast(sign * max(A, B) / maxq), sign = +1 if B < A else -1; |s| floored at 1e-5
+//       Wq = s * clamp(round(W / s + V), -maxq, maxq - 1)
+// asym: maxq = 2^b - 1; s = max(cast((max_scale*wmax - min_scale*wmin) / maxq), 1e-5)
+//       zp = round(-min_scale*wmin / s); Wq = s * (clamp(round(W / s + V) + zp, 0, maxq) - zp)
+// cast() rounds to the scale's dtype (fp16 in auto-round; the stored dtype here), and the
+// scale's gradient is rounded through that dtype too, as autograd does.
+//
+// Elements are spread over 32 lanes in chunks of 4 (element j on lane (j / 4) % 32); each
+// lane sums its elements in order and the lanes combine by an xor butterfly. The CUDA kernel
+// runs one warp per group, the CPU kernel replays the same order: both give the same bits.
+#pragma once
+
+#include "../common/numerics.h"
+
+namespace autoround_fast {
+
+constexpr int kLanes = 32;
+constexpr int kChunk = 4;
+constexpr float kScaleFloor = 1e-5f;
+
+AF_HD int lane_of(int j) { return (j / kChunk) % kLanes; }
+
+struct IntParams {
+  int bits;
+  bool sym;
+  int scale_dtype;  // ScaleDtype code
+};
+
+struct IntScale {
+  float s_raw;  // scale in its dtype before the 1e-5 floor
+  float s;      // scale used
+  float zp;     // zero point (asym), 0 for sym
+  float A, B;   // sym: -(wmin*min_scale), wmax*max_scale; asym: wmin*min_scale, wmax*max_scale
+  float maxq;
+};
+
+AF_HD float int_floor_scale(float s_raw, float floor_value, bool sym) {
+  if (sym && s_raw < 0.f) return s_raw > -floor_value ? -floor_value : s_raw;
+  return s_raw < floor_value ? floor_value : s_raw;
+}
+
+AF_HD IntScale int_group_scale(float wmin, float wmax, float min_scale, float max_scale,
+                               const IntParams& p) {
+  IntScale r;
+  float floor_value = round_to_scale_dtype(kScaleFloor, p.scale_dtype);
+  if (p.sym) {
+    r.maxq = static_cast<float>(1 << (p.bits - 1));
+    r.A = -mul_rn(wmin, min_scale);
+    r.B = mul_rn(wmax, max_scale);
+    float mv = (r.B < r.A ? 1.f : -1.f) * fmax_(r.B, r.A);
+    r.s_raw = round_to_scale_dtype(div_rn(mv, r.maxq), p.scale_dtype);
+    r.s = int_floor_scale(r.s_raw, floor_value, true);
+    r.zp = 0.f;
+  } else {
+    r.maxq = static_cast<float>((1 << p.bits) - 1);
+    r.A = mul_rn(wmin, min_scale);
+    r.B = mul_rn(wmax, max_scale);
+    r.s_raw = round_to_scale_dtype(div_rn(sub_rn(r.B, r.A), r.maxq), p.scale_dtype);
+    r.s = int_floor_scale(r.s_raw, floor_value, false);
+    r.zp = round_even(div_rn(-r.A, r.s));
+  }
+  return r;
+}
+
+// The integer level of one element before clamping, and the clamped level.
+AF_HD float int_level(float x, float v, const IntScale& sc) {
+  return round_even(add_rn(div_rn(x, sc.s), v));
+}
+
+AF_HD float int_qdq(float x, float v, const IntScale& sc, bool sym) {
+  float iw = int_level(x, v, sc);
+  if (sym) {
+    float q = fmin_(fmax_(iw, -sc.maxq), sc.maxq - 1.f);
+    return mul_rn(sc.s, q);
+  }
+  float q = fmin_(fmax_(add_rn(iw, sc.zp), 0.f), sc.maxq);
+  return mul_rn(sc.s, sub_rn(q, sc.zp));
+}
+
+// Per-lane partial sums of the backward.
+struct IntPartials {
+  float a;   // sum g * q (sym) or g * (q - zp) (asym): d/ds through Wq = s * ...
+  float b;   // sum -dV * ((W / s) / s): d/ds through W / s
+  float zc;  // asym: sum dV (zp through the clamp's input)
+  float zs;  // asym: sum -(g * s) (zp through q - zp)
+};
+
+AF_HD void int_element_backward(float x, float v, float g, const IntScale& sc, bool sym,
+                                float* gv, IntPartials& acc) {
+  float t = div_rn(x, sc.s);
+  float iw = round_even(add_rn(t, v));
+  float gs = mul_rn(g, sc.s);
+  float dv;
+  if (sym) {
+    bool pass = iw >= -sc.maxq && iw <= sc.maxq - 1.f;
+    float q = fmin_(fmax_(iw, -sc.maxq), sc.maxq - 1.f);
+    dv = pass ? gs : 0.f;
+    acc.a = add_rn(acc.a, mul_rn(g, q));
+  } else {
+    float w = add_rn(iw, sc.zp);
+    bool pass = w >= 0.f && w <= sc.maxq;
+    float q = fmin_(fmax_(w, 0.f), sc.maxq);
+    dv = pass ? gs : 0.f;
+    acc.a = add_rn(acc.a, mul_rn(g, sub_rn(q, sc.zp)));
+    acc.zc = add_rn(acc.zc, dv);
+    acc.zs = add_rn(acc.zs, -gs);
+  }
+  *gv = dv;
+  acc.b = add_rn(acc.b, mul_rn(-dv, div_rn(t, sc.s)));
+}
+
+AF_HD void int_partials_add(IntPartials& x, const IntPartials& y) {
+  x.a = add_rn(x.a, y.a);
+  x.b = add_rn(x.b, y.b);
+  x.zc = add_rn(x.zc, y.zc);
+  x.zs = add_rn(x.zs, y.zs);
+}
+
+// From the group's summed partials to the gradients of min_scale and max_scale.
+AF_HD void int_group_scale_backward(const IntPartials& t, float wmin, float wmax,
+                                    const IntScale& sc, const IntParams& p,
+                                    float* g_min_scale, float* g_max_scale) {
+  float floor_value = round_to_scale_dtype(kScaleFloor, p.scale_dtype);
+  // Each contribution to the scale's gradient is rounded to the scale dtype, and they are
+  // accumulated in that dtype, as autograd accumulates into an fp16 tensor.
+  float gs = round_to_scale_dtype(add_rn(round_to_scale_dtype(t.a, p.scale_dtype),
+                                         round_to_scale_dtype(t.b, p.scale_dtype)),
+                                  p.scale_dtype);
+  float g_zp = 0.f;
+  if (!p.sym) {
+    g_zp = add_rn(t.zc, t.zs);
+    float neg_a = -sc.A;  // zp = round(-A / s)
+    float g_s_zp = round_to_scale_dtype(mul_rn(-g_zp, div_rn(div_rn(neg_a, sc.s), sc.s)),
+                                        p.scale_dtype);
+    gs = round_to_scale_dtype(add_rn(gs, g_s_zp), p.scale_dtype);
+  }
+  bool floor_pass = (p.sym && sc.s_raw < 0.f) ? sc.s_raw <= -floor_value : sc.s_raw >= floor_value;
+  float g_raw = floor_pass ? gs : 0.f;
+  float g_q = div_rn(g_raw, sc.maxq);  // s = cast(mv / maxq)
+  if (p.sym) {
+    float g_mv = mul_rn(g_q, sc.B < sc.A ? 1.f : -1.f);
+    float gB, gA;  // torch.maximum's backward splits ties evenly
+    if (sc.B == sc.A) {
+      gB = gA = div_rn(g_mv, 2.f);
+    } else {
+      gB = sc.B > sc.A ? g_mv : 0.f;
+      gA = sc.A > sc.B ? g_mv : 0.f;
+    }
+    *g_min_scale = mul_rn(-gA, wmin);
+    *g_max_scale = mul_rn(gB, wmax);
+  } else {
+    float g_B = g_q;
+    float g_A = add_rn(-g_q, -div_rn(g_zp, sc.s));
+    *g_min_scale = mul_rn(g_A, wmin);
+    *g_max_scale = mul_rn(g_B, wmax);
+  }
+}
+
+}  // namespace autoround_fast

@@ -1,0 +1,65 @@
+// CUDA launchers: raw pointers and a stream in, no torch types, so that the .cu files compile
+// with nothing but the CUDA toolkit. Each returns nullptr on success or the CUDA error text.
+// Dtype codes are c10::ScalarType codes: 5 half, 6 float, 15 bfloat16.
+#pragma once
+
+#include <cstdint>
+
+namespace autoround_fast {
+
+struct Nvfp4Args {
+  int dtype;
+  int64_t rows, cols;
+  const void* weight;
+  const float* v;          // [rows, cols]
+  const float* max_scale;  // [rows, ceil(cols / 16)]
+  const float* global_scale;
+};
+
+const char* launch_fake_quant_nvfp4(const Nvfp4Args& a, void* out, float* scale, void* stream);
+const char* launch_fake_quant_nvfp4_backward(const Nvfp4Args& a, const void* grad, float* grad_v,
+                                             float* grad_max_scale, void* stream);
+
+struct Nvfp4ActArgs {
+  int dtype;
+  int64_t rows, cols;  // the activation viewed as [rows, cols], cols = last dimension
+  const void* x;
+  const float* global_scale;
+};
+const char* launch_fake_quant_nvfp4_activation(const Nvfp4ActArgs& a, void* out, void* stream);
+const char* launch_fake_quant_nvfp4_activation_backward(const Nvfp4ActArgs& a, const void* grad,
+                                                        void* grad_x, void* stream);
+
+struct IntArgs {
+  int dtype;
+  int64_t rows, cols;
+  int64_t group;  // elements per group (cols for one group per row)
+  int bits;
+  bool sym;
+  int scale_dtype;
+  const void* weight;
+  const float* v;
+  const float* min_scale;  // [rows, ceil(cols / group)]
+  const float* max_scale;
+};
+const char* launch_fake_quant_int(const IntArgs& a, void* out, void* scale, float* zero_point,
+                                  void* stream);
+const char* launch_fake_quant_int_backward(const IntArgs& a, const void* grad, float* grad_v,
+                                           float* grad_min_scale, float* grad_max_scale,
+                                           void* stream);
+
+struct LossArgs {
+  int dtype;
+  int64_t numel;
+  int64_t hidden;  // elements per mask entry
+  const void* pred;
+  const void* ref;
+  const float* mask;  // one per token, or nullptr
+};
+// partials: at least loss_partials_size() floats of scratch. loss: one float.
+int64_t loss_partials_size();
+const char* launch_masked_mse_loss(const LossArgs& a, float* partials, float* loss, void* stream);
+const char* launch_masked_mse_loss_backward(const LossArgs& a, const float* grad_loss,
+                                            void* grad_pred, void* stream);
+
+}  // namespace autoround_fast

@@ -1,0 +1,99 @@
+// NVFP4 fake quantization of one 16-element group, forward and backward.
+//
+// Forward (auto-round 0.15.1, data_type/nvfp.py, all in fp32, in this order):
+//   m  = max|W_g| * max_scale_g
+//   s  = e4m3(clamp(gs * (m * (1/6)), -448, 448))
+//   os = 1 / (s * (1/gs))                       (1/0 -> 0)
+//   y  = W * os + V
+//   Wq = fp4(clamp(y, -6, 6)) * (1/os)          (then cast to the weight dtype)
+// Backward is autograd through those ops with straight-through rounds: dWq/dV = 1/os where
+// -6 <= y <= 6 and y != 0, and max_scale's gradient flows through os and s, zero where the
+// 448 clamp is active. Sums run sequentially over the group, on the CPU and the GPU alike.
+#pragma once
+
+#include "../common/numerics.h"
+
+namespace autoround_fast {
+
+constexpr int kNvfp4Group = 16;
+constexpr float kOneSixth = 0.16666666666666666f;  // fp32(1/6), as PyTorch casts the scalar
+
+struct Nvfp4Scale {
+  float s;        // e4m3-rounded group scale (fp32), what is stored
+  float os;       // 1 / (s / gs): the multiplier into the FP4 grid
+  float r;        // 1 / os: the multiplier back
+  float z;        // gs * m / 6 before the 448 clamp
+};
+
+AF_HD float inv_global_scale(float gs) { return reciprocal_or_zero(gs); }
+
+AF_HD Nvfp4Scale nvfp4_group_scale(float amax, float max_scale, float gs, float inv_gs) {
+  Nvfp4Scale r;
+  float m = mul_rn(amax, max_scale);
+  r.z = mul_rn(gs, mul_rn(m, kOneSixth));
+  float zc = fmin_(fmax_(r.z, -448.0f), 448.0f);
+  r.s = e4m3_round(zc);
+  r.os = reciprocal_or_zero(mul_rn(r.s, inv_gs));
+  r.r = reciprocal_or_zero(r.os);
+  return r;
+}
+
+// Quantize one element on the group's grid: the fp32 value before the cast to the dtype.
+AF_HD float nvfp4_qdq(float x, float v, const Nvfp4Scale& sc) {
+  float y = add_rn(mul_rn(x, sc.os), v);
+  float c = fmin_(fmax_(y, -6.0f), 6.0f);
+  float q = mul_rn(fp4_magnitude(fabs_(c)), sign_of(c));
+  return mul_rn(q, sc.r);
+}
+
+// Chain rule from d(loss)/d(os) down to d(loss)/d(max_scale) (or to d(loss)/d(amax) with
+// max_scale = 1 for activations). Zero for groups whose scale is 0, where auto-round's
+// autograd produces NaN (0 * inf in the reciprocal's backward).
+AF_HD float nvfp4_grad_through_scale(float g_os, const Nvfp4Scale& sc, float gs, float inv_gs) {
+  if (sc.os == 0.f) return 0.f;
+  // os = reciprocal(P): dP = -g * (os * os)
+  float gP = mul_rn(-g_os, mul_rn(sc.os, sc.os));
+  float g_s = mul_rn(gP, inv_gs);  // P = s * inv_gs
+  // s = STE(clamp(z, -448, 448)): passes where the clamp is inactive (bounds inclusive)
+  float g_z = (sc.z >= -448.0f && sc.z <= 448.0f) ? g_s : 0.f;
+  float g_t = mul_rn(g_z, gs);     // z = gs * t
+  return mul_rn(g_t, kOneSixth);   // t = m * (1/6): d/dm
+}
+
+// Backward for one group. x: weight values (fp32), v: offsets, g: upstream gradient already
+// rounded through the output dtype. Writes dV per element, returns d(loss)/d(max_scale).
+// Also returns through g_m the gradient reaching m = amax * max_scale (for activations).
+AF_HD float nvfp4_group_backward(const float* x, const float* v, const float* g, int n,
+                                 float amax, float max_scale, float gs, float inv_gs,
+                                 float* gv, float* g_m_out) {
+  Nvfp4Scale sc = nvfp4_group_scale(amax, max_scale, gs, inv_gs);
+  float g_os_y = 0.f;  // from y = x * os + v
+  float g_r = 0.f;     // from Wq = q * r
+  for (int j = 0; j < n; ++j) {
+    float y = add_rn(mul_rn(x[j], sc.os), v[j]);
+    float c = fmin_(fmax_(y, -6.0f), 6.0f);
+    float q = mul_rn(fp4_magnitude(fabs_(c)), sign_of(c));
+    float gq = mul_rn(g[j], sc.r);
+    float gc = (y >= -6.0f && y <= 6.0f && y != 0.f) ? gq : 0.f;
+    gv[j] = gc;
+    g_os_y = add_rn(g_os_y, mul_rn(gc, x[j]));
+    g_r = add_rn(g_r, mul_rn(g[j], q));
+  }
+  // r = reciprocal(os): d os = -g_r * (r * r)
+  float g_os = add_rn(g_os_y, mul_rn(-g_r, mul_rn(sc.r, sc.r)));
+  float g_m = nvfp4_grad_through_scale(g_os, sc, gs, inv_gs);
+  if (g_m_out) *g_m_out = g_m;
+  return mul_rn(g_m, amax);  // m = amax * max_scale
+}
+
+// Gradient of one activation element: the straight-through path (dV-equivalent times os,
+// rounded to the activation dtype by the .float() cast's backward) plus, on the group's first
+// argmax, the path through max|x| (rounded to the dtype the max was taken in), summed in T.
+template <typename T>
+AF_HD float nvfp4_act_grad(float gc, float os, float g_m, float x, bool is_argmax) {
+  float direct = round_through<T>(mul_rn(gc, os));
+  if (!is_argmax) return direct;
+  return add_rn(direct, round_through<T>(mul_rn(round_through<T>(g_m), sign_of(x))));
+}
+
+}  // namespace autoround_fast

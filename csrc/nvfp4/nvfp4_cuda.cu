@@ -1,0 +1,217 @@
+// NVFP4 weight and activation fake quantization on the GPU: one thread per 16-element group,
+// 16-byte loads and stores when rows are whole groups. The math is nvfp4.h's, shared with
+// the CPU kernels, so both produce the same bits.
+#include "../common/cuda_utils.cuh"
+#include "../launchers.h"
+#include "nvfp4.h"
+
+namespace autoround_fast {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T, bool kVec>
+__device__ __forceinline__ int load_group(const T* src, int n, float* x, float* amax) {
+  if constexpr (kVec) {
+    load_vec<T, kNvfp4Group>(src, x);
+  } else {
+    for (int j = 0; j < n; ++j) x[j] = to_f32(src[j]);
+  }
+  float m = 0.f;
+#pragma unroll
+  for (int j = 0; j < kNvfp4Group; ++j)
+    if (kVec || j < n) m = fmax_(m, fabs_(x[j]));
+  *amax = m;
+  return kVec ? kNvfp4Group : n;
+}
+
+template <bool kVec>
+__device__ __forceinline__ void load_f32(const float* src, int n, float* x) {
+  if constexpr (kVec) {
+    load_vec<float, kNvfp4Group>(src, x);
+  } else {
+    for (int j = 0; j < n; ++j) x[j] = __ldg(src + j);
+  }
+}
+
+template <typename T, bool kVec>
+__device__ __forceinline__ void store_group(T* dst, int n, const float* y) {
+  if constexpr (kVec) {
+    store_vec<T, kNvfp4Group>(dst, y);
+  } else {
+    for (int j = 0; j < n; ++j) dst[j] = from_f32<T>(y[j]);
+  }
+}
+
+struct GroupIndex {
+  int64_t base;
+  int n;
+};
+
+__device__ __forceinline__ GroupIndex group_index(int64_t gi, int64_t groups, int64_t cols) {
+  const int64_t r = gi / groups, k = gi - r * groups;
+  const int64_t start = k * kNvfp4Group;
+  const int64_t rest = cols - start;
+  return {r * cols + start, static_cast<int>(rest < kNvfp4Group ? rest : kNvfp4Group)};
+}
+
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_kernel(Nvfp4Args a, T* out, float* scale) {
+  const int64_t groups = (a.cols + kNvfp4Group - 1) / kNvfp4Group;
+  const int64_t total = a.rows * groups;
+  const float gs = __ldg(a.global_scale), inv_gs = inv_global_scale(gs);
+  const T* w = static_cast<const T*>(a.weight);
+  for (int64_t gi = blockIdx.x * (int64_t)kThreads + threadIdx.x; gi < total;
+       gi += (int64_t)gridDim.x * kThreads) {
+    GroupIndex g = group_index(gi, groups, a.cols);
+    float x[kNvfp4Group], v[kNvfp4Group], amax;
+    int n = load_group<T, kVec>(w + g.base, g.n, x, &amax);
+    load_f32<kVec>(a.v + g.base, n, v);
+    Nvfp4Scale sc = nvfp4_group_scale(amax, __ldg(a.max_scale + gi), gs, inv_gs);
+    scale[gi] = sc.s;
+#pragma unroll
+    for (int j = 0; j < kNvfp4Group; ++j)
+      if (kVec || j < n) x[j] = nvfp4_qdq(x[j], v[j], sc);
+    store_group<T, kVec>(out + g.base, n, x);
+  }
+}
+
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_backward_kernel(
+    Nvfp4Args a, const T* grad, float* grad_v, float* grad_ms) {
+  const int64_t groups = (a.cols + kNvfp4Group - 1) / kNvfp4Group;
+  const int64_t total = a.rows * groups;
+  const float gs = __ldg(a.global_scale), inv_gs = inv_global_scale(gs);
+  const T* w = static_cast<const T*>(a.weight);
+  for (int64_t gi = blockIdx.x * (int64_t)kThreads + threadIdx.x; gi < total;
+       gi += (int64_t)gridDim.x * kThreads) {
+    GroupIndex g = group_index(gi, groups, a.cols);
+    float x[kNvfp4Group], v[kNvfp4Group], gr[kNvfp4Group], gv[kNvfp4Group], amax, unused;
+    int n = load_group<T, kVec>(w + g.base, g.n, x, &amax);
+    load_group<T, kVec>(grad + g.base, g.n, gr, &unused);
+    load_f32<kVec>(a.v + g.base, n, v);
+    grad_ms[gi] = nvfp4_group_backward(x, v, gr, n, amax, __ldg(a.max_scale + gi), gs, inv_gs, gv,
+                                       nullptr);
+    if constexpr (kVec) {
+      store_vec<float, kNvfp4Group>(grad_v + g.base, gv);
+    } else {
+      for (int j = 0; j < n; ++j) grad_v[g.base + j] = gv[j];
+    }
+  }
+}
+
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_activation_kernel(Nvfp4ActArgs a, T* out) {
+  const int64_t groups = (a.cols + kNvfp4Group - 1) / kNvfp4Group;
+  const int64_t total = a.rows * groups;
+  const float gs = __ldg(a.global_scale), inv_gs = inv_global_scale(gs);
+  const T* xin = static_cast<const T*>(a.x);
+  for (int64_t gi = blockIdx.x * (int64_t)kThreads + threadIdx.x; gi < total;
+       gi += (int64_t)gridDim.x * kThreads) {
+    GroupIndex g = group_index(gi, groups, a.cols);
+    float x[kNvfp4Group], amax;
+    int n = load_group<T, kVec>(xin + g.base, g.n, x, &amax);
+    Nvfp4Scale sc = nvfp4_group_scale(amax, 1.0f, gs, inv_gs);
+#pragma unroll
+    for (int j = 0; j < kNvfp4Group; ++j)
+      if (kVec || j < n) x[j] = nvfp4_qdq(x[j], 0.f, sc);
+    store_group<T, kVec>(out + g.base, n, x);
+  }
+}
+
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_activation_backward_kernel(
+    Nvfp4ActArgs a, const T* grad, T* grad_x) {
+  const int64_t groups = (a.cols + kNvfp4Group - 1) / kNvfp4Group;
+  const int64_t total = a.rows * groups;
+  const float gs = __ldg(a.global_scale), inv_gs = inv_global_scale(gs);
+  const T* xin = static_cast<const T*>(a.x);
+  for (int64_t gi = blockIdx.x * (int64_t)kThreads + threadIdx.x; gi < total;
+       gi += (int64_t)gridDim.x * kThreads) {
+    GroupIndex g = group_index(gi, groups, a.cols);
+    float x[kNvfp4Group], gr[kNvfp4Group], gv[kNvfp4Group], zeros[kNvfp4Group] = {}, amax, unused, g_m;
+    int n = load_group<T, kVec>(xin + g.base, g.n, x, &amax);
+    load_group<T, kVec>(grad + g.base, g.n, gr, &unused);
+    nvfp4_group_backward(x, zeros, gr, n, amax, 1.0f, gs, inv_gs, gv, &g_m);
+    const float os = nvfp4_group_scale(amax, 1.0f, gs, inv_gs).os;
+    int arg = 0;
+    while (arg < n - 1 && fabs_(x[arg]) != amax) ++arg;
+#pragma unroll
+    for (int j = 0; j < kNvfp4Group; ++j)
+      if (kVec || j < n) gv[j] = nvfp4_act_grad<T>(gv[j], os, g_m, x[j], j == arg);
+    store_group<T, kVec>(grad_x + g.base, n, gv);
+  }
+}
+
+bool whole_groups(int64_t cols, std::initializer_list<const void*> ptrs) {
+  if (cols % kNvfp4Group != 0) return false;
+  for (const void* p : ptrs)
+    if (!aligned16(p)) return false;
+  return true;
+}
+
+}  // namespace
+
+const char* launch_fake_quant_nvfp4(const Nvfp4Args& a, void* out, float* scale, void* stream) {
+  const int64_t total = a.rows * ((a.cols + kNvfp4Group - 1) / kNvfp4Group);
+  const bool vec = whole_groups(a.cols, {a.weight, a.v, out});
+  auto s = static_cast<cudaStream_t>(stream);
+  dispatch_cuda_type(a.dtype, [&](auto t) {
+    using T = decltype(t);
+    if (vec)
+      fake_quant_nvfp4_kernel<T, true><<<grid_for(total, kThreads), kThreads, 0, s>>>(a, static_cast<T*>(out), scale);
+    else
+      fake_quant_nvfp4_kernel<T, false><<<grid_for(total, kThreads), kThreads, 0, s>>>(a, static_cast<T*>(out), scale);
+  });
+  return launch_status();
+}
+
+const char* launch_fake_quant_nvfp4_backward(const Nvfp4Args& a, const void* grad, float* grad_v,
+                                             float* grad_ms, void* stream) {
+  const int64_t total = a.rows * ((a.cols + kNvfp4Group - 1) / kNvfp4Group);
+  const bool vec = whole_groups(a.cols, {a.weight, a.v, grad, grad_v});
+  auto s = static_cast<cudaStream_t>(stream);
+  dispatch_cuda_type(a.dtype, [&](auto t) {
+    using T = decltype(t);
+    if (vec)
+      fake_quant_nvfp4_backward_kernel<T, true><<<grid_for(total, kThreads), kThreads, 0, s>>>(
+          a, static_cast<const T*>(grad), grad_v, grad_ms);
+    else
+      fake_quant_nvfp4_backward_kernel<T, false><<<grid_for(total, kThreads), kThreads, 0, s>>>(
+          a, static_cast<const T*>(grad), grad_v, grad_ms);
+  });
+  return launch_status();
+}
+
+const char* launch_fake_quant_nvfp4_activation(const Nvfp4ActArgs& a, void* out, void* stream) {
+  const int64_t total = a.rows * ((a.cols + kNvfp4Group - 1) / kNvfp4Group);
+  const bool vec = whole_groups(a.cols, {a.x, out});
+  auto s = static_cast<cudaStream_t>(stream);
+  dispatch_cuda_type(a.dtype, [&](auto t) {
+    using T = decltype(t);
+    if (vec)
+      fake_quant_nvfp4_activation_kernel<T, true><<<grid_for(total, kThreads), kThreads, 0, s>>>(a, static_cast<T*>(out));
+    else
+      fake_quant_nvfp4_activation_kernel<T, false><<<grid_for(total, kThreads), kThreads, 0, s>>>(a, static_cast<T*>(out));
+  });
+  return launch_status();
+}
+
+const char* launch_fake_quant_nvfp4_activation_backward(const Nvfp4ActArgs& a, const void* grad,
+                                                        void* grad_x, void* stream) {
+  const int64_t total = a.rows * ((a.cols + kNvfp4Group - 1) / kNvfp4Group);
+  const bool vec = whole_groups(a.cols, {a.x, grad, grad_x});
+  auto s = static_cast<cudaStream_t>(stream);
+  dispatch_cuda_type(a.dtype, [&](auto t) {
+    using T = decltype(t);
+    if (vec)
+      fake_quant_nvfp4_activation_backward_kernel<T, true><<<grid_for(total, kThreads), kThreads, 0, s>>>(
+          a, static_cast<const T*>(grad), static_cast<T*>(grad_x));
+    else
+      fake_quant_nvfp4_activation_backward_kernel<T, false><<<grid_for(total, kThreads), kThreads, 0, s>>>(
+          a, static_cast<const T*>(grad), static_cast<T*>(grad_x));
+  });
+  return launch_status();
+}
+
+}  // namespace autoround_fast

@@ -1,0 +1,139 @@
+// The op schemas, and their CPU implementations. Fake kernels and autograd live in
+// python/autoround_fast/ops.py; the CUDA implementations in ops_cuda.cpp.
+#include "cpu_kernels.h"
+#include "ops_common.h"
+
+namespace autoround_fast {
+namespace {
+
+void check_cpu(const Tensor& t, const char* op) {
+  STD_TORCH_CHECK(t.is_cpu(), op, ": expected CPU tensors");
+}
+
+void check_finite_count(int64_t bad, const char* op, const char* name) {
+  STD_TORCH_CHECK(bad == 0, op, ": ", name, " has ", bad,
+                  " non-finite values (NaN or Inf); refusing to quantize it");
+}
+
+std::tuple<Tensor, Tensor> fake_quant_nvfp4_cpu(Tensor w, Tensor v, Tensor ms, Tensor gs) {
+  const char* op = "fake_quant_nvfp4";
+  check_cpu(w, op);
+  Nvfp4Args a = nvfp4_args(w, v, ms, gs, op);
+  Tensor out = torch::stable::empty_like(w);
+  Tensor scale = scales_like(w, a.rows, ceil_div(a.cols, 16), ScalarType::Float);
+  check_finite_count(cpu::fake_quant_nvfp4(a, out.mutable_data_ptr(),
+                                           static_cast<float*>(scale.mutable_data_ptr())),
+                     op, "weight");
+  return {out, scale};
+}
+
+std::tuple<Tensor, Tensor> fake_quant_nvfp4_backward_cpu(Tensor grad, Tensor w, Tensor v, Tensor ms,
+                                                         Tensor gs) {
+  const char* op = "fake_quant_nvfp4_backward";
+  check_cpu(w, op);
+  Nvfp4Args a = nvfp4_args(w, v, ms, gs, op);
+  check_like(w, grad, op, "grad");
+  Tensor gv = torch::stable::empty_like(v);
+  Tensor gms = torch::stable::empty_like(ms);
+  cpu::fake_quant_nvfp4_backward(a, grad.const_data_ptr(), static_cast<float*>(gv.mutable_data_ptr()),
+                                 static_cast<float*>(gms.mutable_data_ptr()));
+  return {gv, gms};
+}
+
+Tensor fake_quant_nvfp4_activation_cpu(Tensor x, Tensor gs) {
+  const char* op = "fake_quant_nvfp4_activation";
+  check_cpu(x, op);
+  Nvfp4ActArgs a = nvfp4_act_args(x, gs, op);
+  Tensor out = torch::stable::empty_like(x);
+  check_finite_count(cpu::fake_quant_nvfp4_activation(a, out.mutable_data_ptr()), op, "x");
+  return out;
+}
+
+Tensor fake_quant_nvfp4_activation_backward_cpu(Tensor grad, Tensor x, Tensor gs) {
+  const char* op = "fake_quant_nvfp4_activation_backward";
+  check_cpu(x, op);
+  Nvfp4ActArgs a = nvfp4_act_args(x, gs, op);
+  check_like(x, grad, op, "grad");
+  Tensor gx = torch::stable::empty_like(x);
+  cpu::fake_quant_nvfp4_activation_backward(a, grad.const_data_ptr(), gx.mutable_data_ptr());
+  return gx;
+}
+
+std::tuple<Tensor, Tensor, Tensor> fake_quant_int_cpu(Tensor w, Tensor v, Tensor mn, Tensor mx,
+                                                      int64_t bits, int64_t group_size, bool sym,
+                                                      int64_t scale_dtype) {
+  const char* op = "fake_quant_int";
+  check_cpu(w, op);
+  IntArgs a = int_args(w, v, mn, mx, bits, group_size, sym, scale_dtype, op);
+  const int64_t groups = ceil_div(a.cols, a.group);
+  Tensor out = torch::stable::empty_like(w);
+  Tensor scale = scales_like(w, a.rows, groups, static_cast<ScalarType>(scale_dtype));
+  Tensor zp = scales_like(w, a.rows, groups, ScalarType::Float);
+  check_finite_count(cpu::fake_quant_int(a, out.mutable_data_ptr(), scale.mutable_data_ptr(),
+                                         static_cast<float*>(zp.mutable_data_ptr())),
+                     op, "weight");
+  return {out, scale, zp};
+}
+
+std::tuple<Tensor, Tensor, Tensor> fake_quant_int_backward_cpu(Tensor grad, Tensor w, Tensor v,
+                                                               Tensor mn, Tensor mx, int64_t bits,
+                                                               int64_t group_size, bool sym,
+                                                               int64_t scale_dtype) {
+  const char* op = "fake_quant_int_backward";
+  check_cpu(w, op);
+  IntArgs a = int_args(w, v, mn, mx, bits, group_size, sym, scale_dtype, op);
+  check_like(w, grad, op, "grad");
+  Tensor gv = torch::stable::empty_like(v);
+  Tensor gmn = torch::stable::empty_like(mn);
+  Tensor gmx = torch::stable::empty_like(mx);
+  cpu::fake_quant_int_backward(a, grad.const_data_ptr(), static_cast<float*>(gv.mutable_data_ptr()),
+                               static_cast<float*>(gmn.mutable_data_ptr()),
+                               static_cast<float*>(gmx.mutable_data_ptr()));
+  return {gv, gmn, gmx};
+}
+
+Tensor masked_mse_loss_cpu(Tensor pred, Tensor ref, std::optional<Tensor> mask) {
+  const char* op = "masked_mse_loss";
+  check_cpu(pred, op);
+  LossArgs a = loss_args(pred, ref, mask, op);
+  Tensor loss = torch::stable::new_empty(pred, std::vector<int64_t>{}, ScalarType::Float);
+  *static_cast<float*>(loss.mutable_data_ptr()) = cpu::masked_mse_loss(a);
+  return loss;
+}
+
+Tensor masked_mse_loss_backward_cpu(Tensor grad, Tensor pred, Tensor ref, std::optional<Tensor> mask) {
+  const char* op = "masked_mse_loss_backward";
+  check_cpu(pred, op);
+  LossArgs a = loss_args(pred, ref, mask, op);
+  check_fp32(pred, grad, 1, op, "grad");
+  Tensor gp = torch::stable::empty_like(pred);
+  cpu::masked_mse_loss_backward(a, *static_cast<const float*>(grad.const_data_ptr()),
+                                gp.mutable_data_ptr());
+  return gp;
+}
+
+}  // namespace
+}  // namespace autoround_fast
+
+STABLE_TORCH_LIBRARY(autoround_fast, m) {
+  m.def("fake_quant_nvfp4(Tensor weight, Tensor v, Tensor max_scale, Tensor global_scale) -> (Tensor, Tensor)");
+  m.def("fake_quant_nvfp4_backward(Tensor grad, Tensor weight, Tensor v, Tensor max_scale, Tensor global_scale) -> (Tensor, Tensor)");
+  m.def("fake_quant_nvfp4_activation(Tensor x, Tensor global_scale) -> Tensor");
+  m.def("fake_quant_nvfp4_activation_backward(Tensor grad, Tensor x, Tensor global_scale) -> Tensor");
+  m.def("fake_quant_int(Tensor weight, Tensor v, Tensor min_scale, Tensor max_scale, int bits, int group_size, bool sym, int scale_dtype) -> (Tensor, Tensor, Tensor)");
+  m.def("fake_quant_int_backward(Tensor grad, Tensor weight, Tensor v, Tensor min_scale, Tensor max_scale, int bits, int group_size, bool sym, int scale_dtype) -> (Tensor, Tensor, Tensor)");
+  m.def("masked_mse_loss(Tensor pred, Tensor ref, Tensor? mask) -> Tensor");
+  m.def("masked_mse_loss_backward(Tensor grad, Tensor pred, Tensor ref, Tensor? mask) -> Tensor");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(autoround_fast, CPU, m) {
+  using namespace autoround_fast;
+  m.impl("fake_quant_nvfp4", TORCH_BOX(&fake_quant_nvfp4_cpu));
+  m.impl("fake_quant_nvfp4_backward", TORCH_BOX(&fake_quant_nvfp4_backward_cpu));
+  m.impl("fake_quant_nvfp4_activation", TORCH_BOX(&fake_quant_nvfp4_activation_cpu));
+  m.impl("fake_quant_nvfp4_activation_backward", TORCH_BOX(&fake_quant_nvfp4_activation_backward_cpu));
+  m.impl("fake_quant_int", TORCH_BOX(&fake_quant_int_cpu));
+  m.impl("fake_quant_int_backward", TORCH_BOX(&fake_quant_int_backward_cpu));
+  m.impl("masked_mse_loss", TORCH_BOX(&masked_mse_loss_cpu));
+  m.impl("masked_mse_loss_backward", TORCH_BOX(&masked_mse_loss_backward_cpu));
+}

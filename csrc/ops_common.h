@@ -1,0 +1,138 @@
+// Host-side validation and argument packing shared by the CPU and CUDA op implementations.
+// Messages name the op and the tensor at fault.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/Exception.h>
+
+#include "dispatch.h"
+#include "launchers.h"
+
+namespace autoround_fast {
+
+using torch::stable::Tensor;
+using torch::headeronly::ScalarType;
+
+inline const char* dtype_name(ScalarType t) {
+  switch (t) {
+    case ScalarType::Float: return "float32";
+    case ScalarType::BFloat16: return "bfloat16";
+    case ScalarType::Half: return "float16";
+    default: return "an unsupported dtype";
+  }
+}
+
+inline int float_code(const Tensor& t, const char* op, const char* name) {
+  ScalarType st = t.scalar_type();
+  STD_TORCH_CHECK(st == ScalarType::Float || st == ScalarType::BFloat16 || st == ScalarType::Half,
+                  op, ": ", name, " must be float32, bfloat16 or float16, got ", dtype_name(st));
+  return static_cast<int>(st);
+}
+
+inline void check_same_device(const Tensor& ref, const Tensor& t, const char* op, const char* name) {
+  STD_TORCH_CHECK(t.is_cuda() == ref.is_cuda() && t.get_device_index() == ref.get_device_index(),
+                  op, ": ", name, " must be on the same device as the first input");
+}
+
+inline void check_fp32(const Tensor& ref, const Tensor& t, int64_t numel, const char* op,
+                       const char* name) {
+  check_same_device(ref, t, op, name);
+  STD_TORCH_CHECK(t.scalar_type() == ScalarType::Float, op, ": ", name, " must be float32, got ",
+                  dtype_name(t.scalar_type()));
+  STD_TORCH_CHECK(t.numel() == numel, op, ": ", name, " must have ", numel, " elements, got ",
+                  t.numel());
+  STD_TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+inline void check_weight(const Tensor& w, const char* op) {
+  STD_TORCH_CHECK(w.dim() == 2, op, ": weight must be 2-D [out, in], got ", w.dim(), " dims");
+  STD_TORCH_CHECK(w.is_contiguous(), op, ": weight must be contiguous");
+  float_code(w, op, "weight");
+}
+
+inline void check_like(const Tensor& ref, const Tensor& t, const char* op, const char* name) {
+  check_same_device(ref, t, op, name);
+  STD_TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have dtype ",
+                  dtype_name(ref.scalar_type()), ", got ", dtype_name(t.scalar_type()));
+  STD_TORCH_CHECK(t.numel() == ref.numel() && t.is_contiguous(), op, ": ", name,
+                  " must be contiguous with ", ref.numel(), " elements");
+}
+
+inline Nvfp4Args nvfp4_args(const Tensor& w, const Tensor& v, const Tensor& ms, const Tensor& gs,
+                            const char* op) {
+  check_weight(w, op);
+  const int64_t rows = w.size(0), cols = w.size(1);
+  check_fp32(w, v, rows * cols, op, "v");
+  check_fp32(w, ms, rows * ceil_div(cols, 16), op, "max_scale");
+  check_fp32(w, gs, 1, op, "global_scale");
+  return Nvfp4Args{float_code(w, op, "weight"), rows, cols, w.const_data_ptr(),
+                   static_cast<const float*>(v.const_data_ptr()),
+                   static_cast<const float*>(ms.const_data_ptr()),
+                   static_cast<const float*>(gs.const_data_ptr())};
+}
+
+inline Nvfp4ActArgs nvfp4_act_args(const Tensor& x, const Tensor& gs, const char* op) {
+  STD_TORCH_CHECK(x.dim() >= 1 && x.numel() > 0, op, ": x must be a non-empty tensor");
+  STD_TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
+  const int64_t cols = x.size(x.dim() - 1);
+  check_fp32(x, gs, 1, op, "global_scale");
+  return Nvfp4ActArgs{float_code(x, op, "x"), x.numel() / cols, cols, x.const_data_ptr(),
+                      static_cast<const float*>(gs.const_data_ptr())};
+}
+
+// auto-round's grouping: group_size -1, or one larger than the row, means one group per row.
+inline int64_t int_group(int64_t cols, int64_t group_size) {
+  return (group_size == -1 || cols < group_size) ? cols : group_size;
+}
+
+inline IntArgs int_args(const Tensor& w, const Tensor& v, const Tensor& mn, const Tensor& mx,
+                        int64_t bits, int64_t group_size, bool sym, int64_t scale_dtype,
+                        const char* op) {
+  check_weight(w, op);
+  STD_TORCH_CHECK(bits >= 2 && bits <= 8, op, ": bits must be in 2..8, got ", bits);
+  STD_TORCH_CHECK(group_size == -1 || group_size > 0, op,
+                  ": group_size must be -1 (per row) or positive, got ", group_size);
+  STD_TORCH_CHECK(scale_dtype == kHalf || scale_dtype == kFloat || scale_dtype == kBFloat16, op,
+                  ": scale_dtype must be float16, bfloat16 or float32");
+  const int64_t rows = w.size(0), cols = w.size(1);
+  const int64_t group = int_group(cols, group_size);
+  const int64_t n_scales = rows * ceil_div(cols, group);
+  check_fp32(w, v, rows * cols, op, "v");
+  check_fp32(w, mn, n_scales, op, "min_scale");
+  check_fp32(w, mx, n_scales, op, "max_scale");
+  return IntArgs{float_code(w, op, "weight"), rows, cols, group, static_cast<int>(bits), sym,
+                 static_cast<int>(scale_dtype), w.const_data_ptr(),
+                 static_cast<const float*>(v.const_data_ptr()),
+                 static_cast<const float*>(mn.const_data_ptr()),
+                 static_cast<const float*>(mx.const_data_ptr())};
+}
+
+inline LossArgs loss_args(const Tensor& pred, const Tensor& ref, const std::optional<Tensor>& mask,
+                          const char* op) {
+  STD_TORCH_CHECK(pred.numel() > 0 && pred.dim() >= 1, op, ": pred must be a non-empty tensor");
+  STD_TORCH_CHECK(pred.is_contiguous(), op, ": pred must be contiguous");
+  float_code(pred, op, "pred");
+  check_like(pred, ref, op, "ref");
+  const int64_t hidden = pred.size(pred.dim() - 1);
+  const float* m = nullptr;
+  if (mask.has_value()) {
+    check_fp32(pred, *mask, pred.numel() / hidden, op, "mask (one float32 per token)");
+    m = static_cast<const float*>(mask->const_data_ptr());
+  }
+  return LossArgs{static_cast<int>(pred.scalar_type()), pred.numel(), hidden, pred.const_data_ptr(),
+                  ref.const_data_ptr(), m};
+}
+
+inline Tensor scales_like(const Tensor& w, int64_t rows, int64_t groups, ScalarType dtype) {
+  return torch::stable::new_empty(w, std::vector<int64_t>{rows, groups}, dtype);
+}
+
+}  // namespace autoround_fast

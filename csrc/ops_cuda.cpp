@@ -1,0 +1,144 @@
+// CUDA implementations of the ops: validate, allocate, take the device guard and the current
+// stream, then call the torch-free launchers in the .cu files.
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+
+#include "ops_common.h"
+
+namespace autoround_fast {
+namespace {
+
+struct CudaContext {
+  torch::stable::accelerator::DeviceGuard guard;
+  void* stream = nullptr;
+  CudaContext(const Tensor& t, const char* op) : guard(t.get_device_index()) {
+    STD_TORCH_CHECK(t.is_cuda(), op, ": expected CUDA tensors");
+    STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(t.get_device_index(), &stream) == AOTI_TORCH_SUCCESS,
+                    op, ": could not get the current CUDA stream");
+  }
+};
+
+void check_launch(const char* err, const char* op) {
+  STD_TORCH_CHECK(err == nullptr, op, ": CUDA kernel launch failed: ", err ? err : "");
+}
+
+std::tuple<Tensor, Tensor> fake_quant_nvfp4_cuda(Tensor w, Tensor v, Tensor ms, Tensor gs) {
+  const char* op = "fake_quant_nvfp4";
+  CudaContext ctx(w, op);
+  Nvfp4Args a = nvfp4_args(w, v, ms, gs, op);
+  Tensor out = torch::stable::empty_like(w);
+  Tensor scale = scales_like(w, a.rows, ceil_div(a.cols, 16), ScalarType::Float);
+  check_launch(launch_fake_quant_nvfp4(a, out.mutable_data_ptr(),
+                                       static_cast<float*>(scale.mutable_data_ptr()), ctx.stream),
+               op);
+  return {out, scale};
+}
+
+std::tuple<Tensor, Tensor> fake_quant_nvfp4_backward_cuda(Tensor grad, Tensor w, Tensor v, Tensor ms,
+                                                          Tensor gs) {
+  const char* op = "fake_quant_nvfp4_backward";
+  CudaContext ctx(w, op);
+  Nvfp4Args a = nvfp4_args(w, v, ms, gs, op);
+  check_like(w, grad, op, "grad");
+  Tensor gv = torch::stable::empty_like(v);
+  Tensor gms = torch::stable::empty_like(ms);
+  check_launch(launch_fake_quant_nvfp4_backward(a, grad.const_data_ptr(),
+                                                static_cast<float*>(gv.mutable_data_ptr()),
+                                                static_cast<float*>(gms.mutable_data_ptr()), ctx.stream),
+               op);
+  return {gv, gms};
+}
+
+Tensor fake_quant_nvfp4_activation_cuda(Tensor x, Tensor gs) {
+  const char* op = "fake_quant_nvfp4_activation";
+  CudaContext ctx(x, op);
+  Nvfp4ActArgs a = nvfp4_act_args(x, gs, op);
+  Tensor out = torch::stable::empty_like(x);
+  check_launch(launch_fake_quant_nvfp4_activation(a, out.mutable_data_ptr(), ctx.stream), op);
+  return out;
+}
+
+Tensor fake_quant_nvfp4_activation_backward_cuda(Tensor grad, Tensor x, Tensor gs) {
+  const char* op = "fake_quant_nvfp4_activation_backward";
+  CudaContext ctx(x, op);
+  Nvfp4ActArgs a = nvfp4_act_args(x, gs, op);
+  check_like(x, grad, op, "grad");
+  Tensor gx = torch::stable::empty_like(x);
+  check_launch(launch_fake_quant_nvfp4_activation_backward(a, grad.const_data_ptr(), gx.mutable_data_ptr(),
+                                                           ctx.stream),
+               op);
+  return gx;
+}
+
+std::tuple<Tensor, Tensor, Tensor> fake_quant_int_cuda(Tensor w, Tensor v, Tensor mn, Tensor mx,
+                                                       int64_t bits, int64_t group_size, bool sym,
+                                                       int64_t scale_dtype) {
+  const char* op = "fake_quant_int";
+  CudaContext ctx(w, op);
+  IntArgs a = int_args(w, v, mn, mx, bits, group_size, sym, scale_dtype, op);
+  const int64_t groups = ceil_div(a.cols, a.group);
+  Tensor out = torch::stable::empty_like(w);
+  Tensor scale = scales_like(w, a.rows, groups, static_cast<ScalarType>(scale_dtype));
+  Tensor zp = scales_like(w, a.rows, groups, ScalarType::Float);
+  check_launch(launch_fake_quant_int(a, out.mutable_data_ptr(), scale.mutable_data_ptr(),
+                                     static_cast<float*>(zp.mutable_data_ptr()), ctx.stream),
+               op);
+  return {out, scale, zp};
+}
+
+std::tuple<Tensor, Tensor, Tensor> fake_quant_int_backward_cuda(Tensor grad, Tensor w, Tensor v,
+                                                                Tensor mn, Tensor mx, int64_t bits,
+                                                                int64_t group_size, bool sym,
+                                                                int64_t scale_dtype) {
+  const char* op = "fake_quant_int_backward";
+  CudaContext ctx(w, op);
+  IntArgs a = int_args(w, v, mn, mx, bits, group_size, sym, scale_dtype, op);
+  check_like(w, grad, op, "grad");
+  Tensor gv = torch::stable::empty_like(v);
+  Tensor gmn = torch::stable::empty_like(mn);
+  Tensor gmx = torch::stable::empty_like(mx);
+  check_launch(launch_fake_quant_int_backward(a, grad.const_data_ptr(), static_cast<float*>(gv.mutable_data_ptr()),
+                                              static_cast<float*>(gmn.mutable_data_ptr()),
+                                              static_cast<float*>(gmx.mutable_data_ptr()), ctx.stream),
+               op);
+  return {gv, gmn, gmx};
+}
+
+Tensor masked_mse_loss_cuda(Tensor pred, Tensor ref, std::optional<Tensor> mask) {
+  const char* op = "masked_mse_loss";
+  CudaContext ctx(pred, op);
+  LossArgs a = loss_args(pred, ref, mask, op);
+  Tensor partials = torch::stable::new_empty(pred, std::vector<int64_t>{loss_partials_size()}, ScalarType::Float);
+  Tensor loss = torch::stable::new_empty(pred, std::vector<int64_t>{}, ScalarType::Float);
+  check_launch(launch_masked_mse_loss(a, static_cast<float*>(partials.mutable_data_ptr()),
+                                      static_cast<float*>(loss.mutable_data_ptr()), ctx.stream),
+               op);
+  return loss;
+}
+
+Tensor masked_mse_loss_backward_cuda(Tensor grad, Tensor pred, Tensor ref, std::optional<Tensor> mask) {
+  const char* op = "masked_mse_loss_backward";
+  CudaContext ctx(pred, op);
+  LossArgs a = loss_args(pred, ref, mask, op);
+  check_fp32(pred, grad, 1, op, "grad");
+  Tensor gp = torch::stable::empty_like(pred);
+  check_launch(launch_masked_mse_loss_backward(a, static_cast<const float*>(grad.const_data_ptr()),
+                                               gp.mutable_data_ptr(), ctx.stream),
+               op);
+  return gp;
+}
+
+}  // namespace
+}  // namespace autoround_fast
+
+STABLE_TORCH_LIBRARY_IMPL(autoround_fast, CUDA, m) {
+  using namespace autoround_fast;
+  m.impl("fake_quant_nvfp4", TORCH_BOX(&fake_quant_nvfp4_cuda));
+  m.impl("fake_quant_nvfp4_backward", TORCH_BOX(&fake_quant_nvfp4_backward_cuda));
+  m.impl("fake_quant_nvfp4_activation", TORCH_BOX(&fake_quant_nvfp4_activation_cuda));
+  m.impl("fake_quant_nvfp4_activation_backward", TORCH_BOX(&fake_quant_nvfp4_activation_backward_cuda));
+  m.impl("fake_quant_int", TORCH_BOX(&fake_quant_int_cuda));
+  m.impl("fake_quant_int_backward", TORCH_BOX(&fake_quant_int_backward_cuda));
+  m.impl("masked_mse_loss", TORCH_BOX(&masked_mse_loss_cuda));
+  m.impl("masked_mse_loss_backward", TORCH_BOX(&masked_mse_loss_backward_cuda));
+}

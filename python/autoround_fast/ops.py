@@ -1,0 +1,306 @@
+"""The op surface of autoround_fast: torch ops with fake kernels and autograd.
+
+Each op has a CPU and a CUDA kernel (csrc/) and a plain-PyTorch oracle in
+:mod:`autoround_fast.reference`. The forward passes compute, bit for bit, what auto-round
+0.15.1 computes; the backward passes are its autograd with straight-through rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from . import _lib  # noqa: F401  (loads the library)
+
+__all__ = [
+    "fake_quant_nvfp4",
+    "fake_quant_nvfp4_activation",
+    "fake_quant_int",
+    "masked_mse_loss",
+    "nvfp4_global_scale",
+    "shared_nvfp4_global_scale",
+    "SCALE_DTYPE_CODES",
+]
+
+_ops = torch.ops.autoround_fast
+
+NVFP4_GROUP = 16
+FP4_MAX = 6.0
+E4M3_MAX = 448.0
+
+# c10::ScalarType codes, which the C++ side takes for the INT scale dtype.
+SCALE_DTYPE_CODES = {torch.float16: 5, torch.float32: 6, torch.bfloat16: 15}
+
+
+def _scale_dtype_code(scale_dtype: torch.dtype) -> int:
+    try:
+        return SCALE_DTYPE_CODES[scale_dtype]
+    except KeyError:
+        raise ValueError(
+            f"scale_dtype must be one of float16, bfloat16, float32; got {scale_dtype}"
+        ) from None
+
+
+def int_num_groups(in_features: int, group_size: int) -> int:
+    """Groups per row: one when group_size is -1 or exceeds the row (auto-round's rule)."""
+    if group_size == -1 or in_features < group_size:
+        return 1
+    return math.ceil(in_features / group_size)
+
+
+# ---------------------------------------------------------------------------------------
+# fake kernels (shapes and dtypes only), for torch.compile and meta tensors
+# ---------------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("autoround_fast::fake_quant_nvfp4")
+def _(weight, v, max_scale, global_scale):
+    rows, cols = weight.shape
+    return torch.empty_like(weight), weight.new_empty(
+        (rows, math.ceil(cols / NVFP4_GROUP)), dtype=torch.float32
+    )
+
+
+@torch.library.register_fake("autoround_fast::fake_quant_nvfp4_backward")
+def _(grad, weight, v, max_scale, global_scale):
+    return torch.empty_like(v), torch.empty_like(max_scale)
+
+
+@torch.library.register_fake("autoround_fast::fake_quant_nvfp4_activation")
+def _(x, global_scale):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("autoround_fast::fake_quant_nvfp4_activation_backward")
+def _(grad, x, global_scale):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("autoround_fast::fake_quant_int")
+def _(weight, v, min_scale, max_scale, bits, group_size, sym, scale_dtype):
+    rows, cols = weight.shape
+    groups = int_num_groups(cols, group_size)
+    dtype = {c: d for d, c in SCALE_DTYPE_CODES.items()}[scale_dtype]
+    return (
+        torch.empty_like(weight),
+        weight.new_empty((rows, groups), dtype=dtype),
+        weight.new_empty((rows, groups), dtype=torch.float32),
+    )
+
+
+@torch.library.register_fake("autoround_fast::fake_quant_int_backward")
+def _(grad, weight, v, min_scale, max_scale, bits, group_size, sym, scale_dtype):
+    return torch.empty_like(v), torch.empty_like(min_scale), torch.empty_like(max_scale)
+
+
+@torch.library.register_fake("autoround_fast::masked_mse_loss")
+def _(pred, ref, mask):
+    return pred.new_empty((), dtype=torch.float32)
+
+
+@torch.library.register_fake("autoround_fast::masked_mse_loss_backward")
+def _(grad, pred, ref, mask):
+    return torch.empty_like(pred)
+
+
+# ---------------------------------------------------------------------------------------
+# autograd: the backward kernels are ops too
+# ---------------------------------------------------------------------------------------
+
+
+def _nvfp4_setup(ctx, inputs, output):
+    weight, v, max_scale, global_scale = inputs
+    ctx.save_for_backward(weight, v, max_scale, global_scale)
+
+
+def _nvfp4_backward(ctx, grad_out, grad_scale):
+    weight, v, max_scale, global_scale = ctx.saved_tensors
+    gv, gms = _ops.fake_quant_nvfp4_backward(
+        grad_out.contiguous(), weight, v, max_scale, global_scale
+    )
+    return None, gv, gms, None
+
+
+torch.library.register_autograd(
+    "autoround_fast::fake_quant_nvfp4", _nvfp4_backward, setup_context=_nvfp4_setup
+)
+
+
+def _act_setup(ctx, inputs, output):
+    x, global_scale = inputs
+    ctx.save_for_backward(x, global_scale)
+
+
+def _act_backward(ctx, grad_out):
+    x, global_scale = ctx.saved_tensors
+    return _ops.fake_quant_nvfp4_activation_backward(grad_out.contiguous(), x, global_scale), None
+
+
+torch.library.register_autograd(
+    "autoround_fast::fake_quant_nvfp4_activation", _act_backward, setup_context=_act_setup
+)
+
+
+def _int_setup(ctx, inputs, output):
+    weight, v, min_scale, max_scale, bits, group_size, sym, scale_dtype = inputs
+    ctx.save_for_backward(weight, v, min_scale, max_scale)
+    ctx.args = (bits, group_size, sym, scale_dtype)
+
+
+def _int_backward(ctx, grad_out, grad_scale, grad_zp):
+    weight, v, min_scale, max_scale = ctx.saved_tensors
+    gv, gmn, gmx = _ops.fake_quant_int_backward(
+        grad_out.contiguous(), weight, v, min_scale, max_scale, *ctx.args
+    )
+    return None, gv, gmn, gmx, None, None, None, None
+
+
+torch.library.register_autograd(
+    "autoround_fast::fake_quant_int", _int_backward, setup_context=_int_setup
+)
+
+
+def _loss_setup(ctx, inputs, output):
+    pred, ref, mask = inputs
+    ctx.save_for_backward(pred, ref, mask)
+
+
+def _loss_backward(ctx, grad):
+    pred, ref, mask = ctx.saved_tensors
+    return _ops.masked_mse_loss_backward(grad.contiguous(), pred, ref, mask), None, None
+
+
+torch.library.register_autograd(
+    "autoround_fast::masked_mse_loss", _loss_backward, setup_context=_loss_setup
+)
+
+
+# ---------------------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------------------
+
+
+def _check_finite(t: torch.Tensor, what: str, op: str) -> None:
+    # The CPU kernels count non-finite inputs themselves; on the GPU this costs a sync, so
+    # the tuning engine calls torch.ops directly after checking each weight once.
+    if t.is_cuda and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{op}: {what} has non-finite values (NaN or Inf); refusing to quantize it")
+
+
+def fake_quant_nvfp4(
+    weight: torch.Tensor,
+    v: torch.Tensor,
+    max_scale: torch.Tensor,
+    global_scale: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NVFP4 fake quantization with AutoRound's learnable offset and clipping scale.
+
+    For each group of 16 consecutive input features (the last group padded with zeros),
+    in fp32::
+
+        m  = max|W_g| * max_scale_g
+        s  = e4m3(clamp(gs * (m * (1/6)), -448, 448))
+        os = 1 / (s * (1/gs))                 (1/0 -> 0)
+        Wq = fp4(clamp(W * os + V, -6, 6)) * (1/os)
+
+    where fp4 rounds half-to-even onto {0, .5, 1, 1.5, 2, 3, 4, 6}. Differentiable in ``v``
+    and ``max_scale`` with straight-through rounding (auto-round's ``round_ste``).
+
+    Args:
+        weight: [out, in] bf16, fp16 or fp32.
+        v: fp32, the weight's shape.
+        max_scale: fp32 [out, ceil(in / 16)] (used as given; AutoRound clamps it to [0, 1]).
+        global_scale: fp32 scalar, see :func:`nvfp4_global_scale`.
+
+    Returns:
+        (the fake-quantized weight in the weight's dtype, the e4m3-rounded scales as fp32
+        [out, ceil(in / 16)]).
+    """
+    _check_finite(weight, "weight", "fake_quant_nvfp4")
+    return _ops.fake_quant_nvfp4(
+        weight.contiguous(), v.contiguous(), max_scale.contiguous(), global_scale.reshape(1)
+    )
+
+
+def fake_quant_nvfp4_activation(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """NVFP4 fake quantization of activations (W4A4): dynamic per-16 e4m3 scales of the
+    current ``x`` under a static global scale, V = 0 and max_scale = 1 (see
+    :func:`fake_quant_nvfp4`). Groups run along the last dimension. Differentiable in ``x``
+    as auto-round's STE is: straight through the rounding, and through max|x_g| into each
+    group's first argmax.
+    """
+    _check_finite(x, "x", "fake_quant_nvfp4_activation")
+    return _ops.fake_quant_nvfp4_activation(x.contiguous(), global_scale.reshape(1))
+
+
+def fake_quant_int(
+    weight: torch.Tensor,
+    v: torch.Tensor,
+    min_scale: torch.Tensor,
+    max_scale: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    scale_dtype: torch.dtype = torch.float16,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integer fake quantization with AutoRound's learnable offset and min/max scales.
+
+    Per group (``group_size`` features; -1 or a size beyond the row: one group per row; a
+    ragged last group is padded), with wmin = min(W_g, 0), wmax = max(W_g, 0)::
+
+        sym:  maxq = 2^(bits-1); A = -wmin * min_scale; B = wmax * max_scale
+              s = cast(sign * max(A, B) / maxq), sign = +1 if B < A else -1, |s| >= 1e-5
+              Wq = s * clamp(round(W / s + V), -maxq, maxq - 1)
+        asym: maxq = 2^bits - 1; s = max(cast((wmax*max_scale - wmin*min_scale) / maxq), 1e-5)
+              zp = round(-wmin * min_scale / s)
+              Wq = s * (clamp(round(W / s + V) + zp, 0, maxq) - zp)
+
+    ``cast`` rounds to ``scale_dtype`` (auto-round: fp16). Differentiable in ``v``,
+    ``min_scale`` and ``max_scale``.
+
+    Returns:
+        (fake-quantized weight in the weight's dtype, scale [out, groups] in scale_dtype,
+        zero point [out, groups] fp32; zeros when ``sym``).
+    """
+    if not 2 <= int(bits) <= 8:
+        raise ValueError(f"fake_quant_int: bits must be in 2..8, got {bits}")
+    _check_finite(weight, "weight", "fake_quant_int")
+    return _ops.fake_quant_int(
+        weight.contiguous(),
+        v.contiguous(),
+        min_scale.contiguous(),
+        max_scale.contiguous(),
+        int(bits),
+        int(group_size),
+        bool(sym),
+        _scale_dtype_code(scale_dtype),
+    )
+
+
+def masked_mse_loss(
+    pred: torch.Tensor, ref: torch.Tensor, mask: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """AutoRound's block loss: ``mean((float(pred * m) - float(ref * m))^2)`` over every
+    element, with m the per-token mask (1 where the token counts) broadcast over the last
+    dimension; the product is taken in pred's dtype, the rest in fp32. Differentiable in
+    ``pred``. ``mask`` has one entry per token (pred.numel() / pred.shape[-1]).
+    """
+    if mask is not None:
+        mask = mask.to(device=pred.device, dtype=torch.float32).contiguous().reshape(-1)
+    return _ops.masked_mse_loss(pred.contiguous(), ref.contiguous(), mask)
+
+
+def nvfp4_global_scale(tensor: torch.Tensor) -> torch.Tensor:
+    """NVFP4 global scale ``448 * 6 / max|tensor|`` in fp32 (0 for an all-zero tensor)."""
+    amax = tensor.detach().to(torch.float32).abs().amax()
+    recip = torch.where(amax == 0, torch.zeros_like(amax), 1.0 / amax)
+    return (E4M3_MAX * FP4_MAX) * recip
+
+
+def shared_nvfp4_global_scale(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One global scale for layers fused at inference (q/k/v, gate/up): the minimum of
+    their own global scales, so that none of them overflows the e4m3 scale range."""
+    scales = [nvfp4_global_scale(t) for t in tensors]
+    return torch.stack(scales).amin()
