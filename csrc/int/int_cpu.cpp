@@ -31,7 +31,7 @@ template <typename T>
 int64_t int_forward(const IntArgs& a, T* out, void* scale, float* zp) {
   const T* w = static_cast<const T*>(a.weight);
   const int64_t groups = ceil_div(a.cols, a.group);
-  const IntParams p{a.bits, a.sym, a.scale_dtype};
+  const IntParams p{a.bits, a.sym, a.scale_dtype, quotient_dtype(a.dtype, a.scale_dtype)};
   std::atomic<int64_t> bad{0};
   torch::stable::parallel_for(0, a.rows * groups, 16, [&](int64_t begin, int64_t end) {
     int64_t local_bad = 0;
@@ -56,7 +56,7 @@ template <typename T>
 void int_backward(const IntArgs& a, const T* grad, float* grad_v, float* g_min, float* g_max) {
   const T* w = static_cast<const T*>(a.weight);
   const int64_t groups = ceil_div(a.cols, a.group);
-  const IntParams p{a.bits, a.sym, a.scale_dtype};
+  const IntParams p{a.bits, a.sym, a.scale_dtype, quotient_dtype(a.dtype, a.scale_dtype)};
   torch::stable::parallel_for(0, a.rows * groups, 16, [&](int64_t begin, int64_t end) {
     for (int64_t gi = begin; gi < end; ++gi) {
       const int64_t r = gi / groups, k = gi % groups;

@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(kThreads) fake_quant_int_kernel(IntArgs a, T* 
   const int lane = threadIdx.x % kLanes;
   const int64_t groups = (a.cols + a.group - 1) / a.group;
   const int64_t total = a.rows * groups;
-  const IntParams p{a.bits, a.sym, a.scale_dtype};
+  const IntParams p{a.bits, a.sym, a.scale_dtype, quotient_dtype(a.dtype, a.scale_dtype)};
   const T* w = static_cast<const T*>(a.weight);
   for (int64_t gi = blockIdx.x * (int64_t)kWarps + threadIdx.x / kLanes; gi < total;
        gi += (int64_t)gridDim.x * kWarps) {
@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(kThreads) fake_quant_int_backward_kernel(
   const int lane = threadIdx.x % kLanes;
   const int64_t groups = (a.cols + a.group - 1) / a.group;
   const int64_t total = a.rows * groups;
-  const IntParams p{a.bits, a.sym, a.scale_dtype};
+  const IntParams p{a.bits, a.sym, a.scale_dtype, quotient_dtype(a.dtype, a.scale_dtype)};
   const T* w = static_cast<const T*>(a.weight);
   for (int64_t gi = blockIdx.x * (int64_t)kWarps + threadIdx.x / kLanes; gi < total;
        gi += (int64_t)gridDim.x * kWarps) {

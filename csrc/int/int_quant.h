@@ -28,12 +28,19 @@ struct IntParams {
   int bits;
   bool sym;
   int scale_dtype;  // ScaleDtype code
+  int quot_dtype;   // dtype W / s is rounded to: PyTorch promotes bf16/bf16 and fp16/fp16
+                    // to the 16-bit type, anything else to fp32
 };
+
+AF_HD int quotient_dtype(int weight_dtype, int scale_dtype) {
+  return weight_dtype == scale_dtype ? scale_dtype : static_cast<int>(kFloat);
+}
 
 struct IntScale {
   float s_raw;  // scale in its dtype before the 1e-5 floor
   float s;      // scale used
   float zp;     // zero point (asym), 0 for sym
+  int quot_dtype;
   float A, B;   // sym: -(wmin*min_scale), wmax*max_scale; asym: wmin*min_scale, wmax*max_scale
   float maxq;
 };
@@ -46,6 +53,7 @@ AF_HD float int_floor_scale(float s_raw, float floor_value, bool sym) {
 AF_HD IntScale int_group_scale(float wmin, float wmax, float min_scale, float max_scale,
                                const IntParams& p) {
   IntScale r;
+  r.quot_dtype = p.quot_dtype;
   float floor_value = round_to_scale_dtype(kScaleFloor, p.scale_dtype);
   if (p.sym) {
     r.maxq = static_cast<float>(1 << (p.bits - 1));
@@ -67,8 +75,12 @@ AF_HD IntScale int_group_scale(float wmin, float wmax, float min_scale, float ma
 }
 
 // The integer level of one element before clamping, and the clamped level.
+AF_HD float int_quotient(float x, const IntScale& sc) {
+  return round_to_scale_dtype(div_rn(x, sc.s), sc.quot_dtype);
+}
+
 AF_HD float int_level(float x, float v, const IntScale& sc) {
-  return round_even(add_rn(div_rn(x, sc.s), v));
+  return round_even(add_rn(int_quotient(x, sc), v));
 }
 
 AF_HD float int_qdq(float x, float v, const IntScale& sc, bool sym) {
@@ -91,7 +103,7 @@ struct IntPartials {
 
 AF_HD void int_element_backward(float x, float v, float g, const IntScale& sc, bool sym,
                                 float* gv, IntPartials& acc) {
-  float t = div_rn(x, sc.s);
+  float t = int_quotient(x, sc);
   float iw = round_even(add_rn(t, v));
   float gs = mul_rn(g, sc.s);
   float dv;
@@ -110,7 +122,9 @@ AF_HD void int_element_backward(float x, float v, float g, const IntScale& sc, b
     acc.zs = add_rn(acc.zs, -gs);
   }
   *gv = dv;
-  acc.b = add_rn(acc.b, mul_rn(-dv, div_rn(t, sc.s)));
+  // d/ds of W / s: -g_t * ((W / s) / s), all in the quotient's dtype (fp16/fp16 stays fp16).
+  float g_t = round_to_scale_dtype(dv, sc.quot_dtype);
+  acc.b = add_rn(acc.b, round_to_scale_dtype(mul_rn(-g_t, int_quotient(t, sc)), sc.quot_dtype));
 }
 
 AF_HD void int_partials_add(IntPartials& x, const IntPartials& y) {

@@ -1,0 +1,66 @@
+"""Calls into the installed auto-round 0.15.1 with autoround_fast's argument layout."""
+
+import math
+
+import torch
+from auto_round.data_type.int import quant_tensor_asym, quant_tensor_sym
+from auto_round.data_type.nvfp import nv_fp4, nv_fp4_with_static_gs
+from auto_round.data_type.utils import reshape_pad_tensor_by_group_size
+
+from autoround_fast.ops import int_num_groups
+
+
+def _pad_groups(t, group):
+    """auto-round's V layout: [rows * groups, group], zero padded (no reshape below a group)."""
+    rows, cols = t.shape
+    if cols < group:
+        return t
+    pad = math.ceil(cols / group) * group - cols
+    return torch.nn.functional.pad(t, (0, pad)).reshape(-1, group)
+
+
+def _unpad(g, rows, cols):
+    return g.reshape(rows, -1)[:, :cols]
+
+
+def nvfp4(weight, v, max_scale, global_scale, grad_out=None):
+    """auto-round's nv_fp4 forward (and, with grad_out, the gradients of v and max_scale)."""
+    rows, cols = weight.shape
+    vg = _pad_groups(v, 16).detach().clone().requires_grad_(grad_out is not None)
+    ms = max_scale.reshape(-1).detach().clone().requires_grad_(grad_out is not None)
+    q, s, _ = nv_fp4(weight, v=vg, global_scale=global_scale, max_scale=ms)
+    if grad_out is None:
+        return q, s.reshape(rows, -1)
+    (q.float() * grad_out.float()).sum().backward()
+    return q, s.reshape(rows, -1), _unpad(vg.grad, rows, cols), ms.grad.reshape(rows, -1)
+
+
+def nvfp4_activation(x, act_max, grad_out=None):
+    x = x.detach().clone().requires_grad_(grad_out is not None)
+    y = nv_fp4_with_static_gs(x, tensor_max=act_max)[0]
+    if grad_out is None:
+        return y
+    (y.float() * grad_out.float()).sum().backward()
+    return y, x.grad
+
+
+def int_quant(weight, v, min_scale, max_scale, bits, group_size, sym, grad_out=None):
+    rows, cols = weight.shape
+    groups = int_num_groups(cols, group_size)
+    group = cols if groups == 1 else group_size
+    req = grad_out is not None
+    vg = _pad_groups(v, group).detach().clone().requires_grad_(req)
+    mn = min_scale.reshape(-1).detach().clone().requires_grad_(req)
+    mx = max_scale.reshape(-1).detach().clone().requires_grad_(req)
+    wr, _, _ = reshape_pad_tensor_by_group_size(weight, group_size)
+    wmin = torch.clamp(wr.min(1)[0], max=0)
+    wmax = torch.clamp(wr.max(1)[0], min=0)
+    fn = quant_tensor_sym if sym else quant_tensor_asym
+    q, s, zp = fn(weight, bits=bits, group_size=group_size, v=vg, min_scale=mn, max_scale=mx,
+                  tensor_min=wmin, tensor_max=wmax)
+    s = s.reshape(rows, groups)
+    zp = zp.reshape(rows, groups) if isinstance(zp, torch.Tensor) else None
+    if not req:
+        return q, s, zp
+    (q.float() * grad_out.float()).sum().backward()
+    return q, s, zp, _unpad(vg.grad, rows, cols), mn.grad.reshape(rows, -1), mx.grad.reshape(rows, -1)

@@ -1,0 +1,451 @@
+"""The ops against auto-round 0.15.1 (forward bit for bit, gradients within stated bounds),
+against the plain-PyTorch oracles, and through opcheck / torch.compile."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import oracle
+from autoround_fast import ops, reference
+from conftest import HAS_CUDA
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+SHAPES = [(64, 128), (33, 70), (7, 3), (16, 1040), (3, 17)]
+
+
+def rand_params(rows, cols, groups, gen, lo=0.5):
+    v = (torch.rand(rows, cols, generator=gen) - 0.5) * 0.8  # V drifts within +-0.5 in tuning
+    ms = torch.rand(rows, groups, generator=gen) * (1 - lo) + lo
+    return v, ms
+
+
+def to(device, *ts):
+    return [t.to(device) for t in ts]
+
+
+def assert_grad_close(ours, theirs, rtol, what):
+    """Per element |a - b| <= rtol * |b| + rtol * max|b| * 1e-2 (near-cancelling sums)."""
+    ours, theirs = ours.double().cpu(), theirs.double().cpu()
+    tol = rtol * theirs.abs() + rtol * 1e-2 * theirs.abs().max()
+    bad = (ours - theirs).abs() > tol
+    assert not bad.any(), f"{what}: {int(bad.sum())} elements off, worst {((ours - theirs).abs() - tol).max():.3e}"
+
+
+# --------------------------------------------------------------------------------------
+# NVFP4 weights
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_nvfp4_forward_equals_auto_round(device, dtype, shape):
+    gen = torch.Generator().manual_seed(hash((shape, str(dtype))) % 2**31)
+    rows, cols = shape
+    w = torch.randn(rows, cols, generator=gen).to(dtype)
+    v, ms = rand_params(rows, cols, math.ceil(cols / 16), gen)
+    gs = ops.nvfp4_global_scale(w)
+    want_q, want_s = oracle.nvfp4(w, v, ms, gs)
+    q, s = ops.fake_quant_nvfp4(*to(device, w, v, ms, gs))
+    assert q.dtype == dtype and s.dtype == torch.float32 and s.shape == (rows, math.ceil(cols / 16))
+    assert torch.equal(q.cpu(), want_q)
+    assert torch.equal(s.cpu(), want_s)
+
+
+def nvfp4_edge_weight(dtype):
+    """A weight whose groups cover the edge cases: all-zero groups, scattered zeros, values on
+    FP4 rounding midpoints, tiny and huge groups beside each other, a ragged last group."""
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(12, 72, generator=gen)
+    w[0, :16] = 0                               # all-zero group
+    w[1, ::3] = 0                               # scattered zeros
+    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0])
+    w[2, :16] = torch.cat([mids, -mids])        # exact midpoints when os == 1 (see test)
+    w[3, :16] *= 1e-4                           # tiny beside normal groups: scale underflows
+    w[4] *= 1e3 if dtype != torch.float16 else 50
+    w[5, 64:] = torch.tensor([6.0, -6.0, 1e-3, 0, 0, 0, 0, 3.0])  # ragged last group
+    return w.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nvfp4_edges_equal_auto_round(device, dtype):
+    w = nvfp4_edge_weight(dtype)
+    gen = torch.Generator().manual_seed(3)
+    v, ms = rand_params(*w.shape, math.ceil(w.shape[1] / 16), gen, lo=0.0)
+    v[2] = 0
+    ms[2] = 1
+    for gs in [ops.nvfp4_global_scale(w), torch.tensor(1.0), torch.tensor(1e4), torch.tensor(0.0)]:
+        want_q, want_s = oracle.nvfp4(w, v, ms, gs)
+        q, s = ops.fake_quant_nvfp4(*to(device, w, v, ms, gs))
+        assert torch.equal(q.cpu(), want_q), f"gs={gs}"
+        assert torch.equal(s.cpu(), want_s), f"gs={gs}"
+
+
+def test_nvfp4_midpoints_round_to_even():
+    # With gs = 1 and a group maximum of 6, s = 1 and os = 1: y = W exactly.
+    mids = torch.tensor([[0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0] * 2])
+    q, s = ops.fake_quant_nvfp4(mids, torch.zeros_like(mids), torch.ones(1, 1), torch.tensor(1.0))
+    assert s.item() == 1.0
+    assert q[0, :8].tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0]
+
+
+def test_nvfp4_scale_clamps_at_448():
+    w = torch.full((1, 16), 3.0)
+    _, s = ops.fake_quant_nvfp4(w, torch.zeros_like(w), torch.ones(1, 1), torch.tensor(1e4))
+    assert s.item() == 448.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(64, 128), (33, 70), (7, 3)])
+def test_nvfp4_gradients_match_auto_round(device, dtype, shape):
+    """dV is bit-exact (one rounded product per element). d max_scale sums 16 products in
+    fp32; PyTorch's vectorised reduction adds them in another order, so it agrees to a few
+    fp32 ulps of the summands: rtol 1e-4."""
+    gen = torch.Generator().manual_seed(11)
+    rows, cols = shape
+    w = torch.randn(rows, cols, generator=gen).to(dtype)
+    v, ms = rand_params(rows, cols, math.ceil(cols / 16), gen)
+    gs = ops.nvfp4_global_scale(w)
+    g = torch.randn(rows, cols, generator=gen).to(dtype)
+    _, _, want_gv, want_gms = oracle.nvfp4(w, v, ms, gs, grad_out=g)
+    vd, msd = [t.clone().requires_grad_() for t in to(device, v, ms)]
+    q, _ = ops.fake_quant_nvfp4(w.to(device), vd, msd, gs.to(device))
+    (q.float() * g.to(device).float()).sum().backward()
+    assert torch.equal(vd.grad.cpu(), want_gv)
+    assert_grad_close(msd.grad, want_gms, 1e-4, "max_scale grad")
+
+
+def test_nvfp4_zero_scale_groups_get_zero_gradient(device):
+    """Groups whose scale is 0 (all-zero, or underflowing e4m3) get NaN from auto-round's
+    autograd (0 * inf in the reciprocal's backward); ours gives 0 there, the same elsewhere."""
+    w = nvfp4_edge_weight(torch.float32)
+    gen = torch.Generator().manual_seed(5)
+    v, ms = rand_params(*w.shape, 5, gen)
+    gs = ops.nvfp4_global_scale(w)
+    g = torch.randn(w.shape, generator=gen)
+    _, want_s, want_gv, want_gms = oracle.nvfp4(w, v, ms, gs, grad_out=g)
+    vd, msd = [t.clone().requires_grad_() for t in to(device, v, ms)]
+    q, s = ops.fake_quant_nvfp4(w.to(device), vd, msd, gs.to(device))
+    (q * g.to(device)).sum().backward()
+    zero = want_s == 0
+    assert zero.any() and torch.isnan(want_gms[zero]).all()
+    assert (msd.grad.cpu()[zero] == 0).all()
+    assert torch.isfinite(msd.grad).all()
+    assert_grad_close(msd.grad.cpu()[~zero], want_gms[~zero], 1e-4, "max_scale grad")
+    assert torch.equal(vd.grad.cpu(), want_gv)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nvfp4_rejects_non_finite_weight(device, bad):
+    w = torch.randn(4, 32)
+    w[2, 5] = bad
+    with pytest.raises((RuntimeError, ValueError), match="weight has .*non-finite"):
+        ops.fake_quant_nvfp4(*to(device, w, torch.zeros(4, 32), torch.ones(4, 2), torch.tensor(1.0)))
+
+
+def test_nvfp4_bad_arguments_name_the_tensor():
+    w = torch.randn(4, 32)
+    with pytest.raises(RuntimeError, match="max_scale must have 8 elements"):
+        ops.fake_quant_nvfp4(w, torch.zeros(4, 32), torch.ones(4, 3), torch.tensor(1.0))
+    with pytest.raises(RuntimeError, match="v must be float32"):
+        ops.fake_quant_nvfp4(w, torch.zeros(4, 32, dtype=torch.bfloat16), torch.ones(4, 2), torch.tensor(1.0))
+    with pytest.raises(RuntimeError, match="weight must be 2-D"):
+        ops.fake_quant_nvfp4(w.reshape(-1), torch.zeros(128), torch.ones(8), torch.tensor(1.0))
+    with pytest.raises(RuntimeError, match="weight must be float32, bfloat16 or float16"):
+        ops.fake_quant_nvfp4(w.double(), torch.zeros(4, 32), torch.ones(4, 2), torch.tensor(1.0))
+
+
+def test_global_scales_match_auto_round():
+    from auto_round.data_type.nvfp import calculate_gparam
+
+    ws = [torch.randn(8, 32, dtype=torch.bfloat16) * s for s in (1.0, 3.0, 0.5)]
+    for w in ws:
+        assert torch.equal(ops.nvfp4_global_scale(w), calculate_gparam(w))
+    assert torch.equal(ops.shared_nvfp4_global_scale(ws), calculate_gparam(ws[1]))
+    assert ops.nvfp4_global_scale(torch.zeros(4, 16)).item() == 0.0
+
+
+# --------------------------------------------------------------------------------------
+# NVFP4 activations
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 9, 64), (3, 70), (5, 8)])
+def test_nvfp4_activation_equals_auto_round(device, dtype, shape):
+    """Forward bit-exact. The gradient is bit-exact except on each group's argmax, which also
+    receives the path through max|x|: a 16-term fp32 sum in another order, then rounded to the
+    dtype, so it may differ by a few fp32 ulps (fp32) or one ulp of the dtype (rare)."""
+    gen = torch.Generator().manual_seed(13)
+    x = (torch.randn(shape, generator=gen) * 3).to(dtype)
+    g = torch.randn(shape, generator=gen).to(dtype)
+    act_max = x.float().abs().max()
+    want_y, want_gx = oracle.nvfp4_activation(x, act_max, grad_out=g)
+    gs = ops.nvfp4_global_scale(act_max)
+    xd = x.to(device).requires_grad_()
+    y = ops.fake_quant_nvfp4_activation(xd, gs.to(device))
+    (y.float() * g.to(device).float()).sum().backward()
+    assert torch.equal(y.detach().cpu(), want_y)
+    got = xd.grad.cpu()
+    differ = got != want_gx
+    groups = math.ceil(shape[-1] / 16) * x.numel() // shape[-1]
+    assert int(differ.sum()) <= groups
+    eps = 1e-4 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+    assert_grad_close(got, want_gx, eps, "activation grad")
+
+
+# --------------------------------------------------------------------------------------
+# INT weights
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [-1, 32, 128])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int_forward_equals_auto_round(device, sym, bits, group_size, dtype):
+    gen = torch.Generator().manual_seed(bits * 100 + group_size)
+    for rows, cols in [(24, 256), (9, 200), (5, 20)]:
+        w = torch.randn(rows, cols, generator=gen).to(dtype)
+        w[0] = 0  # all-zero row: the scale floors at 1e-5
+        groups = ops.int_num_groups(cols, group_size)
+        v, mn = rand_params(rows, cols, groups, gen)
+        mx = torch.rand(rows, groups, generator=gen) * 0.5 + 0.5
+        want_q, want_s, want_zp = oracle.int_quant(w, v, mn, mx, bits, group_size, sym)
+        q, s, zp = ops.fake_quant_int(*to(device, w, v, mn, mx), bits, group_size, sym)
+        assert torch.equal(q.cpu(), want_q), (rows, cols)
+        assert s.dtype == torch.float16 and torch.equal(s.cpu(), want_s)
+        if not sym:
+            assert torch.equal(zp.cpu(), want_zp)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("group_size", [-1, 64, 128])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int_gradients_match_auto_round(device, sym, group_size, dtype):
+    """dV is bit-exact. The scale's gradient is rounded to fp16 (the scale's dtype) and summed
+    over the group in fp32 in another order than PyTorch's reduction, so it can land one fp16
+    ulp away (2^-10 relative), and once more when contributions are added in fp16: rtol 2e-3."""
+    gen = torch.Generator().manual_seed(17)
+    for rows, cols in [(32, 256), (9, 200)]:
+        w = torch.randn(rows, cols, generator=gen).to(dtype)
+        groups = ops.int_num_groups(cols, group_size)
+        v, mn = rand_params(rows, cols, groups, gen)
+        mx = torch.rand(rows, groups, generator=gen) * 0.5 + 0.5
+        g = torch.randn(rows, cols, generator=gen).to(dtype)
+        *_, want_gv, want_gmn, want_gmx = oracle.int_quant(w, v, mn, mx, 4, group_size, sym, grad_out=g)
+        vd, mnd, mxd = [t.clone().requires_grad_() for t in to(device, v, mn, mx)]
+        q, _, _ = ops.fake_quant_int(w.to(device), vd, mnd, mxd, 4, group_size, sym)
+        (q.float() * g.to(device).float()).sum().backward()
+        assert torch.equal(vd.grad.cpu(), want_gv)
+        assert_grad_close(mnd.grad, want_gmn, 2e-3, "min_scale grad")
+        assert_grad_close(mxd.grad, want_gmx, 2e-3, "max_scale grad")
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])
+def test_int_other_scale_dtypes_equal_oracle(device, scale_dtype):
+    gen = torch.Generator().manual_seed(19)
+    w = torch.randn(16, 96, generator=gen).to(torch.bfloat16)
+    v, mn = rand_params(16, 96, 3, gen)
+    mx = torch.ones(16, 3)
+    for sym in (True, False):
+        want = reference.fake_quant_int(w, v, mn, mx, 4, 32, sym, scale_dtype)
+        got = ops.fake_quant_int(*to(device, w, v, mn, mx), 4, 32, sym, scale_dtype)
+        assert got[1].dtype == scale_dtype
+        for a, b in zip(got, want):
+            assert torch.equal(a.cpu(), b.detach())
+
+
+def test_int_bad_arguments():
+    w = torch.randn(4, 64)
+    z = torch.zeros(4, 64)
+    with pytest.raises(ValueError, match="bits must be in 2..8"):
+        ops.fake_quant_int(w, z, torch.ones(4, 2), torch.ones(4, 2), 9, 32, True)
+    with pytest.raises(RuntimeError, match="group_size must be -1"):
+        ops.fake_quant_int(w, z, torch.ones(4, 2), torch.ones(4, 2), 4, 0, True)
+    with pytest.raises(RuntimeError, match="min_scale must have 8 elements"):
+        ops.fake_quant_int(w, z, torch.ones(4, 3), torch.ones(4, 2), 4, 32, True)
+    with pytest.raises(ValueError, match="scale_dtype"):
+        ops.fake_quant_int(w, z, torch.ones(4, 2), torch.ones(4, 2), 4, 32, True, torch.int8)
+    w[1, 1] = float("nan")
+    with pytest.raises(RuntimeError, match="weight has 1 non-finite"):
+        ops.fake_quant_int(w, z, torch.ones(4, 2), torch.ones(4, 2), 4, 32, True)
+
+
+# --------------------------------------------------------------------------------------
+# loss
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_masked_mse_loss_matches_auto_round(device, dtype, masked):
+    """auto-round: MSELoss((pred * mask).float(), (ref * mask).float()), mask a long tensor
+    per token. The sum is reduced in another order: rtol 1e-5. The gradient is exact."""
+    gen = torch.Generator().manual_seed(23)
+    p = torch.randn(2, 33, 64, generator=gen).to(dtype)
+    r = torch.randn(2, 33, 64, generator=gen).to(dtype)
+    mask = (torch.rand(2, 33, generator=gen) > 0.3).long() if masked else None
+    pa = p.clone().requires_grad_()
+    m = mask.unsqueeze(-1) if masked else 1
+    want = torch.nn.MSELoss()((pa * m).to(torch.float32), (r * m).to(torch.float32))
+    (want * 1000).backward()
+    pd = p.to(device).requires_grad_()
+    loss = ops.masked_mse_loss(pd, r.to(device), None if mask is None else mask.to(device))
+    (loss * 1000).backward()
+    torch.testing.assert_close(loss.cpu(), want.detach(), rtol=1e-5, atol=0)
+    assert torch.equal(pd.grad.cpu(), pa.grad)
+
+
+def test_masked_mse_loss_bad_mask():
+    p = torch.randn(2, 5, 8)
+    with pytest.raises(RuntimeError, match="mask"):
+        ops.masked_mse_loss(p, p, torch.ones(3))
+    with pytest.raises(RuntimeError, match="ref must have dtype"):
+        ops.masked_mse_loss(p, p.double())
+
+
+# --------------------------------------------------------------------------------------
+# CPU and CUDA kernels agree bit for bit (the same numerics header)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and the CUDA build")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_equals_cpu_bitwise(dtype):
+    gen = torch.Generator().manual_seed(29)
+    for rows, cols in [(256, 4096), (37, 1000)]:
+        w = torch.randn(rows, cols, generator=gen).to(dtype)
+        g = torch.randn(rows, cols, generator=gen).to(dtype)
+        v, ms = rand_params(rows, cols, math.ceil(cols / 16), gen)
+        gs = ops.nvfp4_global_scale(w)
+        outs = []
+        for dev in ("cpu", "cuda"):
+            vd, msd = [t.clone().to(dev).requires_grad_() for t in (v, ms)]
+            q, s = ops.fake_quant_nvfp4(w.to(dev), vd, msd, gs.to(dev))
+            (q.float() * g.to(dev).float()).sum().backward()
+            outs.append([t.cpu() for t in (q, s, vd.grad, msd.grad)])
+        for a, b in zip(*outs):
+            assert torch.equal(a, b)
+        for sym in (True, False):
+            groups = ops.int_num_groups(cols, 128)
+            mn, mx = torch.rand(rows, groups, generator=gen) + 0.5, torch.rand(rows, groups, generator=gen) + 0.5
+            outs = []
+            for dev in ("cpu", "cuda"):
+                vd, mnd, mxd = [t.clone().to(dev).requires_grad_() for t in (v, mn.clamp(max=1), mx.clamp(max=1))]
+                q, s, zp = ops.fake_quant_int(w.to(dev), vd, mnd, mxd, 4, 128, sym)
+                (q.float() * g.to(dev).float()).sum().backward()
+                outs.append([t.detach().cpu() for t in (q, s, zp, vd.grad, mnd.grad, mxd.grad)])
+            for a, b in zip(*outs):
+                assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------
+# properties (hypothesis): kernels equal the oracles on arbitrary shapes and magnitudes
+# --------------------------------------------------------------------------------------
+
+dtypes_st = st.sampled_from(DTYPES)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 24), cols=st.integers(1, 100), dtype=dtypes_st,
+       log_mag=st.floats(-20, 20), seed=st.integers(0, 2**31 - 1))
+def test_property_nvfp4_forward_equals_oracle(rows, cols, dtype, log_mag, seed):
+    if dtype == torch.float16:
+        log_mag = max(min(log_mag, 8.0), -8.0)
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(rows, cols, generator=gen) * 2.0**log_mag).to(dtype)
+    v, ms = rand_params(rows, cols, math.ceil(cols / 16), gen, lo=0.0)
+    gs = ops.nvfp4_global_scale(w)
+    q, s = ops.fake_quant_nvfp4(w, v, ms, gs)
+    rq, rs = reference.fake_quant_nvfp4(w, v, ms, gs)
+    assert torch.equal(q, rq) and torch.equal(s, rs)
+    # Every output is an FP4 value times its group's 1/os: |q| never exceeds 6 / os.
+    if gs > 0:
+        bound = rs.repeat_interleave(16, 1)[:, :cols] / gs * 6 * (1 + 2 * torch.finfo(dtype).eps)
+        assert (q.float().abs() <= bound * (1 + 1e-6) + 1e-37).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 12), cols=st.integers(1, 300), bits=st.integers(2, 8), sym=st.booleans(),
+       group_size=st.sampled_from([-1, 16, 32, 64, 128]), dtype=dtypes_st, seed=st.integers(0, 2**31 - 1))
+def test_property_int_forward_equals_oracle(rows, cols, bits, sym, group_size, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=gen).to(dtype)
+    groups = ops.int_num_groups(cols, group_size)
+    v, mn = rand_params(rows, cols, groups, gen, lo=0.0)
+    mx = torch.rand(rows, groups, generator=gen)
+    got = ops.fake_quant_int(w, v, mn, mx, bits, group_size, sym)
+    want = reference.fake_quant_int(w, v, mn, mx, bits, group_size, sym)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b.detach())
+    # Levels stay inside the integer range.
+    q, s, zp = got
+    levels = (q.float() / s.float().repeat_interleave(cols if groups == 1 else group_size, 1)[:, :cols])
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if sym else (-(2**bits), 2**bits)
+    assert (levels.round() >= lo - 1).all() and (levels.round() <= hi + 1).all()
+
+
+# --------------------------------------------------------------------------------------
+# torch.library integration
+# --------------------------------------------------------------------------------------
+
+
+def _opcheck_cases(device):
+    gen = torch.Generator().manual_seed(31)
+    w = torch.randn(8, 40, generator=gen).to(torch.bfloat16).to(device)
+    v = torch.zeros(8, 40, device=device).requires_grad_()
+    ms = torch.ones(8, 3, device=device).requires_grad_()
+    gs = ops.nvfp4_global_scale(w).reshape(1)
+    g = torch.randn(8, 40, generator=gen).to(torch.bfloat16).to(device)
+    x = torch.randn(2, 5, 32, generator=gen).to(torch.bfloat16).to(device).requires_grad_()
+    gx = torch.randn(2, 5, 32, generator=gen).to(torch.bfloat16).to(device)
+    mn = torch.ones(8, 2, device=device).requires_grad_()
+    mx = torch.ones(8, 2, device=device).requires_grad_()
+    mask = torch.ones(10, device=device)
+    o = torch.ops.autoround_fast
+    return [
+        (o.fake_quant_nvfp4, (w, v, ms, gs)),
+        (o.fake_quant_nvfp4_backward, (g, w, v.detach(), ms.detach(), gs)),
+        (o.fake_quant_nvfp4_activation, (x, gs)),
+        (o.fake_quant_nvfp4_activation_backward, (gx, x.detach(), gs)),
+        (o.fake_quant_int, (w, v, mn, mx, 4, 32, True, 5)),
+        (o.fake_quant_int, (w, v, mn[:, :1].detach().clone().requires_grad_(), mx[:, :1].detach().clone().requires_grad_(), 3, -1, False, 15)),
+        (o.fake_quant_int_backward, (g, w, v.detach(), mn.detach(), mx.detach(), 4, 32, False, 5)),
+        (o.masked_mse_loss, (x, gx, mask)),
+        (o.masked_mse_loss, (x, gx, None)),
+        (o.masked_mse_loss_backward, (torch.ones((), device=device), x.detach(), gx, mask)),
+    ]
+
+
+def test_opcheck(device):
+    for op, args in _opcheck_cases(device):
+        torch.library.opcheck(op, args)
+
+
+def test_ops_trace_under_compile_fullgraph(device):
+    gen = torch.Generator().manual_seed(37)
+    w = torch.randn(16, 64, generator=gen).to(torch.bfloat16).to(device)
+    x = torch.randn(4, 64, generator=gen).to(torch.bfloat16).to(device)
+    gs = ops.nvfp4_global_scale(w).to(device)
+    ref = torch.randn(4, 16, generator=gen).to(torch.bfloat16).to(device)
+
+    def step(v, ms, mn, mx):
+        wq, _ = ops.fake_quant_nvfp4(w, v, ms, gs)
+        wi, _, _ = ops.fake_quant_int(w, v, mn, mx, 4, 32, False)
+        y = ops.fake_quant_nvfp4_activation(x, gs) @ (wq + wi).t()
+        return ops.masked_mse_loss(y, ref)
+
+    def grads(fn):
+        params = [torch.zeros(16, 64, device=device), torch.ones(16, 4, device=device),
+                  torch.ones(16, 2, device=device), torch.ones(16, 2, device=device)]
+        params = [p.requires_grad_() for p in params]
+        loss = fn(*params)
+        loss.backward()
+        return [loss.detach()] + [p.grad for p in params]
+
+    eager = grads(step)
+    compiled = grads(torch.compile(step, fullgraph=True, backend="aot_eager"))
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
