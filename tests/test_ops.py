@@ -140,20 +140,25 @@ def test_nvfp4_zero_scale_groups_get_zero_gradient(device):
 def test_nvfp4_rejects_non_finite_weight(device, bad):
     w = torch.randn(4, 32)
     w[2, 5] = bad
-    with pytest.raises((RuntimeError, ValueError), match="weight has .*non-finite"):
+    with pytest.raises(ValueError, match="fake_quant_nvfp4: weight has non-finite"):
         ops.fake_quant_nvfp4(*to(device, w, torch.zeros(4, 32), torch.ones(4, 2), torch.tensor(1.0)))
 
 
 def test_nvfp4_bad_arguments_name_the_tensor():
     w = torch.randn(4, 32)
-    with pytest.raises(RuntimeError, match="max_scale must have 8 elements"):
+    with pytest.raises(ValueError, match="fake_quant_nvfp4: max_scale must have 8 elements"):
         ops.fake_quant_nvfp4(w, torch.zeros(4, 32), torch.ones(4, 3), torch.tensor(1.0))
-    with pytest.raises(RuntimeError, match="v must be float32"):
+    with pytest.raises(ValueError, match="v must be float32"):
         ops.fake_quant_nvfp4(w, torch.zeros(4, 32, dtype=torch.bfloat16), torch.ones(4, 2), torch.tensor(1.0))
-    with pytest.raises(RuntimeError, match="weight must be 2-D"):
+    with pytest.raises(ValueError, match="weight must be 2-D"):
         ops.fake_quant_nvfp4(w.reshape(-1), torch.zeros(128), torch.ones(8), torch.tensor(1.0))
-    with pytest.raises(RuntimeError, match="weight must be float32, bfloat16 or float16"):
+    with pytest.raises(ValueError, match="weight must be float32, bfloat16 or float16"):
         ops.fake_quant_nvfp4(w.double(), torch.zeros(4, 32), torch.ones(4, 2), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="global_scale must have 1 elements"):
+        ops.fake_quant_nvfp4(w, torch.zeros(4, 32), torch.ones(4, 2), torch.ones(2))
+    x = torch.randn(2, 16)
+    with pytest.raises(ValueError, match="fake_quant_nvfp4_activation: x has non-finite"):
+        ops.fake_quant_nvfp4_activation(x / 0, torch.tensor(1.0))
 
 
 def test_global_scales_match_auto_round():
@@ -262,14 +267,14 @@ def test_int_bad_arguments():
     z = torch.zeros(4, 64)
     with pytest.raises(ValueError, match="bits must be in 2..8"):
         ops.fake_quant_int(w, z, torch.ones(4, 2), torch.ones(4, 2), 9, 32, True)
-    with pytest.raises(RuntimeError, match="group_size must be -1"):
+    with pytest.raises(ValueError, match="group_size must be -1"):
         ops.fake_quant_int(w, z, torch.ones(4, 2), torch.ones(4, 2), 4, 0, True)
-    with pytest.raises(RuntimeError, match="min_scale must have 8 elements"):
+    with pytest.raises(ValueError, match="min_scale must have 8 elements"):
         ops.fake_quant_int(w, z, torch.ones(4, 3), torch.ones(4, 2), 4, 32, True)
     with pytest.raises(ValueError, match="scale_dtype"):
         ops.fake_quant_int(w, z, torch.ones(4, 2), torch.ones(4, 2), 4, 32, True, torch.int8)
     w[1, 1] = float("nan")
-    with pytest.raises(RuntimeError, match="weight has 1 non-finite"):
+    with pytest.raises(ValueError, match="fake_quant_int: weight has non-finite"):
         ops.fake_quant_int(w, z, torch.ones(4, 2), torch.ones(4, 2), 4, 32, True)
 
 
@@ -300,9 +305,9 @@ def test_masked_mse_loss_matches_auto_round(device, dtype, masked):
 
 def test_masked_mse_loss_bad_mask():
     p = torch.randn(2, 5, 8)
-    with pytest.raises(RuntimeError, match="mask"):
+    with pytest.raises(ValueError, match="mask must have one entry per token"):
         ops.masked_mse_loss(p, p, torch.ones(3))
-    with pytest.raises(RuntimeError, match="ref must have dtype"):
+    with pytest.raises(ValueError, match="ref must match pred"):
         ops.masked_mse_loss(p, p.double())
 
 

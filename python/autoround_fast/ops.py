@@ -39,7 +39,7 @@ def _scale_dtype_code(scale_dtype: torch.dtype) -> int:
         return SCALE_DTYPE_CODES[scale_dtype]
     except KeyError:
         raise ValueError(
-            f"scale_dtype must be one of float16, bfloat16, float32; got {scale_dtype}"
+            f"fake_quant_int: scale_dtype must be one of float16, bfloat16, float32; got {scale_dtype}"
         ) from None
 
 
@@ -182,11 +182,42 @@ torch.library.register_autograd(
 # ---------------------------------------------------------------------------------------
 
 
+# Arguments are validated here, before the op: an exception thrown inside a stable-ABI kernel
+# crashes torch 2.11 (seen on the GPU machine), so the C++ checks are only a last resort.
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _fail(op: str, msg: str) -> None:
+    raise ValueError(f"{op}: {msg}")
+
+
+def _check_float(t: torch.Tensor, name: str, op: str) -> None:
+    if t.dtype not in _FLOATS:
+        _fail(op, f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+
+
+def _check_param(ref: torch.Tensor, t: torch.Tensor, numel: int, name: str, op: str) -> None:
+    if t.device != ref.device:
+        _fail(op, f"{name} is on {t.device} but the first input is on {ref.device}")
+    if t.dtype != torch.float32:
+        _fail(op, f"{name} must be float32, got {t.dtype}")
+    if t.numel() != numel:
+        _fail(op, f"{name} must have {numel} elements, got {t.numel()} (shape {tuple(t.shape)})")
+
+
+def _check_weight(weight: torch.Tensor, op: str) -> None:
+    if weight.dim() != 2:
+        _fail(op, f"weight must be 2-D [out, in], got {weight.dim()} dims")
+    _check_float(weight, "weight", op)
+
+
 def _check_finite(t: torch.Tensor, what: str, op: str) -> None:
-    # The CPU kernels count non-finite inputs themselves; on the GPU this costs a sync, so
-    # the tuning engine calls torch.ops directly after checking each weight once.
-    if t.is_cuda and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{op}: {what} has non-finite values (NaN or Inf); refusing to quantize it")
+    # One reduction (a sync on the GPU): the tuning engine calls torch.ops directly after
+    # checking each weight once. Skipped while torch.compile traces (it would break the graph).
+    if torch.compiler.is_compiling():
+        return
+    if not bool(torch.isfinite(t).all()):
+        _fail(op, f"{what} has non-finite values (NaN or Inf); refusing to quantize it")
 
 
 def fake_quant_nvfp4(
@@ -218,7 +249,13 @@ def fake_quant_nvfp4(
         (the fake-quantized weight in the weight's dtype, the e4m3-rounded scales as fp32
         [out, ceil(in / 16)]).
     """
-    _check_finite(weight, "weight", "fake_quant_nvfp4")
+    op = "fake_quant_nvfp4"
+    _check_weight(weight, op)
+    rows, cols = weight.shape
+    _check_param(weight, v, rows * cols, "v", op)
+    _check_param(weight, max_scale, rows * math.ceil(cols / NVFP4_GROUP), "max_scale", op)
+    _check_param(weight, global_scale, 1, "global_scale", op)
+    _check_finite(weight, "weight", op)
     return _ops.fake_quant_nvfp4(
         weight.contiguous(), v.contiguous(), max_scale.contiguous(), global_scale.reshape(1)
     )
@@ -231,7 +268,12 @@ def fake_quant_nvfp4_activation(x: torch.Tensor, global_scale: torch.Tensor) -> 
     as auto-round's STE is: straight through the rounding, and through max|x_g| into each
     group's first argmax.
     """
-    _check_finite(x, "x", "fake_quant_nvfp4_activation")
+    op = "fake_quant_nvfp4_activation"
+    if x.dim() < 1 or x.numel() == 0:
+        _fail(op, "x must be a non-empty tensor")
+    _check_float(x, "x", op)
+    _check_param(x, global_scale, 1, "global_scale", op)
+    _check_finite(x, "x", op)
     return _ops.fake_quant_nvfp4_activation(x.contiguous(), global_scale.reshape(1))
 
 
@@ -264,9 +306,19 @@ def fake_quant_int(
         (fake-quantized weight in the weight's dtype, scale [out, groups] in scale_dtype,
         zero point [out, groups] fp32; zeros when ``sym``).
     """
+    op = "fake_quant_int"
     if not 2 <= int(bits) <= 8:
-        raise ValueError(f"fake_quant_int: bits must be in 2..8, got {bits}")
-    _check_finite(weight, "weight", "fake_quant_int")
+        _fail(op, f"bits must be in 2..8, got {bits}")
+    if not (group_size == -1 or group_size > 0):
+        _fail(op, f"group_size must be -1 (per row) or positive, got {group_size}")
+    code = _scale_dtype_code(scale_dtype)
+    _check_weight(weight, op)
+    rows, cols = weight.shape
+    n_scales = rows * int_num_groups(cols, group_size)
+    _check_param(weight, v, rows * cols, "v", op)
+    _check_param(weight, min_scale, n_scales, "min_scale", op)
+    _check_param(weight, max_scale, n_scales, "max_scale", op)
+    _check_finite(weight, "weight", op)
     return _ops.fake_quant_int(
         weight.contiguous(),
         v.contiguous(),
@@ -275,7 +327,7 @@ def fake_quant_int(
         int(bits),
         int(group_size),
         bool(sym),
-        _scale_dtype_code(scale_dtype),
+        code,
     )
 
 
@@ -287,7 +339,17 @@ def masked_mse_loss(
     dimension; the product is taken in pred's dtype, the rest in fp32. Differentiable in
     ``pred``. ``mask`` has one entry per token (pred.numel() / pred.shape[-1]).
     """
+    op = "masked_mse_loss"
+    if pred.dim() < 1 or pred.numel() == 0:
+        _fail(op, "pred must be a non-empty tensor")
+    _check_float(pred, "pred", op)
+    if ref.shape != pred.shape or ref.dtype != pred.dtype or ref.device != pred.device:
+        _fail(op, f"ref must match pred ({tuple(pred.shape)}, {pred.dtype}, {pred.device}); got "
+                  f"({tuple(ref.shape)}, {ref.dtype}, {ref.device})")
     if mask is not None:
+        tokens = pred.numel() // pred.shape[-1]
+        if mask.numel() != tokens:
+            _fail(op, f"mask must have one entry per token ({tokens}), got {mask.numel()}")
         mask = mask.to(device=pred.device, dtype=torch.float32).contiguous().reshape(-1)
     return _ops.masked_mse_loss(pred.contiguous(), ref.contiguous(), mask)
 

@@ -1,0 +1,36 @@
+"""Timing helpers shared by the benchmarks: CUDA-event medians and the card's copy bandwidth."""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+
+def time_ms(fn, warmup: int = 5, reps: int = 30) -> float:
+    """Median milliseconds of fn() on the current CUDA stream, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), reps=20)
+    return 2 * nbytes / ms / 1e6
+
+
+def card_info() -> str:
+    p = torch.cuda.get_device_properties(0)
+    return f"{p.name}, {p.multi_processor_count} SMs, torch {torch.__version__}, CUDA {torch.version.cuda}"

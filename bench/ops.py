@@ -1,0 +1,149 @@
+"""Microbenchmark: autoround_fast's CUDA kernels beside auto-round's functions, one run, one card.
+
+    python -m bench.ops [--out results.md]
+
+Llama-3.1-8B weight shapes and 8 x 2048-token activations. For each: forward and
+forward+backward time (median of CUDA-event timings), GB/s over the fewest bytes the op must
+move, that as a share of the card's measured copy bandwidth, and the speed-up over auto-round
+(eager; INT also with torch.compile, which auto-round uses for INT but not for NVFP4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from autoround_fast import ops
+
+from .common import card_info, copy_bandwidth_gbs, time_ms
+
+WEIGHTS = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
+ACTIVATIONS = [(8 * 2048, 4096), (8 * 2048, 14336)]
+
+
+def _auto_round():
+    from auto_round.data_type.int import quant_tensor_sym
+    from auto_round.data_type.nvfp import nv_fp4, nv_fp4_with_static_gs
+
+    return nv_fp4, nv_fp4_with_static_gs, quant_tensor_sym
+
+
+def _fwd_bwd(fwd, params, grad):
+    def run():
+        for p in params:
+            p.grad = None
+        out = fwd()
+        torch.autograd.backward(out, grad)
+
+    return run
+
+
+def bench_nvfp4_weight(shape, rows_out):
+    nv_fp4, _, _ = _auto_round()
+    o, i = shape
+    w = torch.randn(o, i, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn_like(w)
+    v = torch.zeros(o, i, device="cuda", requires_grad=True)
+    ms = torch.ones(o, i // 16, device="cuda", requires_grad=True)
+    gs = ops.nvfp4_global_scale(w)
+    vg = torch.zeros(o * i // 16, 16, device="cuda", requires_grad=True)
+    msg = torch.ones(o * i // 16, device="cuda", requires_grad=True)
+    ours_f = lambda: torch.ops.autoround_fast.fake_quant_nvfp4(w, v, ms, gs)[0]
+    theirs_f = lambda: nv_fp4(w, v=vg, global_scale=gs, max_scale=msg)[0]
+    n = o * i
+    rows_out.append(("nvfp4 weight fwd", shape, time_ms(ours_f), time_ms(theirs_f), None, 8 * n))
+    rows_out.append(("nvfp4 weight fwd+bwd", shape, time_ms(_fwd_bwd(ours_f, [v, ms], g)),
+                     time_ms(_fwd_bwd(theirs_f, [vg, msg], g)), None, 20 * n))
+
+
+def bench_int_weight(shape, rows_out, group=128):
+    _, _, quant_tensor_sym = _auto_round()
+    o, i = shape
+    w = torch.randn(o, i, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn_like(w)
+    ng = i // group
+    v = torch.zeros(o, i, device="cuda", requires_grad=True)
+    mn = torch.ones(o, ng, device="cuda", requires_grad=True)
+    mx = torch.ones(o, ng, device="cuda", requires_grad=True)
+    vg = torch.zeros(o * ng, group, device="cuda", requires_grad=True)
+    mng = torch.ones(o * ng, device="cuda", requires_grad=True)
+    mxg = torch.ones(o * ng, device="cuda", requires_grad=True)
+    wr = w.reshape(-1, group)
+    wmin, wmax = wr.min(1)[0].clamp(max=0), wr.max(1)[0].clamp(min=0)
+    ours_f = lambda: torch.ops.autoround_fast.fake_quant_int(w, v, mn, mx, 4, group, True, 5)[0]
+
+    def theirs(fn):
+        return lambda: fn(w, bits=4, group_size=group, v=vg, min_scale=mng, max_scale=mxg,
+                          tensor_min=wmin, tensor_max=wmax)[0]
+
+    compiled = torch.compile(quant_tensor_sym, dynamic=False)
+    n = o * i
+    rows_out.append(("int4 g128 weight fwd", shape, time_ms(ours_f), time_ms(theirs(quant_tensor_sym)),
+                     time_ms(theirs(compiled)), 8 * n))
+    rows_out.append(("int4 g128 weight fwd+bwd", shape, time_ms(_fwd_bwd(ours_f, [v, mn, mx], g)),
+                     time_ms(_fwd_bwd(theirs(quant_tensor_sym), [vg, mng, mxg], g)),
+                     time_ms(_fwd_bwd(theirs(compiled), [vg, mng, mxg], g)), 20 * n))
+
+
+def bench_activation(shape, rows_out):
+    _, nv_fp4_with_static_gs, _ = _auto_round()
+    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn_like(x)
+    amax = x.detach().float().abs().max()
+    gs = ops.nvfp4_global_scale(amax)
+    ours_f = lambda: torch.ops.autoround_fast.fake_quant_nvfp4_activation(x, gs)
+    theirs_f = lambda: nv_fp4_with_static_gs(x, tensor_max=amax)[0]
+    n = x.numel()
+    rows_out.append(("nvfp4 act fwd", shape, time_ms(ours_f), time_ms(theirs_f), None, 4 * n))
+    rows_out.append(("nvfp4 act fwd+bwd", shape, time_ms(_fwd_bwd(ours_f, [x], g)),
+                     time_ms(_fwd_bwd(theirs_f, [x], g)), None, 10 * n))
+
+
+def bench_loss(shape, rows_out):
+    p = torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    r = torch.randn_like(p)
+    ours_f = lambda: torch.ops.autoround_fast.masked_mse_loss(p, r, None) * 1000
+    mse = torch.nn.MSELoss()
+    theirs_f = lambda: mse(p.float(), r.float()) * 1000
+    one = torch.ones((), device="cuda")
+    n = p.numel()
+    rows_out.append(("block loss fwd+bwd", shape, time_ms(_fwd_bwd(ours_f, [p], one)),
+                     time_ms(_fwd_bwd(theirs_f, [p], one)), None, 8 * n))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", help="also write the table (markdown) to this file")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.ops needs a CUDA GPU")
+    copy_gbs = copy_bandwidth_gbs()
+    rows = []
+    for shape in WEIGHTS:
+        bench_nvfp4_weight(shape, rows)
+        bench_int_weight(shape, rows)
+    for shape in ACTIVATIONS:
+        bench_activation(shape, rows)
+    bench_loss((8, 2048, 4096), rows)
+    lines = [
+        f"card: {card_info()}; measured copy bandwidth {copy_gbs:.0f} GB/s (read + write)",
+        "",
+        "| op | shape | ours ms | GB/s | % copy BW | auto-round eager ms | x eager | auto-round compiled ms | x compiled |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, shape, ours, eager, comp, nbytes in rows:
+        gbs = nbytes / ours / 1e6
+        comp_s = f"{comp:.3f} | {comp / ours:.1f}" if comp is not None else "- | -"
+        lines.append(f"| {name} | {shape[0]}x{shape[1]} | {ours:.3f} | {gbs:.0f} | {100 * gbs / copy_gbs:.0f}% | "
+                     f"{eager:.3f} | {eager / ours:.1f} | {comp_s} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

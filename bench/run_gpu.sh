@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One GPU session's worth of checks, for the lent GPU machine (see NOTES.md):
+# build with the CUDA kernels, CUDA tests, compute-sanitizer, microbenchmarks.
+#   bash bench/run_gpu.sh [what...]   what: build tests sanitize ops (default: all)
+# Logs and tables go to $OUT (or ./gpu-out).
+set -uo pipefail
+out=${OUT:-gpu-out}; mkdir -p "$out"
+what=${*:-build tests sanitize ops}
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl >/dev/null 2>&1 && export PYTHONPATH=/tmp/site
+fi
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/card.txt"
+for step in $what; do
+  case $step in
+    build) (time python3 -m pip install -q --no-build-isolation --no-deps . ) 2>&1 | tail -20 | tee "$out/build.log"
+           python3 -c "import autoround_fast as a; print('cuda kernels:', a.has_cuda_kernels())" ;;
+    tests) (cd tests && python3 -m pytest -q -p no:cacheprovider 2>&1 | tail -25) | tee "$out/tests.log" ;;
+    sanitize) for tool in memcheck racecheck; do
+                compute-sanitizer --tool $tool --error-exitcode 9 python3 tests/sanitize_cuda.py 2>&1 \
+                  | tail -4 | tee "$out/sanitize-$tool.log"
+              done ;;
+    ops) python3 -m bench.ops --out "$out/bench_ops.md" 2>&1 | tail -40 ;;
+  esac
+done

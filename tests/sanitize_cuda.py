@@ -1,0 +1,37 @@
+"""Runs every CUDA kernel once on its vector and scalar paths, for compute-sanitizer:
+
+    compute-sanitizer --tool memcheck python tests/sanitize_cuda.py
+    compute-sanitizer --tool racecheck python tests/sanitize_cuda.py
+"""
+
+import torch
+
+from autoround_fast import ops
+
+
+def main():
+    torch.manual_seed(0)
+    for cols in (128, 70):  # whole groups (16-byte path) and ragged rows (scalar path)
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            w = torch.randn(33, cols, device="cuda", dtype=dtype)
+            v = torch.zeros(33, cols, device="cuda", requires_grad=True)
+            ms = torch.ones(33, (cols + 15) // 16, device="cuda", requires_grad=True)
+            q, _ = ops.fake_quant_nvfp4(w, v, ms, ops.nvfp4_global_scale(w))
+            q.float().sum().backward()
+            for group in (-1, 32):
+                groups = ops.int_num_groups(cols, group)
+                for sym in (True, False):
+                    mn = torch.ones(33, groups, device="cuda", requires_grad=True)
+                    mx = torch.ones(33, groups, device="cuda", requires_grad=True)
+                    q, _, _ = ops.fake_quant_int(w, v, mn, mx, 4, group, sym)
+                    q.float().sum().backward()
+            x = torch.randn(3, 5, cols, device="cuda", dtype=dtype, requires_grad=True)
+            y = ops.fake_quant_nvfp4_activation(x, ops.nvfp4_global_scale(x))
+            loss = ops.masked_mse_loss(y, torch.randn_like(y), torch.ones(15, device="cuda"))
+            loss.backward()
+    torch.cuda.synchronize()
+    print("sanitize_cuda: all kernels ran")
+
+
+if __name__ == "__main__":
+    main()
