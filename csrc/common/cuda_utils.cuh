@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "../dispatch.h"
 #include "numerics.h"
 
 namespace autoround_fast {
@@ -43,16 +44,6 @@ __device__ __forceinline__ void store_vec(T* p, const float* in) {
   for (int j = 0; j < N; ++j) t[j] = from_f32<T>(in[j]);
 #pragma unroll
   for (int i = 0; i < kWords; ++i) reinterpret_cast<uint4*>(p)[i] = buf[i];
-}
-
-template <typename F>
-bool dispatch_cuda_type(int code, F&& f) {
-  switch (code) {
-    case kFloat: f(float{}); return true;
-    case kBFloat16: f(bf16_t{}); return true;
-    case kHalf: f(f16_t{}); return true;
-    default: return false;
-  }
 }
 
 }  // namespace autoround_fast

@@ -168,9 +168,9 @@ const char* launch_fake_quant_int(const IntArgs& a, void* out, void* scale, floa
   const int64_t total = a.rows * ((a.cols + a.group - 1) / a.group);
   const bool vec = chunked(a, {a.weight, a.v, out});
   auto s = static_cast<cudaStream_t>(stream);
-  dispatch_cuda_type(a.dtype, [&](auto t) {
+  with_float_type(a.dtype, [&](auto t) {
     using T = decltype(t);
-    dispatch_cuda_type(a.scale_dtype, [&](auto st) {
+    with_float_type(a.scale_dtype, [&](auto st) {
       using S = decltype(st);
       if (vec)
         fake_quant_int_kernel<T, S, true><<<grid_for(total, kWarps), kThreads, 0, s>>>(
@@ -188,7 +188,7 @@ const char* launch_fake_quant_int_backward(const IntArgs& a, const void* grad, f
   const int64_t total = a.rows * ((a.cols + a.group - 1) / a.group);
   const bool vec = chunked(a, {a.weight, a.v, grad, grad_v});
   auto s = static_cast<cudaStream_t>(stream);
-  dispatch_cuda_type(a.dtype, [&](auto t) {
+  with_float_type(a.dtype, [&](auto t) {
     using T = decltype(t);
     if (vec)
       fake_quant_int_backward_kernel<T, true><<<grid_for(total, kWarps), kThreads, 0, s>>>(

@@ -112,7 +112,7 @@ int64_t loss_partials_size() { return kMaxBlocks; }
 const char* launch_masked_mse_loss(const LossArgs& a, float* partials, float* loss, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   const unsigned grid = loss_grid(a.numel);
-  dispatch_cuda_type(a.dtype, [&](auto t) {
+  with_float_type(a.dtype, [&](auto t) {
     using T = decltype(t);
     if (vectorizable<T>(a, {a.pred, a.ref}))
       masked_mse_partial_kernel<T, true><<<grid, kThreads, 0, s>>>(a, partials);
@@ -129,7 +129,7 @@ const char* launch_masked_mse_loss_backward(const LossArgs& a, const float* grad
   auto s = static_cast<cudaStream_t>(stream);
   const float norm = static_cast<float>(2.0 / static_cast<double>(a.numel));
   const unsigned grid = loss_grid(a.numel);
-  dispatch_cuda_type(a.dtype, [&](auto t) {
+  with_float_type(a.dtype, [&](auto t) {
     using T = decltype(t);
     if (vectorizable<T>(a, {a.pred, a.ref, grad_pred}))
       masked_mse_backward_kernel<T, true><<<grid, kThreads, 0, s>>>(a, grad_loss, norm, static_cast<T*>(grad_pred));

@@ -156,7 +156,7 @@ const char* launch_fake_quant_nvfp4(const Nvfp4Args& a, void* out, float* scale,
   const int64_t total = a.rows * ((a.cols + kNvfp4Group - 1) / kNvfp4Group);
   const bool vec = whole_groups(a.cols, {a.weight, a.v, out});
   auto s = static_cast<cudaStream_t>(stream);
-  dispatch_cuda_type(a.dtype, [&](auto t) {
+  with_float_type(a.dtype, [&](auto t) {
     using T = decltype(t);
     if (vec)
       fake_quant_nvfp4_kernel<T, true><<<grid_for(total, kThreads), kThreads, 0, s>>>(a, static_cast<T*>(out), scale);
@@ -171,7 +171,7 @@ const char* launch_fake_quant_nvfp4_backward(const Nvfp4Args& a, const void* gra
   const int64_t total = a.rows * ((a.cols + kNvfp4Group - 1) / kNvfp4Group);
   const bool vec = whole_groups(a.cols, {a.weight, a.v, grad, grad_v});
   auto s = static_cast<cudaStream_t>(stream);
-  dispatch_cuda_type(a.dtype, [&](auto t) {
+  with_float_type(a.dtype, [&](auto t) {
     using T = decltype(t);
     if (vec)
       fake_quant_nvfp4_backward_kernel<T, true><<<grid_for(total, kThreads), kThreads, 0, s>>>(
@@ -187,7 +187,7 @@ const char* launch_fake_quant_nvfp4_activation(const Nvfp4ActArgs& a, void* out,
   const int64_t total = a.rows * ((a.cols + kNvfp4Group - 1) / kNvfp4Group);
   const bool vec = whole_groups(a.cols, {a.x, out});
   auto s = static_cast<cudaStream_t>(stream);
-  dispatch_cuda_type(a.dtype, [&](auto t) {
+  with_float_type(a.dtype, [&](auto t) {
     using T = decltype(t);
     if (vec)
       fake_quant_nvfp4_activation_kernel<T, true><<<grid_for(total, kThreads), kThreads, 0, s>>>(a, static_cast<T*>(out));
@@ -202,7 +202,7 @@ const char* launch_fake_quant_nvfp4_activation_backward(const Nvfp4ActArgs& a, c
   const int64_t total = a.rows * ((a.cols + kNvfp4Group - 1) / kNvfp4Group);
   const bool vec = whole_groups(a.cols, {a.x, grad, grad_x});
   auto s = static_cast<cudaStream_t>(stream);
-  dispatch_cuda_type(a.dtype, [&](auto t) {
+  with_float_type(a.dtype, [&](auto t) {
     using T = decltype(t);
     if (vec)
       fake_quant_nvfp4_activation_backward_kernel<T, true><<<grid_for(total, kThreads), kThreads, 0, s>>>(
