@@ -25,25 +25,30 @@ int load_group(const T* src, int n, float* x, float* amax) {
   return bad;
 }
 
+// Runs fn(group_index, first_element, n) over every 16-element group, in parallel.
+template <typename F>
+void for_each_group(int64_t rows, int64_t cols, const F& fn) {
+  const int64_t groups = ceil_div(cols, kNvfp4Group);
+  torch::stable::parallel_for(0, rows * groups, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t gi = begin; gi < end; ++gi) {
+      const int64_t r = gi / groups, k = gi % groups;
+      fn(gi, r * cols + k * kNvfp4Group,
+         static_cast<int>(std::min<int64_t>(kNvfp4Group, cols - k * kNvfp4Group)));
+    }
+  });
+}
+
 template <typename T>
 int64_t nvfp4_forward(const Nvfp4Args& a, T* out, float* scale) {
   const T* w = static_cast<const T*>(a.weight);
-  const int64_t groups = ceil_div(a.cols, kNvfp4Group);
   const float gs = *a.global_scale, inv_gs = inv_global_scale(gs);
   std::atomic<int64_t> bad{0};
-  torch::stable::parallel_for(0, a.rows * groups, kGrain, [&](int64_t begin, int64_t end) {
-    int64_t local_bad = 0;
-    for (int64_t gi = begin; gi < end; ++gi) {
-      const int64_t r = gi / groups, k = gi % groups;
-      const int64_t base = r * a.cols + k * kNvfp4Group;
-      const int n = static_cast<int>(std::min<int64_t>(kNvfp4Group, a.cols - k * kNvfp4Group));
-      float x[kNvfp4Group], amax;
-      local_bad += load_group(w + base, n, x, &amax);
-      Nvfp4Scale sc = nvfp4_group_scale(amax, a.max_scale[gi], gs, inv_gs);
-      scale[gi] = sc.s;
-      for (int j = 0; j < n; ++j) out[base + j] = from_f32<T>(nvfp4_qdq(x[j], a.v[base + j], sc));
-    }
-    bad += local_bad;
+  for_each_group(a.rows, a.cols, [&](int64_t gi, int64_t base, int n) {
+    float x[kNvfp4Group], amax;
+    if (int b = load_group(w + base, n, x, &amax)) bad += b;
+    Nvfp4Scale sc = nvfp4_group_scale(amax, a.max_scale[gi], gs, inv_gs);
+    scale[gi] = sc.s;
+    for (int j = 0; j < n; ++j) out[base + j] = from_f32<T>(nvfp4_qdq(x[j], a.v[base + j], sc));
   });
   return bad.load();
 }
@@ -51,40 +56,26 @@ int64_t nvfp4_forward(const Nvfp4Args& a, T* out, float* scale) {
 template <typename T>
 void nvfp4_backward(const Nvfp4Args& a, const T* grad, float* grad_v, float* grad_ms) {
   const T* w = static_cast<const T*>(a.weight);
-  const int64_t groups = ceil_div(a.cols, kNvfp4Group);
   const float gs = *a.global_scale, inv_gs = inv_global_scale(gs);
-  torch::stable::parallel_for(0, a.rows * groups, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t gi = begin; gi < end; ++gi) {
-      const int64_t r = gi / groups, k = gi % groups;
-      const int64_t base = r * a.cols + k * kNvfp4Group;
-      const int n = static_cast<int>(std::min<int64_t>(kNvfp4Group, a.cols - k * kNvfp4Group));
-      float x[kNvfp4Group], g[kNvfp4Group], amax;
-      load_group(w + base, n, x, &amax);
-      for (int j = 0; j < n; ++j) g[j] = to_f32(grad[base + j]);
-      grad_ms[gi] = nvfp4_group_backward(x, a.v + base, g, n, amax, a.max_scale[gi], gs, inv_gs,
-                                         grad_v + base, nullptr);
-    }
+  for_each_group(a.rows, a.cols, [&](int64_t gi, int64_t base, int n) {
+    float x[kNvfp4Group], g[kNvfp4Group], amax;
+    load_group(w + base, n, x, &amax);
+    for (int j = 0; j < n; ++j) g[j] = to_f32(grad[base + j]);
+    grad_ms[gi] = nvfp4_group_backward(x, a.v + base, g, n, amax, a.max_scale[gi], gs, inv_gs,
+                                       grad_v + base, nullptr);
   });
 }
 
 template <typename T>
 int64_t act_forward(const Nvfp4ActArgs& a, T* out) {
   const T* xin = static_cast<const T*>(a.x);
-  const int64_t groups = ceil_div(a.cols, kNvfp4Group);
   const float gs = *a.global_scale, inv_gs = inv_global_scale(gs);
   std::atomic<int64_t> bad{0};
-  torch::stable::parallel_for(0, a.rows * groups, kGrain, [&](int64_t begin, int64_t end) {
-    int64_t local_bad = 0;
-    for (int64_t gi = begin; gi < end; ++gi) {
-      const int64_t r = gi / groups, k = gi % groups;
-      const int64_t base = r * a.cols + k * kNvfp4Group;
-      const int n = static_cast<int>(std::min<int64_t>(kNvfp4Group, a.cols - k * kNvfp4Group));
-      float x[kNvfp4Group], amax;
-      local_bad += load_group(xin + base, n, x, &amax);
-      Nvfp4Scale sc = nvfp4_group_scale(amax, 1.0f, gs, inv_gs);
-      for (int j = 0; j < n; ++j) out[base + j] = from_f32<T>(nvfp4_qdq(x[j], 0.f, sc));
-    }
-    bad += local_bad;
+  for_each_group(a.rows, a.cols, [&](int64_t, int64_t base, int n) {
+    float x[kNvfp4Group], amax;
+    if (int b = load_group(xin + base, n, x, &amax)) bad += b;
+    Nvfp4Scale sc = nvfp4_group_scale(amax, 1.0f, gs, inv_gs);
+    for (int j = 0; j < n; ++j) out[base + j] = from_f32<T>(nvfp4_qdq(x[j], 0.f, sc));
   });
   return bad.load();
 }
@@ -92,22 +83,17 @@ int64_t act_forward(const Nvfp4ActArgs& a, T* out) {
 template <typename T>
 void act_backward(const Nvfp4ActArgs& a, const T* grad, T* grad_x) {
   const T* xin = static_cast<const T*>(a.x);
-  const int64_t groups = ceil_div(a.cols, kNvfp4Group);
   const float gs = *a.global_scale, inv_gs = inv_global_scale(gs);
-  torch::stable::parallel_for(0, a.rows * groups, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t gi = begin; gi < end; ++gi) {
-      const int64_t r = gi / groups, k = gi % groups;
-      const int64_t base = r * a.cols + k * kNvfp4Group;
-      const int n = static_cast<int>(std::min<int64_t>(kNvfp4Group, a.cols - k * kNvfp4Group));
-      float x[kNvfp4Group], g[kNvfp4Group], gv[kNvfp4Group], zeros[kNvfp4Group] = {}, amax, g_m;
-      load_group(xin + base, n, x, &amax);
-      for (int j = 0; j < n; ++j) g[j] = to_f32(grad[base + j]);
-      nvfp4_group_backward(x, zeros, g, n, amax, 1.0f, gs, inv_gs, gv, &g_m);
-      const float os = nvfp4_group_scale(amax, 1.0f, gs, inv_gs).os;
-      int arg = 0;
-      while (arg < n - 1 && fabs_(x[arg]) != amax) ++arg;
-      for (int j = 0; j < n; ++j) grad_x[base + j] = from_f32<T>(nvfp4_act_grad<T>(gv[j], os, g_m, x[j], j == arg));
-    }
+  for_each_group(a.rows, a.cols, [&](int64_t, int64_t base, int n) {
+    float x[kNvfp4Group], g[kNvfp4Group], gv[kNvfp4Group], zeros[kNvfp4Group] = {}, amax, g_m;
+    load_group(xin + base, n, x, &amax);
+    for (int j = 0; j < n; ++j) g[j] = to_f32(grad[base + j]);
+    nvfp4_group_backward(x, zeros, g, n, amax, 1.0f, gs, inv_gs, gv, &g_m);
+    const float os = nvfp4_group_scale(amax, 1.0f, gs, inv_gs).os;
+    int arg = 0;
+    while (arg < n - 1 && fabs_(x[arg]) != amax) ++arg;
+    for (int j = 0; j < n; ++j)
+      grad_x[base + j] = from_f32<T>(nvfp4_act_grad<T>(gv[j], os, g_m, x[j], j == arg));
   });
 }
 
