@@ -34,3 +34,19 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
 def card_info() -> str:
     p = torch.cuda.get_device_properties(0)
     return f"{p.name}, {p.multi_processor_count} SMs, torch {torch.__version__}, CUDA {torch.version.cuda}"
+
+
+def graph_ms(fn, calls: int = 10) -> float:
+    """Median milliseconds of one fn() replayed from a CUDA graph of `calls` back-to-back calls:
+    the kernels alone, without Python and dispatch (as the tuning engine runs them)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return time_ms(graph.replay) / calls

@@ -3,9 +3,11 @@
     python -m bench.ops [--out results.md]
 
 Llama-3.1-8B weight shapes and 8 x 2048-token activations. For each: forward and
-forward+backward time (median of CUDA-event timings), GB/s over the fewest bytes the op must
-move, that as a share of the card's measured copy bandwidth, and the speed-up over auto-round
-(eager; INT also with torch.compile, which auto-round uses for INT but not for NVFP4).
+forward+backward time (medians of CUDA-event timings) of our ops called eagerly through
+autograd, and of their kernels replayed from a CUDA graph (how the tuning engine runs them);
+GB/s of the graphed kernels over the fewest bytes the op must move, that as a share of the
+card's measured copy bandwidth; auto-round's functions eagerly (and INT also with
+torch.compile, which auto-round uses for INT but not for NVFP4), and the speed-ups.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import torch
 
 from autoround_fast import ops
 
-from .common import card_info, copy_bandwidth_gbs, time_ms
+from .common import card_info, copy_bandwidth_gbs, graph_ms, time_ms
+
+_ops = torch.ops.autoround_fast
 
 WEIGHTS = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
 ACTIVATIONS = [(8 * 2048, 4096), (8 * 2048, 14336)]
@@ -52,9 +56,12 @@ def bench_nvfp4_weight(shape, rows_out):
     msg = torch.ones(o * i // 16, device="cuda", requires_grad=True)
     ours_f = lambda: torch.ops.autoround_fast.fake_quant_nvfp4(w, v, ms, gs)[0]
     theirs_f = lambda: nv_fp4(w, v=vg, global_scale=gs, max_scale=msg)[0]
+    vd, msd = v.detach(), ms.detach()
+    raw_f = lambda: _ops.fake_quant_nvfp4(w, vd, msd, gs)
+    raw_fb = lambda: (raw_f(), _ops.fake_quant_nvfp4_backward(g, w, vd, msd, gs))
     n = o * i
-    rows_out.append(("nvfp4 weight fwd", shape, time_ms(ours_f), time_ms(theirs_f), None, 8 * n))
-    rows_out.append(("nvfp4 weight fwd+bwd", shape, time_ms(_fwd_bwd(ours_f, [v, ms], g)),
+    rows_out.append(("nvfp4 weight fwd", shape, time_ms(ours_f), graph_ms(raw_f), time_ms(theirs_f), None, 8 * n))
+    rows_out.append(("nvfp4 weight fwd+bwd", shape, time_ms(_fwd_bwd(ours_f, [v, ms], g)), graph_ms(raw_fb),
                      time_ms(_fwd_bwd(theirs_f, [vg, msg], g)), None, 20 * n))
 
 
@@ -79,10 +86,13 @@ def bench_int_weight(shape, rows_out, group=128):
                           tensor_min=wmin, tensor_max=wmax)[0]
 
     compiled = torch.compile(quant_tensor_sym, dynamic=False)
+    vd, mnd, mxd = v.detach(), mn.detach(), mx.detach()
+    raw_f = lambda: _ops.fake_quant_int(w, vd, mnd, mxd, 4, group, True, 5)
+    raw_fb = lambda: (raw_f(), _ops.fake_quant_int_backward(g, w, vd, mnd, mxd, 4, group, True, 5))
     n = o * i
-    rows_out.append(("int4 g128 weight fwd", shape, time_ms(ours_f), time_ms(theirs(quant_tensor_sym)),
+    rows_out.append(("int4 g128 weight fwd", shape, time_ms(ours_f), graph_ms(raw_f), time_ms(theirs(quant_tensor_sym)),
                      time_ms(theirs(compiled)), 8 * n))
-    rows_out.append(("int4 g128 weight fwd+bwd", shape, time_ms(_fwd_bwd(ours_f, [v, mn, mx], g)),
+    rows_out.append(("int4 g128 weight fwd+bwd", shape, time_ms(_fwd_bwd(ours_f, [v, mn, mx], g)), graph_ms(raw_fb),
                      time_ms(_fwd_bwd(theirs(quant_tensor_sym), [vg, mng, mxg], g)),
                      time_ms(_fwd_bwd(theirs(compiled), [vg, mng, mxg], g)), 20 * n))
 
@@ -95,9 +105,12 @@ def bench_activation(shape, rows_out):
     gs = ops.nvfp4_global_scale(amax)
     ours_f = lambda: torch.ops.autoround_fast.fake_quant_nvfp4_activation(x, gs)
     theirs_f = lambda: nv_fp4_with_static_gs(x, tensor_max=amax)[0]
+    xd = x.detach()
+    raw_f = lambda: _ops.fake_quant_nvfp4_activation(xd, gs)
+    raw_fb = lambda: (raw_f(), _ops.fake_quant_nvfp4_activation_backward(g, xd, gs))
     n = x.numel()
-    rows_out.append(("nvfp4 act fwd", shape, time_ms(ours_f), time_ms(theirs_f), None, 4 * n))
-    rows_out.append(("nvfp4 act fwd+bwd", shape, time_ms(_fwd_bwd(ours_f, [x], g)),
+    rows_out.append(("nvfp4 act fwd", shape, time_ms(ours_f), graph_ms(raw_f), time_ms(theirs_f), None, 4 * n))
+    rows_out.append(("nvfp4 act fwd+bwd", shape, time_ms(_fwd_bwd(ours_f, [x], g)), graph_ms(raw_fb),
                      time_ms(_fwd_bwd(theirs_f, [x], g)), None, 10 * n))
 
 
@@ -108,9 +121,11 @@ def bench_loss(shape, rows_out):
     mse = torch.nn.MSELoss()
     theirs_f = lambda: mse(p.float(), r.float()) * 1000
     one = torch.ones((), device="cuda")
+    pd, k = p.detach(), torch.full((), 1000.0, device="cuda")
+    raw_fb = lambda: (_ops.masked_mse_loss(pd, r, None), _ops.masked_mse_loss_backward(k, pd, r, None))
     n = p.numel()
-    rows_out.append(("block loss fwd+bwd", shape, time_ms(_fwd_bwd(ours_f, [p], one)),
-                     time_ms(_fwd_bwd(theirs_f, [p], one)), None, 8 * n))
+    rows_out.append(("block loss fwd+bwd", shape, time_ms(_fwd_bwd(ours_f, [p], one)), graph_ms(raw_fb),
+                     time_ms(_fwd_bwd(theirs_f, [p], one)), None, 10 * n))
 
 
 def main(argv=None):
@@ -130,14 +145,15 @@ def main(argv=None):
     lines = [
         f"card: {card_info()}; measured copy bandwidth {copy_gbs:.0f} GB/s (read + write)",
         "",
-        "| op | shape | ours ms | GB/s | % copy BW | auto-round eager ms | x eager | auto-round compiled ms | x compiled |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| op | shape | ours eager ms | ours graphed ms | GB/s (graphed) | % copy BW | auto-round eager ms "
+        "| x (eager vs eager) | auto-round compiled ms | x (eager vs compiled) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, shape, ours, eager, comp, nbytes in rows:
-        gbs = nbytes / ours / 1e6
+    for name, shape, ours, graphed, eager, comp, nbytes in rows:
+        gbs = nbytes / graphed / 1e6
         comp_s = f"{comp:.3f} | {comp / ours:.1f}" if comp is not None else "- | -"
-        lines.append(f"| {name} | {shape[0]}x{shape[1]} | {ours:.3f} | {gbs:.0f} | {100 * gbs / copy_gbs:.0f}% | "
-                     f"{eager:.3f} | {eager / ours:.1f} | {comp_s} |")
+        lines.append(f"| {name} | {shape[0]}x{shape[1]} | {ours:.3f} | {graphed:.3f} | {gbs:.0f} | "
+                     f"{100 * gbs / copy_gbs:.0f}% | {eager:.3f} | {eager / ours:.1f} | {comp_s} |")
     text = "\n".join(lines)
     print(text)
     if args.out:

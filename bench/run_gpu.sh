@@ -4,8 +4,8 @@
 #   bash bench/run_gpu.sh [what...]   what: build tests sanitize ops (default: all)
 # Logs and tables go to $OUT (or ./gpu-out).
 set -uo pipefail
-out=${OUT:-gpu-out}; mkdir -p "$out"
-what=${*:-build tests sanitize ops}
+out=$(mkdir -p "${OUT:-gpu-out}" && cd "${OUT:-gpu-out}" && pwd)
+what=${*:-build tests sanitize ops profile}
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl >/dev/null 2>&1 && export PYTHONPATH=/tmp/site
@@ -16,11 +16,14 @@ for step in $what; do
   case $step in
     build) (time python3 -m pip install -q --no-build-isolation --no-deps . ) 2>&1 | tail -20 | tee "$out/build.log"
            python3 -c "import autoround_fast as a; print('cuda kernels:', a.has_cuda_kernels())" ;;
-    tests) (cd tests && python3 -m pytest -q -p no:cacheprovider 2>&1 | tail -25) | tee "$out/tests.log" ;;
+    tests) (cd tests && python3 -X faulthandler -m pytest -q -p no:cacheprovider > "$out/tests.log" 2>&1; tail -3 "$out/tests.log") ;;
     sanitize) for tool in memcheck racecheck; do
                 compute-sanitizer --tool $tool --error-exitcode 9 python3 tests/sanitize_cuda.py 2>&1 \
                   | tail -4 | tee "$out/sanitize-$tool.log"
               done ;;
     ops) python3 -m bench.ops --out "$out/bench_ops.md" 2>&1 | tail -40 ;;
+    profile) ncu --kernel-name regex:fake_quant --launch-skip 4 --launch-count 4 --section SpeedOfLight \
+               --section Occupancy python3 -m bench.profile_kernels > "$out/ncu.txt" 2>&1
+             grep -E "^  [a-z].*fake_quant|DRAM Throughput|Duration|Achieved Occupancy" "$out/ncu.txt" ;;
   esac
 done

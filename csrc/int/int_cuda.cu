@@ -6,6 +6,8 @@
 #include "../launchers.h"
 #include "int_quant.h"
 
+#include <type_traits>
+
 namespace autoround_fast {
 namespace {
 
@@ -155,6 +157,162 @@ __global__ void __launch_bounds__(kThreads) fake_quant_int_backward_kernel(
   }
 }
 
+
+// ---------------------------------------------------------------------------------------
+// Small groups (group = 4 * L elements, L a power of two <= 32, every group whole): L lanes
+// per group, one 4-element chunk per lane held in registers, so each element is read once and
+// a warp works on 32 / L groups at a time. The sums still follow lane (j / 4), combined by an
+// xor butterfly over the L lanes: the same values as the 32-lane butterfly the CPU replays,
+// whose other lanes add zeros.
+// ---------------------------------------------------------------------------------------
+
+template <int L>
+__device__ __forceinline__ float sub_min(float v) {
+#pragma unroll
+  for (int off = L / 2; off > 0; off /= 2) v = fmin_(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+template <int L>
+__device__ __forceinline__ float sub_max(float v) {
+#pragma unroll
+  for (int off = L / 2; off > 0; off /= 2) v = fmax_(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+template <int L>
+__device__ __forceinline__ float sub_sum(float v) {
+#pragma unroll
+  for (int off = L / 2; off > 0; off /= 2) v = add_rn(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+
+__device__ __forceinline__ void chunk_min_max(const float* x, float* lo, float* hi) {
+  float l = 0.f, h = 0.f;
+#pragma unroll
+  for (int c = 0; c < kChunk; ++c) {
+    l = fmin_(l, x[c]);
+    h = fmax_(h, x[c]);
+  }
+  *lo = l;
+  *hi = h;
+}
+
+// Each warp iteration covers kUnroll * 32 / L groups, all of whose loads are issued before the
+// first use. Measured on the H100 (NOTES.md): 4 lowered occupancy and bandwidth (70% -> 51% of
+// copy bandwidth for fwd+bwd), so it stays 1.
+constexpr int kUnroll = 1;
+
+template <typename T, typename S, int L>
+__global__ void __launch_bounds__(kThreads) fake_quant_int_small_kernel(IntArgs a, T* out, S* scale, float* zp) {
+  constexpr int kPerWarp = kLanes / L;
+  const int lane = threadIdx.x % kLanes, sub = lane % L, slot = lane / L;
+  const int64_t total = a.rows * (a.cols / a.group);
+  const IntParams p{a.bits, a.sym, a.scale_dtype, quotient_dtype(a.dtype, a.scale_dtype)};
+  const T* w = static_cast<const T*>(a.weight);
+  const int64_t warp = blockIdx.x * (int64_t)kWarps + threadIdx.x / kLanes;
+  for (int64_t g0 = warp * kPerWarp * kUnroll; g0 < total;
+       g0 += (int64_t)gridDim.x * kWarps * kPerWarp * kUnroll) {
+    float x[kUnroll][kChunk] = {}, v[kUnroll][kChunk] = {};
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t gi = g0 + u * kPerWarp + slot;
+      if (gi < total) {
+        const int64_t off = gi * a.group + sub * kChunk;
+        load_chunk<T, true>(w + off, kChunk, x[u]);
+        load_chunk_f32<true>(a.v + off, kChunk, v[u]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t gi = g0 + u * kPerWarp + slot;
+      float lo, hi;
+      chunk_min_max(x[u], &lo, &hi);
+      lo = sub_min<L>(lo);
+      hi = sub_max<L>(hi);
+      if (gi < total) {
+        IntScale sc = int_group_scale(lo, hi, __ldg(a.min_scale + gi), __ldg(a.max_scale + gi), p);
+        if (sub == 0) {
+          scale[gi] = from_f32<S>(sc.s);
+          zp[gi] = sc.zp;
+        }
+#pragma unroll
+        for (int c = 0; c < kChunk; ++c) x[u][c] = int_qdq(x[u][c], v[u][c], sc, a.sym);
+        store_chunk<T, true>(out + gi * a.group + sub * kChunk, kChunk, x[u]);
+      }
+    }
+  }
+}
+
+template <typename T, int L>
+__global__ void __launch_bounds__(kThreads) fake_quant_int_small_backward_kernel(
+    IntArgs a, const T* grad, float* grad_v, float* g_min, float* g_max) {
+  constexpr int kPerWarp = kLanes / L;
+  const int lane = threadIdx.x % kLanes, sub = lane % L, slot = lane / L;
+  const int64_t total = a.rows * (a.cols / a.group);
+  const IntParams p{a.bits, a.sym, a.scale_dtype, quotient_dtype(a.dtype, a.scale_dtype)};
+  const T* w = static_cast<const T*>(a.weight);
+  const int64_t warp = blockIdx.x * (int64_t)kWarps + threadIdx.x / kLanes;
+  for (int64_t g0 = warp * kPerWarp * kUnroll; g0 < total;
+       g0 += (int64_t)gridDim.x * kWarps * kPerWarp * kUnroll) {
+    float x[kUnroll][kChunk] = {}, v[kUnroll][kChunk] = {}, gr[kUnroll][kChunk] = {};
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t gi = g0 + u * kPerWarp + slot;
+      if (gi < total) {
+        const int64_t off = gi * a.group + sub * kChunk;
+        load_chunk<T, true>(w + off, kChunk, x[u]);
+        load_chunk<T, true>(grad + off, kChunk, gr[u]);
+        load_chunk_f32<true>(a.v + off, kChunk, v[u]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t gi = g0 + u * kPerWarp + slot;
+      const bool active = gi < total;
+      float lo, hi;
+      chunk_min_max(x[u], &lo, &hi);
+      lo = sub_min<L>(lo);
+      hi = sub_max<L>(hi);
+      IntPartials acc{0.f, 0.f, 0.f, 0.f};
+      IntScale sc{};
+      if (active) {
+        sc = int_group_scale(lo, hi, __ldg(a.min_scale + gi), __ldg(a.max_scale + gi), p);
+        float gv[kChunk];
+#pragma unroll
+        for (int c = 0; c < kChunk; ++c) int_element_backward(x[u][c], v[u][c], gr[u][c], sc, a.sym, &gv[c], acc);
+        store_chunk<float, true>(grad_v + gi * a.group + sub * kChunk, kChunk, gv);
+      }
+      IntPartials tot{sub_sum<L>(acc.a), sub_sum<L>(acc.b), sub_sum<L>(acc.zc), sub_sum<L>(acc.zs)};
+      if (active && sub == 0) int_group_scale_backward(tot, lo, hi, sc, p, g_min + gi, g_max + gi);
+    }
+  }
+}
+
+// Lanes per group for the small-group kernels, or 0 when the layout needs the general one.
+int small_group_lanes(const IntArgs& a, std::initializer_list<const void*> ptrs) {
+  if (a.cols % a.group != 0 || a.group % kChunk != 0) return 0;
+  const int64_t lanes = a.group / kChunk;
+  if (lanes > kLanes || (lanes & (lanes - 1)) != 0) return 0;
+  for (const void* p : ptrs)
+    if (!aligned16(p)) return 0;
+  return static_cast<int>(lanes);
+}
+
+template <typename F>
+void with_lanes(int lanes, F&& f) {
+  switch (lanes) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 16: f(std::integral_constant<int, 16>{}); break;
+    default: f(std::integral_constant<int, 32>{}); break;
+  }
+}
+
+unsigned small_grid(int64_t groups, int lanes) {
+  return grid_for(groups, kWarps * (kLanes / lanes) * kUnroll);
+}
+
 bool chunked(const IntArgs& a, std::initializer_list<const void*> ptrs) {
   if (a.group % kChunk != 0 || a.cols % kChunk != 0) return false;
   for (const void* p : ptrs)
@@ -167,12 +325,18 @@ bool chunked(const IntArgs& a, std::initializer_list<const void*> ptrs) {
 const char* launch_fake_quant_int(const IntArgs& a, void* out, void* scale, float* zp, void* stream) {
   const int64_t total = a.rows * ((a.cols + a.group - 1) / a.group);
   const bool vec = chunked(a, {a.weight, a.v, out});
+  const int lanes = small_group_lanes(a, {a.weight, a.v, out});
   auto s = static_cast<cudaStream_t>(stream);
   with_float_type(a.dtype, [&](auto t) {
     using T = decltype(t);
     with_float_type(a.scale_dtype, [&](auto st) {
       using S = decltype(st);
-      if (vec)
+      if (lanes)
+        with_lanes(lanes, [&](auto l) {
+          fake_quant_int_small_kernel<T, S, decltype(l)::value><<<small_grid(total, lanes), kThreads, 0, s>>>(
+              a, static_cast<T*>(out), static_cast<S*>(scale), zp);
+        });
+      else if (vec)
         fake_quant_int_kernel<T, S, true><<<grid_for(total, kWarps), kThreads, 0, s>>>(
             a, static_cast<T*>(out), static_cast<S*>(scale), zp);
       else
@@ -187,10 +351,16 @@ const char* launch_fake_quant_int_backward(const IntArgs& a, const void* grad, f
                                            float* g_min, float* g_max, void* stream) {
   const int64_t total = a.rows * ((a.cols + a.group - 1) / a.group);
   const bool vec = chunked(a, {a.weight, a.v, grad, grad_v});
+  const int lanes = small_group_lanes(a, {a.weight, a.v, grad, grad_v});
   auto s = static_cast<cudaStream_t>(stream);
   with_float_type(a.dtype, [&](auto t) {
     using T = decltype(t);
-    if (vec)
+    if (lanes)
+      with_lanes(lanes, [&](auto l) {
+        fake_quant_int_small_backward_kernel<T, decltype(l)::value><<<small_grid(total, lanes), kThreads, 0, s>>>(
+            a, static_cast<const T*>(grad), grad_v, g_min, g_max);
+      });
+    else if (vec)
       fake_quant_int_backward_kernel<T, true><<<grid_for(total, kWarps), kThreads, 0, s>>>(
           a, static_cast<const T*>(grad), grad_v, g_min, g_max);
     else

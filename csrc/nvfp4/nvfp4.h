@@ -86,6 +86,18 @@ AF_HD float nvfp4_group_backward(const float* x, const float* v, const float* g,
   return mul_rn(g_m, amax);  // m = amax * max_scale
 }
 
+// Index of the first element of the group with |x| == amax (torch.max's index), without a
+// run-time index into x, so that x can stay in registers.
+AF_HD int first_argmax(const float* x, int n, float amax) {
+  int arg = 0;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int j = kNvfp4Group - 1; j >= 0; --j)
+    if (j < n && fabs_(x[j]) == amax) arg = j;
+  return arg;
+}
+
 // Gradient of one activation element: the straight-through path (dV-equivalent times os,
 // rounded to the activation dtype by the .float() cast's backward) plus, on the group's first
 // argmax, the path through max|x| (rounded to the dtype the max was taken in), summed in T.

@@ -90,8 +90,7 @@ void act_backward(const Nvfp4ActArgs& a, const T* grad, T* grad_x) {
     for (int j = 0; j < n; ++j) g[j] = to_f32(grad[base + j]);
     nvfp4_group_backward(x, zeros, g, n, amax, 1.0f, gs, inv_gs, gv, &g_m);
     const float os = nvfp4_group_scale(amax, 1.0f, gs, inv_gs).os;
-    int arg = 0;
-    while (arg < n - 1 && fabs_(x[arg]) != amax) ++arg;
+    const int arg = first_argmax(x, n, amax);
     for (int j = 0; j < n; ++j)
       grad_x[base + j] = from_f32<T>(nvfp4_act_grad<T>(gv[j], os, g_m, x[j], j == arg));
   });
