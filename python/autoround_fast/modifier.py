@@ -1,0 +1,166 @@
+"""A drop-in for llm-compressor's AutoRoundModifier with a ``backend`` field.
+
+``backend="auto_round"`` (default) is llm-compressor's stock path through intel's auto-round;
+``"torch"`` runs autoround_fast's engine on the plain-PyTorch oracles (any device);
+``"cuda"`` runs it on the fused CUDA kernels. Importing autoround_fast registers this class
+with llm-compressor's ModifierFactory under the same name, so YAML recipes reach it.
+
+Beyond speed, the autoround_fast backends fix the stock path's defects (SPEC.md): the
+asymmetric zero point reaches the checkpoint; INT scales are used in their stored dtype while
+tuning and the stored weight is the checkpoint format's own dequantization of the tuned codes,
+so a reloaded checkpoint equals the tuned model exactly; the NVFP4 input global scale comes
+from an fp32 activation maximum; the padding mask of right-padded samples reaches the loss.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+from compressed_tensors.quantization import QuantizationStrategy
+from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+from compressed_tensors.utils import align_module_device, match_named_modules
+from loguru import logger
+from llmcompressor.modifiers.autoround import AutoRoundModifier as _StockAutoRoundModifier
+from llmcompressor.modifiers.factory import ModifierFactory
+
+from .engine import BlockResult, QuantSpec, tune_block
+
+__all__ = ["AutoRoundModifier", "spec_from_scheme"]
+
+_SUPPORTED = "NVFP4 (W4A4), NVFP4A16, and INT W2..W8 A16 (sym or asym, per channel or grouped)"
+
+
+def spec_from_scheme(scheme, weight_scale_dtype: Optional[torch.dtype], layer: str, backend: str) -> QuantSpec:
+    """The engine's QuantSpec for a compressed-tensors QuantizationScheme, or a clear error."""
+    w = scheme.weights
+    act = scheme.input_activations
+    hint = (f"layer {layer!r}: backend={backend!r} supports {_SUPPORTED}; use backend='auto_round' "
+            "for other schemes (MXFP4, MXFP8, FP8, ...)")
+    if w is None or scheme.output_activations is not None:
+        raise ValueError(f"{hint}; got weights={w}, output_activations={scheme.output_activations}")
+    wtype = getattr(w.type, "value", w.type)
+    if wtype == "float":
+        if w.num_bits != 4 or w.group_size != 16 or w.strategy != QuantizationStrategy.TENSOR_GROUP:
+            raise ValueError(f"{hint}; got float{w.num_bits} weights, strategy {w.strategy}, "
+                             f"group {w.group_size}")
+        if act is not None:
+            atype = getattr(act.type, "value", act.type)
+            if atype != "float" or act.num_bits != 4 or act.group_size != 16:
+                raise ValueError(f"{hint}; got activations {act}")
+        return QuantSpec("nvfp4", act=act is not None)
+    if wtype == "int":
+        if act is not None:
+            raise ValueError(f"{hint}; INT with quantized activations is not supported")
+        if w.strategy == QuantizationStrategy.GROUP:
+            group = w.group_size
+        elif w.strategy == QuantizationStrategy.CHANNEL:
+            group = -1
+        else:
+            raise ValueError(f"{hint}; got INT strategy {w.strategy}")
+        sd = weight_scale_dtype if weight_scale_dtype in (torch.float16, torch.bfloat16, torch.float32) \
+            else torch.float16
+        return QuantSpec("int", bits=w.num_bits, group_size=group, sym=w.symmetric, scale_dtype=sd)
+    raise ValueError(f"{hint}; got {wtype} weights")
+
+
+class AutoRoundModifier(_StockAutoRoundModifier):
+    """llm-compressor's AutoRoundModifier, plus ``backend`` ("auto_round", "torch", "cuda")
+    and ``seed`` (the batch order of the autoround_fast backends)."""
+
+    backend: Literal["auto_round", "torch", "cuda"] = "auto_round"
+    seed: int = 42
+
+    def on_initialize(self, state, **kwargs) -> bool:
+        ok = super().on_initialize(state, **kwargs)
+        if self.backend != "auto_round":
+            # Fail before calibration, naming the layer, if a scheme is out of reach.
+            for name, module in match_named_modules(state.model, self.resolved_targets, self.ignore):
+                scheme = getattr(module, "quantization_scheme", None)
+                if scheme is not None:
+                    spec_from_scheme(scheme, getattr(getattr(module, "weight_scale", None), "dtype", None),
+                                     name, self.backend)
+        return ok
+
+    def apply_autoround(self, state, modules):
+        if self.backend == "auto_round":
+            return super().apply_autoround(state, modules)
+        decoding_layers = [m for m in (modules or []) if self._is_decoding_layer(m)]
+        if not decoding_layers:
+            return
+        if len(decoding_layers) != 1:
+            raise ValueError(f"Only one decoding layer is expected per step, found {len(decoding_layers)}.")
+        layer = decoding_layers[0]
+        layer_name = layer._tmp_name
+        if layer_name in self._capture_hooks:
+            self.remove_hooks({self._capture_hooks.pop(layer_name)})
+        inputs = self._all_module_input.pop(layer_name, None)
+        if not inputs:
+            raise RuntimeError(f"No calibration inputs captured for layer {layer_name}.")
+        inputs, padded_masks = self._pad_captured_inputs(inputs)
+        token_mask = torch.cat(padded_masks, 0) if padded_masks is not None else None
+
+        targets = {}
+        for name, module in match_named_modules(layer, self.resolved_targets, self.ignore):
+            scheme = getattr(module, "quantization_scheme", None)
+            if scheme is None or not isinstance(module, torch.nn.Linear):
+                continue
+            targets[name] = (module, spec_from_scheme(
+                scheme, getattr(getattr(module, "weight_scale", None), "dtype", None),
+                f"{layer_name}.{name}", self.backend))
+        if not targets:
+            return
+
+        home = next(layer.parameters()).device
+        device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "cuda" else home
+        logger.info(f"AutoRound ({self.backend}) on {layer_name}: {len(targets)} Linear layers, "
+                    f"{len(inputs)} samples, {self.iters} iterations")
+
+        def finalize(name, linear, qp):
+            return self._write_qparams(targets[name][0], targets[name][1], qp)
+
+        with torch.enable_grad(), align_module_device(layer):
+            result: BlockResult = tune_block(
+                layer, inputs, {n: s for n, (_, s) in targets.items()},
+                q_inputs=self._q_input, iters=self.iters, batch_size=self.batch_size, lr=self.lr,
+                seed=self.seed, token_mask=token_mask, backend=self.backend, device=device,
+                finalize=finalize)
+            layer.to(home)
+        self._q_input = result.q_outputs
+        logger.info(f"{layer_name}: loss {result.init_loss:.6g} -> {result.best_loss:.6g} "
+                    f"(iter {result.best_iter}), {result.seconds:.1f} s")
+        layer.eval()
+
+    @staticmethod
+    def _write_qparams(module, spec: QuantSpec, qp: dict) -> torch.Tensor:
+        """Fill the qparams compressed-tensors registered on ``module`` (allocated uninitialised)
+        and return the weight as the checkpoint format dequantizes it."""
+
+        def put(param_name, value):
+            param = getattr(module, param_name, None)
+            if param is None:
+                return
+            param.data.copy_(value.to(param.device, param.dtype).reshape(param.shape))
+
+        args = module.quantization_scheme.weights
+        if spec.kind == "nvfp4":
+            put("weight_scale", qp["scale"])
+            put("weight_global_scale", qp["global_scale"])
+            if spec.act:
+                put("input_global_scale", qp["input_global_scale"])
+        else:
+            put("weight_scale", qp["scale"])
+        zp_param = getattr(module, "weight_zero_point", None)
+        if zp_param is not None:
+            if spec.kind == "int" and not spec.sym:
+                # auto-round's levels are 0..2^b-1 with zp in that range; compressed-tensors'
+                # are signed, -2^(b-1)..2^(b-1)-1: shift both by 2^(b-1).
+                put("weight_zero_point", qp["zero_point"] - 2 ** (spec.bits - 1))
+            else:
+                zp_param.data.zero_()
+        return fake_quantize(qp["weight"].to(module.weight.dtype), module.weight_scale,
+                             getattr(module, "weight_zero_point", None), args,
+                             global_scale=getattr(module, "weight_global_scale", None))
+
+
+ModifierFactory.register("AutoRoundModifier", AutoRoundModifier)
