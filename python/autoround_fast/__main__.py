@@ -1,8 +1,9 @@
-"""`python -m autoround_fast`: a self-check of the installed kernels against the oracles.
+"""`python -m autoround_fast quantize ...` (the command line, see cli.py), and
+`python -m autoround_fast selfcheck`: the installed kernels against the oracles.
 
-Quantizes one Llama-shaped random layer (NVFP4, W4A16 sym and asym) with the kernels of every
-available device and with the plain-PyTorch oracles, and reports whether they agree bit for
-bit, with the gradients of the tunable parameters. The end-to-end quantize job is issue 3.
+The self-check quantizes one Llama-shaped random layer (NVFP4, W4A16 sym and asym) with the
+kernels of every available device and with the plain-PyTorch oracles, and reports whether they
+agree bit for bit, with the gradients of the tunable parameters.
 """
 
 from __future__ import annotations
@@ -41,12 +42,21 @@ def _check(device: str) -> bool:
     return ok
 
 
-def main() -> int:
+def selfcheck() -> int:
     print(f"autoround_fast self-check: torch {torch.__version__}, CUDA kernels built: {has_cuda_kernels()}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and has_cuda_kernels() else [])
     ok = all(_check(d) for d in devices)
     print("OK" if ok else "MISMATCH")
     return 0 if ok else 1
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["selfcheck"]:
+        return selfcheck()
+    from .cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,11 @@ from an fp32 activation maximum; the padding mask of right-padded samples reache
 
 from __future__ import annotations
 
+import time
 from typing import Literal, Optional
 
 import torch
+from pydantic import PrivateAttr
 from compressed_tensors.quantization import QuantizationStrategy
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 from compressed_tensors.utils import align_module_device, match_named_modules
@@ -24,7 +26,7 @@ from loguru import logger
 from llmcompressor.modifiers.autoround import AutoRoundModifier as _StockAutoRoundModifier
 from llmcompressor.modifiers.factory import ModifierFactory
 
-from .engine import BlockResult, QuantSpec, tune_block
+from .engine import Backend, BlockResult, QuantSpec, tune_block
 
 __all__ = ["AutoRoundModifier", "spec_from_scheme"]
 
@@ -70,8 +72,18 @@ class AutoRoundModifier(_StockAutoRoundModifier):
 
     backend: Literal["auto_round", "torch", "cuda"] = "auto_round"
     seed: int = 42
+    progress: bool = False  # a progress bar over each block's iterations
+
+    _block_stats: list = PrivateAttr(default_factory=list)
+
+    @property
+    def block_stats(self) -> list[dict]:
+        """One row per tuned block: block, init_loss, best_loss, best_iter, seconds."""
+        return list(self._block_stats)
 
     def on_initialize(self, state, **kwargs) -> bool:
+        if self.backend == "cuda":
+            Backend("cuda")  # no kernels or no GPU: a clear error before any calibration work
         ok = super().on_initialize(state, **kwargs)
         if self.backend != "auto_round":
             # Fail before calibration, naming the layer, if a scheme is out of reach.
@@ -84,7 +96,13 @@ class AutoRoundModifier(_StockAutoRoundModifier):
 
     def apply_autoround(self, state, modules):
         if self.backend == "auto_round":
-            return super().apply_autoround(state, modules)
+            t0 = time.perf_counter()
+            out = super().apply_autoround(state, modules)
+            names = [m._tmp_name for m in (modules or []) if self._is_decoding_layer(m)]
+            if names:
+                self._block_stats.append(dict(block=names[0], init_loss=float("nan"), best_loss=float("nan"),
+                                              best_iter=-1, seconds=time.perf_counter() - t0))
+            return out
         decoding_layers = [m for m in (modules or []) if self._is_decoding_layer(m)]
         if not decoding_layers:
             return
@@ -119,13 +137,30 @@ class AutoRoundModifier(_StockAutoRoundModifier):
         def finalize(name, linear, qp):
             return self._write_qparams(targets[name][0], targets[name][1], qp)
 
-        with torch.enable_grad(), align_module_device(layer):
-            result: BlockResult = tune_block(
-                layer, inputs, {n: s for n, (_, s) in targets.items()},
-                q_inputs=self._q_input, iters=self.iters, batch_size=self.batch_size, lr=self.lr,
-                seed=self.seed, token_mask=token_mask, backend=self.backend, device=device,
-                finalize=finalize)
-            layer.to(home)
+        bar = None
+        if self.progress and self.iters > 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.iters, desc=f"AutoRound {layer_name}", leave=False)
+
+        def progress(it, loss):
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+
+        try:
+            with torch.enable_grad(), align_module_device(layer):
+                result: BlockResult = tune_block(
+                    layer, inputs, {n: s for n, (_, s) in targets.items()},
+                    q_inputs=self._q_input, iters=self.iters, batch_size=self.batch_size, lr=self.lr,
+                    seed=self.seed, token_mask=token_mask, backend=self.backend, device=device,
+                    finalize=finalize, progress=progress if bar else None)
+                layer.to(home)
+        finally:
+            if bar:
+                bar.close()
+        self._block_stats.append(dict(block=layer_name, init_loss=result.init_loss,
+                                      best_loss=result.best_loss, best_iter=result.best_iter,
+                                      seconds=result.seconds))
         self._q_input = result.q_outputs
         logger.info(f"{layer_name}: loss {result.init_loss:.6g} -> {result.best_loss:.6g} "
                     f"(iter {result.best_iter}), {result.seconds:.1f} s")

@@ -1,0 +1,87 @@
+"""The command line on a tiny model: a checkpoint, the per-block table and its JSON; clear
+errors; and no half-written output when a run fails."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from autoround_fast.cli import main
+from conftest import tiny_llama, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    g = torch.Generator().manual_seed(1)
+    words = " ".join(f"t{int(i)}" for i in torch.randint(1, 256, (600,), generator=g))
+    p = tmp_path_factory.mktemp("calib") / "calib.txt"
+    p.write_text(words)
+    return str(p)
+
+
+def args(model, out, calib, *extra):
+    return ["quantize", "--model", model, "--iters", "3", "--nsamples", "4", "--seqlen", "32",
+            "--batch-size", "2", "--backend", "torch", "--calib-file", calib, "--output", str(out),
+            "--device", "cpu", *extra]
+
+
+def test_quantize_writes_checkpoint_table_and_json(tiny_model_dir, calib_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(args(tiny_model_dir, out, calib_file, "--scheme", "W4A16_ASYM")) == 0
+    printed = capsys.readouterr().out
+    assert "loss at start" in printed and "model.layers.1" in printed
+    report = json.loads((out / "autoround_blocks.json").read_text())
+    assert report["scheme"] == "W4A16_ASYM" and report["iters"] == 3 and report["backend"] == "torch"
+    assert [b["block"] for b in report["blocks"]] == ["model.layers.0", "model.layers.1"]
+    assert all(b["best_loss"] <= b["init_loss"] for b in report["blocks"])
+    assert "pack-quantized" in (out / "config.json").read_text()
+    assert (out / "tokenizer.json").exists()
+    LlamaForCausalLM.from_pretrained(out)  # loads as a compressed-tensors model
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".autoround-fast-")]
+
+
+def test_errors_are_clear(tiny_model_dir, calib_file, tmp_path):
+    with pytest.raises(SystemExit, match="neither a directory nor a .gguf"):
+        main(args(str(tmp_path / "missing"), tmp_path / "o1", calib_file))
+    with pytest.raises(SystemExit, match="GGUF file .* not found"):
+        main(args(str(tmp_path / "missing.gguf"), tmp_path / "o1", calib_file))
+    with pytest.raises(SystemExit, match="--scheme must be one of"):
+        main(args(tiny_model_dir, tmp_path / "o1", calib_file, "--scheme", "INT3"))
+    with pytest.raises(SystemExit, match="calibration file"):
+        main(args(tiny_model_dir, tmp_path / "o1", str(tmp_path / "nope.txt")))
+    short = tmp_path / "short.txt"
+    short.write_text("t1 t2 t3")
+    with pytest.raises(SystemExit, match="fewer than --seqlen 32"):
+        main(args(tiny_model_dir, tmp_path / "o1", str(short)))
+    with pytest.raises(SystemExit, match="--nsamples must be positive"):
+        main(args(tiny_model_dir, tmp_path / "o1", calib_file, "--nsamples", "0"))
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("x")
+    with pytest.raises(SystemExit, match="exists and is not empty"):
+        main(args(tiny_model_dir, busy, calib_file))
+    assert os.listdir(busy) == ["keep.txt"]
+
+
+def test_failed_run_leaves_no_checkpoint(calib_file, tmp_path):
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 3] = float("nan")
+    src = tmp_path / "bad-model"
+    model.save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="up_proj.*non-finite"):
+        main(args(str(src), out, calib_file))
+    assert not out.exists()
+    assert sorted(os.listdir(tmp_path)) == ["bad-model"]
+
+
+def test_module_entry_point_help():
+    res = subprocess.run([sys.executable, "-m", "autoround_fast", "quantize", "--help"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "--scheme" in res.stdout and "--calib-file" in res.stdout

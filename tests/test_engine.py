@@ -1,0 +1,125 @@
+"""The tuning engine on one decoder block: it lowers the loss below RTN, the kernels and the
+oracles agree, iters=0 runs the scale search, and bad input gives clear errors."""
+
+import copy
+
+import pytest
+import torch
+
+from autoround_fast import has_cuda_kernels, ops
+from autoround_fast.engine import QuantSpec, tune_block
+from conftest import capture_block_inputs, tiny_llama
+
+LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+SPECS = {
+    "nvfp4": QuantSpec("nvfp4", act=True),
+    "nvfp4a16": QuantSpec("nvfp4"),
+    "w4a16-g32": QuantSpec("int", 4, 32, True, scale_dtype=torch.bfloat16),
+    "w4a16-asym-g32": QuantSpec("int", 4, 32, False, scale_dtype=torch.bfloat16),
+    "w2a16-g32": QuantSpec("int", 2, 32, True, scale_dtype=torch.bfloat16),
+    "w8a16-perrow": QuantSpec("int", 8, -1, True, scale_dtype=torch.bfloat16),
+}
+
+
+@pytest.fixture(scope="module")
+def ragged_block():
+    # intermediate 72: down_proj's in-features are not a multiple of 16 (NVFP4) or 32 (INT)
+    model = tiny_llama(hidden=64, intermediate=72)
+    return model, capture_block_inputs(model, nsamples=12, seqlen=24)
+
+
+def fresh_block(model):
+    return copy.deepcopy(model.model.layers[0])
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("backend", ["torch", "kernels"])
+def test_tuning_beats_rtn(ragged_block, name, backend):
+    model, inputs = ragged_block
+    block = fresh_block(model)
+    before = {n: block.get_submodule(n).weight.clone() for n in LINEARS}
+    spec = SPECS[name]
+    res = tune_block(block, inputs, {n: spec for n in LINEARS}, iters=40, batch_size=4, backend=backend)
+    # iteration 0 scores the RTN state (V = 0, scales 1): the best must be strictly lower
+    assert res.best_loss < res.init_loss, (res.init_loss, res.best_loss)
+    assert res.losses[0] == res.init_loss and min(res.losses) == res.best_loss
+    assert res.q_outputs.shape == (12, 24, 64)
+    for n in LINEARS:
+        w = block.get_submodule(n).weight
+        assert w.dtype == torch.bfloat16 and not torch.equal(w, before[n])
+        qp = res.qparams[n]
+        rows, cols = w.shape
+        if spec.kind == "nvfp4":
+            assert qp["scale"].shape == (rows, -(-cols // 16)) and qp["global_scale"].numel() == 1
+            assert ("input_global_scale" in qp) == spec.act
+        else:
+            groups = ops.int_num_groups(cols, spec.group_size)
+            assert qp["scale"].shape == (rows, groups) and qp["scale"].dtype == torch.bfloat16
+            assert ("zero_point" in qp) == (not spec.sym)
+
+
+def test_kernels_and_oracles_tune_alike(ragged_block):
+    """Same forward bits, so the same RTN loss; scale gradients differ in summation order
+    (rtol 1e-4), which can flip a rare sign, so the trajectories agree to within a few %."""
+    model, inputs = ragged_block
+    spec = SPECS["w4a16-asym-g32"]
+    a = tune_block(fresh_block(model), inputs, {n: spec for n in LINEARS}, iters=20, batch_size=4, backend="torch")
+    b = tune_block(fresh_block(model), inputs, {n: spec for n in LINEARS}, iters=20, batch_size=4, backend="kernels")
+    assert a.init_loss == b.init_loss
+    assert b.best_loss == pytest.approx(a.best_loss, rel=0.05)
+
+
+def test_iters0_scale_search_beats_plain_rtn(ragged_block):
+    model, inputs = ragged_block
+    spec = SPECS["nvfp4a16"]
+    block = fresh_block(model)
+    orig = {n: block.get_submodule(n).weight.clone() for n in LINEARS}
+    res = tune_block(block, inputs, {n: spec for n in LINEARS}, iters=0, batch_size=4, backend="kernels")
+    assert res.q_outputs.shape[0] == 12
+    # imatrix-weighted error of the searched scales never exceeds plain RTN's (max_scale = 1)
+    stats = {}
+    hooks = [model.model.layers[0].get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: stats.__setitem__(n, stats.get(n, 0) + a[0].float().pow(2).reshape(-1, a[0].shape[-1]).sum(0)))
+        for n in LINEARS]
+    with torch.no_grad():
+        for args, kwargs in inputs:
+            model.model.layers[0](*args, **{k: v for k, v in kwargs.items() if k != "past_key_values"})
+    for h in hooks:
+        h.remove()
+    for n in LINEARS:
+        w = orig[n]
+        rtn, _ = ops.fake_quant_nvfp4(w, torch.zeros(w.shape), torch.ones(w.shape[0], -(-w.shape[1] // 16)),
+                                      ops.nvfp4_global_scale(w))
+        err = lambda q: float(((q.float() - w.float()) ** 2 * stats[n]).sum())
+        assert err(block.get_submodule(n).weight) <= err(rtn) * (1 + 1e-6)
+
+
+def test_errors(ragged_block):
+    model, inputs = ragged_block
+    spec = {n: SPECS["nvfp4a16"] for n in LINEARS}
+    with pytest.raises(ValueError, match="backend must be one of"):
+        tune_block(fresh_block(model), inputs, spec, iters=1, backend="tpu")
+    with pytest.raises(ValueError, match="no submodule 'mlp.nope'"):
+        tune_block(fresh_block(model), inputs, {"mlp.nope": SPECS["nvfp4a16"]}, iters=1)
+    with pytest.raises(ValueError, match="'mlp' is a LlamaMLP, not a Linear"):
+        tune_block(fresh_block(model), inputs, {"mlp": SPECS["nvfp4a16"]}, iters=1)
+    with pytest.raises(ValueError, match="no calibration inputs"):
+        tune_block(fresh_block(model), [], spec, iters=1)
+    block = fresh_block(model)
+    with torch.no_grad():
+        block.mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="weight of 'mlp.down_proj' has non-finite"):
+        tune_block(block, inputs, spec, iters=1)
+    with pytest.raises(ValueError, match="kind must be 'nvfp4' or 'int'"):
+        QuantSpec("mxfp4")
+    with pytest.raises(ValueError, match="only supported for nvfp4"):
+        QuantSpec("int", act=True)
+
+
+@pytest.mark.skipif(has_cuda_kernels() and torch.cuda.is_available(), reason="this machine has the CUDA kernels")
+def test_cuda_backend_without_kernels_is_a_clear_error(ragged_block):
+    model, inputs = ragged_block
+    with pytest.raises(RuntimeError, match="backend='cuda'"):
+        tune_block(fresh_block(model), inputs, {"mlp.down_proj": SPECS["nvfp4a16"]}, iters=1, backend="cuda")
