@@ -8,7 +8,9 @@ import torch
 
 from autoround_fast import has_cuda_kernels, ops
 from autoround_fast.engine import QuantSpec, tune_block
-from conftest import capture_block_inputs, tiny_llama
+from conftest import HAS_CUDA, capture_block_inputs, tiny_llama
+
+BACKENDS = ["torch", "kernels", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU"))]
 
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
@@ -35,17 +37,19 @@ def fresh_block(model):
 
 
 @pytest.mark.parametrize("name", list(SPECS))
-@pytest.mark.parametrize("backend", ["torch", "kernels"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_tuning_beats_rtn(ragged_block, name, backend):
     model, inputs = ragged_block
     block = fresh_block(model)
     before = {n: block.get_submodule(n).weight.clone() for n in LINEARS}
     spec = SPECS[name]
-    res = tune_block(block, inputs, {n: spec for n in LINEARS}, iters=40, batch_size=4, backend=backend)
+    res = tune_block(block, inputs, {n: spec for n in LINEARS}, iters=40, batch_size=4, backend=backend,
+                     device=torch.device("cuda") if backend == "cuda" else None)
     # iteration 0 scores the RTN state (V = 0, scales 1): the best must be strictly lower
     assert res.best_loss < res.init_loss, (res.init_loss, res.best_loss)
     assert res.losses[0] == res.init_loss and min(res.losses) == res.best_loss
     assert res.q_outputs.shape == (12, 24, 64)
+    assert res.q_outputs.device.type == ("cuda" if backend == "cuda" else "cpu")
     for n in LINEARS:
         w = block.get_submodule(n).weight
         assert w.dtype == torch.bfloat16 and not torch.equal(w, before[n])

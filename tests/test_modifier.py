@@ -10,7 +10,7 @@ from transformers.utils.quantization_config import CompressedTensorsConfig
 
 import autoround_fast
 from autoround_fast import AutoRoundModifier
-from conftest import tiny_tokenizer
+from conftest import HAS_CUDA, tiny_tokenizer
 
 from llmcompressor import oneshot
 
@@ -32,10 +32,12 @@ def quantized_linears(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and hasattr(m, "weight_scale")}
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cuda", marks=pytest.mark.skipif(
+    not HAS_CUDA, reason="needs a GPU"))])
 @pytest.mark.parametrize("scheme", ["NVFP4", "NVFP4A16", "W4A16", "W4A16_ASYM"])
-def test_checkpoint_reloads_to_tuned_weights(tiny_model_dir, tmp_path, scheme):
+def test_checkpoint_reloads_to_tuned_weights(tiny_model_dir, tmp_path, scheme, backend):
     mod = AutoRoundModifier(targets="Linear", scheme=scheme, ignore=["lm_head"], iters=30,
-                            batch_size=4, backend="torch")
+                            batch_size=4, backend=backend)
     model = run(tiny_model_dir, mod)
     stats = mod.block_stats
     assert [r["block"] for r in stats] == ["model.layers.0", "model.layers.1"]

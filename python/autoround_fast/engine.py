@@ -472,16 +472,17 @@ def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size
             m = None if mask is None else mask.index_select(0, idx).reshape(-1)
             loss = be.loss(pred, ref.index_select(0, idx), m)
             (loss * 1000).backward()
-            if m is not None:  # score by the mean over valid tokens
-                total += loss.item() * m.numel() / max(float(m.sum()), 1.0)
-            else:
-                total += loss.item()
-        total /= math.ceil(len(idx_all) / batch_size)
+            total += loss.item()
+        # auto-round scores an iteration by its loss over the number of valid tokens in the
+        # batch (1 without a mask), and logs the loss itself
+        valid = 1.0 if mask is None else float(mask.index_select(0, torch.tensor(idx_all, device=device)).sum())
+        score = total / max(valid, 1.0)
         result.losses.append(total)
         if it == 0:
             result.init_loss = total
-        if total < best_loss:
-            best_loss = total
+        if score < best_loss:
+            best_loss = score
+            result.best_loss = total
             best = [p.detach().clone() for p in params]
             result.best_iter = it
         if progress:
@@ -489,7 +490,6 @@ def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
-    result.best_loss = best_loss
     with torch.no_grad():
         for p, b in zip(params, best):
             p.copy_(b)

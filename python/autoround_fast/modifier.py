@@ -15,6 +15,7 @@ from an fp32 activation maximum; the padding mask of right-padded samples reache
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 from typing import Literal, Optional
 
 import torch
@@ -73,6 +74,9 @@ class AutoRoundModifier(_StockAutoRoundModifier):
     backend: Literal["auto_round", "torch", "cuda"] = "auto_round"
     seed: int = 42
     progress: bool = False  # a progress bar over each block's iterations
+    # INT only: the dtype scales are rounded to while tuning. Default (None): the dtype the
+    # checkpoint stores them in, so the reload is exact; "float16" reproduces auto-round.
+    int_scale_dtype: Optional[Literal["float16", "bfloat16", "float32"]] = None
 
     _block_stats: list = PrivateAttr(default_factory=list)
 
@@ -116,16 +120,23 @@ class AutoRoundModifier(_StockAutoRoundModifier):
         if not inputs:
             raise RuntimeError(f"No calibration inputs captured for layer {layer_name}.")
         inputs, padded_masks = self._pad_captured_inputs(inputs)
-        token_mask = torch.cat(padded_masks, 0) if padded_masks is not None else None
+        # The loss mask exactly as the stock path builds it (llm-compressor's helper): the
+        # padding of right-padded samples, and auto-round's convention of leaving each fully
+        # valid sample's last position out of the loss.
+        holder = SimpleNamespace(attention_mask=None)
+        self._set_attention_masks(holder, layer, inputs, padded_masks=padded_masks)
+        token_mask = (torch.cat([m.reshape(1, -1) for m in holder.attention_mask], 0)
+                      if holder.attention_mask else None)
 
         targets = {}
         for name, module in match_named_modules(layer, self.resolved_targets, self.ignore):
             scheme = getattr(module, "quantization_scheme", None)
             if scheme is None or not isinstance(module, torch.nn.Linear):
                 continue
-            targets[name] = (module, spec_from_scheme(
-                scheme, getattr(getattr(module, "weight_scale", None), "dtype", None),
-                f"{layer_name}.{name}", self.backend))
+            scale_dtype = (getattr(torch, self.int_scale_dtype) if self.int_scale_dtype
+                           else getattr(getattr(module, "weight_scale", None), "dtype", None))
+            targets[name] = (module, spec_from_scheme(scheme, scale_dtype, f"{layer_name}.{name}",
+                                                      self.backend))
         if not targets:
             return
 
