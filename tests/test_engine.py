@@ -52,7 +52,7 @@ def test_tuning_beats_rtn(ragged_block, name, backend):
     assert res.q_outputs.device.type == ("cuda" if backend == "cuda" else "cpu")
     for n in LINEARS:
         w = block.get_submodule(n).weight
-        assert w.dtype == torch.bfloat16 and not torch.equal(w, before[n])
+        assert w.dtype == torch.bfloat16 and not torch.equal(w.cpu(), before[n])
         qp = res.qparams[n]
         rows, cols = w.shape
         if spec.kind == "nvfp4":
@@ -65,13 +65,13 @@ def test_tuning_beats_rtn(ragged_block, name, backend):
 
 
 def test_kernels_and_oracles_tune_alike(ragged_block):
-    """Same forward bits, so the same RTN loss; scale gradients differ in summation order
+    """Same forward bits, so the same RTN loss (to the block matmuls' run-to-run noise); scale gradients differ in summation order
     (rtol 1e-4), which can flip a rare sign, so the trajectories agree to within a few %."""
     model, inputs = ragged_block
     spec = SPECS["w4a16-asym-g32"]
     a = tune_block(fresh_block(model), inputs, {n: spec for n in LINEARS}, iters=20, batch_size=4, backend="torch")
     b = tune_block(fresh_block(model), inputs, {n: spec for n in LINEARS}, iters=20, batch_size=4, backend="kernels")
-    assert a.init_loss == b.init_loss
+    assert b.init_loss == pytest.approx(a.init_loss, rel=1e-6)  # same weights; matmul order may vary
     assert b.best_loss == pytest.approx(a.best_loss, rel=0.05)
 
 

@@ -22,6 +22,7 @@ import torch
 from pydantic import PrivateAttr
 from compressed_tensors.quantization import QuantizationStrategy
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+from compressed_tensors.offload import update_offload_parameter
 from compressed_tensors.utils import align_module_device, match_named_modules
 from loguru import logger
 from llmcompressor.modifiers.autoround import AutoRoundModifier as _StockAutoRoundModifier
@@ -186,7 +187,8 @@ class AutoRoundModifier(_StockAutoRoundModifier):
             param = getattr(module, param_name, None)
             if param is None:
                 return
-            param.data.copy_(value.to(param.device, param.dtype).reshape(param.shape))
+            # through compressed-tensors, so an offloaded module keeps the value
+            update_offload_parameter(module, param_name, value.to(param.device, param.dtype).reshape(param.shape))
 
         args = module.quantization_scheme.weights
         if spec.kind == "nvfp4":
@@ -203,10 +205,12 @@ class AutoRoundModifier(_StockAutoRoundModifier):
                 # are signed, -2^(b-1)..2^(b-1)-1: shift both by 2^(b-1).
                 put("weight_zero_point", qp["zero_point"] - 2 ** (spec.bits - 1))
             else:
-                zp_param.data.zero_()
-        return fake_quantize(qp["weight"].to(module.weight.dtype), module.weight_scale,
-                             getattr(module, "weight_zero_point", None), args,
-                             global_scale=getattr(module, "weight_global_scale", None))
+                put("weight_zero_point", torch.zeros_like(zp_param))
+        stored = fake_quantize(qp["weight"].to(module.weight.dtype), module.weight_scale,
+                               getattr(module, "weight_zero_point", None), args,
+                               global_scale=getattr(module, "weight_global_scale", None))
+        update_offload_parameter(module, "weight", stored)
+        return stored
 
 
 ModifierFactory.register("AutoRoundModifier", AutoRoundModifier)
