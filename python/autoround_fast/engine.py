@@ -275,6 +275,23 @@ def _activation_stats(block, linears, inputs, batch_size, autocast, hidden):
     return stats
 
 
+FUSED_SUFFIXES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def fused_layer_groups(names: Sequence[str]) -> list[list[str]]:
+    """Linears that inference fuses into one GEMM (q/k/v, gate/up under one parent), which
+    must share an NVFP4 global scale; groups of one are left out."""
+    groups = []
+    for suffixes in FUSED_SUFFIXES:
+        by_parent: dict[str, list[str]] = {}
+        for n in names:
+            parent, _, leaf = n.rpartition(".")
+            if leaf in suffixes:
+                by_parent.setdefault(parent, []).append(n)
+        groups += [g for g in by_parent.values() if len(g) > 1]
+    return groups
+
+
 class SignSGD(torch.optim.Optimizer):
     """p <- p - lr * sign(grad) (sign(0) = 0), auto-round's optimizer with momentum 0."""
 
@@ -351,7 +368,8 @@ def tune_block(
         lr: learning rate for V and the scales (default 1 / iters).
         token_mask: [N, L], 1 where a token counts in the loss (right-padded samples).
         backend: "torch" (the plain-PyTorch oracles, any device) or "cuda" (the kernels).
-        global_scales: NVFP4 global scale per Linear (default: its own, 448*6/max|W|).
+        global_scales: NVFP4 global scale per Linear (default: 448*6/max|W|, the minimum over
+            q/k/v and over gate/up, which inference fuses).
         finalize: called per Linear after tuning with (name, linear, qparams); returns the
             weight to store (e.g. the checkpoint format's own dequantization of the codes).
         progress: called after every iteration with (iteration, loss).
@@ -375,8 +393,10 @@ def tune_block(
         if not bool(torch.isfinite(mod.weight).all()):
             raise ValueError(f"tune_block: weight of {name!r} has non-finite values (NaN or Inf)")
 
-    use_amp = dtype in (torch.bfloat16, torch.float16)
-    amp_dtype = torch.bfloat16 if any(s.act for s in specs.values()) else dtype
+    # autocast in the model dtype; forced to bf16 when activations are quantized (auto-round)
+    act_quant = any(s.act for s in specs.values())
+    use_amp = act_quant or dtype in (torch.bfloat16, torch.float16)
+    amp_dtype = torch.bfloat16 if act_quant else dtype
 
     def autocast():
         return torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp)
@@ -389,12 +409,19 @@ def tune_block(
         ref = _run(block, inputs, batch_size, autocast) if iters > 0 else None
     stats = _activation_stats(block, linears, inputs, batch_size, autocast, q_hidden)
 
+    global_scales = dict(global_scales or {})
+    for group in fused_layer_groups([n for n in linears if specs[n].kind == "nvfp4"]):
+        missing = [n for n in group if n not in global_scales]
+        if missing:  # layers fused at inference share one global scale: the minimum
+            shared = kernel_ops.shared_nvfp4_global_scale([linears[n].weight for n in group])
+            global_scales.update({n: shared for n in missing})
+
     tuned: dict[str, TunedLinear] = {}
     for name, mod in linears.items():
         spec = specs[name]
         gs = act_gs = None
         if spec.kind == "nvfp4":
-            gs = (global_scales or {}).get(name)
+            gs = global_scales.get(name)
             gs = kernel_ops.nvfp4_global_scale(mod.weight) if gs is None else gs.to(torch.float32)
             if spec.act:
                 act_gs = kernel_ops.nvfp4_global_scale(stats[name][0])

@@ -15,7 +15,6 @@ from an fp32 activation maximum; the padding mask of right-padded samples reache
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
 from typing import Literal, Optional
 
 import torch
@@ -83,7 +82,8 @@ class AutoRoundModifier(_StockAutoRoundModifier):
 
     @property
     def block_stats(self) -> list[dict]:
-        """One row per tuned block: block, init_loss, best_loss, best_iter, seconds."""
+        """One row per tuned block: block, init_loss, best_loss, best_iter, seconds, losses
+        (the loss of every iteration)."""
         return list(self._block_stats)
 
     def on_initialize(self, state, **kwargs) -> bool:
@@ -106,7 +106,7 @@ class AutoRoundModifier(_StockAutoRoundModifier):
             names = [m._tmp_name for m in (modules or []) if self._is_decoding_layer(m)]
             if names:
                 self._block_stats.append(dict(block=names[0], init_loss=float("nan"), best_loss=float("nan"),
-                                              best_iter=-1, seconds=time.perf_counter() - t0))
+                                              best_iter=-1, seconds=time.perf_counter() - t0, losses=[]))
             return out
         decoding_layers = [m for m in (modules or []) if self._is_decoding_layer(m)]
         if not decoding_layers:
@@ -121,13 +121,9 @@ class AutoRoundModifier(_StockAutoRoundModifier):
         if not inputs:
             raise RuntimeError(f"No calibration inputs captured for layer {layer_name}.")
         inputs, padded_masks = self._pad_captured_inputs(inputs)
-        # The loss mask exactly as the stock path builds it (llm-compressor's helper): the
-        # padding of right-padded samples, and auto-round's convention of leaving each fully
-        # valid sample's last position out of the loss.
-        holder = SimpleNamespace(attention_mask=None)
-        self._set_attention_masks(holder, layer, inputs, padded_masks=padded_masks)
-        token_mask = (torch.cat([m.reshape(1, -1) for m in holder.attention_mask], 0)
-                      if holder.attention_mask else None)
+        # Right-padded samples: the padding stays out of the loss (the stock path drops this
+        # mask before it reaches auto-round's loss, SPEC.md).
+        token_mask = torch.cat(padded_masks, 0) if padded_masks is not None else None
 
         targets = {}
         for name, module in match_named_modules(layer, self.resolved_targets, self.ignore):
@@ -172,7 +168,7 @@ class AutoRoundModifier(_StockAutoRoundModifier):
                 bar.close()
         self._block_stats.append(dict(block=layer_name, init_loss=result.init_loss,
                                       best_loss=result.best_loss, best_iter=result.best_iter,
-                                      seconds=result.seconds))
+                                      seconds=result.seconds, losses=result.losses))
         self._q_input = result.q_outputs
         logger.info(f"{layer_name}: loss {result.init_loss:.6g} -> {result.best_loss:.6g} "
                     f"(iter {result.best_iter}), {result.seconds:.1f} s")

@@ -1,0 +1,85 @@
+"""The engine against the stock path: on the same fp32 block, inputs, seed and batch order,
+backend="torch" reproduces backend="auto_round" (llm-compressor -> auto-round 0.15.1).
+
+Tolerance: per-iteration losses rel 1e-6 and tuned weights bit for bit. Both sides run the
+same PyTorch ops in the same order on the CPU (the oracles are written to match auto-round's
+op sequence), so nothing but the fp32 sums inside the two matmul paths could differ; none did.
+The INT scale is rounded to fp16 (int_scale_dtype) as auto-round does; the default rounds it
+to the stored dtype instead, which is the point of the fix and differs by design.
+"""
+
+import random
+
+import numpy
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from autoround_fast import AutoRoundModifier
+from conftest import tiny_llama, tiny_tokenizer
+from test_modifier import calib, quantized_linears
+
+from llmcompressor import oneshot
+
+
+def run(model_dir, backend, scheme, losses):
+    model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    random.seed(0)  # oneshot orders the calibration samples with the global generators
+    numpy.random.seed(0)
+    torch.manual_seed(0)
+    mod = AutoRoundModifier(targets="Linear", scheme=scheme, ignore=["lm_head"], iters=20, batch_size=4,
+                            backend=backend, enable_torch_compile=False, int_scale_dtype="float16")
+    oneshot(model=model, dataset=calib(12), recipe=mod, processor=tiny_tokenizer(),
+            num_calibration_samples=12, max_seq_length=32)
+    if backend != "auto_round":
+        losses.extend(x for r in mod.block_stats for x in r["losses"])
+    return {n: m.weight.detach().cpu().clone() for n, m in quantized_linears(model).items()}
+
+
+@pytest.fixture(scope="module")
+def fp32_model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-llama-fp32")
+    tiny_llama(dtype=torch.float32).save_pretrained(d)
+    return str(d)
+
+
+def record_stock_losses(monkeypatch):
+    from auto_round.algorithms.quantization.sign_round import quantizer
+
+    stock_losses = []
+    cls = next(c for c in vars(quantizer).values() if isinstance(c, type) and hasattr(c, "_get_loss"))
+    original = cls._get_loss
+
+    def recording(self, *args, **kwargs):
+        loss = original(self, *args, **kwargs)
+        stock_losses.append(loss.item())
+        return loss
+
+    monkeypatch.setattr(cls, "_get_loss", recording)
+    return stock_losses
+
+
+@pytest.mark.parametrize("scheme", ["W4A16", "W4A16_ASYM"])
+def test_torch_backend_reproduces_stock_auto_round(fp32_model_dir, scheme, monkeypatch):
+    stock_losses = record_stock_losses(monkeypatch)
+    stock = run(fp32_model_dir, "auto_round", scheme, [])
+    ours_losses = []
+    ours = run(fp32_model_dir, "torch", scheme, ours_losses)
+    assert len(stock_losses) == len(ours_losses) == 40
+    assert ours_losses == pytest.approx(stock_losses, rel=1e-6)
+    assert set(ours) == set(stock)
+    for name in ours:
+        assert torch.equal(ours[name], stock[name]), name
+
+
+def test_nvfp4_w4a4_starts_where_stock_starts(fp32_model_dir, monkeypatch):
+    """NVFP4 with activations: the first block's RTN-state loss (iteration 0) agrees to 0.5%
+    (measured 0.2%), not bit for bit, and the trajectories part from there (later blocks then
+    see different quantized inputs). The cause is not pinned down yet; the likeliest is the
+    activation maximum, which the stock path keeps in bf16 and ours in fp32 (NOTES.md)."""
+    stock_losses = record_stock_losses(monkeypatch)
+    run(fp32_model_dir, "auto_round", "NVFP4", [])
+    ours = []
+    run(fp32_model_dir, "torch", "NVFP4", ours)
+    assert len(stock_losses) == len(ours) == 40
+    assert ours[0] == pytest.approx(stock_losses[0], rel=5e-3)
