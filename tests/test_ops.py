@@ -353,7 +353,7 @@ def test_cuda_equals_cpu_bitwise(dtype):
 dtypes_st = st.sampled_from(DTYPES)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=int(__import__("os").environ.get("HYPOTHESIS_EXAMPLES", 40)), deadline=None)
 @given(rows=st.integers(1, 24), cols=st.integers(1, 100), dtype=dtypes_st,
        log_mag=st.floats(-20, 20), seed=st.integers(0, 2**31 - 1))
 def test_property_nvfp4_forward_equals_oracle(rows, cols, dtype, log_mag, seed):
@@ -369,7 +369,8 @@ def test_property_nvfp4_forward_equals_oracle(rows, cols, dtype, log_mag, seed):
     # Every output is an FP4 value times its group's 1/os: |q| never exceeds 6 / os.
     if gs > 0:
         bound = rs.repeat_interleave(16, 1)[:, :cols] / gs * 6 * (1 + 2 * torch.finfo(dtype).eps)
-        assert (q.float().abs() <= bound * (1 + 1e-6) + 1e-37).all()
+        subnormal_step = torch.finfo(dtype).tiny * torch.finfo(dtype).eps  # absolute rounding there
+        assert (q.float().abs() <= bound * (1 + 1e-6) + subnormal_step).all()
 
 
 @settings(max_examples=40, deadline=None)
