@@ -44,6 +44,25 @@ def test_quantize_writes_checkpoint_table_and_json(tiny_model_dir, calib_file, t
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".autoround-fast-")]
 
 
+def test_dataset_directory(tiny_model_dir, calib_file, tmp_path):
+    from datasets import Dataset
+
+    text = open(calib_file).read()
+    Dataset.from_dict({"text": [text[:1500], text[1500:]]}).save_to_disk(tmp_path / "ds")
+    a = args(tiny_model_dir, tmp_path / "out", calib_file, "--scheme", "W4A16")
+    i = a.index("--calib-file")
+    a[i:i + 2] = ["--dataset", str(tmp_path / "ds")]
+    assert main(a) == 0
+    assert json.loads((tmp_path / "out" / "autoround_blocks.json").read_text())["nsamples"] == 4
+    with pytest.raises(SystemExit, match="not a directory saved with"):
+        main(a[:i] + ["--dataset", "NeelNanda/pile-10k"] + a[i + 2:])
+    Dataset.from_dict({"content": ["x"]}).save_to_disk(tmp_path / "bad")
+    with pytest.raises(SystemExit, match="no 'text' column"):
+        main(a[:i] + ["--dataset", str(tmp_path / "bad")] + a[i + 2:])
+    with pytest.raises(SystemExit, match="not both"):
+        main(a + ["--calib-file", calib_file])
+
+
 def test_errors_are_clear(tiny_model_dir, calib_file, tmp_path):
     with pytest.raises(SystemExit, match="neither a directory nor a .gguf"):
         main(args(str(tmp_path / "missing"), tmp_path / "o1", calib_file))

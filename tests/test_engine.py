@@ -127,3 +127,37 @@ def test_cuda_backend_without_kernels_is_a_clear_error(ragged_block):
     model, inputs = ragged_block
     with pytest.raises(RuntimeError, match="backend='cuda'"):
         tune_block(fresh_block(model), inputs, {"mlp.down_proj": SPECS["nvfp4a16"]}, iters=1, backend="cuda")
+
+
+def test_gradient_accumulation_and_seed(ragged_block):
+    """gradient_accumulate_steps=2 with batch 2 walks the same global batches of 4 as batch 4
+    (the same sign of the summed gradient up to rounding), and a seed fixes the batch order."""
+    model, inputs = ragged_block
+    spec = {n: SPECS["w4a16-g32"] for n in LINEARS}
+    a = tune_block(fresh_block(model), inputs, spec, iters=10, batch_size=4, backend="torch", seed=3)
+    b = tune_block(fresh_block(model), inputs, spec, iters=10, batch_size=2, gradient_accumulate_steps=2,
+                   backend="torch", seed=3)
+    c = tune_block(fresh_block(model), inputs, spec, iters=10, batch_size=4, backend="torch", seed=3)
+    d = tune_block(fresh_block(model), inputs, spec, iters=10, batch_size=4, backend="torch", seed=4)
+    assert a.losses == c.losses and a.losses != d.losses
+    # two half-batch means add up to twice the full-batch mean
+    assert b.losses[0] == pytest.approx(2 * a.losses[0], rel=1e-5)
+
+
+def test_token_mask_keeps_padding_out_of_the_loss(ragged_block):
+    """Masked tokens contribute nothing: changing the inputs at masked positions (after the
+    valid ones, under a causal attention) leaves the losses unchanged."""
+    model, inputs = ragged_block
+    spec = {n: SPECS["nvfp4a16"] for n in LINEARS}
+    mask = torch.ones(12, 24)
+    mask[:, 16:] = 0
+    perturbed = []
+    for args, kwargs in inputs:
+        h = args[0].clone()
+        h[:, 16:] += torch.randn_like(h[:, 16:])
+        perturbed.append(((h, *args[1:]), kwargs))
+    a = tune_block(fresh_block(model), inputs, spec, iters=5, batch_size=4, token_mask=mask, backend="kernels")
+    b = tune_block(fresh_block(model), perturbed, spec, iters=5, batch_size=4, token_mask=mask, backend="kernels")
+    unmasked = tune_block(fresh_block(model), perturbed, spec, iters=5, batch_size=4, backend="kernels")
+    assert a.losses == pytest.approx(b.losses, rel=1e-5)
+    assert unmasked.losses[0] != pytest.approx(b.losses[0], rel=1e-3)

@@ -72,6 +72,22 @@ def default_calibration_text() -> str:
     return "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
 
 
+def dataset_text(path: str) -> str:
+    """The "text" column of a dataset saved with datasets' save_to_disk, joined."""
+    from datasets import load_from_disk
+
+    if not os.path.isdir(path):
+        raise SystemExit(f"autoround-fast: --dataset {path!r} is not a directory saved with "
+                         "datasets' save_to_disk (this command reads no hub)")
+    ds = load_from_disk(path)
+    if hasattr(ds, "keys"):  # a DatasetDict: take its first split
+        ds = ds[sorted(ds.keys())[0]]
+    if "text" not in ds.column_names:
+        raise SystemExit(f"autoround-fast: --dataset {path!r} has no 'text' column "
+                         f"(columns: {', '.join(ds.column_names)})")
+    return "\n\n".join(t for t in ds["text"] if t)
+
+
 def calibration_dataset(tokenizer, text: str, nsamples: int, seqlen: int):
     """nsamples consecutive windows of seqlen tokens (fewer if the text is short)."""
     from datasets import Dataset
@@ -134,11 +150,15 @@ def quantize(args) -> int:
     model, tokenizer = load_model(model_path, dtype)
     if cuda:
         model.to("cuda")
+    if args.calib_file and args.dataset:
+        raise SystemExit("autoround-fast: give --calib-file or --dataset, not both")
     if args.calib_file:
         if not os.path.isfile(args.calib_file):
             raise SystemExit(f"autoround-fast: calibration file {args.calib_file!r} not found")
         with open(args.calib_file, encoding="utf-8") as f:
             text = f.read()
+    elif args.dataset:
+        text = dataset_text(args.dataset)
     else:
         text = default_calibration_text()
     dataset = calibration_dataset(tokenizer, text, cfg["nsamples"], cfg["seqlen"])
@@ -196,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--backend", default="auto", choices=["auto", "cuda", "torch", "auto_round"],
                    help="auto: cuda when a GPU and the CUDA kernels are there, else torch")
     q.add_argument("--calib-file", help="UTF-8 text file to calibrate on (default: CPython's pydoc topics)")
+    q.add_argument("--dataset", help="a dataset directory saved with datasets' save_to_disk, with a 'text' column")
     q.add_argument("--output", help="output directory (default autoround-fast-out/<model>-<scheme>)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     q.add_argument("--device", choices=["auto", "cpu"], default="auto", help="cpu: ignore a GPU")
