@@ -161,3 +161,58 @@ def test_token_mask_keeps_padding_out_of_the_loss(ragged_block):
     unmasked = tune_block(fresh_block(model), perturbed, spec, iters=5, batch_size=4, backend="kernels")
     assert a.losses == pytest.approx(b.losses, rel=1e-5)
     assert unmasked.losses[0] != pytest.approx(b.losses[0], rel=1e-3)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_iters0_int_sym_scale_search_beats_plain_rtn(ragged_block, bits):
+    model, inputs = ragged_block
+    spec = QuantSpec("int", bits, 32, True, scale_dtype=torch.float32)
+    block = fresh_block(model)
+    orig = {n: block.get_submodule(n).weight.clone() for n in LINEARS}
+    res = tune_block(block, inputs, {n: spec for n in LINEARS}, iters=0, batch_size=4, backend="torch")
+    stats = {}
+    layer = model.model.layers[0]
+    hooks = [layer.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: stats.__setitem__(n, stats.get(n, 0) + a[0].float().pow(2).reshape(-1, a[0].shape[-1]).sum(0)))
+        for n in LINEARS]
+    with torch.no_grad():
+        for args, kwargs in inputs:
+            layer(*args, **{k: v for k, v in kwargs.items() if k != "past_key_values"})
+    for h in hooks:
+        h.remove()
+    for n in LINEARS:
+        w = orig[n]
+        groups = ops.int_num_groups(w.shape[1], 32)
+        ones = torch.ones(w.shape[0], groups)
+        rtn, _, _ = ops.fake_quant_int(w, torch.zeros(w.shape), ones, ones, bits, 32, True, torch.float32)
+        err = lambda q: float(((q.float() - w.float()) ** 2 * stats[n]).sum())
+        got = block.get_submodule(n).weight
+        assert err(got) <= err(rtn) * (1 + 1e-6), n
+        assert res.qparams[n]["scale"].shape == (w.shape[0], groups)
+
+
+@pytest.mark.parametrize("backend", ["torch", "kernels"])
+@pytest.mark.parametrize("dtype,cols", [(torch.bfloat16, 128), (torch.float32, 96), (torch.bfloat16, 72)])
+def test_opt_rtn_equals_auto_round(backend, dtype, cols):
+    """iters=0 bit for bit against auto-round's opt_rtn_fast_nvfp4 and
+    quant_tensor_opt_rtn_sym (the imatrix-weighted scale searches), ragged groups included."""
+    from auto_round.data_type.int import quant_tensor_opt_rtn_sym
+    from auto_round.data_type.nvfp import opt_rtn_fast_nvfp4
+
+    from autoround_fast.engine import Backend, TunedLinear, _opt_rtn_int_sym, _opt_rtn_nvfp4
+
+    torch.manual_seed(cols)
+    lin = torch.nn.Linear(cols, 48, bias=False).to(dtype)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.05)
+    imat = torch.rand(cols) + 0.1
+    gs = ops.nvfp4_global_scale(lin.weight) * 0.9  # a shared (smaller) global scale
+    tl = TunedLinear(lin, QuantSpec("nvfp4"), Backend(backend), gs, None)
+    wq, scale = _opt_rtn_nvfp4(tl, imat)
+    ref, ref_scale, _ = opt_rtn_fast_nvfp4(lin.weight.data, global_scale=gs, imatrix=imat)
+    assert torch.equal(wq, ref) and torch.equal(scale.reshape(-1), ref_scale.reshape(-1))
+    for bits in (2, 4):
+        tl = TunedLinear(lin, QuantSpec("int", bits, 32, True, scale_dtype=torch.float32), Backend(backend), None, None)
+        wq, scale = _opt_rtn_int_sym(tl, imat)
+        ref, ref_scale, _ = quant_tensor_opt_rtn_sym(lin.weight.data, bits=bits, group_size=32, imatrix=imat)
+        assert torch.equal(wq, ref) and torch.equal(scale.reshape(-1), ref_scale.reshape(-1).float())

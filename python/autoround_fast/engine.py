@@ -306,35 +306,90 @@ class SignSGD(torch.optim.Optimizer):
                     p.add_(torch.sign(p.grad), alpha=-float(group["lr"]))
 
 
-def _opt_rtn_nvfp4(tl: TunedLinear, imatrix: torch.Tensor) -> None:
-    """iters=0: per 16-group, the max_scale in {0.50, ..., 1.51} that minimises
-    sum(imatrix * (Wq - W)^2) (auto-round's opt-RTN; 1.0 first, ties keep the earlier)."""
+def _opt_rtn_nvfp4(tl: TunedLinear, imatrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """iters=0, NVFP4: per 16-group, the max_scale in {0.50, ..., 1.51} (1.0 first, ties keep
+    the earlier) minimising sum(imatrix * (Wq - W)^2), searched on the fp32 weight under its
+    own global scale, then applied under the layer's (possibly shared) global scale:
+    auto-round's opt-RTN. Returns (weight, scale)."""
     w = tl.linear.weight
     out_f, in_f = w.shape
     groups = math.ceil(in_f / 16)
     pad = groups * 16 - in_f
-    wf = w.to(torch.float32)
-    imat = imatrix.reshape(1, -1).expand(out_f, -1)
+    w32 = w.to(torch.float32)
+    own_gs = kernel_ops.nvfp4_global_scale(w32).reshape(1)
+    qw = nn.functional.pad(imatrix.to(torch.float32).reshape(1, -1).expand(out_f, -1), (0, pad), value=1e-5)
     zeros_v = torch.zeros_like(tl.v)
 
     def err(ms):
-        q, _ = tl.backend.nvfp4(w, zeros_v, ms, tl.global_scale)
-        e = (q.to(torch.float32) - wf).pow(2) * imat
-        e = nn.functional.pad(e, (0, pad))
+        q, _ = tl.backend.nvfp4(w32, zeros_v, ms, own_gs)
+        e = nn.functional.pad((q - w32) ** 2, (0, pad)) * qw
         return e.reshape(out_f, groups, 16).sum(-1)
 
-    with torch.no_grad():
-        best_ms = torch.ones(out_f, groups, device=w.device)
-        best = err(best_ms)
-        for k in range(50, 152):
-            if k == 100:
-                continue
-            ms = torch.full_like(best_ms, k / 100.0)
-            e = err(ms)
-            better = e < best
-            best = torch.where(better, e, best)
-            best_ms = torch.where(better, ms, best_ms)
-        tl.max_scale.copy_(best_ms)
+    best_ms = torch.ones(out_f, groups, device=w.device)
+    best = err(best_ms)
+    for k in range(50, 152):
+        if k == 100:
+            continue
+        ms = torch.full_like(best_ms, k / 100.0)
+        e = err(ms)
+        better = e < best
+        best = torch.where(better, e, best)
+        best_ms = torch.where(better, ms, best_ms)
+    wq, scale = tl.backend.nvfp4(w, zeros_v, best_ms, tl.global_scale)  # max_scale may exceed 1
+    return wq, scale
+
+
+def _opt_rtn_int_sym(tl: TunedLinear, imatrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """iters=0, INT sym: per group, the scale 1/iscale, iscale = -(maxq - step*k)/m for m the
+    group's signed absolute maximum and k in a symmetric grid around 0 (step 0.01 over
+    +-0.9 for 2 bits, else maxq*0.75/100 over +-maxq*0.75), that minimises
+    sum(imatrix * (s * clamp(round(W / s), -maxq, maxq - 1) - W)^2); k = 0 first, ties keep
+    the earlier (auto-round's opt-RTN for symmetric INT). Returns (weight, scale)."""
+    spec = tl.spec
+    w = tl.linear.weight
+    out_f, in_f = w.shape
+    groups = int_num_groups(in_f, spec.group_size)
+    g = in_f if groups == 1 else spec.group_size
+    pad = groups * g - in_f
+    # The search runs in the weight's dtype, the error in fp32, as auto-round's does.
+    x = nn.functional.pad(w, (0, pad)).reshape(-1, g)
+    qw = nn.functional.pad(imatrix.to(torch.float32), (0, pad), value=1e-5).reshape(1, groups, g)
+    qw = qw.expand(out_f, -1, -1).reshape(-1, g)
+    maxq = 2 ** (spec.bits - 1)
+    eps = 1e-5 if x.dtype == torch.float16 else 1e-30
+
+    def recip(t):
+        safe = t.abs() >= eps
+        return torch.where(safe, 1.0 / torch.where(safe, t, torch.ones_like(t)), torch.zeros_like(t))
+
+    recip_m = recip(torch.take_along_dim(x, x.abs().argmax(-1, keepdim=True), -1))
+
+    def trial(level):
+        iscale = -level * recip_m
+        scale = recip(iscale)
+        q = torch.clamp(torch.round(iscale * x), -maxq, maxq - 1)
+        return scale, (((scale * q - x).to(torch.float32)) ** 2 * qw).sum(-1)
+
+    if spec.bits == 2:
+        step, ks = 0.01, range(-90, 91)
+    else:
+        span = maxq * 0.75
+        step = span / 200 * 2
+        n = int(span / step)
+        ks = range(-n, n + 1)
+    best_s, best_e = trial(maxq)
+    for k in ks:
+        if k == 0:
+            continue
+        s_k, e_k = trial(maxq - step * k)
+        better = e_k < best_e
+        best_s = torch.where(better.unsqueeze(-1), s_k, best_s)
+        best_e = torch.where(better, e_k, best_e)
+    floor = 1e-5
+    best_s = torch.where(best_s < 0, torch.clamp(best_s, max=-floor), torch.clamp(best_s, min=floor))
+    q = torch.clamp(torch.round(x / best_s), -maxq, maxq - 1)
+    wq = (q * best_s).reshape(out_f, -1)[:, :in_f]
+    return wq, best_s.reshape(out_f, groups).to(spec.scale_dtype)
 
 
 def tune_block(
@@ -364,7 +419,8 @@ def tune_block(
         specs: Linear name within the block -> :class:`QuantSpec`.
         q_inputs: the previous block's quantized output [N, L, H] (None for the first block:
             the fp inputs).
-        iters: SignSGD iterations (0: RTN, with the imatrix-weighted scale search for NVFP4).
+        iters: SignSGD iterations (0: RTN with auto-round's imatrix-weighted scale search for
+            NVFP4 and symmetric INT; plain RTN for asymmetric INT, as auto-round).
         lr: learning rate for V and the scales (default 1 / iters).
         token_mask: [N, L], 1 where a token counts in the loss (right-padded samples).
         backend: "torch" (the plain-PyTorch oracles, any device) or "cuda" (the kernels).
@@ -432,16 +488,19 @@ def tune_block(
     result = BlockResult(q_outputs=torch.empty(0), qparams={})
     try:
         with torch.enable_grad():
-            if iters == 0:
-                for name, tl in tuned.items():
-                    if tl.spec.kind == "nvfp4":
-                        _opt_rtn_nvfp4(tl, stats[name][1])
-            else:
+            if iters > 0:
                 _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size, lr,
                             seed, gradient_accumulate_steps, autocast, result, progress)
         with torch.no_grad():
             for name, tl in tuned.items():
-                wq, scale, zp = tl.qdq()
+                if iters == 0 and tl.spec.kind == "nvfp4":
+                    wq, scale = _opt_rtn_nvfp4(tl, stats[name][1])
+                    zp = None
+                elif iters == 0 and tl.spec.kind == "int" and tl.spec.sym:
+                    wq, scale = _opt_rtn_int_sym(tl, stats[name][1])
+                    zp = None
+                else:
+                    wq, scale, zp = tl.qdq()
                 qp = {"scale": scale.detach(), "weight": wq.detach()}
                 if zp is not None and not tl.spec.sym:
                     qp["zero_point"] = zp.detach()
