@@ -457,13 +457,16 @@ def tune_block(
     def autocast():
         return torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp)
 
+    def model_dtype_autocast():  # the calibration pass (act_max, imatrix) runs in the model dtype
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.bfloat16, torch.float16))
+
     inputs = _Inputs(fp_inputs, device)
     q_hidden = inputs.hidden if q_inputs is None else q_inputs.to(device=device, dtype=inputs.hidden.dtype)
     mask = None if token_mask is None else token_mask.to(device=device, dtype=torch.float32)
 
     with torch.no_grad():
         ref = _run(block, inputs, batch_size, autocast) if iters > 0 else None
-    stats = _activation_stats(block, linears, inputs, batch_size, autocast, q_hidden)
+    stats = _activation_stats(block, linears, inputs, batch_size, model_dtype_autocast, q_hidden)
 
     global_scales = dict(global_scales or {})
     for group in fused_layer_groups([n for n in linears if specs[n].kind == "nvfp4"]):
