@@ -106,7 +106,9 @@ def calibration_dataset(tokenizer, text: str, nsamples: int, seqlen: int):
 def settings(args, cuda: bool):
     """AutoRound's defaults on a GPU; a few-minute setting on a CPU (said so on stdout)."""
     gpu = dict(iters=200, nsamples=128, seqlen=2048, batch_size=8)
-    cpu = dict(iters=10, nsamples=8, seqlen=128, batch_size=4)
+    # W4A4 tunes under bf16 autocast (as auto-round forces), which CPUs without bf16 matrix
+    # units run slowly: ~1.4 s per iteration of 2 x 128 tokens for a SmolLM2 block on 2 cores.
+    cpu = dict(iters=5, nsamples=4, seqlen=128, batch_size=2)
     base = gpu if cuda else cpu
     chosen = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in base.items()}
     if not cuda:

@@ -152,8 +152,8 @@ class AutoRoundModifier(_StockAutoRoundModifier):
             bar = tqdm(total=self.iters, desc=f"AutoRound {layer_name}", leave=False)
 
         def progress(it, loss):
+            bar.set_postfix(loss=f"{loss:.4g}", refresh=False)  # shown with this iteration
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
 
         try:
             with torch.enable_grad(), align_module_device(layer):
