@@ -164,12 +164,10 @@ class BlockResult:
 class _Inputs:
     """Calibration samples [(args, kwargs)] stacked on one device so a batch is an index."""
 
-    def __init__(self, samples: Sequence[tuple[tuple, dict]], device: torch.device,
-                 hidden: Optional[torch.Tensor] = None):
+    def __init__(self, samples: Sequence[tuple[tuple, dict]], device: torch.device):
         first_args, first_kwargs = samples[0]
         self.n = len(samples)
-        self.hidden = hidden if hidden is not None else torch.cat(
-            [a[0] for a, _ in samples], 0).to(device)
+        self.hidden = torch.cat([a[0] for a, _ in samples], 0).to(device)
         self.rest_args = first_args[1:]
         self.kwargs = {}
         self.per_sample = set()
@@ -180,14 +178,14 @@ class _Inputs:
             if key == "use_cache":
                 self.kwargs[key] = False
                 continue
-            if self._stackable(value, samples, key):
+            if self._stackable(value):
                 self.kwargs[key] = _cat_tree([kw[key] for _, kw in samples], device)
                 self.per_sample.add(key)
             else:
                 self.kwargs[key] = _to_device(value, device)
 
     @staticmethod
-    def _stackable(value, samples, key) -> bool:
+    def _stackable(value) -> bool:
         """Per-sample tensors (batch dimension 1, at least 2-D) are stacked; the rest (1-D
         cache positions, flags) are shared by all samples."""
         leaves = value if isinstance(value, (tuple, list)) else (value,)
