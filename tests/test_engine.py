@@ -32,6 +32,20 @@ def ragged_block():
     return model, capture_block_inputs(model, nsamples=12, seqlen=24)
 
 
+def imatrix(layer, inputs):
+    """Sum of x^2 per input channel of each Linear, over the calibration tokens."""
+    stats = {}
+    hooks = [layer.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: stats.__setitem__(n, stats.get(n, 0) + a[0].float().pow(2).reshape(-1, a[0].shape[-1]).sum(0)))
+        for n in LINEARS]
+    with torch.no_grad():
+        for args, kwargs in inputs:
+            layer(*args, **{k: v for k, v in kwargs.items() if k != "past_key_values"})
+    for h in hooks:
+        h.remove()
+    return stats
+
+
 def fresh_block(model):
     return copy.deepcopy(model.model.layers[0])
 
@@ -83,15 +97,7 @@ def test_iters0_scale_search_beats_plain_rtn(ragged_block):
     res = tune_block(block, inputs, {n: spec for n in LINEARS}, iters=0, batch_size=4, backend="kernels")
     assert res.q_outputs.shape[0] == 12
     # imatrix-weighted error of the searched scales never exceeds plain RTN's (max_scale = 1)
-    stats = {}
-    hooks = [model.model.layers[0].get_submodule(n).register_forward_pre_hook(
-        lambda m, a, n=n: stats.__setitem__(n, stats.get(n, 0) + a[0].float().pow(2).reshape(-1, a[0].shape[-1]).sum(0)))
-        for n in LINEARS]
-    with torch.no_grad():
-        for args, kwargs in inputs:
-            model.model.layers[0](*args, **{k: v for k, v in kwargs.items() if k != "past_key_values"})
-    for h in hooks:
-        h.remove()
+    stats = imatrix(model.model.layers[0], inputs)
     for n in LINEARS:
         w = orig[n]
         rtn, _ = ops.fake_quant_nvfp4(w, torch.zeros(w.shape), torch.ones(w.shape[0], -(-w.shape[1] // 16)),
@@ -170,16 +176,7 @@ def test_iters0_int_sym_scale_search_beats_plain_rtn(ragged_block, bits):
     block = fresh_block(model)
     orig = {n: block.get_submodule(n).weight.clone() for n in LINEARS}
     res = tune_block(block, inputs, {n: spec for n in LINEARS}, iters=0, batch_size=4, backend="torch")
-    stats = {}
-    layer = model.model.layers[0]
-    hooks = [layer.get_submodule(n).register_forward_pre_hook(
-        lambda m, a, n=n: stats.__setitem__(n, stats.get(n, 0) + a[0].float().pow(2).reshape(-1, a[0].shape[-1]).sum(0)))
-        for n in LINEARS]
-    with torch.no_grad():
-        for args, kwargs in inputs:
-            layer(*args, **{k: v for k, v in kwargs.items() if k != "past_key_values"})
-    for h in hooks:
-        h.remove()
+    stats = imatrix(model.model.layers[0], inputs)
     for n in LINEARS:
         w = orig[n]
         groups = ops.int_num_groups(w.shape[1], 32)

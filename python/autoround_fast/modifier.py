@@ -93,11 +93,16 @@ class AutoRoundModifier(_StockAutoRoundModifier):
         if self.backend != "auto_round":
             # Fail before calibration, naming the layer, if a scheme is out of reach.
             for name, module in match_named_modules(state.model, self.resolved_targets, self.ignore):
-                scheme = getattr(module, "quantization_scheme", None)
-                if scheme is not None:
-                    spec_from_scheme(scheme, getattr(getattr(module, "weight_scale", None), "dtype", None),
-                                     name, self.backend)
+                if getattr(module, "quantization_scheme", None) is not None:
+                    self._spec(module, name)
         return ok
+
+    def _spec(self, module, name: str) -> QuantSpec:
+        """The engine's spec for a target Linear; INT scales in int_scale_dtype if given, else
+        in the dtype compressed-tensors stores them in."""
+        scale_dtype = (getattr(torch, self.int_scale_dtype) if self.int_scale_dtype
+                       else getattr(getattr(module, "weight_scale", None), "dtype", None))
+        return spec_from_scheme(module.quantization_scheme, scale_dtype, name, self.backend)
 
     def apply_autoround(self, state, modules):
         if self.backend == "auto_round":
@@ -127,13 +132,9 @@ class AutoRoundModifier(_StockAutoRoundModifier):
 
         targets = {}
         for name, module in match_named_modules(layer, self.resolved_targets, self.ignore):
-            scheme = getattr(module, "quantization_scheme", None)
-            if scheme is None or not isinstance(module, torch.nn.Linear):
+            if getattr(module, "quantization_scheme", None) is None or not isinstance(module, torch.nn.Linear):
                 continue
-            scale_dtype = (getattr(torch, self.int_scale_dtype) if self.int_scale_dtype
-                           else getattr(getattr(module, "weight_scale", None), "dtype", None))
-            targets[name] = (module, spec_from_scheme(scheme, scale_dtype, f"{layer_name}.{name}",
-                                                      self.backend))
+            targets[name] = (module, self._spec(module, f"{layer_name}.{name}"))
         if not targets:
             return
 
