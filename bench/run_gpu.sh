@@ -1,21 +1,29 @@
 #!/usr/bin/env bash
 # One GPU session's worth of checks, for the lent GPU machine (see NOTES.md):
 # build with the CUDA kernels, CUDA tests, compute-sanitizer, microbenchmarks.
-#   bash bench/run_gpu.sh [what...]   what: build tests sanitize ops (default: all)
-# Logs and tables go to $OUT (or ./gpu-out).
+#   bash bench/run_gpu.sh [what...]   what: build tests sanitize ops profile (default: all)
+# Logs and tables go to $OUT (or ./gpu-out). The build leaves the extension in
+# python/autoround_fast/ (ignored by git), so later calls on a warm machine skip it and run
+# the source tree through PYTHONPATH. Source it (". bench/run_gpu.sh build") to keep the env.
 set -uo pipefail
 out=$(mkdir -p "${OUT:-gpu-out}" && cd "${OUT:-gpu-out}" && pwd)
 what=${*:-build tests sanitize ops profile}
-if [ -d .whl ]; then
+if [ -d .whl ] && [ ! -f /tmp/site/.done ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl >/dev/null 2>&1 && export PYTHONPATH=/tmp/site
+    --target /tmp/site .whl/*.whl >/dev/null 2>&1 && touch /tmp/site/.done
 fi
+export PYTHONPATH=$PWD/python:/tmp/site
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/card.txt"
 for step in $what; do
   case $step in
-    build) (time python3 -m pip install -q --no-build-isolation --no-deps . ) 2>&1 | tail -20 | tee "$out/build.log"
-           python3 -c "import autoround_fast as a; print('cuda kernels:', a.has_cuda_kernels())" ;;
+    build) if [ -f python/autoround_fast/_C.so ] && [ -z "${REBUILD:-}" ]; then
+             echo "build: kept python/autoround_fast/_C.so (REBUILD=1 to rebuild)"
+           else
+             (time python3 -m pip install -q --no-build-isolation --no-deps --target /tmp/af . ) 2>&1 | tail -20 | tee "$out/build.log"
+             cp /tmp/af/autoround_fast/_C.so python/autoround_fast/_C.so
+           fi
+           python3 -c "import autoround_fast as a; print('cuda kernels:', a.has_cuda_kernels(), a.__file__)" ;;
     tests) (cd tests && python3 -X faulthandler -m pytest -q -p no:cacheprovider > "$out/tests.log" 2>&1; tail -3 "$out/tests.log") ;;
     sanitize) for tool in memcheck racecheck; do
                 compute-sanitizer --tool $tool --error-exitcode 9 python3 tests/sanitize_cuda.py 2>&1 \

@@ -96,14 +96,19 @@ def test_iters0_scale_search_beats_plain_rtn(ragged_block):
     orig = {n: block.get_submodule(n).weight.clone() for n in LINEARS}
     res = tune_block(block, inputs, {n: spec for n in LINEARS}, iters=0, batch_size=4, backend="kernels")
     assert res.q_outputs.shape[0] == 12
-    # imatrix-weighted error of the searched scales never exceeds plain RTN's (max_scale = 1)
+    # The imatrix-weighted error of the searched scales never exceeds plain RTN's (max_scale
+    # = 1) under the same global scale. auto-round searches under the layer's own global
+    # scale and applies the result under the scale q/k/v (gate/up) share, so for those layers
+    # the search is no longer optimal: there it must stay within 5% of RTN.
     stats = imatrix(model.model.layers[0], inputs)
     for n in LINEARS:
         w = orig[n]
-        rtn, _ = ops.fake_quant_nvfp4(w, torch.zeros(w.shape), torch.ones(w.shape[0], -(-w.shape[1] // 16)),
-                                      ops.nvfp4_global_scale(w))
+        gs = res.qparams[n]["global_scale"]
+        ones = torch.ones(w.shape[0], -(-w.shape[1] // 16))
+        rtn, _ = ops.fake_quant_nvfp4(w, torch.zeros(w.shape), ones, gs)
         err = lambda q: float(((q.float() - w.float()) ** 2 * stats[n]).sum())
-        assert err(block.get_submodule(n).weight) <= err(rtn) * (1 + 1e-6)
+        own = bool(torch.equal(gs.reshape(()), ops.nvfp4_global_scale(w).reshape(())))
+        assert err(block.get_submodule(n).weight) <= err(rtn) * (1 + 1e-6 if own else 1.05), n
 
 
 def test_errors(ragged_block):
@@ -213,3 +218,44 @@ def test_opt_rtn_equals_auto_round(backend, dtype, cols):
         wq, scale = _opt_rtn_int_sym(tl, imat)
         ref, ref_scale, _ = quant_tensor_opt_rtn_sym(lin.weight.data, bits=bits, group_size=32, imatrix=imat)
         assert torch.equal(wq, ref) and torch.equal(scale.reshape(-1), ref_scale.reshape(-1).float())
+
+
+def test_block_parameters_get_no_gradients_and_keep_their_flags(ragged_block):
+    """Only V and the scales are tuned: the block's own weights (norms included) get no .grad,
+    and their requires_grad flags are restored afterwards."""
+    model, inputs = ragged_block
+    block = fresh_block(model)
+    flags = {n: p.requires_grad for n, p in block.named_parameters()}
+    assert any(flags.values())
+    tune_block(block, inputs, {n: SPECS["nvfp4a16"] for n in LINEARS}, iters=3, batch_size=4, backend="kernels")
+    assert {n: p.requires_grad for n, p in block.named_parameters()} == flags
+    assert all(p.grad is None for p in block.parameters())
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("name", ["nvfp4", "w4a16-asym-g32"])
+def test_cuda_graph_and_host_caches_change_nothing(ragged_block, name):
+    """The captured-and-replayed loop and the host-cache path run the same kernels on the same
+    data as the eager loop on device caches: identical losses, best iteration and weights,
+    with a padding mask and gradient accumulation in play."""
+    model, inputs = ragged_block
+    spec = {n: SPECS[name] for n in LINEARS}
+    mask = torch.ones(12, 24)
+    mask[::3, 20:] = 0
+    kw = dict(iters=12, batch_size=2, gradient_accumulate_steps=2, token_mask=mask, backend="cuda",
+              device=torch.device("cuda"))
+    runs = {}
+    for label, extra in {"eager": dict(cuda_graph=False), "graph": dict(cuda_graph=True),
+                         "graph+host": dict(cuda_graph=True, cache_device="cpu")}.items():
+        block = fresh_block(model)
+        res = tune_block(block, inputs, spec, **kw, **extra)
+        runs[label] = (res, {n: block.get_submodule(n).weight.detach().cpu() for n in LINEARS})
+    ref, ref_w = runs["eager"]
+    assert len(set(ref.losses)) > 1  # the loop moved
+    for label in ("graph", "graph+host"):
+        res, w = runs[label]
+        assert res.losses == ref.losses, label
+        assert (res.best_iter, res.best_loss) == (ref.best_iter, ref.best_loss), label
+        assert all(torch.equal(w[n], ref_w[n]) for n in LINEARS), label
+        assert torch.equal(res.q_outputs.cpu(), ref.q_outputs.cpu()), label
+    assert runs["graph+host"][0].q_outputs.device.type == "cpu"

@@ -43,6 +43,15 @@ def bundled_gguf() -> str:
     return path
 
 
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast the parameters, not the buffers, as from_pretrained(torch_dtype=...) does: the
+    rotary inv_freq stays fp32 (model.to(bf16) would round it, and the positions with it, so
+    the tuned model would not be the model that a reload or vLLM runs)."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
+
+
 def load_model(path: str, dtype: torch.dtype):
     """A plain LlamaForCausalLM-style model and its tokenizer from a directory or a GGUF file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -59,7 +68,7 @@ def load_model(path: str, dtype: torch.dtype):
         model = type(gguf_model)(config)
         model.load_state_dict(gguf_model.state_dict())
         del gguf_model
-        return model.to(dtype), tokenizer
+        return cast_parameters(model, dtype), tokenizer
     if not os.path.isdir(path):
         raise SystemExit(f"autoround-fast: model {path!r} is neither a directory nor a .gguf file")
     model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype)
@@ -182,7 +191,7 @@ def quantize(args) -> int:
         modifier = AutoRoundModifier(
             targets="Linear", scheme=scheme, ignore=["lm_head"], iters=cfg["iters"],
             batch_size=cfg["batch_size"], backend=cfg["backend"], enable_torch_compile=False,
-            progress=True)
+            progress=True, cache_on_cpu=args.cache_on_cpu)
         t0 = time.perf_counter()
         oneshot(model=model, dataset=dataset, recipe=modifier, processor=tokenizer,
                 num_calibration_samples=len(dataset), max_seq_length=cfg["seqlen"])
@@ -221,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dataset", help="a dataset directory saved with datasets' save_to_disk, with a 'text' column")
     q.add_argument("--output", help="output directory (default autoround-fast-out/<model>-<scheme>)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    q.add_argument("--cache-on-cpu", dest="cache_on_cpu", action="store_true",
+                   help="keep each block's cached activations in host memory (GPUs short of memory)")
     q.add_argument("--device", choices=["auto", "cpu"], default="auto", help="cpu: ignore a GPU")
     return ap
 

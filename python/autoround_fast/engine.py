@@ -159,16 +159,27 @@ class BlockResult:
     best_iter: int = 0
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
+    # wall seconds per phase: inputs (to the device), reference, calibration (act_max,
+    # imatrix), tune (the SignRound loop), finalize (qparams, stored weights), outputs
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 class _Inputs:
-    """Calibration samples [(args, kwargs)] stacked on one device so a batch is an index."""
+    """Calibration samples [(args, kwargs)] stacked so that a batch is an index.
 
-    def __init__(self, samples: Sequence[tuple[tuple, dict]], device: torch.device):
+    The hidden states live on ``cache_device`` (the compute device, or pinned host memory for
+    cards short of memory); the small per-sample kwargs (masks, rotary tables) and the shared
+    ones live on the compute device. :meth:`batch` returns a batch on the compute device.
+    """
+
+    def __init__(self, samples: Sequence[tuple[tuple, dict]], device: torch.device,
+                 cache_device: torch.device):
         first_args, first_kwargs = samples[0]
         self.n = len(samples)
-        self.hidden = torch.cat([a[0] for a, _ in samples], 0).to(device)
-        self.rest_args = first_args[1:]
+        self.device = device
+        self.cache_device = cache_device
+        self.hidden = _stack([a[0] for a, _ in samples], cache_device)
+        self.rest_args = _to_device(first_args[1:], device)
         self.kwargs = {}
         self.per_sample = set()
         for key, value in first_kwargs.items():
@@ -192,8 +203,8 @@ class _Inputs:
         return bool(leaves) and all(isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[0] == 1
                                     for t in leaves)
 
-    def batch(self, idx: torch.Tensor, hidden: Optional[torch.Tensor] = None):
-        h = (self.hidden if hidden is None else hidden).index_select(0, idx)
+    def kwargs_for(self, idx: torch.Tensor) -> dict:
+        """The block's keyword arguments for the samples ``idx`` (on the compute device)."""
         kwargs = {}
         for key, value in self.kwargs.items():
             if key in self.per_sample:
@@ -201,7 +212,40 @@ class _Inputs:
                                if isinstance(value, (tuple, list)) else value.index_select(0, idx))
             else:
                 kwargs[key] = value
-        return (h, *self.rest_args), kwargs
+        return kwargs
+
+    def batch(self, idx: torch.Tensor, hidden: Optional[torch.Tensor] = None):
+        """(args, kwargs) for the samples ``idx`` (a tensor on the compute device), with the
+        hidden states taken from ``hidden`` (default: the fp inputs)."""
+        h = _rows(self.hidden if hidden is None else hidden, idx, self.device)
+        return (h, *self.rest_args), self.kwargs_for(idx)
+
+
+def _rows(t: torch.Tensor, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t[idx] on ``device``; t may live in host memory."""
+    if t.device == idx.device:
+        return t.index_select(0, idx)
+    return t.index_select(0, idx.to(t.device)).to(device, non_blocking=True)
+
+
+def _stack(parts: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """torch.cat(parts) on ``device`` (pinned if the host), copied part by part: no host-side
+    concatenation of the whole cache before the transfer."""
+    rows = sum(p.shape[0] for p in parts)
+    pin = device.type == "cpu" and torch.cuda.is_available()
+    out = torch.empty((rows, *parts[0].shape[1:]), dtype=parts[0].dtype, device=device, pin_memory=pin)
+    start = 0
+    for p in parts:
+        out[start: start + p.shape[0]].copy_(p, non_blocking=p.is_pinned())
+        start += p.shape[0]
+    return out
+
+
+def _to_cache(t: torch.Tensor, cache_device: torch.device) -> torch.Tensor:
+    t = t.detach().to(cache_device)
+    if cache_device.type == "cpu" and torch.cuda.is_available() and not t.is_pinned():
+        t = t.pin_memory()
+    return t
 
 
 def _cat_tree(values, device=None):
@@ -241,32 +285,42 @@ def _replace(block: nn.Module, name: str, new: nn.Module) -> None:
     setattr(block.get_submodule(parent) if parent else block, child, new)
 
 
-def _run(block, inputs: _Inputs, batch_size: int, autocast, hidden=None) -> torch.Tensor:
+def _run(block, inputs: _Inputs, batch_size: int, autocast, hidden=None, collect: bool = True):
+    """The block's output for every sample, on the cache device (None if not collected)."""
     outs = []
     for start in range(0, inputs.n, batch_size):
-        idx = torch.arange(start, min(start + batch_size, inputs.n), device=inputs.hidden.device)
+        idx = torch.arange(start, min(start + batch_size, inputs.n), device=inputs.device)
         args, kwargs = inputs.batch(idx, hidden)
         with autocast():
-            outs.append(_block_output(block(*args, **kwargs)).detach())
-    return torch.cat(outs, 0)
+            out = _block_output(block(*args, **kwargs)).detach()
+        if collect:
+            outs.append(out.to(inputs.cache_device))
+    return _to_cache(torch.cat(outs, 0), inputs.cache_device) if collect else None
 
 
-def _activation_stats(block, linears, inputs, batch_size, autocast, hidden):
-    """Per Linear input: max |x| (fp32) and sum x^2 per channel (the imatrix), on q_in."""
-    stats = {n: [torch.zeros((), dtype=torch.float32, device=inputs.hidden.device),
-                 torch.zeros(m.in_features, dtype=torch.float32, device=inputs.hidden.device)]
+def _activation_stats(block, linears, inputs, batch_size, autocast, hidden, want_max: bool,
+                      want_imatrix: bool):
+    """Per Linear input, on q_in: max |x| (exact in the input dtype, kept in fp32; for W4A4's
+    input global scale) and sum x^2 per channel in fp32 (the imatrix, for iters=0). The pass
+    is skipped when neither is wanted."""
+    stats = {n: [torch.zeros((), dtype=torch.float32, device=inputs.device),
+                 torch.zeros(m.in_features, dtype=torch.float32, device=inputs.device)]
              for n, m in linears.items()}
+    if not (want_max or want_imatrix):
+        return stats
     hooks = []
     for name, mod in linears.items():
         def hook(_m, args, name=name):
-            x = args[0].detach().to(torch.float32)
+            x = args[0].detach()
             st = stats[name]
-            st[0] = torch.maximum(st[0], x.abs().amax())
-            st[1] += x.reshape(-1, x.shape[-1]).pow(2).sum(0)
+            if want_max:
+                st[0] = torch.maximum(st[0], x.abs().amax().to(torch.float32))
+            if want_imatrix:
+                st[1] += x.reshape(-1, x.shape[-1]).to(torch.float32).pow(2).sum(0)
         hooks.append(mod.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
-            _run(block, inputs, batch_size, autocast, hidden)
+            _run(block, inputs, batch_size, autocast, hidden, collect=False)
     finally:
         for h in hooks:
             h.remove()
@@ -407,6 +461,8 @@ def tune_block(
     global_scales: Optional[dict[str, torch.Tensor]] = None,
     finalize: Optional[Callable[[str, nn.Linear, dict], torch.Tensor]] = None,
     progress: Optional[Callable[[int, float], None]] = None,
+    cache_device: Optional[str | torch.device] = None,
+    cuda_graph: Optional[bool] = None,
 ) -> BlockResult:
     """Tune one decoder block with SignRound and write its fake-quantized weights in place.
 
@@ -426,7 +482,14 @@ def tune_block(
             q/k/v and over gate/up, which inference fuses).
         finalize: called per Linear after tuning with (name, linear, qparams); returns the
             weight to store (e.g. the checkpoint format's own dequantization of the codes).
-        progress: called after every iteration with (iteration, loss).
+        progress: called with (iteration, loss) for every iteration; on a GPU in batches of
+            a few iterations, so that reading the loss does not stall the GPU every step.
+        cache_device: where the block's cached hidden states, reference outputs and quantized
+            outputs live: the compute device (default) or "cpu" (pinned host memory, for cards
+            short of memory; each iteration then copies its batch over).
+        cuda_graph: capture one tuning iteration in a CUDA graph and replay it (default: on
+            for backend "cuda"). The loss, best-parameter bookkeeping, sampling and learning
+            rate all live on the GPU, so the loop never waits for the host.
 
     Returns:
         :class:`BlockResult` with the next block's quantized inputs and the qparams.
@@ -439,7 +502,9 @@ def tune_block(
         raise ValueError(f"tune_block: iters must be >= 0, got {iters}")
     n = len(fp_inputs)
     batch_size = min(batch_size, n)
-    device = device or next(block.parameters()).device
+    device = torch.device(device or next(block.parameters()).device)
+    if device.type == "cuda" and device.index is None:  # one spelling, so devices compare equal
+        device = torch.device("cuda", torch.cuda.current_device())
     block.to(device)
     dtype = next(block.parameters()).dtype
     linears = _linears(block, specs)
@@ -452,19 +517,43 @@ def tune_block(
     use_amp = act_quant or dtype in (torch.bfloat16, torch.float16)
     amp_dtype = torch.bfloat16 if act_quant else dtype
 
-    def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp)
+    def autocast():  # no weight-cast cache: the tuned weights change every step (and graphs)
+        return torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp, cache_enabled=False)
 
     def model_dtype_autocast():  # the calibration pass (act_max, imatrix) runs in the model dtype
         return torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.bfloat16, torch.float16))
 
-    inputs = _Inputs(fp_inputs, device)
-    q_hidden = inputs.hidden if q_inputs is None else q_inputs.to(device=device, dtype=inputs.hidden.dtype)
+    cache_device = torch.device(cache_device) if cache_device is not None else device
+    if cache_device.type not in ("cpu", device.type):
+        raise ValueError(f"tune_block: cache_device must be 'cpu' or the compute device {device}, "
+                         f"got {cache_device}")
+    if cache_device.type == device.type:
+        cache_device = device
+    if cuda_graph is None:
+        cuda_graph = be.name == "cuda"
+    cuda_graph = bool(cuda_graph) and device.type == "cuda"
+    phases: dict[str, float] = {}
+    mark = [time.perf_counter()]
+
+    def phase(name: str) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        phases[name] = phases.get(name, 0.0) + now - mark[0]
+        mark[0] = now
+
+    inputs = _Inputs(fp_inputs, device, cache_device)
+    q_hidden = (inputs.hidden if q_inputs is None
+                else _to_cache(q_inputs.to(dtype=inputs.hidden.dtype), cache_device))
     mask = None if token_mask is None else token_mask.to(device=device, dtype=torch.float32)
 
     with torch.no_grad():
+        phase("inputs")
         ref = _run(block, inputs, batch_size, autocast) if iters > 0 else None
-    stats = _activation_stats(block, linears, inputs, batch_size, model_dtype_autocast, q_hidden)
+        phase("reference")
+    stats = _activation_stats(block, linears, inputs, batch_size, model_dtype_autocast, q_hidden,
+                              want_max=act_quant, want_imatrix=iters == 0)
+    phase("calibration")
 
     global_scales = dict(global_scales or {})
     for group in fused_layer_groups([n for n in linears if specs[n].kind == "nvfp4"]):
@@ -487,11 +576,16 @@ def tune_block(
         _replace(block, name, tl)
 
     result = BlockResult(q_outputs=torch.empty(0), qparams={})
+    frozen = [(p, p.requires_grad) for p in block.parameters()
+              if not any(p is t for tl in tuned.values() for t in tl.tunables())]
     try:
+        for p, _ in frozen:  # only V and the scales get gradients
+            p.requires_grad_(False)
         with torch.enable_grad():
             if iters > 0:
                 _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size, lr,
-                            seed, gradient_accumulate_steps, autocast, result, progress)
+                            seed, gradient_accumulate_steps, autocast, result, progress, cuda_graph)
+        phase("tune")
         with torch.no_grad():
             for name, tl in tuned.items():
                 if iters == 0 and tl.spec.kind == "nvfp4":
@@ -515,68 +609,201 @@ def tune_block(
                 qp.pop("weight")
                 result.qparams[name] = qp
     finally:
+        for p, requires_grad in frozen:
+            p.requires_grad_(requires_grad)
         for name, tl in tuned.items():
             if tl.spec.act:
                 _replace(block, name, _ActQuantLinear(tl.linear, be, tl.act_global_scale))
             else:
                 _replace(block, name, tl.linear)
     with torch.no_grad():
+        phase("finalize")
         result.q_outputs = _run(block, inputs, batch_size, autocast, q_hidden)
+        phase("outputs")
     for name, tl in tuned.items():
         if tl.spec.act:
             _replace(block, name, tl.linear)
     result.seconds = time.perf_counter() - t0
+    result.phases = phases
     return result
 
 
-def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size, lr, seed,
-                accumulate, autocast, result, progress):
-    params = [p for tl in tuned.values() for p in tl.tunables()]
-    lr = 1.0 / iters if lr is None else lr
-    opt = SignSGD(params, lr=torch.tensor(lr))
+def _lr_schedule(lr: float, iters: int) -> list[float]:
+    """The learning rate of every iteration: SignSGD's lr under LinearLR (1 -> 0), computed
+    by the same optimizer and scheduler classes, so each value rounds as auto-round's does."""
+    dummy = torch.zeros(1, requires_grad=True)
+    opt = SignSGD([dummy], lr=torch.tensor(lr))
     sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.0, total_iters=iters)
+    lrs = []
+    for _ in range(iters):
+        lrs.append(float(opt.param_groups[0]["lr"]))
+        sched.step()
+    return lrs
+
+
+def _batch_order(n: int, global_bs: int, iters: int, seed: int) -> list[list[int]]:
+    """Sample indices of every iteration: shuffled without replacement, reshuffled when an
+    epoch runs out (auto-round's IndexSampler, driven by random.Random(seed))."""
     rng = random.Random(seed)
-    n = inputs.n
-    global_bs = min(n, batch_size * accumulate)
     order = list(range(n))
     rng.shuffle(order)
     pos = 0
-    best_loss = float("inf")
-    best = None
-    device = inputs.hidden.device
-    for it in range(iters):
+    out = []
+    for _ in range(iters):
         if pos + global_bs > n:
             rng.shuffle(order)
             pos = 0
-        idx_all = order[pos: pos + global_bs]
+        out.append(order[pos: pos + global_bs])
         pos += global_bs
-        total = 0.0
-        for start in range(0, len(idx_all), batch_size):
-            idx = torch.tensor(idx_all[start: start + batch_size], device=device)
-            args, kwargs = inputs.batch(idx, q_hidden)
+    return out
+
+
+class _Batches:
+    """Where an iteration's quantized inputs and reference outputs come from: index_select on
+    the device caches, or, with host caches, device buffers the host fills before each step
+    (double-buffered pinned staging, so filling the next never races the copy in flight)."""
+
+    def __init__(self, inputs: _Inputs, q_hidden, ref, order: list[list[int]]):
+        self.inputs, self.q_hidden, self.ref, self.order = inputs, q_hidden, ref, order
+        self.on_host = q_hidden.device != inputs.device
+        if self.on_host:
+            gbs = len(order[0])
+            self.h = torch.empty((gbs, *q_hidden.shape[1:]), dtype=q_hidden.dtype, device=inputs.device)
+            self.r = torch.empty((gbs, *ref.shape[1:]), dtype=ref.dtype, device=inputs.device)
+            pin = torch.cuda.is_available()
+            self.stage = [(torch.empty(self.h.shape, dtype=q_hidden.dtype, pin_memory=pin),
+                           torch.empty(self.r.shape, dtype=ref.dtype, pin_memory=pin)) for _ in range(2)]
+            self.done = [None, None]
+
+    def prepare(self, it: int) -> None:
+        """Host side, before iteration ``it`` runs: stage its rows (host caches only)."""
+        if not self.on_host:
+            return
+        slot = it % 2
+        if self.done[slot] is not None:
+            self.done[slot].synchronize()  # the copy that last read this staging buffer is over
+        sh, sr = self.stage[slot]
+        idx = torch.tensor(self.order[it])
+        torch.index_select(self.q_hidden, 0, idx, out=sh)
+        torch.index_select(self.ref, 0, idx, out=sr)
+        self.h.copy_(sh, non_blocking=True)
+        self.r.copy_(sr, non_blocking=True)
+        if self.h.is_cuda:
+            self.done[slot] = torch.cuda.Event()
+            self.done[slot].record()
+
+    def get(self, idx: torch.Tensor, start: int, stop: int):
+        """(args, kwargs, ref) of the micro-batch idx = the iteration's samples[start:stop]."""
+        if self.on_host:
+            args = (self.h[start:stop], *self.inputs.rest_args)
+            return args, self.inputs.kwargs_for(idx), self.r[start:stop]
+        args, kwargs = self.inputs.batch(idx, self.q_hidden)
+        return args, kwargs, self.ref.index_select(0, idx)
+
+
+def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size, lr, seed,
+                accumulate, autocast, result, progress, cuda_graph):
+    """SignRound's loop. One iteration (:func:`step`) touches only device tensors: the batch
+    indices, learning rate and valid-token count come from per-iteration tables indexed by an
+    on-device counter, and the best-score bookkeeping is a torch.where, so the same step runs
+    eagerly (CPU, warm-up) or replayed from a CUDA graph."""
+    params = [p for tl in tuned.values() for p in tl.tunables()]
+    device = inputs.device
+    n = inputs.n
+    global_bs = min(n, batch_size * accumulate)
+    order = _batch_order(n, global_bs, iters, seed)
+    all_idx = torch.tensor(order, dtype=torch.long, device=device)
+    lrs = torch.tensor(_lr_schedule(1.0 / iters if lr is None else lr, iters), dtype=torch.float32,
+                       device=device)
+    # auto-round scores an iteration by the sum over micro-batches of loss / n, in float64 on
+    # the host, with n the valid tokens of the global batch (with a mask), else the elements of
+    # its inputs (with gradient accumulation), else 1: the same here, on the device
+    if mask is None:
+        n_elm = global_bs * q_hidden[0].numel() if accumulate != 1 else 1
+        valid = torch.full((iters,), float(n_elm), dtype=torch.float64, device=device)
+    else:
+        valid = mask.to(torch.float64).sum(-1).index_select(0, all_idx.reshape(-1))
+        valid = valid.reshape(iters, global_bs).sum(-1).clamp_min(1.0)
+    it_t = torch.zeros(1, dtype=torch.long, device=device)
+    losses = torch.zeros(iters, dtype=torch.float64, device=device)
+    best_score = torch.full((1,), float("inf"), dtype=torch.float64, device=device)
+    best_total = torch.full((1,), float("nan"), dtype=torch.float64, device=device)
+    best_iter = torch.zeros(1, dtype=torch.long, device=device)
+    best = [p.detach().clone() for p in params]
+    batches = _Batches(inputs, q_hidden, ref, order)
+    micro = [(s, min(s + batch_size, global_bs)) for s in range(0, global_bs, batch_size)]
+
+    def step():
+        idx_all = all_idx.index_select(0, it_t).reshape(-1)
+        n_valid = valid.index_select(0, it_t)
+        total = torch.zeros(1, dtype=torch.float64, device=device)
+        score = torch.zeros(1, dtype=torch.float64, device=device)
+        for start, stop in micro:
+            idx = idx_all[start:stop]
+            args, kwargs, ref_b = batches.get(idx, start, stop)
             with autocast():
                 pred = _block_output(block(*args, **kwargs))
             m = None if mask is None else mask.index_select(0, idx).reshape(-1)
-            loss = be.loss(pred, ref.index_select(0, idx), m)
+            loss = be.loss(pred, ref_b, m)
             (loss * 1000).backward()
-            total += loss.item()
-        # auto-round scores an iteration by its loss over the number of valid tokens in the
-        # batch (1 without a mask), and logs the loss itself
-        valid = 1.0 if mask is None else float(mask.index_select(0, torch.tensor(idx_all, device=device)).sum())
-        score = total / max(valid, 1.0)
-        result.losses.append(total)
-        if it == 0:
-            result.init_loss = total
-        if score < best_loss:
-            best_loss = score
-            result.best_loss = total
-            best = [p.detach().clone() for p in params]
-            result.best_iter = it
-        if progress:
-            progress(it, total)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
+            l64 = loss.detach().to(torch.float64).reshape(1)
+            total = total + l64
+            score = score + l64 / n_valid
+        with torch.no_grad():
+            improved = score < best_score  # scored before the step, as auto-round
+            best_score.copy_(torch.where(improved, score, best_score))
+            best_total.copy_(torch.where(improved, total, best_total))
+            best_iter.copy_(torch.where(improved, it_t, best_iter))
+            for p, b in zip(params, best):
+                b.copy_(torch.where(improved, p, b))
+            losses.index_copy_(0, it_t, total)
+            lr_t = lrs.index_select(0, it_t)
+            for p in params:  # SignSGD: p <- p - lr * sign(grad)
+                if p.grad is not None:
+                    p.addcmul_(torch.sign(p.grad), lr_t, value=-1.0)
+                p.grad = None
+            it_t.add_(1)
+
+    every = 1 if device.type == "cpu" else 10
+    reported = 0
+
+    def report(upto: int):
+        nonlocal reported
+        if progress and upto > reported:
+            for k, value in enumerate(losses[reported:upto].tolist(), start=reported):
+                progress(k, value)
+            reported = upto
+
+    warm = min(iters, 2) if cuda_graph else iters
+    side = torch.cuda.Stream(device) if cuda_graph else None
+    graph = None
+    for it in range(iters):
+        if it < warm:
+            if side is not None:  # warm-up iterations (real ones) on a side stream, then capture
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    batches.prepare(it)
+                    step()
+                torch.cuda.current_stream(device).wait_stream(side)
+            else:
+                batches.prepare(it)
+                step()
+        else:
+            if graph is None:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):  # records one step; runs nothing
+                    step()
+            batches.prepare(it)
+            graph.replay()
+        if (it + 1) % every == 0:
+            report(it + 1)
+    report(iters)
+    del graph
     with torch.no_grad():
         for p, b in zip(params, best):
             p.copy_(b)
+    vals = losses.tolist()
+    result.losses = vals
+    result.init_loss = vals[0]
+    result.best_loss = float(best_total.item())
+    result.best_iter = int(best_iter.item())

@@ -21,7 +21,7 @@ import torch
 from pydantic import PrivateAttr
 from compressed_tensors.quantization import QuantizationStrategy
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
-from compressed_tensors.offload import update_offload_parameter
+from compressed_tensors.offload import disable_offloading, update_offload_parameter
 from compressed_tensors.utils import align_module_device, match_named_modules
 from loguru import logger
 from llmcompressor.modifiers.autoround import AutoRoundModifier as _StockAutoRoundModifier
@@ -77,6 +77,11 @@ class AutoRoundModifier(_StockAutoRoundModifier):
     # INT only: the dtype scales are rounded to while tuning. Default (None): the dtype the
     # checkpoint stores them in, so the reload is exact; "float16" reproduces auto-round.
     int_scale_dtype: Optional[Literal["float16", "bfloat16", "float32"]] = None
+    # Keep each block's cached inputs, reference outputs and quantized outputs in pinned host
+    # memory instead of on the GPU (cards short of memory; each iteration copies its batch).
+    cache_on_cpu: bool = False
+    # backend "cuda": capture one tuning iteration in a CUDA graph and replay it.
+    cuda_graph: bool = True
 
     _block_stats: list = PrivateAttr(default_factory=list)
 
@@ -157,19 +162,23 @@ class AutoRoundModifier(_StockAutoRoundModifier):
             bar.update(1)
 
         try:
-            with torch.enable_grad(), align_module_device(layer):
+            # disable_offloading: each offloaded weight is onloaded once and kept for the whole
+            # block, instead of copied from the host at every access (every iteration)
+            with torch.enable_grad(), align_module_device(layer), disable_offloading():
                 result: BlockResult = tune_block(
                     layer, inputs, {n: s for n, (_, s) in targets.items()},
                     q_inputs=self._q_input, iters=self.iters, batch_size=self.batch_size, lr=self.lr,
                     seed=self.seed, token_mask=token_mask, backend=self.backend, device=device,
-                    finalize=finalize, progress=progress if bar else None)
+                    finalize=finalize, progress=progress if bar else None,
+                    cache_device="cpu" if self.cache_on_cpu else None,
+                    cuda_graph=self.cuda_graph and self.backend == "cuda")
                 layer.to(home)
         finally:
             if bar:
                 bar.close()
         self._block_stats.append(dict(block=layer_name, init_loss=result.init_loss,
                                       best_loss=result.best_loss, best_iter=result.best_iter,
-                                      seconds=result.seconds, losses=result.losses))
+                                      seconds=result.seconds, losses=result.losses, phases=result.phases))
         self._q_input = result.q_outputs
         logger.info(f"{layer_name}: loss {result.init_loss:.6g} -> {result.best_loss:.6g} "
                     f"(iter {result.best_iter}), {result.seconds:.1f} s")

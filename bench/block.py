@@ -1,0 +1,356 @@
+"""Per-block tuning time, peak memory and loss: backend="cuda" beside backend="auto_round".
+
+Builds a Llama with random weights (no download; Llama-3.1-8B's block shape by default),
+calibrates it on random tokens and quantizes it through llm-compressor's oneshot with each
+backend in turn, in one process on one card. Prints, per scheme and backend: seconds per
+block, peak GPU memory, each block's loss at iteration 0 and at its best iteration, and the
+speed-up. Optionally profiles one tuning iteration (matmuls versus the rest) against the
+plain bf16 forward+backward of the block, which is the floor.
+
+    python -m bench.block --scheme NVFP4 W4A16 --layers 2 --out results/
+    python -m bench.block --shape smollm2 --layers 4 --iters 50     # small and quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import logging
+import os
+import re
+import statistics
+import tempfile
+import time
+
+import torch
+
+SHAPES = {  # hidden, intermediate, heads, kv heads, vocab
+    "8b": (4096, 14336, 32, 8, 32000),
+    "smollm2": (576, 1536, 9, 3, 49152),
+    "tiny": (128, 256, 4, 2, 256),
+}
+SCHEMES = {"NVFP4": "NVFP4", "W4A16": "W4A16"}
+
+
+def build_model(shape: str, layers: int, seqlen: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, inter, heads, kv, vocab = SHAPES[shape]
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
+                      num_key_value_heads=kv, num_hidden_layers=layers, vocab_size=vocab,
+                      max_position_embeddings=max(seqlen, 2048), rope_theta=500000.0,
+                      tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    from autoround_fast.cli import cast_parameters
+
+    with torch.device(dev):
+        model = cast_parameters(LlamaForCausalLM(cfg), torch.bfloat16)
+    return model
+
+
+def calibration(nsamples: int, seqlen: int, vocab: int, seed: int = 0):
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (nsamples, seqlen), generator=g).tolist()
+    return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * seqlen] * nsamples})
+
+
+def tokenizer(vocab: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(1, vocab)} | {"[UNK]": 0}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[UNK]")
+
+
+class _AutoRoundLosses(logging.Handler):
+    """auto-round's per-iteration losses at full precision: its loss function is wrapped to
+    keep each (already computed) loss tensor, and the 'loss iter 0: a -> iter k: b' line it
+    logs at the end of each block closes that block's curve."""
+
+    PATTERN = re.compile(r"loss iter 0: \S+ -> iter (\d+): ")
+
+    def __init__(self):
+        super().__init__()
+        self.curves, self.best_iters, self._pending = [], [], []
+        try:
+            from auto_round.algorithms.quantization.sign_round.quantizer import SignRoundQuantizer
+        except ImportError:
+            self._cls = None
+            return
+        self._cls, self._orig = SignRoundQuantizer, SignRoundQuantizer._get_loss
+        pending = self._pending
+
+        def get_loss(quantizer, *a, **k):
+            loss = self._orig(quantizer, *a, **k)
+            pending.append(loss.detach())
+            return loss
+
+        SignRoundQuantizer._get_loss = get_loss
+
+    def emit(self, record):
+        m = self.PATTERN.search(record.getMessage())
+        if m:
+            self.curves.append([float(t) for t in self._pending])  # batch 8, no accumulation
+            self.best_iters.append(int(m.group(1)))
+            self._pending.clear()
+
+    def close(self):
+        if self._cls is not None:
+            self._cls._get_loss = self._orig
+        super().close()
+
+
+def free_run_memory() -> None:
+    """llm-compressor's session keeps the last model and recipe alive: drop them."""
+    from llmcompressor.core.session_functions import reset_session
+
+    reset_session()
+
+
+def run_backend(backend: str, scheme: str, args, tmp: str) -> dict:
+    from llmcompressor import oneshot
+
+    from autoround_fast import AutoRoundModifier
+
+    model = build_model(args.shape, args.layers, args.seqlen)
+    vocab = model.config.vocab_size
+    cfg_dir = os.path.join(tmp, f"config-{backend}-{scheme}")
+    model.config.save_pretrained(cfg_dir)  # oneshot re-reads the config from disk
+    model.config._name_or_path = cfg_dir
+    mod = AutoRoundModifier(targets="Linear", scheme=scheme, ignore=["lm_head"], iters=args.iters,
+                            batch_size=args.batch_size, backend=backend,
+                            enable_torch_compile=args.compile, cache_on_cpu=args.cache_on_cpu)
+    handler = _AutoRoundLosses()
+    ar_logger = logging.getLogger("autoround")
+    ar_logger.addHandler(handler)
+    gpu = torch.cuda.is_available()
+    if gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if gpu else 0
+    t0 = time.perf_counter()
+    try:
+        oneshot(model=model, dataset=calibration(args.nsamples, args.seqlen, vocab), recipe=mod,
+                processor=tokenizer(min(vocab, 512)), num_calibration_samples=args.nsamples,
+                max_seq_length=args.seqlen)
+        if gpu:
+            torch.cuda.synchronize()
+    finally:
+        ar_logger.removeHandler(handler)
+        handler.close()
+    total = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() if gpu else 0
+    rows = mod.block_stats
+    curves = [r["losses"] for r in rows]
+    best_iters = [r["best_iter"] for r in rows]
+    if backend == "auto_round":
+        curves, best_iters = handler.curves, handler.best_iters
+    out = dict(backend=backend, scheme=scheme, total_s=total, peak_gib=peak / 2**30,
+               model_gib=base / 2**30, block_s=[r["seconds"] for r in rows],
+               init_loss=[c[0] if c else float("nan") for c in curves], best_iter=best_iters,
+               best_loss=[c[i] if c and i < len(c) else float("nan") for c, i in zip(curves, best_iters)],
+               curves=curves)
+    out["phases"] = [r.get("phases", {}) for r in rows]
+    free_run_memory()
+    del model, mod
+    gc.collect()
+    if gpu:
+        torch.cuda.empty_cache()
+    return out
+
+
+def profile_iteration(args, scheme: str) -> dict:
+    """One 8B-shaped block tuned by the engine for a few eager iterations under the profiler:
+    GPU time per iteration split into matmuls, attention, our kernels and the rest; beside it
+    the plain bf16 forward+backward of the same block and batch (the floor)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from autoround_fast.engine import QuantSpec, tune_block
+    from bench.common import time_ms
+
+    model = build_model(args.shape, 1, args.seqlen)
+    block = model.model.layers[0]
+    caps = []
+    hook = block.register_forward_pre_hook(lambda m, a, kw: caps.append((a, dict(kw))), with_kwargs=True)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(args.batch_size):
+            model(torch.randint(1, model.config.vocab_size, (1, args.seqlen), generator=g).cuda(), use_cache=False)
+    hook.remove()
+    print("profile: block kwargs", {k: (tuple(v.shape) if isinstance(v, torch.Tensor) else
+                                       [tuple(t.shape) for t in v] if isinstance(v, tuple) else v)
+                                   for k, v in caps[0][1].items()}, flush=True)
+    spec = QuantSpec("nvfp4", act=True) if scheme == "NVFP4" else QuantSpec("int", 4, 128, True)
+    names = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+
+    # the floor: the bf16 block's forward + backward on one batch, weights trainable
+    h = torch.cat([a[0] for a, _ in caps], 0).requires_grad_(False)
+    kwargs = {k: v for k, v in caps[0][1].items() if k not in ("past_key_values", "use_cache")}
+    if "position_embeddings" in kwargs:
+        kwargs["position_embeddings"] = tuple(t.expand(h.shape[0], *t.shape[1:]) for t in kwargs["position_embeddings"])
+
+    def fwd_bwd():
+        out = block(h, **kwargs)
+        (out[0] if isinstance(out, tuple) else out).float().pow(2).mean().backward()
+
+    floor_ms = time_ms(fwd_bwd, warmup=3, reps=10)
+    block.zero_grad(set_to_none=True)
+
+    def kernel_ms(iters: int) -> dict:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            tune_block(copy.deepcopy(block), caps, {n: spec for n in names}, iters=iters,
+                       batch_size=args.batch_size, backend="cuda", cuda_graph=False)
+            torch.cuda.synchronize()
+        cats = dict.fromkeys(("matmul", "attention", "fake-quant + loss (ours)", "other"), 0.0)
+        for ev in prof.key_averages():
+            us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+            k = ev.key.lower()
+            if not us or k.startswith(("profilerstep", "aten::", "autograd::", "cudagraph")):
+                continue
+            kernels[iters][ev.key[:90]] = kernels[iters].get(ev.key[:90], 0.0) + us / 1e3
+            if any(s in k for s in ("gemm", "nvjet", "xmma", "cutlass", "sm90_")):
+                cats["matmul"] += us / 1e3
+            elif any(s in k for s in ("flash", "fmha", "attention", "sdpa", "efficient")):
+                cats["attention"] += us / 1e3
+            elif any(s in k for s in ("fake_quant", "masked_mse", "autoround")):
+                cats["fake-quant + loss (ours)"] += us / 1e3
+            else:
+                cats["other"] += us / 1e3
+        return cats
+
+    # wall time per iteration of the whole loop, graph replay and eager, beside the floor's
+    # back-to-back forward+backward (sustained, as the loop runs it)
+    loop = {}
+    for label, graph in (("graph", True), ("eager", False)):
+        res = tune_block(copy.deepcopy(block), caps, {n: spec for n in names}, iters=60,
+                         batch_size=args.batch_size, backend="cuda", cuda_graph=graph)
+        loop[label] = res.phases["tune"] / 60 * 1e3
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(60):
+        fwd_bwd()
+    torch.cuda.synchronize()
+    loop["floor"] = (time.perf_counter() - t0) / 60 * 1e3
+    block.zero_grad(set_to_none=True)
+    print(f"profile {scheme}: loop ms/iteration {loop}", flush=True)
+
+    # two runs that differ only in the number of iterations: the difference is the loop alone
+    # (the reference, calibration and output passes cancel)
+    kernels = {2: {}, 6: {}}
+    short, long = kernel_ms(2), kernel_ms(6)
+    per_iter = {k: (long[k] - short[k]) / 4 for k in long}
+    top = sorted(((v - kernels[2].get(k, 0.0)) / 4, k) for k, v in kernels[6].items())[::-1][:15]
+    print(f"profile {scheme}: top kernels, ms per iteration:", flush=True)
+    for ms, k in top:
+        print(f"  {ms:7.3f}  {k}", flush=True)
+    return dict(floor_fwd_bwd_ms=floor_ms, per_iter_ms=per_iter, total_ms=sum(per_iter.values()),
+                loop_wall_ms=loop)
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    schemes = sorted({r["scheme"] for r in results})
+    fig, axes = plt.subplots(2, len(schemes), figsize=(6 * len(schemes), 7), squeeze=False)
+    for col, scheme in enumerate(schemes):
+        for r in (r for r in results if r["scheme"] == scheme):
+            blocks = range(len(r["block_s"]))
+            axes[0][col].bar([b + (0.2 if r["backend"] == "cuda" else -0.2) for b in blocks], r["block_s"],
+                             width=0.4, label=r["backend"])
+            axes[1][col].plot(list(blocks), r["best_loss"], marker="o", label=f"{r['backend']} best")
+            axes[1][col].plot(list(blocks), r["init_loss"], marker="x", linestyle=":", label=f"{r['backend']} iter 0")
+        axes[0][col].set(title=f"{scheme}: seconds per block", xlabel="block", ylabel="s")
+        axes[1][col].set(title=f"{scheme}: block loss", xlabel="block", ylabel="loss", yscale="log")
+        axes[0][col].legend()
+        axes[1][col].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def table(results: list[dict], card: str, cmd: str) -> str:
+    lines = [f"card: {card}", f"command: `{cmd}`", "",
+             "| scheme | backend | s/block (median) | blocks | total s | peak GiB | loss iter 0 | best loss | speed-up |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    by = {(r["scheme"], r["backend"]): r for r in results}
+    for r in results:
+        med = statistics.median(r["block_s"]) if r["block_s"] else float("nan")
+        base = by.get((r["scheme"], "auto_round"))
+        speed = (statistics.median(base["block_s"]) / med) if base and r["backend"] != "auto_round" else None
+        fmt = lambda xs: ", ".join(f"{x:.5g}" for x in xs)
+        lines.append(f"| {r['scheme']} | {r['backend']} | {med:.2f} | {fmt(r['block_s'])} | {r['total_s']:.1f} "
+                     f"| {r['peak_gib']:.1f} | {fmt(r['init_loss'])} | {fmt(r['best_loss'])} "
+                     f"| {f'{speed:.1f}x' if speed else ''} |")
+    for r in results:
+        if any(r.get("phases") or []):
+            keys = list(r["phases"][0])
+            lines.append(f"\n{r['scheme']} {r['backend']}, seconds per phase of each block: " + "; ".join(
+                ", ".join(f"{k} {ph.get(k, 0):.2f}" for k in keys) for ph in r["phases"]))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--scheme", nargs="+", default=["NVFP4", "W4A16"], choices=list(SCHEMES))
+    p.add_argument("--backends", nargs="+", default=["auto_round", "cuda"], choices=["auto_round", "cuda", "torch"])
+    p.add_argument("--shape", default="8b", choices=list(SHAPES))
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=8)
+    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="auto_round backend: torch.compile (llm-compressor's default)")
+    p.add_argument("--cache-on-cpu", dest="cache_on_cpu", action="store_true")
+    p.add_argument("--profile", action="store_true", help="also profile one tuning iteration per scheme")
+    p.add_argument("--out", default="bench-block-out")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available() and (args.profile or "cuda" in args.backends):
+        raise SystemExit("bench.block: backend cuda and --profile need a GPU")
+    logging.getLogger("autoround").setLevel(logging.INFO)
+    os.makedirs(args.out, exist_ok=True)
+    from bench.common import card_info
+
+    card = card_info() if torch.cuda.is_available() else "cpu"
+    cmd = "python -m bench.block " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    results, profiles = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for scheme in args.scheme:
+            for backend in args.backends:
+                r = run_backend(backend, scheme, args, tmp)
+                results.append(r)
+                print(f"{scheme} {backend}: blocks {['%.2f' % s for s in r['block_s']]} s, peak "
+                      f"{r['peak_gib']:.1f} GiB, loss {r['init_loss']} -> {r['best_loss']}", flush=True)
+                with open(os.path.join(args.out, "block.json"), "w") as f:
+                    json.dump(dict(card=card, command=cmd, results=results, profiles=profiles), f)
+            if args.profile:
+                profiles[scheme] = profile_iteration(args, scheme)
+                print(f"{scheme} profile: {json.dumps(profiles[scheme])}", flush=True)
+    text = table(results, card, cmd)
+    for scheme, prof in profiles.items():
+        text += (f"\n\n{scheme}, GPU time of one tuning iteration (profiler, eager, batch {args.batch_size}"
+                 f" x {args.seqlen}): total {prof['total_ms']:.1f} ms = "
+                 + ", ".join(f"{k} {v:.1f} ms" for k, v in prof["per_iter_ms"].items())
+                 + f"; plain bf16 forward+backward of the block on one batch: {prof['floor_fwd_bwd_ms']:.1f} ms"
+                 f" (x{args.iters} = {prof['floor_fwd_bwd_ms'] * args.iters / 1e3:.2f} s)")
+    print(text)
+    with open(os.path.join(args.out, "block.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(args.out, "block.json"), "w") as f:
+        json.dump(dict(card=card, command=cmd, results=results, profiles=profiles), f)
+    try:
+        plot(results, os.path.join(args.out, "block.png"))
+    except ImportError:
+        print("matplotlib missing: no plot")
+
+
+if __name__ == "__main__":
+    main()
