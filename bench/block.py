@@ -21,6 +21,8 @@ import logging
 import os
 import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -312,7 +314,17 @@ def main(argv=None):
     p.add_argument("--cache-on-cpu", dest="cache_on_cpu", action="store_true")
     p.add_argument("--profile", action="store_true", help="also profile one tuning iteration per scheme")
     p.add_argument("--out", default="bench-block-out")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # BACKEND:SCHEME, run in a child process
     args = p.parse_args(argv)
+    argv = list(argv if argv is not None else sys.argv[1:])
+    if args.one:
+        backend, scheme = args.one.split(":")
+        logging.getLogger("autoround").setLevel(logging.INFO)
+        with tempfile.TemporaryDirectory() as tmp:
+            r = run_backend(backend, scheme, args, tmp)
+        with open(os.path.join(args.out, f"one-{backend}-{scheme}.json"), "w") as f:
+            json.dump(r, f)
+        return
     if not torch.cuda.is_available() and (args.profile or "cuda" in args.backends):
         raise SystemExit("bench.block: backend cuda and --profile need a GPU")
     logging.getLogger("autoround").setLevel(logging.INFO)
@@ -320,12 +332,27 @@ def main(argv=None):
     from bench.common import card_info
 
     card = card_info() if torch.cuda.is_available() else "cpu"
-    cmd = "python -m bench.block " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    cmd = "python -m bench.block " + " ".join(argv)
     results, profiles = [], {}
-    with tempfile.TemporaryDirectory() as tmp:
+    if True:
         for scheme in args.scheme:
             for backend in args.backends:
-                r = run_backend(backend, scheme, args, tmp)
+                # one child process per run: its peak memory is its own, and nothing of one
+                # run (llm-compressor's session, caches, graph pools) is left for the next
+                path = os.path.join(args.out, f"one-{backend}-{scheme}.json")
+                if os.path.exists(path):
+                    os.remove(path)
+                env = dict(os.environ)
+                if backend == "auto_round":  # its eager-attention backward fragments the
+                    # allocator until an 80 GB card runs out (seen on the H100); not needed by ours
+                    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+                subprocess.run([sys.executable, "-m", "bench.block", *argv, "--one", f"{backend}:{scheme}"],
+                               env=env)
+                if not os.path.exists(path):
+                    print(f"{scheme} {backend}: the run failed (see above)", flush=True)
+                    continue
+                with open(path) as f:
+                    r = json.load(f)
                 results.append(r)
                 print(f"{scheme} {backend}: blocks {['%.2f' % s for s in r['block_s']]} s, peak "
                       f"{r['peak_gib']:.1f} GiB, loss {r['init_loss']} -> {r['best_loss']}", flush=True)

@@ -259,3 +259,43 @@ def test_cuda_graph_and_host_caches_change_nothing(ragged_block, name):
         assert all(torch.equal(w[n], ref_w[n]) for n in LINEARS), label
         assert torch.equal(res.q_outputs.cpu(), ref.q_outputs.cpu()), label
     assert runs["graph+host"][0].q_outputs.device.type == "cpu"
+
+
+def test_plain_causal_mask_is_dropped_for_sdpa(ragged_block):
+    """A 4-D mask that is exactly causal (what a traced model passes) is replaced by SDPA's
+    is_causal path; the losses agree with the mask-free run. A mask with padding stays."""
+    from autoround_fast.engine import _Inputs
+
+    model, inputs = ragged_block
+    L = inputs[0][0][0].shape[1]
+    causal = torch.full((L, L), torch.finfo(torch.bfloat16).min, dtype=torch.bfloat16).triu(1)[None, None]
+    masked = [(a, {**kw, "attention_mask": causal.clone()}) for a, kw in inputs]
+    block = fresh_block(model)
+    assert block.self_attn.config._attn_implementation == "sdpa"
+    stacked = _Inputs(masked, torch.device("cpu"), torch.device("cpu"))
+    assert stacked.drop_causal_mask(block) and stacked.kwargs["attention_mask"] is None
+    padded = causal.clone()
+    padded[..., -3:] = torch.finfo(torch.bfloat16).min
+    stacked = _Inputs([(a, {**kw, "attention_mask": padded}) for a, kw in inputs], torch.device("cpu"),
+                      torch.device("cpu"))
+    assert not stacked.drop_causal_mask(block) and stacked.kwargs["attention_mask"] is not None
+    spec = {n: SPECS["nvfp4a16"] for n in LINEARS}
+    a = tune_block(fresh_block(model), masked, spec, iters=5, batch_size=4, backend="kernels")
+    b = tune_block(fresh_block(model), inputs, spec, iters=5, batch_size=4, backend="kernels")
+    assert a.losses == pytest.approx(b.losses, rel=1e-6)
+
+
+def test_eager_attention_runs_as_sdpa_while_tuning(ragged_block):
+    """A model left on eager attention is tuned through SDPA (seen from inside the loop) and
+    handed back on eager; the losses agree with an SDPA model's to bf16 rounding."""
+    model, inputs = ragged_block
+    spec = {n: SPECS["nvfp4a16"] for n in LINEARS}
+    block = fresh_block(model)
+    block.self_attn.config = copy.deepcopy(block.self_attn.config)
+    block.self_attn.config._attn_implementation = "eager"
+    seen = []
+    a = tune_block(block, inputs, spec, iters=4, batch_size=4, backend="kernels",
+                   progress=lambda it, loss: seen.append(block.self_attn.config._attn_implementation))
+    assert seen == ["sdpa"] * 4 and block.self_attn.config._attn_implementation == "eager"
+    b = tune_block(fresh_block(model), inputs, spec, iters=4, batch_size=4, backend="kernels")
+    assert a.losses == pytest.approx(b.losses, rel=1e-6)

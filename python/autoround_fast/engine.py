@@ -13,6 +13,7 @@ cached inputs to :func:`tune_block`; the engine calls the ops; the ops call the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -194,6 +195,27 @@ class _Inputs:
                 self.per_sample.add(key)
             else:
                 self.kwargs[key] = _to_device(value, device)
+
+    def drop_causal_mask(self, block: nn.Module) -> bool:
+        """If every sample's attention mask is the plain causal mask and the block's attention
+        is SDPA with is_causal, pass no mask: SDPA then runs its causal flash kernel instead of
+        a masked kernel (same attention, several times faster backward). True if dropped."""
+        mask = self.kwargs.get("attention_mask")
+        if not isinstance(mask, torch.Tensor) or "attention_mask" not in self.per_sample:
+            return False
+        attn = [m for m in block.modules() if hasattr(m, "is_causal") and hasattr(m, "config")]
+        if not attn or not all(m.is_causal and getattr(m.config, "_attn_implementation", None) == "sdpa"
+                               for m in attn):
+            return False
+        if mask.dim() != 4 or mask.shape[-1] != mask.shape[-2]:
+            return False
+        allowed = mask if mask.dtype == torch.bool else mask == 0
+        causal = torch.ones(mask.shape[-2:], dtype=torch.bool, device=mask.device).tril()
+        if not bool(torch.equal(allowed, causal.expand_as(allowed))):
+            return False
+        self.kwargs["attention_mask"] = None
+        self.per_sample.discard("attention_mask")
+        return True
 
     @staticmethod
     def _stackable(value) -> bool:
@@ -513,119 +535,146 @@ def tune_block(
             raise ValueError(f"tune_block: weight of {name!r} has non-finite values (NaN or Inf)")
 
     # autocast in the model dtype; forced to bf16 when activations are quantized (auto-round)
-    act_quant = any(s.act for s in specs.values())
-    use_amp = act_quant or dtype in (torch.bfloat16, torch.float16)
-    amp_dtype = torch.bfloat16 if act_quant else dtype
+    with _sdpa_attention(block):
+        act_quant = any(s.act for s in specs.values())
+        use_amp = act_quant or dtype in (torch.bfloat16, torch.float16)
+        amp_dtype = torch.bfloat16 if act_quant else dtype
 
-    def autocast():  # no weight-cast cache: the tuned weights change every step (and graphs)
-        return torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp, cache_enabled=False)
+        def autocast():  # no weight-cast cache: the tuned weights change every step (and graphs)
+            return torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp, cache_enabled=False)
 
-    def model_dtype_autocast():  # the calibration pass (act_max, imatrix) runs in the model dtype
-        return torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.bfloat16, torch.float16))
+        def model_dtype_autocast():  # the calibration pass (act_max, imatrix) runs in the model dtype
+            return torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.bfloat16, torch.float16))
 
-    cache_device = torch.device(cache_device) if cache_device is not None else device
-    if cache_device.type not in ("cpu", device.type):
-        raise ValueError(f"tune_block: cache_device must be 'cpu' or the compute device {device}, "
-                         f"got {cache_device}")
-    if cache_device.type == device.type:
-        cache_device = device
-    if cuda_graph is None:
-        cuda_graph = be.name == "cuda"
-    cuda_graph = bool(cuda_graph) and device.type == "cuda"
-    phases: dict[str, float] = {}
-    mark = [time.perf_counter()]
+        cache_device = torch.device(cache_device) if cache_device is not None else device
+        if cache_device.type not in ("cpu", device.type):
+            raise ValueError(f"tune_block: cache_device must be 'cpu' or the compute device {device}, "
+                             f"got {cache_device}")
+        if cache_device.type == device.type:
+            cache_device = device
+        if cuda_graph is None:
+            cuda_graph = be.name == "cuda"
+        cuda_graph = bool(cuda_graph) and device.type == "cuda"
+        phases: dict[str, float] = {}
+        mark = [time.perf_counter()]
 
-    def phase(name: str) -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        now = time.perf_counter()
-        phases[name] = phases.get(name, 0.0) + now - mark[0]
-        mark[0] = now
+        def phase(name: str) -> None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            now = time.perf_counter()
+            phases[name] = phases.get(name, 0.0) + now - mark[0]
+            mark[0] = now
 
-    inputs = _Inputs(fp_inputs, device, cache_device)
-    q_hidden = (inputs.hidden if q_inputs is None
-                else _to_cache(q_inputs.to(dtype=inputs.hidden.dtype), cache_device))
-    mask = None if token_mask is None else token_mask.to(device=device, dtype=torch.float32)
+        inputs = _Inputs(fp_inputs, device, cache_device)
+        inputs.drop_causal_mask(block)
+        q_hidden = (inputs.hidden if q_inputs is None
+                    else _to_cache(q_inputs.to(dtype=inputs.hidden.dtype), cache_device))
+        mask = None if token_mask is None else token_mask.to(device=device, dtype=torch.float32)
 
-    with torch.no_grad():
-        phase("inputs")
-        ref = _run(block, inputs, batch_size, autocast) if iters > 0 else None
-        phase("reference")
-    stats = _activation_stats(block, linears, inputs, batch_size, model_dtype_autocast, q_hidden,
-                              want_max=act_quant, want_imatrix=iters == 0)
-    phase("calibration")
-
-    global_scales = dict(global_scales or {})
-    for group in fused_layer_groups([n for n in linears if specs[n].kind == "nvfp4"]):
-        missing = [n for n in group if n not in global_scales]
-        if missing:  # layers fused at inference share one global scale: the minimum
-            shared = kernel_ops.shared_nvfp4_global_scale([linears[n].weight for n in group])
-            global_scales.update({n: shared for n in missing})
-
-    tuned: dict[str, TunedLinear] = {}
-    for name, mod in linears.items():
-        spec = specs[name]
-        gs = act_gs = None
-        if spec.kind == "nvfp4":
-            gs = global_scales.get(name)
-            gs = kernel_ops.nvfp4_global_scale(mod.weight) if gs is None else gs.to(torch.float32)
-            if spec.act:
-                act_gs = kernel_ops.nvfp4_global_scale(stats[name][0])
-        tl = TunedLinear(mod, spec, be, gs, act_gs)
-        tuned[name] = tl
-        _replace(block, name, tl)
-
-    result = BlockResult(q_outputs=torch.empty(0), qparams={})
-    frozen = [(p, p.requires_grad) for p in block.parameters()
-              if not any(p is t for tl in tuned.values() for t in tl.tunables())]
-    try:
-        for p, _ in frozen:  # only V and the scales get gradients
-            p.requires_grad_(False)
-        with torch.enable_grad():
-            if iters > 0:
-                _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size, lr,
-                            seed, gradient_accumulate_steps, autocast, result, progress, cuda_graph)
-        phase("tune")
         with torch.no_grad():
+            phase("inputs")
+            ref = _run(block, inputs, batch_size, autocast) if iters > 0 else None
+            phase("reference")
+        stats = _activation_stats(block, linears, inputs, batch_size, model_dtype_autocast, q_hidden,
+                                  want_max=act_quant, want_imatrix=iters == 0)
+        phase("calibration")
+
+        global_scales = dict(global_scales or {})
+        for group in fused_layer_groups([n for n in linears if specs[n].kind == "nvfp4"]):
+            missing = [n for n in group if n not in global_scales]
+            if missing:  # layers fused at inference share one global scale: the minimum
+                shared = kernel_ops.shared_nvfp4_global_scale([linears[n].weight for n in group])
+                global_scales.update({n: shared for n in missing})
+
+        tuned: dict[str, TunedLinear] = {}
+        for name, mod in linears.items():
+            spec = specs[name]
+            gs = act_gs = None
+            if spec.kind == "nvfp4":
+                gs = global_scales.get(name)
+                gs = kernel_ops.nvfp4_global_scale(mod.weight) if gs is None else gs.to(torch.float32)
+                if spec.act:
+                    act_gs = kernel_ops.nvfp4_global_scale(stats[name][0])
+            tl = TunedLinear(mod, spec, be, gs, act_gs)
+            tuned[name] = tl
+            _replace(block, name, tl)
+
+        result = BlockResult(q_outputs=torch.empty(0), qparams={})
+        frozen = [(p, p.requires_grad) for p in block.parameters()
+                  if not any(p is t for tl in tuned.values() for t in tl.tunables())]
+        try:
+            for p, _ in frozen:  # only V and the scales get gradients
+                p.requires_grad_(False)
+            with torch.enable_grad():
+                if iters > 0:
+                    _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size, lr,
+                                seed, gradient_accumulate_steps, autocast, result, progress, cuda_graph)
+            phase("tune")
+            with torch.no_grad():
+                for name, tl in tuned.items():
+                    if iters == 0 and tl.spec.kind == "nvfp4":
+                        wq, scale = _opt_rtn_nvfp4(tl, stats[name][1])
+                        zp = None
+                    elif iters == 0 and tl.spec.kind == "int" and tl.spec.sym:
+                        wq, scale = _opt_rtn_int_sym(tl, stats[name][1])
+                        zp = None
+                    else:
+                        wq, scale, zp = tl.qdq()
+                    qp = {"scale": scale.detach(), "weight": wq.detach()}
+                    if zp is not None and not tl.spec.sym:
+                        qp["zero_point"] = zp.detach()
+                    if tl.global_scale is not None:
+                        qp["global_scale"] = tl.global_scale.detach()
+                    if tl.spec.act:
+                        qp["act_max"] = stats[name][0].detach()
+                        qp["input_global_scale"] = tl.act_global_scale.detach()
+                    stored = finalize(name, tl.linear, qp) if finalize else qp["weight"]
+                    tl.linear.weight.data.copy_(stored.to(tl.linear.weight.dtype))
+                    qp.pop("weight")
+                    result.qparams[name] = qp
+        finally:
+            for p, requires_grad in frozen:
+                p.requires_grad_(requires_grad)
             for name, tl in tuned.items():
-                if iters == 0 and tl.spec.kind == "nvfp4":
-                    wq, scale = _opt_rtn_nvfp4(tl, stats[name][1])
-                    zp = None
-                elif iters == 0 and tl.spec.kind == "int" and tl.spec.sym:
-                    wq, scale = _opt_rtn_int_sym(tl, stats[name][1])
-                    zp = None
-                else:
-                    wq, scale, zp = tl.qdq()
-                qp = {"scale": scale.detach(), "weight": wq.detach()}
-                if zp is not None and not tl.spec.sym:
-                    qp["zero_point"] = zp.detach()
-                if tl.global_scale is not None:
-                    qp["global_scale"] = tl.global_scale.detach()
                 if tl.spec.act:
-                    qp["act_max"] = stats[name][0].detach()
-                    qp["input_global_scale"] = tl.act_global_scale.detach()
-                stored = finalize(name, tl.linear, qp) if finalize else qp["weight"]
-                tl.linear.weight.data.copy_(stored.to(tl.linear.weight.dtype))
-                qp.pop("weight")
-                result.qparams[name] = qp
-    finally:
-        for p, requires_grad in frozen:
-            p.requires_grad_(requires_grad)
+                    _replace(block, name, _ActQuantLinear(tl.linear, be, tl.act_global_scale))
+                else:
+                    _replace(block, name, tl.linear)
+        with torch.no_grad():
+            phase("finalize")
+            result.q_outputs = _run(block, inputs, batch_size, autocast, q_hidden)
+            phase("outputs")
         for name, tl in tuned.items():
             if tl.spec.act:
-                _replace(block, name, _ActQuantLinear(tl.linear, be, tl.act_global_scale))
-            else:
                 _replace(block, name, tl.linear)
-    with torch.no_grad():
-        phase("finalize")
-        result.q_outputs = _run(block, inputs, batch_size, autocast, q_hidden)
-        phase("outputs")
-    for name, tl in tuned.items():
-        if tl.spec.act:
-            _replace(block, name, tl.linear)
-    result.seconds = time.perf_counter() - t0
-    result.phases = phases
-    return result
+        result.seconds = time.perf_counter() - t0
+        result.phases = phases
+        return result
+
+
+@contextlib.contextmanager
+def _sdpa_attention(block: nn.Module):
+    """Run the block's attention through SDPA while tuning, if the model is set to eager
+    attention (llm-compressor's traced pipeline leaves it so): the same attention, but a
+    fused flash kernel instead of fp32 score matrices (at 8 x 2048 tokens the eager backward
+    alone costs ~20 ms per iteration). Left alone: sliding windows, logit soft-capping,
+    attention dropout, and any implementation other than eager."""
+    swapped = []
+    for m in block.modules():
+        cfg = getattr(m, "config", None)
+        if not (hasattr(m, "is_causal") and cfg is not None and getattr(cfg, "_attn_implementation", None) == "eager"):
+            continue
+        if (getattr(cfg, "sliding_window", None) or getattr(cfg, "attn_logit_softcapping", None)
+                or (m.training and getattr(cfg, "attention_dropout", 0.0))):
+            continue
+        if all(c is not cfg for c, _ in swapped):
+            swapped.append((cfg, cfg._attn_implementation))
+            cfg._attn_implementation = "sdpa"
+    try:
+        yield
+    finally:
+        for cfg, old in swapped:
+            cfg._attn_implementation = old
 
 
 def _lr_schedule(lr: float, iters: int) -> list[float]:
@@ -701,6 +750,39 @@ class _Batches:
         return args, kwargs, self.ref.index_select(0, idx)
 
 
+class _IterationProfiler:
+    """AUTOROUND_FAST_PROFILE=1: profile iterations 4..6 of each block's loop (replayed from
+    the graph when there is one) and print the kernels that took the most GPU time."""
+
+    def __init__(self, iters: int):
+        import os
+
+        self.prof = None
+        self.on = (os.environ.get("AUTOROUND_FAST_PROFILE") == "1" and iters >= 8
+                   and torch.cuda.is_available())
+
+    def after(self, it: int) -> None:
+        if not self.on:
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        if it == 3:
+            torch.cuda.synchronize()
+            self.prof = profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU])
+            self.prof.__enter__()
+        elif it == 6 and self.prof is not None:
+            torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            rows = [(getattr(e, "device_time_total", 0) / 3e3, e.count // 3, e.key[:100])
+                    for e in self.prof.key_averages() if getattr(e, "device_time_total", 0) > 0
+                    and not e.key.startswith(("aten::", "autograd::", "ProfilerStep"))]
+            rows.sort(reverse=True)
+            print(f"AUTOROUND_FAST_PROFILE: GPU ms per iteration {sum(r[0] for r in rows):.2f}; top kernels:")
+            for ms, count, key in rows[:25]:
+                print(f"  {ms:8.3f} ms  x{count:<4d} {key}")
+            self.prof = None
+
+
 def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size, lr, seed,
                 accumulate, autocast, result, progress, cuda_graph):
     """SignRound's loop. One iteration (:func:`step`) touches only device tensors: the batch
@@ -774,6 +856,7 @@ def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size
                 progress(k, value)
             reported = upto
 
+    profiler = _IterationProfiler(iters)
     warm = min(iters, 2) if cuda_graph else iters
     side = torch.cuda.Stream(device) if cuda_graph else None
     graph = None
@@ -795,6 +878,7 @@ def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size
                     step()
             batches.prepare(it)
             graph.replay()
+        profiler.after(it)
         if (it + 1) % every == 0:
             report(it + 1)
     report(iters)
