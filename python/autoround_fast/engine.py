@@ -485,6 +485,8 @@ def tune_block(
     progress: Optional[Callable[[int, float], None]] = None,
     cache_device: Optional[str | torch.device] = None,
     cuda_graph: Optional[bool] = None,
+    distributed: Optional[bool] = None,
+    batch_order: Optional[Sequence[Sequence[int]]] = None,
 ) -> BlockResult:
     """Tune one decoder block with SignRound and write its fake-quantized weights in place.
 
@@ -512,6 +514,15 @@ def tune_block(
         cuda_graph: capture one tuning iteration in a CUDA graph and replay it (default: on
             for backend "cuda"). The loss, best-parameter bookkeeping, sampling and learning
             rate all live on the GPU, so the loop never waits for the host.
+        distributed: data parallel over torch.distributed (default: on when a process group
+            of more than one rank is initialised, as under torchrun). Each rank passes its own
+            share of the samples; act_max and the imatrix are reduced over ranks (max, sum),
+            the gradients of V and the scales are summed before every sign step and the loss
+            that picks the best parameters is the global one, so every rank takes the same
+            steps and ends with the same weights. q_outputs stay with the rank that owns the
+            samples. The loop runs eagerly then (no CUDA graph).
+        batch_order: the samples of every iteration (iters lists of indices), instead of the
+            seeded shuffle; for reproducing a run exactly.
 
     Returns:
         :class:`BlockResult` with the next block's quantized inputs and the qparams.
@@ -554,7 +565,11 @@ def tune_block(
             cache_device = device
         if cuda_graph is None:
             cuda_graph = be.name == "cuda"
-        cuda_graph = bool(cuda_graph) and device.type == "cuda"
+        dist = _process_group() if distributed in (None, True) else None
+        if distributed and dist is None:
+            raise ValueError("tune_block: distributed=True, but no torch.distributed process group "
+                             "of more than one rank is initialised")
+        cuda_graph = bool(cuda_graph) and device.type == "cuda" and dist is None
         phases: dict[str, float] = {}
         mark = [time.perf_counter()]
 
@@ -577,6 +592,12 @@ def tune_block(
             phase("reference")
         stats = _activation_stats(block, linears, inputs, batch_size, model_dtype_autocast, q_hidden,
                                   want_max=act_quant, want_imatrix=iters == 0)
+        if dist is not None:  # every rank quantizes with the statistics of all samples
+            for name in linears:
+                if act_quant:
+                    dist.all_reduce(stats[name][0], op=dist.ReduceOp.MAX)
+                if iters == 0:
+                    dist.all_reduce(stats[name][1])
         phase("calibration")
 
         global_scales = dict(global_scales or {})
@@ -608,7 +629,8 @@ def tune_block(
             with torch.enable_grad():
                 if iters > 0:
                     _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size, lr,
-                                seed, gradient_accumulate_steps, autocast, result, progress, cuda_graph)
+                                seed, gradient_accumulate_steps, autocast, result, progress, cuda_graph,
+                                dist, batch_order)
             phase("tune")
             with torch.no_grad():
                 for name, tl in tuned.items():
@@ -783,8 +805,17 @@ class _IterationProfiler:
             self.prof = None
 
 
+def _process_group():
+    """torch.distributed when a group of more than one rank is initialised, else None."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist
+    return None
+
+
 def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size, lr, seed,
-                accumulate, autocast, result, progress, cuda_graph):
+                accumulate, autocast, result, progress, cuda_graph, dist=None, batch_order=None):
     """SignRound's loop. One iteration (:func:`step`) touches only device tensors: the batch
     indices, learning rate and valid-token count come from per-iteration tables indexed by an
     on-device counter, and the best-score bookkeeping is a torch.where, so the same step runs
@@ -793,7 +824,13 @@ def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size
     device = inputs.device
     n = inputs.n
     global_bs = min(n, batch_size * accumulate)
-    order = _batch_order(n, global_bs, iters, seed)
+    if batch_order is None:
+        order = _batch_order(n, global_bs, iters, seed)
+    else:
+        order = [list(map(int, b)) for b in batch_order]
+        if len(order) != iters or any(len(b) != global_bs or not all(0 <= i < n for i in b) for b in order):
+            raise ValueError(f"tune_block: batch_order must hold {iters} lists of {global_bs} sample "
+                             f"indices in [0, {n})")
     all_idx = torch.tensor(order, dtype=torch.long, device=device)
     lrs = torch.tensor(_lr_schedule(1.0 / iters if lr is None else lr, iters), dtype=torch.float32,
                        device=device)
@@ -805,7 +842,11 @@ def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size
         valid = torch.full((iters,), float(n_elm), dtype=torch.float64, device=device)
     else:
         valid = mask.to(torch.float64).sum(-1).index_select(0, all_idx.reshape(-1))
-        valid = valid.reshape(iters, global_bs).sum(-1).clamp_min(1.0)
+        valid = valid.reshape(iters, global_bs).sum(-1)
+    if dist is not None and (mask is not None or accumulate != 1):
+        dist.all_reduce(valid)  # counts of the global batch, over all ranks
+    if mask is not None:
+        valid = valid.clamp_min(1.0)
     it_t = torch.zeros(1, dtype=torch.long, device=device)
     losses = torch.zeros(iters, dtype=torch.float64, device=device)
     best_score = torch.full((1,), float("inf"), dtype=torch.float64, device=device)
@@ -831,6 +872,13 @@ def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size
             l64 = loss.detach().to(torch.float64).reshape(1)
             total = total + l64
             score = score + l64 / n_valid
+        if dist is not None:  # one step for all ranks: summed gradients, the global loss
+            for p in params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+            both = torch.cat([total, score])
+            dist.all_reduce(both)
+            total, score = both[:1], both[1:]
         with torch.no_grad():
             improved = score < best_score  # scored before the step, as auto-round
             best_score.copy_(torch.where(improved, score, best_score))

@@ -1,0 +1,57 @@
+"""Data-parallel tuning over torch.distributed (gloo, 2 processes, CPU): each rank tunes on
+its half of the samples, gradients and the loss are reduced every step, and the result equals
+the single-process run on all samples whose iterations use the same samples (one micro-batch
+per rank's batch, gradient accumulation 2).
+
+Tolerance: exact. With two ranks every reduction is one addition (a + b == b + a in IEEE
+arithmetic), the single process accumulates the same two gradients in the same precision, and
+the micro-batches have the same shapes, so the same kernels produce the same bits."""
+
+import copy
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import dist_worker as w
+from autoround_fast.engine import _batch_order, tune_block
+
+
+def _spawned(rank, scheme, iters, out_dir):
+    w.run(rank, scheme, iters, out_dir)
+
+
+@pytest.mark.parametrize("scheme,iters", [("nvfp4", w.ITERS), ("w4a16-asym", w.ITERS), ("nvfp4a16", 0)])
+def test_two_ranks_equal_one_process(tmp_path, scheme, iters):
+    mp.spawn(_spawned, args=(scheme, iters, str(tmp_path)), nprocs=w.RANKS, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(w.RANKS)]
+
+    model, inputs = w.problem()
+    share = w.SAMPLES // w.RANKS
+    local = _batch_order(share, w.BATCH, max(iters, 1), w.SEED)[:iters]
+    order = [b + [i + share for i in b] for b in local]  # rank 0's batch, then rank 1's
+    block = copy.deepcopy(model.model.layers[0])
+    spec = w.spec_for(scheme)
+    res = tune_block(block, inputs, {n: spec for n in w.LINEARS}, iters=iters, batch_size=w.BATCH,
+                     gradient_accumulate_steps=w.RANKS, token_mask=torch.ones(w.SAMPLES, w.SEQLEN),
+                     backend="kernels", batch_order=order if iters else None)
+    single = w.summary(block, res)
+
+    for r, got in enumerate(ranks):
+        assert got["losses"] == single["losses"], r
+        assert got["best_iter"] == single["best_iter"], r
+        for n in w.LINEARS:
+            assert torch.equal(got["weights"][n], single["weights"][n]), (r, n)
+            for k, v in single["qparams"][n].items():
+                assert torch.equal(got["qparams"][n][k], v), (r, n, k)
+        assert torch.equal(got["q_outputs"], single["q_outputs"][r * share:(r + 1) * share]), r
+    if iters:
+        assert len(set(single["losses"])) > 1
+        assert not torch.equal(ranks[0]["q_outputs"], ranks[1]["q_outputs"])  # each rank's own samples
+
+
+def test_distributed_true_without_a_group_is_an_error():
+    model, inputs = w.problem()
+    with pytest.raises(ValueError, match="no torch.distributed process group"):
+        tune_block(copy.deepcopy(model.model.layers[0]), inputs, {"mlp.down_proj": w.spec_for("nvfp4a16")},
+                   iters=1, distributed=True)
