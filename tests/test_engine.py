@@ -285,17 +285,30 @@ def test_plain_causal_mask_is_dropped_for_sdpa(ragged_block):
     assert a.losses == pytest.approx(b.losses, rel=1e-6)
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU: on a CPU the model's own attention runs")
 def test_eager_attention_runs_as_sdpa_while_tuning(ragged_block):
-    """A model left on eager attention is tuned through SDPA (seen from inside the loop) and
-    handed back on eager; the losses agree with an SDPA model's to bf16 rounding."""
+    """On a GPU, a model left on eager attention is tuned through SDPA (seen from inside the
+    loop) and handed back on eager; the losses agree with an SDPA model's."""
     model, inputs = ragged_block
     spec = {n: SPECS["nvfp4a16"] for n in LINEARS}
     block = fresh_block(model)
     block.self_attn.config = copy.deepcopy(block.self_attn.config)
     block.self_attn.config._attn_implementation = "eager"
     seen = []
-    a = tune_block(block, inputs, spec, iters=4, batch_size=4, backend="kernels",
+    cuda = dict(backend="cuda", device=torch.device("cuda"))
+    a = tune_block(block, inputs, spec, iters=4, batch_size=4, cuda_graph=False, **cuda,
                    progress=lambda it, loss: seen.append(block.self_attn.config._attn_implementation))
     assert seen == ["sdpa"] * 4 and block.self_attn.config._attn_implementation == "eager"
-    b = tune_block(fresh_block(model), inputs, spec, iters=4, batch_size=4, backend="kernels")
+    b = tune_block(fresh_block(model), inputs, spec, iters=4, batch_size=4, cuda_graph=False, **cuda)
     assert a.losses == pytest.approx(b.losses, rel=1e-6)
+
+
+def test_eager_attention_stays_eager_on_cpu(ragged_block):
+    model, inputs = ragged_block
+    block = fresh_block(model)
+    block.self_attn.config = copy.deepcopy(block.self_attn.config)
+    block.self_attn.config._attn_implementation = "eager"
+    seen = []
+    tune_block(block, inputs, {"mlp.down_proj": SPECS["nvfp4a16"]}, iters=2, batch_size=4, backend="kernels",
+               progress=lambda it, loss: seen.append(block.self_attn.config._attn_implementation))
+    assert seen == ["eager"] * 2

@@ -546,10 +546,14 @@ def tune_block(
             raise ValueError(f"tune_block: weight of {name!r} has non-finite values (NaN or Inf)")
 
     # autocast in the model dtype; forced to bf16 when activations are quantized (auto-round)
-    with _sdpa_attention(block):
+    with _sdpa_attention(block, enabled=device.type == "cuda"):
         act_quant = any(s.act for s in specs.values())
         use_amp = act_quant or dtype in (torch.bfloat16, torch.float16)
         amp_dtype = torch.bfloat16 if act_quant else dtype
+        if device.type == "cpu" and dtype == torch.float32 and not _cpu_has_bf16():
+            # auto-round turns amp off on a CPU without AVX512-BF16 and keeps an fp32 model in
+            # fp32, activation quantization included
+            use_amp, amp_dtype = False, torch.float32
 
         def autocast():  # no weight-cast cache: the tuned weights change every step (and graphs)
             return torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp, cache_enabled=False)
@@ -674,15 +678,26 @@ def tune_block(
         return result
 
 
+def _cpu_has_bf16() -> bool:
+    """AVX512-BF16 on this CPU (auto-round's test for bf16 tuning on a CPU)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any("avx512_bf16" in line.split() for line in f if line.startswith("flags"))
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
-def _sdpa_attention(block: nn.Module):
-    """Run the block's attention through SDPA while tuning, if the model is set to eager
-    attention (llm-compressor's traced pipeline leaves it so): the same attention, but a
+def _sdpa_attention(block: nn.Module, enabled: bool = True):
+    """On a GPU, run the block's attention through SDPA while tuning if the model is set to
+    eager attention (llm-compressor's calibration leaves it so): the same attention, but a
     fused flash kernel instead of fp32 score matrices (at 8 x 2048 tokens the eager backward
-    alone costs ~20 ms per iteration). Left alone: sliding windows, logit soft-capping,
-    attention dropout, and any implementation other than eager."""
+    alone costs ~20 ms per iteration); it rounds differently, so auto-round's results are
+    then matched to run-to-run noise, not bit for bit. On a CPU the model's own attention
+    runs (bit-for-bit equivalence, tests/test_equivalence.py). Left alone: sliding windows,
+    logit soft-capping, attention dropout, and any implementation other than eager."""
     swapped = []
-    for m in block.modules():
+    for m in block.modules() if enabled else ():
         cfg = getattr(m, "config", None)
         if not (hasattr(m, "is_causal") and cfg is not None and getattr(cfg, "_attn_implementation", None) == "eager"):
             continue
