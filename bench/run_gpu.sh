@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session's worth of checks, for the lent GPU machine (see NOTES.md):
 # build with the CUDA kernels, CUDA tests, compute-sanitizer, microbenchmarks.
-#   bash bench/run_gpu.sh [what...]   what: build tests sanitize ops profile (default: all)
+#   bash bench/run_gpu.sh [what...]   what: build tests sanitize ops profile (default: these),
+#                                     smol-a, accuracy (SmolLM2 in two calls), block
 # Logs and tables go to $OUT (or ./gpu-out). The build leaves the extension in
 # python/autoround_fast/ (ignored by git), so later calls on a warm machine skip it and run
 # the source tree through PYTHONPATH. Source it (". bench/run_gpu.sh build") to keep the env.
@@ -30,6 +31,14 @@ for step in $what; do
                   | tail -4 | tee "$out/sanitize-$tool.log"
               done ;;
     ops) python3 -m bench.ops --out "$out/bench_ops.md" 2>&1 | tail -40 ;;
+    smol-a) mkdir -p /tmp/smol && cp .smol-a/part.aa /tmp/smol/ ;;  # call 1: carry .smol-a
+    accuracy) # call 2, within 30 s of call 1: carry .smol-b .data .whl; SCHEMES/ROWS optional
+             cat /tmp/smol/part.aa .smol-b/part.ab > /tmp/smol/smollm2.gguf
+             python3 -m bench.accuracy --gguf /tmp/smol/smollm2.gguf --calib .data/lee_background.txt \
+               --eval .data/wiki_dev.txt --scheme ${SCHEMES:-NVFP4 W4A16-G64} \
+               --rows ${ROWS:-rtn auto_round:0 cuda:0 auto_round:200 cuda:200} --out "$out/accuracy" \
+               2>&1 | grep -v "it/s\]" | tail -30 ;;
+    block) python3 -m bench.block --out "$out/block" ${BLOCK_ARGS:-} 2>&1 | grep -E "^\||phase|failed" ;;
     profile) ncu --kernel-name regex:fake_quant --launch-skip 4 --launch-count 4 --section SpeedOfLight \
                --section Occupancy python3 -m bench.profile_kernels > "$out/ncu.txt" 2>&1
              grep -E "^  [a-z].*fake_quant|DRAM Throughput|Duration|Achieved Occupancy" "$out/ncu.txt" ;;
