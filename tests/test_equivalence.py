@@ -80,22 +80,19 @@ def test_torch_backend_reproduces_stock_auto_round(fp32_model_dir, scheme, monke
         assert torch.equal(ours[name], stock[name]), name
 
 
-def test_nvfp4_w4a4_starts_where_stock_starts(fp32_model_dir, monkeypatch):
+def test_nvfp4_w4a4_first_block_reproduces_stock(fp32_model_dir, monkeypatch):
     """NVFP4 with activations on an fp32 model (on a CPU without AVX512-BF16 auto-round turns
-    amp off, and so does the engine): the first block's weight global scales equal the stock
-    path's bit for bit (q/k/v and gate/up share the minimum), the input global scales agree
-    to 1e-6 and the RTN-state loss (iteration 0) to 1e-5 (measured 4e-7). Not bit for bit:
-    down_proj's act_max (the SiLU(gate) * up product) differs in the last bits (4 ulp), as if
-    the stock calibration pass computed the MLP matmuls in another batch layout; from there
-    the sign steps part ways, so later iterations are not compared."""
+    amp off, and so does the engine): the first block's weight and input global scales equal
+    the stock path's bit for bit, and so do its 20 per-iteration losses (rel 1e-6). The
+    second block is not compared: the stored NVFP4 weight is compressed-tensors' own
+    dequantization of the tuned codes (so the checkpoint reloads exactly), which differs from
+    auto-round's in-memory qdq in the last bits, and the next block's inputs with it."""
     stock_losses = record_stock_losses(monkeypatch)
     stock_scales, our_scales = {}, {}
     run(fp32_model_dir, "auto_round", "NVFP4", [], stock_scales)
     ours = []
     run(fp32_model_dir, "torch", "NVFP4", ours, our_scales)
     assert len(stock_losses) == len(ours) == 40
-    assert set(our_scales) == set(stock_scales) and len(our_scales) == 7
-    for name, (weight_gs, input_gs) in stock_scales.items():
-        assert our_scales[name][0] == weight_gs, name
-        assert our_scales[name][1] == pytest.approx(input_gs, rel=1e-6), name
-    assert ours[0] == pytest.approx(stock_losses[0], rel=1e-5)
+    assert our_scales == stock_scales and len(our_scales) == 7
+    assert ours[:20] == pytest.approx(stock_losses[:20], rel=1e-6)
+    assert len(set(ours[:20])) > 1

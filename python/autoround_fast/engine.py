@@ -320,11 +320,12 @@ def _run(block, inputs: _Inputs, batch_size: int, autocast, hidden=None, collect
     return _to_cache(torch.cat(outs, 0), inputs.cache_device) if collect else None
 
 
-def _activation_stats(block, linears, inputs, batch_size, autocast, hidden, want_max: bool,
-                      want_imatrix: bool):
+def _activation_stats(block, linears, inputs, autocast, hidden, want_max: bool, want_imatrix: bool):
     """Per Linear input, on q_in: max |x| (exact in the input dtype, kept in fp32; for W4A4's
     input global scale) and sum x^2 per channel in fp32 (the imatrix, for iters=0). The pass
-    is skipped when neither is wanted."""
+    is skipped when neither is wanted. It runs one sample at a time, as auto-round's values
+    come from a per-sample pass: batched matmuls round differently (down_proj's act_max was
+    4 ulp off when this pass ran in batches, and the tuning parted ways from there)."""
     stats = {n: [torch.zeros((), dtype=torch.float32, device=inputs.device),
                  torch.zeros(m.in_features, dtype=torch.float32, device=inputs.device)]
              for n, m in linears.items()}
@@ -342,7 +343,7 @@ def _activation_stats(block, linears, inputs, batch_size, autocast, hidden, want
         hooks.append(mod.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
-            _run(block, inputs, batch_size, autocast, hidden, collect=False)
+            _run(block, inputs, 1, autocast, hidden, collect=False)
     finally:
         for h in hooks:
             h.remove()
@@ -594,7 +595,7 @@ def tune_block(
             phase("inputs")
             ref = _run(block, inputs, batch_size, autocast) if iters > 0 else None
             phase("reference")
-        stats = _activation_stats(block, linears, inputs, batch_size, model_dtype_autocast, q_hidden,
+        stats = _activation_stats(block, linears, inputs, model_dtype_autocast, q_hidden,
                                   want_max=act_quant, want_imatrix=iters == 0)
         if dist is not None:  # every rank quantizes with the statistics of all samples
             for name in linears:
