@@ -142,8 +142,12 @@ def main(argv=None):
                 oneshot(model=model, dataset=calib, recipe=recipe, processor=tok,
                         num_calibration_samples=len(calib), max_seq_length=args.seqlen)
                 seconds = time.perf_counter() - t0
-                out = dict(scheme=scheme, method=backend, iters=iters, seconds=round(seconds, 2),
-                           ppl=perplexity(model, eval_ids, args.eval_seqlen))
+                out = dict(scheme=scheme, method=backend, iters=iters, seconds=round(seconds, 2))
+                dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+                if len(dtypes) > 1:  # auto-round on a CPU without bf16 turns the blocks to fp32
+                    cast_parameters(model, torch.bfloat16)
+                    out["recast_from"] = sorted(str(d) for d in dtypes)
+                out["ppl"] = perplexity(model, eval_ids, args.eval_seqlen)
                 stats = getattr(recipe, "block_stats", None)
                 if stats:
                     secs = sorted(r["seconds"] for r in stats)
