@@ -250,12 +250,17 @@ def _rows(t: torch.Tensor, idx: torch.Tensor, device: torch.device) -> torch.Ten
     return t.index_select(0, idx.to(t.device)).to(device, non_blocking=True)
 
 
+def _empty_cache(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised cache tensor on ``device``, pinned if that is the host of a GPU."""
+    pin = device.type == "cpu" and torch.cuda.is_available()
+    return torch.empty(shape, dtype=dtype, device=device, pin_memory=pin)
+
+
 def _stack(parts: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
     """torch.cat(parts) on ``device`` (pinned if the host), copied part by part: no host-side
     concatenation of the whole cache before the transfer."""
     rows = sum(p.shape[0] for p in parts)
-    pin = device.type == "cpu" and torch.cuda.is_available()
-    out = torch.empty((rows, *parts[0].shape[1:]), dtype=parts[0].dtype, device=device, pin_memory=pin)
+    out = _empty_cache((rows, *parts[0].shape[1:]), parts[0].dtype, device)
     start = 0
     for p in parts:
         out[start: start + p.shape[0]].copy_(p, non_blocking=p.is_pinned())
@@ -308,16 +313,19 @@ def _replace(block: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _run(block, inputs: _Inputs, batch_size: int, autocast, hidden=None, collect: bool = True):
-    """The block's output for every sample, on the cache device (None if not collected)."""
-    outs = []
+    """The block's output for every sample, on the cache device (None if not collected);
+    each batch is written straight into the cache, so nothing is concatenated or re-pinned."""
+    outs = None
     for start in range(0, inputs.n, batch_size):
         idx = torch.arange(start, min(start + batch_size, inputs.n), device=inputs.device)
         args, kwargs = inputs.batch(idx, hidden)
         with autocast():
             out = _block_output(block(*args, **kwargs)).detach()
         if collect:
-            outs.append(out.to(inputs.cache_device))
-    return _to_cache(torch.cat(outs, 0), inputs.cache_device) if collect else None
+            if outs is None:
+                outs = _empty_cache((inputs.n, *out.shape[1:]), out.dtype, inputs.cache_device)
+            outs[start: start + out.shape[0]].copy_(out)
+    return outs
 
 
 def _activation_stats(block, linears, inputs, autocast, hidden, want_max: bool, want_imatrix: bool):
@@ -365,20 +373,6 @@ def fused_layer_groups(names: Sequence[str]) -> list[list[str]]:
                 by_parent.setdefault(parent, []).append(n)
         groups += [g for g in by_parent.values() if len(g) > 1]
     return groups
-
-
-class SignSGD(torch.optim.Optimizer):
-    """p <- p - lr * sign(grad) (sign(0) = 0), auto-round's optimizer with momentum 0."""
-
-    def __init__(self, params, lr):
-        super().__init__(params, dict(lr=lr))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.add_(torch.sign(p.grad), alpha=-float(group["lr"]))
 
 
 def _opt_rtn_nvfp4(tl: TunedLinear, imatrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -716,10 +710,11 @@ def _sdpa_attention(block: nn.Module, enabled: bool = True):
 
 
 def _lr_schedule(lr: float, iters: int) -> list[float]:
-    """The learning rate of every iteration: SignSGD's lr under LinearLR (1 -> 0), computed
-    by the same optimizer and scheduler classes, so each value rounds as auto-round's does."""
+    """The learning rate of every iteration: a tensor lr under LinearLR (1 -> 0), stepped by
+    the scheduler class auto-round uses, so each value rounds as auto-round's does (the
+    optimizer only holds the lr; the sign step itself is in _sign_round)."""
     dummy = torch.zeros(1, requires_grad=True)
-    opt = SignSGD([dummy], lr=torch.tensor(lr))
+    opt = torch.optim.SGD([dummy], lr=torch.tensor(lr))
     sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.0, total_iters=iters)
     lrs = []
     for _ in range(iters):
