@@ -61,6 +61,27 @@ def calibration(nsamples: int, seqlen: int, vocab: int, seed: int = 0):
     return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * seqlen] * nsamples})
 
 
+def capture_layer_inputs(model, ids: torch.Tensor) -> list:
+    """(args, kwargs) of the first decoder layer for each row of ids (batch dimension 1)."""
+    caps = []
+    layer = model.model.layers[0]
+    hook = layer.register_forward_pre_hook(lambda m, a, kw: caps.append((a, dict(kw))), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for row in ids:
+                model(row[None].to(next(model.parameters()).device), use_cache=False)
+    finally:
+        hook.remove()
+    return caps
+
+
+def engine_spec(scheme: str):
+    """The engine's QuantSpec for a bench scheme: NVFP4 W4A4, or INT4 sym g128 (W4A16)."""
+    from autoround_fast.engine import QuantSpec
+
+    return QuantSpec("nvfp4", act=True) if scheme == "NVFP4" else QuantSpec("int", 4, 128, True)
+
+
 def tokenizer(vocab: int):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -173,22 +194,18 @@ def profile_iteration(args, scheme: str) -> dict:
     the plain bf16 forward+backward of the same block and batch (the floor)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from autoround_fast.engine import QuantSpec, tune_block
+    from autoround_fast.engine import tune_block
     from bench.common import time_ms
 
     model = build_model(args.shape, 1, args.seqlen)
     block = model.model.layers[0]
-    caps = []
-    hook = block.register_forward_pre_hook(lambda m, a, kw: caps.append((a, dict(kw))), with_kwargs=True)
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _ in range(args.batch_size):
-            model(torch.randint(1, model.config.vocab_size, (1, args.seqlen), generator=g).cuda(), use_cache=False)
-    hook.remove()
+    caps = capture_layer_inputs(model, torch.randint(1, model.config.vocab_size, (args.batch_size, args.seqlen),
+                                                     generator=g))
     print("profile: block kwargs", {k: (tuple(v.shape) if isinstance(v, torch.Tensor) else
                                        [tuple(t.shape) for t in v] if isinstance(v, tuple) else v)
                                    for k, v in caps[0][1].items()}, flush=True)
-    spec = QuantSpec("nvfp4", act=True) if scheme == "NVFP4" else QuantSpec("int", 4, 128, True)
+    spec = engine_spec(scheme)
     names = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
 
     # the floor: the bf16 block's forward + backward on one batch, weights trainable
@@ -334,33 +351,32 @@ def main(argv=None):
     card = card_info() if torch.cuda.is_available() else "cpu"
     cmd = "python -m bench.block " + " ".join(argv)
     results, profiles = [], {}
-    if True:
-        for scheme in args.scheme:
-            for backend in args.backends:
-                # one child process per run: its peak memory is its own, and nothing of one
-                # run (llm-compressor's session, caches, graph pools) is left for the next
-                path = os.path.join(args.out, f"one-{backend}-{scheme}.json")
-                if os.path.exists(path):
-                    os.remove(path)
-                env = dict(os.environ)
-                if backend == "auto_round":  # its eager-attention backward fragments the
-                    # allocator until an 80 GB card runs out (seen on the H100); not needed by ours
-                    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-                subprocess.run([sys.executable, "-m", "bench.block", *argv, "--one", f"{backend}:{scheme}"],
-                               env=env)
-                if not os.path.exists(path):
-                    print(f"{scheme} {backend}: the run failed (see above)", flush=True)
-                    continue
-                with open(path) as f:
-                    r = json.load(f)
-                results.append(r)
-                print(f"{scheme} {backend}: blocks {['%.2f' % s for s in r['block_s']]} s, peak "
-                      f"{r['peak_gib']:.1f} GiB, loss {r['init_loss']} -> {r['best_loss']}", flush=True)
-                with open(os.path.join(args.out, "block.json"), "w") as f:
-                    json.dump(dict(card=card, command=cmd, results=results, profiles=profiles), f)
-            if args.profile:
-                profiles[scheme] = profile_iteration(args, scheme)
-                print(f"{scheme} profile: {json.dumps(profiles[scheme])}", flush=True)
+    for scheme in args.scheme:
+        for backend in args.backends:
+            # one child process per run: its peak memory is its own, and nothing of one
+            # run (llm-compressor's session, caches, graph pools) is left for the next
+            path = os.path.join(args.out, f"one-{backend}-{scheme}.json")
+            if os.path.exists(path):
+                os.remove(path)
+            env = dict(os.environ)
+            if backend == "auto_round":  # its eager-attention backward fragments the
+                # allocator until an 80 GB card runs out (seen on the H100); not needed by ours
+                env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+            subprocess.run([sys.executable, "-m", "bench.block", *argv, "--one", f"{backend}:{scheme}"],
+                           env=env)
+            if not os.path.exists(path):
+                print(f"{scheme} {backend}: the run failed (see above)", flush=True)
+                continue
+            with open(path) as f:
+                r = json.load(f)
+            results.append(r)
+            print(f"{scheme} {backend}: blocks {['%.2f' % s for s in r['block_s']]} s, peak "
+                  f"{r['peak_gib']:.1f} GiB, loss {r['init_loss']} -> {r['best_loss']}", flush=True)
+            with open(os.path.join(args.out, "block.json"), "w") as f:
+                json.dump(dict(card=card, command=cmd, results=results, profiles=profiles), f)
+        if args.profile:
+            profiles[scheme] = profile_iteration(args, scheme)
+            print(f"{scheme} profile: {json.dumps(profiles[scheme])}", flush=True)
     text = table(results, card, cmd)
     for scheme, prof in profiles.items():
         text += (f"\n\n{scheme}, GPU time of one tuning iteration (profiler, eager, batch {args.batch_size}"

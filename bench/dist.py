@@ -23,25 +23,11 @@ import os
 import torch
 
 
-def capture(model, ids: torch.Tensor) -> list:
-    """(args, kwargs) of the first decoder layer for each sample (batch dimension 1)."""
-    caps = []
-    layer = model.model.layers[0]
-    hook = layer.register_forward_pre_hook(lambda m, a, kw: caps.append((a, dict(kw))), with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for row in ids:
-                model(row[None].to(next(model.parameters()).device), use_cache=False)
-    finally:
-        hook.remove()
-    return caps
-
-
 def run(args) -> None:
     import torch.distributed as dist
 
-    from autoround_fast.engine import QuantSpec, tune_block
-    from bench.block import SHAPES, build_model
+    from autoround_fast.engine import tune_block
+    from bench.block import SHAPES, build_model, capture_layer_inputs, engine_spec
 
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -56,9 +42,9 @@ def run(args) -> None:
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(1, vocab, (args.nsamples, args.seqlen), generator=g)
         share = ids.tensor_split(world)[rank]
-        inputs = capture(model, share)
+        inputs = capture_layer_inputs(model, share)
         block = model.model.layers[0]
-        spec = QuantSpec("nvfp4", act=True) if args.scheme == "NVFP4" else QuantSpec("int", 4, 128, True)
+        spec = engine_spec(args.scheme)
         names = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
         res = tune_block(block, inputs, {n: spec for n in names}, iters=args.iters,
                          batch_size=args.global_batch // world, backend="cuda" if cuda else "kernels")
