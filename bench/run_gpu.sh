@@ -33,7 +33,7 @@ for step in $what; do
     ops) python3 -m bench.ops --out "$out/bench_ops.md" 2>&1 | tail -40 ;;
     smol-a) mkdir -p /tmp/smol && cp .smol-a/part.aa /tmp/smol/ ;;  # call 1: carry .smol-a
     accuracy) # call 2, within 30 s of call 1: carry .smol-b .data .whl; SCHEMES/ROWS optional
-             cat /tmp/smol/part.aa .smol-b/part.ab > /tmp/smol/smollm2.gguf
+             [ -f /tmp/smol/smollm2.gguf ] || cat /tmp/smol/part.aa .smol-b/part.ab > /tmp/smol/smollm2.gguf
              python3 -m bench.accuracy --gguf /tmp/smol/smollm2.gguf --calib .data/lee_background.txt \
                --eval .data/wiki_dev.txt --scheme ${SCHEMES:-NVFP4 W4A16-G64} \
                --rows ${ROWS:-rtn auto_round:0 cuda:0 auto_round:200 cuda:200} --out "$out/accuracy" \
