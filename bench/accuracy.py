@@ -41,6 +41,23 @@ def quant_kwargs(scheme: str) -> dict:
     return dict(config_groups={"group_0": dict(targets=["Linear"], **s)}, ignore=["lm_head"])
 
 
+QPARAM_SUFFIXES = ("_scale", "_zero_point", "_g_idx")
+
+
+def recast_model_weights(model, dtype) -> list[str]:
+    """auto-round on a CPU without AVX512-BF16 leaves the blocks in fp32 and lm_head in bf16.
+    If the model's own weights (not the quantization parameters: scales, global scales and
+    zero points keep their stored dtypes) come in mixed dtypes, cast those to `dtype` and
+    return the dtypes found; else change nothing and return []."""
+    own = [p for n, p in model.named_parameters() if p.is_floating_point() and not n.endswith(QPARAM_SUFFIXES)]
+    dtypes = sorted({str(p.dtype) for p in own})
+    if len(dtypes) < 2:
+        return []
+    for p in own:
+        p.data = p.data.to(dtype)
+    return dtypes
+
+
 def seed_all(seed: int = 0) -> None:
     """oneshot orders the calibration samples with the global generators: seed them alike
     before every run, so both backends see the same batches."""
@@ -143,17 +160,19 @@ def main(argv=None):
                         num_calibration_samples=len(calib), max_seq_length=args.seqlen)
                 seconds = time.perf_counter() - t0
                 out = dict(scheme=scheme, method=backend, iters=iters, seconds=round(seconds, 2))
-                dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-                if len(dtypes) > 1:  # auto-round on a CPU without bf16 turns the blocks to fp32
-                    cast_parameters(model, torch.bfloat16)
-                    out["recast_from"] = sorted(str(d) for d in dtypes)
+                dtypes = recast_model_weights(model, torch.bfloat16)
+                if dtypes:  # auto-round on a CPU without bf16 turns the blocks to fp32
+                    out["recast_from"] = dtypes
+                t0 = time.perf_counter()
                 out["ppl"] = perplexity(model, eval_ids, args.eval_seqlen)
+                out["eval_s"] = round(time.perf_counter() - t0, 2)
                 stats = getattr(recipe, "block_stats", None)
                 if stats:
                     secs = sorted(r["seconds"] for r in stats)
                     out["block_s_median"] = secs[len(secs) // 2]
                     out["blocks"] = len(secs)
                 if args.reload and backend in ("cuda", "torch"):
+                    t0 = time.perf_counter()
                     ckpt = os.path.join(tmp, f"ckpt-{scheme}-{backend}-{iters}")
                     model.save_pretrained(ckpt, save_compressed=True)
                     reloaded = AutoModelForCausalLM.from_pretrained(
@@ -161,6 +180,7 @@ def main(argv=None):
                         quantization_config=CompressedTensorsConfig(run_compressed=False)).to(dev).eval()
                     out["ppl_reloaded"] = perplexity(reloaded, eval_ids, args.eval_seqlen)
                     out["reload_equal"] = out["ppl_reloaded"] == out["ppl"]
+                    out["reload_s"] = round(time.perf_counter() - t0, 2)
                     del reloaded
                 record(out)
                 del model, recipe

@@ -34,10 +34,14 @@ for step in $what; do
     smol-a) mkdir -p /tmp/smol && cp .smol-a/part.aa /tmp/smol/ ;;  # call 1: carry .smol-a
     accuracy) # call 2, within 30 s of call 1: carry .smol-b .data .whl; SCHEMES/ROWS optional
              [ -f /tmp/smol/smollm2.gguf ] || cat /tmp/smol/part.aa .smol-b/part.ab > /tmp/smol/smollm2.gguf
-             python3 -m bench.accuracy --gguf /tmp/smol/smollm2.gguf --calib .data/lee_background.txt \
-               --eval .data/wiki_dev.txt --scheme ${SCHEMES:-NVFP4 W4A16-G64} \
+             # SIGABRT before the call's limit: faulthandler prints where it was
+             timeout -s ABRT ${ACC_TIMEOUT:-540} python3 -X faulthandler -m bench.accuracy \
+               --gguf /tmp/smol/smollm2.gguf --calib .data/lee_background.txt \
+               --eval .data/wiki_dev.txt --scheme ${SCHEMES:-NVFP4 W4A16-G64} ${ACC_ARGS:-} \
                --rows ${ROWS:-rtn auto_round:0 cuda:0 auto_round:200 cuda:200} --out "$out/accuracy" \
-               2>&1 | grep -v "it/s\]" | tail -30 ;;
+               2>&1 | tr '\r' '\n' | grep --line-buffered -v "it/s\]" \
+               | while IFS= read -r l; do echo "$(date +%T) $l"; done > "$out/accuracy.log"
+             tail -30 "$out/accuracy.log" ;;
     block) python3 -m bench.block --out "$out/block" ${BLOCK_ARGS:-} 2>&1 | grep -E "^\||phase|failed" ;;
     profile) ncu --kernel-name regex:fake_quant --launch-skip 4 --launch-count 4 --section SpeedOfLight \
                --section Occupancy python3 -m bench.profile_kernels > "$out/ncu.txt" 2>&1

@@ -180,8 +180,11 @@ class AutoRoundModifier(_StockAutoRoundModifier):
                                       best_loss=result.best_loss, best_iter=result.best_iter,
                                       seconds=result.seconds, losses=result.losses, phases=result.phases))
         self._q_input = result.q_outputs
-        logger.info(f"{layer_name}: loss {result.init_loss:.6g} -> {result.best_loss:.6g} "
-                    f"(iter {result.best_iter}), {result.seconds:.1f} s")
+        if result.losses:
+            logger.info(f"{layer_name}: loss {result.init_loss:.6g} -> {result.best_loss:.6g} "
+                        f"(iter {result.best_iter}), {result.seconds:.1f} s")
+        else:  # iters=0: the imatrix-weighted scale search, no loss is computed
+            logger.info(f"{layer_name}: RTN with the scale search (iters=0), {result.seconds:.1f} s")
         layer.eval()
 
     @staticmethod
