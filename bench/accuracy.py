@@ -105,6 +105,7 @@ def main(argv=None):
     if os.path.realpath(args.calib) == os.path.realpath(args.eval):
         raise SystemExit("bench.accuracy: calibrate and evaluate on different texts")
 
+    from compressed_tensors.offload import remove_dispatch
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from transformers import AutoModelForCausalLM
@@ -177,7 +178,11 @@ def main(argv=None):
                     model.save_pretrained(ckpt, save_compressed=True)
                     reloaded = AutoModelForCausalLM.from_pretrained(
                         ckpt, torch_dtype=torch.bfloat16,
-                        quantization_config=CompressedTensorsConfig(run_compressed=False)).to(dev).eval()
+                        quantization_config=CompressedTensorsConfig(run_compressed=False))
+                    # the reload comes back offloaded to the CPU (compressed-tensors' CPUCache,
+                    # onload device cpu), which .to() does not move: the evaluation then ran on
+                    # the CPU. Take the offloading off first.
+                    reloaded = remove_dispatch(reloaded, onload_tensors=True).to(dev).eval()
                     out["ppl_reloaded"] = perplexity(reloaded, eval_ids, args.eval_seqlen)
                     out["reload_equal"] = out["ppl_reloaded"] == out["ppl"]
                     out["reload_s"] = round(time.perf_counter() - t0, 2)
