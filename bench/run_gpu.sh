@@ -23,6 +23,7 @@ for step in $what; do
            else
              (time python3 -m pip install -q --no-build-isolation --no-deps --target /tmp/af . ) 2>&1 | tail -20 | tee "$out/build.log"
              cp /tmp/af/autoround_fast/_C.so python/autoround_fast/_C.so
+             cp python/autoround_fast/_C.so "$out/_C.so"  # carry it back (.gpu-so/) to skip the build
            fi
            python3 -c "import autoround_fast as a; print('cuda kernels:', a.has_cuda_kernels(), a.__file__)" ;;
     tests) (cd tests && python3 -X faulthandler -m pytest -q -p no:cacheprovider > "$out/tests.log" 2>&1; tail -3 "$out/tests.log") ;;
@@ -42,6 +43,20 @@ for step in $what; do
                2>&1 | tr '\r' '\n' | grep --line-buffered -v "it/s\]" \
                | while IFS= read -r l; do echo "$(date +%T) $l"; done > "$out/accuracy.log"
              tail -30 "$out/accuracy.log" ;;
+    accuracy-par) # like accuracy, as parallel processes on the one card (SmolLM2 leaves it mostly
+             # idle): ACC_JOBS="NVFP4=auto_round:200;W4A16-G64=rtn,cuda:0" (scheme=rows;...)
+             [ -f /tmp/smol/smollm2.gguf ] || cat /tmp/smol/part.aa .smol-b/part.ab > /tmp/smol/smollm2.gguf
+             i=0
+             IFS=';' read -ra jobs <<< "$ACC_JOBS"
+             for job in "${jobs[@]}"; do
+               i=$((i + 1))
+               ( timeout -s ABRT ${ACC_TIMEOUT:-540} python3 -X faulthandler -m bench.accuracy \
+                   --gguf /tmp/smol/smollm2.gguf --calib .data/lee_background.txt --eval .data/wiki_dev.txt \
+                   --scheme ${job%%=*} --rows $(echo ${job#*=} | tr ',' ' ') ${ACC_ARGS:-} --out "$out/accuracy-$i" \
+                   2>&1 | tr '\r' '\n' | grep -v "it/s\]" > "$out/accuracy-$i.log" ) &
+             done
+             wait
+             cat "$out"/accuracy-*/accuracy.json | grep -E '"(scheme|method|iters|ppl|seconds)"' ;;
     block) python3 -m bench.block --out "$out/block" ${BLOCK_ARGS:-} 2>&1 | grep -E "^\||phase|failed" ;;
     profile) ncu --kernel-name regex:fake_quant --launch-skip 4 --launch-count 4 --section SpeedOfLight \
                --section Occupancy python3 -m bench.profile_kernels > "$out/ncu.txt" 2>&1
