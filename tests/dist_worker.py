@@ -1,4 +1,5 @@
-"""One rank of the data-parallel tuning test (tests/test_distributed.py): gloo on CPU."""
+"""One rank of the data-parallel tuning test (tests/test_distributed.py): gloo and the CPU
+kernels, or NCCL and the CUDA kernels with one GPU per rank."""
 
 import copy
 
@@ -30,17 +31,23 @@ def spec_for(name):
 
 
 def summary(block, res):
-    return dict(losses=res.losses, best_iter=res.best_iter, q_outputs=res.q_outputs,
-                weights={n: block.get_submodule(n).weight.detach().clone() for n in LINEARS},
-                qparams=res.qparams)
+    """What the test compares, on the CPU."""
+    cpu = lambda t: t.detach().cpu().clone()  # noqa: E731
+    return dict(losses=res.losses, best_iter=res.best_iter, q_outputs=cpu(res.q_outputs),
+                weights={n: cpu(block.get_submodule(n).weight) for n in LINEARS},
+                qparams={n: {k: cpu(v) for k, v in qp.items()} for n, qp in res.qparams.items()})
 
 
-def run(rank, scheme, iters, out_dir):
+def run(rank, scheme, iters, out_dir, dev="cpu"):
     import torch.distributed as dist
 
     from autoround_fast.engine import tune_block
 
-    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=RANKS)
+    cuda = dev == "cuda"
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{out_dir}/store", rank=rank,
+                            world_size=RANKS, **({"device_id": torch.device("cuda", rank)} if cuda else {}))
     try:
         model, inputs = problem()
         share = SAMPLES // RANKS
@@ -48,7 +55,8 @@ def run(rank, scheme, iters, out_dir):
         block = copy.deepcopy(model.model.layers[0])
         spec = spec_for(scheme)
         res = tune_block(block, mine, {n: spec for n in LINEARS}, iters=iters, batch_size=BATCH, seed=SEED,
-                         token_mask=torch.ones(share, SEQLEN), backend="kernels")
+                         token_mask=torch.ones(share, SEQLEN), backend="cuda" if cuda else "kernels",
+                         device=torch.device("cuda", rank) if cuda else None)
         torch.save(summary(block, res), f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
