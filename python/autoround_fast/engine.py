@@ -867,12 +867,24 @@ def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size
     batches = _Batches(inputs, q_hidden, ref, order)
     micro = [(s, min(s + batch_size, global_bs)) for s in range(0, global_bs, batch_size)]
 
+    # Data parallel: each gradient's all-reduce starts as soon as the last micro-batch's
+    # backward has accumulated it (down_proj's first), so the transfers overlap the rest of the
+    # backward; the step waits for all of them. The sums are the same as reducing afterwards.
+    in_flight, last_micro = [], [False]
+
+    def reduce_when_ready(p):
+        if last_micro[0]:
+            in_flight.append(dist.all_reduce(p.grad, async_op=True))
+
+    grad_hooks = [p.register_post_accumulate_grad_hook(reduce_when_ready) for p in params] if dist else []
+
     def step():
         idx_all = all_idx.index_select(0, it_t).reshape(-1)
         n_valid = valid.index_select(0, it_t)
         total = torch.zeros(1, dtype=torch.float64, device=device)
         score = torch.zeros(1, dtype=torch.float64, device=device)
-        for start, stop in micro:
+        for k, (start, stop) in enumerate(micro):
+            last_micro[0] = k == len(micro) - 1
             idx = idx_all[start:stop]
             args, kwargs, ref_b = batches.get(idx, start, stop)
             with autocast():
@@ -884,9 +896,8 @@ def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size
             total = total + l64
             score = score + l64 / n_valid
         if dist is not None:  # one step for all ranks: summed gradients, the global loss
-            for p in params:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
+            while in_flight:
+                in_flight.pop().wait()
             both = torch.cat([total, score])
             dist.all_reduce(both)
             total, score = both[:1], both[1:]
@@ -942,6 +953,8 @@ def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size
             report(it + 1)
     report(iters)
     del graph
+    for h in grad_hooks:
+        h.remove()
     with torch.no_grad():
         for p, b in zip(params, best):
             p.copy_(b)
