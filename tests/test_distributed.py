@@ -63,3 +63,30 @@ def test_distributed_true_without_a_group_is_an_error():
     with pytest.raises(ValueError, match="no torch.distributed process group"):
         tune_block(copy.deepcopy(model.model.layers[0]), inputs, {"mlp.down_proj": w.spec_for("nvfp4a16")},
                    iters=1, distributed=True)
+
+
+def _spawned_oneshot(rank, out_dir, scheme, n):
+    w.run_oneshot(rank, out_dir, scheme, n)
+
+
+@pytest.mark.parametrize("scheme", ["NVFP4", "W4A16"])
+def test_oneshot_under_two_ranks(tmp_path, scheme):
+    """llm-compressor's distributed oneshot (the path torchrun users take): each rank tunes on
+    its half of the samples, and the ranks agree
+    bit for bit on every block's tuned qparams (the engine's, before they are written into the
+    model) and on the (global) losses, which only the
+    all-reduces can bring about: the ranks' samples differ. Equality with one process over all
+    samples is test_two_ranks_equal_one_process's (engine level, same batches)."""
+    n = 8
+    mp.spawn(_spawned_oneshot, args=(str(tmp_path), scheme, n), nprocs=w.RANKS, join=True)
+    ranks = [torch.load(tmp_path / f"oneshot{r}.pt", weights_only=False) for r in range(w.RANKS)]
+    for r in ranks:
+        assert [s["samples"] for s in r["stats"]] == [n // w.RANKS] * 2  # two blocks, half each
+    a, b = (r["qparams"] for r in ranks)
+    assert len(a) == len(b) == 2 and all(len(block) == 7 for block in a)
+    for block_a, block_b in zip(a, b):
+        for name, qp in block_a.items():
+            for k, v in qp.items():
+                assert torch.equal(v, block_b[name][k]), (name, k)
+    # the global loss is what both ranks report
+    assert [s["losses"] for s in ranks[0]["stats"]] == [s["losses"] for s in ranks[1]["stats"]]

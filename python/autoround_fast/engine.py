@@ -632,6 +632,7 @@ def tune_block(
                                 dist, batch_order)
             phase("tune")
             with torch.no_grad():
+                final = {}
                 for name, tl in tuned.items():
                     if iters == 0 and tl.spec.kind == "nvfp4":
                         wq, scale = _opt_rtn_nvfp4(tl, stats[name][1])
@@ -649,10 +650,20 @@ def tune_block(
                     if tl.spec.act:
                         qp["act_max"] = stats[name][0].detach()
                         qp["input_global_scale"] = tl.act_global_scale.detach()
+                    final[name] = qp
+                if dist is not None:
+                    # Every rank has read the block's weights before any rank writes one: under
+                    # llm-compressor's distributed oneshot the ranks may share the weights'
+                    # storage (compressed-tensors' shared CPU offload).
+                    dist.barrier()
+                for name, qp in final.items():
+                    tl = tuned[name]
                     stored = finalize(name, tl.linear, qp) if finalize else qp["weight"]
                     tl.linear.weight.data.copy_(stored.to(tl.linear.weight.dtype))
                     qp.pop("weight")
                     result.qparams[name] = qp
+                if dist is not None:
+                    dist.barrier()  # and every write is done before any rank reads on
         finally:
             for p, requires_grad in frozen:
                 p.requires_grad_(requires_grad)

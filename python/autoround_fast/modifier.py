@@ -21,6 +21,7 @@ import torch
 from pydantic import PrivateAttr
 from compressed_tensors.quantization import QuantizationStrategy
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+from compressed_tensors.distributed import is_source_process
 from compressed_tensors.offload import disable_offloading, update_offload_parameter
 from compressed_tensors.utils import align_module_device, match_named_modules
 from loguru import logger
@@ -176,7 +177,7 @@ class AutoRoundModifier(_StockAutoRoundModifier):
         finally:
             if bar:
                 bar.close()
-        self._block_stats.append(dict(block=layer_name, init_loss=result.init_loss,
+        self._block_stats.append(dict(block=layer_name, samples=len(inputs), init_loss=result.init_loss,
                                       best_loss=result.best_loss, best_iter=result.best_iter,
                                       seconds=result.seconds, losses=result.losses, phases=result.phases))
         self._q_input = result.q_outputs
@@ -196,8 +197,15 @@ class AutoRoundModifier(_StockAutoRoundModifier):
             param = getattr(module, param_name, None)
             if param is None:
                 return
-            # through compressed-tensors, so an offloaded module keeps the value
-            update_offload_parameter(module, param_name, value.to(param.device, param.dtype).reshape(param.shape))
+            value = value.to(param.device, param.dtype).reshape(param.shape)
+            if is_source_process():
+                # through compressed-tensors, so an offloaded module keeps the value
+                update_offload_parameter(module, param_name, value)
+            else:
+                # Under a process group the ranks may share the offloaded storage, and one rank
+                # writes it (compressed-tensors' contract, as llm-compressor's own modifiers do);
+                # the others, which computed the same values, update their onloaded copy only.
+                param.data = value
 
         args = module.quantization_scheme.weights
         if spec.kind == "nvfp4":
@@ -218,7 +226,7 @@ class AutoRoundModifier(_StockAutoRoundModifier):
         stored = fake_quantize(qp["weight"].to(module.weight.dtype), module.weight_scale,
                                getattr(module, "weight_zero_point", None), args,
                                global_scale=getattr(module, "weight_global_scale", None))
-        update_offload_parameter(module, "weight", stored)
+        put("weight", stored)
         return stored
 
 
