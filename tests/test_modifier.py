@@ -86,6 +86,19 @@ def test_unsupported_scheme_names_the_layer(tiny_model_dir):
                                               iters=2, backend="torch"))
 
 
+@pytest.mark.parametrize("how", ["device_ids", "gpu_groups"])
+def test_block_over_several_gpus_is_a_clear_error(tiny_model_dir, monkeypatch, how):
+    kwargs = {}
+    if how == "device_ids":
+        kwargs["device_ids"] = "0,1"
+    else:
+        monkeypatch.setenv("LLMCOMPRESSOR_GPUS_PER_GROUP", "2")
+    match = "device_ids='0,1'" if how == "device_ids" else "LLMCOMPRESSOR_GPUS_PER_GROUP=2"
+    with pytest.raises(ValueError, match=match + ".*torchrun.*cache_on_cpu.*backend='auto_round'"):
+        run(tiny_model_dir, AutoRoundModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"], iters=2,
+                                              backend="torch", **kwargs))
+
+
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="backend"):
         AutoRoundModifier(scheme="W4A16", backend="tpu")

@@ -93,6 +93,18 @@ class AutoRoundModifier(_StockAutoRoundModifier):
         return list(self._block_stats)
 
     def on_initialize(self, state, **kwargs) -> bool:
+        if self.backend != "auto_round":
+            import os
+
+            groups = os.environ.get("LLMCOMPRESSOR_GPUS_PER_GROUP", "1")
+            if self.device_ids is not None or groups != "1":
+                what = (f"device_ids={self.device_ids!r}" if self.device_ids is not None
+                        else f"LLMCOMPRESSOR_GPUS_PER_GROUP={groups}")
+                raise ValueError(
+                    f"AutoRoundModifier: {what} spreads one block over several GPUs, which "
+                    f"backend={self.backend!r} does not do: it tunes a block on one GPU. For several "
+                    "GPUs run under torchrun (data parallel, one GPU per rank); for a card short of "
+                    "memory set cache_on_cpu=True; or use backend='auto_round'.")
         if self.backend == "cuda":
             Backend("cuda")  # no kernels or no GPU: a clear error before any calibration work
         ok = super().on_initialize(state, **kwargs)
