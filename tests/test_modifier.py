@@ -99,6 +99,19 @@ def test_block_over_several_gpus_is_a_clear_error(tiny_model_dir, monkeypatch, h
                                               backend="torch", **kwargs))
 
 
+@pytest.mark.parametrize("scheme,group", [("NVFP4", 16), ("W4A16", 128)])
+def test_group_that_does_not_divide_in_names_the_layer(tmp_path, scheme, group):
+    """llm-compressor stops this itself unless bypass_divisibility_checks=True; past that,
+    compressed-tensors 0.19 fails deep inside its fake-quantization (its RTN path too), so the
+    modifier stops first, naming the layer. The engine itself tunes such layers (test_engine)."""
+    from conftest import tiny_llama
+
+    tiny_llama(intermediate=200).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=rf"layer 'model\.layers\.0\.mlp\.down_proj': in_features 200 .* {group}"):
+        run(str(tmp_path), AutoRoundModifier(targets="Linear", scheme=scheme, ignore=["lm_head"], iters=2,
+                                             backend="torch", bypass_divisibility_checks=True))
+
+
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="backend"):
         AutoRoundModifier(scheme="W4A16", backend="tpu")

@@ -112,7 +112,16 @@ class AutoRoundModifier(_StockAutoRoundModifier):
             # Fail before calibration, naming the layer, if a scheme is out of reach.
             for name, module in match_named_modules(state.model, self.resolved_targets, self.ignore):
                 if getattr(module, "quantization_scheme", None) is not None:
-                    self._spec(module, name)
+                    spec = self._spec(module, name)
+                    in_f = getattr(module, "in_features", None)
+                    if spec.group_size > 0 and in_f is not None and in_f % spec.group_size:
+                        # Reached only with bypass_divisibility_checks=True: the engine pads such a
+                        # layer as auto-round does, but compressed-tensors (0.19) can neither
+                        # fake-quantize nor save it (llm-compressor's own RTN fails there too).
+                        raise ValueError(
+                            f"layer {name!r}: in_features {in_f} is not a multiple of the group size "
+                            f"{spec.group_size}, and compressed-tensors cannot store or run such a "
+                            "layer; add it to `ignore` or pick a group size that divides it")
         return ok
 
     def _spec(self, module, name: str) -> QuantSpec:
