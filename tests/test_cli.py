@@ -104,3 +104,24 @@ def test_module_entry_point_help():
     res = subprocess.run([sys.executable, "-m", "autoround_fast", "quantize", "--help"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "--scheme" in res.stdout and "--calib-file" in res.stdout
+
+
+def test_settings_are_autoround_defaults_on_a_gpu_and_small_on_a_cpu(capsys):
+    """The main job's settings: AutoRound's defaults where there is a GPU, a few-minute setting
+    (said so) where there is none; options given on the command line win in both."""
+    import argparse
+
+    from autoround_fast import has_cuda_kernels
+    from autoround_fast.cli import settings
+
+    none = argparse.Namespace(iters=None, nsamples=None, seqlen=None, batch_size=None, backend="auto")
+    gpu = settings(none, cuda=True)
+    assert {k: gpu[k] for k in ("iters", "nsamples", "seqlen", "batch_size")} == \
+        dict(iters=200, nsamples=128, seqlen=2048, batch_size=8)
+    assert gpu["backend"] == ("cuda" if has_cuda_kernels() else "torch")
+    assert "no GPU" not in capsys.readouterr().out
+    cpu = settings(none, cuda=False)
+    assert cpu["iters"] < 200 and cpu["seqlen"] < 2048 and cpu["backend"] == "torch"
+    assert "no GPU; using settings that finish in a few minutes" in capsys.readouterr().out
+    given = argparse.Namespace(iters=7, nsamples=None, seqlen=64, batch_size=None, backend="torch")
+    assert settings(given, cuda=True) == dict(iters=7, nsamples=128, seqlen=64, batch_size=8, backend="torch")
