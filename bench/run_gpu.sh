@@ -16,6 +16,17 @@ fi
 export PYTHONPATH=$PWD/python:/tmp/site
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/card.txt"
+join_smollm2() {  # the GGUF from the halves that calls 1 and 2 carried (kept on a warm machine)
+  [ -f /tmp/smol/smollm2.gguf ] || cat /tmp/smol/part.aa .smol-b/part.ab > /tmp/smol/smollm2.gguf
+}
+accuracy_job() {  # SCHEMES ROWS NAME: one bench.accuracy process, its log timestamped in $out/NAME.log
+  # SIGABRT before the call's limit: faulthandler prints where it was
+  timeout -s ABRT ${ACC_TIMEOUT:-540} python3 -X faulthandler -m bench.accuracy \
+    --gguf /tmp/smol/smollm2.gguf --calib .data/lee_background.txt --eval .data/wiki_dev.txt \
+    --scheme $1 --rows $2 ${ACC_ARGS:-} --out "$out/$3" \
+    2>&1 | tr '\r' '\n' | grep --line-buffered -v "it/s\]" \
+    | while IFS= read -r l; do echo "$(date +%T) $l"; done > "$out/$3.log"
+}
 for step in $what; do
   case $step in
     build) if [ -f python/autoround_fast/_C.so ] && [ -z "${REBUILD:-}" ]; then
@@ -34,26 +45,18 @@ for step in $what; do
     ops) python3 -m bench.ops --out "$out/bench_ops.md" 2>&1 | tail -40 ;;
     smol-a) mkdir -p /tmp/smol && cp .smol-a/part.aa /tmp/smol/ ;;  # call 1: carry .smol-a
     accuracy) # call 2, within 30 s of call 1: carry .smol-b .data .whl; SCHEMES/ROWS optional
-             [ -f /tmp/smol/smollm2.gguf ] || cat /tmp/smol/part.aa .smol-b/part.ab > /tmp/smol/smollm2.gguf
-             # SIGABRT before the call's limit: faulthandler prints where it was
-             timeout -s ABRT ${ACC_TIMEOUT:-540} python3 -X faulthandler -m bench.accuracy \
-               --gguf /tmp/smol/smollm2.gguf --calib .data/lee_background.txt \
-               --eval .data/wiki_dev.txt --scheme ${SCHEMES:-NVFP4 W4A16-G64} ${ACC_ARGS:-} \
-               --rows ${ROWS:-rtn auto_round:0 cuda:0 auto_round:200 cuda:200} --out "$out/accuracy" \
-               2>&1 | tr '\r' '\n' | grep --line-buffered -v "it/s\]" \
-               | while IFS= read -r l; do echo "$(date +%T) $l"; done > "$out/accuracy.log"
+             join_smollm2
+             accuracy_job "${SCHEMES:-NVFP4 W4A16-G64}" "${ROWS:-rtn auto_round:0 cuda:0 auto_round:200 cuda:200}" accuracy
              tail -30 "$out/accuracy.log" ;;
-    accuracy-par) # like accuracy, as parallel processes on the one card (SmolLM2 leaves it mostly
-             # idle): ACC_JOBS="NVFP4=auto_round:200;W4A16-G64=rtn,cuda:0" (scheme=rows;...)
-             [ -f /tmp/smol/smollm2.gguf ] || cat /tmp/smol/part.aa .smol-b/part.ab > /tmp/smol/smollm2.gguf
+    accuracy-par) # like accuracy, as parallel processes on the one card. Not for auto-round rows:
+             # run beside others they slowed several-fold (NOTES.md, session 3).
+             # ACC_JOBS="NVFP4=cuda:0;W4A16-G64=rtn,cuda:0" (scheme=rows;...)
+             join_smollm2
              i=0
              IFS=';' read -ra jobs <<< "$ACC_JOBS"
              for job in "${jobs[@]}"; do
                i=$((i + 1))
-               ( timeout -s ABRT ${ACC_TIMEOUT:-540} python3 -X faulthandler -m bench.accuracy \
-                   --gguf /tmp/smol/smollm2.gguf --calib .data/lee_background.txt --eval .data/wiki_dev.txt \
-                   --scheme ${job%%=*} --rows $(echo ${job#*=} | tr ',' ' ') ${ACC_ARGS:-} --out "$out/accuracy-$i" \
-                   2>&1 | tr '\r' '\n' | grep -v "it/s\]" > "$out/accuracy-$i.log" ) &
+               accuracy_job "${job%%=*}" "$(echo "${job#*=}" | tr ',' ' ')" "accuracy-$i" &
              done
              wait
              cat "$out"/accuracy-*/accuracy.json | grep -E '"(scheme|method|iters|ppl|seconds)"' ;;
