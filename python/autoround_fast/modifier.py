@@ -14,6 +14,7 @@ from an fp32 activation maximum; the padding mask of right-padded samples reache
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Literal, Optional
 
@@ -94,8 +95,6 @@ class AutoRoundModifier(_StockAutoRoundModifier):
 
     def on_initialize(self, state, **kwargs) -> bool:
         if self.backend != "auto_round":
-            import os
-
             groups = os.environ.get("LLMCOMPRESSOR_GPUS_PER_GROUP", "1")
             if self.device_ids is not None or groups != "1":
                 what = (f"device_ids={self.device_ids!r}" if self.device_ids is not None
