@@ -66,43 +66,39 @@ def run_oneshot(rank, out_dir, scheme, n):
     """llm-compressor's distributed oneshot on one rank (gloo, CPU): each rank calibrates on its
     share of the samples and our modifier tunes data-parallel."""
     import torch.distributed as dist
-    from datasets import Dataset
     from llmcompressor import oneshot
+    from transformers import LlamaForCausalLM
 
     from autoround_fast import AutoRoundModifier
+    from autoround_fast import modifier as modifier_module
     from conftest import tiny_tokenizer
-
-    from transformers import LlamaForCausalLM
+    from test_modifier import calib
 
     # saved before the group exists (under one, only rank 0 writes); oneshot re-reads the config
     tiny_llama().save_pretrained(f"{out_dir}/model{rank}")
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=RANKS)
     try:
         model = LlamaForCausalLM.from_pretrained(f"{out_dir}/model{rank}", torch_dtype=torch.bfloat16)
-        g = torch.Generator().manual_seed(3)
-        ids = torch.randint(1, 256, (n, SEQLEN), generator=g).tolist()
         # Each rank passes its own share, as llm-compressor's get_rank_partition usage does. (Its
         # automatic split of a dataset shared by all ranks is broken in 0.14.0.1: the sampler
         # indexes the rank's slice, the DataLoader the whole dataset, so every rank gets the
         # first share.)
-        share = ids[rank * n // RANKS:(rank + 1) * n // RANKS]
-        ds = Dataset.from_dict({"input_ids": share, "attention_mask": [[1] * SEQLEN] * len(share)})
+        share = calib(n, SEQLEN, seed=3).select(range(rank * n // RANKS, (rank + 1) * n // RANKS))
         # What each rank's engine produced, taken before the modifier writes it into the model:
         # under a process group compressed-tensors may share the model's storage between ranks.
-        from autoround_fast import modifier as modifier_module
-
         results, engine = [], modifier_module.tune_block
 
         def recording(*args, **kwargs):
             res = engine(*args, **kwargs)
-            results.append({n: {k: v.detach().cpu().clone() for k, v in qp.items()} for n, qp in res.qparams.items()})
+            results.append({name: {k: v.detach().cpu().clone() for k, v in qp.items()}
+                            for name, qp in res.qparams.items()})
             return res
 
         modifier_module.tune_block = recording
         mod = AutoRoundModifier(targets="Linear", scheme=scheme, ignore=["lm_head"], iters=ITERS,
                                 batch_size=BATCH, backend="torch")
-        oneshot(model=model, dataset=ds, recipe=mod, processor=tiny_tokenizer(), num_calibration_samples=len(share),
-                max_seq_length=SEQLEN)
+        oneshot(model=model, dataset=share, recipe=mod, processor=tiny_tokenizer(),
+                num_calibration_samples=len(share), max_seq_length=SEQLEN)
         modifier_module.tune_block = engine
         torch.save(dict(qparams=results, stats=mod.block_stats), f"{out_dir}/oneshot{rank}.pt")
     finally:
