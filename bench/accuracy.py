@@ -25,21 +25,7 @@ import time
 
 import torch
 
-SCHEMES = {
-    "NVFP4": "NVFP4",
-    "NVFP4A16": "NVFP4A16",
-    # SmolLM2's 576 features are not a multiple of 128: groups of 64 (or 32)
-    "W4A16-G64": {"weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64}},
-    "W4A16-G32": {"weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}},
-}
-
-
-def quant_kwargs(scheme: str) -> dict:
-    s = SCHEMES[scheme]
-    if isinstance(s, str):
-        return dict(targets="Linear", scheme=s, ignore=["lm_head"])
-    return dict(config_groups={"group_0": dict(targets=["Linear"], **s)}, ignore=["lm_head"])
-
+from bench.common import SCHEMES, quant_kwargs
 
 QPARAM_SUFFIXES = ("_scale", "_zero_point", "_g_idx")
 

@@ -28,12 +28,13 @@ import time
 
 import torch
 
+from bench.common import quant_kwargs
+
 SHAPES = {  # hidden, intermediate, heads, kv heads, vocab
     "8b": (4096, 14336, 32, 8, 32000),
     "smollm2": (576, 1536, 9, 3, 49152),
     "tiny": (128, 256, 4, 2, 256),
 }
-SCHEMES = {"NVFP4": "NVFP4", "W4A16": "W4A16"}
 
 
 def build_model(shape: str, layers: int, seqlen: int, seed: int = 0):
@@ -75,11 +76,16 @@ def capture_layer_inputs(model, ids: torch.Tensor) -> list:
     return caps
 
 
+BLOCK_SCHEMES = ("NVFP4", "W4A16", "W4A16-G64")  # W4A16-G64 for SmolLM2 (576 features)
+
+
 def engine_spec(scheme: str):
-    """The engine's QuantSpec for a bench scheme: NVFP4 W4A4, or INT4 sym g128 (W4A16)."""
+    """The engine's QuantSpec for a bench scheme: NVFP4 W4A4, or INT4 sym with its group."""
     from autoround_fast.engine import QuantSpec
 
-    return QuantSpec("nvfp4", act=True) if scheme == "NVFP4" else QuantSpec("int", 4, 128, True)
+    if scheme == "NVFP4":
+        return QuantSpec("nvfp4", act=True)
+    return QuantSpec("int", 4, 64 if scheme == "W4A16-G64" else 128, True)
 
 
 def tokenizer(vocab: int):
@@ -146,7 +152,7 @@ def run_backend(backend: str, scheme: str, args, tmp: str) -> dict:
     cfg_dir = os.path.join(tmp, f"config-{backend}-{scheme}")
     model.config.save_pretrained(cfg_dir)  # oneshot re-reads the config from disk
     model.config._name_or_path = cfg_dir
-    mod = AutoRoundModifier(targets="Linear", scheme=scheme, ignore=["lm_head"], iters=args.iters,
+    mod = AutoRoundModifier(**quant_kwargs(scheme), iters=args.iters,
                             batch_size=args.batch_size, backend=backend,
                             enable_torch_compile=args.compile, cache_on_cpu=args.cache_on_cpu)
     handler = _AutoRoundLosses()
@@ -318,7 +324,7 @@ def table(results: list[dict], card: str, cmd: str) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--scheme", nargs="+", default=["NVFP4", "W4A16"], choices=list(SCHEMES))
+    p.add_argument("--scheme", nargs="+", default=["NVFP4", "W4A16"], choices=BLOCK_SCHEMES)
     p.add_argument("--backends", nargs="+", default=["auto_round", "cuda"], choices=["auto_round", "cuda", "torch"])
     p.add_argument("--shape", default="8b", choices=list(SHAPES))
     p.add_argument("--layers", type=int, default=2)

@@ -1,4 +1,5 @@
-"""Timing helpers shared by the benchmarks: CUDA-event medians and the card's copy bandwidth."""
+"""Helpers shared by the benchmarks: CUDA-event medians, the card's copy bandwidth, and the
+quantization schemes the benchmarks accept."""
 
 from __future__ import annotations
 
@@ -50,3 +51,20 @@ def graph_ms(fn, calls: int = 10) -> float:
         for _ in range(calls):
             fn()
     return time_ms(graph.replay) / calls
+
+
+SCHEMES = {
+    "NVFP4": "NVFP4",
+    "NVFP4A16": "NVFP4A16",
+    "W4A16": "W4A16",  # INT4 symmetric, groups of 128
+    # SmolLM2's 576 features are not a multiple of 128: groups of 64 (or 32)
+    "W4A16-G64": {"weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64}},
+    "W4A16-G32": {"weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}},
+}
+
+
+def quant_kwargs(scheme: str) -> dict:
+    s = SCHEMES[scheme]
+    if isinstance(s, str):
+        return dict(targets="Linear", scheme=s, ignore=["lm_head"])
+    return dict(config_groups={"group_0": dict(targets=["Linear"], **s)}, ignore=["lm_head"])
