@@ -258,7 +258,34 @@ def test_cuda_graph_and_host_caches_change_nothing(ragged_block, name):
         assert (res.best_iter, res.best_loss) == (ref.best_iter, ref.best_loss), label
         assert all(torch.equal(w[n], ref_w[n]) for n in LINEARS), label
         assert torch.equal(res.q_outputs.cpu(), ref.q_outputs.cpu()), label
+        assert_same_qparams(res.qparams, ref.qparams, label)
     assert runs["graph+host"][0].q_outputs.device.type == "cpu"
+
+
+def assert_same_qparams(got, want, label):
+    assert got.keys() == want.keys(), label
+    for name in want:
+        assert got[name].keys() == want[name].keys(), (label, name)
+        for key, t in want[name].items():
+            assert torch.equal(got[name][key].cpu(), t.cpu()), (label, name, key)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("name", ["nvfp4", "w4a16-g32"])
+def test_graphed_calibration_pass_changes_nothing(ragged_block, name):
+    """iters=0: the act_max and imatrix pass, one sample at a time, replayed from a CUDA graph
+    gives the statistics of the eager pass exactly (same qparams, act_max included)."""
+    model, inputs = ragged_block
+    spec = {n: SPECS[name] for n in LINEARS}
+    runs = {}
+    for graph in (False, True):
+        block = fresh_block(model)
+        res = tune_block(block, inputs, spec, iters=0, backend="cuda", device=torch.device("cuda"),
+                         cuda_graph=graph)
+        runs[graph] = (res, {n: block.get_submodule(n).weight.detach().cpu() for n in LINEARS})
+    assert_same_qparams(runs[True][0].qparams, runs[False][0].qparams, name)
+    assert all(torch.equal(runs[True][1][n], runs[False][1][n]) for n in LINEARS)
+    assert torch.equal(runs[True][0].q_outputs.cpu(), runs[False][0].q_outputs.cpu())
 
 
 def test_plain_causal_mask_is_dropped_for_sdpa(ragged_block):
@@ -272,17 +299,44 @@ def test_plain_causal_mask_is_dropped_for_sdpa(ragged_block):
     masked = [(a, {**kw, "attention_mask": causal.clone()}) for a, kw in inputs]
     block = fresh_block(model)
     assert block.self_attn.config._attn_implementation == "sdpa"
-    stacked = _Inputs(masked, torch.device("cpu"), torch.device("cpu"))
-    assert stacked.drop_causal_mask(block) and stacked.kwargs["attention_mask"] is None
+    cached = _Inputs(masked, torch.device("cpu"), torch.device("cpu"))
+    assert cached.drop_causal_mask(block) and cached.kwargs["attention_mask"] is None
     padded = causal.clone()
     padded[..., -3:] = torch.finfo(torch.bfloat16).min
-    stacked = _Inputs([(a, {**kw, "attention_mask": padded}) for a, kw in inputs], torch.device("cpu"),
-                      torch.device("cpu"))
-    assert not stacked.drop_causal_mask(block) and stacked.kwargs["attention_mask"] is not None
+    for masks in ([padded] * len(inputs), [causal] * (len(inputs) - 1) + [padded]):  # shared, one differs
+        cached = _Inputs([(a, {**kw, "attention_mask": m}) for (a, kw), m in zip(inputs, masks)],
+                         torch.device("cpu"), torch.device("cpu"))
+        assert not cached.drop_causal_mask(block) and cached.kwargs["attention_mask"] is not None
     spec = {n: SPECS["nvfp4a16"] for n in LINEARS}
     a = tune_block(fresh_block(model), masked, spec, iters=5, batch_size=4, backend="kernels")
     b = tune_block(fresh_block(model), inputs, spec, iters=5, batch_size=4, backend="kernels")
     assert a.losses == pytest.approx(b.losses, rel=1e-6)
+
+
+def test_kwargs_equal_for_all_samples_are_kept_once(ragged_block):
+    """A per-sample kwarg that is the same for every sample (mask, rotary tables, positions)
+    is cached once and expanded to each batch; one that differs is stacked. Either way a
+    batch's kwargs equal the samples' own kwargs stacked."""
+    from autoround_fast.engine import _Inputs
+
+    _, inputs = ragged_block
+    L = inputs[0][0][0].shape[1]
+    causal = torch.full((L, L), -1e4, dtype=torch.bfloat16).triu(1)[None, None]
+    odd = causal.clone()
+    odd[..., -2:] = -1e4
+    idx = torch.tensor([5, 0, 11, 3])
+    for masks, expect in (([causal.clone() for _ in inputs], "expanded"),
+                          ([causal.clone() for _ in inputs[:-1]] + [odd], "per_sample")):
+        samples = [(a, {**kw, "attention_mask": m}) for (a, kw), m in zip(inputs, masks)]
+        cached = _Inputs(samples, torch.device("cpu"), torch.device("cpu"))
+        assert "attention_mask" in getattr(cached, expect)
+        assert {"position_embeddings", "position_ids"} <= cached.expanded
+        (h, *_), kwargs = cached.batch(idx)
+        assert torch.equal(h, torch.cat([samples[i][0][0] for i in idx]))
+        for key in ("attention_mask", "position_ids"):
+            assert torch.equal(kwargs[key], torch.cat([samples[i][1][key] for i in idx])), key
+        for k, t in enumerate(kwargs["position_embeddings"]):
+            assert torch.equal(t, torch.cat([samples[i][1]["position_embeddings"][k] for i in idx]))
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU: on a CPU the model's own attention runs")

@@ -169,8 +169,11 @@ class _Inputs:
     """Calibration samples [(args, kwargs)] stacked so that a batch is an index.
 
     The hidden states live on ``cache_device`` (the compute device, or pinned host memory for
-    cards short of memory); the small per-sample kwargs (masks, rotary tables) and the shared
-    ones live on the compute device. :meth:`batch` returns a batch on the compute device.
+    cards short of memory); the per-sample kwargs (masks, rotary tables) and the shared ones
+    live on the compute device. A per-sample kwarg whose value is the same for every sample
+    (the causal mask and rotary tables of equal-length samples: 8 MB per sample for a 2048-token
+    mask) is kept once and expanded to each batch, a view equal to what stacking would give.
+    :meth:`batch` returns a batch on the compute device.
     """
 
     def __init__(self, samples: Sequence[tuple[tuple, dict]], device: torch.device,
@@ -182,7 +185,8 @@ class _Inputs:
         self.hidden = _stack([a[0] for a, _ in samples], cache_device)
         self.rest_args = _to_device(first_args[1:], device)
         self.kwargs = {}
-        self.per_sample = set()
+        self.per_sample = set()  # stacked: one row per sample
+        self.expanded = set()  # the same for every sample: one row, expanded to each batch
         for key, value in first_kwargs.items():
             if key in ("past_key_values", "past_key_value", "layer_past"):
                 self.kwargs[key] = None  # tuning re-runs the block: no KV cache
@@ -191,8 +195,13 @@ class _Inputs:
                 self.kwargs[key] = False
                 continue
             if self._stackable(value):
-                self.kwargs[key] = _cat_tree([kw[key] for _, kw in samples], device)
-                self.per_sample.add(key)
+                values = [kw[key] for _, kw in samples]
+                if all(_same_value(v, value) for v in values[1:]):
+                    self.kwargs[key] = _to_device(value, device)
+                    self.expanded.add(key)
+                else:
+                    self.kwargs[key] = _cat_tree(values, device)
+                    self.per_sample.add(key)
             else:
                 self.kwargs[key] = _to_device(value, device)
 
@@ -201,7 +210,7 @@ class _Inputs:
         is SDPA with is_causal, pass no mask: SDPA then runs its causal flash kernel instead of
         a masked kernel (same attention, several times faster backward). True if dropped."""
         mask = self.kwargs.get("attention_mask")
-        if not isinstance(mask, torch.Tensor) or "attention_mask" not in self.per_sample:
+        if not isinstance(mask, torch.Tensor) or not {"attention_mask"} & (self.per_sample | self.expanded):
             return False
         attn = [m for m in block.modules() if hasattr(m, "is_causal") and hasattr(m, "config")]
         if not attn or not all(m.is_causal and getattr(m.config, "_attn_implementation", None) == "sdpa"
@@ -215,6 +224,7 @@ class _Inputs:
             return False
         self.kwargs["attention_mask"] = None
         self.per_sample.discard("attention_mask")
+        self.expanded.discard("attention_mask")
         return True
 
     @staticmethod
@@ -230,8 +240,9 @@ class _Inputs:
         kwargs = {}
         for key, value in self.kwargs.items():
             if key in self.per_sample:
-                kwargs[key] = (type(value)(t.index_select(0, idx) for t in value)
-                               if isinstance(value, (tuple, list)) else value.index_select(0, idx))
+                kwargs[key] = _map_leaves(value, lambda t: t.index_select(0, idx))
+            elif key in self.expanded:
+                kwargs[key] = _map_leaves(value, lambda t: t.expand(idx.numel(), *t.shape[1:]))
             else:
                 kwargs[key] = value
         return kwargs
@@ -241,6 +252,19 @@ class _Inputs:
         hidden states taken from ``hidden`` (default: the fp inputs)."""
         h = _rows(self.hidden if hidden is None else hidden, idx, self.device)
         return (h, *self.rest_args), self.kwargs_for(idx)
+
+
+def _map_leaves(value, fn):
+    return type(value)(fn(t) for t in value) if isinstance(value, (tuple, list)) else fn(value)
+
+
+def _same_value(a, b) -> bool:
+    """a equals b exactly: same structure, shapes, dtypes and values (NaN never equal)."""
+    if isinstance(a, (tuple, list)):
+        return (isinstance(b, (tuple, list)) and len(a) == len(b)
+                and all(_same_value(x, y) for x, y in zip(a, b)))
+    return a is b or (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+                      and bool(torch.equal(a, b)))
 
 
 def _rows(t: torch.Tensor, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -312,28 +336,32 @@ def _replace(block: nn.Module, name: str, new: nn.Module) -> None:
     setattr(block.get_submodule(parent) if parent else block, child, new)
 
 
-def _run(block, inputs: _Inputs, batch_size: int, autocast, hidden=None, collect: bool = True):
-    """The block's output for every sample, on the cache device (None if not collected);
-    each batch is written straight into the cache, so nothing is concatenated or re-pinned."""
+def _run(block, inputs: _Inputs, batch_size: int, autocast, hidden=None):
+    """The block's output for every sample, on the cache device; each batch is written
+    straight into the cache, so nothing is concatenated or re-pinned."""
     outs = None
     for start in range(0, inputs.n, batch_size):
         idx = torch.arange(start, min(start + batch_size, inputs.n), device=inputs.device)
         args, kwargs = inputs.batch(idx, hidden)
         with autocast():
             out = _block_output(block(*args, **kwargs)).detach()
-        if collect:
-            if outs is None:
-                outs = _empty_cache((inputs.n, *out.shape[1:]), out.dtype, inputs.cache_device)
-            outs[start: start + out.shape[0]].copy_(out)
+        if outs is None:
+            outs = _empty_cache((inputs.n, *out.shape[1:]), out.dtype, inputs.cache_device)
+        outs[start: start + out.shape[0]].copy_(out)
     return outs
 
 
-def _activation_stats(block, linears, inputs, autocast, hidden, want_max: bool, want_imatrix: bool):
+def _activation_stats(block, linears, inputs, autocast, hidden, want_max: bool, want_imatrix: bool,
+                      cuda_graph: bool = False):
     """Per Linear input, on q_in: max |x| (exact in the input dtype, kept in fp32; for W4A4's
     input global scale) and sum x^2 per channel in fp32 (the imatrix, for iters=0). The pass
     is skipped when neither is wanted. It runs one sample at a time, as auto-round's values
     come from a per-sample pass: batched matmuls round differently (down_proj's act_max was
-    4 ulp off when this pass ran in batches, and the tuning parted ways from there)."""
+    4 ulp off when this pass ran in batches, and the tuning parted ways from there).
+
+    With ``cuda_graph`` (and the hidden states on the device) the one-sample forward is
+    captured once and replayed for each sample: the same kernels on the same data, without
+    the launch overhead that rules a small block's one-sample forward."""
     stats = {n: [torch.zeros((), dtype=torch.float32, device=inputs.device),
                  torch.zeros(m.in_features, dtype=torch.float32, device=inputs.device)]
              for n, m in linears.items()}
@@ -341,17 +369,45 @@ def _activation_stats(block, linears, inputs, autocast, hidden, want_max: bool, 
         return stats
     hooks = []
     for name, mod in linears.items():
-        def hook(_m, args, name=name):
+        def hook(_m, args, name=name):  # in place: a captured graph updates the same tensors
             x = args[0].detach()
             st = stats[name]
             if want_max:
-                st[0] = torch.maximum(st[0], x.abs().amax().to(torch.float32))
+                torch.maximum(st[0], x.abs().amax().to(torch.float32), out=st[0])
             if want_imatrix:
-                st[1] += x.reshape(-1, x.shape[-1]).to(torch.float32).pow(2).sum(0)
+                st[1].add_(x.reshape(-1, x.shape[-1]).to(torch.float32).pow(2).sum(0))
         hooks.append(mod.register_forward_pre_hook(hook))
+    idx = torch.zeros(1, dtype=torch.long, device=inputs.device)
+
+    def one(i: int):
+        idx.fill_(i)
+        args, kwargs = inputs.batch(idx, hidden)
+        with autocast():
+            block(*args, **kwargs)
+
     try:
         with torch.no_grad():
-            _run(block, inputs, 1, autocast, hidden, collect=False)
+            if not (cuda_graph and hidden.device == inputs.device):
+                for i in range(inputs.n):
+                    one(i)
+                return stats
+            current = torch.cuda.current_stream(inputs.device)
+            side = torch.cuda.Stream(inputs.device)
+            warm = min(2, inputs.n)  # real samples, each counted once, then the capture
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                for i in range(warm):
+                    one(i)
+            current.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # records idx's fill too: set it outside, then replay
+                args, kwargs = inputs.batch(idx, hidden)
+                with autocast():
+                    block(*args, **kwargs)
+            for i in range(warm, inputs.n):
+                idx.fill_(i)
+                graph.replay()
+            del graph
     finally:
         for h in hooks:
             h.remove()
@@ -554,7 +610,8 @@ def tune_block(
             return torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp, cache_enabled=False)
 
         def model_dtype_autocast():  # the calibration pass (act_max, imatrix) runs in the model dtype
-            return torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.bfloat16, torch.float16))
+            return torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.bfloat16, torch.float16),
+                                  cache_enabled=False)  # it may be captured in a CUDA graph
 
         cache_device = torch.device(cache_device) if cache_device is not None else device
         if cache_device.type not in ("cpu", device.type):
@@ -590,7 +647,7 @@ def tune_block(
             ref = _run(block, inputs, batch_size, autocast) if iters > 0 else None
             phase("reference")
         stats = _activation_stats(block, linears, inputs, model_dtype_autocast, q_hidden,
-                                  want_max=act_quant, want_imatrix=iters == 0)
+                                  want_max=act_quant, want_imatrix=iters == 0, cuda_graph=cuda_graph)
         if dist is not None:  # every rank quantizes with the statistics of all samples
             for name in linears:
                 if act_quant:
