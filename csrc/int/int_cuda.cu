@@ -76,15 +76,28 @@ struct GroupSpan {
   int64_t base, n;
 };
 
-__device__ __forceinline__ GroupSpan int_group_span(const IntArgs& a, int64_t gi, int64_t groups) {
-  const int64_t r = gi / groups, k = gi - r * groups;
-  const int64_t start = k * a.group;
-  const int64_t rest = a.cols - start;
-  return {r * a.cols + start, rest < a.group ? rest : a.group};
+__device__ __forceinline__ IntParams int_params(const IntArgs& a) {
+  return {a.bits, a.sym, a.scale_dtype, quotient_dtype(a.dtype, a.scale_dtype)};
 }
 
+// The grid-stride loop of the general kernels, one warp per group: body(gi, span of gi).
+template <typename F>
+__device__ __forceinline__ void for_each_group(const IntArgs& a, F&& body) {
+  const int64_t groups = (a.cols + a.group - 1) / a.group;
+  const int64_t total = a.rows * groups;
+  for (int64_t gi = blockIdx.x * (int64_t)kWarps + threadIdx.x / kLanes; gi < total;
+       gi += (int64_t)gridDim.x * kWarps) {
+    const int64_t r = gi / groups, k = gi - r * groups;
+    const int64_t start = k * a.group;
+    const int64_t rest = a.cols - start;
+    body(gi, GroupSpan{r * a.cols + start, rest < a.group ? rest : a.group});
+  }
+}
+
+// The group's min and max (every lane of the warp gets them) and the scale they give.
 template <typename T, bool kVec>
-__device__ __forceinline__ void group_min_max(const T* w, GroupSpan g, int lane, float* wmin, float* wmax) {
+__device__ __forceinline__ IntScale group_scale(const IntArgs& a, const T* w, int64_t gi, GroupSpan g,
+                                                int lane, float* wmin, float* wmax) {
   float lo = 0.f, hi = 0.f;
   for (int64_t j = lane * kChunk; j < g.n; j += kLanes * kChunk) {
     float x[kChunk];
@@ -97,21 +110,16 @@ __device__ __forceinline__ void group_min_max(const T* w, GroupSpan g, int lane,
   }
   *wmin = warp_min(lo);
   *wmax = warp_max(hi);
+  return int_group_scale(*wmin, *wmax, __ldg(a.min_scale + gi), __ldg(a.max_scale + gi), int_params(a));
 }
 
 template <typename T, typename S, bool kVec>
 __global__ void __launch_bounds__(kThreads) fake_quant_int_kernel(IntArgs a, T* out, S* scale, float* zp) {
   const int lane = threadIdx.x % kLanes;
-  const int64_t groups = (a.cols + a.group - 1) / a.group;
-  const int64_t total = a.rows * groups;
-  const IntParams p{a.bits, a.sym, a.scale_dtype, quotient_dtype(a.dtype, a.scale_dtype)};
   const T* w = static_cast<const T*>(a.weight);
-  for (int64_t gi = blockIdx.x * (int64_t)kWarps + threadIdx.x / kLanes; gi < total;
-       gi += (int64_t)gridDim.x * kWarps) {
-    GroupSpan g = int_group_span(a, gi, groups);
+  for_each_group(a, [&](int64_t gi, GroupSpan g) {
     float wmin, wmax;
-    group_min_max<T, kVec>(w, g, lane, &wmin, &wmax);
-    IntScale sc = int_group_scale(wmin, wmax, __ldg(a.min_scale + gi), __ldg(a.max_scale + gi), p);
+    const IntScale sc = group_scale<T, kVec>(a, w, gi, g, lane, &wmin, &wmax);
     if (lane == 0) {
       scale[gi] = from_f32<S>(sc.s);
       zp[gi] = sc.zp;
@@ -124,23 +132,17 @@ __global__ void __launch_bounds__(kThreads) fake_quant_int_kernel(IntArgs a, T* 
       for (int c = 0; c < kChunk; ++c) x[c] = int_qdq(x[c], v[c], sc, a.sym);
       store_chunk<T, kVec>(out + g.base + j, g.n - j, x);
     }
-  }
+  });
 }
 
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) fake_quant_int_backward_kernel(
     IntArgs a, const T* grad, float* grad_v, float* g_min, float* g_max) {
   const int lane = threadIdx.x % kLanes;
-  const int64_t groups = (a.cols + a.group - 1) / a.group;
-  const int64_t total = a.rows * groups;
-  const IntParams p{a.bits, a.sym, a.scale_dtype, quotient_dtype(a.dtype, a.scale_dtype)};
   const T* w = static_cast<const T*>(a.weight);
-  for (int64_t gi = blockIdx.x * (int64_t)kWarps + threadIdx.x / kLanes; gi < total;
-       gi += (int64_t)gridDim.x * kWarps) {
-    GroupSpan g = int_group_span(a, gi, groups);
+  for_each_group(a, [&](int64_t gi, GroupSpan g) {
     float wmin, wmax;
-    group_min_max<T, kVec>(w, g, lane, &wmin, &wmax);
-    IntScale sc = int_group_scale(wmin, wmax, __ldg(a.min_scale + gi), __ldg(a.max_scale + gi), p);
+    const IntScale sc = group_scale<T, kVec>(a, w, gi, g, lane, &wmin, &wmax);
     IntPartials acc{0.f, 0.f, 0.f, 0.f};
     for (int64_t j = lane * kChunk; j < g.n; j += kLanes * kChunk) {
       float x[kChunk], v[kChunk], gr[kChunk], gv[kChunk];
@@ -153,8 +155,8 @@ __global__ void __launch_bounds__(kThreads) fake_quant_int_backward_kernel(
       store_chunk<float, kVec>(grad_v + g.base + j, g.n - j, gv);
     }
     IntPartials tot{warp_sum(acc.a), warp_sum(acc.b), warp_sum(acc.zc), warp_sum(acc.zs)};
-    if (lane == 0) int_group_scale_backward(tot, wmin, wmax, sc, p, g_min + gi, g_max + gi);
-  }
+    if (lane == 0) int_group_scale_backward(tot, wmin, wmax, sc, int_params(a), g_min + gi, g_max + gi);
+  });
 }
 
 
@@ -185,106 +187,82 @@ __device__ __forceinline__ float sub_sum(float v) {
   return v;
 }
 
-__device__ __forceinline__ void chunk_min_max(const float* x, float* lo, float* hi) {
+// The grid-stride loop of the small-group kernels: a warp takes 32 / L groups per pass, one
+// per slot of L lanes. body(gi, active, offset of this lane's chunk, lane within the group);
+// every lane runs body, also past the last group (active false), since the butterflies need
+// the whole warp. Unrolling by 4 groups per slot lowered occupancy and bandwidth on the H100
+// (70% -> 51% of copy bandwidth for fwd+bwd, NOTES.md): one group per slot per pass.
+template <int L, typename F>
+__device__ __forceinline__ void for_each_small_group(const IntArgs& a, F&& body) {
+  constexpr int kPerWarp = kLanes / L;
+  const int lane = threadIdx.x % kLanes, sub = lane % L, slot = lane / L;
+  const int64_t total = a.rows * (a.cols / a.group);
+  const int64_t warp = blockIdx.x * (int64_t)kWarps + threadIdx.x / kLanes;
+  for (int64_t g0 = warp * kPerWarp; g0 < total; g0 += (int64_t)gridDim.x * kWarps * kPerWarp) {
+    const int64_t gi = g0 + slot;
+    body(gi, gi < total, gi * a.group + sub * kChunk, sub);
+  }
+}
+
+// The group's min and max over its L lanes' chunks (zeros past the last group).
+template <int L>
+__device__ __forceinline__ void small_min_max(const float* x, float* lo, float* hi) {
   float l = 0.f, h = 0.f;
 #pragma unroll
   for (int c = 0; c < kChunk; ++c) {
     l = fmin_(l, x[c]);
     h = fmax_(h, x[c]);
   }
-  *lo = l;
-  *hi = h;
+  *lo = sub_min<L>(l);
+  *hi = sub_max<L>(h);
 }
-
-// Each warp iteration covers kUnroll * 32 / L groups, all of whose loads are issued before the
-// first use. Measured on the H100 (NOTES.md): 4 lowered occupancy and bandwidth (70% -> 51% of
-// copy bandwidth for fwd+bwd), so it stays 1.
-constexpr int kUnroll = 1;
 
 template <typename T, typename S, int L>
 __global__ void __launch_bounds__(kThreads) fake_quant_int_small_kernel(IntArgs a, T* out, S* scale, float* zp) {
-  constexpr int kPerWarp = kLanes / L;
-  const int lane = threadIdx.x % kLanes, sub = lane % L, slot = lane / L;
-  const int64_t total = a.rows * (a.cols / a.group);
-  const IntParams p{a.bits, a.sym, a.scale_dtype, quotient_dtype(a.dtype, a.scale_dtype)};
   const T* w = static_cast<const T*>(a.weight);
-  const int64_t warp = blockIdx.x * (int64_t)kWarps + threadIdx.x / kLanes;
-  for (int64_t g0 = warp * kPerWarp * kUnroll; g0 < total;
-       g0 += (int64_t)gridDim.x * kWarps * kPerWarp * kUnroll) {
-    float x[kUnroll][kChunk] = {}, v[kUnroll][kChunk] = {};
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t gi = g0 + u * kPerWarp + slot;
-      if (gi < total) {
-        const int64_t off = gi * a.group + sub * kChunk;
-        load_chunk<T, true>(w + off, kChunk, x[u]);
-        load_chunk_f32<true>(a.v + off, kChunk, v[u]);
-      }
+  for_each_small_group<L>(a, [&](int64_t gi, bool active, int64_t off, int sub) {
+    float x[kChunk] = {}, v[kChunk] = {}, lo, hi;
+    if (active) {
+      load_chunk<T, true>(w + off, kChunk, x);
+      load_chunk_f32<true>(a.v + off, kChunk, v);
+    }
+    small_min_max<L>(x, &lo, &hi);
+    if (!active) return;
+    const IntScale sc = int_group_scale(lo, hi, __ldg(a.min_scale + gi), __ldg(a.max_scale + gi), int_params(a));
+    if (sub == 0) {
+      scale[gi] = from_f32<S>(sc.s);
+      zp[gi] = sc.zp;
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t gi = g0 + u * kPerWarp + slot;
-      float lo, hi;
-      chunk_min_max(x[u], &lo, &hi);
-      lo = sub_min<L>(lo);
-      hi = sub_max<L>(hi);
-      if (gi < total) {
-        IntScale sc = int_group_scale(lo, hi, __ldg(a.min_scale + gi), __ldg(a.max_scale + gi), p);
-        if (sub == 0) {
-          scale[gi] = from_f32<S>(sc.s);
-          zp[gi] = sc.zp;
-        }
-#pragma unroll
-        for (int c = 0; c < kChunk; ++c) x[u][c] = int_qdq(x[u][c], v[u][c], sc, a.sym);
-        store_chunk<T, true>(out + gi * a.group + sub * kChunk, kChunk, x[u]);
-      }
-    }
-  }
+    for (int c = 0; c < kChunk; ++c) x[c] = int_qdq(x[c], v[c], sc, a.sym);
+    store_chunk<T, true>(out + off, kChunk, x);
+  });
 }
 
 template <typename T, int L>
 __global__ void __launch_bounds__(kThreads) fake_quant_int_small_backward_kernel(
     IntArgs a, const T* grad, float* grad_v, float* g_min, float* g_max) {
-  constexpr int kPerWarp = kLanes / L;
-  const int lane = threadIdx.x % kLanes, sub = lane % L, slot = lane / L;
-  const int64_t total = a.rows * (a.cols / a.group);
-  const IntParams p{a.bits, a.sym, a.scale_dtype, quotient_dtype(a.dtype, a.scale_dtype)};
   const T* w = static_cast<const T*>(a.weight);
-  const int64_t warp = blockIdx.x * (int64_t)kWarps + threadIdx.x / kLanes;
-  for (int64_t g0 = warp * kPerWarp * kUnroll; g0 < total;
-       g0 += (int64_t)gridDim.x * kWarps * kPerWarp * kUnroll) {
-    float x[kUnroll][kChunk] = {}, v[kUnroll][kChunk] = {}, gr[kUnroll][kChunk] = {};
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t gi = g0 + u * kPerWarp + slot;
-      if (gi < total) {
-        const int64_t off = gi * a.group + sub * kChunk;
-        load_chunk<T, true>(w + off, kChunk, x[u]);
-        load_chunk<T, true>(grad + off, kChunk, gr[u]);
-        load_chunk_f32<true>(a.v + off, kChunk, v[u]);
-      }
+  for_each_small_group<L>(a, [&](int64_t gi, bool active, int64_t off, int sub) {
+    float x[kChunk] = {}, v[kChunk] = {}, gr[kChunk] = {}, lo, hi;
+    if (active) {
+      load_chunk<T, true>(w + off, kChunk, x);
+      load_chunk<T, true>(grad + off, kChunk, gr);
+      load_chunk_f32<true>(a.v + off, kChunk, v);
     }
+    small_min_max<L>(x, &lo, &hi);
+    IntPartials acc{0.f, 0.f, 0.f, 0.f};
+    IntScale sc{};
+    if (active) {
+      sc = int_group_scale(lo, hi, __ldg(a.min_scale + gi), __ldg(a.max_scale + gi), int_params(a));
+      float gv[kChunk];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t gi = g0 + u * kPerWarp + slot;
-      const bool active = gi < total;
-      float lo, hi;
-      chunk_min_max(x[u], &lo, &hi);
-      lo = sub_min<L>(lo);
-      hi = sub_max<L>(hi);
-      IntPartials acc{0.f, 0.f, 0.f, 0.f};
-      IntScale sc{};
-      if (active) {
-        sc = int_group_scale(lo, hi, __ldg(a.min_scale + gi), __ldg(a.max_scale + gi), p);
-        float gv[kChunk];
-#pragma unroll
-        for (int c = 0; c < kChunk; ++c) int_element_backward(x[u][c], v[u][c], gr[u][c], sc, a.sym, &gv[c], acc);
-        store_chunk<float, true>(grad_v + gi * a.group + sub * kChunk, kChunk, gv);
-      }
-      IntPartials tot{sub_sum<L>(acc.a), sub_sum<L>(acc.b), sub_sum<L>(acc.zc), sub_sum<L>(acc.zs)};
-      if (active && sub == 0) int_group_scale_backward(tot, lo, hi, sc, p, g_min + gi, g_max + gi);
+      for (int c = 0; c < kChunk; ++c) int_element_backward(x[c], v[c], gr[c], sc, a.sym, &gv[c], acc);
+      store_chunk<float, true>(grad_v + off, kChunk, gv);
     }
-  }
+    IntPartials tot{sub_sum<L>(acc.a), sub_sum<L>(acc.b), sub_sum<L>(acc.zc), sub_sum<L>(acc.zs)};
+    if (active && sub == 0) int_group_scale_backward(tot, lo, hi, sc, int_params(a), g_min + gi, g_max + gi);
+  });
 }
 
 // Lanes per group for the small-group kernels, or 0 when the layout needs the general one.
@@ -309,9 +287,7 @@ void with_lanes(int lanes, F&& f) {
   }
 }
 
-unsigned small_grid(int64_t groups, int lanes) {
-  return grid_for(groups, kWarps * (kLanes / lanes) * kUnroll);
-}
+unsigned small_grid(int64_t groups, int lanes) { return grid_for(groups, kWarps * (kLanes / lanes)); }
 
 bool chunked(const IntArgs& a, std::initializer_list<const void*> ptrs) {
   if (a.group % kChunk != 0 || a.cols % kChunk != 0) return false;

@@ -48,22 +48,28 @@ struct GroupIndex {
   int n;
 };
 
-__device__ __forceinline__ GroupIndex group_index(int64_t gi, int64_t groups, int64_t cols) {
-  const int64_t r = gi / groups, k = gi - r * groups;
-  const int64_t start = k * kNvfp4Group;
-  const int64_t rest = cols - start;
-  return {r * cols + start, static_cast<int>(rest < kNvfp4Group ? rest : kNvfp4Group)};
+// The grid-stride loop of every kernel here, one thread per 16-element group of a [rows, cols]
+// tensor: body(gi, where group gi starts and how many elements it has). Unrolling the
+// activation kernels by 2 groups per thread, all loaded before the first use, lowered
+// occupancy and bandwidth on the H100 (63% -> 49% of copy bandwidth for fwd+bwd, NOTES.md).
+template <typename F>
+__device__ __forceinline__ void for_each_group(int64_t rows, int64_t cols, F&& body) {
+  const int64_t groups = (cols + kNvfp4Group - 1) / kNvfp4Group;
+  const int64_t total = rows * groups;
+  for (int64_t gi = blockIdx.x * (int64_t)kThreads + threadIdx.x; gi < total;
+       gi += (int64_t)gridDim.x * kThreads) {
+    const int64_t r = gi / groups, k = gi - r * groups;
+    const int64_t start = k * kNvfp4Group;
+    const int64_t rest = cols - start;
+    body(gi, GroupIndex{r * cols + start, static_cast<int>(rest < kNvfp4Group ? rest : kNvfp4Group)});
+  }
 }
 
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_kernel(Nvfp4Args a, T* out, float* scale) {
-  const int64_t groups = (a.cols + kNvfp4Group - 1) / kNvfp4Group;
-  const int64_t total = a.rows * groups;
   const float gs = __ldg(a.global_scale), inv_gs = inv_global_scale(gs);
   const T* w = static_cast<const T*>(a.weight);
-  for (int64_t gi = blockIdx.x * (int64_t)kThreads + threadIdx.x; gi < total;
-       gi += (int64_t)gridDim.x * kThreads) {
-    GroupIndex g = group_index(gi, groups, a.cols);
+  for_each_group(a.rows, a.cols, [&](int64_t gi, GroupIndex g) {
     float x[kNvfp4Group], v[kNvfp4Group], amax;
     int n = load_group<T, kVec>(w + g.base, g.n, x, &amax);
     load_f32<kVec>(a.v + g.base, n, v);
@@ -73,19 +79,15 @@ __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_kernel(Nvfp4Args a,
     for (int j = 0; j < kNvfp4Group; ++j)
       if (kVec || j < n) x[j] = nvfp4_qdq(x[j], v[j], sc);
     store_group<T, kVec>(out + g.base, n, x);
-  }
+  });
 }
 
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_backward_kernel(
     Nvfp4Args a, const T* grad, float* grad_v, float* grad_ms) {
-  const int64_t groups = (a.cols + kNvfp4Group - 1) / kNvfp4Group;
-  const int64_t total = a.rows * groups;
   const float gs = __ldg(a.global_scale), inv_gs = inv_global_scale(gs);
   const T* w = static_cast<const T*>(a.weight);
-  for (int64_t gi = blockIdx.x * (int64_t)kThreads + threadIdx.x; gi < total;
-       gi += (int64_t)gridDim.x * kThreads) {
-    GroupIndex g = group_index(gi, groups, a.cols);
+  for_each_group(a.rows, a.cols, [&](int64_t gi, GroupIndex g) {
     float x[kNvfp4Group], v[kNvfp4Group], gr[kNvfp4Group], gv[kNvfp4Group], amax, unused;
     int n = load_group<T, kVec>(w + g.base, g.n, x, &amax);
     load_group<T, kVec>(grad + g.base, g.n, gr, &unused);
@@ -97,81 +99,41 @@ __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_backward_kernel(
     } else {
       for (int j = 0; j < n; ++j) grad_v[g.base + j] = gv[j];
     }
-  }
+  });
 }
-
-// Groups per thread per iteration, all loaded before the first use. Measured on the H100
-// (NOTES.md): 2 lowered occupancy and bandwidth (63% -> 49% for fwd+bwd), so it stays 1.
-constexpr int kActUnroll = 1;
 
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_activation_kernel(Nvfp4ActArgs a, T* out) {
-  const int64_t groups = (a.cols + kNvfp4Group - 1) / kNvfp4Group;
-  const int64_t total = a.rows * groups;
   const float gs = __ldg(a.global_scale), inv_gs = inv_global_scale(gs);
   const T* xin = static_cast<const T*>(a.x);
-  for (int64_t g0 = blockIdx.x * (int64_t)kThreads * kActUnroll + threadIdx.x; g0 < total;
-       g0 += (int64_t)gridDim.x * kThreads * kActUnroll) {
-    float x[kActUnroll][kNvfp4Group], amax[kActUnroll];
-    int n[kActUnroll];
-    GroupIndex g[kActUnroll];
+  for_each_group(a.rows, a.cols, [&](int64_t, GroupIndex g) {
+    float x[kNvfp4Group], amax;
+    const int n = load_group<T, kVec>(xin + g.base, g.n, x, &amax);
+    Nvfp4Scale sc = nvfp4_group_scale(amax, 1.0f, gs, inv_gs);
 #pragma unroll
-    for (int u = 0; u < kActUnroll; ++u) {
-      const int64_t gi = g0 + u * kThreads;
-      n[u] = 0;
-      if (gi < total) {
-        g[u] = group_index(gi, groups, a.cols);
-        n[u] = load_group<T, kVec>(xin + g[u].base, g[u].n, x[u], &amax[u]);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kActUnroll; ++u) {
-      if (n[u] == 0) continue;
-      Nvfp4Scale sc = nvfp4_group_scale(amax[u], 1.0f, gs, inv_gs);
-#pragma unroll
-      for (int j = 0; j < kNvfp4Group; ++j)
-        if (kVec || j < n[u]) x[u][j] = nvfp4_qdq(x[u][j], 0.f, sc);
-      store_group<T, kVec>(out + g[u].base, n[u], x[u]);
-    }
-  }
+    for (int j = 0; j < kNvfp4Group; ++j)
+      if (kVec || j < n) x[j] = nvfp4_qdq(x[j], 0.f, sc);
+    store_group<T, kVec>(out + g.base, n, x);
+  });
 }
 
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_activation_backward_kernel(
     Nvfp4ActArgs a, const T* grad, T* grad_x) {
-  const int64_t groups = (a.cols + kNvfp4Group - 1) / kNvfp4Group;
-  const int64_t total = a.rows * groups;
   const float gs = __ldg(a.global_scale), inv_gs = inv_global_scale(gs);
   const T* xin = static_cast<const T*>(a.x);
-  for (int64_t g0 = blockIdx.x * (int64_t)kThreads * kActUnroll + threadIdx.x; g0 < total;
-       g0 += (int64_t)gridDim.x * kThreads * kActUnroll) {
-    float x[kActUnroll][kNvfp4Group], gr[kActUnroll][kNvfp4Group], amax[kActUnroll], unused;
-    int n[kActUnroll];
-    GroupIndex g[kActUnroll];
+  for_each_group(a.rows, a.cols, [&](int64_t, GroupIndex g) {
+    float x[kNvfp4Group], gr[kNvfp4Group], gv[kNvfp4Group], zeros[kNvfp4Group] = {}, amax, unused, g_m;
+    const int n = load_group<T, kVec>(xin + g.base, g.n, x, &amax);
+    load_group<T, kVec>(grad + g.base, g.n, gr, &unused);
+    nvfp4_group_backward(x, zeros, gr, n, amax, 1.0f, gs, inv_gs, gv, &g_m);
+    const float os = nvfp4_group_scale(amax, 1.0f, gs, inv_gs).os;
+    const int arg = first_argmax(x, n, amax);
 #pragma unroll
-    for (int u = 0; u < kActUnroll; ++u) {
-      const int64_t gi = g0 + u * kThreads;
-      n[u] = 0;
-      if (gi < total) {
-        g[u] = group_index(gi, groups, a.cols);
-        n[u] = load_group<T, kVec>(xin + g[u].base, g[u].n, x[u], &amax[u]);
-        load_group<T, kVec>(grad + g[u].base, g[u].n, gr[u], &unused);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kActUnroll; ++u) {
-      if (n[u] == 0) continue;
-      float gv[kNvfp4Group], zeros[kNvfp4Group] = {}, g_m;
-      const int nn = kVec ? kNvfp4Group : n[u];
-      nvfp4_group_backward(x[u], zeros, gr[u], nn, amax[u], 1.0f, gs, inv_gs, gv, &g_m);
-      const float os = nvfp4_group_scale(amax[u], 1.0f, gs, inv_gs).os;
-      const int arg = first_argmax(x[u], n[u], amax[u]);
-#pragma unroll
-      for (int j = 0; j < kNvfp4Group; ++j)
-        if (kVec || j < n[u]) gv[j] = nvfp4_act_grad<T>(gv[j], os, g_m, x[u][j], j == arg);
-      store_group<T, kVec>(grad_x + g[u].base, n[u], gv);
-    }
-  }
+    for (int j = 0; j < kNvfp4Group; ++j)
+      if (kVec || j < n) gv[j] = nvfp4_act_grad<T>(gv[j], os, g_m, x[j], j == arg);
+    store_group<T, kVec>(grad_x + g.base, n, gv);
+  });
 }
 
 bool whole_groups(int64_t cols, std::initializer_list<const void*> ptrs) {
@@ -221,9 +183,9 @@ const char* launch_fake_quant_nvfp4_activation(const Nvfp4ActArgs& a, void* out,
   with_float_type(a.dtype, [&](auto t) {
     using T = decltype(t);
     if (vec)
-      fake_quant_nvfp4_activation_kernel<T, true><<<grid_for(total, kThreads * kActUnroll), kThreads, 0, s>>>(a, static_cast<T*>(out));
+      fake_quant_nvfp4_activation_kernel<T, true><<<grid_for(total, kThreads), kThreads, 0, s>>>(a, static_cast<T*>(out));
     else
-      fake_quant_nvfp4_activation_kernel<T, false><<<grid_for(total, kThreads * kActUnroll), kThreads, 0, s>>>(a, static_cast<T*>(out));
+      fake_quant_nvfp4_activation_kernel<T, false><<<grid_for(total, kThreads), kThreads, 0, s>>>(a, static_cast<T*>(out));
   });
   return launch_status();
 }
@@ -236,10 +198,10 @@ const char* launch_fake_quant_nvfp4_activation_backward(const Nvfp4ActArgs& a, c
   with_float_type(a.dtype, [&](auto t) {
     using T = decltype(t);
     if (vec)
-      fake_quant_nvfp4_activation_backward_kernel<T, true><<<grid_for(total, kThreads * kActUnroll), kThreads, 0, s>>>(
+      fake_quant_nvfp4_activation_backward_kernel<T, true><<<grid_for(total, kThreads), kThreads, 0, s>>>(
           a, static_cast<const T*>(grad), static_cast<T*>(grad_x));
     else
-      fake_quant_nvfp4_activation_backward_kernel<T, false><<<grid_for(total, kThreads * kActUnroll), kThreads, 0, s>>>(
+      fake_quant_nvfp4_activation_backward_kernel<T, false><<<grid_for(total, kThreads), kThreads, 0, s>>>(
           a, static_cast<const T*>(grad), static_cast<T*>(grad_x));
   });
   return launch_status();
