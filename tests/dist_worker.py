@@ -62,9 +62,10 @@ def run(rank, scheme, iters, out_dir, dev="cpu"):
         dist.destroy_process_group()
 
 
-def run_oneshot(rank, out_dir, scheme, n):
-    """llm-compressor's distributed oneshot on one rank (gloo, CPU): each rank calibrates on its
-    share of the samples and our modifier tunes data-parallel."""
+def run_oneshot(rank, out_dir, scheme, n, dev="cpu"):
+    """llm-compressor's distributed oneshot on one rank: each rank calibrates on its share of
+    the samples and our modifier tunes data-parallel. dev "cpu": gloo and backend "torch";
+    "cuda": NCCL, one GPU per rank and backend "cuda" (the torchrun user's setup)."""
     import torch.distributed as dist
     from llmcompressor import oneshot
     from transformers import LlamaForCausalLM
@@ -76,7 +77,11 @@ def run_oneshot(rank, out_dir, scheme, n):
 
     # saved before the group exists (under one, only rank 0 writes); oneshot re-reads the config
     tiny_llama().save_pretrained(f"{out_dir}/model{rank}")
-    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=RANKS)
+    cuda = dev == "cuda"
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{out_dir}/store", rank=rank,
+                            world_size=RANKS, **({"device_id": torch.device("cuda", rank)} if cuda else {}))
     try:
         model = LlamaForCausalLM.from_pretrained(f"{out_dir}/model{rank}", torch_dtype=torch.bfloat16)
         # Each rank passes its own share, as llm-compressor's get_rank_partition usage does. (Its
@@ -96,7 +101,7 @@ def run_oneshot(rank, out_dir, scheme, n):
 
         modifier_module.tune_block = recording
         mod = AutoRoundModifier(targets="Linear", scheme=scheme, ignore=["lm_head"], iters=ITERS,
-                                batch_size=BATCH, backend="torch")
+                                batch_size=BATCH, backend="cuda" if cuda else "torch")
         oneshot(model=model, dataset=share, recipe=mod, processor=tiny_tokenizer(),
                 num_calibration_samples=len(share), max_seq_length=SEQLEN)
         modifier_module.tune_block = engine

@@ -65,20 +65,25 @@ def test_distributed_true_without_a_group_is_an_error():
                    iters=1, distributed=True)
 
 
-def _spawned_oneshot(rank, out_dir, scheme, n):
-    w.run_oneshot(rank, out_dir, scheme, n)
+def _spawned_oneshot(rank, out_dir, scheme, n, dev):
+    w.run_oneshot(rank, out_dir, scheme, n, dev)
 
 
+@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=TWO_GPUS)])
 @pytest.mark.parametrize("scheme", ["NVFP4", "W4A16"])
-def test_oneshot_under_two_ranks(tmp_path, scheme):
+def test_oneshot_under_two_ranks(tmp_path, monkeypatch, scheme, dev):
     """llm-compressor's distributed oneshot (the path torchrun users take): each rank tunes on
     its half of the samples, and the ranks agree
     bit for bit on every block's tuned qparams (the engine's, before they are written into the
     model) and on the (global) losses, which only the
     all-reduces can bring about: the ranks' samples differ. Equality with one process over all
-    samples is test_two_ranks_equal_one_process's (engine level, same batches)."""
+    samples is test_two_ranks_equal_one_process's (engine level, same batches). On "cpu" the
+    ranks see no GPU (llm-compressor would put rank r on cuda:r); on "cuda" NCCL and the CUDA
+    kernels, one GPU per rank."""
     n = 8
-    mp.spawn(_spawned_oneshot, args=(str(tmp_path), scheme, n), nprocs=w.RANKS, join=True)
+    if dev == "cpu":
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the spawned ranks inherit it
+    mp.spawn(_spawned_oneshot, args=(str(tmp_path), scheme, n, dev), nprocs=w.RANKS, join=True)
     ranks = [torch.load(tmp_path / f"oneshot{r}.pt", weights_only=False) for r in range(w.RANKS)]
     for r in ranks:
         assert [s["samples"] for s in r["stats"]] == [n // w.RANKS] * 2  # two blocks, half each
