@@ -17,6 +17,7 @@ import contextlib
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -800,9 +801,11 @@ def _lr_schedule(lr: float, iters: int) -> list[float]:
     opt = torch.optim.SGD([dummy], lr=torch.tensor(lr))
     sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.0, total_iters=iters)
     lrs = []
-    for _ in range(iters):
-        lrs.append(float(opt.param_groups[0]["lr"]))
-        sched.step()
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": by design
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(iters):
+            lrs.append(float(opt.param_groups[0]["lr"]))
+            sched.step()
     return lrs
 
 
