@@ -337,6 +337,12 @@ def test_kwargs_equal_for_all_samples_are_kept_once(ragged_block):
             assert torch.equal(kwargs[key], torch.cat([samples[i][1][key] for i in idx])), key
         for k, t in enumerate(kwargs["position_embeddings"]):
             assert torch.equal(t, torch.cat([samples[i][1]["position_embeddings"][k] for i in idx]))
+        one = cached.batch(idx[:1])[1]
+        one["attention_mask"].fill_(7)  # a block writing into its kwargs leaves the cache alone
+        one["position_embeddings"][0].zero_()
+        _, again = cached.batch(idx[:1])
+        assert torch.equal(again["attention_mask"], samples[int(idx[0])][1]["attention_mask"])
+        assert torch.equal(again["position_embeddings"][0], samples[int(idx[0])][1]["position_embeddings"][0])
 
 
 def test_same_value_compares_bits():

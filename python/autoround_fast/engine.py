@@ -173,7 +173,7 @@ class _Inputs:
     cards short of memory); the per-sample kwargs (masks, rotary tables) and the shared ones
     live on the compute device. A per-sample kwarg whose value is the same for every sample
     (the causal mask and rotary tables of equal-length samples: 8 MB per sample for a 2048-token
-    mask) is kept once and expanded to each batch, a view equal to what stacking would give.
+    mask) is kept once and expanded to each batch: the tensor stacking would give.
     :meth:`batch` returns a batch on the compute device.
     """
 
@@ -242,8 +242,10 @@ class _Inputs:
         for key, value in self.kwargs.items():
             if key in self.per_sample:
                 kwargs[key] = _map_leaves(value, lambda t: t.index_select(0, idx))
-            elif key in self.expanded:
-                kwargs[key] = _map_leaves(value, lambda t: t.expand(idx.numel(), *t.shape[1:]))
+            elif key in self.expanded:  # a fresh tensor, as index_select gives: a block that
+                # writes into its kwargs cannot reach the cache
+                kwargs[key] = _map_leaves(value, lambda t: t.expand(idx.numel(), *t.shape[1:]).clone(
+                    memory_format=torch.contiguous_format))
             else:
                 kwargs[key] = value
         return kwargs
