@@ -270,6 +270,38 @@ def assert_same_qparams(got, want, label):
             assert torch.equal(got[name][key].cpu(), t.cpu()), (label, name, key)
 
 
+class HostSyncing(torch.nn.Module):
+    """A decoder block whose forward reads a value on the host, as MoE routing does (nonzero)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, hidden_states, **kwargs):
+        self.peak = float(hidden_states.abs().max())  # a host sync
+        return self.layer(hidden_states, **kwargs)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+def test_block_that_waits_for_the_host_runs_eagerly(ragged_block):
+    """A CUDA graph cannot hold a forward that syncs with the host: such a block is tuned
+    eagerly (and says so), exactly as with cuda_graph=False; a Llama block is captured."""
+    model, inputs = ragged_block
+    spec = {f"layer.{n}": SPECS["nvfp4"] for n in LINEARS}
+    kw = dict(iters=6, batch_size=4, backend="cuda", device=torch.device("cuda"))
+    runs = {}
+    for label, extra in {"asked": {}, "eager": dict(cuda_graph=False)}.items():
+        block = HostSyncing(fresh_block(model))
+        res = tune_block(block, inputs, spec, **kw, **extra)
+        runs[label] = (res, {n: block.get_submodule(n).weight.detach().cpu() for n in spec})
+    assert "waits for the host" in runs["asked"][0].eager_reason
+    assert runs["eager"][0].eager_reason == ""
+    assert runs["asked"][0].losses == runs["eager"][0].losses
+    assert all(torch.equal(runs["asked"][1][n], runs["eager"][1][n]) for n in spec)
+    plain = tune_block(fresh_block(model), inputs, {n: SPECS["nvfp4"] for n in LINEARS}, **kw)
+    assert plain.eager_reason == ""
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
 @pytest.mark.parametrize("name", ["nvfp4", "w4a16-g32"])
 def test_graphed_calibration_pass_changes_nothing(ragged_block, name):

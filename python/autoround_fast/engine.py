@@ -164,6 +164,8 @@ class BlockResult:
     # wall seconds per phase: inputs (to the device), reference, calibration (act_max,
     # imatrix), tune (the SignRound loop), finalize (qparams, stored weights), outputs
     phases: dict[str, float] = field(default_factory=dict)
+    # why CUDA graphs were asked for but not used ("" when they were, or were not asked for)
+    eager_reason: str = ""
 
 
 class _Inputs:
@@ -367,6 +369,27 @@ def _run(block, inputs: _Inputs, batch_size: int, autocast, hidden=None):
             outs = _empty_cache((inputs.n, *out.shape[1:]), out.dtype, inputs.cache_device)
         outs[start: start + out.shape[0]].copy_(out)
     return outs
+
+
+def _waits_for_host(block, inputs: _Inputs, autocast) -> bool:
+    """True if the block's forward synchronizes with the host (MoE routing's nonzero, .item(),
+    .tolist()): a CUDA graph cannot capture it. One no-grad forward of one sample under
+    torch's sync debug mode "error"; any other error is the block's own and is raised."""
+    args, kwargs = inputs.batch(torch.zeros(1, dtype=torch.long, device=inputs.device))
+    torch.cuda.synchronize(inputs.device)
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad(), autocast():
+            block(*args, **kwargs)
+        return False
+    except RuntimeError as e:
+        if "synchronizing CUDA operation" not in str(e):
+            raise
+        return True
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+        torch.cuda.synchronize(inputs.device)
 
 
 def _activation_stats(block, linears, inputs, autocast, hidden, want_max: bool, want_imatrix: bool,
@@ -581,7 +604,8 @@ def tune_block(
             outputs live: the compute device (default) or "cpu" (pinned host memory, for cards
             short of memory; each iteration then copies its batch over).
         cuda_graph: capture one tuning iteration in a CUDA graph and replay it (default: on
-            for backend "cuda"). The loss, best-parameter bookkeeping, sampling and learning
+            for backend "cuda"). A block whose forward waits for the host (MoE routing) runs
+            eagerly instead, and ``BlockResult.eager_reason`` says so. The loss, best-parameter bookkeeping, sampling and learning
             rate all live on the GPU, so the loop never waits for the host.
         distributed: data parallel over torch.distributed (default: on when a process group
             of more than one rank is initialised, as under torchrun). Each rank passes its own
@@ -656,6 +680,11 @@ def tune_block(
 
         inputs = _Inputs(fp_inputs, device, cache_device)
         inputs.drop_causal_mask(block)
+        eager_reason = ""
+        if cuda_graph and _waits_for_host(block, inputs, autocast):
+            cuda_graph = False
+            eager_reason = ("the block's forward waits for the host (e.g. MoE routing's nonzero or "
+                            ".item()), which a CUDA graph cannot hold: it runs eagerly")
         q_hidden = (inputs.hidden if q_inputs is None
                     else _to_cache(q_inputs.to(dtype=inputs.hidden.dtype), cache_device))
         mask = None if token_mask is None else token_mask.to(device=device, dtype=torch.float32)
@@ -694,7 +723,7 @@ def tune_block(
             tuned[name] = tl
             _replace(block, name, tl)
 
-        result = BlockResult(q_outputs=torch.empty(0), qparams={})
+        result = BlockResult(q_outputs=torch.empty(0), qparams={}, eager_reason=eager_reason)
         frozen = [(p, p.requires_grad) for p in block.parameters()
                   if not any(p is t for tl in tuned.values() for t in tl.tunables())]
         try:

@@ -201,6 +201,8 @@ class AutoRoundModifier(_StockAutoRoundModifier):
                                       best_loss=result.best_loss, best_iter=result.best_iter,
                                       seconds=result.seconds, losses=result.losses, phases=result.phases))
         self._q_input = result.q_outputs
+        if result.eager_reason:
+            logger.info(f"{layer_name}: {result.eager_reason}")
         if result.losses:
             logger.info(f"{layer_name}: loss {result.init_loss:.6g} -> {result.best_loss:.6g} "
                         f"(iter {result.best_iter}), {result.seconds:.1f} s")
