@@ -1,0 +1,56 @@
+"""The benchmarks run end to end on a CPU at toy sizes, so that a broken bench is found here
+and not in a device call: bench.block with both backends (auto-round's curve comes from its
+own loss function) and bench.dist under torchrun with two gloo ranks."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_module(args, tmp_path, launcher=(sys.executable, "-m")):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([*launcher, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_block_bench_rows_and_curves(tmp_path):
+    iters, layers = 4, 2
+    out = run_module(["bench.block", "--shape", "tiny", "--layers", str(layers), "--backends", "auto_round",
+                      "torch", "--no-compile", "--iters", str(iters), "--nsamples", "4", "--seqlen", "16",
+                      "--batch-size", "2", "--scheme", "NVFP4", "W4A16-G64", "--out", "res"], tmp_path)
+    results = json.loads((tmp_path / "res" / "block.json").read_text())["results"]
+    assert sorted((r["scheme"], r["backend"]) for r in results) == [
+        ("NVFP4", "auto_round"), ("NVFP4", "torch"), ("W4A16-G64", "auto_round"), ("W4A16-G64", "torch")]
+    for r in results:
+        assert len(r["block_s"]) == layers and all(s > 0 for s in r["block_s"])
+        assert [len(c) for c in r["curves"]] == [iters] * layers, r["backend"]
+        for curve, best, at in zip(r["curves"], r["best_loss"], r["best_iter"]):
+            assert best == curve[at] == min(curve)  # the best is the lowest scored loss
+        if r["backend"] == "torch":
+            assert len(r["phases"]) == layers and "tune" in r["phases"][0]
+    table = (tmp_path / "res" / "block.md").read_text()
+    assert table.count("x |") == 2  # a speed-up for each scheme's torch row
+    assert "| W4A16-G64 | torch |" in out
+
+
+def test_dist_bench_two_gloo_ranks(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun is not beside this python")
+    args = ["bench.dist", "--shape", "tiny", "--nsamples", "8", "--seqlen", "16", "--iters", "3",
+            "--scheme", "W4A16", "--out", "res"]
+    for n in (1, 2):
+        run_module(args, tmp_path, launcher=(str(torchrun), "--nproc-per-node", str(n), "-m"))
+    rows = {json.loads(p.read_text())["world"]: json.loads(p.read_text()) for p in (tmp_path / "res").glob("*.json")}
+    assert sorted(rows) == [1, 2] and all(r["iters"] == 3 and r["seconds"] > 0 for r in rows.values())
+    table = run_module(["bench.dist", "--report", "res"], tmp_path)
+    assert "| W4A16 | 1 |" in table and "| W4A16 | 2 |" in table and "100%" in table
