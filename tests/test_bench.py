@@ -54,3 +54,30 @@ def test_dist_bench_two_gloo_ranks(tmp_path):
     assert sorted(rows) == [1, 2] and all(r["iters"] == 3 and r["seconds"] > 0 for r in rows.values())
     table = run_module(["bench.dist", "--report", "res"], tmp_path)
     assert "| W4A16 | 1 |" in table and "| W4A16 | 2 |" in table and "100%" in table
+
+
+def test_accuracy_bench_on_smollm2(tmp_path):
+    """bench.accuracy on the real SmolLM2 at toy sizes: the bf16, RTN and engine rows come out
+    finite, quantizing costs perplexity, and the engine's saved checkpoint scores exactly what
+    the tuned in-memory model scored."""
+    from autoround_fast.cli import bundled_gguf
+
+    try:
+        bundled_gguf()
+    except SystemExit as e:
+        pytest.skip(str(e))
+    import pydoc_data.topics
+
+    topics = pydoc_data.topics.topics
+    keys = sorted(topics)
+    (tmp_path / "calib.txt").write_text("\n\n".join(topics[k] for k in keys[: len(keys) // 2]))
+    (tmp_path / "eval.txt").write_text("\n\n".join(topics[k] for k in keys[len(keys) // 2:])[:6000])
+    run_module(["bench.accuracy", "--calib", "calib.txt", "--eval", "eval.txt", "--scheme", "W4A16-G64",
+                "--rows", "rtn", "torch:2", "--nsamples", "2", "--seqlen", "32", "--batch-size", "2",
+                "--eval-seqlen", "256", "--out", "res"], tmp_path)
+    rows = json.loads((tmp_path / "res" / "accuracy.json").read_text())["rows"]
+    by = {r["method"]: r for r in rows}
+    assert sorted(by) == ["bf16", "rtn", "torch"], by
+    assert all(r["ppl"] == r["ppl"] and 1 < r["ppl"] < 1e4 for r in rows)
+    assert min(r["ppl"] for r in rows if r["method"] != "bf16") > by["bf16"]["ppl"]
+    assert by["torch"]["reload_equal"] and by["torch"]["ppl_reloaded"] == by["torch"]["ppl"]
