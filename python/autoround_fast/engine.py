@@ -1023,13 +1023,13 @@ def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size
             best_score.copy_(torch.where(improved, score, best_score))
             best_total.copy_(torch.where(improved, total, best_total))
             best_iter.copy_(torch.where(improved, it_t, best_iter))
-            for p, b in zip(params, best):
-                b.copy_(torch.where(improved, p, b))
+            for p, b in zip(params, best):  # in place: no temporary the size of the weights
+                torch.where(improved, p, b, out=b)
             losses.index_copy_(0, it_t, total)
             lr_t = lrs.index_select(0, it_t)
-            for p in params:  # SignSGD: p <- p - lr * sign(grad)
+            for p in params:  # SignSGD: p <- p - lr * sign(grad); the gradient is spent after
                 if p.grad is not None:
-                    p.addcmul_(torch.sign(p.grad), lr_t, value=-1.0)
+                    p.addcmul_(p.grad.sign_(), lr_t, value=-1.0)
                 p.grad = None
             it_t.add_(1)
 
