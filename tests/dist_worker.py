@@ -38,16 +38,25 @@ def summary(block, res):
                 qparams={n: {k: cpu(v) for k, v in qp.items()} for n, qp in res.qparams.items()})
 
 
-def run(rank, scheme, iters, out_dir, dev="cpu"):
+def join_group(rank, out_dir, dev):
+    """This process joins the test's group: gloo on the CPU, or NCCL with GPU `rank` (dev
+    "cuda"). True for the latter."""
     import torch.distributed as dist
-
-    from autoround_fast.engine import tune_block
 
     cuda = dev == "cuda"
     if cuda:
         torch.cuda.set_device(rank)
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{out_dir}/store", rank=rank,
                             world_size=RANKS, **({"device_id": torch.device("cuda", rank)} if cuda else {}))
+    return cuda
+
+
+def run(rank, scheme, iters, out_dir, dev="cpu"):
+    import torch.distributed as dist
+
+    from autoround_fast.engine import tune_block
+
+    cuda = join_group(rank, out_dir, dev)
     try:
         model, inputs = problem()
         share = SAMPLES // RANKS
@@ -77,11 +86,7 @@ def run_oneshot(rank, out_dir, scheme, n, dev="cpu"):
 
     # saved before the group exists (under one, only rank 0 writes); oneshot re-reads the config
     tiny_llama().save_pretrained(f"{out_dir}/model{rank}")
-    cuda = dev == "cuda"
-    if cuda:
-        torch.cuda.set_device(rank)
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{out_dir}/store", rank=rank,
-                            world_size=RANKS, **({"device_id": torch.device("cuda", rank)} if cuda else {}))
+    cuda = join_group(rank, out_dir, dev)
     try:
         model = LlamaForCausalLM.from_pretrained(f"{out_dir}/model{rank}", torch_dtype=torch.bfloat16)
         # Each rank passes its own share, as llm-compressor's get_rank_partition usage does. (Its
