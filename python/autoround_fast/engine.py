@@ -420,31 +420,28 @@ def _activation_stats(block, linears, inputs, autocast, hidden, want_max: bool, 
         hooks.append(mod.register_forward_pre_hook(hook))
     idx = torch.zeros(1, dtype=torch.long, device=inputs.device)
 
-    def one(i: int):
-        idx.fill_(i)
+    def forward():  # sample idx; idx is set outside, so that a captured graph reads it anew
         args, kwargs = inputs.batch(idx, hidden)
         with autocast():
             block(*args, **kwargs)
 
     try:
         with torch.no_grad():
-            if not (cuda_graph and hidden.device == inputs.device):
-                for i in range(inputs.n):
-                    one(i)
-                return stats
-            current = torch.cuda.current_stream(inputs.device)
-            side = torch.cuda.Stream(inputs.device)
-            warm = min(2, inputs.n)  # real samples, each counted once, then the capture
-            side.wait_stream(current)
-            with torch.cuda.stream(side):
+            graphed = cuda_graph and hidden.device == inputs.device
+            warm = min(2, inputs.n) if graphed else inputs.n  # real samples, each counted once
+            side = torch.cuda.Stream(inputs.device) if graphed else None
+            if side is not None:
+                side.wait_stream(torch.cuda.current_stream(inputs.device))
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
                 for i in range(warm):
-                    one(i)
-            current.wait_stream(side)
+                    idx.fill_(i)
+                    forward()
+            if not graphed:
+                return stats
+            torch.cuda.current_stream(inputs.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):  # records idx's fill too: set it outside, then replay
-                args, kwargs = inputs.batch(idx, hidden)
-                with autocast():
-                    block(*args, **kwargs)
+            with torch.cuda.graph(graph):
+                forward()
             for i in range(warm, inputs.n):
                 idx.fill_(i)
                 graph.replay()
@@ -604,9 +601,10 @@ def tune_block(
             outputs live: the compute device (default) or "cpu" (pinned host memory, for cards
             short of memory; each iteration then copies its batch over).
         cuda_graph: capture one tuning iteration in a CUDA graph and replay it (default: on
-            for backend "cuda"). A block whose forward waits for the host (MoE routing) runs
-            eagerly instead, and ``BlockResult.eager_reason`` says so. The loss, best-parameter bookkeeping, sampling and learning
-            rate all live on the GPU, so the loop never waits for the host.
+            for backend "cuda"). The loss, best-parameter bookkeeping, sampling and learning
+            rate all live on the GPU, so the loop never waits for the host. A block whose
+            forward waits for the host (MoE routing) runs eagerly instead, and
+            ``BlockResult.eager_reason`` says so.
         distributed: data parallel over torch.distributed (default: on when a process group
             of more than one rank is initialised, as under torchrun). Each rank passes its own
             share of the samples; act_max and the imatrix are reduced over ranks (max, sum),
