@@ -186,6 +186,7 @@ def run_backend(backend: str, scheme: str, args, tmp: str) -> dict:
                best_loss=[c[i] if c and i < len(c) else float("nan") for c, i in zip(curves, best_iters)],
                curves=curves)
     out["phases"] = [r.get("phases", {}) for r in rows]
+    out["loop_ms"] = [r.get("loop_ms", []) for r in rows]
     free_run_memory()
     del model, mod
     gc.collect()
@@ -319,6 +320,11 @@ def table(results: list[dict], card: str, cmd: str) -> str:
             keys = list(r["phases"][0])
             lines.append(f"\n{r['scheme']} {r['backend']}, seconds per phase of each block: " + "; ".join(
                 ", ".join(f"{k} {ph.get(k, 0):.2f}" for k in keys) for ph in r["phases"]))
+        if any(r.get("loop_ms") or []):  # GPU stream time of the loop, per ten iterations
+            lines.append(f"{r['scheme']} {r['backend']}, tuning loop ms per iteration of each block "
+                         "(first ten with warm-up; then median, min-max): " + "; ".join(
+                             f"{ms[0]:.1f}; {statistics.median(ms[1:]):.2f}, {min(ms[1:]):.2f}-{max(ms[1:]):.2f}"
+                             if len(ms) > 1 else f"{ms[0]:.1f}" for ms in r["loop_ms"] if ms))
     return "\n".join(lines)
 
 

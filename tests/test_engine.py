@@ -64,6 +64,7 @@ def test_tuning_beats_rtn(ragged_block, name, backend):
     assert res.losses[0] == res.init_loss and min(res.losses) == res.best_loss
     assert res.q_outputs.shape == (12, 24, 64)
     assert res.q_outputs.device.type == ("cuda" if backend == "cuda" else "cpu")
+    assert len(res.loop_ms) == (4 if backend == "cuda" else 0)  # GPU time per ten iterations
     for n in LINEARS:
         w = block.get_submodule(n).weight
         assert w.dtype == torch.bfloat16 and not torch.equal(w.cpu(), before[n])
@@ -260,6 +261,8 @@ def test_cuda_graph_and_host_caches_change_nothing(ragged_block, name):
         assert torch.equal(res.q_outputs.cpu(), ref.q_outputs.cpu()), label
         assert_same_qparams(res.qparams, ref.qparams, label)
     assert runs["graph+host"][0].q_outputs.device.type == "cpu"
+    for res, _ in runs.values():  # GPU time per iteration, per run of ten (12 iterations: 10 + 2)
+        assert len(res.loop_ms) == 2 and all(ms > 0 for ms in res.loop_ms)
 
 
 def assert_same_qparams(got, want, label):

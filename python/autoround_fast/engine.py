@@ -166,6 +166,9 @@ class BlockResult:
     phases: dict[str, float] = field(default_factory=dict)
     # why CUDA graphs were asked for but not used ("" when they were, or were not asked for)
     eager_reason: str = ""
+    # on a GPU: milliseconds per iteration of the tuning loop, per run of ten iterations, from
+    # CUDA events on the loop's stream (the first run holds the warm-up and the graph capture)
+    loop_ms: list[float] = field(default_factory=list)
 
 
 class _Inputs:
@@ -1042,6 +1045,14 @@ def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size
             reported = upto
 
     profiler = _IterationProfiler(iters)
+    events = []  # (iteration, event) every ten iterations: the timing costs the loop no sync
+
+    def mark(it):
+        if device.type == "cuda":
+            events.append((it, torch.cuda.Event(enable_timing=True)))
+            events[-1][1].record()
+
+    mark(0)
     warm = min(iters, 2) if cuda_graph else iters
     side = torch.cuda.Stream(device) if cuda_graph else None
     graph = None
@@ -1064,9 +1075,14 @@ def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size
             batches.prepare(it)
             graph.replay()
         profiler.after(it)
+        if (it + 1) % 10 == 0 or it + 1 == iters:
+            mark(it + 1)
         if (it + 1) % every == 0:
             report(it + 1)
     report(iters)
+    if events:
+        events[-1][1].synchronize()
+        result.loop_ms = [a[1].elapsed_time(b[1]) / (b[0] - a[0]) for a, b in zip(events, events[1:])]
     del graph
     for h in grad_hooks:
         h.remove()

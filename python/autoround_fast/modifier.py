@@ -199,7 +199,8 @@ class AutoRoundModifier(_StockAutoRoundModifier):
                 bar.close()
         self._block_stats.append(dict(block=layer_name, samples=len(inputs), init_loss=result.init_loss,
                                       best_loss=result.best_loss, best_iter=result.best_iter,
-                                      seconds=result.seconds, losses=result.losses, phases=result.phases))
+                                      seconds=result.seconds, losses=result.losses, phases=result.phases,
+                                      loop_ms=result.loop_ms))
         self._q_input = result.q_outputs
         if result.eager_reason:
             logger.info(f"{layer_name}: {result.eager_reason}")
