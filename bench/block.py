@@ -154,14 +154,16 @@ def run_backend(backend: str, scheme: str, args, tmp: str) -> dict:
     model.config._name_or_path = cfg_dir
     mod = AutoRoundModifier(**quant_kwargs(scheme), iters=args.iters,
                             batch_size=args.batch_size, backend=backend,
-                            enable_torch_compile=args.compile, cache_on_cpu=args.cache_on_cpu)
+                            enable_torch_compile=args.compile, cache_on_cpu=args.cache_on_cpu,
+                            device_ids=args.device_ids)
     handler = _AutoRoundLosses()
     ar_logger = logging.getLogger("autoround")
     ar_logger.addHandler(handler)
     gpu = torch.cuda.is_available()
     if gpu:
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        for d in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(d)
     base = torch.cuda.memory_allocated() if gpu else 0
     t0 = time.perf_counter()
     try:
@@ -175,12 +177,14 @@ def run_backend(backend: str, scheme: str, args, tmp: str) -> dict:
         handler.close()
     total = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() if gpu else 0
+    peaks = [torch.cuda.max_memory_allocated(d) / 2**30 for d in range(torch.cuda.device_count())] if gpu else []
     rows = mod.block_stats
     curves = [r["losses"] for r in rows]
     best_iters = [r["best_iter"] for r in rows]
     if backend == "auto_round":
         curves, best_iters = handler.curves, handler.best_iters
-    out = dict(backend=backend, scheme=scheme, total_s=total, peak_gib=peak / 2**30,
+    out = dict(backend=backend, scheme=scheme, total_s=total, peak_gib=peak / 2**30, peak_gib_per_gpu=peaks,
+               device_ids=args.device_ids,
                model_gib=base / 2**30, block_s=[r["seconds"] for r in rows],
                init_loss=[c[0] if c else float("nan") for c in curves], best_iter=best_iters,
                best_loss=[c[i] if c and i < len(c) else float("nan") for c, i in zip(curves, best_iters)],
@@ -316,6 +320,10 @@ def table(results: list[dict], card: str, cmd: str) -> str:
                      f"| {r['peak_gib']:.1f} | {fmt(r['init_loss'])} | {fmt(r['best_loss'])} "
                      f"| {f'{speed:.1f}x' if speed else ''} |")
     for r in results:
+        if r.get("device_ids"):
+            lines.append(f"\n{r['scheme']} {r['backend']}: device_ids={r['device_ids']}, peak GiB per GPU "
+                         + ", ".join(f"{g:.1f}" for g in r.get("peak_gib_per_gpu", [])))
+    for r in results:
         if any(r.get("phases") or []):
             keys = list(r["phases"][0])
             lines.append(f"\n{r['scheme']} {r['backend']}, seconds per phase of each block: " + "; ".join(
@@ -341,6 +349,8 @@ def main(argv=None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="auto_round backend: torch.compile (llm-compressor's default)")
     p.add_argument("--cache-on-cpu", dest="cache_on_cpu", action="store_true")
+    p.add_argument("--device-ids", dest="device_ids", default=None,
+                   help='spread each block over these GPUs ("0,1", "auto"): device_ids')
     p.add_argument("--profile", action="store_true", help="also profile one tuning iteration per scheme")
     p.add_argument("--out", default="bench-block-out")
     p.add_argument("--one", help=argparse.SUPPRESS)  # BACKEND:SCHEME, run in a child process

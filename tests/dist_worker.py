@@ -40,10 +40,10 @@ def summary(block, res):
 
 def join_group(rank, out_dir, dev):
     """This process joins the test's group: gloo on the CPU, or NCCL with GPU `rank` (dev
-    "cuda"). True for the latter."""
+    "cuda", "cuda-spread"). True for the latter."""
     import torch.distributed as dist
 
-    cuda = dev == "cuda"
+    cuda = dev.startswith("cuda")
     if cuda:
         torch.cuda.set_device(rank)
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{out_dir}/store", rank=rank,
@@ -63,9 +63,14 @@ def run(rank, scheme, iters, out_dir, dev="cpu"):
         mine = inputs[rank * share:(rank + 1) * share]
         block = copy.deepcopy(model.model.layers[0])
         spec = spec_for(scheme)
+        # "cuda-spread": each rank also spreads its Linears over both GPUs (device_ids under
+        # torchrun), its own card first: gradients on the other card are reduced via its own
+        spread = dict(linear_devices=[f"cuda:{rank}", f"cuda:{1 - rank}"]) if dev == "cuda-spread" else {}
         res = tune_block(block, mine, {n: spec for n in LINEARS}, iters=iters, batch_size=BATCH, seed=SEED,
                          token_mask=torch.ones(share, SEQLEN), backend="cuda" if cuda else "kernels",
-                         device=torch.device("cuda", rank) if cuda else None)
+                         device=torch.device("cuda", rank) if cuda else None, **spread)
+        if spread:
+            assert set(res.placement.values()) == {"cuda:0", "cuda:1"}, res.placement
         torch.save(summary(block, res), f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

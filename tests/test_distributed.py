@@ -25,11 +25,13 @@ TWO_GPUS = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.devi
                               reason="NCCL across two GPUs needs two GPUs")
 
 
-@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=TWO_GPUS)])
+@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=TWO_GPUS),
+                                 pytest.param("cuda-spread", marks=TWO_GPUS)])
 @pytest.mark.parametrize("scheme,iters", [("nvfp4", w.ITERS), ("w4a16-asym", w.ITERS), ("nvfp4a16", 0)])
 def test_two_ranks_equal_one_process(tmp_path, scheme, iters, dev):
     """On two GPUs (NCCL) the single process runs on cuda:0 with the same kernels; NCCL's sum
-    of two ranks is the same one addition, so the tolerance stays exact."""
+    of two ranks is the same one addition, so the tolerance stays exact. "cuda-spread": each
+    rank's Linears are spread over both GPUs as well (linear_devices), with the same result."""
     mp.spawn(_spawned, args=(scheme, iters, str(tmp_path), dev), nprocs=w.RANKS, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(w.RANKS)]
 
@@ -41,8 +43,8 @@ def test_two_ranks_equal_one_process(tmp_path, scheme, iters, dev):
     spec = w.spec_for(scheme)
     res = tune_block(block, inputs, {n: spec for n in w.LINEARS}, iters=iters, batch_size=w.BATCH,
                      gradient_accumulate_steps=w.RANKS, token_mask=torch.ones(w.SAMPLES, w.SEQLEN),
-                     backend="cuda" if dev == "cuda" else "kernels", batch_order=order if iters else None,
-                     device=torch.device("cuda", 0) if dev == "cuda" else None, cuda_graph=False)
+                     backend="cuda" if dev != "cpu" else "kernels", batch_order=order if iters else None,
+                     device=torch.device("cuda", 0) if dev != "cpu" else None, cuda_graph=False)
     single = w.summary(block, res)
 
     for r, got in enumerate(ranks):

@@ -421,3 +421,63 @@ def test_eager_attention_stays_eager_on_cpu(ragged_block):
     tune_block(block, inputs, {"mlp.down_proj": SPECS["nvfp4a16"]}, iters=2, batch_size=4, backend="kernels",
                progress=lambda it, loss: seen.append(block.self_attn.config._attn_implementation))
     assert seen == ["eager"] * 2
+
+
+def test_linear_placement_balances_weight_size():
+    """linear_devices: largest Linear first, each to the device with the fewest weight elements
+    so far (Llama-3.1-8B's block: gate/up/down 58.7M, q/o 16.8M, k/v 4.2M)."""
+    from autoround_fast.engine import _place_linears
+
+    shapes = {"q": (4096, 4096), "k": (1024, 4096), "v": (1024, 4096), "o": (4096, 4096),
+              "gate": (14336, 4096), "up": (14336, 4096), "down": (4096, 14336)}
+    linears = {n: torch.nn.Linear(i, o, bias=False, device="meta") for n, (o, i) in shapes.items()}
+    two = _place_linears(linears, ["a", "b"])
+    assert list(two) == list(shapes)  # in the block's order
+    assert two == {"gate": "a", "up": "b", "down": "a", "q": "b", "o": "b", "k": "b", "v": "b"}
+    load = lambda p, d: sum(linears[n].weight.numel() for n in p if p[n] == d)
+    assert abs(load(two, "a") - load(two, "b")) < 0.2 * load(two, "a")
+    four = _place_linears(linears, ["a", "b", "c", "d"])
+    assert {four[n] for n in ("gate", "up", "down")} == {"a", "b", "c"} and four["q"] == "d"
+    assert set(_place_linears(linears, ["a"]).values()) == {"a"}
+
+
+def test_linear_devices_errors_and_one_device(ragged_block):
+    model, inputs = ragged_block
+    spec = {n: SPECS["nvfp4a16"] for n in LINEARS}
+    with pytest.raises(ValueError, match="linear_devices holds 'gpu7', which is not a device"):
+        tune_block(fresh_block(model), inputs, spec, iters=1, linear_devices=["cpu", "gpu7"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="linear_devices must be cpu devices.*got cuda:1"):
+            tune_block(fresh_block(model), inputs, spec, iters=1, linear_devices=["cpu", "cuda:1"])
+    # every Linear on the compute device: the same run as without linear_devices
+    kw = dict(iters=6, batch_size=4, backend="kernels")
+    a = tune_block(fresh_block(model), inputs, spec, **kw)
+    b = tune_block(fresh_block(model), inputs, spec, **kw, linear_devices=["cpu", "cpu"])
+    assert a.losses == b.losses and set(b.placement.values()) == {"cpu"} and not a.placement
+
+
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("name,iters", [("nvfp4", 12), ("w4a16-asym-g32", 12), ("nvfp4", 0),
+                                        ("w4a16-g32", 0)])
+def test_linears_spread_over_two_gpus_change_nothing(ragged_block, name, iters):
+    """linear_devices=[cuda:0, cuda:1]: the Linears are tuned on both cards (eagerly) and every
+    loss, weight, qparam and output equals the one-card run (which replays a CUDA graph)."""
+    model, inputs = ragged_block
+    spec = {n: SPECS[name] for n in LINEARS}
+    kw = dict(iters=iters, batch_size=4, backend="cuda", device=torch.device("cuda", 0))
+    runs = {}
+    for label, extra in {"one": {}, "two": dict(linear_devices=["cuda:0", "cuda:1"])}.items():
+        block = fresh_block(model)
+        res = tune_block(block, inputs, spec, **kw, **extra)
+        runs[label] = (res, {n: block.get_submodule(n).weight.detach().cpu() for n in LINEARS})
+        assert all(p.device == torch.device("cuda", 0) for p in block.parameters()), label
+    (one, w1), (two, w2) = runs["one"], runs["two"]
+    assert set(two.placement.values()) == {"cuda:0", "cuda:1"} and not one.placement
+    if iters:
+        assert "spread over several devices" in two.eager_reason and one.eager_reason == ""
+        assert len(set(one.losses)) > 1
+    assert two.losses == one.losses and (two.best_iter, two.best_loss) == (one.best_iter, one.best_loss)
+    assert all(torch.equal(w1[n], w2[n]) for n in LINEARS)
+    assert torch.equal(one.q_outputs.cpu(), two.q_outputs.cpu())
+    assert_same_qparams(two.qparams, one.qparams, "two")
+    assert all(t.device == torch.device("cuda", 0) for qp in two.qparams.values() for t in qp.values())

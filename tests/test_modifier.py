@@ -9,7 +9,7 @@ from transformers import LlamaForCausalLM
 from transformers.utils.quantization_config import CompressedTensorsConfig
 
 import autoround_fast
-from autoround_fast import AutoRoundModifier
+from autoround_fast import AutoRoundModifier, has_cuda_kernels
 from conftest import HAS_CUDA, tiny_tokenizer
 
 from llmcompressor import oneshot
@@ -86,17 +86,49 @@ def test_unsupported_scheme_names_the_layer(tiny_model_dir):
                                               iters=2, backend="torch"))
 
 
-@pytest.mark.parametrize("how", ["device_ids", "gpu_groups"])
-def test_block_over_several_gpus_is_a_clear_error(tiny_model_dir, monkeypatch, how):
-    kwargs = {}
-    if how == "device_ids":
-        kwargs["device_ids"] = "0,1"
-    else:
-        monkeypatch.setenv("LLMCOMPRESSOR_GPUS_PER_GROUP", "2")
-    match = "device_ids='0,1'" if how == "device_ids" else "LLMCOMPRESSOR_GPUS_PER_GROUP=2"
-    with pytest.raises(ValueError, match=match + ".*torchrun.*cache_on_cpu.*backend='auto_round'"):
+@pytest.mark.parametrize("setting,match", [
+    (dict(device_ids="0,x"), r"device_ids='0,x': 'x' is not a GPU index"),
+    (dict(device_ids="0,0"), r"device_ids='0,0' names GPUs \[0, 0\]|no GPU is visible"),
+    (dict(device_ids="0,99"), r"device_ids='0,99' names GPUs \[0, 99\]|no GPU is visible"),
+    (dict(env="two"), r"LLMCOMPRESSOR_GPUS_PER_GROUP='?two'? must be a whole number"),
+])
+def test_bad_device_ids_name_the_option(tiny_model_dir, monkeypatch, setting, match):
+    """device_ids / LLMCOMPRESSOR_GPUS_PER_GROUP that cannot be honoured stop before calibration."""
+    kwargs = {k: v for k, v in setting.items() if k != "env"}
+    if "env" in setting:
+        monkeypatch.setenv("LLMCOMPRESSOR_GPUS_PER_GROUP", setting["env"])
+    with pytest.raises(ValueError, match=match):
         run(tiny_model_dir, AutoRoundModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"], iters=2,
                                               backend="torch", **kwargs))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_device_ids_without_a_gpu_is_a_clear_error(tiny_model_dir):
+    with pytest.raises(ValueError, match=r"device_ids='0,1' spreads a block over GPUs, and no GPU is visible"):
+        run(tiny_model_dir, AutoRoundModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"], iters=2,
+                                              backend="torch", device_ids="0,1"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2 or not has_cuda_kernels(),
+                    reason="needs 2 GPUs and the CUDA kernels")
+@pytest.mark.parametrize("scheme", ["NVFP4", "W4A16"])
+def test_device_ids_spread_a_block_and_change_nothing(tiny_model_dir, scheme):
+    """device_ids="0,1": each block's Linears are tuned on both cards (placement), and the
+    model comes out exactly as tuned on one card."""
+    models = {}
+    for ids in (None, "0,1"):
+        mod = AutoRoundModifier(targets="Linear", scheme=scheme, ignore=["lm_head"], iters=6,
+                                backend="cuda", device_ids=ids)
+        models[ids] = (run(tiny_model_dir, mod), mod)
+    one, spread = models[None][0], models["0,1"][0]
+    stats = models["0,1"][1].block_stats
+    assert all(set(r["placement"].values()) == {"cuda:0", "cuda:1"} for r in stats)
+    assert all(not r["placement"] for r in models[None][1].block_stats)
+    assert [r["losses"] for r in stats] == [r["losses"] for r in models[None][1].block_stats]
+    a, b = one.state_dict(), spread.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k].cpu(), b[k].cpu()), k
 
 
 @pytest.mark.parametrize("scheme,group", [("NVFP4", 16), ("W4A16", 128)])

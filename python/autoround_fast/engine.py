@@ -131,10 +131,12 @@ class TunedLinear(nn.Module):
                                 s.scale_dtype)
 
     def forward(self, x):
+        home = x.device  # device_ids: this Linear may live on another card than the block
+        x = x.to(self.v.device)
         wq = self.qdq()[0]
         if self.spec.act:
             x = self.backend.act(x, self.act_global_scale)
-        return nn.functional.linear(x, wq, self.linear.bias)
+        return nn.functional.linear(x, wq, self.linear.bias).to(home)
 
 
 class _ActQuantLinear(nn.Module):
@@ -169,6 +171,8 @@ class BlockResult:
     # on a GPU: milliseconds per iteration of the tuning loop, per run of ten iterations, from
     # CUDA events on the loop's stream (the first run holds the warm-up and the graph capture)
     loop_ms: list[float] = field(default_factory=list)
+    # linear_devices: the device each Linear was tuned on
+    placement: dict[str, str] = field(default_factory=dict)
 
 
 class _Inputs:
@@ -352,6 +356,19 @@ def _linears(block: nn.Module, specs: dict[str, QuantSpec]) -> dict[str, nn.Line
             raise ValueError(f"tune_block: {name!r} is a {type(mod).__name__}, not a Linear")
         found[name] = mod
     return found
+
+
+def _place_linears(linears: dict[str, nn.Linear], devices: Sequence[torch.device]) -> dict[str, torch.device]:
+    """device_ids: each Linear to the device with the fewest weight elements so far, largest
+    Linear first (ties: the earlier device), so the tuned weights, V, the scales and their
+    gradients spread evenly. Deterministic: every rank places alike."""
+    load = [0] * len(devices)
+    placed = {}
+    for name, mod in sorted(linears.items(), key=lambda kv: -kv[1].weight.numel()):
+        k = min(range(len(devices)), key=lambda i: load[i])
+        placed[name] = devices[k]
+        load[k] += mod.weight.numel()
+    return {name: placed[name] for name in linears}
 
 
 def _replace(block: nn.Module, name: str, new: nn.Module) -> None:
@@ -579,6 +596,7 @@ def tune_block(
     cuda_graph: Optional[bool] = None,
     distributed: Optional[bool] = None,
     batch_order: Optional[Sequence[Sequence[int]]] = None,
+    linear_devices: Optional[Sequence[str | torch.device]] = None,
 ) -> BlockResult:
     """Tune one decoder block with SignRound and write its fake-quantized weights in place.
 
@@ -617,6 +635,13 @@ def tune_block(
             samples. The loop runs eagerly then (no CUDA graph).
         batch_order: the samples of every iteration (iters lists of indices), instead of the
             seeded shuffle; for reproducing a run exactly.
+        linear_devices: spread the block's Linears over these devices while tuning
+            (llm-compressor's ``device_ids``, for a block too large for one card): each Linear's
+            weight, V, scales and their gradients live on one of them (balanced by weight
+            size, ``BlockResult.placement``), its input hops there and its output back. The
+            rest of the block, the caches and the loss stay on ``device``. The loop runs
+            eagerly then (no CUDA graph) and the results equal the one-device run's. The
+            Linears are back on ``device`` when tuning returns.
 
     Returns:
         :class:`BlockResult` with the next block's quantized inputs and the qparams.
@@ -638,6 +663,8 @@ def tune_block(
     for name, mod in linears.items():
         if not bool(torch.isfinite(mod.weight).all()):
             raise ValueError(f"tune_block: weight of {name!r} has non-finite values (NaN or Inf)")
+    placement = _place_linears(linears, _linear_devices(linear_devices, device)) if linear_devices else {}
+    spread = any(d != device for d in placement.values())
 
     # autocast in the model dtype; forced to bf16 when activations are quantized (auto-round)
     with _sdpa_attention(block, enabled=device.type == "cuda"):
@@ -669,6 +696,11 @@ def tune_block(
             raise ValueError("tune_block: distributed=True, but no torch.distributed process group "
                              "of more than one rank is initialised")
         cuda_graph = bool(cuda_graph) and device.type == "cuda" and dist is None
+        eager_reason = ""
+        if cuda_graph and spread:
+            cuda_graph = False
+            eager_reason = ("the Linears are spread over several devices (linear_devices): the loop "
+                            "runs eagerly")
         phases: dict[str, float] = {}
         mark = [time.perf_counter()]
 
@@ -681,7 +713,6 @@ def tune_block(
 
         inputs = _Inputs(fp_inputs, device, cache_device)
         inputs.drop_causal_mask(block)
-        eager_reason = ""
         if cuda_graph and _waits_for_host(block, inputs, autocast):
             cuda_graph = False
             eager_reason = ("the block's forward waits for the host (e.g. MoE routing's nonzero or "
@@ -720,11 +751,14 @@ def tune_block(
                 gs = kernel_ops.nvfp4_global_scale(mod.weight) if gs is None else gs.to(torch.float32)
                 if spec.act:
                     act_gs = kernel_ops.nvfp4_global_scale(stats[name][0])
+            if placement.get(name, device) != device:
+                mod.to(placement[name])  # TunedLinear keeps its tensors on the weight's device
             tl = TunedLinear(mod, spec, be, gs, act_gs)
             tuned[name] = tl
             _replace(block, name, tl)
 
-        result = BlockResult(q_outputs=torch.empty(0), qparams={}, eager_reason=eager_reason)
+        result = BlockResult(q_outputs=torch.empty(0), qparams={}, eager_reason=eager_reason,
+                             placement={n: str(d) for n, d in placement.items()})
         frozen = [(p, p.requires_grad) for p in block.parameters()
                   if not any(p is t for tl in tuned.values() for t in tl.tunables())]
         try:
@@ -740,10 +774,10 @@ def tune_block(
                 final = {}
                 for name, tl in tuned.items():
                     if iters == 0 and tl.spec.kind == "nvfp4":
-                        wq, scale = _opt_rtn_nvfp4(tl, stats[name][1])
+                        wq, scale = _opt_rtn_nvfp4(tl, stats[name][1].to(tl.v.device))
                         zp = None
                     elif iters == 0 and tl.spec.kind == "int" and tl.spec.sym:
-                        wq, scale = _opt_rtn_int_sym(tl, stats[name][1])
+                        wq, scale = _opt_rtn_int_sym(tl, stats[name][1].to(tl.v.device))
                         zp = None
                     else:
                         wq, scale, zp = tl.qdq()
@@ -755,7 +789,8 @@ def tune_block(
                     if tl.spec.act:
                         qp["act_max"] = stats[name][0].detach()
                         qp["input_global_scale"] = tl.act_global_scale.detach()
-                    final[name] = qp
+                    tl.linear.to(device)  # linear_devices: the Linear and its qparams come back
+                    final[name] = {k: v.to(device) for k, v in qp.items()}
                 if dist is not None:
                     # Every rank has read the block's weights before any rank writes one: under
                     # llm-compressor's distributed oneshot the ranks may share the weights'
@@ -773,6 +808,7 @@ def tune_block(
             for p, requires_grad in frozen:
                 p.requires_grad_(requires_grad)
             for name, tl in tuned.items():
+                tl.linear.to(device)
                 if tl.spec.act:
                     _replace(block, name, _ActQuantLinear(tl.linear, be, tl.act_global_scale))
                 else:
@@ -787,6 +823,26 @@ def tune_block(
         result.seconds = time.perf_counter() - t0
         result.phases = phases
         return result
+
+
+def _linear_devices(devices: Sequence[str | torch.device], device: torch.device) -> list[torch.device]:
+    """The linear_devices of tune_block as devices of the compute device's type, or a clear error."""
+    out = []
+    for d in devices:
+        try:
+            d = torch.device(d)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"tune_block: linear_devices holds {d!r}, which is not a device") from None
+        if d.type == "cuda" and d.index is None:
+            d = torch.device("cuda", torch.cuda.current_device())
+        if d.type != device.type:
+            raise ValueError(f"tune_block: linear_devices must be {device.type} devices, as the compute "
+                             f"device {device} is; got {d}")
+        if d.type == "cuda" and d.index >= torch.cuda.device_count():
+            raise ValueError(f"tune_block: linear_devices names {d}, but this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+        out.append(d)
+    return out
 
 
 def _cpu_has_bf16() -> bool:
@@ -951,6 +1007,7 @@ def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size
     eagerly (CPU, warm-up) or replayed from a CUDA graph."""
     params = [p for tl in tuned.values() for p in tl.tunables()]
     device = inputs.device
+    devices = {p.device for p in params}  # more than one with linear_devices
     n = inputs.n
     global_bs = min(n, batch_size * accumulate)
     if batch_order is None:
@@ -992,7 +1049,11 @@ def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size
 
     def reduce_when_ready(p):
         if last_micro[0]:
-            in_flight.append(dist.all_reduce(p.grad, async_op=True))
+            if p.device == device:
+                in_flight.append((dist.all_reduce(p.grad, async_op=True), None, None))
+            else:  # linear_devices: reduced on the compute device, the one the group serves
+                g = p.grad.to(device)
+                in_flight.append((dist.all_reduce(g, async_op=True), p, g))
 
     grad_hooks = [p.register_post_accumulate_grad_hook(reduce_when_ready) for p in params] if dist else []
 
@@ -1015,7 +1076,10 @@ def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size
             score = score + l64 / n_valid
         if dist is not None:  # one step for all ranks: summed gradients, the global loss
             while in_flight:
-                in_flight.pop().wait()
+                work, p, g = in_flight.pop()
+                work.wait()
+                if p is not None:
+                    p.grad.copy_(g)
             both = torch.cat([total, score])
             dist.all_reduce(both)
             total, score = both[:1], both[1:]
@@ -1024,13 +1088,14 @@ def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size
             best_score.copy_(torch.where(improved, score, best_score))
             best_total.copy_(torch.where(improved, total, best_total))
             best_iter.copy_(torch.where(improved, it_t, best_iter))
-            for p, b in zip(params, best):  # in place: no temporary the size of the weights
-                torch.where(improved, p, b, out=b)
-            losses.index_copy_(0, it_t, total)
             lr_t = lrs.index_select(0, it_t)
+            on = {d: (improved, lr_t) if d == device else (improved.to(d), lr_t.to(d)) for d in devices}
+            for p, b in zip(params, best):  # in place: no temporary the size of the weights
+                torch.where(on[p.device][0], p, b, out=b)
+            losses.index_copy_(0, it_t, total)
             for p in params:  # SignSGD: p <- p - lr * sign(grad); the gradient is spent after
                 if p.grad is not None:
-                    p.addcmul_(p.grad.sign_(), lr_t, value=-1.0)
+                    p.addcmul_(p.grad.sign_(), on[p.device][1], value=-1.0)
                 p.grad = None
             it_t.add_(1)
 
@@ -1050,7 +1115,7 @@ def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size
     def mark(it):
         if device.type == "cuda":
             events.append((it, torch.cuda.Event(enable_timing=True)))
-            events[-1][1].record()
+            events[-1][1].record(torch.cuda.current_stream(device))
 
     mark(0)
     warm = min(iters, 2) if cuda_graph else iters

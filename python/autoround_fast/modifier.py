@@ -86,26 +86,56 @@ class AutoRoundModifier(_StockAutoRoundModifier):
     cuda_graph: bool = True
 
     _block_stats: list = PrivateAttr(default_factory=list)
+    _devices: Optional[list] = PrivateAttr(default=None)
+
+    def _block_devices(self) -> Optional[list[torch.device]]:
+        """The cards one block's Linears spread over (None: one device), from device_ids
+        ("0,1", "cuda:0,cuda:1" or "auto": every visible GPU) or, under torchrun, from
+        LLMCOMPRESSOR_GPUS_PER_GROUP (rank r takes GPUs r*g .. r*g+g-1), as llm-compressor
+        reads them for auto-round. The first device runs the rest of the block."""
+        groups = os.environ.get("LLMCOMPRESSOR_GPUS_PER_GROUP", "1")
+        if self.device_ids is None and groups == "1":
+            return None
+        what = f"device_ids={self.device_ids!r}" if self.device_ids is not None \
+            else f"LLMCOMPRESSOR_GPUS_PER_GROUP={groups}"
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if self.device_ids is not None:
+            text = self.device_ids.strip()
+            if text == "auto":
+                ids = list(range(count))
+            else:
+                ids = []
+                for part in text.split(","):
+                    part = part.strip()
+                    num = part[5:] if part.startswith("cuda:") else part
+                    if not num.isdigit():
+                        raise ValueError(f"AutoRoundModifier: {what}: {part!r} is not a GPU index "
+                                         "(write '0,1', 'cuda:0,cuda:1' or 'auto')")
+                    ids.append(int(num))
+        else:
+            if not groups.isdigit() or int(groups) < 1:
+                raise ValueError(f"AutoRoundModifier: {what} must be a whole number >= 1")
+            start = int(os.environ.get("LOCAL_RANK", "0")) * int(groups)
+            ids = list(range(start, start + int(groups)))
+        if not count:
+            raise ValueError(f"AutoRoundModifier: {what} spreads a block over GPUs, and no GPU is "
+                             "visible; leave device_ids unset to tune on this device")
+        if not ids or len(set(ids)) != len(ids) or any(i >= count for i in ids):
+            raise ValueError(f"AutoRoundModifier: {what} names GPUs {ids}, but {count} are visible "
+                             "(each index once, each below the count)")
+        return [torch.device("cuda", i) for i in ids]
 
     @property
     def block_stats(self) -> list[dict]:
         """One row per tuned block: block, init_loss, best_loss, best_iter, seconds, losses
-        (the loss of every iteration)."""
+        (the loss of every iteration), phases, loop_ms and placement (see BlockResult)."""
         return list(self._block_stats)
 
     def on_initialize(self, state, **kwargs) -> bool:
-        if self.backend != "auto_round":
-            groups = os.environ.get("LLMCOMPRESSOR_GPUS_PER_GROUP", "1")
-            if self.device_ids is not None or groups != "1":
-                what = (f"device_ids={self.device_ids!r}" if self.device_ids is not None
-                        else f"LLMCOMPRESSOR_GPUS_PER_GROUP={groups}")
-                raise ValueError(
-                    f"AutoRoundModifier: {what} spreads one block over several GPUs, which "
-                    f"backend={self.backend!r} does not do: it tunes a block on one GPU. For several "
-                    "GPUs run under torchrun (data parallel, one GPU per rank); for a card short of "
-                    "memory set cache_on_cpu=True; or use backend='auto_round'.")
         if self.backend == "cuda":
             Backend("cuda")  # no kernels or no GPU: a clear error before any calibration work
+        if self.backend != "auto_round":
+            self._devices = self._block_devices()  # a bad device_ids fails before calibration
         ok = super().on_initialize(state, **kwargs)
         if self.backend != "auto_round":
             # Fail before calibration, naming the layer, if a scheme is out of reach.
@@ -166,6 +196,8 @@ class AutoRoundModifier(_StockAutoRoundModifier):
 
         home = next(layer.parameters()).device
         device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "cuda" else home
+        if self._devices:  # device_ids: the block runs on the first, its Linears spread over all
+            device = self._devices[0]
         logger.info(f"AutoRound ({self.backend}) on {layer_name}: {len(targets)} Linear layers, "
                     f"{len(inputs)} samples, {self.iters} iterations")
 
@@ -192,7 +224,8 @@ class AutoRoundModifier(_StockAutoRoundModifier):
                     seed=self.seed, token_mask=token_mask, backend=self.backend, device=device,
                     finalize=finalize, progress=progress if bar else None,
                     cache_device="cpu" if self.cache_on_cpu else None,
-                    cuda_graph=self.cuda_graph and self.backend == "cuda")
+                    cuda_graph=self.cuda_graph and self.backend == "cuda",
+                    linear_devices=self._devices if self._devices and len(self._devices) > 1 else None)
                 layer.to(home)
         finally:
             if bar:
@@ -200,7 +233,7 @@ class AutoRoundModifier(_StockAutoRoundModifier):
         self._block_stats.append(dict(block=layer_name, samples=len(inputs), init_loss=result.init_loss,
                                       best_loss=result.best_loss, best_iter=result.best_iter,
                                       seconds=result.seconds, losses=result.losses, phases=result.phases,
-                                      loop_ms=result.loop_ms))
+                                      loop_ms=result.loop_ms, placement=result.placement))
         self._q_input = result.q_outputs
         if result.eager_reason:
             logger.info(f"{layer_name}: {result.eager_reason}")
