@@ -1,5 +1,7 @@
 // CUDA implementations of the ops: validate, allocate, take the device guard and the current
 // stream, then call the torch-free launchers in the .cu files.
+#include <string>
+
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
 
@@ -8,12 +10,27 @@
 namespace autoround_fast {
 namespace {
 
+// Every tensor input on one CUDA device, checked before the device guard exists: a call with
+// tensors on two GPUs is a clear error (raised with a guard alive, it brought the process
+// down on a 2-GPU machine). Returns that device's index.
+int32_t one_cuda_device(std::initializer_list<const Tensor*> ts, const char* op) {
+  const Tensor& first = **ts.begin();
+  STD_TORCH_CHECK(first.is_cuda(), op, ": expected CUDA tensors");
+  for (const Tensor* t : ts) {
+    STD_TORCH_CHECK(t->is_cuda() && t->get_device_index() == first.get_device_index(), op,
+                    ": every tensor must be on the first input's device, cuda:", first.get_device_index(),
+                    "; one is on ",
+                    t->is_cuda() ? "cuda:" + std::to_string(t->get_device_index()) : std::string("the CPU"));
+  }
+  return first.get_device_index();
+}
+
 struct CudaContext {
   torch::stable::accelerator::DeviceGuard guard;
   void* stream = nullptr;
-  CudaContext(const Tensor& t, const char* op) : guard(t.get_device_index()) {
-    STD_TORCH_CHECK(t.is_cuda(), op, ": expected CUDA tensors");
-    STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(t.get_device_index(), &stream) == AOTI_TORCH_SUCCESS,
+  CudaContext(std::initializer_list<const Tensor*> ts, const char* op) : guard(one_cuda_device(ts, op)) {
+    STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream((*ts.begin())->get_device_index(), &stream) ==
+                        AOTI_TORCH_SUCCESS,
                     op, ": could not get the current CUDA stream");
   }
 };
@@ -24,7 +41,7 @@ void check_launch(const char* err, const char* op) {
 
 std::tuple<Tensor, Tensor> fake_quant_nvfp4_cuda(Tensor w, Tensor v, Tensor ms, Tensor gs) {
   const char* op = "fake_quant_nvfp4";
-  CudaContext ctx(w, op);
+  CudaContext ctx({&w, &v, &ms, &gs}, op);
   Nvfp4Args a = nvfp4_args(w, v, ms, gs, op);
   Tensor out = torch::stable::empty_like(w);
   Tensor scale = scales_like(w, a.rows, ceil_div(a.cols, 16), ScalarType::Float);
@@ -37,7 +54,7 @@ std::tuple<Tensor, Tensor> fake_quant_nvfp4_cuda(Tensor w, Tensor v, Tensor ms, 
 std::tuple<Tensor, Tensor> fake_quant_nvfp4_backward_cuda(Tensor grad, Tensor w, Tensor v, Tensor ms,
                                                           Tensor gs) {
   const char* op = "fake_quant_nvfp4_backward";
-  CudaContext ctx(w, op);
+  CudaContext ctx({&w, &grad, &v, &ms, &gs}, op);
   Nvfp4Args a = nvfp4_args(w, v, ms, gs, op);
   check_like(w, grad, op, "grad");
   Tensor gv = torch::stable::empty_like(v);
@@ -51,7 +68,7 @@ std::tuple<Tensor, Tensor> fake_quant_nvfp4_backward_cuda(Tensor grad, Tensor w,
 
 Tensor fake_quant_nvfp4_activation_cuda(Tensor x, Tensor gs) {
   const char* op = "fake_quant_nvfp4_activation";
-  CudaContext ctx(x, op);
+  CudaContext ctx({&x, &gs}, op);
   Nvfp4ActArgs a = nvfp4_act_args(x, gs, op);
   Tensor out = torch::stable::empty_like(x);
   check_launch(launch_fake_quant_nvfp4_activation(a, out.mutable_data_ptr(), ctx.stream), op);
@@ -60,7 +77,7 @@ Tensor fake_quant_nvfp4_activation_cuda(Tensor x, Tensor gs) {
 
 Tensor fake_quant_nvfp4_activation_backward_cuda(Tensor grad, Tensor x, Tensor gs) {
   const char* op = "fake_quant_nvfp4_activation_backward";
-  CudaContext ctx(x, op);
+  CudaContext ctx({&x, &grad, &gs}, op);
   Nvfp4ActArgs a = nvfp4_act_args(x, gs, op);
   check_like(x, grad, op, "grad");
   Tensor gx = torch::stable::empty_like(x);
@@ -74,7 +91,7 @@ std::tuple<Tensor, Tensor, Tensor> fake_quant_int_cuda(Tensor w, Tensor v, Tenso
                                                        int64_t bits, int64_t group_size, bool sym,
                                                        int64_t scale_dtype) {
   const char* op = "fake_quant_int";
-  CudaContext ctx(w, op);
+  CudaContext ctx({&w, &v, &mn, &mx}, op);
   IntArgs a = int_args(w, v, mn, mx, bits, group_size, sym, scale_dtype, op);
   const int64_t groups = ceil_div(a.cols, a.group);
   Tensor out = torch::stable::empty_like(w);
@@ -91,7 +108,7 @@ std::tuple<Tensor, Tensor, Tensor> fake_quant_int_backward_cuda(Tensor grad, Ten
                                                                 int64_t group_size, bool sym,
                                                                 int64_t scale_dtype) {
   const char* op = "fake_quant_int_backward";
-  CudaContext ctx(w, op);
+  CudaContext ctx({&w, &grad, &v, &mn, &mx}, op);
   IntArgs a = int_args(w, v, mn, mx, bits, group_size, sym, scale_dtype, op);
   check_like(w, grad, op, "grad");
   Tensor gv = torch::stable::empty_like(v);
@@ -106,7 +123,8 @@ std::tuple<Tensor, Tensor, Tensor> fake_quant_int_backward_cuda(Tensor grad, Ten
 
 Tensor masked_mse_loss_cuda(Tensor pred, Tensor ref, std::optional<Tensor> mask) {
   const char* op = "masked_mse_loss";
-  CudaContext ctx(pred, op);
+  CudaContext ctx(mask ? std::initializer_list<const Tensor*>{&pred, &ref, &*mask}
+                       : std::initializer_list<const Tensor*>{&pred, &ref}, op);
   LossArgs a = loss_args(pred, ref, mask, op);
   Tensor partials = torch::stable::new_empty(pred, std::vector<int64_t>{loss_partials_size()}, ScalarType::Float);
   Tensor loss = torch::stable::new_empty(pred, std::vector<int64_t>{}, ScalarType::Float);
@@ -118,7 +136,8 @@ Tensor masked_mse_loss_cuda(Tensor pred, Tensor ref, std::optional<Tensor> mask)
 
 Tensor masked_mse_loss_backward_cuda(Tensor grad, Tensor pred, Tensor ref, std::optional<Tensor> mask) {
   const char* op = "masked_mse_loss_backward";
-  CudaContext ctx(pred, op);
+  CudaContext ctx(mask ? std::initializer_list<const Tensor*>{&grad, &pred, &ref, &*mask}
+                       : std::initializer_list<const Tensor*>{&grad, &pred, &ref}, op);
   LossArgs a = loss_args(pred, ref, mask, op);
   check_fp32(pred, grad, 1, op, "grad");
   Tensor gp = torch::stable::empty_like(pred);

@@ -86,6 +86,18 @@ def test_unsupported_scheme_names_the_layer(tiny_model_dir):
                                               iters=2, backend="torch"))
 
 
+def test_same_seed_same_run(tiny_model_dir):
+    """What the device_ids test relies on: with the global seed set, two oneshot runs see the
+    calibration samples in the same order (llm-compressor shuffles them) and tune alike."""
+    runs = []
+    for seed in (0, 0, 1):
+        mod = AutoRoundModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"], iters=3, backend="torch")
+        torch.manual_seed(seed)
+        run(tiny_model_dir, mod)
+        runs.append([r["losses"] for r in mod.block_stats])
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
 @pytest.mark.parametrize("setting,match", [
     (dict(device_ids="0,x"), r"device_ids='0,x': 'x' is not a GPU index"),
     (dict(device_ids="0,0"), r"device_ids='0,0' names GPUs \[0, 0\]|no GPU is visible"),
@@ -119,6 +131,7 @@ def test_device_ids_spread_a_block_and_change_nothing(tiny_model_dir, scheme):
     for ids in (None, "0,1"):
         mod = AutoRoundModifier(targets="Linear", scheme=scheme, ignore=["lm_head"], iters=6,
                                 backend="cuda", device_ids=ids)
+        torch.manual_seed(0)  # the same calibration shuffle (llm-compressor's RandomSampler)
         models[ids] = (run(tiny_model_dir, mod), mod)
     one, spread = models[None][0], models["0,1"][0]
     stats = models["0,1"][1].block_stats

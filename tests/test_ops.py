@@ -455,3 +455,44 @@ def test_ops_trace_under_compile_fullgraph(device):
     compiled = grads(torch.compile(step, fullgraph=True, backend="aot_eager"))
     for a, b in zip(eager, compiled):
         assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------
+# The registered ops called directly (torch.ops.autoround_fast.*): their own C++ checks
+# --------------------------------------------------------------------------------------
+
+RAW_CASES = {  # (devices of x and global scale, numel of the global scale) -> message
+    "cpu-numel": (("cpu", "cpu"), 2, "global_scale must have 1 elements, got 2"),
+    "cuda-numel": (("cuda:0", "cuda:0"), 2, "global_scale must have 1 elements, got 2"),
+    "cuda-cpu": (("cuda:0", "cpu"), 1, "every tensor must be on the first input's device, cuda:0; one is on the CPU"),
+    "two-gpus": (("cuda:0", "cuda:1"), 1, "every tensor must be on the first input's device, cuda:0; one is on cuda:1"),
+}
+
+
+@pytest.mark.parametrize("case", [
+    "cpu-numel",
+    pytest.param("cuda-numel", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")),
+    pytest.param("cuda-cpu", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")),
+    pytest.param("two-gpus", marks=pytest.mark.skipif(not HAS_CUDA or torch.cuda.device_count() < 2,
+                                                      reason="needs 2 GPUs")),
+])
+def test_raw_op_bad_input_is_a_clear_error(case):
+    """The ops' own checks, below the Python API's, raise a RuntimeError naming the op and the
+    tensor, and leave the process alive (run in a child process: a crash fails the test with
+    its signal instead of ending the run)."""
+    import subprocess
+    import sys
+
+    (dx, dg), numel, message = RAW_CASES[case]
+    code = (
+        "import torch, autoround_fast\n"
+        f"x = torch.randn(4, 32, device={dx!r}); g = torch.ones({numel}, device={dg!r})\n"
+        "try:\n"
+        "    torch.ops.autoround_fast.fake_quant_nvfp4_activation(x, g)\n"
+        "    print('NO ERROR')\n"
+        "except RuntimeError as e:\n"
+        "    print('ERROR', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    assert "fake_quant_nvfp4_activation: " + message in out.stdout, out.stdout

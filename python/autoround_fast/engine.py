@@ -810,7 +810,7 @@ def tune_block(
             for name, tl in tuned.items():
                 tl.linear.to(device)
                 if tl.spec.act:
-                    _replace(block, name, _ActQuantLinear(tl.linear, be, tl.act_global_scale))
+                    _replace(block, name, _ActQuantLinear(tl.linear, be, tl.act_global_scale.to(device)))
                 else:
                     _replace(block, name, tl.linear)
         with torch.no_grad():
@@ -1049,13 +1049,13 @@ def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size
 
     def reduce_when_ready(p):
         if last_micro[0]:
-            if p.device == device:
-                in_flight.append((dist.all_reduce(p.grad, async_op=True), None, None))
-            else:  # linear_devices: reduced on the compute device, the one the group serves
-                g = p.grad.to(device)
-                in_flight.append((dist.all_reduce(g, async_op=True), p, g))
+            in_flight.append(dist.all_reduce(p.grad, async_op=True))
 
-    grad_hooks = [p.register_post_accumulate_grad_hook(reduce_when_ready) for p in params] if dist else []
+    # With linear_devices the backward runs one autograd thread per device, so hooks would
+    # issue the collectives in an order that differs between ranks (NCCL hangs): then each
+    # gradient is reduced after the backward, in parameter order, via the compute device.
+    overlap = dist is not None and len(devices) == 1
+    grad_hooks = [p.register_post_accumulate_grad_hook(reduce_when_ready) for p in params] if overlap else []
 
     def step():
         idx_all = all_idx.index_select(0, it_t).reshape(-1)
@@ -1076,10 +1076,13 @@ def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size
             score = score + l64 / n_valid
         if dist is not None:  # one step for all ranks: summed gradients, the global loss
             while in_flight:
-                work, p, g = in_flight.pop()
-                work.wait()
-                if p is not None:
-                    p.grad.copy_(g)
+                in_flight.pop().wait()
+            if not overlap:
+                for p in params:
+                    if p.grad is not None:
+                        g = p.grad.to(device)
+                        dist.all_reduce(g)
+                        p.grad.copy_(g)
             both = torch.cat([total, score])
             dist.all_reduce(both)
             total, score = both[:1], both[1:]
