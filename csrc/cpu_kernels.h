@@ -16,5 +16,6 @@ void fake_quant_int_backward(const IntArgs& a, const void* grad, float* grad_v,
                              float* grad_min_scale, float* grad_max_scale);
 float masked_mse_loss(const LossArgs& a);
 void masked_mse_loss_backward(const LossArgs& a, float grad_loss, void* grad_pred);
+void sign_step(const SignStepArgs& a);
 
 }  // namespace autoround_fast::cpu

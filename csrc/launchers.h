@@ -62,4 +62,19 @@ const char* launch_masked_mse_loss(const LossArgs& a, float* partials, float* lo
 const char* launch_masked_mse_loss_backward(const LossArgs& a, const float* grad_loss,
                                             void* grad_pred, void* stream);
 
+// SignRound's step on one tuned tensor, in place, fused with the best-parameter copy:
+//   if improved: best = param;   then param = param + (-1 * sign(grad)) * lr
+// (sign(NaN) = 0, as torch.sign), equal bit for bit to torch.where(improved, param, best,
+// out=best) followed by param.addcmul_(grad.sign(), lr, value=-1). improved (bool) and lr
+// (float) are one-element device tensors, read by the kernel: a CUDA graph replays it.
+struct SignStepArgs {
+  int64_t numel;
+  float* param;
+  float* best;
+  const float* grad;
+  const bool* improved;
+  const float* lr;
+};
+const char* launch_sign_step(const SignStepArgs& a, void* stream);
+
 }  // namespace autoround_fast

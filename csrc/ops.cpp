@@ -112,6 +112,12 @@ Tensor masked_mse_loss_backward_cpu(Tensor grad, Tensor pred, Tensor ref, std::o
   return gp;
 }
 
+void sign_step_cpu(Tensor param, Tensor best, Tensor grad, Tensor improved, Tensor lr) {
+  const char* op = "sign_step_";
+  check_cpu(param, op);
+  cpu::sign_step(sign_step_args(param, best, grad, improved, lr, op));
+}
+
 }  // namespace
 }  // namespace autoround_fast
 
@@ -124,6 +130,7 @@ STABLE_TORCH_LIBRARY(autoround_fast, m) {
   m.def("fake_quant_int_backward(Tensor grad, Tensor weight, Tensor v, Tensor min_scale, Tensor max_scale, int bits, int group_size, bool sym, int scale_dtype) -> (Tensor, Tensor, Tensor)");
   m.def("masked_mse_loss(Tensor pred, Tensor ref, Tensor? mask) -> Tensor");
   m.def("masked_mse_loss_backward(Tensor grad, Tensor pred, Tensor ref, Tensor? mask) -> Tensor");
+  m.def("sign_step_(Tensor(a!) param, Tensor(b!) best, Tensor grad, Tensor improved, Tensor lr) -> ()");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(autoround_fast, CPU, m) {
@@ -136,4 +143,5 @@ STABLE_TORCH_LIBRARY_IMPL(autoround_fast, CPU, m) {
   m.impl("fake_quant_int_backward", TORCH_BOX(&fake_quant_int_backward_cpu));
   m.impl("masked_mse_loss", TORCH_BOX(&masked_mse_loss_cpu));
   m.impl("masked_mse_loss_backward", TORCH_BOX(&masked_mse_loss_backward_cpu));
+  m.impl("sign_step_", TORCH_BOX(&sign_step_cpu));
 }

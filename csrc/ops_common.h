@@ -131,6 +131,23 @@ inline LossArgs loss_args(const Tensor& pred, const Tensor& ref, const std::opti
                   ref.const_data_ptr(), m};
 }
 
+inline SignStepArgs sign_step_args(Tensor& param, Tensor& best, const Tensor& grad,
+                                   const Tensor& improved, const Tensor& lr, const char* op) {
+  STD_TORCH_CHECK(param.scalar_type() == ScalarType::Float && param.is_contiguous(), op,
+                  ": param must be a contiguous float32 tensor");
+  check_fp32(param, best, param.numel(), op, "best");
+  check_fp32(param, grad, param.numel(), op, "grad");
+  check_fp32(param, lr, 1, op, "lr");
+  check_same_device(param, improved, op, "improved");
+  STD_TORCH_CHECK(improved.scalar_type() == ScalarType::Bool && improved.numel() == 1, op,
+                  ": improved must be one bool");
+  return SignStepArgs{param.numel(), static_cast<float*>(param.mutable_data_ptr()),
+                      static_cast<float*>(best.mutable_data_ptr()),
+                      static_cast<const float*>(grad.const_data_ptr()),
+                      static_cast<const bool*>(improved.const_data_ptr()),
+                      static_cast<const float*>(lr.const_data_ptr())};
+}
+
 inline Tensor scales_like(const Tensor& w, int64_t rows, int64_t groups, ScalarType dtype) {
   return torch::stable::new_empty(w, std::vector<int64_t>{rows, groups}, dtype);
 }

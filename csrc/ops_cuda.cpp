@@ -147,6 +147,12 @@ Tensor masked_mse_loss_backward_cuda(Tensor grad, Tensor pred, Tensor ref, std::
   return gp;
 }
 
+void sign_step_cuda(Tensor param, Tensor best, Tensor grad, Tensor improved, Tensor lr) {
+  const char* op = "sign_step_";
+  CudaContext ctx({&param, &best, &grad, &improved, &lr}, op);
+  check_launch(launch_sign_step(sign_step_args(param, best, grad, improved, lr, op), ctx.stream), op);
+}
+
 }  // namespace
 }  // namespace autoround_fast
 
@@ -160,4 +166,5 @@ STABLE_TORCH_LIBRARY_IMPL(autoround_fast, CUDA, m) {
   m.impl("fake_quant_int_backward", TORCH_BOX(&fake_quant_int_backward_cuda));
   m.impl("masked_mse_loss", TORCH_BOX(&masked_mse_loss_cuda));
   m.impl("masked_mse_loss_backward", TORCH_BOX(&masked_mse_loss_backward_cuda));
+  m.impl("sign_step_", TORCH_BOX(&sign_step_cuda));
 }

@@ -422,6 +422,9 @@ def _opcheck_cases(device):
         (o.masked_mse_loss, (x, gx, mask)),
         (o.masked_mse_loss, (x, gx, None)),
         (o.masked_mse_loss_backward, (torch.ones((), device=device), x.detach(), gx, mask)),
+        (o.sign_step_, (torch.randn(8, 40, generator=gen).to(device), torch.zeros(8, 40, device=device),
+                        torch.randn(8, 40, generator=gen).to(device), torch.ones(1, dtype=torch.bool, device=device),
+                        torch.full((1,), 0.01, device=device))),
     ]
 
 
@@ -455,6 +458,49 @@ def test_ops_trace_under_compile_fullgraph(device):
     compiled = grads(torch.compile(step, fullgraph=True, backend="aot_eager"))
     for a, b in zip(eager, compiled):
         assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------
+# The fused SignSGD step
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("numel,offset", [(4096, 0), (1001, 0), (1000, 1), (3, 0)])
+@pytest.mark.parametrize("improved", [True, False])
+def test_sign_step_equals_torch(device, numel, offset, improved):
+    """Bit for bit what the engine did with torch ops: where(improved, p, best, out=best),
+    then p.addcmul_(sign(grad), lr, value=-1); zeros, signed zeros and NaN gradients included.
+    An offset of one element makes the tensors misaligned (the kernel's scalar path)."""
+    gen = torch.Generator().manual_seed(numel + offset)
+    base = lambda: torch.randn(numel + offset, generator=gen)[offset:]  # noqa: E731
+    p, best, g = base(), base(), base()
+    g[::5] = 0.0
+    g[1::11] = -0.0
+    g[2::13] = float("nan")
+    p[::7] = -0.0
+    p[3::17] = 0.0
+    lr = torch.tensor([0.0049999999], dtype=torch.float32)
+    imp = torch.tensor([improved])
+    want_p, want_b = p.clone(), best.clone()
+    torch.where(imp, want_p, want_b, out=want_b)
+    want_p.addcmul_(g.sign(), lr, value=-1.0)
+    p, best, g, imp, lr = to(device, p, best, g, imp, lr)
+    ops.sign_step_(p, best, g, imp, lr)
+    assert torch.equal(p.cpu(), want_p) and torch.equal(best.cpu(), want_b)
+    assert torch.equal(p.cpu().view(torch.int32), want_p.view(torch.int32))  # signed zeros too
+
+
+def test_sign_step_errors():
+    p = torch.zeros(8)
+    ok = dict(best=torch.zeros(8), grad=torch.zeros(8), improved=torch.tensor([True]), lr=torch.ones(1))
+    for key, bad, match in [("best", torch.zeros(7), "best must be contiguous with param's shape"),
+                            ("grad", torch.zeros(8, dtype=torch.float64), "grad must be float32"),
+                            ("improved", torch.tensor([1.0]), "improved must be one bool"),
+                            ("lr", torch.ones(2), "lr must have 1 elements")]:
+        with pytest.raises(ValueError, match="sign_step_: " + match):
+            ops.sign_step_(p, **{**ok, key: bad})
+    with pytest.raises(ValueError, match="param must be a contiguous float32"):
+        ops.sign_step_(p.half(), **ok)
 
 
 # --------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ class QuantSpec:
 
 
 class Backend:
-    """The four functions the engine needs: the kernels (torch ops) or the oracles."""
+    """The five functions the engine needs: the kernels (torch ops) or the oracles."""
 
     def __init__(self, name: str):
         if name == "cuda":
@@ -85,11 +85,13 @@ class Backend:
                 w, v, mn, mx, b, g, s, kernel_ops.SCALE_DTYPE_CODES[sd])
             self.act = lambda x, gs: _o.fake_quant_nvfp4_activation(x.contiguous(), gs)
             self.loss = lambda p, r, m: _o.masked_mse_loss(p.contiguous(), r.contiguous(), m)
+            self.step = _o.sign_step_  # the step and the best copy in one pass
         else:
             self.nvfp4 = reference.fake_quant_nvfp4
             self.int = reference.fake_quant_int
             self.act = reference.fake_quant_nvfp4_activation
             self.loss = reference.masked_mse_loss
+            self.step = reference.sign_step_
 
 
 class TunedLinear(nn.Module):
@@ -1093,12 +1095,13 @@ def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size
             best_iter.copy_(torch.where(improved, it_t, best_iter))
             lr_t = lrs.index_select(0, it_t)
             on = {d: (improved, lr_t) if d == device else (improved.to(d), lr_t.to(d)) for d in devices}
-            for p, b in zip(params, best):  # in place: no temporary the size of the weights
-                torch.where(on[p.device][0], p, b, out=b)
             losses.index_copy_(0, it_t, total)
-            for p in params:  # SignSGD: p <- p - lr * sign(grad); the gradient is spent after
+            for p, b in zip(params, best):  # best <- p if improved; p <- p - lr * sign(grad)
+                imp_d, lr_d = on[p.device]
                 if p.grad is not None:
-                    p.addcmul_(p.grad.sign_(), on[p.device][1], value=-1.0)
+                    be.step(p, b, p.grad, imp_d, lr_d)
+                else:
+                    torch.where(imp_d, p, b, out=b)
                 p.grad = None
             it_t.add_(1)
 

@@ -19,6 +19,7 @@ __all__ = [
     "fake_quant_nvfp4_activation",
     "fake_quant_int",
     "masked_mse_loss",
+    "sign_step_",
     "nvfp4_global_scale",
     "shared_nvfp4_global_scale",
     "SCALE_DTYPE_CODES",
@@ -103,6 +104,11 @@ def _(pred, ref, mask):
 @torch.library.register_fake("autoround_fast::masked_mse_loss_backward")
 def _(grad, pred, ref, mask):
     return torch.empty_like(pred)
+
+
+@torch.library.register_fake("autoround_fast::sign_step_")
+def _(param, best, grad, improved, lr):
+    return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -352,6 +358,34 @@ def masked_mse_loss(
             _fail(op, f"mask must have one entry per token ({tokens}), got {mask.numel()}")
         mask = mask.to(device=pred.device, dtype=torch.float32).contiguous().reshape(-1)
     return _ops.masked_mse_loss(pred.contiguous(), ref.contiguous(), mask)
+
+
+def sign_step_(param: torch.Tensor, best: torch.Tensor, grad: torch.Tensor, improved: torch.Tensor,
+               lr: torch.Tensor) -> None:
+    """SignRound's step on one tuned tensor, in place, fused with the best-parameter copy::
+
+        if improved: best = param          (the parameters that scored the best loss so far)
+        param = param - lr * sign(grad)    (sign(0) = sign(NaN) = 0)
+
+    Equal bit for bit to ``torch.where(improved, param, best, out=best)`` followed by
+    ``param.addcmul_(grad.sign(), lr, value=-1)``, in one pass instead of three. ``param``,
+    ``best`` and ``grad`` are contiguous fp32 tensors of one shape; ``improved`` (bool) and
+    ``lr`` (fp32) are one-element tensors on the same device, read by the kernel, so a
+    captured CUDA graph replays the step with the values of the moment.
+    """
+    op = "sign_step_"
+    if param.dtype != torch.float32 or not param.is_contiguous():
+        _fail(op, f"param must be a contiguous float32 tensor, got {param.dtype}")
+    for name, t in (("best", best), ("grad", grad)):
+        if t.shape != param.shape or not t.is_contiguous():
+            _fail(op, f"{name} must be contiguous with param's shape {tuple(param.shape)}, "
+                      f"got {tuple(t.shape)}")
+        _check_param(param, t, param.numel(), name, op)
+    _check_param(param, lr, 1, "lr", op)
+    if improved.dtype != torch.bool or improved.numel() != 1 or improved.device != param.device:
+        _fail(op, f"improved must be one bool on {param.device}, got {improved.dtype} "
+                  f"{tuple(improved.shape)} on {improved.device}")
+    _ops.sign_step_(param, best, grad, improved.reshape(1), lr.reshape(1))
 
 
 def nvfp4_global_scale(tensor: torch.Tensor) -> torch.Tensor:

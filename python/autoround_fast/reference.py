@@ -140,3 +140,12 @@ def masked_mse_loss(pred, ref, mask: Optional[torch.Tensor] = None):
             m = m.to(pred.dtype)
         pred, ref = pred * m, ref * m
     return torch.nn.functional.mse_loss(pred.to(torch.float32), ref.to(torch.float32))
+
+
+def sign_step_(param: torch.Tensor, best: torch.Tensor, grad: torch.Tensor, improved: torch.Tensor,
+               lr: torch.Tensor) -> None:
+    """SignRound's step on one tuned tensor, in place (SPEC.md): ``best`` takes the parameters
+    if this iteration's loss improved on the best so far (scored before the step), then
+    SignSGD ``param -= lr * sign(grad)`` with sign(0) = 0."""
+    torch.where(improved, param, best, out=best)
+    param.addcmul_(grad.sign(), lr, value=-1.0)
