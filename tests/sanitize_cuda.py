@@ -29,6 +29,10 @@ def main():
             y = ops.fake_quant_nvfp4_activation(x, ops.nvfp4_global_scale(x))
             loss = ops.masked_mse_loss(y, torch.randn_like(y), torch.ones(15, device="cuda"))
             loss.backward()
+    for n, offset in ((4096, 0), (1001, 1)):  # the step's 16-byte and scalar paths
+        buf = [torch.randn(n + offset, device="cuda")[offset:] for _ in range(3)]
+        for improved in (True, False):
+            ops.sign_step_(*buf, torch.tensor([improved], device="cuda"), torch.full((1,), 0.01, device="cuda"))
     torch.cuda.synchronize()
     print("sanitize_cuda: all kernels ran")
 
