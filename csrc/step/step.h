@@ -1,11 +1,7 @@
 // The SignSGD step with the best-parameter copy, one element: shared by the CPU and CUDA kernels.
 #pragma once
 
-#if defined(__CUDACC__)
-#define AF_HD __host__ __device__ __forceinline__
-#else
-#define AF_HD inline
-#endif
+#include "common/numerics.h"
 
 namespace autoround_fast {
 
