@@ -78,6 +78,9 @@ def test_errors_are_clear(tiny_model_dir, calib_file, tmp_path):
         main(args(tiny_model_dir, tmp_path / "o1", str(short)))
     with pytest.raises(SystemExit, match="--nsamples must be positive"):
         main(args(tiny_model_dir, tmp_path / "o1", calib_file, "--nsamples", "0"))
+    with pytest.raises(ValueError, match="device_ids='0,x': 'x' is not a GPU index"):
+        main(args(tiny_model_dir, tmp_path / "o1", calib_file, "--device-ids", "0,x"))
+    assert not (tmp_path / "o1").exists()
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("x")

@@ -191,7 +191,7 @@ def quantize(args) -> int:
         modifier = AutoRoundModifier(
             targets="Linear", scheme=scheme, ignore=["lm_head"], iters=cfg["iters"],
             batch_size=cfg["batch_size"], backend=cfg["backend"], enable_torch_compile=False,
-            progress=True, cache_on_cpu=args.cache_on_cpu)
+            progress=True, cache_on_cpu=args.cache_on_cpu, device_ids=args.device_ids)
         t0 = time.perf_counter()
         oneshot(model=model, dataset=dataset, recipe=modifier, processor=tokenizer,
                 num_calibration_samples=len(dataset), max_seq_length=cfg["seqlen"])
@@ -233,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--cache-on-cpu", dest="cache_on_cpu", action="store_true",
                    help="keep each block's cached activations in host memory (GPUs short of memory)")
     q.add_argument("--device", choices=["auto", "cpu"], default="auto", help="cpu: ignore a GPU")
+    q.add_argument("--device-ids", dest="device_ids",
+                   help='spread each block over these GPUs while tuning ("0,1" or "auto"), for a '
+                        "block whose tuning state does not fit one card")
     return ap
 
 
