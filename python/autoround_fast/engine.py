@@ -400,7 +400,9 @@ def _waits_for_host(block, inputs: _Inputs, autocast) -> bool:
     args, kwargs = inputs.batch(torch.zeros(1, dtype=torch.long, device=inputs.device))
     torch.cuda.synchronize(inputs.device)
     previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
+    with warnings.catch_warnings():  # "a prototype feature": said once per process, to users
+        warnings.simplefilter("ignore", UserWarning)
+        torch.cuda.set_sync_debug_mode("error")
     try:
         with torch.no_grad(), autocast():
             block(*args, **kwargs)
