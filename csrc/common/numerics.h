@@ -87,12 +87,21 @@ AF_HD bool is_finite(float a) { return (float_to_bits(a) & 0x7f800000u) != 0x7f8
 // torch.sign as a float factor: -1, 0 or +1.
 AF_HD float sign_of(float a) { return a > 0.f ? 1.f : (a < 0.f ? -1.f : 0.f); }
 
-// fp32 -> bf16, round to nearest even (as c10::BFloat16).
+// fp32 -> bf16, round to nearest even (as c10::BFloat16). On the GPU one cvt.rn instruction
+// (IEEE round to nearest even, no flush: the same bits for every non-NaN input; a NaN comes
+// out as the canonical 0x7fff where c10 writes 0x7fc0) instead of six integer ops and a NaN
+// test: the activation kernels are bound by instruction issue, not memory.
 AF_HD uint16_t float_to_bf16_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  uint16_t h;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+#else
   uint32_t u = float_to_bits(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
   u += 0x7fffu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);
+#endif
 }
 AF_HD float bf16_bits_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
 
@@ -101,16 +110,30 @@ AF_HD uint16_t float_to_f16_bits(float f) {
   uint32_t x = float_to_bits(f);
   uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
   x &= 0x7fffffffu;
-  if (x >= 0x7f800000u) return sign | (x > 0x7f800000u ? 0x7e00 : 0x7c00);
-  if (x >= 0x477ff000u) return sign | 0x7c00;  // >= 65520 rounds to inf
+  if (x > 0x7f800000u) return sign | 0x7e00;  // NaN, as c10
+#if defined(__CUDA_ARCH__)
+  // IEEE round to nearest even with subnormals and overflow to inf, as below: one cvt.rn
+  uint16_t h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+#else
+  if (x >= 0x477ff000u) return sign | 0x7c00;  // inf, and >= 65520 rounds to inf
   if (x < 0x38800000u) {                       // below 2^-14: fp16 subnormal, unit 2^-24
     float a = bits_to_float(x) * 16777216.0f;  // exact power-of-two scaling
     return sign | static_cast<uint16_t>(round_even(a));
   }
   x += 0xfffu + ((x >> 13) & 1u);
   return sign | static_cast<uint16_t>((x - (112u << 23)) >> 13);
+#endif
 }
 AF_HD float f16_bits_to_float(uint16_t h) {
+#if defined(__CUDA_ARCH__)
+  if ((h & 0x7c00u) != 0x7c00u) {  // finite: the conversion is exact, one cvt instruction
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+  }
+#endif
   uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   uint32_t e = (h >> 10) & 0x1f;
   uint32_t m = h & 0x3ff;

@@ -52,16 +52,22 @@ struct GroupIndex {
 // tensor: body(gi, where group gi starts and how many elements it has). Unrolling the
 // activation kernels by 2 groups per thread, all loaded before the first use, lowered
 // occupancy and bandwidth on the H100 (63% -> 49% of copy bandwidth for fwd+bwd, NOTES.md).
-template <typename F>
+// kWhole (rows are whole groups, the vector path): group gi starts at element 16 * gi, so
+// the loop needs no 64-bit division by the groups per row.
+template <bool kWhole, typename F>
 __device__ __forceinline__ void for_each_group(int64_t rows, int64_t cols, F&& body) {
   const int64_t groups = (cols + kNvfp4Group - 1) / kNvfp4Group;
   const int64_t total = rows * groups;
   for (int64_t gi = blockIdx.x * (int64_t)kThreads + threadIdx.x; gi < total;
        gi += (int64_t)gridDim.x * kThreads) {
-    const int64_t r = gi / groups, k = gi - r * groups;
-    const int64_t start = k * kNvfp4Group;
-    const int64_t rest = cols - start;
-    body(gi, GroupIndex{r * cols + start, static_cast<int>(rest < kNvfp4Group ? rest : kNvfp4Group)});
+    if constexpr (kWhole) {
+      body(gi, GroupIndex{gi * kNvfp4Group, kNvfp4Group});
+    } else {
+      const int64_t r = gi / groups, k = gi - r * groups;
+      const int64_t start = k * kNvfp4Group;
+      const int64_t rest = cols - start;
+      body(gi, GroupIndex{r * cols + start, static_cast<int>(rest < kNvfp4Group ? rest : kNvfp4Group)});
+    }
   }
 }
 
@@ -69,7 +75,7 @@ template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_kernel(Nvfp4Args a, T* out, float* scale) {
   const float gs = __ldg(a.global_scale), inv_gs = inv_global_scale(gs);
   const T* w = static_cast<const T*>(a.weight);
-  for_each_group(a.rows, a.cols, [&](int64_t gi, GroupIndex g) {
+  for_each_group<kVec>(a.rows, a.cols, [&](int64_t gi, GroupIndex g) {
     float x[kNvfp4Group], v[kNvfp4Group], amax;
     int n = load_group<T, kVec>(w + g.base, g.n, x, &amax);
     load_f32<kVec>(a.v + g.base, n, v);
@@ -87,7 +93,7 @@ __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_backward_kernel(
     Nvfp4Args a, const T* grad, float* grad_v, float* grad_ms) {
   const float gs = __ldg(a.global_scale), inv_gs = inv_global_scale(gs);
   const T* w = static_cast<const T*>(a.weight);
-  for_each_group(a.rows, a.cols, [&](int64_t gi, GroupIndex g) {
+  for_each_group<kVec>(a.rows, a.cols, [&](int64_t gi, GroupIndex g) {
     float x[kNvfp4Group], v[kNvfp4Group], gr[kNvfp4Group], gv[kNvfp4Group], amax, unused;
     int n = load_group<T, kVec>(w + g.base, g.n, x, &amax);
     load_group<T, kVec>(grad + g.base, g.n, gr, &unused);
@@ -106,7 +112,7 @@ template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_activation_kernel(Nvfp4ActArgs a, T* out) {
   const float gs = __ldg(a.global_scale), inv_gs = inv_global_scale(gs);
   const T* xin = static_cast<const T*>(a.x);
-  for_each_group(a.rows, a.cols, [&](int64_t, GroupIndex g) {
+  for_each_group<kVec>(a.rows, a.cols, [&](int64_t, GroupIndex g) {
     float x[kNvfp4Group], amax;
     const int n = load_group<T, kVec>(xin + g.base, g.n, x, &amax);
     Nvfp4Scale sc = nvfp4_group_scale(amax, 1.0f, gs, inv_gs);
@@ -122,7 +128,7 @@ __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_activation_backward
     Nvfp4ActArgs a, const T* grad, T* grad_x) {
   const float gs = __ldg(a.global_scale), inv_gs = inv_global_scale(gs);
   const T* xin = static_cast<const T*>(a.x);
-  for_each_group(a.rows, a.cols, [&](int64_t, GroupIndex g) {
+  for_each_group<kVec>(a.rows, a.cols, [&](int64_t, GroupIndex g) {
     float x[kNvfp4Group], gr[kNvfp4Group], gv[kNvfp4Group], zeros[kNvfp4Group] = {}, amax, unused, g_m;
     const int n = load_group<T, kVec>(xin + g.base, g.n, x, &amax);
     load_group<T, kVec>(grad + g.base, g.n, gr, &unused);
