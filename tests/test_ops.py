@@ -333,17 +333,21 @@ def test_cuda_equals_cpu_bitwise(dtype):
             outs.append([t.cpu() for t in (q, s, vd.grad, msd.grad)])
         for a, b in zip(*outs):
             assert torch.equal(a, b)
-        for sym in (True, False):
-            groups = ops.int_num_groups(cols, 128)
-            mn, mx = torch.rand(rows, groups, generator=gen) + 0.5, torch.rand(rows, groups, generator=gen) + 0.5
-            outs = []
-            for dev in ("cpu", "cuda"):
-                vd, mnd, mxd = [t.clone().to(dev).requires_grad_() for t in (v, mn.clamp(max=1), mx.clamp(max=1))]
-                q, s, zp = ops.fake_quant_int(w.to(dev), vd, mnd, mxd, 4, 128, sym)
-                (q.float() * g.to(dev).float()).sum().backward()
-                outs.append([t.detach().cpu() for t in (q, s, zp, vd.grad, mnd.grad, mxd.grad)])
-            for a, b in zip(*outs):
-                assert torch.equal(a, b)
+        # every INT kernel: 8 elements per lane (groups 8..128), 4 per lane (group 4), one
+        # warp per group (256, per row, and the ragged 1000 columns)
+        for group in (4, 8, 16, 32, 64, 128, 256, -1):
+            for sym in (True, False):
+                groups = ops.int_num_groups(cols, group)
+                mn = torch.rand(rows, groups, generator=gen) + 0.5
+                mx = torch.rand(rows, groups, generator=gen) + 0.5
+                outs = []
+                for dev in ("cpu", "cuda"):
+                    vd, mnd, mxd = [t.clone().to(dev).requires_grad_() for t in (v, mn.clamp(max=1), mx.clamp(max=1))]
+                    q, s, zp = ops.fake_quant_int(w.to(dev), vd, mnd, mxd, 4, group, sym)
+                    (q.float() * g.to(dev).float()).sum().backward()
+                    outs.append([t.detach().cpu() for t in (q, s, zp, vd.grad, mnd.grad, mxd.grad)])
+                for name, a, b in zip(("q", "scale", "zp", "grad v", "grad min", "grad max"), *outs):
+                    assert torch.equal(a, b), (rows, cols, group, sym, name)
 
 
 # --------------------------------------------------------------------------------------

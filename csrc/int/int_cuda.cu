@@ -161,12 +161,20 @@ __global__ void __launch_bounds__(kThreads) fake_quant_int_backward_kernel(
 
 
 // ---------------------------------------------------------------------------------------
-// Small groups (group = 4 * L elements, L a power of two <= 32, every group whole): L lanes
-// per group, one 4-element chunk per lane held in registers, so each element is read once and
-// a warp works on 32 / L groups at a time. The sums still follow lane (j / 4), combined by an
-// xor butterfly over the L lanes: the same values as the 32-lane butterfly the CPU replays,
-// whose other lanes add zeros.
+// Small groups (every group whole, a group per L lanes, L a power of two): each lane holds E
+// elements in registers, so each element is read once, and a warp works on 32 / L groups at
+// a time. E = 8 where the group allows (groups 8..128: 16-byte loads of bf16 and fp16, and
+// each group's scale arithmetic and butterflies shared by twice the elements; these kernels
+// are bound by instruction issue), else E = 4 (groups 4..128 that 8 does not divide).
+// The sums: element j belongs to the CPU's lane j / 4 (int_quant.h), whose partials a 32-lane
+// xor butterfly combines (lanes past the group add zeros). With E = 4 lane k is that lane, and
+// the butterfly over the L lanes takes the same steps. With E = 8 lane k holds the CPU's
+// lanes 2k and 2k+1: their partials stay apart, each is combined over the L lanes (the CPU's
+// steps xor 2L/2 .. 2 are xor L/2 .. 1 here), and the two are added last (its step xor 1).
+// The same additions in the same order: the same bits.
 // ---------------------------------------------------------------------------------------
+
+constexpr int kWide = 2 * kChunk;
 
 template <int L>
 __device__ __forceinline__ float sub_min(float v) {
@@ -186,13 +194,39 @@ __device__ __forceinline__ float sub_sum(float v) {
   for (int off = L / 2; off > 0; off /= 2) v = add_rn(v, __shfl_xor_sync(0xffffffffu, v, off));
   return v;
 }
+template <int L>
+__device__ __forceinline__ IntPartials sub_sum(const IntPartials& p) {
+  return {sub_sum<L>(p.a), sub_sum<L>(p.b), sub_sum<L>(p.zc), sub_sum<L>(p.zs)};
+}
+
+// A lane's E elements: 16-byte accesses where E values of T fill whole 16-byte words, else
+// (E = 4 of a 16-bit type) one 8-byte access.
+template <typename T, int E>
+__device__ __forceinline__ void load_lane(const T* p, float* x) {
+  if constexpr ((E * sizeof(T)) % 16 == 0) {
+    load_vec<T, E>(p, x);
+  } else {
+    static_assert(E == kChunk, "lane width");
+    load_chunk<T, true>(p, kChunk, x);
+  }
+}
+template <typename T, int E>
+__device__ __forceinline__ void store_lane(T* p, const float* x) {
+  if constexpr ((E * sizeof(T)) % 16 == 0) {
+    store_vec<T, E>(p, x);
+  } else {
+    static_assert(E == kChunk, "lane width");
+    store_chunk<T, true>(p, kChunk, x);
+  }
+}
 
 // The grid-stride loop of the small-group kernels: a warp takes 32 / L groups per pass, one
-// per slot of L lanes. body(gi, active, offset of this lane's chunk, lane within the group);
-// every lane runs body, also past the last group (active false), since the butterflies need
-// the whole warp. Unrolling by 4 groups per slot lowered occupancy and bandwidth on the H100
-// (70% -> 51% of copy bandwidth for fwd+bwd, NOTES.md): one group per slot per pass.
-template <int L, typename F>
+// per slot of L lanes. body(gi, active, offset of this lane's elements, lane within the
+// group); every lane runs body, also past the last group (active false), since the
+// butterflies need the whole warp. Unrolling by 4 groups per slot lowered occupancy and
+// bandwidth on the H100 (70% -> 51% of copy bandwidth for fwd+bwd, NOTES.md): one group per
+// slot per pass.
+template <int L, int E, typename F>
 __device__ __forceinline__ void for_each_small_group(const IntArgs& a, F&& body) {
   constexpr int kPerWarp = kLanes / L;
   const int lane = threadIdx.x % kLanes, sub = lane % L, slot = lane / L;
@@ -200,16 +234,16 @@ __device__ __forceinline__ void for_each_small_group(const IntArgs& a, F&& body)
   const int64_t warp = blockIdx.x * (int64_t)kWarps + threadIdx.x / kLanes;
   for (int64_t g0 = warp * kPerWarp; g0 < total; g0 += (int64_t)gridDim.x * kWarps * kPerWarp) {
     const int64_t gi = g0 + slot;
-    body(gi, gi < total, gi * a.group + sub * kChunk, sub);
+    body(gi, gi < total, gi * a.group + sub * E, sub);
   }
 }
 
-// The group's min and max over its L lanes' chunks (zeros past the last group).
-template <int L>
+// The group's min and max over its L lanes' E elements each (zeros past the last group).
+template <int L, int E>
 __device__ __forceinline__ void small_min_max(const float* x, float* lo, float* hi) {
   float l = 0.f, h = 0.f;
 #pragma unroll
-  for (int c = 0; c < kChunk; ++c) {
+  for (int c = 0; c < E; ++c) {
     l = fmin_(l, x[c]);
     h = fmax_(h, x[c]);
   }
@@ -217,16 +251,16 @@ __device__ __forceinline__ void small_min_max(const float* x, float* lo, float* 
   *hi = sub_max<L>(h);
 }
 
-template <typename T, typename S, int L>
+template <typename T, typename S, int L, int E>
 __global__ void __launch_bounds__(kThreads) fake_quant_int_small_kernel(IntArgs a, T* out, S* scale, float* zp) {
   const T* w = static_cast<const T*>(a.weight);
-  for_each_small_group<L>(a, [&](int64_t gi, bool active, int64_t off, int sub) {
-    float x[kChunk] = {}, v[kChunk] = {}, lo, hi;
+  for_each_small_group<L, E>(a, [&](int64_t gi, bool active, int64_t off, int sub) {
+    float x[E] = {}, v[E] = {}, lo, hi;
     if (active) {
-      load_chunk<T, true>(w + off, kChunk, x);
-      load_chunk_f32<true>(a.v + off, kChunk, v);
+      load_lane<T, E>(w + off, x);
+      load_lane<float, E>(a.v + off, v);
     }
-    small_min_max<L>(x, &lo, &hi);
+    small_min_max<L, E>(x, &lo, &hi);
     if (!active) return;
     const IntScale sc = int_group_scale(lo, hi, __ldg(a.min_scale + gi), __ldg(a.max_scale + gi), int_params(a));
     if (sub == 0) {
@@ -234,45 +268,58 @@ __global__ void __launch_bounds__(kThreads) fake_quant_int_small_kernel(IntArgs 
       zp[gi] = sc.zp;
     }
 #pragma unroll
-    for (int c = 0; c < kChunk; ++c) x[c] = int_qdq(x[c], v[c], sc, a.sym);
-    store_chunk<T, true>(out + off, kChunk, x);
+    for (int c = 0; c < E; ++c) x[c] = int_qdq(x[c], v[c], sc, a.sym);
+    store_lane<T, E>(out + off, x);
   });
 }
 
-template <typename T, int L>
+template <typename T, int L, int E>
 __global__ void __launch_bounds__(kThreads) fake_quant_int_small_backward_kernel(
     IntArgs a, const T* grad, float* grad_v, float* g_min, float* g_max) {
+  constexpr int kParts = E / kChunk;  // the CPU's lanes this lane holds
   const T* w = static_cast<const T*>(a.weight);
-  for_each_small_group<L>(a, [&](int64_t gi, bool active, int64_t off, int sub) {
-    float x[kChunk] = {}, v[kChunk] = {}, gr[kChunk] = {}, lo, hi;
+  for_each_small_group<L, E>(a, [&](int64_t gi, bool active, int64_t off, int sub) {
+    float x[E] = {}, v[E] = {}, gr[E] = {}, lo, hi;
     if (active) {
-      load_chunk<T, true>(w + off, kChunk, x);
-      load_chunk<T, true>(grad + off, kChunk, gr);
-      load_chunk_f32<true>(a.v + off, kChunk, v);
+      load_lane<T, E>(w + off, x);
+      load_lane<T, E>(grad + off, gr);
+      load_lane<float, E>(a.v + off, v);
     }
-    small_min_max<L>(x, &lo, &hi);
-    IntPartials acc{0.f, 0.f, 0.f, 0.f};
+    small_min_max<L, E>(x, &lo, &hi);
+    IntPartials acc[kParts] = {};
     IntScale sc{};
     if (active) {
       sc = int_group_scale(lo, hi, __ldg(a.min_scale + gi), __ldg(a.max_scale + gi), int_params(a));
-      float gv[kChunk];
+      float gv[E];
 #pragma unroll
-      for (int c = 0; c < kChunk; ++c) int_element_backward(x[c], v[c], gr[c], sc, a.sym, &gv[c], acc);
-      store_chunk<float, true>(grad_v + off, kChunk, gv);
+      for (int c = 0; c < E; ++c) int_element_backward(x[c], v[c], gr[c], sc, a.sym, &gv[c], acc[c / kChunk]);
+      store_lane<float, E>(grad_v + off, gv);
     }
-    IntPartials tot{sub_sum<L>(acc.a), sub_sum<L>(acc.b), sub_sum<L>(acc.zc), sub_sum<L>(acc.zs)};
+    IntPartials tot = sub_sum<L>(acc[0]);
+#pragma unroll
+    for (int k = 1; k < kParts; ++k) {
+      const IntPartials t = sub_sum<L>(acc[k]);
+      tot = {add_rn(tot.a, t.a), add_rn(tot.b, t.b), add_rn(tot.zc, t.zc), add_rn(tot.zs, t.zs)};
+    }
     if (active && sub == 0) int_group_scale_backward(tot, lo, hi, sc, int_params(a), g_min + gi, g_max + gi);
   });
 }
 
-// Lanes per group for the small-group kernels, or 0 when the layout needs the general one.
-int small_group_lanes(const IntArgs& a, std::initializer_list<const void*> ptrs) {
-  if (a.cols % a.group != 0 || a.group % kChunk != 0) return 0;
-  const int64_t lanes = a.group / kChunk;
-  if (lanes > kLanes || (lanes & (lanes - 1)) != 0) return 0;
+// The small-group layout: lanes per group and elements per lane, or {0, 0} when the layout
+// needs the general kernels.
+struct SmallLayout {
+  int lanes, per_lane;
+};
+SmallLayout small_layout(const IntArgs& a, std::initializer_list<const void*> ptrs) {
+  if (a.cols % a.group != 0) return {0, 0};
   for (const void* p : ptrs)
-    if (!aligned16(p)) return 0;
-  return static_cast<int>(lanes);
+    if (!aligned16(p)) return {0, 0};
+  const auto pow2 = [](int64_t n) { return n > 0 && (n & (n - 1)) == 0; };
+  if (a.group % kWide == 0 && pow2(a.group / kWide) && a.group / kWide <= kLanes / 2)
+    return {static_cast<int>(a.group / kWide), kWide};
+  if (a.group % kChunk == 0 && pow2(a.group / kChunk) && a.group / kChunk <= kLanes)
+    return {static_cast<int>(a.group / kChunk), kChunk};
+  return {0, 0};
 }
 
 template <typename F>
@@ -296,21 +343,32 @@ bool chunked(const IntArgs& a, std::initializer_list<const void*> ptrs) {
   return true;
 }
 
+// Calls f(lanes, per lane) as compile-time constants for a small layout.
+template <typename F>
+void with_small_layout(SmallLayout l, F&& f) {
+  with_lanes(l.lanes, [&](auto lanes) {
+    if (l.per_lane == kWide)
+      f(lanes, std::integral_constant<int, kWide>{});
+    else
+      f(lanes, std::integral_constant<int, kChunk>{});
+  });
+}
+
 }  // namespace
 
 const char* launch_fake_quant_int(const IntArgs& a, void* out, void* scale, float* zp, void* stream) {
   const int64_t total = a.rows * ((a.cols + a.group - 1) / a.group);
   const bool vec = chunked(a, {a.weight, a.v, out});
-  const int lanes = small_group_lanes(a, {a.weight, a.v, out});
+  const SmallLayout small = small_layout(a, {a.weight, a.v, out});
   auto s = static_cast<cudaStream_t>(stream);
   with_float_type(a.dtype, [&](auto t) {
     using T = decltype(t);
     with_float_type(a.scale_dtype, [&](auto st) {
       using S = decltype(st);
-      if (lanes)
-        with_lanes(lanes, [&](auto l) {
-          fake_quant_int_small_kernel<T, S, decltype(l)::value><<<small_grid(total, lanes), kThreads, 0, s>>>(
-              a, static_cast<T*>(out), static_cast<S*>(scale), zp);
+      if (small.lanes)
+        with_small_layout(small, [&](auto l, auto e) {
+          fake_quant_int_small_kernel<T, S, decltype(l)::value, decltype(e)::value>
+              <<<small_grid(total, small.lanes), kThreads, 0, s>>>(a, static_cast<T*>(out), static_cast<S*>(scale), zp);
         });
       else if (vec)
         fake_quant_int_kernel<T, S, true><<<grid_for(total, kWarps), kThreads, 0, s>>>(
@@ -327,14 +385,14 @@ const char* launch_fake_quant_int_backward(const IntArgs& a, const void* grad, f
                                            float* g_min, float* g_max, void* stream) {
   const int64_t total = a.rows * ((a.cols + a.group - 1) / a.group);
   const bool vec = chunked(a, {a.weight, a.v, grad, grad_v});
-  const int lanes = small_group_lanes(a, {a.weight, a.v, grad, grad_v});
+  const SmallLayout small = small_layout(a, {a.weight, a.v, grad, grad_v});
   auto s = static_cast<cudaStream_t>(stream);
   with_float_type(a.dtype, [&](auto t) {
     using T = decltype(t);
-    if (lanes)
-      with_lanes(lanes, [&](auto l) {
-        fake_quant_int_small_backward_kernel<T, decltype(l)::value><<<small_grid(total, lanes), kThreads, 0, s>>>(
-            a, static_cast<const T*>(grad), grad_v, g_min, g_max);
+    if (small.lanes)
+      with_small_layout(small, [&](auto l, auto e) {
+        fake_quant_int_small_backward_kernel<T, decltype(l)::value, decltype(e)::value>
+            <<<small_grid(total, small.lanes), kThreads, 0, s>>>(a, static_cast<const T*>(grad), grad_v, g_min, g_max);
       });
     else if (vec)
       fake_quant_int_backward_kernel<T, true><<<grid_for(total, kWarps), kThreads, 0, s>>>(
