@@ -1,7 +1,8 @@
-// Integer fake quantization on the GPU: one warp per group. Element j of a group belongs to
-// lane (j / 4) % 32 (int_quant.h); each lane reads its 4-element chunks with one vector load
-// when the layout allows, sums in order, and the warp combines by an xor butterfly, the same
-// order the CPU kernel replays.
+// Integer fake quantization on the GPU. Element j of a group belongs to lane (j / 4) % 32
+// (int_quant.h); each lane sums its elements in order and the lanes combine by an xor
+// butterfly, the order the CPU kernel replays. Groups of 4..128 that divide the row run the
+// small-group kernels (a group per 1..32 lanes, its elements held in registers); any other
+// layout runs the general kernels, one warp per group, 4-element chunks per lane.
 #include "../common/cuda_utils.cuh"
 #include "../launchers.h"
 #include "int_quant.h"
