@@ -24,7 +24,8 @@ __device__ __forceinline__ float block_sum(float v, float* smem) {
   return v;
 }
 
-template <typename T, bool kVec>
+// kMask: a.mask is set; without it every element counts and the unmasked forms apply (loss.h).
+template <typename T, bool kVec, bool kMask>
 __global__ void __launch_bounds__(kThreads) masked_mse_partial_kernel(LossArgs a, float* partials) {
   __shared__ float smem[kThreads / 32];
   constexpr int kV = 16 / sizeof(T);
@@ -37,11 +38,16 @@ __global__ void __launch_bounds__(kThreads) masked_mse_partial_kernel(LossArgs a
       float x[kV], y[kV];
       load_vec<T, kV>(p + i, x);
       load_vec<T, kV>(r + i, y);
-      const float m = a.mask ? __ldg(a.mask + i / a.hidden) : 1.f;
+      if constexpr (kMask) {
+        const float m = __ldg(a.mask + i / a.hidden);
 #pragma unroll
-      for (int j = 0; j < kV; ++j) {
-        float d = sub_rn(round_through<T>(mul_rn(x[j], m)), round_through<T>(mul_rn(y[j], m)));
-        acc = add_rn(acc, mul_rn(d, d));
+        for (int j = 0; j < kV; ++j) {
+          float d = sub_rn(round_through<T>(mul_rn(x[j], m)), round_through<T>(mul_rn(y[j], m)));
+          acc = add_rn(acc, mul_rn(d, d));
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < kV; ++j) acc = add_rn(acc, unmasked_sq_diff(x[j], y[j]));
       }
     }
   } else {
@@ -64,7 +70,7 @@ __global__ void __launch_bounds__(kThreads) masked_mse_final_kernel(const float*
   if (threadIdx.x == 0) *loss = static_cast<float>(static_cast<double>(tot) * inv_numel);
 }
 
-template <typename T, bool kVec>
+template <typename T, bool kVec, bool kMask>
 __global__ void __launch_bounds__(kThreads) masked_mse_backward_kernel(LossArgs a, const float* grad_loss,
                                                                       float norm, T* out) {
   constexpr int kV = 16 / sizeof(T);
@@ -77,10 +83,15 @@ __global__ void __launch_bounds__(kThreads) masked_mse_backward_kernel(LossArgs 
       float x[kV], y[kV], o[kV];
       load_vec<T, kV>(p + i, x);
       load_vec<T, kV>(r + i, y);
-      const float m = a.mask ? __ldg(a.mask + i / a.hidden) : 1.f;
+      if constexpr (kMask) {
+        const float m = __ldg(a.mask + i / a.hidden);
 #pragma unroll
-      for (int j = 0; j < kV; ++j)
-        o[j] = to_f32(masked_mse_grad(from_f32<T>(x[j]), from_f32<T>(y[j]), m, norm, g));
+        for (int j = 0; j < kV; ++j)
+          o[j] = to_f32(masked_mse_grad(from_f32<T>(x[j]), from_f32<T>(y[j]), m, norm, g));
+      } else {
+#pragma unroll
+        for (int j = 0; j < kV; ++j) o[j] = to_f32(unmasked_mse_grad<T>(x[j], y[j], norm, g));
+      }
       store_vec<T, kV>(out + i, o);
     }
   } else {
@@ -114,10 +125,13 @@ const char* launch_masked_mse_loss(const LossArgs& a, float* partials, float* lo
   const unsigned grid = loss_grid(a.numel);
   with_float_type(a.dtype, [&](auto t) {
     using T = decltype(t);
-    if (vectorizable<T>(a, {a.pred, a.ref}))
-      masked_mse_partial_kernel<T, true><<<grid, kThreads, 0, s>>>(a, partials);
+    const bool vec = vectorizable<T>(a, {a.pred, a.ref});
+    if (vec && a.mask)
+      masked_mse_partial_kernel<T, true, true><<<grid, kThreads, 0, s>>>(a, partials);
+    else if (vec)
+      masked_mse_partial_kernel<T, true, false><<<grid, kThreads, 0, s>>>(a, partials);
     else
-      masked_mse_partial_kernel<T, false><<<grid, kThreads, 0, s>>>(a, partials);
+      masked_mse_partial_kernel<T, false, true><<<grid, kThreads, 0, s>>>(a, partials);
   });
   masked_mse_final_kernel<<<1, kThreads, 0, s>>>(partials, static_cast<int>(grid),
                                                 1.0 / static_cast<double>(a.numel), loss);
@@ -131,10 +145,14 @@ const char* launch_masked_mse_loss_backward(const LossArgs& a, const float* grad
   const unsigned grid = loss_grid(a.numel);
   with_float_type(a.dtype, [&](auto t) {
     using T = decltype(t);
-    if (vectorizable<T>(a, {a.pred, a.ref, grad_pred}))
-      masked_mse_backward_kernel<T, true><<<grid, kThreads, 0, s>>>(a, grad_loss, norm, static_cast<T*>(grad_pred));
+    const bool vec = vectorizable<T>(a, {a.pred, a.ref, grad_pred});
+    T* o = static_cast<T*>(grad_pred);
+    if (vec && a.mask)
+      masked_mse_backward_kernel<T, true, true><<<grid, kThreads, 0, s>>>(a, grad_loss, norm, o);
+    else if (vec)
+      masked_mse_backward_kernel<T, true, false><<<grid, kThreads, 0, s>>>(a, grad_loss, norm, o);
     else
-      masked_mse_backward_kernel<T, false><<<grid, kThreads, 0, s>>>(a, grad_loss, norm, static_cast<T*>(grad_pred));
+      masked_mse_backward_kernel<T, false, true><<<grid, kThreads, 0, s>>>(a, grad_loss, norm, o);
   });
   return launch_status();
 }
