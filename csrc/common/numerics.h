@@ -188,11 +188,13 @@ AF_HD float e4m3_round(float x) {
 // |x| on the FP4 (e2m1) grid {0, .5, 1, 1.5, 2, 3, 4, 6}, ties to even, as auto-round's
 // cast_to_fp4 computes it: round(2a)/2 below 2, round(a) below 4, 2*round(a/2) above.
 AF_HD float fp4_magnitude(float a) {
-  float q;
-  if (a < 2.0f) q = round_even(a * 2.0f) * 0.5f;
-  else if (a < 4.0f) q = round_even(a);
-  else q = 2.0f * round_even(a * 0.5f);
-  return fmin_(q, 6.0f);
+  // The grid's step is 0.5 below 2, 1 below 4, 2 above: a / step rounded to even, times the
+  // step. Both products are by powers of two and exact (a >= 4 where the step is 2), so this
+  // is the three-branch form with one multiply-round-multiply instead of three.
+  const bool fine = a < 2.0f, mid = a < 4.0f;
+  const float inv_step = fine ? 2.0f : (mid ? 1.0f : 0.5f);
+  const float step = fine ? 0.5f : (mid ? 1.0f : 2.0f);
+  return fmin_(round_even(a * inv_step) * step, 6.0f);
 }
 
 // 1/x with 1/0 -> 0 (auto-round's get_reciprocal in nvfp.py).
