@@ -38,12 +38,19 @@ AF_HD Nvfp4Scale nvfp4_group_scale(float amax, float max_scale, float gs, float 
   return r;
 }
 
+// sign(c) * fp4(|c|) as auto-round computes it (torch.sign(0) = 0): the magnitude with c's
+// sign bit, and +0 for c = +-0. The same bits as the product, with one select and one bit
+// operation instead of two compares, two selects and a multiply.
+AF_HD float signed_fp4(float c) {
+  const float q = fp4_magnitude(fabs_(c));
+  return c == 0.f ? 0.f : bits_to_float(float_to_bits(q) | (float_to_bits(c) & 0x80000000u));
+}
+
 // Quantize one element on the group's grid: the fp32 value before the cast to the dtype.
 AF_HD float nvfp4_qdq(float x, float v, const Nvfp4Scale& sc) {
   float y = add_rn(mul_rn(x, sc.os), v);
   float c = fmin_(fmax_(y, -6.0f), 6.0f);
-  float q = mul_rn(fp4_magnitude(fabs_(c)), sign_of(c));
-  return mul_rn(q, sc.r);
+  return mul_rn(signed_fp4(c), sc.r);
 }
 
 // Chain rule from d(loss)/d(os) down to d(loss)/d(max_scale) (or to d(loss)/d(amax) with
@@ -72,7 +79,7 @@ AF_HD float nvfp4_group_backward(const float* x, const float* v, const float* g,
   for (int j = 0; j < n; ++j) {
     float y = add_rn(mul_rn(x[j], sc.os), v[j]);
     float c = fmin_(fmax_(y, -6.0f), 6.0f);
-    float q = mul_rn(fp4_magnitude(fabs_(c)), sign_of(c));
+    float q = signed_fp4(c);
     float gq = mul_rn(g[j], sc.r);
     float gc = (y >= -6.0f && y <= 6.0f && y != 0.f) ? gq : 0.f;
     gv[j] = gc;
