@@ -92,7 +92,7 @@ AF_HD float sign_of(float a) { return a > 0.f ? 1.f : (a < 0.f ? -1.f : 0.f); }
 // out as the canonical 0x7fff where c10 writes 0x7fc0) instead of six integer ops and a NaN
 // test: the activation kernels are bound by instruction issue, not memory.
 AF_HD uint16_t float_to_bf16_bits(float f) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800  // the bf16 cvt is sm_80 and later
   uint16_t h;
   asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
   return h;
