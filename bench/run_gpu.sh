@@ -2,6 +2,7 @@
 # One GPU session's worth of checks, for the lent GPU machine (see NOTES.md):
 # build with the CUDA kernels, CUDA tests, compute-sanitizer, microbenchmarks.
 #   bash bench/run_gpu.sh [what...]   what: build tests sanitize ops profile (default: these),
+#                                     optests (test_ops.py alone),
 #                                     smol-a, accuracy (SmolLM2 in two calls), block
 # Logs and tables go to $OUT (or ./gpu-out). The build leaves the extension in
 # python/autoround_fast/ (ignored by git), so later calls on a warm machine skip it and run
@@ -38,6 +39,9 @@ for step in $what; do
            fi
            python3 -c "import autoround_fast as a; print('cuda kernels:', a.has_cuda_kernels(), a.__file__)" ;;
     tests) (cd tests && python3 -X faulthandler -m pytest -q -p no:cacheprovider > "$out/tests.log" 2>&1; tail -3 "$out/tests.log") ;;
+    optests) # the kernels' own tests only (test_ops.py: bitwise against auto-round and the CPU)
+           (cd tests && python3 -X faulthandler -m pytest -q -p no:cacheprovider test_ops.py > "$out/optests.log" 2>&1
+            grep -E "^(FAILED|ERROR)|passed|failed" "$out/optests.log" | tail -15) ;;
     sanitize) for tool in memcheck racecheck; do
                 compute-sanitizer --tool $tool --error-exitcode 9 python3 tests/sanitize_cuda.py 2>&1 \
                   | tail -4 | tee "$out/sanitize-$tool.log"
