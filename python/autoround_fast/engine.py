@@ -658,9 +658,7 @@ def tune_block(
         raise ValueError(f"tune_block: iters must be >= 0, got {iters}")
     n = len(fp_inputs)
     batch_size = min(batch_size, n)
-    device = torch.device(device or next(block.parameters()).device)
-    if device.type == "cuda" and device.index is None:  # one spelling, so devices compare equal
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = _indexed(torch.device(device or next(block.parameters()).device))
     block.to(device)
     dtype = next(block.parameters()).dtype
     linears = _linears(block, specs)
@@ -829,6 +827,13 @@ def tune_block(
         return result
 
 
+def _indexed(device: torch.device) -> torch.device:
+    """One spelling per device ("cuda" -> "cuda:<current>"), so that devices compare equal."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _linear_devices(devices: Sequence[str | torch.device], device: torch.device) -> list[torch.device]:
     """The linear_devices of tune_block as devices of the compute device's type, or a clear error."""
     out = []
@@ -837,8 +842,7 @@ def _linear_devices(devices: Sequence[str | torch.device], device: torch.device)
             d = torch.device(d)
         except (RuntimeError, TypeError):
             raise ValueError(f"tune_block: linear_devices holds {d!r}, which is not a device") from None
-        if d.type == "cuda" and d.index is None:
-            d = torch.device("cuda", torch.cuda.current_device())
+        d = _indexed(d)
         if d.type != device.type:
             raise ValueError(f"tune_block: linear_devices must be {device.type} devices, as the compute "
                              f"device {device} is; got {d}")
