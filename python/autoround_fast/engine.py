@@ -1087,7 +1087,11 @@ def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size
                 in_flight.pop().wait()
             if not overlap:
                 for p in params:
-                    if p.grad is not None:
+                    if p.grad is None:
+                        continue
+                    if p.device == device:
+                        dist.all_reduce(p.grad)
+                    else:  # staged on the compute device, the one the group serves
                         g = p.grad.to(device)
                         dist.all_reduce(g)
                         p.grad.copy_(g)
