@@ -155,7 +155,7 @@ def run_backend(backend: str, scheme: str, args, tmp: str) -> dict:
     mod = AutoRoundModifier(**quant_kwargs(scheme), iters=args.iters,
                             batch_size=args.batch_size, backend=backend,
                             enable_torch_compile=args.compile, cache_on_cpu=args.cache_on_cpu,
-                            device_ids=args.device_ids)
+                            device_ids=args.device_ids, fuse_elementwise=args.fuse)
     handler = _AutoRoundLosses()
     ar_logger = logging.getLogger("autoround")
     ar_logger.addHandler(handler)
@@ -191,6 +191,7 @@ def run_backend(backend: str, scheme: str, args, tmp: str) -> dict:
                curves=curves)
     out["phases"] = [r.get("phases", {}) for r in rows]
     out["loop_ms"] = [r.get("loop_ms", []) for r in rows]
+    out["fused"] = [r.get("fused", {}) for r in rows]
     free_run_memory()
     del model, mod
     gc.collect()
@@ -333,6 +334,10 @@ def table(results: list[dict], card: str, cmd: str) -> str:
                          "(first ten with warm-up; then median, min-max): " + "; ".join(
                              f"{ms[0]:.1f}; {statistics.median(ms[1:]):.2f}, {min(ms[1:]):.2f}-{max(ms[1:]):.2f}"
                              if len(ms) > 1 else f"{ms[0]:.1f}" for ms in r["loop_ms"] if ms))
+        if r.get("backend") == "cuda" and r.get("fused"):
+            kinds = sorted({k for f in r["fused"] for k in f})
+            lines.append(f"{r['scheme']} {r['backend']}: element-wise ops compiled while tuning: "
+                         + (", ".join(kinds) if kinds else "none"))
     return "\n".join(lines)
 
 
@@ -351,6 +356,9 @@ def main(argv=None):
     p.add_argument("--cache-on-cpu", dest="cache_on_cpu", action="store_true")
     p.add_argument("--device-ids", dest="device_ids", default=None,
                    help='spread each block over these GPUs ("0,1", "auto"): device_ids')
+    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
+                   help="backend cuda: compile the block's RMSNorm, SiLU*up and rotary while tuning "
+                        "(default: on where Triton is there)")
     p.add_argument("--profile", action="store_true", help="also profile one tuning iteration per scheme")
     p.add_argument("--out", default="bench-block-out")
     p.add_argument("--one", help=argparse.SUPPRESS)  # BACKEND:SCHEME, run in a child process

@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from . import fusion
 from . import ops as kernel_ops
 from . import reference
 from .ops import int_num_groups
@@ -175,6 +176,9 @@ class BlockResult:
     loop_ms: list[float] = field(default_factory=list)
     # linear_devices: the device each Linear was tuned on
     placement: dict[str, str] = field(default_factory=dict)
+    # fuse_elementwise: what ran compiled in the loop, by kind (rms_norm, silu_mul: module
+    # names; rotary: the modeling modules whose apply_rotary_pos_emb was swapped)
+    fused: dict[str, list[str]] = field(default_factory=dict)
 
 
 class _Inputs:
@@ -601,6 +605,7 @@ def tune_block(
     distributed: Optional[bool] = None,
     batch_order: Optional[Sequence[Sequence[int]]] = None,
     linear_devices: Optional[Sequence[str | torch.device]] = None,
+    fuse_elementwise: Optional[bool] = None,
 ) -> BlockResult:
     """Tune one decoder block with SignRound and write its fake-quantized weights in place.
 
@@ -646,6 +651,13 @@ def tune_block(
             rest of the block, the caches and the loss stay on ``device``. The loop runs
             eagerly then (no CUDA graph) and the results equal the one-device run's. The
             Linears are back on ``device`` when tuning returns.
+        fuse_elementwise: in the tuning loop, run the block's RMSNorms, SiLU(gate) * up and
+            rotary embeddings compiled by torch.compile, each fused into one kernel forward and
+            backward (:mod:`autoround_fast.fusion`; Llama-form implementations only,
+            ``BlockResult.fused`` lists them). Default: on for backend "cuda" on a GPU with
+            Triton. They round as eager does but reduce in their own order (differences of an
+            ulp), so the CPU, where results are bit for bit auto-round's, leaves it off. The
+            reference and output passes always run the block as it is.
 
     Returns:
         :class:`BlockResult` with the next block's quantized inputs and the qparams.
@@ -766,7 +778,10 @@ def tune_block(
         try:
             for p, _ in frozen:  # only V and the scales get gradients
                 p.requires_grad_(False)
-            with torch.enable_grad():
+            if fuse_elementwise is None:
+                fuse_elementwise = be.name == "cuda" and device.type == "cuda" and fusion.available(device)
+            with torch.enable_grad(), fusion.fused_elementwise(block, fuse_elementwise and iters > 0) as fused:
+                result.fused = {k: v for k, v in fused.items() if v}
                 if iters > 0:
                     _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size, lr,
                                 seed, gradient_accumulate_steps, autocast, result, progress, cuda_graph,

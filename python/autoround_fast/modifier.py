@@ -84,6 +84,9 @@ class AutoRoundModifier(_StockAutoRoundModifier):
     cache_on_cpu: bool = False
     # backend "cuda": capture one tuning iteration in a CUDA graph and replay it.
     cuda_graph: bool = True
+    # backend "cuda": run the block's RMSNorms, SiLU(gate) * up and rotary embeddings
+    # compiled (torch.compile) while tuning. None: on where Triton is there.
+    fuse_elementwise: Optional[bool] = None
 
     _block_stats: list = PrivateAttr(default_factory=list)
     _devices: Optional[list] = PrivateAttr(default=None)
@@ -225,6 +228,7 @@ class AutoRoundModifier(_StockAutoRoundModifier):
                     finalize=finalize, progress=progress if bar else None,
                     cache_device="cpu" if self.cache_on_cpu else None,
                     cuda_graph=self.cuda_graph and self.backend == "cuda",
+                    fuse_elementwise=self.fuse_elementwise if self.backend == "cuda" else False,
                     linear_devices=self._devices if self._devices and len(self._devices) > 1 else None)
                 layer.to(home)
         finally:
@@ -233,7 +237,8 @@ class AutoRoundModifier(_StockAutoRoundModifier):
         self._block_stats.append(dict(block=layer_name, samples=len(inputs), init_loss=result.init_loss,
                                       best_loss=result.best_loss, best_iter=result.best_iter,
                                       seconds=result.seconds, losses=result.losses, phases=result.phases,
-                                      loop_ms=result.loop_ms, placement=result.placement))
+                                      loop_ms=result.loop_ms, placement=result.placement,
+                                      fused=result.fused))
         self._q_input = result.q_outputs
         if result.eager_reason:
             logger.info(f"{layer_name}: {result.eager_reason}")

@@ -1,0 +1,168 @@
+"""The decoder block's own element-wise ops, fused while the block is tuned.
+
+Past the matmuls, attention and our quantization kernels, a Llama-class block's iteration
+spends its time in element-wise ops that eager PyTorch runs one kernel at a time, each a trip
+through memory: RMSNorm (an fp32 upcast, pow, mean, rsqrt, two multiplies, a downcast),
+SiLU(gate) * up, and the rotary embedding (two slices, a negation, a cat, four multiplies and
+two adds, for q and for k), forward and backward. :func:`fused_elementwise` swaps these, for
+the duration of a ``with`` block, for the same functions compiled by torch.compile (Inductor),
+which fuses each into one kernel forward and one or two backward.
+
+Only implementations known to compute exactly this are swapped: a module or function whose
+code is, byte for byte, that of transformers' Llama (LlamaRMSNorm.forward, LlamaMLP.forward
+with a SiLU activation, apply_rotary_pos_emb). Mistral, Qwen2, Qwen3 and their MoE variants
+share it; anything else (Gemma's RMSNorm, GELU MLPs, partial rotary) runs as it is.
+
+The fused ops round each intermediate as eager does (Inductor's ``emulate_precision_casts``)
+but reduce and contract in their own order, so the results differ from eager by a unit in
+the last place here and there: the same class of difference as the engine's SDPA attention,
+and why this runs only on the GPU, where auto-round's results are matched to run-to-run
+noise, not bit for bit.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import types
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + eps)
+    return weight * h.to(dtype)
+
+
+def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rotary(q, k, cos, sin, unsqueeze_dim: int = 1):
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    return (q * cos) + (_rotate_half(q) * sin), (k * cos) + (_rotate_half(k) * sin)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled(name: str, fn):
+    """One torch.compile'd function per process, shared by every block (same shapes: compiled
+    once; the guards are on shapes and dtypes, not on the module)."""
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn, fullgraph=True, dynamic=False,
+                                        options={"emulate_precision_casts": True})
+    return _COMPILED[name]
+
+
+def _same_code(a, b) -> bool:
+    a, b = getattr(a, "__code__", None), getattr(b, "__code__", None)
+    return a is not None and b is not None and a.co_code == b.co_code and a.co_consts == b.co_consts
+
+
+def _llama():
+    try:
+        from transformers.models.llama import modeling_llama
+    except Exception:  # transformers without Llama: nothing is known to be safe to swap
+        return None
+    return modeling_llama
+
+
+def _is_silu(act) -> bool:
+    return isinstance(act, nn.SiLU) or (type(act).__name__ == "SiLUActivation"
+                                        and _same_code(type(act).forward, _SILU_ACTIVATION_FORWARD))
+
+
+def _silu_activation_forward(self, input):
+    return nn.functional.silu(input)
+
+
+_SILU_ACTIVATION_FORWARD = _silu_activation_forward
+
+
+def _norm_forward(self, hidden_states):
+    return _compiled("rms_norm", _rms_norm)(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _mlp_forward(self, x):
+    return self.down_proj(_compiled("silu_mul", _silu_mul)(self.gate_proj(x), self.up_proj(x)))
+
+
+def _rotary_forward(q, k, cos, sin, unsqueeze_dim=1):
+    return _compiled("rotary", _rotary)(q, k, cos, sin, unsqueeze_dim)
+
+
+def swappable(block: nn.Module) -> dict[str, list[str]]:
+    """What :func:`fused_elementwise` would swap in ``block``: module names per kind
+    ("rms_norm", "silu_mul") and the modules whose ``apply_rotary_pos_emb`` it replaces."""
+    llama = _llama()
+    found: dict[str, list[str]] = {"rms_norm": [], "silu_mul": [], "rotary": []}
+    if llama is None:
+        return found
+    for name, m in block.named_modules():
+        fwd = type(m).forward
+        if "forward" in m.__dict__:  # already wrapped (accelerate's or another hook): left alone
+            continue
+        if _same_code(fwd, llama.LlamaRMSNorm.forward) and hasattr(m, "variance_epsilon"):
+            found["rms_norm"].append(name)
+        elif (_same_code(fwd, llama.LlamaMLP.forward) and _is_silu(getattr(m, "act_fn", None))
+              and all(hasattr(m, p) for p in ("gate_proj", "up_proj", "down_proj"))):
+            found["silu_mul"].append(name)
+        else:
+            mod = sys.modules.get(type(m).__module__)
+            fn = getattr(mod, "apply_rotary_pos_emb", None)
+            if (hasattr(m, "is_causal") and _same_code(fn, llama.apply_rotary_pos_emb)
+                    and type(m).__module__ not in found["rotary"]):
+                found["rotary"].append(type(m).__module__)
+    return found
+
+
+def available(device: torch.device) -> bool:
+    """torch.compile can build kernels for ``device`` (Triton for a GPU; the CPU's are C++)."""
+    if device.type != "cuda":
+        return True
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def fused_elementwise(block: nn.Module, enabled: bool = True):
+    """Within the ``with``, the block's RMSNorms, SiLU-gated MLPs and rotary embeddings run
+    compiled (see the module docstring); everything is restored on the way out, also when the
+    body raises. Returns (as the ``as`` target) what was swapped, by kind."""
+    found = swappable(block) if enabled else {"rms_norm": [], "silu_mul": [], "rotary": []}
+    modules = dict(block.named_modules())
+    undo = []
+    try:
+        for name in found["rms_norm"]:
+            m = modules[name]
+            m.forward = types.MethodType(_norm_forward, m)
+            undo.append(lambda m=m: m.__dict__.pop("forward", None))
+        for name in found["silu_mul"]:
+            m = modules[name]
+            m.forward = types.MethodType(_mlp_forward, m)
+            undo.append(lambda m=m: m.__dict__.pop("forward", None))
+        for mod_name in found["rotary"]:
+            mod = sys.modules[mod_name]
+            old = mod.apply_rotary_pos_emb
+            mod.apply_rotary_pos_emb = _rotary_forward
+            undo.append(lambda mod=mod, old=old: setattr(mod, "apply_rotary_pos_emb", old))
+        yield found
+    finally:
+        for fn in reversed(undo):
+            fn()
+

@@ -1,0 +1,97 @@
+"""The block's element-wise ops compiled while tuning (autoround_fast.fusion): what is swapped,
+that it computes what the model computes, and that everything is put back."""
+
+import copy
+
+import pytest
+import torch
+
+from autoround_fast import fusion
+from autoround_fast.engine import QuantSpec, tune_block
+from conftest import HAS_CUDA, capture_block_inputs, tiny_llama
+
+LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU"))]
+
+
+@pytest.fixture(scope="module")
+def model_and_inputs():
+    model = tiny_llama(hidden=64, intermediate=96, layers=1, dtype=torch.float32)
+    return model, capture_block_inputs(model, nsamples=8, seqlen=16)
+
+
+def rotary_module():
+    from transformers.models.llama import modeling_llama
+    return modeling_llama
+
+
+def test_swappable_finds_the_llama_forms(model_and_inputs):
+    model, _ = model_and_inputs
+    block = copy.deepcopy(model.model.layers[0])
+    found = fusion.swappable(block)
+    assert found == {"rms_norm": ["input_layernorm", "post_attention_layernorm"], "silu_mul": ["mlp"],
+                     "rotary": [rotary_module().__name__]}
+    block.mlp.act_fn = torch.nn.GELU()  # not SiLU: that MLP stays as it is
+    block.input_layernorm.forward = block.input_layernorm.forward  # wrapped by someone: left alone
+    assert fusion.swappable(block) == {"rms_norm": ["post_attention_layernorm"], "silu_mul": [],
+                                       "rotary": [rotary_module().__name__]}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_block_computes_what_the_block_computes(model_and_inputs, device, dtype):
+    """Output and input gradient of the whole block, fused against eager: equal to rounding
+    (fp32: 1e-4, the compiled rsqrt, exp and sums round in their own order; bf16: a few units in the last place of bf16, as Inductor reduces the
+    RMSNorm's variance in its own order)."""
+    model, inputs = model_and_inputs
+    block = copy.deepcopy(model.model.layers[0]).to(device=device, dtype=dtype)
+    args, kwargs = inputs[0]
+    x = args[0].to(device=device, dtype=dtype)
+    kwargs = {k: (tuple(t.to(device=device, dtype=dtype) for t in v) if k == "position_embeddings" else
+                  v.to(device) if isinstance(v, torch.Tensor) else v)
+              for k, v in kwargs.items() if k != "past_key_values"}
+    runs = []
+    for fuse in (False, True):
+        xi = x.clone().requires_grad_(True)
+        with fusion.fused_elementwise(block, fuse) as found:
+            out = block(xi, **kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            out.float().square().sum().backward()
+        assert bool(found["rms_norm"]) == fuse
+        runs.append((out.detach().float(), xi.grad.float()))
+    (o0, g0), (o1, g1) = runs
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(o1, o0, **tol)
+    torch.testing.assert_close(g1, g0, **tol)
+    assert not torch.equal(g0, torch.zeros_like(g0))
+
+
+def test_everything_is_put_back_also_after_an_error(model_and_inputs):
+    model, _ = model_and_inputs
+    block = copy.deepcopy(model.model.layers[0])
+    mod = rotary_module()
+    rotary = mod.apply_rotary_pos_emb
+    with pytest.raises(RuntimeError, match="boom"):
+        with fusion.fused_elementwise(block):
+            assert "forward" in block.input_layernorm.__dict__ and mod.apply_rotary_pos_emb is not rotary
+            raise RuntimeError("boom")
+    assert all("forward" not in m.__dict__ for m in block.modules())
+    assert mod.apply_rotary_pos_emb is rotary
+
+
+def test_tune_block_with_fusion_tunes_alike(model_and_inputs):
+    """The engine with fuse_elementwise=True (the GPU default) on the CPU: it says what it
+    fused, and the losses follow the unfused run's to rounding."""
+    model, inputs = model_and_inputs
+    spec = {n: QuantSpec("nvfp4", act=True) for n in LINEARS}
+    res = {}
+    for fuse in (False, True):
+        block = copy.deepcopy(model.model.layers[0])
+        res[fuse] = tune_block(block, inputs, spec, iters=6, batch_size=4, backend="kernels",
+                               fuse_elementwise=fuse)
+        assert all("forward" not in m.__dict__ for m in block.modules())
+    assert res[False].fused == {}
+    assert res[True].fused == {"rms_norm": ["input_layernorm", "post_attention_layernorm"],
+                               "silu_mul": ["mlp"], "rotary": [rotary_module().__name__]}
+    assert res[True].losses == pytest.approx(res[False].losses, rel=1e-3)
