@@ -61,9 +61,23 @@ def _compiled(name: str, fn):
     """One torch.compile'd function per process, shared by every block (same shapes: compiled
     once; the guards are on shapes and dtypes, not on the module)."""
     if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(fn, fullgraph=True, dynamic=False,
-                                        options={"emulate_precision_casts": True})
+        _COMPILED[name] = torch.compile(fn, fullgraph=True, dynamic=False, options=_OPTIONS)
     return _COMPILED[name]
+
+
+def _inductor_options() -> dict:
+    """Eager's intermediate roundings; and, where this torch has it, Inductor's deterministic
+    mode: no benchmarking between kernel variants that sum in different orders, so that two
+    runs (or a run and its CUDA-graph replay) compute the same bits."""
+    import torch._inductor.config as cfg
+
+    opts = {"emulate_precision_casts": True}
+    if hasattr(cfg, "deterministic"):
+        opts["deterministic"] = True
+    return opts
+
+
+_OPTIONS = _inductor_options()
 
 
 def _same_code(a, b) -> bool:
