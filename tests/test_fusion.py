@@ -12,7 +12,6 @@ from conftest import HAS_CUDA, capture_block_inputs, tiny_llama
 
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU"))]
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +37,14 @@ def test_swappable_finds_the_llama_forms(model_and_inputs):
                                        "rotary": [rotary_module().__name__]}
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+GPU = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+# bf16 on the CPU is left out: there the engine never fuses, and torch 2.11's CPU Inductor gave
+# bf16 results off by up to 0.5 (seen on the GPU machine's torch; 2.13 here agrees with eager)
+CASES = [("cpu", torch.float32), pytest.param("cuda", torch.float32, marks=GPU),
+         pytest.param("cuda", torch.bfloat16, marks=GPU)]
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
 def test_fused_block_computes_what_the_block_computes(model_and_inputs, device, dtype):
     """Output and input gradient of the whole block, fused against eager: equal to rounding
     (fp32: 1e-4, the compiled rsqrt, exp and sums round in their own order; bf16: a few units in the last place of bf16, as Inductor reduces the
@@ -80,16 +85,49 @@ def test_everything_is_put_back_also_after_an_error(model_and_inputs):
     assert mod.apply_rotary_pos_emb is rotary
 
 
+def test_offloaded_modules_are_fused_behind_the_offload_wrapper(model_and_inputs):
+    """compressed-tensors' offloading (as llm-compressor's oneshot leaves every module) wraps
+    forward and calls ``_original_forward_func``: that is what is swapped, so the wrapper still
+    runs, and it is put back."""
+    from compressed_tensors.offload.module import offload_module
+
+    model, inputs = model_and_inputs
+    block = copy.deepcopy(model.model.layers[0])
+    for m in (block.post_attention_layernorm, block.mlp):
+        offload_module(m, "cpu", "cpu")
+    own = {m: m._original_forward_func for m in (block.post_attention_layernorm, block.mlp)}
+    wrappers = {m: m.forward for m in own}
+    assert fusion.swappable(block)["rms_norm"] == ["input_layernorm", "post_attention_layernorm"]
+    assert fusion.swappable(block)["silu_mul"] == ["mlp"]
+    x = torch.randn(2, 5, 64)
+    want = block.post_attention_layernorm(x)
+    with fusion.fused_elementwise(block):
+        for m in own:
+            assert m._original_forward_func is not own[m] and m.forward == wrappers[m]
+        got = block.post_attention_layernorm(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for m in own:
+        assert m._original_forward_func is own[m] and m.forward == wrappers[m]
+
+
+def test_fusion_on_the_cpu_is_a_clear_error(model_and_inputs):
+    model, inputs = model_and_inputs
+    with pytest.raises(ValueError, match="fuse_elementwise=True needs a GPU; the block is on cpu"):
+        tune_block(copy.deepcopy(model.model.layers[0]), inputs, {"mlp.down_proj": QuantSpec("nvfp4")},
+                   iters=2, backend="kernels", fuse_elementwise=True)
+
+
+@GPU
 def test_tune_block_with_fusion_tunes_alike(model_and_inputs):
-    """The engine with fuse_elementwise=True (the GPU default) on the CPU: it says what it
+    """The engine with fuse_elementwise on (the GPU default) against off: it says what it
     fused, and the losses follow the unfused run's to rounding."""
     model, inputs = model_and_inputs
     spec = {n: QuantSpec("nvfp4", act=True) for n in LINEARS}
     res = {}
     for fuse in (False, True):
         block = copy.deepcopy(model.model.layers[0])
-        res[fuse] = tune_block(block, inputs, spec, iters=6, batch_size=4, backend="kernels",
-                               fuse_elementwise=fuse)
+        res[fuse] = tune_block(block, inputs, spec, iters=6, batch_size=4, backend="cuda",
+                               device=torch.device("cuda"), fuse_elementwise=fuse)
         assert all("forward" not in m.__dict__ for m in block.modules())
     assert res[False].fused == {}
     assert res[True].fused == {"rms_norm": ["input_layernorm", "post_attention_layernorm"],

@@ -656,7 +656,7 @@ def tune_block(
             backward (:mod:`autoround_fast.fusion`; Llama-form implementations only,
             ``BlockResult.fused`` lists them). Default: on for backend "cuda" on a GPU with
             Triton. They round as eager does but reduce in their own order (differences of an
-            ulp), so the CPU, where results are bit for bit auto-round's, leaves it off. The
+            ulp); on the CPU, where results are bit for bit auto-round's, it is an error. The
             reference and output passes always run the block as it is.
 
     Returns:
@@ -679,6 +679,11 @@ def tune_block(
             raise ValueError(f"tune_block: weight of {name!r} has non-finite values (NaN or Inf)")
     placement = _place_linears(linears, _linear_devices(linear_devices, device)) if linear_devices else {}
     spread = any(d != device for d in placement.values())
+    if fuse_elementwise is None:
+        fuse_elementwise = be.name == "cuda" and device.type == "cuda" and fusion.available(device)
+    elif fuse_elementwise and device.type != "cuda":
+        raise ValueError(f"tune_block: fuse_elementwise=True needs a GPU; the block is on {device} "
+                         "(there the model's own ops run, bit for bit as auto-round's)")
 
     # autocast in the model dtype; forced to bf16 when activations are quantized (auto-round)
     with _sdpa_attention(block, enabled=device.type == "cuda"):
@@ -778,8 +783,6 @@ def tune_block(
         try:
             for p, _ in frozen:  # only V and the scales get gradients
                 p.requires_grad_(False)
-            if fuse_elementwise is None:
-                fuse_elementwise = be.name == "cuda" and device.type == "cuda" and fusion.available(device)
             with torch.enable_grad(), fusion.fused_elementwise(block, fuse_elementwise and iters > 0) as fused:
                 result.fused = {k: v for k, v in fused.items() if v}
                 if iters > 0:

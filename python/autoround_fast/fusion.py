@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import types
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -117,29 +118,56 @@ def _rotary_forward(q, k, cos, sin, unsqueeze_dim=1):
     return _compiled("rotary", _rotary)(q, k, cos, sin, unsqueeze_dim)
 
 
+def _own_forward(m: nn.Module):
+    """The module's own forward function (unbound) and where it is swapped: behind
+    compressed-tensors' offload wrapper, which calls ``m._original_forward_func`` ("offload"),
+    or the class's when nothing wraps it ("class"). (None, None) when something else wraps
+    it: that module is left alone."""
+    if "_original_forward_func" in m.__dict__:
+        return m.__dict__["_original_forward_func"], "offload"
+    if "forward" in m.__dict__:
+        return None, None
+    return type(m).forward, "class"
+
+
 def swappable(block: nn.Module) -> dict[str, list[str]]:
     """What :func:`fused_elementwise` would swap in ``block``: module names per kind
-    ("rms_norm", "silu_mul") and the modules whose ``apply_rotary_pos_emb`` it replaces."""
+    ("rms_norm", "silu_mul") and the modeling modules whose ``apply_rotary_pos_emb`` it
+    replaces ("rotary")."""
     llama = _llama()
     found: dict[str, list[str]] = {"rms_norm": [], "silu_mul": [], "rotary": []}
     if llama is None:
         return found
     for name, m in block.named_modules():
-        fwd = type(m).forward
-        if "forward" in m.__dict__:  # already wrapped (accelerate's or another hook): left alone
-            continue
+        fwd, _ = _own_forward(m)
         if _same_code(fwd, llama.LlamaRMSNorm.forward) and hasattr(m, "variance_epsilon"):
             found["rms_norm"].append(name)
         elif (_same_code(fwd, llama.LlamaMLP.forward) and _is_silu(getattr(m, "act_fn", None))
               and all(hasattr(m, p) for p in ("gate_proj", "up_proj", "down_proj"))):
             found["silu_mul"].append(name)
-        else:
+        if hasattr(m, "is_causal"):  # an attention module: its modeling module's rotary
             mod = sys.modules.get(type(m).__module__)
             fn = getattr(mod, "apply_rotary_pos_emb", None)
-            if (hasattr(m, "is_causal") and _same_code(fn, llama.apply_rotary_pos_emb)
-                    and type(m).__module__ not in found["rotary"]):
-                found["rotary"].append(type(m).__module__)
+            if _same_code(fn, llama.apply_rotary_pos_emb) and mod.__name__ not in found["rotary"]:
+                found["rotary"].append(mod.__name__)
     return found
+
+
+def _swap_forward(m: nn.Module, new) -> Callable[[], None]:
+    """Make ``new`` (an unbound forward) the module's own forward; returns the undo."""
+    _, where = _own_forward(m)
+    if where == "offload":
+        old = m.__dict__["_original_forward_func"]
+        m._original_forward_func = new
+
+        def undo():
+            m._original_forward_func = old
+    else:
+        m.forward = types.MethodType(new, m)
+
+        def undo():
+            m.__dict__.pop("forward", None)
+    return undo
 
 
 def available(device: torch.device) -> bool:
@@ -163,13 +191,9 @@ def fused_elementwise(block: nn.Module, enabled: bool = True):
     undo = []
     try:
         for name in found["rms_norm"]:
-            m = modules[name]
-            m.forward = types.MethodType(_norm_forward, m)
-            undo.append(lambda m=m: m.__dict__.pop("forward", None))
+            undo.append(_swap_forward(modules[name], _norm_forward))
         for name in found["silu_mul"]:
-            m = modules[name]
-            m.forward = types.MethodType(_mlp_forward, m)
-            undo.append(lambda m=m: m.__dict__.pop("forward", None))
+            undo.append(_swap_forward(modules[name], _mlp_forward))
         for mod_name in found["rotary"]:
             mod = sys.modules[mod_name]
             old = mod.apply_rotary_pos_emb
