@@ -80,6 +80,8 @@ def test_errors_are_clear(tiny_model_dir, calib_file, tmp_path):
         main(args(tiny_model_dir, tmp_path / "o1", calib_file, "--nsamples", "0"))
     with pytest.raises(ValueError, match="device_ids='0,x': 'x' is not a GPU index"):
         main(args(tiny_model_dir, tmp_path / "o1", calib_file, "--device-ids", "0,x"))
+    with pytest.raises(ValueError, match="fuse_elementwise=True needs backend='cuda', got backend='torch'"):
+        main(args(tiny_model_dir, tmp_path / "o1", calib_file, "--fuse"))
     assert not (tmp_path / "o1").exists()
     busy = tmp_path / "busy"
     busy.mkdir()

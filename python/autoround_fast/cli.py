@@ -191,7 +191,8 @@ def quantize(args) -> int:
         modifier = AutoRoundModifier(
             targets="Linear", scheme=scheme, ignore=["lm_head"], iters=cfg["iters"],
             batch_size=cfg["batch_size"], backend=cfg["backend"], enable_torch_compile=False,
-            progress=True, cache_on_cpu=args.cache_on_cpu, device_ids=args.device_ids)
+            progress=True, cache_on_cpu=args.cache_on_cpu, device_ids=args.device_ids,
+            fuse_elementwise=args.fuse)
         t0 = time.perf_counter()
         oneshot(model=model, dataset=dataset, recipe=modifier, processor=tokenizer,
                 num_calibration_samples=len(dataset), max_seq_length=cfg["seqlen"])
@@ -236,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device-ids", dest="device_ids",
                    help='spread each block over these GPUs while tuning ("0,1" or "auto"), for a '
                         "block whose tuning state does not fit one card")
+    q.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
+                   help="backend cuda: run the blocks' RMSNorm, SiLU*up and rotary compiled while tuning "
+                        "(default: on for one GPU where Triton is there)")
     return ap
 
 

@@ -654,10 +654,11 @@ def tune_block(
         fuse_elementwise: in the tuning loop, run the block's RMSNorms, SiLU(gate) * up and
             rotary embeddings compiled by torch.compile, each fused into one kernel forward and
             backward (:mod:`autoround_fast.fusion`; Llama-form implementations only,
-            ``BlockResult.fused`` lists them). Default: on for backend "cuda" on a GPU with
-            Triton. They round as eager does but reduce in their own order (differences of an
-            ulp); on the CPU, where results are bit for bit auto-round's, it is an error. The
-            reference and output passes always run the block as it is.
+            ``BlockResult.fused`` lists them). Default: on for backend "cuda" on one GPU with
+            Triton; off with ``distributed`` or ``linear_devices`` (not yet run there). They
+            round as eager does but reduce in their own order (differences of an ulp); on the
+            CPU, where results are bit for bit auto-round's, it is an error. The reference and
+            output passes always run the block as it is.
 
     Returns:
         :class:`BlockResult` with the next block's quantized inputs and the qparams.
@@ -679,9 +680,7 @@ def tune_block(
             raise ValueError(f"tune_block: weight of {name!r} has non-finite values (NaN or Inf)")
     placement = _place_linears(linears, _linear_devices(linear_devices, device)) if linear_devices else {}
     spread = any(d != device for d in placement.values())
-    if fuse_elementwise is None:
-        fuse_elementwise = be.name == "cuda" and device.type == "cuda" and fusion.available(device)
-    elif fuse_elementwise and device.type != "cuda":
+    if fuse_elementwise and device.type != "cuda":
         raise ValueError(f"tune_block: fuse_elementwise=True needs a GPU; the block is on {device} "
                          "(there the model's own ops run, bit for bit as auto-round's)")
 
@@ -715,6 +714,9 @@ def tune_block(
             raise ValueError("tune_block: distributed=True, but no torch.distributed process group "
                              "of more than one rank is initialised")
         cuda_graph = bool(cuda_graph) and device.type == "cuda" and dist is None
+        if fuse_elementwise is None:  # not yet run on several GPUs: those paths stay as tested
+            fuse_elementwise = (be.name == "cuda" and device.type == "cuda" and dist is None and not spread
+                                and fusion.available(device))
         eager_reason = ""
         if cuda_graph and spread:
             cuda_graph = False

@@ -85,7 +85,7 @@ class AutoRoundModifier(_StockAutoRoundModifier):
     # backend "cuda": capture one tuning iteration in a CUDA graph and replay it.
     cuda_graph: bool = True
     # backend "cuda": run the block's RMSNorms, SiLU(gate) * up and rotary embeddings
-    # compiled (torch.compile) while tuning. None: on where Triton is there.
+    # compiled (torch.compile) while tuning. None: on for one GPU where Triton is there.
     fuse_elementwise: Optional[bool] = None
 
     _block_stats: list = PrivateAttr(default_factory=list)
@@ -131,10 +131,13 @@ class AutoRoundModifier(_StockAutoRoundModifier):
     @property
     def block_stats(self) -> list[dict]:
         """One row per tuned block: block, init_loss, best_loss, best_iter, seconds, losses
-        (the loss of every iteration), phases, loop_ms and placement (see BlockResult)."""
+        (the loss of every iteration), phases, loop_ms, placement and fused (see BlockResult)."""
         return list(self._block_stats)
 
     def on_initialize(self, state, **kwargs) -> bool:
+        if self.fuse_elementwise and self.backend != "cuda":
+            raise ValueError(f"AutoRoundModifier: fuse_elementwise=True needs backend='cuda', got "
+                             f"backend={self.backend!r}")
         if self.backend == "cuda":
             Backend("cuda")  # no kernels or no GPU: a clear error before any calibration work
         if self.backend != "auto_round":
