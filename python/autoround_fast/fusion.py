@@ -62,7 +62,7 @@ def _compiled(name: str, fn):
     """One torch.compile'd function per process, shared by every block (same shapes: compiled
     once; the guards are on shapes and dtypes, not on the module)."""
     if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(fn, fullgraph=True, dynamic=False, options=_OPTIONS)
+        _COMPILED[name] = torch.compile(fn, fullgraph=True, dynamic=False, options=_inductor_options())
     return _COMPILED[name]
 
 
@@ -76,9 +76,6 @@ def _inductor_options() -> dict:
     if hasattr(cfg, "deterministic"):
         opts["deterministic"] = True
     return opts
-
-
-_OPTIONS = _inductor_options()
 
 
 def _same_code(a, b) -> bool:
