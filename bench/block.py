@@ -152,10 +152,13 @@ def run_backend(backend: str, scheme: str, args, tmp: str) -> dict:
     cfg_dir = os.path.join(tmp, f"config-{backend}-{scheme}")
     model.config.save_pretrained(cfg_dir)  # oneshot re-reads the config from disk
     model.config._name_or_path = cfg_dir
+    # "cuda-nofuse": backend cuda with the model's element-wise ops unfused, for the fusion's
+    # ratio on the same card in the same run
+    fuse = False if backend == "cuda-nofuse" else args.fuse
     mod = AutoRoundModifier(**quant_kwargs(scheme), iters=args.iters,
-                            batch_size=args.batch_size, backend=backend,
+                            batch_size=args.batch_size, backend="cuda" if backend == "cuda-nofuse" else backend,
                             enable_torch_compile=args.compile, cache_on_cpu=args.cache_on_cpu,
-                            device_ids=args.device_ids, fuse_elementwise=args.fuse)
+                            device_ids=args.device_ids, fuse_elementwise=fuse)
     handler = _AutoRoundLosses()
     ar_logger = logging.getLogger("autoround")
     ar_logger.addHandler(handler)
@@ -293,12 +296,17 @@ def plot(results: list[dict], path: str) -> None:
     schemes = sorted({r["scheme"] for r in results})
     fig, axes = plt.subplots(2, len(schemes), figsize=(6 * len(schemes), 7), squeeze=False)
     for col, scheme in enumerate(schemes):
-        for r in (r for r in results if r["scheme"] == scheme):
+        rows = [r for r in results if r["scheme"] == scheme]
+        width = 0.8 / max(len(rows), 1)
+        for k, r in enumerate(rows):  # one bar per backend, side by side
             blocks = range(len(r["block_s"]))
-            axes[0][col].bar([b + (0.2 if r["backend"] == "cuda" else -0.2) for b in blocks], r["block_s"],
-                             width=0.4, label=r["backend"])
+            axes[0][col].bar([b - 0.4 + width * (k + 0.5) for b in blocks], r["block_s"],
+                             width=width, label=r["backend"])
             axes[1][col].plot(list(blocks), r["best_loss"], marker="o", label=f"{r['backend']} best")
             axes[1][col].plot(list(blocks), r["init_loss"], marker="x", linestyle=":", label=f"{r['backend']} iter 0")
+        nblocks = max((len(r["block_s"]) for r in rows), default=0)
+        for ax in (axes[0][col], axes[1][col]):
+            ax.set_xticks(range(nblocks))
         axes[0][col].set(title=f"{scheme}: seconds per block", xlabel="block", ylabel="s")
         axes[1][col].set(title=f"{scheme}: block loss", xlabel="block", ylabel="loss", yscale="log")
         axes[0][col].legend()
@@ -320,6 +328,12 @@ def table(results: list[dict], card: str, cmd: str) -> str:
         lines.append(f"| {r['scheme']} | {r['backend']} | {med:.2f} | {fmt(r['block_s'])} | {r['total_s']:.1f} "
                      f"| {r['peak_gib']:.1f} | {fmt(r['init_loss'])} | {fmt(r['best_loss'])} "
                      f"| {f'{speed:.1f}x' if speed else ''} |")
+    for scheme in dict.fromkeys(r["scheme"] for r in results):
+        fused, unfused = by.get((scheme, "cuda")), by.get((scheme, "cuda-nofuse"))
+        if fused and unfused and fused["block_s"] and unfused["block_s"]:
+            lines.append(f"\n{scheme}: fusing the element-wise ops, median block "
+                         f"{statistics.median(unfused['block_s']):.2f} -> {statistics.median(fused['block_s']):.2f} s "
+                         f"({statistics.median(unfused['block_s']) / statistics.median(fused['block_s']):.2f}x)")
     for r in results:
         if r.get("device_ids"):
             lines.append(f"\n{r['scheme']} {r['backend']}: device_ids={r['device_ids']}, peak GiB per GPU "
@@ -334,7 +348,7 @@ def table(results: list[dict], card: str, cmd: str) -> str:
                          "(first ten with warm-up; then median, min-max): " + "; ".join(
                              f"{ms[0]:.1f}; {statistics.median(ms[1:]):.2f}, {min(ms[1:]):.2f}-{max(ms[1:]):.2f}"
                              if len(ms) > 1 else f"{ms[0]:.1f}" for ms in r["loop_ms"] if ms))
-        if r.get("backend") == "cuda" and r.get("fused"):
+        if r.get("backend") in ("cuda", "cuda-nofuse") and r.get("fused"):
             kinds = sorted({k for f in r["fused"] for k in f})
             lines.append(f"{r['scheme']} {r['backend']}: element-wise ops compiled while tuning: "
                          + (", ".join(kinds) if kinds else "none"))
@@ -344,7 +358,8 @@ def table(results: list[dict], card: str, cmd: str) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--scheme", nargs="+", default=["NVFP4", "W4A16"], choices=BLOCK_SCHEMES)
-    p.add_argument("--backends", nargs="+", default=["auto_round", "cuda"], choices=["auto_round", "cuda", "torch"])
+    p.add_argument("--backends", nargs="+", default=["auto_round", "cuda"], choices=["auto_round", "cuda", "cuda-nofuse", "torch"],
+                   help="cuda-nofuse: backend cuda with fuse_elementwise off")
     p.add_argument("--shape", default="8b", choices=list(SHAPES))
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--nsamples", type=int, default=128)
@@ -372,7 +387,7 @@ def main(argv=None):
         with open(os.path.join(args.out, f"one-{backend}-{scheme}.json"), "w") as f:
             json.dump(r, f)
         return
-    if not torch.cuda.is_available() and (args.profile or "cuda" in args.backends):
+    if not torch.cuda.is_available() and (args.profile or {"cuda", "cuda-nofuse"} & set(args.backends)):
         raise SystemExit("bench.block: backend cuda and --profile need a GPU")
     logging.getLogger("autoround").setLevel(logging.INFO)
     os.makedirs(args.out, exist_ok=True)
