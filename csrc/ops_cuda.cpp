@@ -10,9 +10,9 @@
 namespace autoround_fast {
 namespace {
 
-// Every tensor input on one CUDA device, checked before the device guard exists: a call with
-// tensors on two GPUs is a clear error (raised with a guard alive, it brought the process
-// down on a 2-GPU machine). Returns that device's index.
+// Every tensor input on one CUDA device: a call with tensors on two GPUs, or on a GPU and the
+// CPU, is an error naming the devices, not a kernel reading another device's memory. Checked
+// before the guard is taken; returns that device's index.
 int32_t one_cuda_device(std::initializer_list<const Tensor*> ts, const char* op) {
   const Tensor& first = **ts.begin();
   STD_TORCH_CHECK(first.is_cuda(), op, ": expected CUDA tensors");
@@ -28,10 +28,10 @@ int32_t one_cuda_device(std::initializer_list<const Tensor*> ts, const char* op)
 struct CudaContext {
   torch::stable::accelerator::DeviceGuard guard;
   void* stream = nullptr;
-  CudaContext(std::initializer_list<const Tensor*> ts, const char* op) : guard(one_cuda_device(ts, op)) {
-    STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream((*ts.begin())->get_device_index(), &stream) ==
-                        AOTI_TORCH_SUCCESS,
-                    op, ": could not get the current CUDA stream");
+  CudaContext(std::initializer_list<const Tensor*> ts, const char* op) : CudaContext(one_cuda_device(ts, op), op) {}
+  CudaContext(int32_t index, const char* op) : guard(index) {
+    STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(index, &stream) == AOTI_TORCH_SUCCESS, op,
+                    ": could not get the current CUDA stream");
   }
 };
 

@@ -716,7 +716,7 @@ def tune_block(
         cuda_graph = bool(cuda_graph) and device.type == "cuda" and dist is None
         if fuse_elementwise is None:  # not yet run on several GPUs: those paths stay as tested
             fuse_elementwise = (be.name == "cuda" and device.type == "cuda" and dist is None and not spread
-                                and fusion.available(device))
+                                and fusion.available())
         eager_reason = ""
         if cuda_graph and spread:
             cuda_graph = False

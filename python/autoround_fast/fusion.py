@@ -91,16 +91,13 @@ def _llama():
     return modeling_llama
 
 
-def _is_silu(act) -> bool:
-    return isinstance(act, nn.SiLU) or (type(act).__name__ == "SiLUActivation"
-                                        and _same_code(type(act).forward, _SILU_ACTIVATION_FORWARD))
-
-
-def _silu_activation_forward(self, input):
+def _silu_activation_forward(self, input):  # transformers' SiLUActivation.forward, byte for byte
     return nn.functional.silu(input)
 
 
-_SILU_ACTIVATION_FORWARD = _silu_activation_forward
+def _is_silu(act) -> bool:
+    return isinstance(act, nn.SiLU) or (type(act).__name__ == "SiLUActivation"
+                                        and _same_code(type(act).forward, _silu_activation_forward))
 
 
 def _norm_forward(self, hidden_states):
@@ -127,12 +124,16 @@ def _own_forward(m: nn.Module):
     return type(m).forward, "class"
 
 
+def _nothing() -> dict[str, list[str]]:
+    return {"rms_norm": [], "silu_mul": [], "rotary": []}
+
+
 def swappable(block: nn.Module) -> dict[str, list[str]]:
     """What :func:`fused_elementwise` would swap in ``block``: module names per kind
     ("rms_norm", "silu_mul") and the modeling modules whose ``apply_rotary_pos_emb`` it
     replaces ("rotary")."""
     llama = _llama()
-    found: dict[str, list[str]] = {"rms_norm": [], "silu_mul": [], "rotary": []}
+    found = _nothing()
     if llama is None:
         return found
     for name, m in block.named_modules():
@@ -167,10 +168,8 @@ def _swap_forward(m: nn.Module, new) -> Callable[[], None]:
     return undo
 
 
-def available(device: torch.device) -> bool:
-    """torch.compile can build kernels for ``device`` (Triton for a GPU; the CPU's are C++)."""
-    if device.type != "cuda":
-        return True
+def available() -> bool:
+    """torch.compile can build GPU kernels here (Triton is installed)."""
     try:
         import triton  # noqa: F401
     except Exception:
@@ -183,7 +182,7 @@ def fused_elementwise(block: nn.Module, enabled: bool = True):
     """Within the ``with``, the block's RMSNorms, SiLU-gated MLPs and rotary embeddings run
     compiled (see the module docstring); everything is restored on the way out, also when the
     body raises. Returns (as the ``as`` target) what was swapped, by kind."""
-    found = swappable(block) if enabled else {"rms_norm": [], "silu_mul": [], "rotary": []}
+    found = swappable(block) if enabled else _nothing()
     modules = dict(block.named_modules())
     undo = []
     try:

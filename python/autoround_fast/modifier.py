@@ -231,7 +231,7 @@ class AutoRoundModifier(_StockAutoRoundModifier):
                     finalize=finalize, progress=progress if bar else None,
                     cache_device="cpu" if self.cache_on_cpu else None,
                     cuda_graph=self.cuda_graph and self.backend == "cuda",
-                    fuse_elementwise=self.fuse_elementwise if self.backend == "cuda" else False,
+                    fuse_elementwise=self.fuse_elementwise,  # True needs backend cuda (on_initialize)
                     linear_devices=self._devices if self._devices and len(self._devices) > 1 else None)
                 layer.to(home)
         finally:
