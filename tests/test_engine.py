@@ -8,7 +8,7 @@ import torch
 
 from autoround_fast import has_cuda_kernels, ops
 from autoround_fast.engine import QuantSpec, tune_block
-from conftest import HAS_CUDA, capture_block_inputs, tiny_llama
+from conftest import DEVICES, HAS_CUDA, capture_block_inputs, tiny_llama
 
 BACKENDS = ["torch", "kernels", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU"))]
 
@@ -346,6 +346,41 @@ def test_plain_causal_mask_is_dropped_for_sdpa(ragged_block):
     a = tune_block(fresh_block(model), masked, spec, iters=5, batch_size=4, backend="kernels")
     b = tune_block(fresh_block(model), inputs, spec, iters=5, batch_size=4, backend="kernels")
     assert a.losses == pytest.approx(b.losses, rel=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_samples_are_the_cache_without_a_copy(device):
+    """pack_samples moves GPU samples' hidden states into one tensor, and _Inputs takes that
+    tensor as its cache without copying it; batches equal the samples' own. Host samples come
+    back as they are, and parts that are not consecutive rows of one tensor are copied."""
+    from autoround_fast.engine import _Inputs, _stack, pack_samples
+
+    g = torch.Generator().manual_seed(0)
+    pos = torch.arange(5)[None].to(device)
+    samples = [((torch.randn(1, 5, 8, generator=g).to(device),), {"position_ids": pos}) for _ in range(6)]
+    packed = pack_samples(samples)
+    assert all(torch.equal(p[0][0], s[0][0]) for p, s in zip(packed, samples))
+    if device == "cpu":
+        assert all(p[0][0] is s[0][0] for p, s in zip(packed, samples))
+    else:
+        storage = packed[0][0][0].untyped_storage().data_ptr()
+        assert all(p[0][0].untyped_storage().data_ptr() == storage for p in packed)
+        cached = _Inputs(packed, torch.device(device), torch.device(device))
+        assert cached.hidden.untyped_storage().data_ptr() == storage
+        idx = torch.tensor([4, 1, 2], device=device)
+        assert torch.equal(cached.batch(idx)[0][0], torch.cat([samples[i][0][0] for i in idx.tolist()]))
+
+    base = torch.randn(6, 5, 8, generator=g)
+    if torch.cuda.is_available():  # a host cache of a GPU machine is pinned
+        base = base.pin_memory()
+    rows = [base[i: i + 1] for i in range(6)]
+    whole = _stack(rows, torch.device("cpu"))
+    assert whole.data_ptr() == base.data_ptr() and torch.equal(whole, base)
+    assert _stack(rows[:3], torch.device("cpu")).data_ptr() == base.data_ptr()
+    for parts in (rows[::-1], rows[::2], [base[:2], base[2:3].clone(), base[3:]]):
+        stacked = _stack(parts, torch.device("cpu"))
+        assert stacked.untyped_storage().data_ptr() != base.untyped_storage().data_ptr()
+        assert torch.equal(stacked, torch.cat(parts))
 
 
 def test_kwargs_equal_for_all_samples_are_kept_once(ragged_block):

@@ -98,6 +98,35 @@ def test_same_seed_same_run(tiny_model_dir):
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
 
+@pytest.mark.parametrize("cache_on_cpu", [False, True])
+def test_capture_hook_keeps_inputs_on_their_device_and_equal_kwargs_once(cache_on_cpu):
+    """Our backends keep the captured block inputs where the pipeline computed them (a copy,
+    on the GPU too), and a keyword argument equal to the first sample's is that very tensor;
+    with cache_on_cpu the stock hook copies everything to the host."""
+    dev = "cuda" if HAS_CUDA else "cpu"
+    mod = AutoRoundModifier(targets="Linear", scheme="W4A16", backend="torch", cache_on_cpu=cache_on_cpu)
+    layer = torch.nn.Module()
+    layer._tmp_name = "model.layers.0"
+    g = torch.Generator().manual_seed(0)
+    hidden = [torch.randn(1, 4, 8, generator=g).to(dev) for _ in range(3)]
+    masks = [torch.zeros(1, 1, 4, 4, device=dev), torch.zeros(1, 1, 4, 4, device=dev),
+             torch.ones(1, 1, 4, 4, device=dev)]
+    rope = [(torch.ones(1, 4, 2, device=dev), torch.zeros(1, 4, 2, device=dev)) for _ in range(3)]
+    for h, m, r in zip(hidden, masks, rope):
+        mod.input_capture_hook(layer, (h,), {"attention_mask": m, "position_embeddings": r, "use_cache": False})
+    got = mod._all_module_input["model.layers.0"]
+    for (args, kwargs), h, m in zip(got, hidden, masks):
+        assert torch.equal(args[0].cpu(), h.cpu()) and torch.equal(kwargs["attention_mask"].cpu(), m.cpu())
+        assert kwargs["use_cache"] is False
+        assert args[0].device.type == ("cpu" if cache_on_cpu else dev)
+        if dev == "cuda":
+            assert args[0].data_ptr() != h.data_ptr()  # a copy: the block cannot write into it
+    shared = not cache_on_cpu
+    assert (got[1][1]["attention_mask"] is got[0][1]["attention_mask"]) == shared
+    assert (got[2][1]["position_embeddings"][0] is got[0][1]["position_embeddings"][0]) == shared
+    assert got[2][1]["attention_mask"] is not got[0][1]["attention_mask"]  # it differs
+
+
 @pytest.mark.parametrize("setting,match", [
     (dict(device_ids="0,x"), r"device_ids='0,x': 'x' is not a GPU index"),
     (dict(device_ids="0,0"), r"device_ids='0,0' names GPUs \[0, 0\]|no GPU is visible"),

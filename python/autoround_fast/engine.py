@@ -315,13 +315,58 @@ def _empty_cache(shape, dtype: torch.dtype, device: torch.device) -> torch.Tenso
 
 def _stack(parts: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
     """torch.cat(parts) on ``device`` (pinned if the host), copied part by part: no host-side
-    concatenation of the whole cache before the transfer."""
+    concatenation of the whole cache before the transfer. Parts that are consecutive rows of
+    one tensor there already (:func:`pack_samples`) are that tensor, not a copy."""
+    packed = _packed(parts, device)
+    if packed is not None:
+        return packed
     rows = sum(p.shape[0] for p in parts)
     out = _empty_cache((rows, *parts[0].shape[1:]), parts[0].dtype, device)
     start = 0
     for p in parts:
         out[start: start + p.shape[0]].copy_(p, non_blocking=p.is_pinned())
         start += p.shape[0]
+    return out
+
+
+def _packed(parts: Sequence[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
+    """The rows of ``parts`` as one tensor without a copy, if they are consecutive contiguous
+    rows of one storage on ``device`` (pinned if that is the host of a GPU); else None."""
+    first = parts[0]
+    if first.device != device or (device.type == "cpu" and torch.cuda.is_available()
+                                  and not first.is_pinned()):
+        return None
+    row_shape, storage = first.shape[1:], first.untyped_storage().data_ptr()
+    offset = first.storage_offset()
+    for p in parts:
+        if (p.dtype != first.dtype or p.shape[1:] != row_shape or not p.is_contiguous()
+                or p.device != device or p.untyped_storage().data_ptr() != storage
+                or p.storage_offset() != offset):
+            return None
+        offset += p.numel()
+    rows = sum(p.shape[0] for p in parts)
+    strides, step = [], 1
+    for size in reversed((rows, *row_shape)):
+        strides.insert(0, step)
+        step *= size
+    return first.as_strided((rows, *row_shape), strides, first.storage_offset())
+
+
+def pack_samples(samples: Sequence[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+    """The samples with their hidden states (each sample's first argument) moved into one
+    tensor, each sample's now a view of its rows, when they live on a GPU: tune_block then
+    takes that tensor as its cache without copying it (no second copy of the inputs on the
+    card). Samples on the host, or of unequal shapes, come back as they are."""
+    hidden = [args[0] if args else None for args, _ in samples]
+    if (not hidden or not all(isinstance(h, torch.Tensor) for h in hidden)
+            or hidden[0].device.type == "cpu"
+            or len({(h.device, h.dtype, h.shape[1:]) for h in hidden}) != 1):
+        return list(samples)
+    packed = torch.cat(hidden, 0)
+    out, start = [], 0
+    for (args, kwargs), h in zip(samples, hidden):
+        out.append(((packed[start: start + h.shape[0]], *args[1:]), kwargs))
+        start += h.shape[0]
     return out
 
 
@@ -1012,10 +1057,32 @@ class _IterationProfiler:
                     for e in self.prof.key_averages() if getattr(e, "device_time_total", 0) > 0
                     and not e.key.startswith(("aten::", "autograd::", "ProfilerStep"))]
             rows.sort(reverse=True)
-            print(f"AUTOROUND_FAST_PROFILE: GPU ms per iteration {sum(r[0] for r in rows):.2f}; top kernels:")
+            print(f"AUTOROUND_FAST_PROFILE: GPU ms per iteration {sum(r[0] for r in rows):.2f}; by kind: "
+                  + ", ".join(f"{kind} {ms:.2f}" for kind, ms in _kernel_kinds(rows).items()))
+            print("AUTOROUND_FAST_PROFILE: top kernels:")
             for ms, count, key in rows[:25]:
                 print(f"  {ms:8.3f} ms  x{count:<4d} {key}")
             self.prof = None
+
+
+_KERNEL_KINDS = (  # (kind, substrings of the kernel name), first match wins
+    ("ours", ("fake_quant_", "masked_mse_", "sign_step_kernel")),
+    ("attention", ("flash", "fmha", "attention", "softmax")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "matmul")),
+    ("fused (Triton)", ("triton_",)),
+    ("copies and gathers", ("memcpy", "memset", "copy", "cat", "index", "gather", "fill")),
+)
+
+
+def _kernel_kinds(rows) -> dict[str, float]:
+    """GPU ms per iteration by kind of kernel, from the profiler's (ms, count, name) rows."""
+    kinds: dict[str, float] = {kind: 0.0 for kind, _ in _KERNEL_KINDS}
+    kinds["other element-wise"] = 0.0
+    for ms, _, name in rows:
+        low = name.lower()
+        kind = next((k for k, keys in _KERNEL_KINDS if any(key in low for key in keys)), "other element-wise")
+        kinds[kind] += ms
+    return kinds
 
 
 def _process_group():
