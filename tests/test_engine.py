@@ -383,6 +383,23 @@ def test_packed_samples_are_the_cache_without_a_copy(device):
         assert torch.equal(stacked, torch.cat(parts))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_rows_gathered_as_words_are_index_select(device):
+    """_take_rows (the batch gather, as 8-byte words where rows allow) gives index_select's
+    result for every dtype, row length and storage offset, including the fallbacks."""
+    from autoround_fast.engine import _take_rows
+
+    g = torch.Generator().manual_seed(0)
+    idx = torch.tensor([3, 0, 3, 5], device=device)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.int64, torch.bool):
+        for row in ((4, 8), (3, 5), (2, 6)):  # 64-, 30- and 24-element rows
+            t = (torch.randn(6, *row, generator=g) * 100).to(dtype).to(device)
+            for src in (t, t[:, :, 1:], torch.cat([t.reshape(-1), t.reshape(-1)[:1]])[1:].view(t.shape)):
+                got = _take_rows(src, idx)
+                assert got.dtype == src.dtype and got.shape == (4, *src.shape[1:])
+                assert torch.equal(got, src.index_select(0, idx)), (dtype, row)
+
+
 def test_kwargs_equal_for_all_samples_are_kept_once(ragged_block):
     """A per-sample kwarg that is the same for every sample (mask, rotary tables, positions)
     is cached once and expanded to each batch; one that differs is stacked. Either way a

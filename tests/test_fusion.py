@@ -83,6 +83,27 @@ def test_everything_is_put_back_also_after_an_error(model_and_inputs):
             raise RuntimeError("boom")
     assert all("forward" not in m.__dict__ for m in block.modules())
     assert mod.apply_rotary_pos_emb is rotary
+    import torch._dynamo.config as dynamo_config
+    assert dynamo_config.recompile_limit < fusion.RECOMPILE_LIMIT  # the raised limit is put back too
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
+def test_many_shapes_compile_within_the_context(model_and_inputs, device):
+    """Each new shape compiles the fused function once more; under fullgraph=True dynamo's
+    default limit (8 compiles) would stop the tenth shape with an error (seen in a GPU test
+    run); within fused_elementwise the limit is raised, outside it is as it was."""
+    import torch._dynamo.config as dynamo_config
+
+    model, _ = model_and_inputs
+    block = copy.deepcopy(model.model.layers[0])
+    default = dynamo_config.recompile_limit
+    fn = fusion._compiled("silu_mul", fusion._silu_mul)
+    with fusion.fused_elementwise(block):
+        assert dynamo_config.recompile_limit >= fusion.RECOMPILE_LIMIT
+        for n in range(1, 11 if device == "cuda" else 1):
+            a, b = torch.randn(2, n, 8, device=device), torch.randn(2, n, 8, device=device)
+            torch.testing.assert_close(fn(a, b), torch.nn.functional.silu(a) * b)
+    assert dynamo_config.recompile_limit == default
 
 
 def test_offloaded_modules_are_fused_behind_the_offload_wrapper(model_and_inputs):

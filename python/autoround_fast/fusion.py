@@ -56,6 +56,8 @@ def _rotary(q, k, cos, sin, unsqueeze_dim: int = 1):
 
 
 _COMPILED: dict[str, object] = {}
+# compiles allowed per function within fused_elementwise (one per shape and dtype it meets)
+RECOMPILE_LIMIT = 256
 
 
 def _compiled(name: str, fn):
@@ -184,19 +186,21 @@ def fused_elementwise(block: nn.Module, enabled: bool = True):
     body raises. Returns (as the ``as`` target) what was swapped, by kind."""
     found = swappable(block) if enabled else _nothing()
     modules = dict(block.named_modules())
-    undo = []
-    try:
+    with contextlib.ExitStack() as stack:  # undone in reverse order, also when the body raises
+        if any(found.values()):
+            # Every new shape or dtype compiles a function once more, and under fullgraph=True
+            # the compile past dynamo's limit (8) is an error, not a fallback: a process that
+            # tunes blocks of several shapes (a test run) would stop there.
+            import torch._dynamo.config as dynamo_config
+
+            stack.enter_context(dynamo_config.patch(
+                recompile_limit=max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)))
         for name in found["rms_norm"]:
-            undo.append(_swap_forward(modules[name], _norm_forward))
+            stack.callback(_swap_forward(modules[name], _norm_forward))
         for name in found["silu_mul"]:
-            undo.append(_swap_forward(modules[name], _mlp_forward))
+            stack.callback(_swap_forward(modules[name], _mlp_forward))
         for mod_name in found["rotary"]:
             mod = sys.modules[mod_name]
-            old = mod.apply_rotary_pos_emb
+            stack.callback(setattr, mod, "apply_rotary_pos_emb", mod.apply_rotary_pos_emb)
             mod.apply_rotary_pos_emb = _rotary_forward
-            undo.append(lambda mod=mod, old=old: setattr(mod, "apply_rotary_pos_emb", old))
         yield found
-    finally:
-        for fn in reversed(undo):
-            fn()
-
