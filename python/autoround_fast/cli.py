@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "block whose tuning state does not fit one card")
     q.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
                    help="backend cuda: run the blocks' RMSNorm, SiLU*up and rotary compiled while tuning "
-                        "(default: on for one GPU where Triton is there)")
+                        "(default: on where Triton is there)")
     return ap
 
 

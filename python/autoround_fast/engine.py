@@ -715,8 +715,8 @@ def tune_block(
         fuse_elementwise: in the tuning loop, run the block's RMSNorms, SiLU(gate) * up and
             rotary embeddings compiled by torch.compile, each fused into one kernel forward and
             backward (:mod:`autoround_fast.fusion`; Llama-form implementations only,
-            ``BlockResult.fused`` lists them). Default: on for backend "cuda" on one GPU with
-            Triton; off with ``distributed`` or ``linear_devices`` (not yet run there). They
+            ``BlockResult.fused`` lists them). Default: on for backend "cuda" where Triton is
+            there (also under ``distributed`` and ``linear_devices``). They
             round as eager does but reduce in their own order (differences of an ulp); on the
             CPU, where results are bit for bit auto-round's, it is an error. The reference and
             output passes always run the block as it is.
@@ -775,9 +775,8 @@ def tune_block(
             raise ValueError("tune_block: distributed=True, but no torch.distributed process group "
                              "of more than one rank is initialised")
         cuda_graph = bool(cuda_graph) and device.type == "cuda" and dist is None
-        if fuse_elementwise is None:  # not yet run on several GPUs: those paths stay as tested
-            fuse_elementwise = (be.name == "cuda" and device.type == "cuda" and dist is None and not spread
-                                and fusion.available())
+        if fuse_elementwise is None:
+            fuse_elementwise = be.name == "cuda" and device.type == "cuda" and fusion.available()
         eager_reason = ""
         if cuda_graph and spread:
             cuda_graph = False

@@ -86,7 +86,7 @@ class AutoRoundModifier(_StockAutoRoundModifier):
     # backend "cuda": capture one tuning iteration in a CUDA graph and replay it.
     cuda_graph: bool = True
     # backend "cuda": run the block's RMSNorms, SiLU(gate) * up and rotary embeddings
-    # compiled (torch.compile) while tuning. None: on for one GPU where Triton is there.
+    # compiled (torch.compile) while tuning. None: on where Triton is there.
     fuse_elementwise: Optional[bool] = None
 
     _block_stats: list = PrivateAttr(default_factory=list)
