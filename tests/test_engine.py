@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from autoround_fast import has_cuda_kernels, ops
+from autoround_fast import fusion, has_cuda_kernels, ops
 from autoround_fast.engine import QuantSpec, tune_block
 from conftest import DEVICES, HAS_CUDA, capture_block_inputs, tiny_llama
 
@@ -525,6 +525,8 @@ def test_linears_spread_over_two_gpus_change_nothing(ragged_block, name, iters):
         assert all(p.device == torch.device("cuda", 0) for p in block.parameters()), label
     (one, w1), (two, w2) = runs["one"], runs["two"]
     assert set(two.placement.values()) == {"cuda:0", "cuda:1"} and not one.placement
+    if iters and fusion.available():  # both fuse the element-wise ops (the default on a GPU)
+        assert one.fused["rms_norm"] and two.fused == one.fused
     if iters:
         assert "spread over several devices" in two.eager_reason and one.eager_reason == ""
         assert len(set(one.losses)) > 1
