@@ -400,6 +400,34 @@ def test_rows_gathered_as_words_are_index_select(device):
                 assert torch.equal(got, src.index_select(0, idx)), (dtype, row)
 
 
+def test_qkv_quantize_their_shared_input_once(ragged_block, monkeypatch):
+    """W4A4: q, k and v quantize the same input under the same global scale; the first one
+    computes it, the others reuse it (their input needs no gradient). gate/up, whose input
+    does need one, keep their own. Losses, weights and qparams are bit for bit those of the
+    run that quantizes for each Linear."""
+    from autoround_fast import engine, reference
+
+    model, inputs = ragged_block
+    spec = {n: SPECS["nvfp4"] for n in LINEARS}
+    calls = []
+    act = reference.fake_quant_nvfp4_activation
+    monkeypatch.setattr(reference, "fake_quant_nvfp4_activation", lambda x, gs: calls.append(1) or act(x, gs))
+    runs = {}
+    for shared in (True, False):
+        if not shared:
+            monkeypatch.setattr(engine, "_share_input_quantization", lambda tuned: [])
+        calls.clear()
+        block = fresh_block(model)
+        res = tune_block(block, inputs, spec, iters=4, batch_size=4, backend="torch")
+        runs[shared] = (res, {n: block.get_submodule(n).weight.detach().clone() for n in LINEARS}, len(calls))
+    (a, wa, ca), (b, wb, cb) = runs[True], runs[False]
+    assert a.losses == b.losses and len(set(a.losses)) > 1
+    assert all(torch.equal(wa[n], wb[n]) for n in LINEARS)
+    assert_same_qparams(a.qparams, b.qparams, "shared")
+    assert torch.equal(a.q_outputs, b.q_outputs)
+    assert cb - ca == 2 * 4  # two calls fewer per forward, one forward per iteration
+
+
 def test_kwargs_equal_for_all_samples_are_kept_once(ragged_block):
     """A per-sample kwarg that is the same for every sample (mask, rotary tables, positions)
     is cached once and expanded to each batch; one that differs is stacked. Either way a

@@ -116,6 +116,9 @@ class TunedLinear(nn.Module):
         self.register_buffer("global_scale", None if global_scale is None else global_scale.reshape(1).to(dev))
         self.register_buffer("act_global_scale",
                              None if act_global_scale is None else act_global_scale.reshape(1).to(dev))
+        # Shared by Linears that read the same input under the same activation global scale
+        # (q/k/v, gate/up): see _quant_input.
+        self.act_memo: Optional[_ActMemo] = None
 
     def tunables(self) -> list[nn.Parameter]:
         return [p for p in (self.v, self.min_scale, self.max_scale) if p is not None]
@@ -139,8 +142,42 @@ class TunedLinear(nn.Module):
         x = x.to(self.v.device)
         wq = self.qdq()[0]
         if self.spec.act:
-            x = self.backend.act(x, self.act_global_scale)
+            x = self._quant_input(x)
         return nn.functional.linear(x, wq, self.linear.bias).to(home)
+
+    def _quant_input(self, x):
+        """The input's NVFP4 fake quantization (W4A4). q, k and v quantize the same tensor
+        under the same global scale: the first computes it and the others take its result
+        (the same bits, one kernel instead of three). Only when the input needs no gradient
+        (q/k/v read the normed block input), so every backward stays its own."""
+        memo = self.act_memo
+        if memo is None or x.requires_grad:
+            return self.backend.act(x, self.act_global_scale)
+        if memo.source is not x:
+            memo.source, memo.result = x, self.backend.act(x, self.act_global_scale)
+        return memo.result
+
+
+class _ActMemo:
+    """The last input one group of TunedLinears quantized, and the result (see
+    TunedLinear._quant_input). Holding the input keeps its identity unique while compared."""
+
+    def __init__(self):
+        self.source: Optional[torch.Tensor] = None
+        self.result: Optional[torch.Tensor] = None
+
+
+def _share_input_quantization(tuned: dict[str, "TunedLinear"]) -> list[_ActMemo]:
+    """One _ActMemo per fused group (q/k/v, gate/up) whose W4A4 input global scales are equal."""
+    memos = []
+    for group in fused_layer_groups([n for n, tl in tuned.items() if tl.spec.act]):
+        scales = [tuned[n].act_global_scale for n in group]
+        if all(s.device == scales[0].device and torch.equal(s, scales[0]) for s in scales[1:]):
+            memo = _ActMemo()
+            for n in group:
+                tuned[n].act_memo = memo
+            memos.append(memo)
+    return memos
 
 
 class _ActQuantLinear(nn.Module):
@@ -837,6 +874,7 @@ def tune_block(
             tl = TunedLinear(mod, spec, be, gs, act_gs)
             tuned[name] = tl
             _replace(block, name, tl)
+        memos = _share_input_quantization(tuned)
 
         result = BlockResult(q_outputs=torch.empty(0), qparams={}, eager_reason=eager_reason,
                              placement={n: str(d) for n, d in placement.items()})
@@ -887,6 +925,8 @@ def tune_block(
                 if dist is not None:
                     dist.barrier()  # and every write is done before any rank reads on
         finally:
+            for memo in memos:  # the loop's last activations: free them
+                memo.source = memo.result = None
             for p, requires_grad in frozen:
                 p.requires_grad_(requires_grad)
             for name, tl in tuned.items():
