@@ -461,17 +461,17 @@ def test_kwargs_equal_for_all_samples_are_kept_once(ragged_block):
 
 
 def test_same_value_compares_bits():
-    from autoround_fast.engine import _same_value
+    from autoround_fast.engine import same_value
 
     a = torch.randn(3, 40, dtype=torch.bfloat16)
     b = a.clone()
-    assert _same_value(a, b) and _same_value((a, a[:, :7]), (b, b[:, :7]))  # words, then a strided view
-    assert _same_value(a.reshape(-1)[1:117], b.reshape(-1)[1:117])  # 232 bytes at an offset of 2
+    assert same_value(a, b) and same_value((a, a[:, :7]), (b, b[:, :7]))  # words, then a strided view
+    assert same_value(a.reshape(-1)[1:117], b.reshape(-1)[1:117])  # 232 bytes at an offset of 2
     b[2, 39] = b[2, 39] * 2 + 1
-    assert not _same_value(a, b) and not _same_value(a.reshape(-1)[3:], b.reshape(-1)[3:])
-    assert not _same_value(a, a.float()) and not _same_value(a, a[:2])
-    assert not _same_value(torch.zeros(8), -torch.zeros(8))  # equal values, different bits: stacked
-    assert not _same_value((a,), (a, a))
+    assert not same_value(a, b) and not same_value(a.reshape(-1)[3:], b.reshape(-1)[3:])
+    assert not same_value(a, a.float()) and not same_value(a, a[:2])
+    assert not same_value(torch.zeros(8), -torch.zeros(8))  # equal values, different bits: stacked
+    assert not same_value((a,), (a, a))
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU: on a CPU the model's own attention runs")

@@ -30,7 +30,7 @@ from loguru import logger
 from llmcompressor.modifiers.autoround import AutoRoundModifier as _StockAutoRoundModifier
 from llmcompressor.modifiers.factory import ModifierFactory
 
-from .engine import Backend, BlockResult, QuantSpec, _same_value, pack_samples, tune_block
+from .engine import Backend, BlockResult, QuantSpec, pack_samples, same_value, tune_block
 
 __all__ = ["AutoRoundModifier", "spec_from_scheme"]
 
@@ -192,7 +192,7 @@ class AutoRoundModifier(_StockAutoRoundModifier):
 
         kept = {}
         for key, value in kwargs.items():
-            same = key in first and tensors(value) and tensors(first[key]) and _same_value(first[key], value)
+            same = key in first and tensors(value) and tensors(first[key]) and same_value(first[key], value)
             kept[key] = first[key] if same else keep(value)
         samples.append((keep(args), kept))
 
