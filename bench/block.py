@@ -5,8 +5,9 @@ calibrates it on random tokens and quantizes it through llm-compressor's oneshot
 backend in turn, in one process on one card. Prints, per scheme and backend: seconds of the
 first block (which carries the process's one-time costs: library set-up, compilation) and the
 median of the later blocks (how a model's other blocks run), peak GPU memory, each block's loss
-at iteration 0 and at its best iteration, and the speed-up of each. Optionally profiles one tuning iteration (matmuls versus the rest) against the
-plain bf16 forward+backward of the block, which is the floor.
+at iteration 0 and at its best iteration, and the speed-up of each. Optionally profiles one
+tuning iteration (matmuls versus the rest) against the plain bf16 forward+backward of the
+block, which is the floor.
 
     python -m bench.block --scheme NVFP4 W4A16 --layers 2 --out results/
     python -m bench.block --shape smollm2 --layers 4 --iters 50     # small and quick
@@ -333,7 +334,7 @@ def table(results: list[dict], card: str, cmd: str) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     by = {(r["scheme"], r["backend"]): r for r in results}
     fmt = lambda xs: ", ".join(f"{x:.5g}" for x in xs)
-    opt = lambda x, unit="": "-" if x is None else f"{x:.2f}{unit}"
+    opt = lambda x: "-" if x is None else f"{x:.2f}"
     for r in results:
         first, later = _first_later(r["block_s"])
         base = by.get((r["scheme"], "auto_round"))

@@ -323,33 +323,38 @@ def same_value(a, b) -> bool:
                 and all(same_value(x, y) for x, y in zip(a, b)))
     if a is b:
         return True
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return False  # other leaves (None, flags, caches) count as the same only if identical
     if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
         return False
     if not (a.is_contiguous() and b.is_contiguous()):
         return bool(torch.equal(a, b))
 
-    def words(t):
+    def flat(t):
         raw = t.reshape(-1).view(torch.uint8)
-        try:
-            return raw.view(torch.int64) if raw.numel() % 8 == 0 else raw
-        except RuntimeError:  # a storage offset that is not a multiple of 8 bytes
-            return raw
+        words = _words(raw)
+        return raw if words is None else words
 
-    return bool(torch.equal(words(a), words(b)))
+    return bool(torch.equal(flat(a), flat(b)))
+
+
+def _words(t: torch.Tensor) -> Optional[torch.Tensor]:
+    """t's last dimension read as 64-bit words (the same bytes), or None where its size in
+    bytes or its storage offset is not a multiple of 8."""
+    try:
+        return t.view(torch.int64)
+    except RuntimeError:
+        return None
 
 
 def _take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """t.index_select(0, idx), gathered as 8-byte words where the rows allow: for a few long
     rows (a batch of 8 from the cache) torch's kernel moves one element per thread, which for
     bf16 is a quarter of the bytes per instruction of 8-byte words (the same bits either way)."""
-    if t.dim() >= 2 and t.is_contiguous() and t.dtype != torch.int64 and t.numel() \
-            and (t[0].numel() * t.element_size()) % 8 == 0:
-        try:
-            words = t.view(t.shape[0], -1).view(torch.int64)
-        except RuntimeError:  # a storage offset that is not a multiple of 8 bytes
-            return t.index_select(0, idx)
-        return words.index_select(0, idx).view(t.dtype).view(idx.numel(), *t.shape[1:])
-    return t.index_select(0, idx)
+    words = _words(t.view(t.shape[0], -1)) if t.dim() >= 2 and t.is_contiguous() and t.numel() else None
+    if words is None:
+        return t.index_select(0, idx)
+    return words.index_select(0, idx).view(t.dtype).view(idx.numel(), *t.shape[1:])
 
 
 def _rows(t: torch.Tensor, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -398,11 +403,7 @@ def _packed(parts: Sequence[torch.Tensor], device: torch.device) -> Optional[tor
             return None
         offset += p.numel()
     rows = sum(p.shape[0] for p in parts)
-    strides, step = [], 1
-    for size in reversed((rows, *row_shape)):
-        strides.insert(0, step)
-        step *= size
-    return first.as_strided((rows, *row_shape), strides, first.storage_offset())
+    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (rows, *row_shape))
 
 
 def pack_samples(samples: Sequence[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:

@@ -185,14 +185,9 @@ class AutoRoundModifier(_StockAutoRoundModifier):
         def keep(value):
             return tree_map(lambda x: keep_tensor(x) if isinstance(x, torch.Tensor) else x, value)
 
-        def tensors(value):
-            return isinstance(value, torch.Tensor) or (
-                isinstance(value, (tuple, list)) and bool(value)
-                and all(isinstance(v, torch.Tensor) for v in value))
-
         kept = {}
         for key, value in kwargs.items():
-            same = key in first and tensors(value) and tensors(first[key]) and same_value(first[key], value)
+            same = key in first and same_value(first[key], value)
             kept[key] = first[key] if same else keep(value)
         samples.append((keep(args), kept))
 
