@@ -33,6 +33,12 @@ import torch
 
 from bench.common import quant_kwargs
 
+# backend cuda with one optimisation off: the modifier's options, and what the ratio measures
+CUDA_VARIANTS = {
+    "cuda-nofuse": (dict(fuse_elementwise=False), "fusing the element-wise ops"),
+    "cuda-sepstep": (dict(step_in_backward=False), "the sign step inside the weight backward"),
+}
+
 SHAPES = {  # hidden, intermediate, heads, kv heads, vocab
     "8b": (4096, 14336, 32, 8, 32000),
     "smollm2": (576, 1536, 9, 3, 49152),
@@ -155,13 +161,13 @@ def run_backend(backend: str, scheme: str, args, tmp: str) -> dict:
     cfg_dir = os.path.join(tmp, f"config-{backend}-{scheme}")
     model.config.save_pretrained(cfg_dir)  # oneshot re-reads the config from disk
     model.config._name_or_path = cfg_dir
-    # "cuda-nofuse": backend cuda with the model's element-wise ops unfused, for the fusion's
-    # ratio on the same card in the same run
-    fuse = False if backend == "cuda-nofuse" else args.fuse
+    # the CUDA_VARIANTS: backend cuda with one optimisation off, for its ratio on the same card
+    # in the same run
+    options = {"fuse_elementwise": args.fuse, **CUDA_VARIANTS.get(backend, ({}, ""))[0]}
     mod = AutoRoundModifier(**quant_kwargs(scheme), iters=args.iters,
-                            batch_size=args.batch_size, backend="cuda" if backend == "cuda-nofuse" else backend,
+                            batch_size=args.batch_size, backend="cuda" if backend in CUDA_VARIANTS else backend,
                             enable_torch_compile=args.compile, cache_on_cpu=args.cache_on_cpu,
-                            device_ids=args.device_ids, fuse_elementwise=fuse)
+                            device_ids=args.device_ids, **options)
     handler = _AutoRoundLosses()
     ar_logger = logging.getLogger("autoround")
     ar_logger.addHandler(handler)
@@ -347,13 +353,14 @@ def table(results: list[dict], card: str, cmd: str) -> str:
                      f"| {r['total_s']:.1f} | {r['peak_gib']:.1f} | {fmt(r['init_loss'])} | {fmt(r['best_loss'])} "
                      f"| {speed} |")
     for scheme in dict.fromkeys(r["scheme"] for r in results):
-        fused, unfused = by.get((scheme, "cuda")), by.get((scheme, "cuda-nofuse"))
-        if fused and unfused and fused["block_s"] and unfused["block_s"]:
-            (f1, fl), (u1, ul) = _first_later(fused["block_s"]), _first_later(unfused["block_s"])
-            line = f"\n{scheme}: fusing the element-wise ops, first block {u1:.2f} -> {f1:.2f} s ({u1 / f1:.2f}x)"
-            if fl is not None and ul is not None:
-                line += f", later blocks {ul:.2f} -> {fl:.2f} s ({ul / fl:.2f}x)"
-            lines.append(line)
+        for variant, (_, what) in CUDA_VARIANTS.items():
+            on, off = by.get((scheme, "cuda")), by.get((scheme, variant))
+            if on and off and on["block_s"] and off["block_s"]:
+                (f1, fl), (u1, ul) = _first_later(on["block_s"]), _first_later(off["block_s"])
+                line = f"\n{scheme}: {what}, first block {u1:.2f} -> {f1:.2f} s ({u1 / f1:.2f}x)"
+                if fl is not None and ul is not None:
+                    line += f", later blocks {ul:.2f} -> {fl:.2f} s ({ul / fl:.2f}x)"
+                lines.append(line)
     for r in results:
         if r.get("device_ids"):
             lines.append(f"\n{r['scheme']} {r['backend']}: device_ids={r['device_ids']}, peak GiB per GPU "
@@ -368,7 +375,7 @@ def table(results: list[dict], card: str, cmd: str) -> str:
                          "(first ten with warm-up; then median, min-max): " + "; ".join(
                              f"{ms[0]:.1f}; {statistics.median(ms[1:]):.2f}, {min(ms[1:]):.2f}-{max(ms[1:]):.2f}"
                              if len(ms) > 1 else f"{ms[0]:.1f}" for ms in r["loop_ms"] if ms))
-        if r.get("backend") in ("cuda", "cuda-nofuse") and r.get("fused"):
+        if (r.get("backend") == "cuda" or r.get("backend") in CUDA_VARIANTS) and r.get("fused"):
             kinds = sorted({k for f in r["fused"] for k in f})
             lines.append(f"{r['scheme']} {r['backend']}: element-wise ops compiled while tuning: "
                          + (", ".join(kinds) if kinds else "none"))
@@ -378,8 +385,10 @@ def table(results: list[dict], card: str, cmd: str) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--scheme", nargs="+", default=["NVFP4", "W4A16"], choices=BLOCK_SCHEMES)
-    p.add_argument("--backends", nargs="+", default=["auto_round", "cuda"], choices=["auto_round", "cuda", "cuda-nofuse", "torch"],
-                   help="cuda-nofuse: backend cuda with fuse_elementwise off")
+    p.add_argument("--backends", nargs="+", default=["auto_round", "cuda"],
+                   choices=["auto_round", "cuda", *CUDA_VARIANTS, "torch"],
+                   help="cuda-nofuse: backend cuda with fuse_elementwise off; cuda-sepstep: with the sign "
+                        "step as its own kernel (step_in_backward off)")
     p.add_argument("--shape", default="8b", choices=list(SHAPES))
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--nsamples", type=int, default=128)
@@ -407,7 +416,7 @@ def main(argv=None):
         with open(os.path.join(args.out, f"one-{backend}-{scheme}.json"), "w") as f:
             json.dump(r, f)
         return
-    if not torch.cuda.is_available() and (args.profile or {"cuda", "cuda-nofuse"} & set(args.backends)):
+    if not torch.cuda.is_available() and (args.profile or {"cuda", *CUDA_VARIANTS} & set(args.backends)):
         raise SystemExit("bench.block: backend cuda and --profile need a GPU")
     logging.getLogger("autoround").setLevel(logging.INFO)
     os.makedirs(args.out, exist_ok=True)

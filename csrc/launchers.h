@@ -77,4 +77,25 @@ struct SignStepArgs {
 };
 const char* launch_sign_step(const SignStepArgs& a, void* stream);
 
+// The sign step taken inside a weight backward: where the backward would write the gradients
+// of V and the scales, it steps each in place as launch_sign_step does with that gradient
+// (best copied first when improved). The same bits as the backward followed by the steps,
+// without the gradients' round trip through memory (12 bytes per weight element).
+// v, min_scale and max_scale are the Args' own tensors, written here; min_scale and its best
+// are unused (nullptr) for NVFP4.
+struct StepTargets {
+  float* v;
+  float* best_v;
+  float* min_scale;
+  float* best_min_scale;
+  float* max_scale;
+  float* best_max_scale;
+  const bool* improved;
+  const float* lr;
+};
+const char* launch_fake_quant_nvfp4_backward_step(const Nvfp4Args& a, const void* grad,
+                                                  const StepTargets& t, void* stream);
+const char* launch_fake_quant_int_backward_step(const IntArgs& a, const void* grad,
+                                                const StepTargets& t, void* stream);
+
 }  // namespace autoround_fast

@@ -112,6 +112,48 @@ Tensor masked_mse_loss_backward_cpu(Tensor grad, Tensor pred, Tensor ref, std::o
   return gp;
 }
 
+// The CPU's backward with the step: the backward's gradients, then the step on each tunable
+// (the CUDA kernels do both in one pass; the bits are the same).
+void step_with(const StepTargets& t, int64_t n_v, int64_t n_scales, const float* g_v, const float* g_mn,
+               const float* g_mx) {
+  cpu::sign_step(SignStepArgs{n_v, t.v, t.best_v, g_v, t.improved, t.lr});
+  if (t.min_scale) cpu::sign_step(SignStepArgs{n_scales, t.min_scale, t.best_min_scale, g_mn, t.improved, t.lr});
+  cpu::sign_step(SignStepArgs{n_scales, t.max_scale, t.best_max_scale, g_mx, t.improved, t.lr});
+}
+
+void fake_quant_nvfp4_backward_step_cpu(Tensor grad, Tensor w, Tensor v, Tensor ms, Tensor gs, Tensor best_v,
+                                        Tensor best_ms, Tensor improved, Tensor lr) {
+  const char* op = "fake_quant_nvfp4_backward_step_";
+  check_cpu(w, op);
+  Nvfp4Args a = nvfp4_args(w, v, ms, gs, op);
+  check_like(w, grad, op, "grad");
+  StepTargets t = step_targets(v, best_v, nullptr, nullptr, ms, best_ms, improved, lr, op);
+  Tensor gv = torch::stable::empty_like(v);
+  Tensor gms = torch::stable::empty_like(ms);
+  cpu::fake_quant_nvfp4_backward(a, grad.const_data_ptr(), static_cast<float*>(gv.mutable_data_ptr()),
+                                 static_cast<float*>(gms.mutable_data_ptr()));
+  step_with(t, v.numel(), ms.numel(), static_cast<const float*>(gv.const_data_ptr()), nullptr,
+            static_cast<const float*>(gms.const_data_ptr()));
+}
+
+void fake_quant_int_backward_step_cpu(Tensor grad, Tensor w, Tensor v, Tensor mn, Tensor mx, int64_t bits,
+                                      int64_t group_size, bool sym, int64_t scale_dtype, Tensor best_v,
+                                      Tensor best_mn, Tensor best_mx, Tensor improved, Tensor lr) {
+  const char* op = "fake_quant_int_backward_step_";
+  check_cpu(w, op);
+  IntArgs a = int_args(w, v, mn, mx, bits, group_size, sym, scale_dtype, op);
+  check_like(w, grad, op, "grad");
+  StepTargets t = step_targets(v, best_v, &mn, &best_mn, mx, best_mx, improved, lr, op);
+  Tensor gv = torch::stable::empty_like(v);
+  Tensor gmn = torch::stable::empty_like(mn);
+  Tensor gmx = torch::stable::empty_like(mx);
+  cpu::fake_quant_int_backward(a, grad.const_data_ptr(), static_cast<float*>(gv.mutable_data_ptr()),
+                               static_cast<float*>(gmn.mutable_data_ptr()),
+                               static_cast<float*>(gmx.mutable_data_ptr()));
+  step_with(t, v.numel(), mn.numel(), static_cast<const float*>(gv.const_data_ptr()),
+            static_cast<const float*>(gmn.const_data_ptr()), static_cast<const float*>(gmx.const_data_ptr()));
+}
+
 void sign_step_cpu(Tensor param, Tensor best, Tensor grad, Tensor improved, Tensor lr) {
   const char* op = "sign_step_";
   check_cpu(param, op);
@@ -131,6 +173,8 @@ STABLE_TORCH_LIBRARY(autoround_fast, m) {
   m.def("masked_mse_loss(Tensor pred, Tensor ref, Tensor? mask) -> Tensor");
   m.def("masked_mse_loss_backward(Tensor grad, Tensor pred, Tensor ref, Tensor? mask) -> Tensor");
   m.def("sign_step_(Tensor(a!) param, Tensor(b!) best, Tensor grad, Tensor improved, Tensor lr) -> ()");
+  m.def("fake_quant_nvfp4_backward_step_(Tensor grad, Tensor weight, Tensor(a!) v, Tensor(b!) max_scale, Tensor global_scale, Tensor(c!) best_v, Tensor(d!) best_max_scale, Tensor improved, Tensor lr) -> ()");
+  m.def("fake_quant_int_backward_step_(Tensor grad, Tensor weight, Tensor(a!) v, Tensor(b!) min_scale, Tensor(c!) max_scale, int bits, int group_size, bool sym, int scale_dtype, Tensor(d!) best_v, Tensor(e!) best_min_scale, Tensor(f!) best_max_scale, Tensor improved, Tensor lr) -> ()");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(autoround_fast, CPU, m) {
@@ -144,4 +188,6 @@ STABLE_TORCH_LIBRARY_IMPL(autoround_fast, CPU, m) {
   m.impl("masked_mse_loss", TORCH_BOX(&masked_mse_loss_cpu));
   m.impl("masked_mse_loss_backward", TORCH_BOX(&masked_mse_loss_backward_cpu));
   m.impl("sign_step_", TORCH_BOX(&sign_step_cpu));
+  m.impl("fake_quant_nvfp4_backward_step_", TORCH_BOX(&fake_quant_nvfp4_backward_step_cpu));
+  m.impl("fake_quant_int_backward_step_", TORCH_BOX(&fake_quant_int_backward_step_cpu));
 }

@@ -148,6 +148,24 @@ inline SignStepArgs sign_step_args(Tensor& param, Tensor& best, const Tensor& gr
                       static_cast<const float*>(lr.const_data_ptr())};
 }
 
+// The tensors a backward steps in place (launchers.h's StepTargets), checked: each best like
+// its tunable, improved one bool, lr one float32, all on the tunables' device. min_scale and
+// its best are null for NVFP4.
+inline StepTargets step_targets(Tensor& v, Tensor& best_v, Tensor* mn, Tensor* best_mn, Tensor& mx,
+                                Tensor& best_mx, const Tensor& improved, const Tensor& lr, const char* op) {
+  check_fp32(v, best_v, v.numel(), op, "best_v");
+  if (mn) check_fp32(*mn, *best_mn, mn->numel(), op, "best_min_scale");
+  check_fp32(mx, best_mx, mx.numel(), op, "best_max_scale");
+  check_fp32(v, lr, 1, op, "lr");
+  check_same_device(v, improved, op, "improved");
+  STD_TORCH_CHECK(improved.scalar_type() == ScalarType::Bool && improved.numel() == 1, op,
+                  ": improved must be one bool");
+  auto ptr = [](Tensor* t) { return t ? static_cast<float*>(t->mutable_data_ptr()) : nullptr; };
+  return StepTargets{ptr(&v), ptr(&best_v), ptr(mn), ptr(best_mn), ptr(&mx), ptr(&best_mx),
+                     static_cast<const bool*>(improved.const_data_ptr()),
+                     static_cast<const float*>(lr.const_data_ptr())};
+}
+
 inline Tensor scales_like(const Tensor& w, int64_t rows, int64_t groups, ScalarType dtype) {
   return torch::stable::new_empty(w, std::vector<int64_t>{rows, groups}, dtype);
 }

@@ -9,21 +9,37 @@ import torch
 from autoround_fast import ops
 
 
+def bests(*ts):
+    return [torch.zeros_like(t) for t in ts]
+
+
+def flag(value):
+    return torch.tensor([value], device="cuda")
+
+
 def main():
     torch.manual_seed(0)
+    lr = torch.full((1,), 0.01, device="cuda")
     for cols in (128, 70):  # whole groups (16-byte path) and ragged rows (scalar path)
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             w = torch.randn(33, cols, device="cuda", dtype=dtype)
             v = torch.zeros(33, cols, device="cuda", requires_grad=True)
             ms = torch.ones(33, (cols + 15) // 16, device="cuda", requires_grad=True)
-            q, _ = ops.fake_quant_nvfp4(w, v, ms, ops.nvfp4_global_scale(w))
+            gs = ops.nvfp4_global_scale(w)
+            q, _ = ops.fake_quant_nvfp4(w, v, ms, gs)
             q.float().sum().backward()
-            for group in (-1, 32):
+            for improved in (True, False):  # the backward that steps v and max_scale in place
+                q, _ = ops.step_in_backward_nvfp4(w, v, ms, gs, bests(v, ms), flag(improved), lr, lambda: None)
+                q.float().sum().backward()
+            for group in (-1, 32, 48):  # a row per group, a group per 4 lanes, a warp per group
                 groups = ops.int_num_groups(cols, group)
                 for sym in (True, False):
                     mn = torch.ones(33, groups, device="cuda", requires_grad=True)
                     mx = torch.ones(33, groups, device="cuda", requires_grad=True)
                     q, _, _ = ops.fake_quant_int(w, v, mn, mx, 4, group, sym)
+                    q.float().sum().backward()
+                    q, _, _ = ops.step_in_backward_int(w, v, mn, mx, 4, group, sym, torch.float16,
+                                                       bests(v, mn, mx), flag(sym), lr, lambda: None)
                     q.float().sum().backward()
             x = torch.randn(3, 5, cols, device="cuda", dtype=dtype, requires_grad=True)
             y = ops.fake_quant_nvfp4_activation(x, ops.nvfp4_global_scale(x))

@@ -581,3 +581,82 @@ def test_profile_sums_kernels_by_kind():
     assert kinds == {"ours": 1.5, "attention": 1.5, "matmul": 2.0, "fused (Triton)": 0.25,
                      "copies and gathers": 0.125, "other element-wise": 0.0625}
     assert sum(kinds.values()) == sum(r[0] for r in rows)
+
+
+STEP_BACKENDS = ["kernels", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU"))]
+
+
+def _tuned_state(res, block, names):
+    return res, {n: block.get_submodule(n).weight.detach().cpu() for n in names}
+
+
+def assert_same_run(a, b, names, label):
+    (ra, wa), (rb, wb) = a, b
+    assert ra.losses == rb.losses, label
+    assert (ra.best_iter, ra.best_loss) == (rb.best_iter, rb.best_loss), label
+    assert all(torch.equal(wa[n], wb[n]) for n in names), label
+    assert torch.equal(ra.q_outputs.cpu(), rb.q_outputs.cpu()), label
+    assert_same_qparams(ra.qparams, rb.qparams, label)
+
+
+@pytest.mark.parametrize("name", ["nvfp4", "w4a16-asym-g32", "w8a16-perrow"])
+@pytest.mark.parametrize("backend", STEP_BACKENDS)
+def test_step_in_backward_changes_nothing(ragged_block, name, backend):
+    """The sign step taken inside each Linear's backward (the default with the kernels and
+    one micro-batch) gives the run of the separate step: the same losses, best iteration,
+    weights, outputs and qparams, with a padding mask in play."""
+    model, inputs = ragged_block
+    spec = {n: SPECS[name] for n in LINEARS}
+    mask = torch.ones(12, 24)
+    mask[::3, 20:] = 0
+    kw = dict(iters=12, batch_size=4, token_mask=mask, backend=backend,
+              device=torch.device("cuda") if backend == "cuda" else None)
+    runs = {}
+    for label, flag in (("separate", False), ("in backward", None)):
+        block = fresh_block(model)
+        runs[label] = _tuned_state(tune_block(block, inputs, spec, step_in_backward=flag, **kw), block, LINEARS)
+    assert runs["separate"][0].step_in_backward == []
+    assert runs["in backward"][0].step_in_backward == sorted(LINEARS)
+    assert len(set(runs["separate"][0].losses)) > 1  # the loop moved
+    assert_same_run(runs["in backward"], runs["separate"], LINEARS, name)
+
+
+class _Branches(torch.nn.Module):
+    """A block whose Linear a runs twice per forward and whose Linear b's output is unused:
+    a's gradient is a sum of two backwards, and b's backward never runs."""
+
+    def __init__(self, hidden=64):
+        super().__init__()
+        self.a = torch.nn.Linear(hidden, hidden, bias=False)
+        self.b = torch.nn.Linear(hidden, hidden, bias=False)
+        self.c = torch.nn.Linear(hidden, hidden, bias=False)
+
+    def forward(self, hidden_states, **kwargs):
+        self.b(hidden_states)
+        return (self.c(torch.tanh(self.a(torch.tanh(self.a(hidden_states))))),)
+
+
+@pytest.mark.parametrize("backend", STEP_BACKENDS)
+def test_step_in_backward_only_where_one_backward_gives_the_gradient(backend):
+    """Only Linears with one forward per iteration step in their backward (here b and c, not
+    a); b's backward never runs, so it keeps the usual best copy. The run equals the
+    separate step's."""
+    torch.manual_seed(0)
+    model = _Branches().to(torch.bfloat16)
+    inputs = [((torch.randn(1, 16, 64, dtype=torch.bfloat16),), {}) for _ in range(8)]
+    spec = {n: SPECS["nvfp4a16"] for n in "abc"}
+    kw = dict(iters=8, batch_size=4, backend=backend, device=torch.device("cuda") if backend == "cuda" else None)
+    runs = {}
+    for label, flag in (("separate", False), ("in backward", None)):
+        block = copy.deepcopy(model)
+        runs[label] = _tuned_state(tune_block(block, inputs, spec, step_in_backward=flag, **kw), block, "abc")
+    assert runs["in backward"][0].step_in_backward == ["b", "c"]
+    assert_same_run(runs["in backward"], runs["separate"], "abc", "branches")
+
+
+def test_step_in_backward_errors(ragged_block):
+    model, inputs = ragged_block
+    spec = {n: SPECS["nvfp4a16"] for n in LINEARS}
+    for kw in (dict(backend="torch"), dict(backend="kernels", gradient_accumulate_steps=2)):
+        with pytest.raises(ValueError, match="step_in_backward=True needs the kernels"):
+            tune_block(fresh_block(model), inputs, spec, iters=2, batch_size=4, step_in_backward=True, **kw)

@@ -429,6 +429,15 @@ def _opcheck_cases(device):
         (o.sign_step_, (torch.randn(8, 40, generator=gen).to(device), torch.zeros(8, 40, device=device),
                         torch.randn(8, 40, generator=gen).to(device), torch.ones(1, dtype=torch.bool, device=device),
                         torch.full((1,), 0.01, device=device))),
+        (o.fake_quant_nvfp4_backward_step_, (g, w, v.detach().clone(), ms.detach().clone(), gs,
+                                             torch.zeros(8, 40, device=device), torch.zeros(8, 3, device=device),
+                                             torch.ones(1, dtype=torch.bool, device=device),
+                                             torch.full((1,), 0.01, device=device))),
+        (o.fake_quant_int_backward_step_, (g, w, v.detach().clone(), mn.detach().clone(), mx.detach().clone(),
+                                           4, 32, True, 5, torch.zeros(8, 40, device=device),
+                                           torch.zeros(8, 2, device=device), torch.zeros(8, 2, device=device),
+                                           torch.ones(1, dtype=torch.bool, device=device),
+                                           torch.full((1,), 0.01, device=device))),
     ]
 
 
@@ -505,6 +514,121 @@ def test_sign_step_errors():
             ops.sign_step_(p, **{**ok, key: bad})
     with pytest.raises(ValueError, match="param must be a contiguous float32"):
         ops.sign_step_(p.half(), **ok)
+
+
+# --------------------------------------------------------------------------------------
+# The sign step inside the weight backward (the engine's loop with one micro-batch)
+# --------------------------------------------------------------------------------------
+
+
+def _step_inputs(gen, w, v, *scales):
+    """Gradients with zeros, V with signed zeros and values that leave the clamp (zero
+    gradients), bests to overwrite, lr: the step's three cases on every kind of element."""
+    g = torch.randn(w.shape, generator=gen).to(w.dtype)
+    g[::2, ::3] = 0.0
+    v = v.clone()
+    v[::3, ::5] = -0.0
+    v[1::4, ::7] = 7.0
+    bests = [torch.randn(t.shape, generator=gen) for t in (v, *scales)]
+    return g, v, bests, torch.tensor([0.0049999999], dtype=torch.float32)
+
+
+def _assert_bits(got, want, what):
+    for name, a, b in zip(what, got, want):
+        assert torch.equal(a.cpu().view(torch.int32), b.cpu().view(torch.int32)), name
+
+
+@pytest.mark.parametrize("improved", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_nvfp4_backward_step_equals_backward_then_step(device, shape, dtype, improved):
+    """The backward that steps v and max_scale in place writes, bit for bit, what the
+    backward's gradients followed by sign_step_ on each write (the vector and the ragged
+    paths: SHAPES has rows that are not whole groups)."""
+    rows, cols = shape
+    gen = torch.Generator().manual_seed(rows * cols)
+    w = torch.randn(rows, cols, generator=gen).to(dtype)
+    v, ms = rand_params(rows, cols, math.ceil(cols / 16), gen)
+    g, v, (best_v, best_ms), lr = _step_inputs(gen, w, v, ms)
+    gs = ops.nvfp4_global_scale(w).reshape(1)
+    imp = torch.tensor([improved])
+    w, g, v, ms, best_v, best_ms, gs, imp, lr = to(device, w, g, v, ms, best_v, best_ms, gs, imp, lr)
+    o = torch.ops.autoround_fast
+    gv, gms = o.fake_quant_nvfp4_backward(g, w, v, ms, gs)
+    want = [t.clone() for t in (v, ms, best_v, best_ms)]
+    ops.sign_step_(want[0], want[2], gv, imp, lr)
+    ops.sign_step_(want[1], want[3], gms, imp, lr)
+    o.fake_quant_nvfp4_backward_step_(g, w, v, ms, gs, best_v, best_ms, imp, lr)
+    _assert_bits((v, ms, best_v, best_ms), want, ("v", "max_scale", "best_v", "best_max_scale"))
+
+
+@pytest.mark.parametrize("improved", [True, False])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("shape,group_size", [((32, 256), 128), ((9, 256), 32), ((8, 192), 48),
+                                              ((9, 200), 64), ((5, 70), -1)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int_backward_step_equals_backward_then_step(device, shape, group_size, sym, dtype, improved):
+    """As for NVFP4, over the INT kernels' layouts: groups of 128 and 32 (a group per 16 and
+    per 4 lanes), 48 (a warp per group, 4-element chunks), ragged 64 and a 70-wide row (the
+    scalar path)."""
+    rows, cols = shape
+    gen = torch.Generator().manual_seed(rows * cols + group_size)
+    w = torch.randn(rows, cols, generator=gen).to(dtype)
+    groups = ops.int_num_groups(cols, group_size)
+    v, mn = rand_params(rows, cols, groups, gen)
+    mx = torch.rand(rows, groups, generator=gen) * 0.5 + 0.5
+    g, v, (best_v, best_mn, best_mx), lr = _step_inputs(gen, w, v, mn, mx)
+    imp = torch.tensor([improved])
+    w, g, v, mn, mx, best_v, best_mn, best_mx, imp, lr = to(device, w, g, v, mn, mx, best_v, best_mn, best_mx, imp, lr)
+    o = torch.ops.autoround_fast
+    args = (4, group_size, sym, ops.SCALE_DTYPE_CODES[torch.float16])
+    gv, gmn, gmx = o.fake_quant_int_backward(g, w, v, mn, mx, *args)
+    want = [t.clone() for t in (v, mn, mx, best_v, best_mn, best_mx)]
+    for param, best, grad in zip(want[:3], want[3:], (gv, gmn, gmx)):
+        ops.sign_step_(param, best, grad, imp, lr)
+    o.fake_quant_int_backward_step_(g, w, v, mn, mx, *args, best_v, best_mn, best_mx, imp, lr)
+    _assert_bits((v, mn, mx, best_v, best_mn, best_mx), want,
+                 ("v", "min_scale", "max_scale", "best_v", "best_min_scale", "best_max_scale"))
+
+
+@pytest.mark.parametrize("kind", ["nvfp4", "int"])
+def test_step_in_backward_through_autograd(device, kind):
+    """Through autograd: the forward is the plain op's, the backward leaves no gradients,
+    steps the tunables as autograd's gradients and sign_step_ would, and says it ran."""
+    gen = torch.Generator().manual_seed(53)
+    rows, cols = 16, 64
+    w = torch.randn(rows, cols, generator=gen).to(torch.bfloat16).to(device)
+    x = torch.randn(8, cols, generator=gen).to(torch.bfloat16).to(device)
+    groups = cols // 16 if kind == "nvfp4" else 2
+    v0, s0 = rand_params(rows, cols, groups, gen)
+    tunables0 = [v0, s0] if kind == "nvfp4" else [v0, s0, s0.flip(0)]
+    lr = torch.tensor([0.01], device=device)
+    imp = torch.tensor([True], device=device)
+    gs = ops.nvfp4_global_scale(w).reshape(1)
+
+    def run(stepped):
+        ts = [t.clone().to(device).requires_grad_() for t in tunables0]
+        bests = [torch.zeros_like(t) for t in ts]
+        calls = []
+        if kind == "nvfp4":
+            q = (ops.step_in_backward_nvfp4(w, *ts, gs, bests, imp, lr, lambda: calls.append(1))[0] if stepped
+                 else ops.fake_quant_nvfp4(w, *ts, gs)[0])
+        else:
+            q = (ops.step_in_backward_int(w, *ts, 4, 32, True, torch.float16, bests, imp, lr,
+                                          lambda: calls.append(1))[0] if stepped
+                 else ops.fake_quant_int(w, *ts, 4, 32, True)[0])
+        (x @ q.t()).float().pow(2).sum().backward()
+        if stepped:
+            assert calls == [1] and all(t.grad is None for t in ts)
+        else:
+            with torch.no_grad():
+                for t, b in zip(ts, bests):
+                    ops.sign_step_(t, b, t.grad, imp, lr)
+        return [t.detach() for t in ts] + bests, q.detach()
+
+    (got, q1), (want, q2) = run(True), run(False)
+    assert torch.equal(q1, q2)
+    _assert_bits(got, want, [f"tensor {i}" for i in range(len(got))])
 
 
 # --------------------------------------------------------------------------------------

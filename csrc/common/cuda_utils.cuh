@@ -5,6 +5,8 @@
 #include <cuda_runtime.h>
 
 #include "../dispatch.h"
+#include "../launchers.h"
+#include "../step/step.h"
 #include "numerics.h"
 
 namespace autoround_fast {
@@ -21,14 +23,26 @@ inline unsigned grid_for(int64_t work, int per_block) {
   return static_cast<unsigned>(g < 1 ? 1 : (g > 0x7fffffff ? 0x7fffffff : g));
 }
 
+// A load through the read-only cache (kNc), or a plain one for memory the kernel also writes
+// (the tunables a backward steps in place): __ldg requires data that no thread changes while
+// the kernel runs.
+template <bool kNc, typename U>
+__device__ __forceinline__ U load_ro(const U* p) {
+  if constexpr (kNc) {
+    return __ldg(p);
+  } else {
+    return *p;
+  }
+}
+
 // N values of T <-> fp32, with 16-byte memory accesses (N * sizeof(T) a multiple of 16).
-template <typename T, int N>
+template <typename T, int N, bool kNc = true>
 __device__ __forceinline__ void load_vec(const T* p, float* out) {
   static_assert((N * sizeof(T)) % 16 == 0, "vector width");
   constexpr int kWords = N * sizeof(T) / 16;
   uint4 buf[kWords];
 #pragma unroll
-  for (int i = 0; i < kWords; ++i) buf[i] = __ldg(reinterpret_cast<const uint4*>(p) + i);
+  for (int i = 0; i < kWords; ++i) buf[i] = load_ro<kNc>(reinterpret_cast<const uint4*>(p) + i);
   const T* t = reinterpret_cast<const T*>(buf);
 #pragma unroll
   for (int j = 0; j < N; ++j) out[j] = to_f32(t[j]);
@@ -45,5 +59,54 @@ __device__ __forceinline__ void store_vec(T* p, const float* in) {
 #pragma unroll
   for (int i = 0; i < kWords; ++i) reinterpret_cast<uint4*>(p)[i] = buf[i];
 }
+
+// Where a weight backward's results go: the gradients of V and the scales (GradOut), or the
+// sign step they drive, in place (StepOut, launchers.h's StepTargets). Each call gets the
+// value the kernel read (an element of V, a scale) beside its gradient, so the step reads
+// nothing twice. kInPlace: the kernel must read V and the scales with plain loads.
+struct GradOut {
+  static constexpr bool kInPlace = false;
+  float* v;
+  float* min_scale;
+  float* max_scale;
+  __device__ __forceinline__ void start() {}
+  template <int N>
+  __device__ __forceinline__ void v_vec(int64_t at, const float*, const float* g) const {
+    store_vec<float, N>(v + at, g);
+  }
+  __device__ __forceinline__ void v_one(int64_t at, float, float g) const { v[at] = g; }
+  __device__ __forceinline__ void min_one(int64_t gi, float, float g) const { min_scale[gi] = g; }
+  __device__ __forceinline__ void max_one(int64_t gi, float, float g) const { max_scale[gi] = g; }
+};
+
+struct StepOut {
+  static constexpr bool kInPlace = true;
+  StepTargets t;
+  bool improved;
+  float lr;
+  __device__ __forceinline__ void start() {
+    improved = *t.improved;
+    lr = *t.lr;
+  }
+  __device__ __forceinline__ float step(float* param, float* best, int64_t at, float p, float g) const {
+    if (improved) best[at] = p;
+    return param[at] = sign_step_value(p, g, lr);
+  }
+  template <int N>
+  __device__ __forceinline__ void v_vec(int64_t at, const float* p, const float* g) const {
+    if (improved) store_vec<float, N>(t.best_v + at, p);
+    float s[N];
+#pragma unroll
+    for (int j = 0; j < N; ++j) s[j] = sign_step_value(p[j], g[j], lr);
+    store_vec<float, N>(t.v + at, s);
+  }
+  __device__ __forceinline__ void v_one(int64_t at, float p, float g) const { step(t.v, t.best_v, at, p, g); }
+  __device__ __forceinline__ void min_one(int64_t gi, float p, float g) const {
+    step(t.min_scale, t.best_min_scale, gi, p, g);
+  }
+  __device__ __forceinline__ void max_one(int64_t gi, float p, float g) const {
+    step(t.max_scale, t.best_max_scale, gi, p, g);
+  }
+};
 
 }  // namespace autoround_fast

@@ -15,14 +15,14 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * kLanes;
 
-template <typename T, bool kVec>
+template <typename T, bool kVec, bool kNc = true>
 __device__ __forceinline__ void load_chunk(const T* p, int64_t n_left, float* x) {
   if constexpr (kVec) {
     if constexpr (sizeof(T) == 4) {
-      float4 u = __ldg(reinterpret_cast<const float4*>(p));
+      float4 u = load_ro<kNc>(reinterpret_cast<const float4*>(p));
       x[0] = u.x; x[1] = u.y; x[2] = u.z; x[3] = u.w;
     } else {
-      uint2 u = __ldg(reinterpret_cast<const uint2*>(p));
+      uint2 u = load_ro<kNc>(reinterpret_cast<const uint2*>(p));
       const T* t = reinterpret_cast<const T*>(&u);
 #pragma unroll
       for (int j = 0; j < kChunk; ++j) x[j] = to_f32(t[j]);
@@ -33,9 +33,9 @@ __device__ __forceinline__ void load_chunk(const T* p, int64_t n_left, float* x)
   }
 }
 
-template <bool kVec>
+template <bool kVec, bool kNc = true>
 __device__ __forceinline__ void load_chunk_f32(const float* p, int64_t n_left, float* x) {
-  load_chunk<float, kVec>(p, n_left, x);
+  load_chunk<float, kVec, kNc>(p, n_left, x);
 }
 
 template <typename T, bool kVec>
@@ -95,10 +95,11 @@ __device__ __forceinline__ void for_each_group(const IntArgs& a, F&& body) {
   }
 }
 
-// The group's min and max (every lane of the warp gets them) and the scale they give.
+// The group's min and max (every lane of the warp gets them) and the scale they give with
+// the group's min_scale and max_scale (mn, mx).
 template <typename T, bool kVec>
-__device__ __forceinline__ IntScale group_scale(const IntArgs& a, const T* w, int64_t gi, GroupSpan g,
-                                                int lane, float* wmin, float* wmax) {
+__device__ __forceinline__ IntScale group_scale(const IntArgs& a, const T* w, GroupSpan g, int lane,
+                                                float mn, float mx, float* wmin, float* wmax) {
   float lo = 0.f, hi = 0.f;
   for (int64_t j = lane * kChunk; j < g.n; j += kLanes * kChunk) {
     float x[kChunk];
@@ -111,7 +112,7 @@ __device__ __forceinline__ IntScale group_scale(const IntArgs& a, const T* w, in
   }
   *wmin = warp_min(lo);
   *wmax = warp_max(hi);
-  return int_group_scale(*wmin, *wmax, __ldg(a.min_scale + gi), __ldg(a.max_scale + gi), int_params(a));
+  return int_group_scale(*wmin, *wmax, mn, mx, int_params(a));
 }
 
 template <typename T, typename S, bool kVec>
@@ -120,7 +121,8 @@ __global__ void __launch_bounds__(kThreads) fake_quant_int_kernel(IntArgs a, T* 
   const T* w = static_cast<const T*>(a.weight);
   for_each_group(a, [&](int64_t gi, GroupSpan g) {
     float wmin, wmax;
-    const IntScale sc = group_scale<T, kVec>(a, w, gi, g, lane, &wmin, &wmax);
+    const IntScale sc = group_scale<T, kVec>(a, w, g, lane, __ldg(a.min_scale + gi), __ldg(a.max_scale + gi),
+                                             &wmin, &wmax);
     if (lane == 0) {
       scale[gi] = from_f32<S>(sc.s);
       zp[gi] = sc.zp;
@@ -136,27 +138,47 @@ __global__ void __launch_bounds__(kThreads) fake_quant_int_kernel(IntArgs a, T* 
   });
 }
 
-template <typename T, bool kVec>
-__global__ void __launch_bounds__(kThreads) fake_quant_int_backward_kernel(
-    IntArgs a, const T* grad, float* grad_v, float* g_min, float* g_max) {
+// A group's scale gradients, to Out (lane 0 of the group, after every lane has read the scales).
+template <typename Out>
+__device__ __forceinline__ void scales_out(const Out& out, const IntPartials& tot, float wmin, float wmax,
+                                           const IntScale& sc, const IntParams& p, int64_t gi, float mn,
+                                           float mx) {
+  float g_mn, g_mx;
+  int_group_scale_backward(tot, wmin, wmax, sc, p, &g_mn, &g_mx);
+  out.min_one(gi, mn, g_mn);
+  out.max_one(gi, mx, g_mx);
+}
+
+// Out: GradOut (the gradients) or StepOut (the sign step in place, cuda_utils.cuh).
+template <typename T, bool kVec, typename Out>
+__global__ void __launch_bounds__(kThreads) fake_quant_int_backward_kernel(IntArgs a, const T* grad, Out out) {
+  constexpr bool kNc = !Out::kInPlace;
+  out.start();
   const int lane = threadIdx.x % kLanes;
   const T* w = static_cast<const T*>(a.weight);
   for_each_group(a, [&](int64_t gi, GroupSpan g) {
     float wmin, wmax;
-    const IntScale sc = group_scale<T, kVec>(a, w, gi, g, lane, &wmin, &wmax);
+    const float mn = load_ro<kNc>(a.min_scale + gi), mx = load_ro<kNc>(a.max_scale + gi);
+    const IntScale sc = group_scale<T, kVec>(a, w, g, lane, mn, mx, &wmin, &wmax);
     IntPartials acc{0.f, 0.f, 0.f, 0.f};
     for (int64_t j = lane * kChunk; j < g.n; j += kLanes * kChunk) {
       float x[kChunk], v[kChunk], gr[kChunk], gv[kChunk];
       load_chunk<T, kVec>(w + g.base + j, g.n - j, x);
       load_chunk<T, kVec>(grad + g.base + j, g.n - j, gr);
-      load_chunk_f32<kVec>(a.v + g.base + j, g.n - j, v);
+      load_chunk_f32<kVec, kNc>(a.v + g.base + j, g.n - j, v);
 #pragma unroll
       for (int c = 0; c < kChunk; ++c)
         if (kVec || j + c < g.n) int_element_backward(x[c], v[c], gr[c], sc, a.sym, &gv[c], acc);
-      store_chunk<float, kVec>(grad_v + g.base + j, g.n - j, gv);
+      if constexpr (kVec) {
+        out.template v_vec<kChunk>(g.base + j, v, gv);
+      } else {
+#pragma unroll
+        for (int c = 0; c < kChunk; ++c)
+          if (j + c < g.n) out.v_one(g.base + j + c, v[c], gv[c]);
+      }
     }
     IntPartials tot{warp_sum(acc.a), warp_sum(acc.b), warp_sum(acc.zc), warp_sum(acc.zs)};
-    if (lane == 0) int_group_scale_backward(tot, wmin, wmax, sc, int_params(a), g_min + gi, g_max + gi);
+    if (lane == 0) scales_out(out, tot, wmin, wmax, sc, int_params(a), gi, mn, mx);
   });
 }
 
@@ -202,13 +224,13 @@ __device__ __forceinline__ IntPartials sub_sum(const IntPartials& p) {
 
 // A lane's E elements: 16-byte accesses where E values of T fill whole 16-byte words, else
 // (E = 4 of a 16-bit type) one 8-byte access.
-template <typename T, int E>
+template <typename T, int E, bool kNc = true>
 __device__ __forceinline__ void load_lane(const T* p, float* x) {
   if constexpr ((E * sizeof(T)) % 16 == 0) {
-    load_vec<T, E>(p, x);
+    load_vec<T, E, kNc>(p, x);
   } else {
     static_assert(E == kChunk, "lane width");
-    load_chunk<T, true>(p, kChunk, x);
+    load_chunk<T, true, kNc>(p, kChunk, x);
   }
 }
 template <typename T, int E>
@@ -274,27 +296,30 @@ __global__ void __launch_bounds__(kThreads) fake_quant_int_small_kernel(IntArgs 
   });
 }
 
-template <typename T, int L, int E>
-__global__ void __launch_bounds__(kThreads) fake_quant_int_small_backward_kernel(
-    IntArgs a, const T* grad, float* grad_v, float* g_min, float* g_max) {
+template <typename T, int L, int E, typename Out>
+__global__ void __launch_bounds__(kThreads) fake_quant_int_small_backward_kernel(IntArgs a, const T* grad, Out out) {
   constexpr int kParts = E / kChunk;  // the CPU's lanes this lane holds
+  constexpr bool kNc = !Out::kInPlace;
+  out.start();
   const T* w = static_cast<const T*>(a.weight);
   for_each_small_group<L, E>(a, [&](int64_t gi, bool active, int64_t off, int sub) {
-    float x[E] = {}, v[E] = {}, gr[E] = {}, lo, hi;
+    float x[E] = {}, v[E] = {}, gr[E] = {}, lo, hi, mn = 0.f, mx = 0.f;
     if (active) {
       load_lane<T, E>(w + off, x);
       load_lane<T, E>(grad + off, gr);
-      load_lane<float, E>(a.v + off, v);
+      load_lane<float, E, kNc>(a.v + off, v);
+      mn = load_ro<kNc>(a.min_scale + gi);
+      mx = load_ro<kNc>(a.max_scale + gi);
     }
     small_min_max<L, E>(x, &lo, &hi);
     IntPartials acc[kParts] = {};
     IntScale sc{};
     if (active) {
-      sc = int_group_scale(lo, hi, __ldg(a.min_scale + gi), __ldg(a.max_scale + gi), int_params(a));
+      sc = int_group_scale(lo, hi, mn, mx, int_params(a));
       float gv[E];
 #pragma unroll
       for (int c = 0; c < E; ++c) int_element_backward(x[c], v[c], gr[c], sc, a.sym, &gv[c], acc[c / kChunk]);
-      store_lane<float, E>(grad_v + off, gv);
+      out.template v_vec<E>(off, v, gv);
     }
     IntPartials tot = sub_sum<L>(acc[0]);
 #pragma unroll
@@ -302,7 +327,7 @@ __global__ void __launch_bounds__(kThreads) fake_quant_int_small_backward_kernel
       const IntPartials t = sub_sum<L>(acc[k]);
       tot = {add_rn(tot.a, t.a), add_rn(tot.b, t.b), add_rn(tot.zc, t.zc), add_rn(tot.zs, t.zs)};
     }
-    if (active && sub == 0) int_group_scale_backward(tot, lo, hi, sc, int_params(a), g_min + gi, g_max + gi);
+    if (active && sub == 0) scales_out(out, tot, lo, hi, sc, int_params(a), gi, mn, mx);
   });
 }
 
@@ -382,27 +407,42 @@ const char* launch_fake_quant_int(const IntArgs& a, void* out, void* scale, floa
   return launch_status();
 }
 
-const char* launch_fake_quant_int_backward(const IntArgs& a, const void* grad, float* grad_v,
-                                           float* g_min, float* g_max, void* stream) {
+namespace {
+
+template <typename Out>
+const char* launch_int_backward(const IntArgs& a, const void* grad, Out out,
+                                std::initializer_list<const void*> ptrs, void* stream) {
   const int64_t total = a.rows * ((a.cols + a.group - 1) / a.group);
-  const bool vec = chunked(a, {a.weight, a.v, grad, grad_v});
-  const SmallLayout small = small_layout(a, {a.weight, a.v, grad, grad_v});
+  const bool vec = chunked(a, ptrs);
+  const SmallLayout small = small_layout(a, ptrs);
   auto s = static_cast<cudaStream_t>(stream);
   with_float_type(a.dtype, [&](auto t) {
     using T = decltype(t);
     if (small.lanes)
       with_small_layout(small, [&](auto l, auto e) {
-        fake_quant_int_small_backward_kernel<T, decltype(l)::value, decltype(e)::value>
-            <<<small_grid(total, small.lanes), kThreads, 0, s>>>(a, static_cast<const T*>(grad), grad_v, g_min, g_max);
+        fake_quant_int_small_backward_kernel<T, decltype(l)::value, decltype(e)::value, Out>
+            <<<small_grid(total, small.lanes), kThreads, 0, s>>>(a, static_cast<const T*>(grad), out);
       });
     else if (vec)
-      fake_quant_int_backward_kernel<T, true><<<grid_for(total, kWarps), kThreads, 0, s>>>(
-          a, static_cast<const T*>(grad), grad_v, g_min, g_max);
+      fake_quant_int_backward_kernel<T, true, Out><<<grid_for(total, kWarps), kThreads, 0, s>>>(
+          a, static_cast<const T*>(grad), out);
     else
-      fake_quant_int_backward_kernel<T, false><<<grid_for(total, kWarps), kThreads, 0, s>>>(
-          a, static_cast<const T*>(grad), grad_v, g_min, g_max);
+      fake_quant_int_backward_kernel<T, false, Out><<<grid_for(total, kWarps), kThreads, 0, s>>>(
+          a, static_cast<const T*>(grad), out);
   });
   return launch_status();
+}
+
+}  // namespace
+
+const char* launch_fake_quant_int_backward(const IntArgs& a, const void* grad, float* grad_v,
+                                           float* g_min, float* g_max, void* stream) {
+  return launch_int_backward(a, grad, GradOut{grad_v, g_min, g_max}, {a.weight, a.v, grad, grad_v}, stream);
+}
+
+const char* launch_fake_quant_int_backward_step(const IntArgs& a, const void* grad, const StepTargets& t,
+                                                void* stream) {
+  return launch_int_backward(a, grad, StepOut{t, false, 0.f}, {a.weight, a.v, grad, t.best_v}, stream);
 }
 
 }  // namespace autoround_fast

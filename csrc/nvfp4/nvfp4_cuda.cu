@@ -25,12 +25,12 @@ __device__ __forceinline__ int load_group(const T* src, int n, float* x, float* 
   return kVec ? kNvfp4Group : n;
 }
 
-template <bool kVec>
+template <bool kVec, bool kNc = true>
 __device__ __forceinline__ void load_f32(const float* src, int n, float* x) {
   if constexpr (kVec) {
-    load_vec<float, kNvfp4Group>(src, x);
+    load_vec<float, kNvfp4Group, kNc>(src, x);
   } else {
-    for (int j = 0; j < n; ++j) x[j] = __ldg(src + j);
+    for (int j = 0; j < n; ++j) x[j] = load_ro<kNc>(src + j);
   }
 }
 
@@ -88,22 +88,24 @@ __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_kernel(Nvfp4Args a,
   });
 }
 
-template <typename T, bool kVec>
-__global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_backward_kernel(
-    Nvfp4Args a, const T* grad, float* grad_v, float* grad_ms) {
+// Out: GradOut (the gradients) or StepOut (the sign step in place, cuda_utils.cuh).
+template <typename T, bool kVec, typename Out>
+__global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_backward_kernel(Nvfp4Args a, const T* grad, Out out) {
+  constexpr bool kNc = !Out::kInPlace;
+  out.start();
   const float gs = __ldg(a.global_scale), inv_gs = inv_global_scale(gs);
   const T* w = static_cast<const T*>(a.weight);
   for_each_group<kVec>(a.rows, a.cols, [&](int64_t gi, GroupIndex g) {
     float x[kNvfp4Group], v[kNvfp4Group], gr[kNvfp4Group], gv[kNvfp4Group], amax, unused;
     int n = load_group<T, kVec>(w + g.base, g.n, x, &amax);
     load_group<T, kVec>(grad + g.base, g.n, gr, &unused);
-    load_f32<kVec>(a.v + g.base, n, v);
-    grad_ms[gi] = nvfp4_group_backward(x, v, gr, n, amax, __ldg(a.max_scale + gi), gs, inv_gs, gv,
-                                       nullptr);
+    load_f32<kVec, kNc>(a.v + g.base, n, v);
+    const float ms = load_ro<kNc>(a.max_scale + gi);
+    out.max_one(gi, ms, nvfp4_group_backward(x, v, gr, n, amax, ms, gs, inv_gs, gv, nullptr));
     if constexpr (kVec) {
-      store_vec<float, kNvfp4Group>(grad_v + g.base, gv);
+      out.template v_vec<kNvfp4Group>(g.base, v, gv);
     } else {
-      for (int j = 0; j < n; ++j) grad_v[g.base + j] = gv[j];
+      for (int j = 0; j < n; ++j) out.v_one(g.base + j, v[j], gv[j]);
     }
   });
 }
@@ -165,21 +167,37 @@ const char* launch_fake_quant_nvfp4(const Nvfp4Args& a, void* out, float* scale,
   return launch_status();
 }
 
-const char* launch_fake_quant_nvfp4_backward(const Nvfp4Args& a, const void* grad, float* grad_v,
-                                             float* grad_ms, void* stream) {
+namespace {
+
+template <typename Out>
+const char* launch_nvfp4_backward(const Nvfp4Args& a, const void* grad, Out out,
+                                  std::initializer_list<const void*> ptrs, void* stream) {
   const int64_t total = a.rows * ((a.cols + kNvfp4Group - 1) / kNvfp4Group);
-  const bool vec = whole_groups(a.cols, {a.weight, a.v, grad, grad_v});
+  const bool vec = whole_groups(a.cols, ptrs);
   auto s = static_cast<cudaStream_t>(stream);
   with_float_type(a.dtype, [&](auto t) {
     using T = decltype(t);
     if (vec)
-      fake_quant_nvfp4_backward_kernel<T, true><<<grid_for(total, kThreads), kThreads, 0, s>>>(
-          a, static_cast<const T*>(grad), grad_v, grad_ms);
+      fake_quant_nvfp4_backward_kernel<T, true, Out><<<grid_for(total, kThreads), kThreads, 0, s>>>(
+          a, static_cast<const T*>(grad), out);
     else
-      fake_quant_nvfp4_backward_kernel<T, false><<<grid_for(total, kThreads), kThreads, 0, s>>>(
-          a, static_cast<const T*>(grad), grad_v, grad_ms);
+      fake_quant_nvfp4_backward_kernel<T, false, Out><<<grid_for(total, kThreads), kThreads, 0, s>>>(
+          a, static_cast<const T*>(grad), out);
   });
   return launch_status();
+}
+
+}  // namespace
+
+const char* launch_fake_quant_nvfp4_backward(const Nvfp4Args& a, const void* grad, float* grad_v,
+                                             float* grad_ms, void* stream) {
+  return launch_nvfp4_backward(a, grad, GradOut{grad_v, nullptr, grad_ms}, {a.weight, a.v, grad, grad_v},
+                               stream);
+}
+
+const char* launch_fake_quant_nvfp4_backward_step(const Nvfp4Args& a, const void* grad,
+                                                  const StepTargets& t, void* stream) {
+  return launch_nvfp4_backward(a, grad, StepOut{t, false, 0.f}, {a.weight, a.v, grad, t.best_v}, stream);
 }
 
 const char* launch_fake_quant_nvfp4_activation(const Nvfp4ActArgs& a, void* out, void* stream) {

@@ -88,6 +88,8 @@ class Backend:
             self.act = lambda x, gs: _o.fake_quant_nvfp4_activation(x.contiguous(), gs)
             self.loss = lambda p, r, m: _o.masked_mse_loss(p.contiguous(), r.contiguous(), m)
             self.step = _o.sign_step_  # the step and the best copy in one pass
+            self.nvfp4_stepped = kernel_ops.step_in_backward_nvfp4  # the step inside the backward
+            self.int_stepped = kernel_ops.step_in_backward_int
         else:
             self.nvfp4 = reference.fake_quant_nvfp4
             self.int = reference.fake_quant_int
@@ -119,21 +121,34 @@ class TunedLinear(nn.Module):
         # Shared by Linears that read the same input under the same activation global scale
         # (q/k/v, gate/up): see _quant_input.
         self.act_memo: Optional[_ActMemo] = None
+        # Set by the loop when the sign step runs inside this Linear's backward (_Stepper).
+        self.stepper: Optional[_Stepper] = None
+        self.forwards = 0  # forwards with gradients (the loop checks that there is one per step)
 
     def tunables(self) -> list[nn.Parameter]:
         return [p for p in (self.v, self.min_scale, self.max_scale) if p is not None]
 
     def qdq(self):
         """(fake-quantized weight, scale, zero point or None), clamping the scales to [0, 1]."""
-        with torch.no_grad():
-            self.max_scale.clamp_(0, 1)
-            if self.min_scale is not None:
-                self.min_scale.clamp_(0, 1)
+        # on .data, as auto-round: a Linear called twice in one forward keeps the first call's
+        # saved scales valid for its backward (an in-place op on the Parameter bumps its version)
+        self.max_scale.data.clamp_(0, 1)
+        if self.min_scale is not None:
+            self.min_scale.data.clamp_(0, 1)
         w = self.linear.weight
         s = self.spec
+        st = self.stepper if torch.is_grad_enabled() else None
+        if torch.is_grad_enabled():
+            self.forwards += 1
         if s.kind == "nvfp4":
-            q, scale = self.backend.nvfp4(w, self.v, self.max_scale, self.global_scale)
+            if st is not None:
+                q, scale = self.backend.nvfp4_stepped(w, self.v, self.max_scale, self.global_scale, *st.args())
+            else:
+                q, scale = self.backend.nvfp4(w, self.v, self.max_scale, self.global_scale)
             return q, scale, None
+        if st is not None:
+            return self.backend.int_stepped(w, self.v, self.min_scale, self.max_scale, s.bits, s.group_size, s.sym,
+                                            s.scale_dtype, *st.args())
         return self.backend.int(w, self.v, self.min_scale, self.max_scale, s.bits, s.group_size, s.sym,
                                 s.scale_dtype)
 
@@ -156,6 +171,25 @@ class TunedLinear(nn.Module):
         if memo.source is not x:
             memo.source, memo.result = x, self.backend.act(x, self.act_global_scale)
         return memo.result
+
+
+@dataclass
+class _Stepper:
+    """What a TunedLinear's backward needs to take SignRound's step itself: the best copies of
+    its tunables, the iteration's improved flag and learning rate (device tensors the loop
+    fills before the backward), and the set the backward adds the Linear to when it ran."""
+
+    best: list
+    improved: torch.Tensor
+    lr: torch.Tensor
+    ran: set
+    key: object
+
+    def args(self):
+        return self.best, self.improved, self.lr, self.mark
+
+    def mark(self):
+        self.ran.add(self.key)
 
 
 class _ActMemo:
@@ -217,6 +251,8 @@ class BlockResult:
     # fuse_elementwise: what ran compiled in the loop, by kind (rms_norm, silu_mul: module
     # names; rotary: the modeling modules whose apply_rotary_pos_emb was swapped)
     fused: dict[str, list[str]] = field(default_factory=dict)
+    # step_in_backward: the Linears whose weight backward took the sign step
+    step_in_backward: list[str] = field(default_factory=list)
 
 
 class _Inputs:
@@ -705,6 +741,7 @@ def tune_block(
     batch_order: Optional[Sequence[Sequence[int]]] = None,
     linear_devices: Optional[Sequence[str | torch.device]] = None,
     fuse_elementwise: Optional[bool] = None,
+    step_in_backward: Optional[bool] = None,
 ) -> BlockResult:
     """Tune one decoder block with SignRound and write its fake-quantized weights in place.
 
@@ -758,6 +795,12 @@ def tune_block(
             round as eager does but reduce in their own order (differences of an ulp); on the
             CPU, where results are bit for bit auto-round's, it is an error. The reference and
             output passes always run the block as it is.
+        step_in_backward: take SignRound's step inside each Linear's weight backward (one
+            kernel computes the gradients of V and the scales and steps them in place, so the
+            gradients never go through memory; the same bits). Default: on with the kernels
+            where it applies: one micro-batch per step (gradient_accumulate_steps=1), no
+            process group, the Linears on one device; True elsewhere is an error.
+            ``BlockResult.step_in_backward`` lists the Linears it served.
 
     Returns:
         :class:`BlockResult` with the next block's quantized inputs and the qparams.
@@ -889,7 +932,7 @@ def tune_block(
                 if iters > 0:
                     _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size, lr,
                                 seed, gradient_accumulate_steps, autocast, result, progress, cuda_graph,
-                                dist, batch_order)
+                                dist, batch_order, step_in_backward)
             phase("tune")
             with torch.no_grad():
                 final = {}
@@ -1159,11 +1202,20 @@ def _process_group():
 
 
 def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size, lr, seed,
-                accumulate, autocast, result, progress, cuda_graph, dist=None, batch_order=None):
+                accumulate, autocast, result, progress, cuda_graph, dist=None, batch_order=None,
+                step_in_backward=None):
     """SignRound's loop. One iteration (:func:`step`) touches only device tensors: the batch
     indices, learning rate and valid-token count come from per-iteration tables indexed by an
     on-device counter, and the best-score bookkeeping is a torch.where, so the same step runs
-    eagerly (CPU, warm-up) or replayed from a CUDA graph."""
+    eagerly (CPU, warm-up) or replayed from a CUDA graph.
+
+    With ``step_in_backward`` (one micro-batch, no process group, one device, the kernels), the
+    iteration's score and improved flag are computed before the backward, and each Linear's
+    weight backward takes the step on its tunables itself (ops.step_in_backward_nvfp4): the
+    same bits, without writing and reading back V's gradient. The first iteration runs as
+    before and counts each Linear's forwards; from the second on, the Linears with one forward
+    per iteration step in their backward, and a Linear whose backward did not run in an
+    iteration gets the usual best copy."""
     params = [p for tl in tuned.values() for p in tl.tunables()]
     device = inputs.device
     devices = {p.device for p in params}  # more than one with linear_devices
@@ -1201,6 +1253,31 @@ def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size
     batches = _Batches(inputs, q_hidden, ref, order)
     micro = [(s, min(s + batch_size, global_bs)) for s in range(0, global_bs, batch_size)]
 
+    fits = be.uses_kernels and len(micro) == 1 and dist is None and len(devices) == 1
+    if step_in_backward and not fits:
+        raise ValueError("tune_block: step_in_backward=True needs the kernels (backend 'cuda'), one "
+                         "micro-batch per step (gradient_accumulate_steps=1), no process group and the "
+                         "Linears on one device")
+    stepping = fits and step_in_backward is not False
+    improved_now = torch.zeros(1, dtype=torch.bool, device=device)  # filled before the backward
+    lr_now = torch.zeros(1, dtype=torch.float32, device=device)
+    ran: set = set()  # the Linears whose backward took the step this iteration
+    best_of = {}
+    k = 0
+    for name, tl in tuned.items():
+        n_t = len(tl.tunables())
+        best_of[name] = best[k: k + n_t]
+        k += n_t
+        tl.forwards = 0
+
+    def attach_steppers():
+        """After the first iteration: the step moves into the backward of each Linear that ran
+        one forward with gradients in it."""
+        for name, tl in tuned.items():
+            if tl.forwards == 1:
+                tl.stepper = _Stepper(best_of[name], improved_now, lr_now, ran, name)
+        result.step_in_backward = sorted(n for n, tl in tuned.items() if tl.stepper is not None)
+
     # Data parallel: each gradient's all-reduce starts as soon as the last micro-batch's
     # backward has accumulated it (down_proj's first), so the transfers overlap the rest of the
     # backward; the step waits for all of them. The sums are the same as reducing afterwards.
@@ -1229,10 +1306,14 @@ def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size
                 pred = _block_output(block(*args, **kwargs))
             m = None if mask is None else mask.index_select(0, idx).reshape(-1)
             loss = be.loss(pred, ref_b, m)
-            (loss * 1000).backward()
             l64 = loss.detach().to(torch.float64).reshape(1)
             total = total + l64
             score = score + l64 / n_valid
+            if stepping:  # one micro-batch: the score is final before the backward
+                torch.lt(score, best_score, out=improved_now)
+                lr_now.copy_(lrs.index_select(0, it_t))
+                ran.clear()
+            (loss * 1000).backward()
         if dist is not None:  # one step for all ranks: summed gradients, the global loss
             while in_flight:
                 in_flight.pop().wait()
@@ -1251,6 +1332,7 @@ def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size
             total, score = both[:1], both[1:]
         with torch.no_grad():
             improved = score < best_score  # scored before the step, as auto-round
+            stepped = {id(p) for name in ran for p in tuned[name].tunables()}
             best_score.copy_(torch.where(improved, score, best_score))
             best_total.copy_(torch.where(improved, total, best_total))
             best_iter.copy_(torch.where(improved, it_t, best_iter))
@@ -1258,6 +1340,8 @@ def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size
             on = {d: (improved, lr_t) if d == device else (improved.to(d), lr_t.to(d)) for d in devices}
             losses.index_copy_(0, it_t, total)
             for p, b in zip(params, best):  # best <- p if improved; p <- p - lr * sign(grad)
+                if id(p) in stepped:  # done in its backward
+                    continue
                 imp_d, lr_d = on[p.device]
                 if p.grad is not None:
                     be.step(p, b, p.grad, imp_d, lr_d)
@@ -1299,6 +1383,8 @@ def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size
             else:
                 batches.prepare(it)
                 step()
+            if stepping and it == 0:
+                attach_steppers()
         else:
             if graph is None:
                 graph = torch.cuda.CUDAGraph()
@@ -1316,6 +1402,8 @@ def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size
         events[-1][1].synchronize()
         result.loop_ms = [a[1].elapsed_time(b[1]) / (b[0] - a[0]) for a, b in zip(events, events[1:])]
     del graph
+    for tl in tuned.values():
+        tl.stepper = None
     for h in grad_hooks:
         h.remove()
     with torch.no_grad():

@@ -88,6 +88,9 @@ class AutoRoundModifier(_StockAutoRoundModifier):
     # backend "cuda": run the block's RMSNorms, SiLU(gate) * up and rotary embeddings
     # compiled (torch.compile) while tuning. None: on where Triton is there.
     fuse_elementwise: Optional[bool] = None
+    # backend "cuda": take the sign step inside each Linear's weight backward (tune_block's
+    # step_in_backward). None: wherever it applies.
+    step_in_backward: Optional[bool] = None
 
     _block_stats: list = PrivateAttr(default_factory=list)
     _devices: Optional[list] = PrivateAttr(default=None)
@@ -258,6 +261,7 @@ class AutoRoundModifier(_StockAutoRoundModifier):
                     cache_device="cpu" if self.cache_on_cpu else None,
                     cuda_graph=self.cuda_graph and self.backend == "cuda",
                     fuse_elementwise=self.fuse_elementwise,  # True needs backend cuda (on_initialize)
+                    step_in_backward=self.step_in_backward,
                     linear_devices=self._devices if self._devices and len(self._devices) > 1 else None)
                 layer.to(home)
         finally:

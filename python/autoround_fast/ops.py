@@ -111,6 +111,17 @@ def _(param, best, grad, improved, lr):
     return None
 
 
+@torch.library.register_fake("autoround_fast::fake_quant_nvfp4_backward_step_")
+def _(grad, weight, v, max_scale, global_scale, best_v, best_max_scale, improved, lr):
+    return None
+
+
+@torch.library.register_fake("autoround_fast::fake_quant_int_backward_step_")
+def _(grad, weight, v, min_scale, max_scale, bits, group_size, sym, scale_dtype, best_v, best_min_scale,
+      best_max_scale, improved, lr):
+    return None
+
+
 # ---------------------------------------------------------------------------------------
 # autograd: the backward kernels are ops too
 # ---------------------------------------------------------------------------------------
@@ -181,6 +192,76 @@ def _loss_backward(ctx, grad):
 torch.library.register_autograd(
     "autoround_fast::masked_mse_loss", _loss_backward, setup_context=_loss_setup
 )
+
+
+# ---------------------------------------------------------------------------------------
+# the sign step inside the backward (the tuning engine's loop, one micro-batch)
+# ---------------------------------------------------------------------------------------
+
+
+class _Nvfp4Stepped(torch.autograd.Function):
+    """fake_quant_nvfp4 whose backward steps v and max_scale in place (see step_in_backward)."""
+
+    @staticmethod
+    def forward(ctx, weight, v, max_scale, global_scale, best_v, best_ms, improved, lr, on_step):
+        q, scale = _ops.fake_quant_nvfp4(weight, v, max_scale, global_scale)
+        ctx.save_for_backward(weight, v, max_scale, global_scale)
+        # not saved tensors: improved and lr are written after this forward, before the backward
+        ctx.step = (best_v, best_ms, improved, lr, on_step)
+        ctx.mark_non_differentiable(scale)
+        return q, scale
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_scale):
+        weight, v, ms, gs = ctx.saved_tensors
+        best_v, best_ms, improved, lr, on_step = ctx.step
+        _ops.fake_quant_nvfp4_backward_step_(grad_q.contiguous(), weight, v, ms, gs, best_v, best_ms,
+                                             improved, lr)
+        on_step()
+        return (None,) * 9
+
+
+class _IntStepped(torch.autograd.Function):
+    """fake_quant_int whose backward steps v, min_scale and max_scale in place."""
+
+    @staticmethod
+    def forward(ctx, weight, v, min_scale, max_scale, bits, group_size, sym, scale_dtype, best_v, best_mn,
+                best_mx, improved, lr, on_step):
+        q, scale, zp = _ops.fake_quant_int(weight, v, min_scale, max_scale, bits, group_size, sym, scale_dtype)
+        ctx.save_for_backward(weight, v, min_scale, max_scale)
+        ctx.args = (bits, group_size, sym, scale_dtype)
+        ctx.step = (best_v, best_mn, best_mx, improved, lr, on_step)
+        ctx.mark_non_differentiable(scale, zp)
+        return q, scale, zp
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_scale, grad_zp):
+        weight, v, mn, mx = ctx.saved_tensors
+        best_v, best_mn, best_mx, improved, lr, on_step = ctx.step
+        _ops.fake_quant_int_backward_step_(grad_q.contiguous(), weight, v, mn, mx, *ctx.args, best_v, best_mn,
+                                           best_mx, improved, lr)
+        on_step()
+        return (None,) * 14
+
+
+def step_in_backward_nvfp4(weight, v, max_scale, global_scale, best, improved, lr, on_step):
+    """The tuning loop's :func:`fake_quant_nvfp4` when SignRound's step runs inside the
+    backward: the forward is the same; the backward, instead of returning the gradients of
+    ``v`` and ``max_scale``, applies :func:`sign_step_` to each with them (``best`` = [best_v,
+    best_max_scale], ``improved`` and ``lr`` one-element device tensors, read when the backward
+    runs) and calls ``on_step()``. Equal bit for bit to the gradients followed by the steps, in
+    one kernel: the gradients never go through memory. Inputs are not validated (the engine's
+    own tensors). Valid only where each gradient is final when the backward runs: one forward
+    per tensor and step (no accumulation over micro-batches, no reduction over ranks)."""
+    return _Nvfp4Stepped.apply(weight, v, max_scale, global_scale, best[0], best[1], improved, lr, on_step)
+
+
+def step_in_backward_int(weight, v, min_scale, max_scale, bits, group_size, sym, scale_dtype, best, improved, lr,
+                         on_step):
+    """:func:`step_in_backward_nvfp4` for :func:`fake_quant_int` (``best`` = [best_v,
+    best_min_scale, best_max_scale]; ``scale_dtype`` a torch dtype)."""
+    return _IntStepped.apply(weight, v, min_scale, max_scale, int(bits), int(group_size), bool(sym),
+                             _scale_dtype_code(scale_dtype), best[0], best[1], best[2], improved, lr, on_step)
 
 
 # ---------------------------------------------------------------------------------------
