@@ -1,6 +1,7 @@
 """The tuning engine on one decoder block: it lowers the loss below RTN, the kernels and the
 oracles agree, iters=0 runs the scale search, and bad input gives clear errors."""
 
+import contextlib
 import copy
 
 import pytest
@@ -660,3 +661,44 @@ def test_step_in_backward_errors(ragged_block):
     for kw in (dict(backend="torch"), dict(backend="kernels", gradient_accumulate_steps=2)):
         with pytest.raises(ValueError, match="step_in_backward=True needs the kernels"):
             tune_block(fresh_block(model), inputs, spec, iters=2, batch_size=4, step_in_backward=True, **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_calibration_pass_skips_the_last_matmul(ragged_block, device):
+    """The act_max / imatrix pass computes down_proj's matmul for the first sample only (its
+    output is unused): the statistics equal those of the pass with every matmul, and the
+    module's own forward is back afterwards."""
+    from autoround_fast import engine
+
+    model, inputs = ragged_block
+    block = fresh_block(model).to(device)
+    linears = {n: block.get_submodule(n) for n in LINEARS}
+    ins = engine._Inputs(inputs, torch.device(device), torch.device(device))
+    calls = {n: 0 for n in LINEARS}
+    counters = [m.register_forward_hook(lambda m, a, o, n=n: calls.__setitem__(n, calls[n] + bool(o.any())))
+                for n, m in linears.items()]  # outputs that are not all zeros: matmuls computed
+    kw = dict(autocast=contextlib.nullcontext, hidden=ins.hidden, want_max=True, want_imatrix=True,
+              cuda_graph=False)
+    got = engine._activation_stats(block, linears, ins, **kw)
+    for h in counters:
+        h.remove()
+    assert calls["mlp.down_proj"] == 1 and calls["mlp.up_proj"] == 12
+    assert "forward" not in linears["mlp.down_proj"].__dict__
+    want = {}
+    for n, m in linears.items():  # the same statistics from hooks on full forwards
+        want[n] = [torch.zeros(()), torch.zeros(m.in_features)]
+
+        def rec(_m, args, n=n):
+            x = args[0].detach().float().cpu()
+            want[n][0] = torch.maximum(want[n][0], x.abs().amax())
+            want[n][1] += x.reshape(-1, x.shape[-1]).pow(2).sum(0)
+        counters.append(m.register_forward_pre_hook(rec))
+    with torch.no_grad():
+        for i in range(ins.n):
+            args, kwargs = ins.batch(torch.tensor([i], device=device), ins.hidden)
+            block(*args, **kwargs)
+    for h in counters:
+        h.remove()
+    for n in LINEARS:
+        assert torch.equal(got[n][0].cpu(), want[n][0]), n
+        assert torch.allclose(got[n][1].cpu(), want[n][1], rtol=1e-6, atol=0), n

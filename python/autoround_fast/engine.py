@@ -565,15 +565,23 @@ def _activation_stats(block, linears, inputs, autocast, hidden, want_max: bool, 
 
     With ``cuda_graph`` (and the hidden states on the device) the one-sample forward is
     captured once and replayed for each sample: the same kernels on the same data, without
-    the launch overhead that rules a small block's one-sample forward."""
+    the launch overhead that rules a small block's one-sample forward.
+
+    The block's output is not used here, so after the first sample the last Linear the block
+    calls (down_proj) returns zeros instead of computing its matmul: its input is recorded
+    before, and no recorded Linear reads its output (:func:`_skip_last_linear`)."""
     stats = {n: [torch.zeros((), dtype=torch.float32, device=inputs.device),
                  torch.zeros(m.in_features, dtype=torch.float32, device=inputs.device)]
              for n, m in linears.items()}
     if not (want_max or want_imatrix):
         return stats
     hooks = []
+    order: list[str] = []  # the Linears in the order the first forward calls them
+    recording = [True]
     for name, mod in linears.items():
         def hook(_m, args, name=name):  # in place: a captured graph updates the same tensors
+            if recording[0]:
+                order.append(name)
             x = args[0].detach()
             st = stats[name]
             if want_max:
@@ -588,6 +596,7 @@ def _activation_stats(block, linears, inputs, autocast, hidden, want_max: bool, 
         with autocast():
             block(*args, **kwargs)
 
+    restore = contextlib.ExitStack()
     try:
         with torch.no_grad():
             graphed = cuda_graph and hidden.device == inputs.device
@@ -599,6 +608,9 @@ def _activation_stats(block, linears, inputs, autocast, hidden, want_max: bool, 
                 for i in range(warm):
                     idx.fill_(i)
                     forward()
+                    if i == 0:
+                        recording[0] = False
+                        restore.enter_context(_skip_last_linear(linears, order))
             if not graphed:
                 return stats
             torch.cuda.current_stream(inputs.device).wait_stream(side)
@@ -610,9 +622,39 @@ def _activation_stats(block, linears, inputs, autocast, hidden, want_max: bool, 
                 graph.replay()
             del graph
     finally:
+        restore.close()
         for h in hooks:
             h.remove()
     return stats
+
+
+@contextlib.contextmanager
+def _skip_last_linear(linears: dict[str, nn.Linear], order: Sequence[str]):
+    """Within the ``with``, the Linear the block called last (``order``: the names its first
+    forward called, in order) returns zeros of its output's shape and dtype instead of its
+    matmul, if it was called once; its input hook still runs (the hook is the module's, the
+    forward the instance's). Every other recorded Linear ran before it, so none reads its
+    output. The module's own forward (or compressed-tensors' wrapper of it) comes back on
+    the way out."""
+    last = order[-1] if order else None
+    if last is None or order.count(last) != 1:
+        yield
+        return
+    mod = linears[last]
+    had = mod.__dict__.get("forward")
+
+    def zeros(x, *args, **kwargs):
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return x.new_zeros((*x.shape[:-1], mod.out_features), dtype=dtype)
+
+    mod.forward = zeros
+    try:
+        yield
+    finally:
+        if had is None:
+            mod.__dict__.pop("forward", None)
+        else:
+            mod.forward = had
 
 
 FUSED_SUFFIXES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
