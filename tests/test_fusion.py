@@ -154,3 +154,41 @@ def test_tune_block_with_fusion_tunes_alike(model_and_inputs):
     assert res[True].fused == {"rms_norm": ["input_layernorm", "post_attention_layernorm"],
                                "silu_mul": ["mlp"], "rotary": [rotary_module().__name__]}
     assert res[True].losses == pytest.approx(res[False].losses, rel=1e-3)
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+def test_rotary_keeps_the_projections_layout(device, dtype):
+    """q and k as Llama's attention passes them (the projections' outputs viewed per head and
+    transposed): the compiled rotary returns transformers' values, as views of [batch, seq,
+    heads, dim] memory, and the gradients reaching the q and k views are in that memory layout
+    too, so that autograd's reshape back to the projections' outputs is a view, not a copy
+    (eager's and the plain compiled rotary's gradients are contiguous [batch, heads, seq,
+    dim]: a copy). Values bit for bit transformers' (the same element-wise math)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    gen = torch.Generator().manual_seed(5)
+    b, s, h, kv, d = 2, 16, 4, 2, 8
+    lin_q = torch.randn(b, s, h * d, generator=gen).to(device=device, dtype=dtype)
+    lin_k = torch.randn(b, s, kv * d, generator=gen).to(device=device, dtype=dtype)
+    cos = torch.randn(b, s, d, generator=gen).to(device=device, dtype=dtype)
+    sin = torch.randn(b, s, d, generator=gen).to(device=device, dtype=dtype)
+    g_q = torch.randn(b, s, h, d, generator=gen).to(device=device, dtype=dtype).transpose(1, 2)
+    g_k = torch.randn(b, s, kv, d, generator=gen).to(device=device, dtype=dtype).transpose(1, 2)
+
+    def run(fn):
+        lq, lk = lin_q.clone().requires_grad_(), lin_k.clone().requires_grad_()
+        q = lq.view(b, s, h, d).transpose(1, 2)
+        k = lk.view(b, s, kv, d).transpose(1, 2)
+        views = []
+        for t in (q, k):
+            t.register_hook(lambda g: views.append(g))
+        qe, ke = fn(q, k, cos, sin)
+        torch.autograd.backward([qe, ke], [g_q, g_k])  # SDPA's gradients: [b, s, heads, d] memory
+        return (qe, ke, lq.grad, lk.grad), views
+
+    want, _ = run(apply_rotary_pos_emb)
+    got, views = run(fusion._rotary_forward)
+    for a, w in zip(got, want):
+        assert torch.equal(a, w)
+    for t in got[:2] + tuple(views):
+        assert t.transpose(1, 2).is_contiguous(), t.stride()
