@@ -900,6 +900,13 @@ def tune_block(
         cuda_graph = bool(cuda_graph) and device.type == "cuda" and dist is None
         if fuse_elementwise is None:
             fuse_elementwise = be.name == "cuda" and device.type == "cuda" and fusion.available()
+        # the step inside the backward needs each gradient final when its backward runs
+        step_fits = be.uses_kernels and gradient_accumulate_steps == 1 and dist is None and not spread
+        if step_in_backward and not step_fits:
+            raise ValueError("tune_block: step_in_backward=True needs the kernels (backend 'cuda'), one "
+                             "micro-batch per step (gradient_accumulate_steps=1), no process group and the "
+                             "Linears on one device")
+        step_in_backward = step_fits and step_in_backward is not False
         eager_reason = ""
         if cuda_graph and spread:
             cuda_graph = False
@@ -1245,14 +1252,14 @@ def _process_group():
 
 def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size, lr, seed,
                 accumulate, autocast, result, progress, cuda_graph, dist=None, batch_order=None,
-                step_in_backward=None):
+                step_in_backward=False):
     """SignRound's loop. One iteration (:func:`step`) touches only device tensors: the batch
     indices, learning rate and valid-token count come from per-iteration tables indexed by an
     on-device counter, and the best-score bookkeeping is a torch.where, so the same step runs
     eagerly (CPU, warm-up) or replayed from a CUDA graph.
 
-    With ``step_in_backward`` (one micro-batch, no process group, one device, the kernels), the
-    iteration's score and improved flag are computed before the backward, and each Linear's
+    With ``step_in_backward`` (tune_block checked that it applies: one micro-batch, no process
+    group, one device, the kernels), the iteration's score and improved flag are computed before the backward, and each Linear's
     weight backward takes the step on its tunables itself (ops.step_in_backward_nvfp4): the
     same bits, without writing and reading back V's gradient. The first iteration runs as
     before and counts each Linear's forwards; from the second on, the Linears with one forward
@@ -1295,12 +1302,8 @@ def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size
     batches = _Batches(inputs, q_hidden, ref, order)
     micro = [(s, min(s + batch_size, global_bs)) for s in range(0, global_bs, batch_size)]
 
-    fits = be.uses_kernels and len(micro) == 1 and dist is None and len(devices) == 1
-    if step_in_backward and not fits:
-        raise ValueError("tune_block: step_in_backward=True needs the kernels (backend 'cuda'), one "
-                         "micro-batch per step (gradient_accumulate_steps=1), no process group and the "
-                         "Linears on one device")
-    stepping = fits and step_in_backward is not False
+    stepping = bool(step_in_backward)
+    assert not stepping or (len(micro) == 1 and dist is None and len(devices) == 1)
     improved_now = torch.zeros(1, dtype=torch.bool, device=device)  # filled before the backward
     lr_now = torch.zeros(1, dtype=torch.float32, device=device)
     ran: set = set()  # the Linears whose backward took the step this iteration
