@@ -125,13 +125,10 @@ void fake_quant_nvfp4_backward_step_cpu(Tensor grad, Tensor w, Tensor v, Tensor 
                                         Tensor best_ms, Tensor improved, Tensor lr) {
   const char* op = "fake_quant_nvfp4_backward_step_";
   check_cpu(w, op);
-  Nvfp4Args a = nvfp4_args(w, v, ms, gs, op);
+  nvfp4_args(w, v, ms, gs, op);  // checked under this op's name; the backward checks again
   check_like(w, grad, op, "grad");
   StepTargets t = step_targets(v, best_v, nullptr, nullptr, ms, best_ms, improved, lr, op);
-  Tensor gv = torch::stable::empty_like(v);
-  Tensor gms = torch::stable::empty_like(ms);
-  cpu::fake_quant_nvfp4_backward(a, grad.const_data_ptr(), static_cast<float*>(gv.mutable_data_ptr()),
-                                 static_cast<float*>(gms.mutable_data_ptr()));
+  auto [gv, gms] = fake_quant_nvfp4_backward_cpu(grad, w, v, ms, gs);
   step_with(t, v.numel(), ms.numel(), static_cast<const float*>(gv.const_data_ptr()), nullptr,
             static_cast<const float*>(gms.const_data_ptr()));
 }
@@ -141,15 +138,10 @@ void fake_quant_int_backward_step_cpu(Tensor grad, Tensor w, Tensor v, Tensor mn
                                       Tensor best_mn, Tensor best_mx, Tensor improved, Tensor lr) {
   const char* op = "fake_quant_int_backward_step_";
   check_cpu(w, op);
-  IntArgs a = int_args(w, v, mn, mx, bits, group_size, sym, scale_dtype, op);
+  int_args(w, v, mn, mx, bits, group_size, sym, scale_dtype, op);  // as for NVFP4
   check_like(w, grad, op, "grad");
   StepTargets t = step_targets(v, best_v, &mn, &best_mn, mx, best_mx, improved, lr, op);
-  Tensor gv = torch::stable::empty_like(v);
-  Tensor gmn = torch::stable::empty_like(mn);
-  Tensor gmx = torch::stable::empty_like(mx);
-  cpu::fake_quant_int_backward(a, grad.const_data_ptr(), static_cast<float*>(gv.mutable_data_ptr()),
-                               static_cast<float*>(gmn.mutable_data_ptr()),
-                               static_cast<float*>(gmx.mutable_data_ptr()));
+  auto [gv, gmn, gmx] = fake_quant_int_backward_cpu(grad, w, v, mn, mx, bits, group_size, sym, scale_dtype);
   step_with(t, v.numel(), mn.numel(), static_cast<const float*>(gv.const_data_ptr()),
             static_cast<const float*>(gmn.const_data_ptr()), static_cast<const float*>(gmx.const_data_ptr()));
 }

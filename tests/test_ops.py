@@ -631,6 +631,30 @@ def test_step_in_backward_through_autograd(device, kind):
     _assert_bits(got, want, [f"tensor {i}" for i in range(len(got))])
 
 
+def test_backward_step_bad_targets_name_the_tensor():
+    """The backward-step ops check what they write: each best like its tunable, one bool
+    improved, one float32 lr; the error names the op and the tensor (the CPU op; the CUDA
+    op shares the checks)."""
+    o = torch.ops.autoround_fast
+    w = torch.randn(4, 32).to(torch.bfloat16)
+    v, ms, mn, mx = torch.zeros(4, 32), torch.ones(4, 2), torch.ones(4, 1), torch.ones(4, 1)
+    gs = ops.nvfp4_global_scale(w).reshape(1)
+    imp, lr = torch.tensor([True]), torch.tensor([0.01])
+    cases = [
+        (lambda: o.fake_quant_nvfp4_backward_step_(w, w, v, ms, gs, torch.zeros(4, 31), torch.zeros(4, 2), imp, lr),
+         "fake_quant_nvfp4_backward_step_: best_v must have 128 elements, got 124"),
+        (lambda: o.fake_quant_nvfp4_backward_step_(w, w, v, ms, gs, torch.zeros(4, 32), torch.zeros(4, 2),
+                                                   torch.tensor([1.0]), lr),
+         "fake_quant_nvfp4_backward_step_: improved must be one bool"),
+        (lambda: o.fake_quant_int_backward_step_(w, w, v, mn, mx, 4, -1, True, 5, torch.zeros(4, 32),
+                                                 torch.zeros(4, 1), torch.zeros(4, 1, dtype=torch.float64), imp, lr),
+         "fake_quant_int_backward_step_: best_max_scale must be float32"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+
+
 # --------------------------------------------------------------------------------------
 # The registered ops called directly (torch.ops.autoround_fast.*): their own C++ checks
 # --------------------------------------------------------------------------------------
