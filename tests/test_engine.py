@@ -702,3 +702,27 @@ def test_calibration_pass_skips_the_last_matmul(ragged_block, device):
     for n in LINEARS:
         assert torch.equal(got[n][0].cpu(), want[n][0]), n
         assert torch.allclose(got[n][1].cpu(), want[n][1], rtol=1e-6, atol=0), n
+
+
+def test_calibration_pass_puts_back_a_wrapped_forward(ragged_block):
+    """A Linear whose instance forward is a wrapper (compressed-tensors' offload wrapper sets
+    one) gets that wrapper back after the pass skipped its matmul, also when the pass raises."""
+    from autoround_fast import engine
+
+    model, inputs = ragged_block
+    block = fresh_block(model)
+    down = block.mlp.down_proj
+
+    def wrapper(x):
+        return torch.nn.Linear.forward(down, x)
+
+    down.forward = wrapper
+    linears = {n: block.get_submodule(n) for n in LINEARS}
+    ins = engine._Inputs(inputs, torch.device("cpu"), torch.device("cpu"))
+    engine._activation_stats(block, linears, ins, contextlib.nullcontext, ins.hidden, True, False)
+    assert down.__dict__["forward"] is wrapper
+    with pytest.raises(RuntimeError, match="boom"):
+        with engine._skip_last_linear(linears, list(LINEARS)):
+            assert down.__dict__["forward"] is not wrapper
+            raise RuntimeError("boom")
+    assert down.__dict__["forward"] is wrapper
