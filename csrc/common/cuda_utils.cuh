@@ -88,9 +88,9 @@ struct StepOut {
     improved = *t.improved;
     lr = *t.lr;
   }
-  __device__ __forceinline__ float step(float* param, float* best, int64_t at, float p, float g) const {
+  __device__ __forceinline__ void step(float* param, float* best, int64_t at, float p, float g) const {
     if (improved) best[at] = p;
-    return param[at] = sign_step_value(p, g, lr);
+    param[at] = sign_step_value(p, g, lr);
   }
   template <int N>
   __device__ __forceinline__ void v_vec(int64_t at, const float* p, const float* g) const {
