@@ -7,7 +7,8 @@ forward+backward time (medians of CUDA-event timings) of our ops called eagerly 
 autograd, and of their kernels replayed from a CUDA graph (how the tuning engine runs them);
 GB/s of the graphed kernels over the fewest bytes the op must move, that as a share of the
 card's measured copy bandwidth; auto-round's functions eagerly (and INT also with
-torch.compile, which auto-round uses for INT but not for NVFP4), and the speed-ups.
+torch.compile, which auto-round uses for INT but not for NVFP4), and the speed-ups. Also
+the weight backward that takes the sign step in place, beside our backward and step run apart.
 """
 
 from __future__ import annotations
@@ -147,6 +148,43 @@ def bench_step(shape, rows_out):
                      16 * p.numel()))
 
 
+def bench_backward_step(shape, rows_out):
+    """The weight backward that takes the sign step in place (the engine's loop with one
+    micro-batch), NVFP4 and INT4 g128, the loss improved (best written). The comparison
+    columns time the path it replaces: the backward op, then sign_step_ on each tunable."""
+    o, i = shape
+    w = torch.randn(o, i, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn_like(w)
+    v = torch.zeros(o, i, device="cuda")
+    imp, lr = torch.ones(1, dtype=torch.bool, device="cuda"), torch.full((1,), 1e-9, device="cuda")
+    gs = ops.nvfp4_global_scale(w)
+    ms = torch.ones(o, i // 16, device="cuda")
+    best = [torch.empty_like(t) for t in (v, ms)]
+    fused = lambda: _ops.fake_quant_nvfp4_backward_step_(g, w, v, ms, gs, *best, imp, lr)
+
+    def separate():
+        gv, gms = _ops.fake_quant_nvfp4_backward(g, w, v, ms, gs)
+        _ops.sign_step_(v, best[0], gv, imp, lr)
+        _ops.sign_step_(ms, best[1], gms, imp, lr)
+
+    n = o * i
+    rows_out.append(("nvfp4 weight bwd + step", shape, time_ms(fused), graph_ms(fused), time_ms(separate), None,
+                     16 * n))
+    ng = i // 128
+    mn, mx = torch.ones(o, ng, device="cuda"), torch.ones(o, ng, device="cuda")
+    best = [torch.empty_like(t) for t in (v, mn, mx)]
+    args = (4, 128, True, 5)
+    fused = lambda: _ops.fake_quant_int_backward_step_(g, w, v, mn, mx, *args, *best, imp, lr)
+
+    def separate_int():
+        grads = _ops.fake_quant_int_backward(g, w, v, mn, mx, *args)
+        for p, b, gr in zip((v, mn, mx), best, grads):
+            _ops.sign_step_(p, b, gr, imp, lr)
+
+    rows_out.append(("int4 g128 weight bwd + step", shape, time_ms(fused), graph_ms(fused),
+                     time_ms(separate_int), None, 16 * n))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="also write the table (markdown) to this file")
@@ -162,10 +200,14 @@ def main(argv=None):
         bench_activation(shape, rows)
     bench_loss((8, 2048, 4096), rows)
     bench_step((14336, 4096), rows)
+    for shape in ((4096, 4096), (14336, 4096)):
+        bench_backward_step(shape, rows)
     lines = [
         f"card: {card_info()}; measured copy bandwidth {copy_gbs:.0f} GB/s (read + write)",
         "",
-        "(sign step: the last columns time the torch ops the engine used before, not auto-round)",
+        "(sign step: the last columns time the torch ops the engine used before, not auto-round; "
+        "bwd + step: they time our backward op followed by sign_step_ on each tunable, the path the "
+        "step inside the backward replaces)",
         "",
         "| op | shape | ours eager ms | ours graphed ms | GB/s (graphed) | % copy BW | auto-round eager ms "
         "| x (eager vs eager) | auto-round compiled ms | x (eager vs compiled) |",
