@@ -137,9 +137,10 @@ class TunedLinear(nn.Module):
             self.min_scale.data.clamp_(0, 1)
         w = self.linear.weight
         s = self.spec
-        st = self.stepper if torch.is_grad_enabled() else None
+        st = None
         if torch.is_grad_enabled():
             self.forwards += 1
+            st = self.stepper
         if s.kind == "nvfp4":
             if st is not None:
                 q, scale = self.backend.nvfp4_stepped(w, self.v, self.max_scale, self.global_scale, *st.args())
@@ -1259,9 +1260,10 @@ def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size
     eagerly (CPU, warm-up) or replayed from a CUDA graph.
 
     With ``step_in_backward`` (tune_block checked that it applies: one micro-batch, no process
-    group, one device, the kernels), the iteration's score and improved flag are computed before the backward, and each Linear's
-    weight backward takes the step on its tunables itself (ops.step_in_backward_nvfp4): the
-    same bits, without writing and reading back V's gradient. The first iteration runs as
+    group, one device, the kernels), the iteration's score, improved flag and learning rate
+    are computed before the backward, and each Linear's weight backward takes the step on its
+    tunables itself (ops.step_in_backward_nvfp4): the same bits, without writing and reading
+    back V's gradient. The first iteration runs as
     before and counts each Linear's forwards; from the second on, the Linears with one forward
     per iteration step in their backward, and a Linear whose backward did not run in an
     iteration gets the usual best copy."""
@@ -1298,7 +1300,8 @@ def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size
     best_score = torch.full((1,), float("inf"), dtype=torch.float64, device=device)
     best_total = torch.full((1,), float("nan"), dtype=torch.float64, device=device)
     best_iter = torch.zeros(1, dtype=torch.long, device=device)
-    best = [p.detach().clone() for p in params]
+    best_of = {name: [p.detach().clone() for p in tl.tunables()] for name, tl in tuned.items()}
+    best = [b for bs in best_of.values() for b in bs]  # aligned with params
     batches = _Batches(inputs, q_hidden, ref, order)
     micro = [(s, min(s + batch_size, global_bs)) for s in range(0, global_bs, batch_size)]
 
@@ -1307,12 +1310,7 @@ def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size
     improved_now = torch.zeros(1, dtype=torch.bool, device=device)  # filled before the backward
     lr_now = torch.zeros(1, dtype=torch.float32, device=device)
     ran: set = set()  # the Linears whose backward took the step this iteration
-    best_of = {}
-    k = 0
-    for name, tl in tuned.items():
-        n_t = len(tl.tunables())
-        best_of[name] = best[k: k + n_t]
-        k += n_t
+    for tl in tuned.values():
         tl.forwards = 0
 
     def attach_steppers():
@@ -1376,12 +1374,13 @@ def _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size
             dist.all_reduce(both)
             total, score = both[:1], both[1:]
         with torch.no_grad():
-            improved = score < best_score  # scored before the step, as auto-round
+            # scored before the step, as auto-round (stepping: done before the backward)
+            improved = improved_now if stepping else score < best_score
             stepped = {id(p) for name in ran for p in tuned[name].tunables()}
             best_score.copy_(torch.where(improved, score, best_score))
             best_total.copy_(torch.where(improved, total, best_total))
             best_iter.copy_(torch.where(improved, it_t, best_iter))
-            lr_t = lrs.index_select(0, it_t)
+            lr_t = lr_now if stepping else lrs.index_select(0, it_t)
             on = {d: (improved, lr_t) if d == device else (improved.to(d), lr_t.to(d)) for d in devices}
             losses.index_copy_(0, it_t, total)
             for p, b in zip(params, best):  # best <- p if improved; p <- p - lr * sign(grad)
