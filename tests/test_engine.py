@@ -250,17 +250,10 @@ def test_cuda_graph_and_host_caches_change_nothing(ragged_block, name):
     for label, extra in {"eager": dict(cuda_graph=False), "graph": dict(cuda_graph=True),
                          "graph+host": dict(cuda_graph=True, cache_device="cpu")}.items():
         block = fresh_block(model)
-        res = tune_block(block, inputs, spec, **kw, **extra)
-        runs[label] = (res, {n: block.get_submodule(n).weight.detach().cpu() for n in LINEARS})
-    ref, ref_w = runs["eager"]
-    assert len(set(ref.losses)) > 1  # the loop moved
+        runs[label] = _tuned_state(tune_block(block, inputs, spec, **kw, **extra), block, LINEARS)
+    assert len(set(runs["eager"][0].losses)) > 1  # the loop moved
     for label in ("graph", "graph+host"):
-        res, w = runs[label]
-        assert res.losses == ref.losses, label
-        assert (res.best_iter, res.best_loss) == (ref.best_iter, ref.best_loss), label
-        assert all(torch.equal(w[n], ref_w[n]) for n in LINEARS), label
-        assert torch.equal(res.q_outputs.cpu(), ref.q_outputs.cpu()), label
-        assert_same_qparams(res.qparams, ref.qparams, label)
+        assert_same_run(runs[label], runs["eager"], LINEARS, label)
     assert runs["graph+host"][0].q_outputs.device.type == "cpu"
     for res, _ in runs.values():  # GPU time per iteration, per run of ten (12 iterations: 10 + 2)
         assert len(res.loop_ms) == 2 and all(ms > 0 for ms in res.loop_ms)
@@ -272,6 +265,19 @@ def assert_same_qparams(got, want, label):
         assert got[name].keys() == want[name].keys(), (label, name)
         for key, t in want[name].items():
             assert torch.equal(got[name][key].cpu(), t.cpu()), (label, name, key)
+
+
+def _tuned_state(res, block, names):
+    return res, {n: block.get_submodule(n).weight.detach().cpu() for n in names}
+
+
+def assert_same_run(a, b, names, label):
+    (ra, wa), (rb, wb) = a, b
+    assert ra.losses == rb.losses, label
+    assert (ra.best_iter, ra.best_loss) == (rb.best_iter, rb.best_loss), label
+    assert all(torch.equal(wa[n], wb[n]) for n in names), label
+    assert torch.equal(ra.q_outputs.cpu(), rb.q_outputs.cpu()), label
+    assert_same_qparams(ra.qparams, rb.qparams, label)
 
 
 class HostSyncing(torch.nn.Module):
@@ -420,12 +426,10 @@ def test_qkv_quantize_their_shared_input_once(ragged_block, monkeypatch):
         calls.clear()
         block = fresh_block(model)
         res = tune_block(block, inputs, spec, iters=4, batch_size=4, backend="torch")
-        runs[shared] = (res, {n: block.get_submodule(n).weight.detach().clone() for n in LINEARS}, len(calls))
-    (a, wa, ca), (b, wb, cb) = runs[True], runs[False]
-    assert a.losses == b.losses and len(set(a.losses)) > 1
-    assert all(torch.equal(wa[n], wb[n]) for n in LINEARS)
-    assert_same_qparams(a.qparams, b.qparams, "shared")
-    assert torch.equal(a.q_outputs, b.q_outputs)
+        runs[shared] = (_tuned_state(res, block, LINEARS), len(calls))
+    (a, ca), (b, cb) = runs[True], runs[False]
+    assert len(set(a[0].losses)) > 1
+    assert_same_run(a, b, LINEARS, "shared")
     assert cb - ca == 2 * 4  # two calls fewer per forward, one forward per iteration
 
 
@@ -549,20 +553,16 @@ def test_linears_spread_over_two_gpus_change_nothing(ragged_block, name, iters):
     runs = {}
     for label, extra in {"one": {}, "two": dict(linear_devices=["cuda:0", "cuda:1"])}.items():
         block = fresh_block(model)
-        res = tune_block(block, inputs, spec, **kw, **extra)
-        runs[label] = (res, {n: block.get_submodule(n).weight.detach().cpu() for n in LINEARS})
+        runs[label] = _tuned_state(tune_block(block, inputs, spec, **kw, **extra), block, LINEARS)
         assert all(p.device == torch.device("cuda", 0) for p in block.parameters()), label
-    (one, w1), (two, w2) = runs["one"], runs["two"]
+    (one, _), (two, _) = runs["one"], runs["two"]
     assert set(two.placement.values()) == {"cuda:0", "cuda:1"} and not one.placement
     if iters and fusion.available():  # both fuse the element-wise ops (the default on a GPU)
         assert one.fused["rms_norm"] and two.fused == one.fused
     if iters:
         assert "spread over several devices" in two.eager_reason and one.eager_reason == ""
         assert len(set(one.losses)) > 1
-    assert two.losses == one.losses and (two.best_iter, two.best_loss) == (one.best_iter, one.best_loss)
-    assert all(torch.equal(w1[n], w2[n]) for n in LINEARS)
-    assert torch.equal(one.q_outputs.cpu(), two.q_outputs.cpu())
-    assert_same_qparams(two.qparams, one.qparams, "two")
+    assert_same_run(runs["two"], runs["one"], LINEARS, "two")
     assert all(t.device == torch.device("cuda", 0) for qp in two.qparams.values() for t in qp.values())
 
 
@@ -585,19 +585,6 @@ def test_profile_sums_kernels_by_kind():
 
 
 STEP_BACKENDS = ["kernels", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU"))]
-
-
-def _tuned_state(res, block, names):
-    return res, {n: block.get_submodule(n).weight.detach().cpu() for n in names}
-
-
-def assert_same_run(a, b, names, label):
-    (ra, wa), (rb, wb) = a, b
-    assert ra.losses == rb.losses, label
-    assert (ra.best_iter, ra.best_loss) == (rb.best_iter, rb.best_loss), label
-    assert all(torch.equal(wa[n], wb[n]) for n in names), label
-    assert torch.equal(ra.q_outputs.cpu(), rb.q_outputs.cpu()), label
-    assert_same_qparams(ra.qparams, rb.qparams, label)
 
 
 @pytest.mark.parametrize("name", ["nvfp4", "w4a16-asym-g32", "w8a16-perrow"])
