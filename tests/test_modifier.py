@@ -196,3 +196,13 @@ def test_cuda_backend_without_gpu_is_a_clear_error(tiny_model_dir):
     with pytest.raises(RuntimeError, match="backend='cuda'"):
         run(tiny_model_dir, AutoRoundModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"],
                                               iters=2, backend="cuda"))
+
+
+@pytest.mark.parametrize("backend", ["auto_round", "torch"])
+def test_cuda_only_options_with_another_backend_are_an_error(backend):
+    """fuse_elementwise=True and step_in_backward=True with a backend other than cuda stop
+    before any calibration work (auto_round would ignore them), naming the option."""
+    for option in ("fuse_elementwise", "step_in_backward"):
+        mod = AutoRoundModifier(targets="Linear", scheme="W4A16", backend=backend, **{option: True})
+        with pytest.raises(ValueError, match=f"{option}=True needs backend='cuda', got backend='{backend}'"):
+            mod.on_initialize(None)

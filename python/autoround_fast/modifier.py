@@ -139,9 +139,10 @@ class AutoRoundModifier(_StockAutoRoundModifier):
         return list(self._block_stats)
 
     def on_initialize(self, state, **kwargs) -> bool:
-        if self.fuse_elementwise and self.backend != "cuda":
-            raise ValueError(f"AutoRoundModifier: fuse_elementwise=True needs backend='cuda', got "
-                             f"backend={self.backend!r}")
+        for option in ("fuse_elementwise", "step_in_backward"):  # not silently ignored
+            if getattr(self, option) and self.backend != "cuda":
+                raise ValueError(f"AutoRoundModifier: {option}=True needs backend='cuda', got "
+                                 f"backend={self.backend!r}")
         if self.backend == "cuda":
             Backend("cuda")  # no kernels or no GPU: a clear error before any calibration work
         if self.backend != "auto_round":
