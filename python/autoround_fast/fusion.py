@@ -63,10 +63,7 @@ def _rotary_bshd(q, k, cos, sin):
     the layout the compiled backward was traced with, and the gradient of each projection's
     output comes out contiguous: no layout copy before the rotary backward, none before the
     projections' weight-gradient matmuls (each about 0.1 ms per iteration on an 8B block)."""
-    qs, ks = q.transpose(1, 2), k.transpose(1, 2)
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    q_out = (qs * cos) + (_rotate_half(qs) * sin)
-    k_out = (ks * cos) + (_rotate_half(ks) * sin)
+    q_out, k_out = _rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin, unsqueeze_dim=2)
     return q_out.transpose(1, 2), k_out.transpose(1, 2)
 
 
