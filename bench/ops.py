@@ -8,7 +8,8 @@ autograd, and of their kernels replayed from a CUDA graph (how the tuning engine
 GB/s of the graphed kernels over the fewest bytes the op must move, that as a share of the
 card's measured copy bandwidth; auto-round's functions eagerly (and INT also with
 torch.compile, which auto-round uses for INT but not for NVFP4), and the speed-ups. Also
-the weight backward that takes the sign step in place, beside our backward and step run apart.
+the weight backward that takes the sign step in place, beside our backward and step run apart,
+and SiLU(gate) * up with the W4A4 activation quantization in one op, beside the two run apart.
 """
 
 from __future__ import annotations
@@ -115,6 +116,28 @@ def bench_activation(shape, rows_out):
                      time_ms(_fwd_bwd(theirs_f, [x], g)), None, 10 * n))
 
 
+def bench_silu_mul_activation(shape, rows_out):
+    """SiLU(gate) * up fused with down_proj's W4A4 input quantization (one op, forward and
+    backward). The comparison columns time the path it replaces in the fused loop: the
+    compiled silu_mul (fusion.py's, Inductor), then our activation op."""
+    from autoround_fast import fusion
+
+    gate = torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    up = torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn_like(gate)
+    gs = ops.nvfp4_global_scale((torch.nn.functional.silu(gate) * up).detach().abs().amax().float())
+    ours_f = lambda: _ops.silu_mul_nvfp4_activation(gate, up, gs)
+    silu_mul = fusion._compiled("silu_mul", fusion._silu_mul)
+    sep_f = lambda: _ops.fake_quant_nvfp4_activation(silu_mul(gate, up), gs)
+    gd, ud = gate.detach(), up.detach()
+    raw_f = lambda: _ops.silu_mul_nvfp4_activation(gd, ud, gs)
+    raw_fb = lambda: (raw_f(), _ops.silu_mul_nvfp4_activation_backward(g, gd, ud, gs))
+    n = gate.numel()
+    rows_out.append(("silu x up + act fwd", shape, time_ms(ours_f), graph_ms(raw_f), time_ms(sep_f), None, 6 * n))
+    rows_out.append(("silu x up + act fwd+bwd", shape, time_ms(_fwd_bwd(ours_f, [gate, up], g)), graph_ms(raw_fb),
+                     time_ms(_fwd_bwd(sep_f, [gate, up], g)), None, 16 * n))
+
+
 def bench_loss(shape, rows_out):
     p = torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     r = torch.randn_like(p)
@@ -198,6 +221,7 @@ def main(argv=None):
         bench_int_weight(shape, rows)
     for shape in ACTIVATIONS:
         bench_activation(shape, rows)
+    bench_silu_mul_activation(ACTIVATIONS[1], rows)
     bench_loss((8, 2048, 4096), rows)
     bench_step((14336, 4096), rows)
     for shape in ((4096, 4096), (14336, 4096)):
@@ -207,7 +231,8 @@ def main(argv=None):
         "",
         "(sign step: the last columns time the torch ops the engine used before, not auto-round; "
         "bwd + step: they time our backward op followed by sign_step_ on each tunable, the path the "
-        "step inside the backward replaces)",
+        "step inside the backward replaces; silu x up + act: they time the compiled silu_mul, then our "
+        "activation op, the path the one op replaces)",
         "",
         "| op | shape | ours eager ms | ours graphed ms | GB/s (graphed) | % copy BW | auto-round eager ms "
         "| x (eager vs eager) | auto-round compiled ms | x (eager vs compiled) |",

@@ -30,6 +30,19 @@ const char* launch_fake_quant_nvfp4_activation(const Nvfp4ActArgs& a, void* out,
 const char* launch_fake_quant_nvfp4_activation_backward(const Nvfp4ActArgs& a, const void* grad,
                                                         void* grad_x, void* stream);
 
+// fake_quant_nvfp4_activation(T(T(silu(gate)) * up)), forward and backward, in one pass
+// (silu_act_cuda.cu): gate and up are [rows, cols] of one dtype.
+struct SiluMulActArgs {
+  int dtype;
+  int64_t rows, cols;
+  const void* gate;
+  const void* up;
+  const float* global_scale;
+};
+const char* launch_silu_mul_nvfp4_activation(const SiluMulActArgs& a, void* out, void* stream);
+const char* launch_silu_mul_nvfp4_activation_backward(const SiluMulActArgs& a, const void* grad,
+                                                      void* grad_gate, void* grad_up, void* stream);
+
 struct IntArgs {
   int dtype;
   int64_t rows, cols;

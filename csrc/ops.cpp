@@ -160,6 +160,8 @@ STABLE_TORCH_LIBRARY(autoround_fast, m) {
   m.def("fake_quant_nvfp4_backward(Tensor grad, Tensor weight, Tensor v, Tensor max_scale, Tensor global_scale) -> (Tensor, Tensor)");
   m.def("fake_quant_nvfp4_activation(Tensor x, Tensor global_scale) -> Tensor");
   m.def("fake_quant_nvfp4_activation_backward(Tensor grad, Tensor x, Tensor global_scale) -> Tensor");
+  m.def("silu_mul_nvfp4_activation(Tensor gate, Tensor up, Tensor global_scale) -> Tensor");
+  m.def("silu_mul_nvfp4_activation_backward(Tensor grad, Tensor gate, Tensor up, Tensor global_scale) -> (Tensor, Tensor)");
   m.def("fake_quant_int(Tensor weight, Tensor v, Tensor min_scale, Tensor max_scale, int bits, int group_size, bool sym, int scale_dtype) -> (Tensor, Tensor, Tensor)");
   m.def("fake_quant_int_backward(Tensor grad, Tensor weight, Tensor v, Tensor min_scale, Tensor max_scale, int bits, int group_size, bool sym, int scale_dtype) -> (Tensor, Tensor, Tensor)");
   m.def("masked_mse_loss(Tensor pred, Tensor ref, Tensor? mask) -> Tensor");

@@ -88,6 +88,21 @@ inline Nvfp4ActArgs nvfp4_act_args(const Tensor& x, const Tensor& gs, const char
                       static_cast<const float*>(gs.const_data_ptr())};
 }
 
+// gate and up of a SiLU-gated MLP: one dtype, one shape, contiguous; viewed as [rows, cols].
+inline SiluMulActArgs silu_mul_act_args(const Tensor& gate, const Tensor& up, const Tensor& gs,
+                                        const char* op) {
+  STD_TORCH_CHECK(gate.dim() >= 1 && gate.numel() > 0, op, ": gate must be a non-empty tensor");
+  STD_TORCH_CHECK(gate.is_contiguous(), op, ": gate must be contiguous");
+  STD_TORCH_CHECK(up.dim() == gate.dim(), op, ": up must have gate's shape");
+  for (int64_t d = 0; d < gate.dim(); ++d)
+    STD_TORCH_CHECK(up.size(d) == gate.size(d), op, ": up must have gate's shape");
+  check_like(gate, up, op, "up");
+  const int64_t cols = gate.size(gate.dim() - 1);
+  check_fp32(gate, gs, 1, op, "global_scale");
+  return SiluMulActArgs{float_code(gate, op, "gate"), gate.numel() / cols, cols, gate.const_data_ptr(),
+                        up.const_data_ptr(), static_cast<const float*>(gs.const_data_ptr())};
+}
+
 // auto-round's grouping: group_size -1, or one larger than the row, means one group per row.
 inline int64_t int_group(int64_t cols, int64_t group_size) {
   return (group_size == -1 || cols < group_size) ? cols : group_size;

@@ -87,6 +87,28 @@ Tensor fake_quant_nvfp4_activation_backward_cuda(Tensor grad, Tensor x, Tensor g
   return gx;
 }
 
+Tensor silu_mul_nvfp4_activation_cuda(Tensor gate, Tensor up, Tensor gs) {
+  const char* op = "silu_mul_nvfp4_activation";
+  CudaContext ctx({&gate, &up, &gs}, op);
+  SiluMulActArgs a = silu_mul_act_args(gate, up, gs, op);
+  Tensor out = torch::stable::empty_like(gate);
+  check_launch(launch_silu_mul_nvfp4_activation(a, out.mutable_data_ptr(), ctx.stream), op);
+  return out;
+}
+
+std::tuple<Tensor, Tensor> silu_mul_nvfp4_activation_backward_cuda(Tensor grad, Tensor gate, Tensor up, Tensor gs) {
+  const char* op = "silu_mul_nvfp4_activation_backward";
+  CudaContext ctx({&gate, &grad, &up, &gs}, op);
+  SiluMulActArgs a = silu_mul_act_args(gate, up, gs, op);
+  check_like(gate, grad, op, "grad");
+  Tensor gg = torch::stable::empty_like(gate);
+  Tensor gu = torch::stable::empty_like(up);
+  check_launch(launch_silu_mul_nvfp4_activation_backward(a, grad.const_data_ptr(), gg.mutable_data_ptr(),
+                                                         gu.mutable_data_ptr(), ctx.stream),
+               op);
+  return {gg, gu};
+}
+
 std::tuple<Tensor, Tensor, Tensor> fake_quant_int_cuda(Tensor w, Tensor v, Tensor mn, Tensor mx,
                                                        int64_t bits, int64_t group_size, bool sym,
                                                        int64_t scale_dtype) {
@@ -183,6 +205,8 @@ STABLE_TORCH_LIBRARY_IMPL(autoround_fast, CUDA, m) {
   m.impl("fake_quant_nvfp4_backward", TORCH_BOX(&fake_quant_nvfp4_backward_cuda));
   m.impl("fake_quant_nvfp4_activation", TORCH_BOX(&fake_quant_nvfp4_activation_cuda));
   m.impl("fake_quant_nvfp4_activation_backward", TORCH_BOX(&fake_quant_nvfp4_activation_backward_cuda));
+  m.impl("silu_mul_nvfp4_activation", TORCH_BOX(&silu_mul_nvfp4_activation_cuda));
+  m.impl("silu_mul_nvfp4_activation_backward", TORCH_BOX(&silu_mul_nvfp4_activation_backward_cuda));
   m.impl("fake_quant_int", TORCH_BOX(&fake_quant_int_cuda));
   m.impl("fake_quant_int_backward", TORCH_BOX(&fake_quant_int_backward_cuda));
   m.impl("masked_mse_loss", TORCH_BOX(&masked_mse_loss_cuda));

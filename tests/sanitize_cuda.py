@@ -45,6 +45,8 @@ def main():
             y = ops.fake_quant_nvfp4_activation(x, ops.nvfp4_global_scale(x))
             loss = ops.masked_mse_loss(y, torch.randn_like(y), torch.ones(15, device="cuda"))
             loss.backward()
+            gate, up = (torch.randn(3, 5, cols, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+            ops.silu_mul_nvfp4_activation(gate, up, ops.nvfp4_global_scale(up)).float().sum().backward()
     for n, offset in ((4096, 0), (1001, 1)):  # the step's 16-byte and scalar paths
         buf = [torch.randn(n + offset, device="cuda")[offset:] for _ in range(3)]
         for improved in (True, False):

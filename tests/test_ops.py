@@ -200,6 +200,69 @@ def test_nvfp4_activation_equals_auto_round(device, dtype, shape):
     assert_grad_close(got, want_gx, eps, "activation grad")
 
 
+def _silu_gate_inputs(shape, dtype, gen):
+    """gate and up as a Llama MLP's: gate with the edges of silu (large negative values, where
+    exp(-x) overflows and silu is -0; large positive ones; zeros), and up with zeros."""
+    gate = torch.randn(shape, generator=gen) * 3
+    up = torch.randn(shape, generator=gen)
+    flat_g, flat_u = gate.view(-1), up.view(-1)
+    flat_g[::37] = -100.0
+    flat_g[5::41] = 90.0
+    flat_g[7::43] = 0.0
+    flat_u[11::47] = 0.0
+    return gate.to(dtype), up.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 9, 64), (3, 70), (5, 8), (4, 1040)])
+def test_silu_mul_activation_equals_the_composition(device, dtype, shape):
+    """The fused op against its definition run eagerly on the same device: PyTorch's silu and
+    multiply, then our activation op (itself bit for bit auto-round's, above). Forward and
+    both gradients bit for bit: the CUDA kernel computes silu and its gradient with PyTorch's
+    formulas and roundings (silu_act_cuda.cu), the CPU op is the composition. On the CPU also
+    the oracle (reference.py), forward bit for bit."""
+    gen = torch.Generator().manual_seed(17)
+    gate, up = _silu_gate_inputs(shape, dtype, gen)
+    grad = torch.randn(shape, generator=gen).to(dtype)
+    gate, up, grad = to(device, gate, up, grad)
+    gs = ops.nvfp4_global_scale((torch.nn.functional.silu(gate) * up).abs().amax().float())
+
+    def run(fn):
+        g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
+        y = fn(g, u)
+        y.backward(grad)
+        return y.detach(), g.grad, u.grad
+
+    fused = run(lambda g, u: ops.silu_mul_nvfp4_activation(g, u, gs))
+    eager = run(lambda g, u: ops.fake_quant_nvfp4_activation(torch.nn.functional.silu(g) * u, gs))
+    for name, a, b in zip(("output", "grad gate", "grad up"), fused, eager):
+        assert a.dtype == dtype and a.shape == gate.shape
+        assert torch.equal(a, b), f"{name}: {int((a != b).sum())} of {a.numel()} differ"
+    assert fused[1].abs().sum() > 0 and fused[2].abs().sum() > 0
+    if device == "cpu":
+        assert torch.equal(fused[0], reference.silu_mul_nvfp4_activation(gate, up, gs))
+
+
+def test_silu_mul_activation_bad_arguments_name_the_tensor(device):
+    gate = torch.randn(4, 32, device=device, dtype=torch.bfloat16)
+    gs = torch.ones((), device=device)
+    with pytest.raises(ValueError, match=r"silu_mul_nvfp4_activation: up must match gate \(\(4, 32\), "
+                                         r"torch.bfloat16.*got \(\(4, 16\)"):
+        ops.silu_mul_nvfp4_activation(gate, gate[:, :16], gs)
+    with pytest.raises(ValueError, match=r"silu_mul_nvfp4_activation: up must match gate .*got \(\(4, 32\), "
+                                         r"torch.float32"):
+        ops.silu_mul_nvfp4_activation(gate, gate.float(), gs)
+    with pytest.raises(ValueError, match="silu_mul_nvfp4_activation: global_scale must have 1 elements"):
+        ops.silu_mul_nvfp4_activation(gate, gate, torch.ones(2, device=device))
+    bad = gate.clone()
+    bad[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="silu_mul_nvfp4_activation: up has non-finite values"):
+        ops.silu_mul_nvfp4_activation(gate, bad, gs)
+    if device == "cuda":  # the raw op's own checks, past the Python wrapper
+        with pytest.raises(RuntimeError, match="silu_mul_nvfp4_activation: up must have gate's shape"):
+            torch.ops.autoround_fast.silu_mul_nvfp4_activation(gate, gate.t().contiguous(), gs.reshape(1))
+
+
 # --------------------------------------------------------------------------------------
 # INT weights
 # --------------------------------------------------------------------------------------
@@ -420,6 +483,8 @@ def _opcheck_cases(device):
         (o.fake_quant_nvfp4_backward, (g, w, v.detach(), ms.detach(), gs)),
         (o.fake_quant_nvfp4_activation, (x, gs)),
         (o.fake_quant_nvfp4_activation_backward, (gx, x.detach(), gs)),
+        (o.silu_mul_nvfp4_activation, (x, gx.clone().requires_grad_(), gs)),
+        (o.silu_mul_nvfp4_activation_backward, (gx, x.detach(), gx, gs)),
         (o.fake_quant_int, (w, v, mn, mx, 4, 32, True, 5)),
         (o.fake_quant_int, (w, v, mn[:, :1].detach().clone().requires_grad_(), mx[:, :1].detach().clone().requires_grad_(), 3, -1, False, 15)),
         (o.fake_quant_int_backward, (g, w, v.detach(), mn.detach(), mx.detach(), 4, 32, False, 5)),

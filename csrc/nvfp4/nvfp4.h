@@ -70,25 +70,44 @@ AF_HD float nvfp4_grad_through_scale(float g_os, const Nvfp4Scale& sc, float gs,
 // Backward for one group. x: weight values (fp32), v: offsets, g: upstream gradient already
 // rounded through the output dtype. Writes dV per element, returns d(loss)/d(max_scale).
 // Also returns through g_m the gradient reaching m = amax * max_scale (for activations).
+// One element's part of the group backward: returns gc = d(loss)/d(V) (the straight-through
+// gradient) and sets *q to the element's FP4 value.
+AF_HD float nvfp4_element_grad(float x, float v, float g, const Nvfp4Scale& sc, float* q) {
+  float y = add_rn(mul_rn(x, sc.os), v);
+  float c = fmin_(fmax_(y, -6.0f), 6.0f);
+  *q = signed_fp4(c);
+  float gq = mul_rn(g, sc.r);
+  return (y >= -6.0f && y <= 6.0f && y != 0.f) ? gq : 0.f;
+}
+
+// The group's sums over its elements, in element order, as autograd reduces them.
+struct Nvfp4GroupSums {
+  float g_os_y = 0.f;  // from y = x * os + v
+  float g_r = 0.f;     // from Wq = q * r
+  AF_HD void add(float x, float g, float gc, float q) {
+    g_os_y = add_rn(g_os_y, mul_rn(gc, x));
+    g_r = add_rn(g_r, mul_rn(g, q));
+  }
+  // d(loss)/d(m), m = amax * max_scale
+  AF_HD float g_m(const Nvfp4Scale& sc, float gs, float inv_gs) const {
+    // r = reciprocal(os): d os = -g_r * (r * r)
+    float g_os = add_rn(g_os_y, mul_rn(-g_r, mul_rn(sc.r, sc.r)));
+    return nvfp4_grad_through_scale(g_os, sc, gs, inv_gs);
+  }
+};
+
 AF_HD float nvfp4_group_backward(const float* x, const float* v, const float* g, int n,
                                  float amax, float max_scale, float gs, float inv_gs,
                                  float* gv, float* g_m_out) {
   Nvfp4Scale sc = nvfp4_group_scale(amax, max_scale, gs, inv_gs);
-  float g_os_y = 0.f;  // from y = x * os + v
-  float g_r = 0.f;     // from Wq = q * r
+  Nvfp4GroupSums sums;
   for (int j = 0; j < n; ++j) {
-    float y = add_rn(mul_rn(x[j], sc.os), v[j]);
-    float c = fmin_(fmax_(y, -6.0f), 6.0f);
-    float q = signed_fp4(c);
-    float gq = mul_rn(g[j], sc.r);
-    float gc = (y >= -6.0f && y <= 6.0f && y != 0.f) ? gq : 0.f;
+    float q;
+    float gc = nvfp4_element_grad(x[j], v[j], g[j], sc, &q);
     gv[j] = gc;
-    g_os_y = add_rn(g_os_y, mul_rn(gc, x[j]));
-    g_r = add_rn(g_r, mul_rn(g[j], q));
+    sums.add(x[j], g[j], gc, q);
   }
-  // r = reciprocal(os): d os = -g_r * (r * r)
-  float g_os = add_rn(g_os_y, mul_rn(-g_r, mul_rn(sc.r, sc.r)));
-  float g_m = nvfp4_grad_through_scale(g_os, sc, gs, inv_gs);
+  float g_m = sums.g_m(sc, gs, inv_gs);
   if (g_m_out) *g_m_out = g_m;
   return mul_rn(g_m, amax);  // m = amax * max_scale
 }

@@ -3,73 +3,11 @@
 // the CPU kernels, so both produce the same bits.
 #include "../common/cuda_utils.cuh"
 #include "../launchers.h"
-#include "nvfp4.h"
+#include "nvfp4_cuda.cuh"
 
 namespace autoround_fast {
 namespace {
-
-constexpr int kThreads = 256;
-
-template <typename T, bool kVec>
-__device__ __forceinline__ int load_group(const T* src, int n, float* x, float* amax) {
-  if constexpr (kVec) {
-    load_vec<T, kNvfp4Group>(src, x);
-  } else {
-    for (int j = 0; j < n; ++j) x[j] = to_f32(src[j]);
-  }
-  float m = 0.f;
-#pragma unroll
-  for (int j = 0; j < kNvfp4Group; ++j)
-    if (kVec || j < n) m = fmax_(m, fabs_(x[j]));
-  *amax = m;
-  return kVec ? kNvfp4Group : n;
-}
-
-template <bool kVec, bool kNc = true>
-__device__ __forceinline__ void load_f32(const float* src, int n, float* x) {
-  if constexpr (kVec) {
-    load_vec<float, kNvfp4Group, kNc>(src, x);
-  } else {
-    for (int j = 0; j < n; ++j) x[j] = load_ro<kNc>(src + j);
-  }
-}
-
-template <typename T, bool kVec>
-__device__ __forceinline__ void store_group(T* dst, int n, const float* y) {
-  if constexpr (kVec) {
-    store_vec<T, kNvfp4Group>(dst, y);
-  } else {
-    for (int j = 0; j < n; ++j) dst[j] = from_f32<T>(y[j]);
-  }
-}
-
-struct GroupIndex {
-  int64_t base;
-  int n;
-};
-
-// The grid-stride loop of every kernel here, one thread per 16-element group of a [rows, cols]
-// tensor: body(gi, where group gi starts and how many elements it has). Unrolling the
-// activation kernels by 2 groups per thread, all loaded before the first use, lowered
-// occupancy and bandwidth on the H100 (63% -> 49% of copy bandwidth for fwd+bwd, NOTES.md).
-// kWhole (rows are whole groups, the vector path): group gi starts at element 16 * gi, so
-// the loop needs no 64-bit division by the groups per row.
-template <bool kWhole, typename F>
-__device__ __forceinline__ void for_each_group(int64_t rows, int64_t cols, F&& body) {
-  const int64_t groups = (cols + kNvfp4Group - 1) / kNvfp4Group;
-  const int64_t total = rows * groups;
-  for (int64_t gi = blockIdx.x * (int64_t)kThreads + threadIdx.x; gi < total;
-       gi += (int64_t)gridDim.x * kThreads) {
-    if constexpr (kWhole) {
-      body(gi, GroupIndex{gi * kNvfp4Group, kNvfp4Group});
-    } else {
-      const int64_t r = gi / groups, k = gi - r * groups;
-      const int64_t start = k * kNvfp4Group;
-      const int64_t rest = cols - start;
-      body(gi, GroupIndex{r * cols + start, static_cast<int>(rest < kNvfp4Group ? rest : kNvfp4Group)});
-    }
-  }
-}
+using namespace nvfp4_cuda;
 
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_kernel(Nvfp4Args a, T* out, float* scale) {
@@ -144,13 +82,6 @@ __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_activation_backward
   });
 }
 
-bool whole_groups(int64_t cols, std::initializer_list<const void*> ptrs) {
-  if (cols % kNvfp4Group != 0) return false;
-  for (const void* p : ptrs)
-    if (!aligned16(p)) return false;
-  return true;
-}
-
 }  // namespace
 
 const char* launch_fake_quant_nvfp4(const Nvfp4Args& a, void* out, float* scale, void* stream) {
@@ -168,6 +99,7 @@ const char* launch_fake_quant_nvfp4(const Nvfp4Args& a, void* out, float* scale,
 }
 
 namespace {
+using namespace nvfp4_cuda;
 
 template <typename Out>
 const char* launch_nvfp4_backward(const Nvfp4Args& a, const void* grad, Out out,

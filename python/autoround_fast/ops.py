@@ -17,6 +17,7 @@ from . import _lib  # noqa: F401  (loads the library)
 __all__ = [
     "fake_quant_nvfp4",
     "fake_quant_nvfp4_activation",
+    "silu_mul_nvfp4_activation",
     "fake_quant_int",
     "masked_mse_loss",
     "sign_step_",
@@ -77,6 +78,31 @@ def _(x, global_scale):
 @torch.library.register_fake("autoround_fast::fake_quant_nvfp4_activation_backward")
 def _(grad, x, global_scale):
     return torch.empty_like(x)
+
+
+@torch.library.register_fake("autoround_fast::silu_mul_nvfp4_activation")
+def _(gate, up, global_scale):
+    return torch.empty_like(gate)
+
+
+@torch.library.register_fake("autoround_fast::silu_mul_nvfp4_activation_backward")
+def _(grad, gate, up, global_scale):
+    return torch.empty_like(gate), torch.empty_like(up)
+
+
+# The CPU implementation of the fused SiLU-gate op is its definition: PyTorch's own silu,
+# multiply and silu_backward around our activation kernels (the fusion only pays on the GPU,
+# where silu_act_cuda.cu computes the same bits in one pass).
+@torch.library.impl("autoround_fast::silu_mul_nvfp4_activation", "CPU")
+def _(gate, up, global_scale):
+    return _ops.fake_quant_nvfp4_activation(torch.nn.functional.silu(gate) * up, global_scale)
+
+
+@torch.library.impl("autoround_fast::silu_mul_nvfp4_activation_backward", "CPU")
+def _(grad, gate, up, global_scale):
+    s = torch.nn.functional.silu(gate)
+    dm = _ops.fake_quant_nvfp4_activation_backward(grad, s * up, global_scale)
+    return torch.ops.aten.silu_backward(dm * up, gate), dm * s
 
 
 @torch.library.register_fake("autoround_fast::fake_quant_int")
@@ -157,6 +183,22 @@ def _act_backward(ctx, grad_out):
 
 torch.library.register_autograd(
     "autoround_fast::fake_quant_nvfp4_activation", _act_backward, setup_context=_act_setup
+)
+
+
+def _silu_act_setup(ctx, inputs, output):
+    gate, up, global_scale = inputs
+    ctx.save_for_backward(gate, up, global_scale)
+
+
+def _silu_act_backward(ctx, grad_out):
+    gate, up, global_scale = ctx.saved_tensors
+    dgate, dup = _ops.silu_mul_nvfp4_activation_backward(grad_out.contiguous(), gate, up, global_scale)
+    return dgate, dup, None
+
+
+torch.library.register_autograd(
+    "autoround_fast::silu_mul_nvfp4_activation", _silu_act_backward, setup_context=_silu_act_setup
 )
 
 
@@ -298,6 +340,16 @@ def _check_weight(weight: torch.Tensor, op: str) -> None:
     _check_float(weight, "weight", op)
 
 
+def _check_pair(a: torch.Tensor, b: torch.Tensor, a_name: str, b_name: str, op: str) -> None:
+    """a non-empty and of a float dtype; b of a's shape, dtype and device."""
+    if a.dim() < 1 or a.numel() == 0:
+        _fail(op, f"{a_name} must be a non-empty tensor")
+    _check_float(a, a_name, op)
+    if b.shape != a.shape or b.dtype != a.dtype or b.device != a.device:
+        _fail(op, f"{b_name} must match {a_name} ({tuple(a.shape)}, {a.dtype}, {a.device}); got "
+                  f"({tuple(b.shape)}, {b.dtype}, {b.device})")
+
+
 def _check_finite(t: torch.Tensor, what: str, op: str) -> None:
     # One reduction (a sync on the GPU): the tuning engine calls torch.ops directly after
     # checking each weight once. Skipped while torch.compile traces (it would break the graph).
@@ -364,6 +416,26 @@ def fake_quant_nvfp4_activation(x: torch.Tensor, global_scale: torch.Tensor) -> 
     return _ops.fake_quant_nvfp4_activation(x.contiguous(), global_scale.reshape(1))
 
 
+def silu_mul_nvfp4_activation(gate: torch.Tensor, up: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """``fake_quant_nvfp4_activation(F.silu(gate) * up, global_scale)`` in one pass: the input
+    of a SiLU-gated MLP's down projection under W4A4, without the product going through
+    memory (the backward recomputes it from ``gate`` and ``up``). The same bits, forward and
+    backward, as that eager composition: silu in fp32 rounded to the dtype, the product
+    rounded to the dtype, then :func:`fake_quant_nvfp4_activation`; the gradients are
+    autograd's through the three. Differentiable in ``gate`` and ``up``.
+
+    Args:
+        gate, up: one shape and float dtype; groups of 16 run along the last dimension.
+        global_scale: fp32 scalar, the activation's static global scale.
+    """
+    op = "silu_mul_nvfp4_activation"
+    _check_pair(gate, up, "gate", "up", op)
+    _check_param(gate, global_scale, 1, "global_scale", op)
+    _check_finite(gate, "gate", op)
+    _check_finite(up, "up", op)
+    return _ops.silu_mul_nvfp4_activation(gate.contiguous(), up.contiguous(), global_scale.reshape(1))
+
+
 def fake_quant_int(
     weight: torch.Tensor,
     v: torch.Tensor,
@@ -427,12 +499,7 @@ def masked_mse_loss(
     ``pred``. ``mask`` has one entry per token (pred.numel() / pred.shape[-1]).
     """
     op = "masked_mse_loss"
-    if pred.dim() < 1 or pred.numel() == 0:
-        _fail(op, "pred must be a non-empty tensor")
-    _check_float(pred, "pred", op)
-    if ref.shape != pred.shape or ref.dtype != pred.dtype or ref.device != pred.device:
-        _fail(op, f"ref must match pred ({tuple(pred.shape)}, {pred.dtype}, {pred.device}); got "
-                  f"({tuple(ref.shape)}, {ref.dtype}, {ref.device})")
+    _check_pair(pred, ref, "pred", "ref", op)
     if mask is not None:
         tokens = pred.numel() // pred.shape[-1]
         if mask.numel() != tokens:

@@ -18,6 +18,7 @@ from .ops import E4M3_MAX, FP4_MAX, NVFP4_GROUP, int_num_groups
 __all__ = [
     "fake_quant_nvfp4",
     "fake_quant_nvfp4_activation",
+    "silu_mul_nvfp4_activation",
     "fake_quant_int",
     "masked_mse_loss",
 ]
@@ -90,6 +91,11 @@ def fake_quant_nvfp4_activation(x, global_scale):
     xg, _ = _groups(x2, NVFP4_GROUP)
     q, _ = _nvfp4_groups(xg, 0, 1.0, global_scale.to(torch.float32).reshape(()))
     return _ungroup(q, x2.shape[0], shape[-1]).to(x.dtype).reshape(shape)
+
+
+def silu_mul_nvfp4_activation(gate, up, global_scale):
+    """Oracle of :func:`autoround_fast.ops.silu_mul_nvfp4_activation`: its definition."""
+    return fake_quant_nvfp4_activation(torch.nn.functional.silu(gate) * up, global_scale)
 
 
 def fake_quant_int(weight, v, min_scale, max_scale, bits, group_size, sym, scale_dtype=torch.float16):

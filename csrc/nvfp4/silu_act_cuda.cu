@@ -1,0 +1,166 @@
+// SiLU(gate) * up followed by W4A4's NVFP4 activation fake quantization, in one pass, forward
+// and backward: a Llama MLP's down_proj input under W4A4. The product m never goes through
+// memory; the backward recomputes it from gate and up.
+//
+// The bits are those of the eager composition fake_quant_nvfp4_activation(F.silu(gate) * up):
+//   s  = T(silu(gate))              silu in fp32, rounded to the dtype T (F.silu)
+//   m  = T(s * up)                  (the bf16/fp16 multiply computes in fp32 and rounds)
+//   out = act_qdq(m)                (nvfp4.h, as fake_quant_nvfp4_activation)
+// and backward, as autograd runs it:
+//   dm    = act_backward(grad, m)   (rounded to T, as the act op's gradient)
+//   dup   = T(dm * s)
+//   dgate = T(silu_backward(T(dm * up), gate))
+//
+// SiLU and its gradient are PyTorch's eager CUDA formulas (ActivationSiluKernel.cu), in fp32:
+//   silu(x) = x / (1 + exp(-x)),   silu_backward(dy, x) = dy * s * (1 + x * (1 - s)),
+//   s = 1 / (1 + exp(-x)).
+// PyTorch compiles them with nvcc's default FMA contraction, which fuses expf's last multiply
+// with the "+ 1" and x * (1 - s) + 1 into FMAs; the same source without contraction rounds
+// differently. So this file, alone among the .cu files, is built with --fmad=true
+// (CMakeLists.txt); everything else in it rounds through the explicit *_rn intrinsics of
+// numerics.h, which no contraction touches.
+#include "../common/cuda_utils.cuh"
+#include "../launchers.h"
+#include "nvfp4_cuda.cuh"
+
+namespace autoround_fast {
+namespace {
+using namespace nvfp4_cuda;
+
+__device__ __forceinline__ float silu_eager(float x) { return x / (1.0f + expf(-x)); }
+
+__device__ __forceinline__ float silu_backward_eager(float dy, float x) {
+  const float s = 1.0f / (1.0f + expf(-x));
+  return dy * s * (1.0f + x * (1.0f - s));
+}
+
+// m = T(T(silu(gate)) * up) for the group's values; s keeps T(silu(gate)) when given.
+template <typename T, bool kVec>
+__device__ __forceinline__ void silu_mul(const float* gate, const float* up, int n, float* m, float* s) {
+#pragma unroll
+  for (int j = 0; j < kNvfp4Group; ++j) {
+    if (kVec || j < n) {
+      const float sj = round_through<T>(silu_eager(gate[j]));
+      if (s) s[j] = sj;
+      m[j] = round_through<T>(mul_rn(sj, up[j]));
+    }
+  }
+}
+
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads) silu_mul_act_kernel(SiluMulActArgs a, T* out) {
+  const float gs = __ldg(a.global_scale), inv_gs = inv_global_scale(gs);
+  const T* gate = static_cast<const T*>(a.gate);
+  const T* up = static_cast<const T*>(a.up);
+  for_each_group<kVec>(a.rows, a.cols, [&](int64_t, GroupIndex g) {
+    float x[kNvfp4Group], u[kNvfp4Group];
+    load_vals<T, kVec>(gate + g.base, g.n, x);
+    load_vals<T, kVec>(up + g.base, g.n, u);
+    silu_mul<T, kVec>(x, u, g.n, x, nullptr);
+    const Nvfp4Scale sc = nvfp4_group_scale(group_amax<kVec>(x, g.n), 1.0f, gs, inv_gs);
+#pragma unroll
+    for (int j = 0; j < kNvfp4Group; ++j)
+      if (kVec || j < g.n) x[j] = nvfp4_qdq(x[j], 0.f, sc);
+    store_group<T, kVec>(out + g.base, g.n, x);
+  });
+}
+
+// The backward keeps gate, up, the gradient and T(silu(gate)) as loaded (RawGroup, two
+// 16-bit values to a register) and recomputes m = T(s * up) and each element's
+// straight-through gradient where they are needed (for the group's sums, then for the
+// output) rather than holding them in fp32: far fewer registers, so more groups in flight.
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads) silu_mul_act_backward_kernel(SiluMulActArgs a, const T* grad,
+                                                                         T* grad_gate, T* grad_up) {
+  const float gs = __ldg(a.global_scale), inv_gs = inv_global_scale(gs);
+  const T* gate = static_cast<const T*>(a.gate);
+  const T* up = static_cast<const T*>(a.up);
+  for_each_group<kVec>(a.rows, a.cols, [&](int64_t, GroupIndex g) {
+    const int n = g.n;
+    RawGroup<T, kVec> gt, u, gr, s;
+    gt.load(gate + g.base, n);
+    u.load(up + g.base, n);
+    gr.load(grad + g.base, n);
+    auto m_at = [&](int j) { return round_through<T>(mul_rn(s[j], u[j])); };
+    float amax = 0.f;
+#pragma unroll
+    for (int j = 0; j < kNvfp4Group; ++j) {
+      if (kVec || j < n) {
+        s.set(j, silu_eager(gt[j]));  // T(silu(gate))
+        amax = fmax_(amax, fabs_(m_at(j)));
+      }
+    }
+    const Nvfp4Scale sc = nvfp4_group_scale(amax, 1.0f, gs, inv_gs);
+    s.fence();
+    u.fence();
+    gt.fence();
+    Nvfp4GroupSums sums;
+    int arg = -1;  // the first element with |m| == amax (torch.max's index)
+#pragma unroll
+    for (int j = 0; j < kNvfp4Group; ++j) {
+      if (kVec || j < n) {
+        const float m = m_at(j);
+        if (arg < 0 && fabs_(m) == amax) arg = j;
+        float q;
+        const float gc = nvfp4_element_grad(m, 0.f, gr[j], sc, &q);
+        sums.add(m, gr[j], gc, q);
+      }
+    }
+    const float g_m = sums.g_m(sc, gs, inv_gs);
+    s.fence();
+    u.fence();
+    gr.fence();
+#pragma unroll
+    for (int j = 0; j < kNvfp4Group; ++j) {
+      if (kVec || j < n) {
+        const float m = m_at(j);
+        float q;
+        const float gc = nvfp4_element_grad(m, 0.f, gr[j], sc, &q);
+        const float dm = round_through<T>(nvfp4_act_grad<T>(gc, sc.os, g_m, m, j == arg));
+        const float dgate = silu_backward_eager(round_through<T>(mul_rn(dm, u[j])), gt[j]);
+        const float dup = mul_rn(dm, s[j]);
+        gt.set(j, dgate);  // gate, up: element j is not read again
+        u.set(j, dup);
+      }
+    }
+    gt.store(grad_gate + g.base, n);
+    u.store(grad_up + g.base, n);
+  });
+}
+
+}  // namespace
+
+const char* launch_silu_mul_nvfp4_activation(const SiluMulActArgs& a, void* out, void* stream) {
+  const int64_t total = a.rows * ((a.cols + kNvfp4Group - 1) / kNvfp4Group);
+  const bool vec = whole_groups(a.cols, {a.gate, a.up, out});
+  auto s = static_cast<cudaStream_t>(stream);
+  with_float_type(a.dtype, [&](auto t) {
+    using T = decltype(t);
+    if (vec)
+      silu_mul_act_kernel<T, true><<<grid_for(total, kThreads), kThreads, 0, s>>>(a, static_cast<T*>(out));
+    else
+      silu_mul_act_kernel<T, false><<<grid_for(total, kThreads), kThreads, 0, s>>>(a, static_cast<T*>(out));
+  });
+  return launch_status();
+}
+
+const char* launch_silu_mul_nvfp4_activation_backward(const SiluMulActArgs& a, const void* grad,
+                                                      void* grad_gate, void* grad_up, void* stream) {
+  const int64_t total = a.rows * ((a.cols + kNvfp4Group - 1) / kNvfp4Group);
+  const bool vec = whole_groups(a.cols, {a.gate, a.up, grad, grad_gate, grad_up});
+  auto s = static_cast<cudaStream_t>(stream);
+  with_float_type(a.dtype, [&](auto t) {
+    using T = decltype(t);
+    auto gg = static_cast<T*>(grad_gate);
+    auto gu = static_cast<T*>(grad_up);
+    if (vec)
+      silu_mul_act_backward_kernel<T, true><<<grid_for(total, kThreads), kThreads, 0, s>>>(
+          a, static_cast<const T*>(grad), gg, gu);
+    else
+      silu_mul_act_backward_kernel<T, false><<<grid_for(total, kThreads), kThreads, 0, s>>>(
+          a, static_cast<const T*>(grad), gg, gu);
+  });
+  return launch_status();
+}
+
+}  // namespace autoround_fast
