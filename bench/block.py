@@ -37,6 +37,8 @@ from bench.common import quant_kwargs
 CUDA_VARIANTS = {
     "cuda-nofuse": (dict(fuse_elementwise=False), "fusing the element-wise ops"),
     "cuda-sepstep": (dict(step_in_backward=False), "the sign step inside the weight backward"),
+    # not a modifier option: fusion.SILU_MUL_ACT_QUANT, off for this run
+    "cuda-sepact": (dict(silu_mul_act=False), "SiLU x up fused with down_proj's W4A4 input quantization"),
 }
 
 SHAPES = {  # hidden, intermediate, heads, kv heads, vocab
@@ -164,6 +166,9 @@ def run_backend(backend: str, scheme: str, args, tmp: str) -> dict:
     # the CUDA_VARIANTS: backend cuda with one optimisation off, for its ratio on the same card
     # in the same run
     options = {"fuse_elementwise": args.fuse, **CUDA_VARIANTS.get(backend, ({}, ""))[0]}
+    from autoround_fast import fusion
+
+    fusion.SILU_MUL_ACT_QUANT = options.pop("silu_mul_act", True)
     mod = AutoRoundModifier(**quant_kwargs(scheme), iters=args.iters,
                             batch_size=args.batch_size, backend="cuda" if backend in CUDA_VARIANTS else backend,
                             enable_torch_compile=args.compile, cache_on_cpu=args.cache_on_cpu,

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from autoround_fast import fusion
+from autoround_fast import fusion, ops
 from autoround_fast.engine import QuantSpec, tune_block
 from conftest import HAS_CUDA, capture_block_inputs, tiny_llama
 
@@ -70,6 +70,52 @@ def test_fused_block_computes_what_the_block_computes(model_and_inputs, device, 
     torch.testing.assert_close(o1, o0, **tol)
     torch.testing.assert_close(g1, g0, **tol)
     assert not torch.equal(g0, torch.zeros_like(g0))
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+def test_w4a4_mlp_quantizes_down_projs_input_in_one_op(model_and_inputs, device, dtype):
+    """Under W4A4 on the kernels, the fused MLP computes SiLU(gate) * up and down_proj's
+    activation quantization as one op and hands down_proj its input quantized: the output and
+    every gradient (the MLP input's, each Linear's V and scales) equal the unfused MLP's bit
+    for bit, since the op computes eager's silu and product and our activation op's bits."""
+    from autoround_fast.engine import Backend, TunedLinear, _ActQuantLinear
+
+    model, _ = model_and_inputs
+    be = Backend("kernels" if device == "cpu" else "cuda")
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.randn(2, 8, 64, generator=gen).to(device=device, dtype=dtype)
+    act_gs = ops.nvfp4_global_scale(torch.tensor(6.0)).to(device)
+    runs = []
+    for fuse in (False, True):
+        mlp = copy.deepcopy(model.model.layers[0].mlp).to(device=device, dtype=dtype)
+        tuned = {}
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            lin = getattr(mlp, name)
+            tuned[name] = TunedLinear(lin, QuantSpec("nvfp4", act=True), be, ops.nvfp4_global_scale(lin.weight),
+                                      act_gs)
+            setattr(mlp, name, tuned[name])
+        seen = []
+        tuned["down_proj"].register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("input_quantized", False)),
+                                                     with_kwargs=True)
+        x = x0.clone().requires_grad_()
+        with fusion.fused_elementwise(mlp, fuse):
+            out = mlp(x)
+            out.float().square().sum().backward()
+        assert seen == [fuse]
+        grads = [x.grad] + [p.grad for tl in tuned.values() for p in tl.tunables()]
+        runs.append([out.detach()] + grads)
+        assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b), f"{int((a != b).sum())} of {a.numel()} differ"
+    # the output pass's inference Linear takes its input quantized too
+    plain = copy.deepcopy(model.model.layers[0].mlp).to(device=device, dtype=dtype)
+    outs = []
+    for fuse in (False, True):
+        mlp = copy.deepcopy(plain)
+        mlp.down_proj = _ActQuantLinear(mlp.down_proj, be, act_gs)
+        with torch.no_grad(), fusion.fused_elementwise(mlp, fuse):
+            outs.append(mlp(x0))
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_everything_is_put_back_also_after_an_error(model_and_inputs):

@@ -153,13 +153,24 @@ class TunedLinear(nn.Module):
         return self.backend.int(w, self.v, self.min_scale, self.max_scale, s.bits, s.group_size, s.sym,
                                 s.scale_dtype)
 
-    def forward(self, x):
+    def forward(self, x, input_quantized: bool = False):
+        """``input_quantized``: the caller has already applied this Linear's activation
+        quantization (:meth:`input_quant_scale`), as the fused SiLU-gated MLP does."""
         home = x.device  # device_ids: this Linear may live on another card than the block
         x = x.to(self.v.device)
         wq = self.qdq()[0]
-        if self.spec.act:
+        if self.spec.act and not input_quantized:
             x = self._quant_input(x)
         return nn.functional.linear(x, wq, self.linear.bias).to(home)
+
+    def input_quant_scale(self) -> Optional[torch.Tensor]:
+        """The activation global scale under which a caller may quantize this Linear's input
+        itself, with the kernels, and pass ``input_quantized=True`` (fusion's SiLU-gated MLP
+        does, for down_proj); None where that does not apply (no W4A4, the oracles, or an
+        input shared with other Linears)."""
+        if self.spec.act and self.backend.uses_kernels and self.act_memo is None:
+            return self.act_global_scale
+        return None
 
     def _quant_input(self, x):
         """The input's NVFP4 fake quantization (W4A4). q, k and v quantize the same tensor
@@ -224,8 +235,11 @@ class _ActQuantLinear(nn.Module):
         self.backend = backend
         self.register_buffer("act_global_scale", act_global_scale)
 
-    def forward(self, x):
-        return self.linear(self.backend.act(x, self.act_global_scale))
+    def forward(self, x, input_quantized: bool = False):
+        return self.linear(x if input_quantized else self.backend.act(x, self.act_global_scale))
+
+    def input_quant_scale(self) -> Optional[torch.Tensor]:  # as TunedLinear's
+        return self.act_global_scale if self.backend.uses_kernels else None
 
 
 @dataclass
@@ -830,14 +844,17 @@ def tune_block(
             rest of the block, the caches and the loss stay on ``device``. The loop runs
             eagerly then (no CUDA graph) and the results equal the one-device run's. The
             Linears are back on ``device`` when tuning returns.
-        fuse_elementwise: in the tuning loop, run the block's RMSNorms, SiLU(gate) * up and
-            rotary embeddings compiled by torch.compile, each fused into one kernel forward and
-            backward (:mod:`autoround_fast.fusion`; Llama-form implementations only,
-            ``BlockResult.fused`` lists them). Default: on for backend "cuda" where Triton is
-            there (also under ``distributed`` and ``linear_devices``). They
-            round as eager does but reduce in their own order (differences of an ulp); on the
-            CPU, where results are bit for bit auto-round's, it is an error. The reference and
-            output passes always run the block as it is.
+        fuse_elementwise: in the tuning loop and the reference and output passes, run the
+            block's RMSNorms, SiLU(gate) * up and rotary embeddings compiled by torch.compile,
+            each fused into one kernel forward and backward (:mod:`autoround_fast.fusion`;
+            Llama-form implementations only, ``BlockResult.fused`` lists them); under W4A4,
+            SiLU(gate) * up and down_proj's activation quantization run as one op
+            (:func:`autoround_fast.ops.silu_mul_nvfp4_activation`, eager's bits). Default: on
+            for backend "cuda" where Triton is there (also under ``distributed`` and
+            ``linear_devices``). The compiled ops round as eager does but reduce in their own
+            order (differences of an ulp); on the CPU, where results are bit for bit
+            auto-round's, it is an error. The calibration pass (act_max) always runs the block
+            as it is.
         step_in_backward: take SignRound's step inside each Linear's weight backward (one
             kernel computes the gradients of V and the scales and steps them in place, so the
             gradients never go through memory; the same bits). Default: on with the kernels
@@ -933,9 +950,14 @@ def tune_block(
                     else _to_cache(q_inputs.to(dtype=inputs.hidden.dtype), cache_device))
         mask = None if token_mask is None else token_mask.to(device=device, dtype=torch.float32)
 
+        # The reference and output passes run with the tuning's fused element-wise ops: the
+        # same kernels the loop's forward uses (Inductor's, and the SiLU-gated MLP's W4A4 input
+        # in one pass). The calibration pass stays eager: act_max is auto-round's, bit for bit.
+        fuse_passes = bool(fuse_elementwise) and iters > 0
         with torch.no_grad():
             phase("inputs")
-            ref = _run(block, inputs, batch_size, autocast) if iters > 0 else None
+            with fusion.fused_elementwise(block, fuse_passes):
+                ref = _run(block, inputs, batch_size, autocast) if iters > 0 else None
             phase("reference")
         stats = _activation_stats(block, linears, inputs, model_dtype_autocast, q_hidden,
                                   want_max=act_quant, want_imatrix=iters == 0, cuda_graph=cuda_graph)
@@ -1029,7 +1051,7 @@ def tune_block(
                     _replace(block, name, _ActQuantLinear(tl.linear, be, tl.act_global_scale.to(device)))
                 else:
                     _replace(block, name, tl.linear)
-        with torch.no_grad():
+        with torch.no_grad(), fusion.fused_elementwise(block, fuse_passes):
             phase("finalize")
             result.q_outputs = _run(block, inputs, batch_size, autocast, q_hidden)
             phase("outputs")

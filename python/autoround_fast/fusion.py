@@ -6,7 +6,10 @@ through memory: RMSNorm (an fp32 upcast, pow, mean, rsqrt, two multiplies, a dow
 SiLU(gate) * up, and the rotary embedding (two slices, a negation, a cat, four multiplies and
 two adds, for q and for k), forward and backward. :func:`fused_elementwise` swaps these, for
 the duration of a ``with`` block, for the same functions compiled by torch.compile (Inductor),
-which fuses each into one kernel forward and one or two backward.
+which fuses each into one kernel forward and one or two backward. Where the MLP's down_proj
+quantizes its input (W4A4, the engine's kernels), SiLU(gate) * up and that quantization run as
+one op instead (:func:`autoround_fast.ops.silu_mul_nvfp4_activation`, eager's bits): the
+product never goes through memory.
 
 Only implementations known to compute exactly this are swapped: a module or function whose
 code is, byte for byte, that of transformers' Llama (LlamaRMSNorm.forward, LlamaMLP.forward
@@ -122,8 +125,26 @@ def _norm_forward(self, hidden_states):
     return _compiled("rms_norm", _rms_norm)(hidden_states, self.weight, self.variance_epsilon)
 
 
+# SiLU(gate) * up and down_proj's W4A4 activation quantization as one op, where down_proj
+# takes its input quantized (engine's TunedLinear and _ActQuantLinear on the kernels). Off only
+# to measure what it saves (bench.block's cuda-sepact).
+SILU_MUL_ACT_QUANT = True
+
+
+def _down_input_scale(down: nn.Module, gate: torch.Tensor):
+    """down_proj's activation global scale if it takes its input quantized by the caller."""
+    scale_of = getattr(down, "input_quant_scale", None)
+    gs = scale_of() if SILU_MUL_ACT_QUANT and scale_of is not None else None
+    return gs if gs is not None and gs.device == gate.device else None
+
+
 def _mlp_forward(self, x):
-    return self.down_proj(_compiled("silu_mul", _silu_mul)(self.gate_proj(x), self.up_proj(x)))
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    gs = _down_input_scale(self.down_proj, gate)
+    if gs is not None and gate.dtype == up.dtype and gate.shape == up.shape:
+        m_q = torch.ops.autoround_fast.silu_mul_nvfp4_activation(gate.contiguous(), up.contiguous(), gs.reshape(1))
+        return self.down_proj(m_q, input_quantized=True)
+    return self.down_proj(_compiled("silu_mul", _silu_mul)(gate, up))
 
 
 def _rotary_forward(q, k, cos, sin, unsqueeze_dim=1):
