@@ -1245,7 +1245,7 @@ class _IterationProfiler:
 
 
 _KERNEL_KINDS = (  # (kind, substrings of the kernel name), first match wins
-    ("ours", ("fake_quant_", "masked_mse_", "sign_step_kernel")),
+    ("ours", ("fake_quant_", "silu_mul_act", "masked_mse_", "sign_step_kernel")),
     ("attention", ("flash", "fmha", "attention", "softmax")),
     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "matmul")),
     ("fused (Triton)", ("triton_",)),
