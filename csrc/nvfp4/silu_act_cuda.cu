@@ -34,17 +34,12 @@ __device__ __forceinline__ float silu_backward_eager(float dy, float x) {
   return dy * s * (1.0f + x * (1.0f - s));
 }
 
-// m = T(T(silu(gate)) * up) for the group's values; s keeps T(silu(gate)) when given.
+// m = T(T(silu(gate)) * up) for the group's values.
 template <typename T, bool kVec>
-__device__ __forceinline__ void silu_mul(const float* gate, const float* up, int n, float* m, float* s) {
+__device__ __forceinline__ void silu_mul(const float* gate, const float* up, int n, float* m) {
 #pragma unroll
-  for (int j = 0; j < kNvfp4Group; ++j) {
-    if (kVec || j < n) {
-      const float sj = round_through<T>(silu_eager(gate[j]));
-      if (s) s[j] = sj;
-      m[j] = round_through<T>(mul_rn(sj, up[j]));
-    }
-  }
+  for (int j = 0; j < kNvfp4Group; ++j)
+    if (kVec || j < n) m[j] = round_through<T>(mul_rn(round_through<T>(silu_eager(gate[j])), up[j]));
 }
 
 template <typename T, bool kVec>
@@ -56,7 +51,7 @@ __global__ void __launch_bounds__(kThreads) silu_mul_act_kernel(SiluMulActArgs a
     float x[kNvfp4Group], u[kNvfp4Group];
     load_vals<T, kVec>(gate + g.base, g.n, x);
     load_vals<T, kVec>(up + g.base, g.n, u);
-    silu_mul<T, kVec>(x, u, g.n, x, nullptr);
+    silu_mul<T, kVec>(x, u, g.n, x);
     const Nvfp4Scale sc = nvfp4_group_scale(group_amax<kVec>(x, g.n), 1.0f, gs, inv_gs);
 #pragma unroll
     for (int j = 0; j < kNvfp4Group; ++j)
@@ -68,7 +63,10 @@ __global__ void __launch_bounds__(kThreads) silu_mul_act_kernel(SiluMulActArgs a
 // The backward keeps gate, up, the gradient and T(silu(gate)) as loaded (RawGroup, two
 // 16-bit values to a register) and recomputes m = T(s * up) and each element's
 // straight-through gradient where they are needed (for the group's sums, then for the
-// output) rather than holding them in fp32: far fewer registers, so more groups in flight.
+// output) rather than holding them in fp32. The fences between the passes stop the compiler
+// from keeping the first pass's values alive for the next (common subexpressions): 64
+// registers per thread instead of 127, twice the groups in flight (forward+backward on
+// 16384x14336 bf16, H200: 1.886 -> 1.709 ms).
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) silu_mul_act_backward_kernel(SiluMulActArgs a, const T* grad,
                                                                          T* grad_gate, T* grad_up) {
