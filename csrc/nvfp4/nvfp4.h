@@ -67,9 +67,6 @@ AF_HD float nvfp4_grad_through_scale(float g_os, const Nvfp4Scale& sc, float gs,
   return mul_rn(g_t, kOneSixth);   // t = m * (1/6): d/dm
 }
 
-// Backward for one group. x: weight values (fp32), v: offsets, g: upstream gradient already
-// rounded through the output dtype. Writes dV per element, returns d(loss)/d(max_scale).
-// Also returns through g_m the gradient reaching m = amax * max_scale (for activations).
 // One element's part of the group backward: returns gc = d(loss)/d(V) (the straight-through
 // gradient) and sets *q to the element's FP4 value.
 AF_HD float nvfp4_element_grad(float x, float v, float g, const Nvfp4Scale& sc, float* q) {
@@ -96,6 +93,9 @@ struct Nvfp4GroupSums {
   }
 };
 
+// Backward for one group. x: weight values (fp32), v: offsets, g: upstream gradient already
+// rounded through the output dtype. Writes dV per element, returns d(loss)/d(max_scale).
+// Also returns through g_m the gradient reaching m = amax * max_scale (for activations).
 AF_HD float nvfp4_group_backward(const float* x, const float* v, const float* g, int n,
                                  float amax, float max_scale, float gs, float inv_gs,
                                  float* gv, float* g_m_out) {

@@ -950,13 +950,13 @@ def tune_block(
                     else _to_cache(q_inputs.to(dtype=inputs.hidden.dtype), cache_device))
         mask = None if token_mask is None else token_mask.to(device=device, dtype=torch.float32)
 
-        # The reference and output passes run with the tuning's fused element-wise ops: the
-        # same kernels the loop's forward uses (Inductor's, and the SiLU-gated MLP's W4A4 input
-        # in one pass). The calibration pass stays eager: act_max is auto-round's, bit for bit.
-        fuse_passes = bool(fuse_elementwise) and iters > 0
+        # The tuning loop and the reference and output passes run with the fused element-wise
+        # ops (Inductor's, and the SiLU-gated MLP's W4A4 input in one pass). The calibration
+        # pass stays eager: act_max is auto-round's, bit for bit.
+        fuse = bool(fuse_elementwise) and iters > 0
         with torch.no_grad():
             phase("inputs")
-            with fusion.fused_elementwise(block, fuse_passes):
+            with fusion.fused_elementwise(block, fuse):
                 ref = _run(block, inputs, batch_size, autocast) if iters > 0 else None
             phase("reference")
         stats = _activation_stats(block, linears, inputs, model_dtype_autocast, q_hidden,
@@ -999,7 +999,7 @@ def tune_block(
         try:
             for p, _ in frozen:  # only V and the scales get gradients
                 p.requires_grad_(False)
-            with torch.enable_grad(), fusion.fused_elementwise(block, fuse_elementwise and iters > 0) as fused:
+            with torch.enable_grad(), fusion.fused_elementwise(block, fuse) as fused:
                 result.fused = {k: v for k, v in fused.items() if v}
                 if iters > 0:
                     _sign_round(block, tuned, inputs, q_hidden, ref, mask, be, iters, batch_size, lr,
@@ -1051,7 +1051,7 @@ def tune_block(
                     _replace(block, name, _ActQuantLinear(tl.linear, be, tl.act_global_scale.to(device)))
                 else:
                     _replace(block, name, tl.linear)
-        with torch.no_grad(), fusion.fused_elementwise(block, fuse_passes):
+        with torch.no_grad(), fusion.fused_elementwise(block, fuse):
             phase("finalize")
             result.q_outputs = _run(block, inputs, batch_size, autocast, q_hidden)
             phase("outputs")
