@@ -85,38 +85,25 @@ __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_activation_backward
 }  // namespace
 
 const char* launch_fake_quant_nvfp4(const Nvfp4Args& a, void* out, float* scale, void* stream) {
-  const int64_t total = a.rows * ((a.cols + kNvfp4Group - 1) / kNvfp4Group);
-  const bool vec = whole_groups(a.cols, {a.weight, a.v, out});
-  auto s = static_cast<cudaStream_t>(stream);
-  with_float_type(a.dtype, [&](auto t) {
-    using T = decltype(t);
-    if (vec)
-      fake_quant_nvfp4_kernel<T, true><<<grid_for(total, kThreads), kThreads, 0, s>>>(a, static_cast<T*>(out), scale);
-    else
-      fake_quant_nvfp4_kernel<T, false><<<grid_for(total, kThreads), kThreads, 0, s>>>(a, static_cast<T*>(out), scale);
-  });
-  return launch_status();
+  return launch_over_groups(a.dtype, a.rows, a.cols, {a.weight, a.v, out}, stream,
+                            [&](auto t, auto vec, unsigned grid, cudaStream_t s) {
+                              using T = decltype(t);
+                              fake_quant_nvfp4_kernel<T, decltype(vec)::value><<<grid, kThreads, 0, s>>>(
+                                  a, static_cast<T*>(out), scale);
+                            });
 }
 
 namespace {
-using namespace nvfp4_cuda;
 
 template <typename Out>
 const char* launch_nvfp4_backward(const Nvfp4Args& a, const void* grad, Out out,
                                   std::initializer_list<const void*> ptrs, void* stream) {
-  const int64_t total = a.rows * ((a.cols + kNvfp4Group - 1) / kNvfp4Group);
-  const bool vec = whole_groups(a.cols, ptrs);
-  auto s = static_cast<cudaStream_t>(stream);
-  with_float_type(a.dtype, [&](auto t) {
-    using T = decltype(t);
-    if (vec)
-      fake_quant_nvfp4_backward_kernel<T, true, Out><<<grid_for(total, kThreads), kThreads, 0, s>>>(
-          a, static_cast<const T*>(grad), out);
-    else
-      fake_quant_nvfp4_backward_kernel<T, false, Out><<<grid_for(total, kThreads), kThreads, 0, s>>>(
-          a, static_cast<const T*>(grad), out);
-  });
-  return launch_status();
+  return launch_over_groups(a.dtype, a.rows, a.cols, ptrs, stream,
+                            [&](auto t, auto vec, unsigned grid, cudaStream_t s) {
+                              using T = decltype(t);
+                              fake_quant_nvfp4_backward_kernel<T, decltype(vec)::value, Out>
+                                  <<<grid, kThreads, 0, s>>>(a, static_cast<const T*>(grad), out);
+                            });
 }
 
 }  // namespace
@@ -133,34 +120,22 @@ const char* launch_fake_quant_nvfp4_backward_step(const Nvfp4Args& a, const void
 }
 
 const char* launch_fake_quant_nvfp4_activation(const Nvfp4ActArgs& a, void* out, void* stream) {
-  const int64_t total = a.rows * ((a.cols + kNvfp4Group - 1) / kNvfp4Group);
-  const bool vec = whole_groups(a.cols, {a.x, out});
-  auto s = static_cast<cudaStream_t>(stream);
-  with_float_type(a.dtype, [&](auto t) {
-    using T = decltype(t);
-    if (vec)
-      fake_quant_nvfp4_activation_kernel<T, true><<<grid_for(total, kThreads), kThreads, 0, s>>>(a, static_cast<T*>(out));
-    else
-      fake_quant_nvfp4_activation_kernel<T, false><<<grid_for(total, kThreads), kThreads, 0, s>>>(a, static_cast<T*>(out));
-  });
-  return launch_status();
+  return launch_over_groups(a.dtype, a.rows, a.cols, {a.x, out}, stream,
+                            [&](auto t, auto vec, unsigned grid, cudaStream_t s) {
+                              using T = decltype(t);
+                              fake_quant_nvfp4_activation_kernel<T, decltype(vec)::value><<<grid, kThreads, 0, s>>>(
+                                  a, static_cast<T*>(out));
+                            });
 }
 
 const char* launch_fake_quant_nvfp4_activation_backward(const Nvfp4ActArgs& a, const void* grad,
                                                         void* grad_x, void* stream) {
-  const int64_t total = a.rows * ((a.cols + kNvfp4Group - 1) / kNvfp4Group);
-  const bool vec = whole_groups(a.cols, {a.x, grad, grad_x});
-  auto s = static_cast<cudaStream_t>(stream);
-  with_float_type(a.dtype, [&](auto t) {
-    using T = decltype(t);
-    if (vec)
-      fake_quant_nvfp4_activation_backward_kernel<T, true><<<grid_for(total, kThreads), kThreads, 0, s>>>(
-          a, static_cast<const T*>(grad), static_cast<T*>(grad_x));
-    else
-      fake_quant_nvfp4_activation_backward_kernel<T, false><<<grid_for(total, kThreads), kThreads, 0, s>>>(
-          a, static_cast<const T*>(grad), static_cast<T*>(grad_x));
-  });
-  return launch_status();
+  return launch_over_groups(a.dtype, a.rows, a.cols, {a.x, grad, grad_x}, stream,
+                            [&](auto t, auto vec, unsigned grid, cudaStream_t s) {
+                              using T = decltype(t);
+                              fake_quant_nvfp4_activation_backward_kernel<T, decltype(vec)::value>
+                                  <<<grid, kThreads, 0, s>>>(a, static_cast<const T*>(grad), static_cast<T*>(grad_x));
+                            });
 }
 
 }  // namespace autoround_fast

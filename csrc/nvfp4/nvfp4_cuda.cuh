@@ -3,6 +3,7 @@
 #pragma once
 
 #include <initializer_list>
+#include <type_traits>
 
 #include "../common/cuda_utils.cuh"
 #include "nvfp4.h"
@@ -126,6 +127,25 @@ inline bool whole_groups(int64_t cols, std::initializer_list<const void*> ptrs) 
   for (const void* p : ptrs)
     if (!aligned16(p)) return false;
   return true;
+}
+
+// Launches a kernel over the 16-element groups of a [rows, cols] tensor, one thread per group:
+// launch(t, vec, grid, stream), with t a value of the dtype's storage type and vec a
+// std::bool_constant, true where whole_groups(cols, ptrs) allows the vector path. Returns
+// launch_status().
+template <typename F>
+const char* launch_over_groups(int dtype, int64_t rows, int64_t cols, std::initializer_list<const void*> ptrs,
+                               void* stream, F&& launch) {
+  const unsigned grid = grid_for(rows * ((cols + kNvfp4Group - 1) / kNvfp4Group), kThreads);
+  const bool vec = whole_groups(cols, ptrs);
+  auto s = static_cast<cudaStream_t>(stream);
+  with_float_type(dtype, [&](auto t) {
+    if (vec)
+      launch(t, std::true_type{}, grid, s);
+    else
+      launch(t, std::false_type{}, grid, s);
+  });
+  return launch_status();
 }
 
 }  // namespace nvfp4_cuda

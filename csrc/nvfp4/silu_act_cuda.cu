@@ -129,36 +129,23 @@ __global__ void __launch_bounds__(kThreads) silu_mul_act_backward_kernel(SiluMul
 }  // namespace
 
 const char* launch_silu_mul_nvfp4_activation(const SiluMulActArgs& a, void* out, void* stream) {
-  const int64_t total = a.rows * ((a.cols + kNvfp4Group - 1) / kNvfp4Group);
-  const bool vec = whole_groups(a.cols, {a.gate, a.up, out});
-  auto s = static_cast<cudaStream_t>(stream);
-  with_float_type(a.dtype, [&](auto t) {
-    using T = decltype(t);
-    if (vec)
-      silu_mul_act_kernel<T, true><<<grid_for(total, kThreads), kThreads, 0, s>>>(a, static_cast<T*>(out));
-    else
-      silu_mul_act_kernel<T, false><<<grid_for(total, kThreads), kThreads, 0, s>>>(a, static_cast<T*>(out));
-  });
-  return launch_status();
+  return launch_over_groups(a.dtype, a.rows, a.cols, {a.gate, a.up, out}, stream,
+                            [&](auto t, auto vec, unsigned grid, cudaStream_t s) {
+                              using T = decltype(t);
+                              silu_mul_act_kernel<T, decltype(vec)::value><<<grid, kThreads, 0, s>>>(
+                                  a, static_cast<T*>(out));
+                            });
 }
 
 const char* launch_silu_mul_nvfp4_activation_backward(const SiluMulActArgs& a, const void* grad,
                                                       void* grad_gate, void* grad_up, void* stream) {
-  const int64_t total = a.rows * ((a.cols + kNvfp4Group - 1) / kNvfp4Group);
-  const bool vec = whole_groups(a.cols, {a.gate, a.up, grad, grad_gate, grad_up});
-  auto s = static_cast<cudaStream_t>(stream);
-  with_float_type(a.dtype, [&](auto t) {
-    using T = decltype(t);
-    auto gg = static_cast<T*>(grad_gate);
-    auto gu = static_cast<T*>(grad_up);
-    if (vec)
-      silu_mul_act_backward_kernel<T, true><<<grid_for(total, kThreads), kThreads, 0, s>>>(
-          a, static_cast<const T*>(grad), gg, gu);
-    else
-      silu_mul_act_backward_kernel<T, false><<<grid_for(total, kThreads), kThreads, 0, s>>>(
-          a, static_cast<const T*>(grad), gg, gu);
-  });
-  return launch_status();
+  return launch_over_groups(a.dtype, a.rows, a.cols, {a.gate, a.up, grad, grad_gate, grad_up}, stream,
+                            [&](auto t, auto vec, unsigned grid, cudaStream_t s) {
+                              using T = decltype(t);
+                              silu_mul_act_backward_kernel<T, decltype(vec)::value><<<grid, kThreads, 0, s>>>(
+                                  a, static_cast<const T*>(grad), static_cast<T*>(grad_gate),
+                                  static_cast<T*>(grad_up));
+                            });
 }
 
 }  // namespace autoround_fast
