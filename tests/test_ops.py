@@ -90,6 +90,44 @@ def test_nvfp4_midpoints_round_to_even():
     assert q[0, :8].tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0]
 
 
+def _unit_scale_groups(vals):
+    """Groups of 16 whose first element is 6.0 and the rest are vals (padded with zeros): with
+    global scale 1 and max_scale 1, every group's scale is 1 and y = x * os + v = x + v."""
+    vals = torch.cat([vals, vals.new_zeros(-len(vals) % 15)]).reshape(-1, 15)
+    return torch.cat([vals.new_full((len(vals), 1), 6.0), vals], 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_nvfp4_rounds_every_value_as_auto_round(device, dtype):
+    """The FP4 rounding over a dense sweep of y: every bf16 value in [-6, 6] (subnormals and
+    both zeros included) as the weight with V = 0, and fp32 values of V in [-7, 7] with a
+    zero weight (y between those values, and beyond the +-6 clamp); -0 + -0 = -0 must give
+    +0, as torch.sign(-0) = 0 does. Weights, and the activation op on the bf16 values."""
+    every = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    every = every[every.abs() <= 6]
+    w1 = _unit_scale_groups(every)
+    gen = torch.Generator().manual_seed(11)
+    w2 = _unit_scale_groups(torch.zeros(150000))
+    w2[:, 1:8] = -0.0
+    v2 = (torch.rand(w2.shape, generator=gen) - 0.5) * 14
+    v2[:, 0] = 0
+    v2[:, 4:8] = -0.0
+    w = torch.cat([w1, w2]).to(dtype)
+    v = torch.cat([torch.zeros_like(w1), v2])
+    ms, gs = torch.ones(len(w), 1), torch.tensor(1.0)
+    want_q, want_s = oracle.nvfp4(w, v, ms, gs)
+    assert bool((want_s == 1).all())
+    q, s = ops.fake_quant_nvfp4(*to(device, w, v, ms, gs))
+    assert torch.equal(q.cpu().view(torch.int8 if dtype == torch.float32 else torch.int16).view(-1),
+                       want_q.view(torch.int8 if dtype == torch.float32 else torch.int16).view(-1))
+    # activations: act_max 2688 gives the global scale 448 * 6 / 2688 = 1
+    x = w1.to(dtype)
+    want_y = oracle.nvfp4_activation(x, torch.tensor(2688.0))
+    y = ops.fake_quant_nvfp4_activation(x.to(device), ops.nvfp4_global_scale(torch.tensor(2688.0)).to(device))
+    assert torch.equal(y.cpu().view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       want_y.view(torch.int16 if dtype != torch.float32 else torch.int32))
+
+
 def test_nvfp4_scale_clamps_at_448():
     w = torch.full((1, 16), 3.0)
     _, s = ops.fake_quant_nvfp4(w, torch.zeros_like(w), torch.ones(1, 1), torch.tensor(1e4))

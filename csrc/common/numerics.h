@@ -82,7 +82,38 @@ AF_HD float round_even(float x) {
 }
 AF_HD float fmax_(float a, float b) { return a > b ? a : b; }
 AF_HD float fmin_(float a, float b) { return a < b ? a : b; }
-AF_HD float fabs_(float a) { return bits_to_float(float_to_bits(a) & 0x7fffffffu); }
+AF_HD float fabs_(float a) {
+#if defined(__CUDA_ARCH__)
+  return fabsf(a);  // the same bits; an operand modifier instead of a LOP3
+#else
+  return bits_to_float(float_to_bits(a) & 0x7fffffffu);
+#endif
+}
+// max and min for operands that are never NaN and never a +0/-0 pair (the ternaries above
+// tell those apart; these need not): one FMNMX on the GPU instead of a compare and a select.
+AF_HD float max_num(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return fmaxf(a, b);
+#else
+  return a > b ? a : b;
+#endif
+}
+AF_HD float min_num(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return fminf(a, b);
+#else
+  return a < b ? a : b;
+#endif
+}
+// a + p * k where the product p * k is exact (a power of two times a small power of two): the
+// add's one rounding; one FFMA on the GPU, where it is the same single rounding.
+AF_HD float add_exact_product(float a, float p, float k) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(p, k, a);
+#else
+  return a + p * k;
+#endif
+}
 AF_HD bool is_finite(float a) { return (float_to_bits(a) & 0x7f800000u) != 0x7f800000u; }
 // torch.sign as a float factor: -1, 0 or +1.
 AF_HD float sign_of(float a) { return a > 0.f ? 1.f : (a < 0.f ? -1.f : 0.f); }
@@ -185,16 +216,19 @@ AF_HD float e4m3_round(float x) {
   return x < 0.f ? -q : q;
 }
 
-// |x| on the FP4 (e2m1) grid {0, .5, 1, 1.5, 2, 3, 4, 6}, ties to even, as auto-round's
-// cast_to_fp4 computes it: round(2a)/2 below 2, round(a) below 4, 2*round(a/2) above.
+// |x| on the FP4 (e2m1) grid {0, .5, 1, 1.5, 2, 3, 4, 6}, ties to even, for a >= 0 (above 6
+// it is 6), as auto-round's cast_to_fp4 computes it: round(2a)/2 below 2, round(a) below 4,
+// 2*round(a/2) above. The grid's step is 0.5 below 2, 1 below 4, 2 above, i.e.
+// step = 2^(max(e, 0) - 1) for a's exponent e. Adding C = step * 2^23 puts a where the fp32
+// grid is the step, so the add itself rounds a to the step, ties to even (C is an even
+// multiple of the step, so the parity of the sum's last bit is that of round_even(a / step));
+// subtracting C back is exact. Two adds, a max and a mask, without a branch or a select:
+// the same bits as the three-branch form for every fp32 a (checked over all 2^32 patterns).
 AF_HD float fp4_magnitude(float a) {
-  // The grid's step is 0.5 below 2, 1 below 4, 2 above: a / step rounded to even, times the
-  // step. Both products are by powers of two and exact (a >= 4 where the step is 2), so this
-  // is the three-branch form with one multiply-round-multiply instead of three.
-  const bool fine = a < 2.0f, mid = a < 4.0f;
-  const float inv_step = fine ? 2.0f : (mid ? 1.0f : 0.5f);
-  const float step = fine ? 0.5f : (mid ? 1.0f : 2.0f);
-  return fmin_(round_even(a * inv_step) * step, 6.0f);
+  a = min_num(a, 6.0f);
+  const float unit = bits_to_float(float_to_bits(max_num(a, 1.0f)) & 0x7f800000u);  // 2^max(e, 0)
+  const float t = add_exact_product(a, unit, 4194304.0f);                           // C = unit * 2^22
+  return add_exact_product(t, -unit, 4194304.0f);
 }
 
 // 1/x with 1/0 -> 0 (auto-round's get_reciprocal in nvfp.py).

@@ -38,19 +38,27 @@ AF_HD Nvfp4Scale nvfp4_group_scale(float amax, float max_scale, float gs, float 
   return r;
 }
 
-// sign(c) * fp4(|c|) as auto-round computes it (torch.sign(0) = 0): the magnitude with c's
-// sign bit, and +0 for c = +-0. The same bits as the product, with one select and one bit
-// operation instead of two compares, two selects and a multiply.
-AF_HD float signed_fp4(float c) {
-  const float q = fp4_magnitude(fabs_(c));
-  return c == 0.f ? 0.f : bits_to_float(float_to_bits(q) | (float_to_bits(c) & 0x80000000u));
+// sign(c) * fp4(|c|) for c = clamp(y, -6, 6), as auto-round computes it (torch.sign(0) = 0,
+// so y = -0 gives +0, while a small negative y gives -0): y + 0 is y except that -0 becomes
+// +0, so its sign bit on the magnitude gives those bits without a compare or a branch.
+// kPlusZero: y is already a sum with +0 (the activations' y = x * os + 0), so the add is
+// skipped.
+template <bool kPlusZero = false>
+AF_HD float signed_fp4(float y) {
+  if (!kPlusZero) y = add_rn(y, 0.0f);
+  return bits_to_float(float_to_bits(fp4_magnitude(fabs_(y))) | (float_to_bits(y) & 0x80000000u));
 }
+
+// y = x * os + v, the element's position on the group's grid before rounding. Activations
+// have v = 0, which auto-round adds too (it turns -0 into +0).
+AF_HD float nvfp4_y(float x, float v, const Nvfp4Scale& sc) { return add_rn(mul_rn(x, sc.os), v); }
 
 // Quantize one element on the group's grid: the fp32 value before the cast to the dtype.
 AF_HD float nvfp4_qdq(float x, float v, const Nvfp4Scale& sc) {
-  float y = add_rn(mul_rn(x, sc.os), v);
-  float c = fmin_(fmax_(y, -6.0f), 6.0f);
-  return mul_rn(signed_fp4(c), sc.r);
+  return mul_rn(signed_fp4(nvfp4_y(x, v, sc)), sc.r);
+}
+AF_HD float nvfp4_qdq_act(float x, const Nvfp4Scale& sc) {
+  return mul_rn(signed_fp4<true>(nvfp4_y(x, 0.0f, sc)), sc.r);
 }
 
 // Chain rule from d(loss)/d(os) down to d(loss)/d(max_scale) (or to d(loss)/d(amax) with
@@ -69,12 +77,13 @@ AF_HD float nvfp4_grad_through_scale(float g_os, const Nvfp4Scale& sc, float gs,
 
 // One element's part of the group backward: returns gc = d(loss)/d(V) (the straight-through
 // gradient) and sets *q to the element's FP4 value.
+// kAct: v is 0 (activations).
+template <bool kAct = false>
 AF_HD float nvfp4_element_grad(float x, float v, float g, const Nvfp4Scale& sc, float* q) {
-  float y = add_rn(mul_rn(x, sc.os), v);
-  float c = fmin_(fmax_(y, -6.0f), 6.0f);
-  *q = signed_fp4(c);
+  const float y = nvfp4_y(x, kAct ? 0.0f : v, sc);
+  *q = signed_fp4<kAct>(y);
   float gq = mul_rn(g, sc.r);
-  return (y >= -6.0f && y <= 6.0f && y != 0.f) ? gq : 0.f;
+  return (fabs_(y) <= 6.0f && y != 0.f) ? gq : 0.f;
 }
 
 // The group's sums over its elements, in element order, as autograd reduces them.
@@ -96,6 +105,8 @@ struct Nvfp4GroupSums {
 // Backward for one group. x: weight values (fp32), v: offsets, g: upstream gradient already
 // rounded through the output dtype. Writes dV per element, returns d(loss)/d(max_scale).
 // Also returns through g_m the gradient reaching m = amax * max_scale (for activations).
+// kAct: activations (v is 0; pass nullptr).
+template <bool kAct = false>
 AF_HD float nvfp4_group_backward(const float* x, const float* v, const float* g, int n,
                                  float amax, float max_scale, float gs, float inv_gs,
                                  float* gv, float* g_m_out) {
@@ -103,7 +114,7 @@ AF_HD float nvfp4_group_backward(const float* x, const float* v, const float* g,
   Nvfp4GroupSums sums;
   for (int j = 0; j < n; ++j) {
     float q;
-    float gc = nvfp4_element_grad(x[j], v[j], g[j], sc, &q);
+    float gc = nvfp4_element_grad<kAct>(x[j], kAct ? 0.0f : v[j], g[j], sc, &q);
     gv[j] = gc;
     sums.add(x[j], g[j], gc, q);
   }

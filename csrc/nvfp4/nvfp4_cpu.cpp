@@ -75,7 +75,7 @@ int64_t act_forward(const Nvfp4ActArgs& a, T* out) {
     float x[kNvfp4Group], amax;
     if (int b = load_group(xin + base, n, x, &amax)) bad += b;
     Nvfp4Scale sc = nvfp4_group_scale(amax, 1.0f, gs, inv_gs);
-    for (int j = 0; j < n; ++j) out[base + j] = from_f32<T>(nvfp4_qdq(x[j], 0.f, sc));
+    for (int j = 0; j < n; ++j) out[base + j] = from_f32<T>(nvfp4_qdq_act(x[j], sc));
   });
   return bad.load();
 }
@@ -85,10 +85,10 @@ void act_backward(const Nvfp4ActArgs& a, const T* grad, T* grad_x) {
   const T* xin = static_cast<const T*>(a.x);
   const float gs = *a.global_scale, inv_gs = inv_global_scale(gs);
   for_each_group(a.rows, a.cols, [&](int64_t, int64_t base, int n) {
-    float x[kNvfp4Group], g[kNvfp4Group], gv[kNvfp4Group], zeros[kNvfp4Group] = {}, amax, g_m;
+    float x[kNvfp4Group], g[kNvfp4Group], gv[kNvfp4Group], amax, g_m;
     load_group(xin + base, n, x, &amax);
     for (int j = 0; j < n; ++j) g[j] = to_f32(grad[base + j]);
-    nvfp4_group_backward(x, zeros, g, n, amax, 1.0f, gs, inv_gs, gv, &g_m);
+    nvfp4_group_backward<true>(x, nullptr, g, n, amax, 1.0f, gs, inv_gs, gv, &g_m);
     const float os = nvfp4_group_scale(amax, 1.0f, gs, inv_gs).os;
     const int arg = first_argmax(x, n, amax);
     for (int j = 0; j < n; ++j)

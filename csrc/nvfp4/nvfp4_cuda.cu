@@ -34,9 +34,9 @@ __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_backward_kernel(Nvf
   const float gs = __ldg(a.global_scale), inv_gs = inv_global_scale(gs);
   const T* w = static_cast<const T*>(a.weight);
   for_each_group<kVec>(a.rows, a.cols, [&](int64_t gi, GroupIndex g) {
-    float x[kNvfp4Group], v[kNvfp4Group], gr[kNvfp4Group], gv[kNvfp4Group], amax, unused;
+    float x[kNvfp4Group], v[kNvfp4Group], gr[kNvfp4Group], gv[kNvfp4Group], amax;
     int n = load_group<T, kVec>(w + g.base, g.n, x, &amax);
-    load_group<T, kVec>(grad + g.base, g.n, gr, &unused);
+    load_vals<T, kVec>(grad + g.base, g.n, gr);
     load_f32<kVec, kNc>(a.v + g.base, n, v);
     const float ms = load_ro<kNc>(a.max_scale + gi);
     out.max_one(gi, ms, nvfp4_group_backward(x, v, gr, n, amax, ms, gs, inv_gs, gv, nullptr));
@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_activation_kernel(N
     Nvfp4Scale sc = nvfp4_group_scale(amax, 1.0f, gs, inv_gs);
 #pragma unroll
     for (int j = 0; j < kNvfp4Group; ++j)
-      if (kVec || j < n) x[j] = nvfp4_qdq(x[j], 0.f, sc);
+      if (kVec || j < n) x[j] = nvfp4_qdq_act(x[j], sc);
     store_group<T, kVec>(out + g.base, n, x);
   });
 }
@@ -69,10 +69,10 @@ __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_activation_backward
   const float gs = __ldg(a.global_scale), inv_gs = inv_global_scale(gs);
   const T* xin = static_cast<const T*>(a.x);
   for_each_group<kVec>(a.rows, a.cols, [&](int64_t, GroupIndex g) {
-    float x[kNvfp4Group], gr[kNvfp4Group], gv[kNvfp4Group], zeros[kNvfp4Group] = {}, amax, unused, g_m;
+    float x[kNvfp4Group], gr[kNvfp4Group], gv[kNvfp4Group], amax, g_m;
     const int n = load_group<T, kVec>(xin + g.base, g.n, x, &amax);
-    load_group<T, kVec>(grad + g.base, g.n, gr, &unused);
-    nvfp4_group_backward(x, zeros, gr, n, amax, 1.0f, gs, inv_gs, gv, &g_m);
+    load_vals<T, kVec>(grad + g.base, g.n, gr);
+    nvfp4_group_backward<true>(x, nullptr, gr, n, amax, 1.0f, gs, inv_gs, gv, &g_m);
     const float os = nvfp4_group_scale(amax, 1.0f, gs, inv_gs).os;
     const int arg = first_argmax(x, n, amax);
 #pragma unroll

@@ -29,7 +29,7 @@ __device__ __forceinline__ float group_amax(const float* x, int n) {
   float m = 0.f;
 #pragma unroll
   for (int j = 0; j < kNvfp4Group; ++j)
-    if (kVec || j < n) m = fmax_(m, fabs_(x[j]));
+    if (kVec || j < n) m = max_num(m, fabs_(x[j]));  // |x| >= +0, never NaN (checked inputs)
   return m;
 }
 

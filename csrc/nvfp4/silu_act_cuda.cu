@@ -55,7 +55,7 @@ __global__ void __launch_bounds__(kThreads) silu_mul_act_kernel(SiluMulActArgs a
     const Nvfp4Scale sc = nvfp4_group_scale(group_amax<kVec>(x, g.n), 1.0f, gs, inv_gs);
 #pragma unroll
     for (int j = 0; j < kNvfp4Group; ++j)
-      if (kVec || j < g.n) x[j] = nvfp4_qdq(x[j], 0.f, sc);
+      if (kVec || j < g.n) x[j] = nvfp4_qdq_act(x[j], sc);
     store_group<T, kVec>(out + g.base, g.n, x);
   });
 }
@@ -85,7 +85,7 @@ __global__ void __launch_bounds__(kThreads) silu_mul_act_backward_kernel(SiluMul
     for (int j = 0; j < kNvfp4Group; ++j) {
       if (kVec || j < n) {
         s.set(j, silu_eager(gt[j]));  // T(silu(gate))
-        amax = fmax_(amax, fabs_(m_at(j)));
+        amax = max_num(amax, fabs_(m_at(j)));
       }
     }
     const Nvfp4Scale sc = nvfp4_group_scale(amax, 1.0f, gs, inv_gs);
@@ -100,7 +100,7 @@ __global__ void __launch_bounds__(kThreads) silu_mul_act_backward_kernel(SiluMul
         const float m = m_at(j);
         if (arg < 0 && fabs_(m) == amax) arg = j;
         float q;
-        const float gc = nvfp4_element_grad(m, 0.f, gr[j], sc, &q);
+        const float gc = nvfp4_element_grad<true>(m, 0.f, gr[j], sc, &q);
         sums.add(m, gr[j], gc, q);
       }
     }
@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(kThreads) silu_mul_act_backward_kernel(SiluMul
       if (kVec || j < n) {
         const float m = m_at(j);
         float q;
-        const float gc = nvfp4_element_grad(m, 0.f, gr[j], sc, &q);
+        const float gc = nvfp4_element_grad<true>(m, 0.f, gr[j], sc, &q);
         const float dm = round_through<T>(nvfp4_act_grad<T>(gc, sc.os, g_m, m, j == arg));
         const float dgate = silu_backward_eager(round_through<T>(mul_rn(dm, u[j])), gt[j]);
         const float dup = mul_rn(dm, s[j]);
