@@ -692,37 +692,6 @@ def test_calibration_pass_skips_the_last_matmul(ragged_block, device):
         assert torch.allclose(got[n][1].cpu(), want[n][1], rtol=1e-6, atol=0), n
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU (CUDA graph)")
-def test_calibration_replays_beside_the_reference_pass(ragged_block):
-    """With a CUDA graph, the calibration's replays run on a side stream while ``alongside``
-    (tune_block's reference pass) runs on the current one, after ``before``: the statistics
-    equal the eager pass's bit for bit, and the other pass's forwards, on inputs ten times
-    larger, reach no hook."""
-    from autoround_fast import engine
-
-    model, inputs = ragged_block
-    block = fresh_block(model).to("cuda")
-    linears = {n: block.get_submodule(n) for n in LINEARS}
-    ins = engine._Inputs(inputs, torch.device("cuda"), torch.device("cuda"))
-    kw = dict(autocast=contextlib.nullcontext, hidden=ins.hidden, want_max=True, want_imatrix=True)
-    want = engine._activation_stats(block, linears, ins, cuda_graph=False, **kw)
-    order, outs = [], []
-
-    def other():
-        order.append("alongside")
-        args, kwargs = ins.batch(torch.arange(ins.n, device="cuda"), ins.hidden * 10)
-        with torch.no_grad():
-            outs.append(block(*args, **kwargs))
-
-    got = engine._activation_stats(block, linears, ins, cuda_graph=True, alongside=other,
-                                   before=lambda: order.append("before"), **kw)
-    assert order == ["before", "alongside"] and outs
-    assert "forward" not in linears["mlp.down_proj"].__dict__
-    for n in LINEARS:
-        assert torch.equal(got[n][0], want[n][0]), n
-        assert torch.equal(got[n][1], want[n][1]), n
-
-
 def test_calibration_pass_puts_back_a_wrapped_forward(ragged_block):
     """A Linear whose instance forward is a wrapper (compressed-tensors' offload wrapper sets
     one) gets that wrapper back after the pass skipped its matmul, also when the pass raises."""

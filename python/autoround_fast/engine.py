@@ -571,8 +571,7 @@ def _waits_for_host(block, inputs: _Inputs, autocast) -> bool:
 
 
 def _activation_stats(block, linears, inputs, autocast, hidden, want_max: bool, want_imatrix: bool,
-                      cuda_graph: bool = False, alongside: Optional[Callable[[], None]] = None,
-                      before: Optional[Callable[[], None]] = None):
+                      cuda_graph: bool = False):
     """Per Linear input, on q_in: max |x| (exact in the input dtype, kept in fp32; for W4A4's
     input global scale) and sum x^2 per channel in fp32 (the imatrix, for iters=0). The pass
     is skipped when neither is wanted. It runs one sample at a time, as auto-round's values
@@ -585,25 +584,11 @@ def _activation_stats(block, linears, inputs, autocast, hidden, want_max: bool, 
 
     The block's output is not used here, so after the first sample the last Linear the block
     calls (down_proj) returns zeros instead of computing its matmul: its input is recorded
-    before, and no recorded Linear reads its output (:func:`_skip_last_linear`).
-
-    ``alongside`` (tune_block's reference pass, which reads nothing this pass writes) runs
-    once the hooks are off and the block's Linears are their own again, after ``before``:
-    with a graph, on the current stream while the replays run on a side stream, so that the
-    two passes share the card; otherwise after this pass. The statistics are the same bits
-    either way: the same kernels on the same data."""
+    before, and no recorded Linear reads its output (:func:`_skip_last_linear`)."""
     stats = {n: [torch.zeros((), dtype=torch.float32, device=inputs.device),
                  torch.zeros(m.in_features, dtype=torch.float32, device=inputs.device)]
              for n, m in linears.items()}
-
-    def then_alongside():
-        if before is not None:
-            before()
-        if alongside is not None:
-            alongside()
-
     if not (want_max or want_imatrix):
-        then_alongside()
         return stats
     hooks = []
     order: list[str] = []  # the Linears in the order the first forward calls them
@@ -627,7 +612,6 @@ def _activation_stats(block, linears, inputs, autocast, hidden, want_max: bool, 
             block(*args, **kwargs)
 
     restore = contextlib.ExitStack()
-    graph = None
     try:
         with torch.no_grad():
             graphed = cuda_graph and hidden.device == inputs.device
@@ -642,30 +626,20 @@ def _activation_stats(block, linears, inputs, autocast, hidden, want_max: bool, 
                     if i == 0:
                         recording[0] = False
                         restore.enter_context(_skip_last_linear(linears, order))
-            if graphed:
-                torch.cuda.current_stream(inputs.device).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    forward()
+            if not graphed:
+                return stats
+            torch.cuda.current_stream(inputs.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                forward()
+            for i in range(warm, inputs.n):
+                idx.fill_(i)
+                graph.replay()
+            del graph
     finally:
         restore.close()
         for h in hooks:
             h.remove()
-    if graph is None:
-        then_alongside()
-        return stats
-    main = torch.cuda.current_stream(inputs.device)
-    if before is not None:
-        before()
-    side.wait_stream(main)
-    with torch.no_grad(), torch.cuda.stream(side):
-        for i in range(warm, inputs.n):
-            idx.fill_(i)
-            graph.replay()
-    if alongside is not None:
-        alongside()
-    main.wait_stream(side)
-    del graph  # after the join: its memory goes back to work ordered after the replays
     return stats
 
 
@@ -982,26 +956,18 @@ def tune_block(
         fuse = bool(fuse_elementwise) and iters > 0
         with torch.no_grad():
             phase("inputs")
-        ref_out = [None]
-
-        def reference_pass():  # the full-precision block's outputs: the loop's targets
-            with torch.no_grad(), fusion.fused_elementwise(block, fuse):
-                ref_out[0] = _run(block, inputs, batch_size, autocast)
-
-        # The calibration pass first (warm-up and capture: "calibration"), then the reference
-        # pass beside its graph's replays ("reference": both passes' time), or after it.
+            with fusion.fused_elementwise(block, fuse):
+                ref = _run(block, inputs, batch_size, autocast) if iters > 0 else None
+            phase("reference")
         stats = _activation_stats(block, linears, inputs, model_dtype_autocast, q_hidden,
-                                  want_max=act_quant, want_imatrix=iters == 0, cuda_graph=cuda_graph,
-                                  alongside=reference_pass if iters > 0 else None,
-                                  before=lambda: phase("calibration"))
-        ref = ref_out[0]
+                                  want_max=act_quant, want_imatrix=iters == 0, cuda_graph=cuda_graph)
         if dist is not None:  # every rank quantizes with the statistics of all samples
             for name in linears:
                 if act_quant:
                     dist.all_reduce(stats[name][0], op=dist.ReduceOp.MAX)
                 if iters == 0:
                     dist.all_reduce(stats[name][1])
-        phase("reference")
+        phase("calibration")
 
         global_scales = dict(global_scales or {})
         for group in fused_layer_groups([n for n in linears if specs[n].kind == "nvfp4"]):
