@@ -79,28 +79,26 @@ inline Nvfp4Args nvfp4_args(const Tensor& w, const Tensor& v, const Tensor& ms, 
                    static_cast<const float*>(gs.const_data_ptr())};
 }
 
-inline Nvfp4ActArgs nvfp4_act_args(const Tensor& x, const Tensor& gs, const char* op) {
-  STD_TORCH_CHECK(x.dim() >= 1 && x.numel() > 0, op, ": x must be a non-empty tensor");
-  STD_TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
+// x (named `name` in errors): non-empty and contiguous, viewed as [rows, cols]; gs one fp32.
+inline Nvfp4ActArgs nvfp4_act_args(const Tensor& x, const Tensor& gs, const char* op,
+                                   const char* name = "x") {
+  STD_TORCH_CHECK(x.dim() >= 1 && x.numel() > 0, op, ": ", name, " must be a non-empty tensor");
+  STD_TORCH_CHECK(x.is_contiguous(), op, ": ", name, " must be contiguous");
   const int64_t cols = x.size(x.dim() - 1);
   check_fp32(x, gs, 1, op, "global_scale");
-  return Nvfp4ActArgs{float_code(x, op, "x"), x.numel() / cols, cols, x.const_data_ptr(),
+  return Nvfp4ActArgs{float_code(x, op, name), x.numel() / cols, cols, x.const_data_ptr(),
                       static_cast<const float*>(gs.const_data_ptr())};
 }
 
 // gate and up of a SiLU-gated MLP: one dtype, one shape, contiguous; viewed as [rows, cols].
 inline SiluMulActArgs silu_mul_act_args(const Tensor& gate, const Tensor& up, const Tensor& gs,
                                         const char* op) {
-  STD_TORCH_CHECK(gate.dim() >= 1 && gate.numel() > 0, op, ": gate must be a non-empty tensor");
-  STD_TORCH_CHECK(gate.is_contiguous(), op, ": gate must be contiguous");
+  const Nvfp4ActArgs g = nvfp4_act_args(gate, gs, op, "gate");
   STD_TORCH_CHECK(up.dim() == gate.dim(), op, ": up must have gate's shape");
   for (int64_t d = 0; d < gate.dim(); ++d)
     STD_TORCH_CHECK(up.size(d) == gate.size(d), op, ": up must have gate's shape");
   check_like(gate, up, op, "up");
-  const int64_t cols = gate.size(gate.dim() - 1);
-  check_fp32(gate, gs, 1, op, "global_scale");
-  return SiluMulActArgs{float_code(gate, op, "gate"), gate.numel() / cols, cols, gate.const_data_ptr(),
-                        up.const_data_ptr(), static_cast<const float*>(gs.const_data_ptr())};
+  return SiluMulActArgs{g.dtype, g.rows, g.cols, g.x, up.const_data_ptr(), g.global_scale};
 }
 
 // auto-round's grouping: group_size -1, or one larger than the row, means one group per row.
