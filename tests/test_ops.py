@@ -349,6 +349,82 @@ def test_int_gradients_match_auto_round(device, sym, group_size, dtype):
         assert_grad_close(mxd.grad, want_gmx, 2e-3, "max_scale grad")
 
 
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("group_size,cols", [(128, 256), (32, 256), (128, 200)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int_division_paths_equal_auto_round(device, sym, group_size, cols, dtype):
+    """W / s takes the fast division (the group's reciprocal, int_divide) where the group and
+    the lane's elements are in its domain, IEEE division elsewhere: both give the same bits.
+    Rows that take each path: plain weights (fast), zeros and -0 in some lanes and tiny
+    weights (2^-70) in others (those lanes fall back), magnitudes whose quotient leaves the
+    backward's second division out of the domain (first fast, second not), and groups whose
+    quotient exceeds 2^40 (the whole group falls back; not in fp16, whose quotient is fp16). Forward and dV bit for bit against
+    auto-round; on the GPU every output and gradient bit for bit against the CPU kernel."""
+    gen = torch.Generator().manual_seed(29 + cols + group_size)
+    rows = 6
+    w = torch.randn(rows, cols, generator=gen)
+    w[1, ::37] = 0.0
+    w[1, 5::41] = -0.0
+    w[2, 3::29] = 2.0**-70  # fp16 flushes it to 0: a zero lane there
+    if dtype == torch.float16:  # fp16 / fp16 quotients stay below 65504 (auto-round's overflow is NaN)
+        w[3:5] *= 0.1
+    else:
+        w[3] *= 1000.0
+        w[4] *= 2.0**35
+    w = w.to(dtype)
+    groups = ops.int_num_groups(cols, group_size)
+    v, mn = rand_params(rows, cols, groups, gen)
+    mx = torch.rand(rows, groups, generator=gen) * 0.5 + 0.5
+    v[1, ::37] = -0.0  # -0 / s + -0 keeps the quotient's sign: the zero select matters
+    mn[3:5], mx[3:5] = 0.0, 0.0  # the scale floors at 1e-5: quotients of 1e8 and beyond 2^40
+    g = torch.randn(rows, cols, generator=gen).to(dtype)
+    want_q, want_s, want_zp, want_gv, want_gmn, want_gmx = oracle.int_quant(
+        w, v, mn, mx, 4, group_size, sym, grad_out=g)
+
+    def run(dev):
+        vd, mnd, mxd = [t.clone().requires_grad_() for t in to(dev, v, mn, mx)]
+        q, sc, zp = ops.fake_quant_int(w.to(dev), vd, mnd, mxd, 4, group_size, sym)
+        (q.float() * g.to(dev).float()).sum().backward()
+        return [t.detach().cpu() for t in (q, sc, zp, vd.grad, mnd.grad, mxd.grad)]
+
+    got = run(device)
+    assert torch.equal(got[0], want_q) and torch.equal(got[1], want_s)
+    assert torch.equal(got[0].view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       want_q.view(torch.int16 if dtype != torch.float32 else torch.int32)), "signed zeros"
+    if not sym:
+        assert torch.equal(got[2], want_zp)
+    assert torch.equal(got[3], want_gv)
+    assert_grad_close(got[4], want_gmn, 2e-3, "min_scale grad")
+    assert_grad_close(got[5], want_gmx, 2e-3, "max_scale grad")
+    if device == "cuda":
+        for a, b in zip(got, run("cpu")):
+            assert torch.equal(a.view(torch.int16 if a.element_size() == 2 else torch.int32),
+                               b.view(torch.int16 if b.element_size() == 2 else torch.int32))
+
+
+def test_int_fast_division_is_ieee_division(tmp_path):
+    """The INT kernels' fast division, compiled from csrc/int/int_quant.h with the host
+    compiler (the CPU kernels' build flags: no contraction), against IEEE division for every
+    finite bf16 and fp16 x and a stride of the fp16 scales, and random fp32 pairs over the
+    domain it is taken in; a mutant (the first estimate x * RN(1/s), uncorrected) must fail."""
+    import pathlib
+    import shutil
+    import subprocess
+
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    exe = tmp_path / "int_division_check"
+    subprocess.run([cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-fno-fast-math", f"-I{root / 'csrc'}",
+                    str(root / "tests" / "native" / "int_division_check.cpp"), "-o", str(exe)], check=True)
+    ok = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout
+    assert " 0 mismatches, 0 scales outside" in ok.stdout
+    mutant = subprocess.run([str(exe), "--mutant"], capture_output=True, text=True)
+    assert mutant.returncode == 1 and "mismatch:" in mutant.stdout
+
+
 @pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])
 def test_int_other_scale_dtypes_equal_oracle(device, scale_dtype):
     gen = torch.Generator().manual_seed(19)

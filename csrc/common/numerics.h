@@ -73,6 +73,14 @@ AF_HD float div_rn(float a, float b) {
 #endif
 }
 // torch.round: half to even.
+// a * b + c with one rounding (FFMA on the GPU; on the CPU std::fma, a libm call without -mfma).
+AF_HD float fma_rn(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
 AF_HD float round_even(float x) {
 #if defined(__CUDA_ARCH__)
   return rintf(x);
@@ -193,6 +201,16 @@ template <typename T> AF_HD float to_f32(T v) { return Cvt<T>::load(v); }
 template <typename T> AF_HD T from_f32(float v) { return Cvt<T>::store(v); }
 // Round an fp32 value through T and back: the value a tensor of dtype T would hold.
 template <typename T> AF_HD float round_through(float v) { return Cvt<T>::load(Cvt<T>::store(v)); }
+#if defined(__CUDA_ARCH__)
+// On the GPU fp16 round trips are two cvt instructions: round to nearest even with subnormals
+// and overflow to inf, and the exact widening back (the same value for every non-NaN input;
+// the bit-level paths above only tell NaN payloads apart, and a NaN stays a NaN).
+template <> __device__ __forceinline__ float round_through<f16_t>(float v) {
+  float r;
+  asm("{ .reg .b16 h; cvt.rn.f16.f32 h, %1; cvt.f32.f16 %0, h; }" : "=f"(r) : "f"(v));
+  return r;
+}
+#endif
 
 // Scale dtypes are named by c10::ScalarType codes, which the Python side passes as ints.
 enum ScaleDtype : int { kHalf = 5, kFloat = 6, kBFloat16 = 15 };

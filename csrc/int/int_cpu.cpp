@@ -44,8 +44,12 @@ int64_t int_forward(const IntArgs& a, T* out, void* scale, float* zp) {
       IntScale sc = int_group_scale(wmin, wmax, a.min_scale[gi], a.max_scale[gi], p);
       with_float_type(a.scale_dtype, [&](auto s) { store_scale<decltype(s)>(scale, gi, sc.s); });
       zp[gi] = sc.zp;
-      for (int64_t j = 0; j < n; ++j)
-        out[base + j] = from_f32<T>(int_qdq(to_f32(w[base + j]), a.v[base + j], sc, a.sym));
+      for (int64_t j = 0; j < n; ++j) {  // each element's quotient is exact on either path
+        const float x = to_f32(w[base + j]);
+        const float q = sc.fast && int_fast_element(x) ? int_qdq<true>(x, a.v[base + j], sc, a.sym)
+                                                       : int_qdq<false>(x, a.v[base + j], sc, a.sym);
+        out[base + j] = from_f32<T>(q);
+      }
     }
     bad += local_bad;
   });
@@ -67,9 +71,15 @@ void int_backward(const IntArgs& a, const T* grad, float* grad_v, float* g_min, 
       IntScale sc = int_group_scale(wmin, wmax, a.min_scale[gi], a.max_scale[gi], p);
       // Replay the CUDA kernel's order: per-lane sums, then an xor butterfly.
       IntPartials lane[kLanes] = {};
-      for (int64_t j = 0; j < n; ++j)
-        int_element_backward(to_f32(w[base + j]), a.v[base + j], to_f32(grad[base + j]), sc,
-                             a.sym, grad_v + base + j, lane[lane_of(static_cast<int>(j))]);
+      const bool group_fast = int_second_division_fast(sc, wmin, wmax);
+      for (int64_t j = 0; j < n; ++j) {
+        const float x = to_f32(w[base + j]), g = to_f32(grad[base + j]);
+        IntPartials& acc = lane[lane_of(static_cast<int>(j))];
+        if (group_fast && int_fast_element(x))
+          int_element_backward<true>(x, a.v[base + j], g, sc, a.sym, grad_v + base + j, acc);
+        else
+          int_element_backward<false>(x, a.v[base + j], g, sc, a.sym, grad_v + base + j, acc);
+      }
       for (int off = kLanes / 2; off > 0; off /= 2) {
         IntPartials next[kLanes];
         for (int l = 0; l < kLanes; ++l) {

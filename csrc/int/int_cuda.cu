@@ -115,6 +115,30 @@ __device__ __forceinline__ IntScale group_scale(const IntArgs& a, const T* w, Gr
   return int_group_scale(*wmin, *wmax, mn, mx, int_params(a));
 }
 
+// Whether every one of a lane's E elements takes the fast division (group_fast: the group is
+// in its domain). One branch per lane, not per element: the per-element IEEE division's
+// reciprocal and slow-path branch are what the fast division saves.
+template <int E>
+__device__ __forceinline__ bool lane_fast(const float* x, bool group_fast) {
+  bool fast = group_fast;
+#pragma unroll
+  for (int c = 0; c < E; ++c) fast = fast && int_fast_element(x[c]);
+  return fast;
+}
+
+// x[c] = qdq(x[c], v[c]) for a lane's E elements (padding too: its results are not stored).
+template <int E>
+__device__ __forceinline__ void qdq_elements(float* x, const float* v, const IntScale& sc, bool sym,
+                                             bool group_fast) {
+  if (lane_fast<E>(x, group_fast)) {
+#pragma unroll
+    for (int c = 0; c < E; ++c) x[c] = int_qdq<true>(x[c], v[c], sc, sym);
+  } else {
+#pragma unroll
+    for (int c = 0; c < E; ++c) x[c] = int_qdq<false>(x[c], v[c], sc, sym);
+  }
+}
+
 template <typename T, typename S, bool kVec>
 __global__ void __launch_bounds__(kThreads) fake_quant_int_kernel(IntArgs a, T* out, S* scale, float* zp) {
   const int lane = threadIdx.x % kLanes;
@@ -131,8 +155,7 @@ __global__ void __launch_bounds__(kThreads) fake_quant_int_kernel(IntArgs a, T* 
       float x[kChunk], v[kChunk];
       load_chunk<T, kVec>(w + g.base + j, g.n - j, x);
       load_chunk_f32<kVec>(a.v + g.base + j, g.n - j, v);
-#pragma unroll
-      for (int c = 0; c < kChunk; ++c) x[c] = int_qdq(x[c], v[c], sc, a.sym);
+      qdq_elements<kChunk>(x, v, sc, a.sym, sc.fast);
       store_chunk<T, kVec>(out + g.base + j, g.n - j, x);
     }
   });
@@ -160,15 +183,21 @@ __global__ void __launch_bounds__(kThreads) fake_quant_int_backward_kernel(IntAr
     float wmin, wmax;
     const float mn = load_ro<kNc>(a.min_scale + gi), mx = load_ro<kNc>(a.max_scale + gi);
     const IntScale sc = group_scale<T, kVec>(a, w, g, lane, mn, mx, &wmin, &wmax);
+    const bool group_fast = int_second_division_fast(sc, wmin, wmax);
     IntPartials acc{0.f, 0.f, 0.f, 0.f};
     for (int64_t j = lane * kChunk; j < g.n; j += kLanes * kChunk) {
       float x[kChunk], v[kChunk], gr[kChunk], gv[kChunk];
       load_chunk<T, kVec>(w + g.base + j, g.n - j, x);
       load_chunk<T, kVec>(grad + g.base + j, g.n - j, gr);
       load_chunk_f32<kVec, kNc>(a.v + g.base + j, g.n - j, v);
+      if (kVec && lane_fast<kChunk>(x, group_fast)) {
 #pragma unroll
-      for (int c = 0; c < kChunk; ++c)
-        if (kVec || j + c < g.n) int_element_backward(x[c], v[c], gr[c], sc, a.sym, &gv[c], acc);
+        for (int c = 0; c < kChunk; ++c) int_element_backward<true>(x[c], v[c], gr[c], sc, a.sym, &gv[c], acc);
+      } else {
+#pragma unroll
+        for (int c = 0; c < kChunk; ++c)
+          if (kVec || j + c < g.n) int_element_backward<false>(x[c], v[c], gr[c], sc, a.sym, &gv[c], acc);
+      }
       if constexpr (kVec) {
         out.template v_vec<kChunk>(g.base + j, v, gv);
       } else {
@@ -274,8 +303,10 @@ __device__ __forceinline__ void small_min_max(const float* x, float* lo, float* 
   *hi = sub_max<L>(h);
 }
 
+// At most 48 registers (5 blocks of 256 per SM): the kernel waits on memory, and 50 registers
+// left 4 blocks resident (NOTES.md, session 11).
 template <typename T, typename S, int L, int E>
-__global__ void __launch_bounds__(kThreads) fake_quant_int_small_kernel(IntArgs a, T* out, S* scale, float* zp) {
+__global__ void __launch_bounds__(kThreads, 5) fake_quant_int_small_kernel(IntArgs a, T* out, S* scale, float* zp) {
   const T* w = static_cast<const T*>(a.weight);
   for_each_small_group<L, E>(a, [&](int64_t gi, bool active, int64_t off, int sub) {
     float x[E] = {}, v[E] = {}, lo, hi;
@@ -290,8 +321,7 @@ __global__ void __launch_bounds__(kThreads) fake_quant_int_small_kernel(IntArgs 
       scale[gi] = from_f32<S>(sc.s);
       zp[gi] = sc.zp;
     }
-#pragma unroll
-    for (int c = 0; c < E; ++c) x[c] = int_qdq(x[c], v[c], sc, a.sym);
+    qdq_elements<E>(x, v, sc, a.sym, sc.fast);
     store_lane<T, E>(out + off, x);
   });
 }
@@ -317,8 +347,15 @@ __global__ void __launch_bounds__(kThreads) fake_quant_int_small_backward_kernel
     if (active) {
       sc = int_group_scale(lo, hi, mn, mx, int_params(a));
       float gv[E];
+      if (lane_fast<E>(x, int_second_division_fast(sc, lo, hi))) {
 #pragma unroll
-      for (int c = 0; c < E; ++c) int_element_backward(x[c], v[c], gr[c], sc, a.sym, &gv[c], acc[c / kChunk]);
+        for (int c = 0; c < E; ++c)
+          int_element_backward<true>(x[c], v[c], gr[c], sc, a.sym, &gv[c], acc[c / kChunk]);
+      } else {
+#pragma unroll
+        for (int c = 0; c < E; ++c)
+          int_element_backward<false>(x[c], v[c], gr[c], sc, a.sym, &gv[c], acc[c / kChunk]);
+      }
       out.template v_vec<E>(off, v, gv);
     }
     IntPartials tot = sub_sum<L>(acc[0]);

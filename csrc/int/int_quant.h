@@ -43,12 +43,64 @@ struct IntScale {
   int quot_dtype;
   float A, B;   // sym: -(wmin*min_scale), wmax*max_scale; asym: wmin*min_scale, wmax*max_scale
   float maxq;
+  // x / s with the reciprocal taken once per group (int_divide): y = RN(1 / s), sh = s * 2^64,
+  // yl = y * 2^-64; fast: the group is in the domain where that division is exact.
+  float y, sh, yl;
+  bool fast;
 };
+
+// The fast division's domain (every element of the group; int_divide, NOTES.md session 11):
+// 2^-24 <= |s| <= 2^16, |x| <= 2^40 |s|, |x| <= 2^62 (x * 2^64 finite), and x = 0 or
+// |x| >= 2^-80. Elements below
+// kFastMin take the IEEE division instead (a zero or a tiny weight in a lane sends the lane
+// there): that keeps the backward's second division t / s, t = x / s rounded, in the domain too.
+constexpr float kFastMin = 0x1p-60f;
+
+AF_HD bool int_fast_element(float x) { return fabs_(x) >= kFastMin; }
+
+AF_HD void int_divider(IntScale& r, float wmin, float wmax) {
+  const float as = fabs_(r.s), maxabs = fmax_(-wmin, wmax);
+  r.fast = as >= 0x1p-24f && as <= 0x1p16f && maxabs <= mul_rn(as, 0x1p40f) && maxabs <= 0x1p62f;
+  r.y = div_rn(1.f, r.s);
+  r.sh = mul_rn(r.s, 0x1p64f);
+  r.yl = mul_rn(r.y, 0x1p-64f);
+}
+
+// Whether the backward's second division (t / s, t = x / s in the quotient's dtype) stays in
+// the domain for every element of the group: |t| <= 2^40 |s| and <= 2^62 (t's magnitude is
+// at most that of the largest element's quotient, rounding being monotone).
+AF_HD bool int_second_division_fast(const IntScale& sc, float wmin, float wmax) {
+  const float as = fabs_(sc.s);
+  const float tmax = round_to_scale_dtype(div_rn(fmax_(-wmin, wmax), as), sc.quot_dtype);
+  return sc.fast && tmax <= mul_rn(as, 0x1p40f) && tmax <= 0x1p62f;
+}
+
+// x / s, correctly rounded (IEEE division, bit for bit). kFast: Markstein's division with the
+// group's reciprocal, for x in the domain above: q0 = RN(x * y) is within an ulp of x / s,
+// the remainder x - s * q0 is exact in one FMA (scaled by 2^64, which keeps it off the
+// subnormal range), and RN(q0 + r * y) is the quotient correctly rounded. For x = +-0 q0 is
+// already the signed zero x / s is (the correction would turn -0 into +0): kZero selects it;
+// without kZero the caller guarantees x != 0. No reciprocal instruction and no slow-path
+// branch per element, which the IEEE division has.
+template <bool kFast, bool kZero = true>
+AF_HD float int_divide(float x, const IntScale& sc) {
+  if constexpr (kFast) {
+    const float q0 = mul_rn(x, sc.y);
+    const float q = fma_rn(fma_rn(-sc.sh, q0, mul_rn(x, 0x1p64f)), sc.yl, q0);
+    if constexpr (kZero) return x == 0.f ? q0 : q;
+    return q;
+  } else {
+    return div_rn(x, sc.s);
+  }
+}
 
 AF_HD float int_floor_scale(float s_raw, float floor_value, bool sym) {
   if (sym && s_raw < 0.f) return s_raw > -floor_value ? -floor_value : s_raw;
   return s_raw < floor_value ? floor_value : s_raw;
 }
+
+// 1 / maxq of the symmetric scheme, 2^-(bits-1), built from its exponent (bits in 2..8).
+AF_HD float sym_inv_maxq(int bits) { return bits_to_float(static_cast<uint32_t>(128 - bits) << 23); }
 
 AF_HD IntScale int_group_scale(float wmin, float wmax, float min_scale, float max_scale,
                                const IntParams& p) {
@@ -60,7 +112,9 @@ AF_HD IntScale int_group_scale(float wmin, float wmax, float min_scale, float ma
     r.A = -mul_rn(wmin, min_scale);
     r.B = mul_rn(wmax, max_scale);
     float mv = (r.B < r.A ? 1.f : -1.f) * fmax_(r.B, r.A);
-    r.s_raw = round_to_scale_dtype(div_rn(mv, r.maxq), p.scale_dtype);
+    // mv / maxq, maxq = 2^(bits-1): the product by 2^-(bits-1) is the same correctly rounded
+    // value (subnormal results included) without a division
+    r.s_raw = round_to_scale_dtype(mul_rn(mv, sym_inv_maxq(p.bits)), p.scale_dtype);
     r.s = int_floor_scale(r.s_raw, floor_value, true);
     r.zp = 0.f;
   } else {
@@ -71,24 +125,41 @@ AF_HD IntScale int_group_scale(float wmin, float wmax, float min_scale, float ma
     r.s = int_floor_scale(r.s_raw, floor_value, false);
     r.zp = round_even(div_rn(-r.A, r.s));
   }
+  int_divider(r, wmin, wmax);
   return r;
 }
 
-// The integer level of one element before clamping, and the clamped level.
+// The integer level of one element before clamping, and the clamped level. kFast: x is in
+// the fast division's domain (sc.fast and int_fast_element(x)).
+template <bool kFast = false>
 AF_HD float int_quotient(float x, const IntScale& sc) {
-  return round_to_scale_dtype(div_rn(x, sc.s), sc.quot_dtype);
+  return round_to_scale_dtype(int_divide<kFast, false>(x, sc), sc.quot_dtype);
 }
 
+template <bool kFast = false>
 AF_HD float int_level(float x, float v, const IntScale& sc) {
-  return round_even(add_rn(int_quotient(x, sc), v));
+  return round_even(add_rn(int_quotient<kFast>(x, sc), v));
 }
 
+// round_even(t) for |t| <= 2^22, with a zero result as +0: t + 1.5 * 2^23 lies where the fp32
+// grid is 1, so the add rounds t to an integer, ties to even (1.5 * 2^23 is even); the
+// subtraction is exact and gives +0, not -0. auto-round's round_ste ((round(t) - t) + t)
+// turns -0 into +0 the same way. Two adds, where rint is a conversion-pipe instruction.
+AF_HD float round_even_small(float t) {
+  return sub_rn(add_rn(t, 12582912.0f), 12582912.0f);
+}
+
+template <bool kFast = false>
 AF_HD float int_qdq(float x, float v, const IntScale& sc, bool sym) {
-  float iw = int_level(x, v, sc);
   if (sym) {
-    float q = fmin_(fmax_(iw, -sc.maxq), sc.maxq - 1.f);
-    return mul_rn(sc.s, q);
+    // round(clamp(t)) == clamp(round(t)) for integer bounds (rounding is monotone and keeps
+    // integers), so clamp first: |t| <= 2^7 for round_even_small. The bounds are never zero
+    // (bits >= 2): min_num/max_num clamp as the ternaries do, NaN included (either way it
+    // lands on -maxq).
+    const float t = add_rn(int_quotient<kFast>(x, sc), v);
+    return mul_rn(sc.s, round_even_small(min_num(max_num(t, -sc.maxq), sc.maxq - 1.f)));
   }
+  float iw = int_level<kFast>(x, v, sc);
   float q = fmin_(fmax_(add_rn(iw, sc.zp), 0.f), sc.maxq);
   return mul_rn(sc.s, sub_rn(q, sc.zp));
 }
@@ -101,15 +172,17 @@ struct IntPartials {
   float zs;  // asym: sum -(g * s) (zp through q - zp)
 };
 
+// kFast: x is in the fast division's domain and so is t / s (int_second_division_fast).
+template <bool kFast = false>
 AF_HD void int_element_backward(float x, float v, float g, const IntScale& sc, bool sym,
                                 float* gv, IntPartials& acc) {
-  float t = int_quotient(x, sc);
+  float t = int_quotient<kFast>(x, sc);
   float iw = round_even(add_rn(t, v));
   float gs = mul_rn(g, sc.s);
   float dv;
   if (sym) {
     bool pass = iw >= -sc.maxq && iw <= sc.maxq - 1.f;
-    float q = fmin_(fmax_(iw, -sc.maxq), sc.maxq - 1.f);
+    float q = min_num(max_num(iw, -sc.maxq), sc.maxq - 1.f);
     dv = pass ? gs : 0.f;
     acc.a = add_rn(acc.a, mul_rn(g, q));
   } else {
@@ -124,7 +197,8 @@ AF_HD void int_element_backward(float x, float v, float g, const IntScale& sc, b
   *gv = dv;
   // d/ds of W / s: -g_t * ((W / s) / s), all in the quotient's dtype (fp16/fp16 stays fp16).
   float g_t = round_to_scale_dtype(dv, sc.quot_dtype);
-  acc.b = add_rn(acc.b, round_to_scale_dtype(mul_rn(-g_t, int_quotient(t, sc)), sc.quot_dtype));
+  const float tq = round_to_scale_dtype(int_divide<kFast>(t, sc), sc.quot_dtype);  // t may be +-0
+  acc.b = add_rn(acc.b, round_to_scale_dtype(mul_rn(-g_t, tq), sc.quot_dtype));
 }
 
 AF_HD void int_partials_add(IntPartials& x, const IntPartials& y) {
@@ -154,7 +228,8 @@ AF_HD void int_group_scale_backward(const IntPartials& t, float wmin, float wmax
   }
   bool floor_pass = (p.sym && sc.s_raw < 0.f) ? sc.s_raw <= -floor_value : sc.s_raw >= floor_value;
   float g_raw = floor_pass ? gs : 0.f;
-  float g_q = div_rn(g_raw, sc.maxq);  // s = cast(mv / maxq)
+  // s = cast(mv / maxq); sym: maxq a power of two, so the product by 1 / maxq is the same value
+  float g_q = p.sym ? mul_rn(g_raw, sym_inv_maxq(p.bits)) : div_rn(g_raw, sc.maxq);
   if (p.sym) {
     float g_mv = mul_rn(g_q, sc.B < sc.A ? 1.f : -1.f);
     float gB, gA;  // torch.maximum's backward splits ties evenly
