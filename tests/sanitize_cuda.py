@@ -47,6 +47,16 @@ def main():
             loss.backward()
             gate, up = (torch.randn(3, 5, cols, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
             ops.silu_mul_nvfp4_activation(gate, up, ops.nvfp4_global_scale(up)).float().sum().backward()
+    # the small-group INT forward's grid holds at most the resident blocks, and each warp loops:
+    # 1024 x 2048 in groups of 128 (16384 groups) goes round that loop on any card up to 200 SMs
+    w = torch.randn(1024, 2048, device="cuda", dtype=torch.bfloat16)
+    v = torch.zeros(1024, 2048, device="cuda", requires_grad=True)
+    mn, mx = (torch.ones(1024, 16, device="cuda", requires_grad=True) for _ in range(2))
+    q, _, _ = ops.fake_quant_int(w, v, mn, mx, 4, 128, True)
+    q.float().sum().backward()
+    q, _, _ = ops.step_in_backward_int(w, v, mn, mx, 4, 128, True, torch.float16, bests(v, mn, mx), flag(True),
+                                       lr, lambda: None)
+    q.float().sum().backward()
     for n, offset in ((4096, 0), (1001, 1)):  # the step's 16-byte and scalar paths
         buf = [torch.randn(n + offset, device="cuda")[offset:] for _ in range(3)]
         for improved in (True, False):

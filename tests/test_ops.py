@@ -527,6 +527,31 @@ def test_cuda_equals_cpu_bitwise(dtype):
                     assert torch.equal(a, b), (rows, cols, group, sym, name)
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("group", [8, 128])
+def test_int_cuda_looping_grid_equals_cpu(group):
+    """The small-group INT forward launches at most the blocks resident at once and each warp
+    loops over groups: a weight with more groups than one such grid covers (4096 x 4096:
+    131072 groups of 128, 2M of 8) goes round the loop; forward and backward must equal the
+    CPU kernel."""
+    gen = torch.Generator().manual_seed(31)
+    rows = cols = 4096
+    w = torch.randn(rows, cols, generator=gen).to(torch.bfloat16)
+    g = torch.randn(rows, cols, generator=gen).to(torch.bfloat16)
+    groups = ops.int_num_groups(cols, group)
+    v, mn = rand_params(rows, cols, groups, gen)
+    mx = torch.rand(rows, groups, generator=gen) * 0.5 + 0.5
+    for sym in (True, False):
+        outs = []
+        for dev in ("cpu", "cuda"):
+            vd, mnd, mxd = [t.clone().to(dev).requires_grad_() for t in (v, mn, mx)]
+            q, s, zp = ops.fake_quant_int(w.to(dev), vd, mnd, mxd, 4, group, sym)
+            (q.float() * g.to(dev).float()).sum().backward()
+            outs.append([t.detach().cpu() for t in (q, s, zp, vd.grad, mnd.grad, mxd.grad)])
+        for name, a, b in zip(("q", "scale", "zp", "grad v", "grad min", "grad max"), *outs):
+            assert torch.equal(a, b), (group, sym, name)
+
+
 # --------------------------------------------------------------------------------------
 # properties (hypothesis): kernels equal the oracles on arbitrary shapes and magnitudes
 # --------------------------------------------------------------------------------------

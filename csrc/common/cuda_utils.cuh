@@ -23,6 +23,16 @@ inline unsigned grid_for(int64_t work, int per_block) {
   return static_cast<unsigned>(g < 1 ? 1 : (g > 0x7fffffff ? 0x7fffffff : g));
 }
 
+// The current device's SM count, 0 where it cannot be read (a grid-size hint only).
+inline int sm_count() {
+  int dev = 0, n = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    cudaGetLastError();  // not the launch's error
+    return 0;
+  }
+  return n;
+}
+
 // A load through the read-only cache (kNc), or a plain one for memory the kernel also writes
 // (the tunables a backward steps in place): __ldg requires data that no thread changes while
 // the kernel runs.

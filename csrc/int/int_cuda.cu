@@ -14,6 +14,10 @@ namespace {
 
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * kLanes;
+// Blocks of the small-group forward resident per SM: it is held to 48 registers for 5 (it
+// waits on memory; at 50 registers 4 stayed resident and it lost 8 points of bandwidth,
+// NOTES.md session 11), and its grid is capped at that many blocks per SM (small_grid).
+constexpr int kForwardResident = 5;
 
 template <typename T, bool kVec, bool kNc = true>
 __device__ __forceinline__ void load_chunk(const T* p, int64_t n_left, float* x) {
@@ -303,10 +307,8 @@ __device__ __forceinline__ void small_min_max(const float* x, float* lo, float* 
   *hi = sub_max<L>(h);
 }
 
-// At most 48 registers (5 blocks of 256 per SM): the kernel waits on memory, and 50 registers
-// left 4 blocks resident (NOTES.md, session 11).
 template <typename T, typename S, int L, int E>
-__global__ void __launch_bounds__(kThreads, 5) fake_quant_int_small_kernel(IntArgs a, T* out, S* scale, float* zp) {
+__global__ void __launch_bounds__(kThreads, kForwardResident) fake_quant_int_small_kernel(IntArgs a, T* out, S* scale, float* zp) {
   const T* w = static_cast<const T*>(a.weight);
   for_each_small_group<L, E>(a, [&](int64_t gi, bool active, int64_t off, int sub) {
     float x[E] = {}, v[E] = {}, lo, hi;
@@ -397,7 +399,18 @@ void with_lanes(int lanes, F&& f) {
   }
 }
 
-unsigned small_grid(int64_t groups, int lanes) { return grid_for(groups, kWarps * (kLanes / lanes)); }
+// One pass over the groups, or (resident_per_sm > 0) at most the blocks that are resident at
+// once: each warp then loops over several groups and pays its set-up (the group count,
+// indices, parameters: about a fifth of a forward lane's instructions) once, not per group.
+// H200, INT4 g128: the forward went from 73-78% to 78-90% of copy bandwidth; the backward
+// with the step lost 7 points on the large shapes that way (87% -> 80%), so it keeps one
+// pass (NOTES.md, session 11).
+unsigned small_grid(int64_t groups, int lanes, int resident_per_sm = 0) {
+  const unsigned g = grid_for(groups, kWarps * (kLanes / lanes));
+  const int64_t cap = resident_per_sm > 0 ? static_cast<int64_t>(sm_count()) * resident_per_sm : 0;
+  return cap > 0 && g > cap ? static_cast<unsigned>(cap) : g;
+}
+
 
 bool chunked(const IntArgs& a, std::initializer_list<const void*> ptrs) {
   if (a.group % kChunk != 0 || a.cols % kChunk != 0) return false;
@@ -431,7 +444,8 @@ const char* launch_fake_quant_int(const IntArgs& a, void* out, void* scale, floa
       if (small.lanes)
         with_small_layout(small, [&](auto l, auto e) {
           fake_quant_int_small_kernel<T, S, decltype(l)::value, decltype(e)::value>
-              <<<small_grid(total, small.lanes), kThreads, 0, s>>>(a, static_cast<T*>(out), static_cast<S*>(scale), zp);
+              <<<small_grid(total, small.lanes, kForwardResident), kThreads, 0, s>>>(
+                  a, static_cast<T*>(out), static_cast<S*>(scale), zp);
         });
       else if (vec)
         fake_quant_int_kernel<T, S, true><<<grid_for(total, kWarps), kThreads, 0, s>>>(
