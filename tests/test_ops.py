@@ -358,8 +358,9 @@ def test_int_division_paths_equal_auto_round(device, sym, group_size, cols, dtyp
     Rows that take each path: plain weights (fast), zeros and -0 in some lanes and tiny
     weights (2^-70) in others (those lanes fall back), magnitudes whose quotient leaves the
     backward's second division out of the domain (first fast, second not), and groups whose
-    quotient exceeds 2^40 (the whole group falls back; not in fp16, whose quotient is fp16). Forward and dV bit for bit against
-    auto-round; on the GPU every output and gradient bit for bit against the CPU kernel."""
+    quotient exceeds 2^40 (the whole group falls back; not in fp16, whose quotient is fp16).
+    Forward (signed zeros included) and dV bit for bit against auto-round; on the GPU every
+    output and gradient bit for bit against the CPU kernel."""
     gen = torch.Generator().manual_seed(29 + cols + group_size)
     rows = 6
     w = torch.randn(rows, cols, generator=gen)

@@ -72,7 +72,6 @@ AF_HD float div_rn(float a, float b) {
   return a / b;
 #endif
 }
-// torch.round: half to even.
 // a * b + c with one rounding (FFMA on the GPU; on the CPU std::fma, a libm call without -mfma).
 AF_HD float fma_rn(float a, float b, float c) {
 #if defined(__CUDA_ARCH__)
@@ -81,6 +80,7 @@ AF_HD float fma_rn(float a, float b, float c) {
   return std::fma(a, b, c);
 #endif
 }
+// torch.round: half to even.
 AF_HD float round_even(float x) {
 #if defined(__CUDA_ARCH__)
   return rintf(x);

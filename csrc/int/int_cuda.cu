@@ -411,7 +411,6 @@ unsigned small_grid(int64_t groups, int lanes, int resident_per_sm = 0) {
   return cap > 0 && g > cap ? static_cast<unsigned>(cap) : g;
 }
 
-
 bool chunked(const IntArgs& a, std::initializer_list<const void*> ptrs) {
   if (a.group % kChunk != 0 || a.cols % kChunk != 0) return false;
   for (const void* p : ptrs)

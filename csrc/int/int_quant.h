@@ -49,11 +49,11 @@ struct IntScale {
   bool fast;
 };
 
-// The fast division's domain (every element of the group; int_divide, NOTES.md session 11):
-// 2^-24 <= |s| <= 2^16, |x| <= 2^40 |s|, |x| <= 2^62 (x * 2^64 finite), and x = 0 or
-// |x| >= 2^-80. Elements below
-// kFastMin take the IEEE division instead (a zero or a tiny weight in a lane sends the lane
-// there): that keeps the backward's second division t / s, t = x / s rounded, in the domain too.
+// The fast division's domain (int_divide, NOTES.md session 11): 2^-24 <= |s| <= 2^16,
+// |x| <= 2^40 |s|, |x| <= 2^62 (x * 2^64 finite), and x = 0 or |x| >= 2^-80. The group's
+// scale and largest magnitude are checked once (IntScale::fast); elements below kFastMin take
+// the IEEE division instead (a zero or a tiny weight sends its lane there), which also keeps
+// the backward's second division t / s (t = x / s rounded, zero or >= 2^-76) in the domain.
 constexpr float kFastMin = 0x1p-60f;
 
 AF_HD bool int_fast_element(float x) { return fabs_(x) >= kFastMin; }
