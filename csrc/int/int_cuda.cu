@@ -132,9 +132,8 @@ __device__ __forceinline__ bool lane_fast(const float* x, bool group_fast) {
 
 // x[c] = qdq(x[c], v[c]) for a lane's E elements (padding too: its results are not stored).
 template <int E>
-__device__ __forceinline__ void qdq_elements(float* x, const float* v, const IntScale& sc, bool sym,
-                                             bool group_fast) {
-  if (lane_fast<E>(x, group_fast)) {
+__device__ __forceinline__ void qdq_elements(float* x, const float* v, const IntScale& sc, bool sym) {
+  if (lane_fast<E>(x, sc.fast)) {
 #pragma unroll
     for (int c = 0; c < E; ++c) x[c] = int_qdq<true>(x[c], v[c], sc, sym);
   } else {
@@ -159,7 +158,7 @@ __global__ void __launch_bounds__(kThreads) fake_quant_int_kernel(IntArgs a, T* 
       float x[kChunk], v[kChunk];
       load_chunk<T, kVec>(w + g.base + j, g.n - j, x);
       load_chunk_f32<kVec>(a.v + g.base + j, g.n - j, v);
-      qdq_elements<kChunk>(x, v, sc, a.sym, sc.fast);
+      qdq_elements<kChunk>(x, v, sc, a.sym);
       store_chunk<T, kVec>(out + g.base + j, g.n - j, x);
     }
   });
@@ -323,7 +322,7 @@ __global__ void __launch_bounds__(kThreads, kForwardResident) fake_quant_int_sma
       scale[gi] = from_f32<S>(sc.s);
       zp[gi] = sc.zp;
     }
-    qdq_elements<E>(x, v, sc, a.sym, sc.fast);
+    qdq_elements<E>(x, v, sc, a.sym);
     store_lane<T, E>(out + off, x);
   });
 }
