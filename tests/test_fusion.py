@@ -233,11 +233,9 @@ def test_rotary_keeps_the_projections_layout(device, dtype):
         return (qe, ke, lq.grad, lk.grad), views
 
     want, _ = run(apply_rotary_pos_emb)
-    import torch._dynamo.config as dynamo_config
-
     # as inside fused_elementwise: the earlier tests of a GPU run compiled this function for
     # their shapes already, past dynamo's default limit of 8 (a fullgraph error, seen on the H200)
-    with dynamo_config.patch(recompile_limit=fusion.RECOMPILE_LIMIT):
+    with fusion.raised_recompile_limit():
         got, views = run(fusion._rotary_forward)
     for a, w in zip(got, want):
         assert torch.equal(a, w)

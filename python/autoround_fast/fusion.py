@@ -218,6 +218,16 @@ def available() -> bool:
     return True
 
 
+def raised_recompile_limit():
+    """A context in which dynamo's recompile limit is at least RECOMPILE_LIMIT. Every new shape
+    or dtype compiles the fused functions once more, and under fullgraph=True the compile past
+    dynamo's limit (8) is an error, not a fallback: a process that tunes blocks of several
+    shapes (a test run) would stop there."""
+    import torch._dynamo.config as dynamo_config
+
+    return dynamo_config.patch(recompile_limit=max(dynamo_config.recompile_limit, RECOMPILE_LIMIT))
+
+
 @contextlib.contextmanager
 def fused_elementwise(block: nn.Module, enabled: bool = True):
     """Within the ``with``, the block's RMSNorms, SiLU-gated MLPs and rotary embeddings run
@@ -227,13 +237,7 @@ def fused_elementwise(block: nn.Module, enabled: bool = True):
     modules = dict(block.named_modules())
     with contextlib.ExitStack() as stack:  # undone in reverse order, also when the body raises
         if any(found.values()):
-            # Every new shape or dtype compiles a function once more, and under fullgraph=True
-            # the compile past dynamo's limit (8) is an error, not a fallback: a process that
-            # tunes blocks of several shapes (a test run) would stop there.
-            import torch._dynamo.config as dynamo_config
-
-            stack.enter_context(dynamo_config.patch(
-                recompile_limit=max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)))
+            stack.enter_context(raised_recompile_limit())
         for name in found["rms_norm"]:
             stack.callback(_swap_forward(modules[name], _norm_forward))
         for name in found["silu_mul"]:
