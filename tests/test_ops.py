@@ -25,6 +25,12 @@ def to(device, *ts):
     return [t.to(device) for t in ts]
 
 
+def same_bits(a, b):
+    """torch.equal on the bit patterns (on the CPU): tells -0 from +0, as torch.equal does not."""
+    as_int = {1: torch.int8, 2: torch.int16, 4: torch.int32}[a.element_size()]
+    return a.dtype == b.dtype and torch.equal(a.cpu().view(as_int), b.cpu().view(as_int))
+
+
 def assert_grad_close(ours, theirs, rtol, what):
     """Per element |a - b| <= rtol * |b| + rtol * max|b| * 1e-2 (near-cancelling sums)."""
     ours, theirs = ours.double().cpu(), theirs.double().cpu()
@@ -118,14 +124,12 @@ def test_nvfp4_rounds_every_value_as_auto_round(device, dtype):
     want_q, want_s = oracle.nvfp4(w, v, ms, gs)
     assert bool((want_s == 1).all())
     q, s = ops.fake_quant_nvfp4(*to(device, w, v, ms, gs))
-    assert torch.equal(q.cpu().view(torch.int8 if dtype == torch.float32 else torch.int16).view(-1),
-                       want_q.view(torch.int8 if dtype == torch.float32 else torch.int16).view(-1))
+    assert same_bits(q, want_q)
     # activations: act_max 2688 gives the global scale 448 * 6 / 2688 = 1
     x = w1.to(dtype)
     want_y = oracle.nvfp4_activation(x, torch.tensor(2688.0))
     y = ops.fake_quant_nvfp4_activation(x.to(device), ops.nvfp4_global_scale(torch.tensor(2688.0)).to(device))
-    assert torch.equal(y.cpu().view(torch.int16 if dtype != torch.float32 else torch.int32),
-                       want_y.view(torch.int16 if dtype != torch.float32 else torch.int32))
+    assert same_bits(y, want_y)
 
 
 def test_nvfp4_scale_clamps_at_448():
@@ -390,8 +394,7 @@ def test_int_division_paths_equal_auto_round(device, sym, group_size, cols, dtyp
 
     got = run(device)
     assert torch.equal(got[0], want_q) and torch.equal(got[1], want_s)
-    assert torch.equal(got[0].view(torch.int16 if dtype != torch.float32 else torch.int32),
-                       want_q.view(torch.int16 if dtype != torch.float32 else torch.int32)), "signed zeros"
+    assert same_bits(got[0], want_q), "signed zeros"
     if not sym:
         assert torch.equal(got[2], want_zp)
     assert torch.equal(got[3], want_gv)
@@ -399,8 +402,7 @@ def test_int_division_paths_equal_auto_round(device, sym, group_size, cols, dtyp
     assert_grad_close(got[5], want_gmx, 2e-3, "max_scale grad")
     if device == "cuda":
         for a, b in zip(got, run("cpu")):
-            assert torch.equal(a.view(torch.int16 if a.element_size() == 2 else torch.int32),
-                               b.view(torch.int16 if b.element_size() == 2 else torch.int32))
+            assert same_bits(a, b)
 
 
 def test_int_fast_division_is_ieee_division(tmp_path):
@@ -705,7 +707,7 @@ def test_sign_step_equals_torch(device, numel, offset, improved):
     p, best, g, imp, lr = to(device, p, best, g, imp, lr)
     ops.sign_step_(p, best, g, imp, lr)
     assert torch.equal(p.cpu(), want_p) and torch.equal(best.cpu(), want_b)
-    assert torch.equal(p.cpu().view(torch.int32), want_p.view(torch.int32))  # signed zeros too
+    assert same_bits(p, want_p)  # signed zeros too
 
 
 def test_sign_step_errors():
@@ -740,7 +742,7 @@ def _step_inputs(gen, w, v, *scales):
 
 def _assert_bits(got, want, what):
     for name, a, b in zip(what, got, want):
-        assert torch.equal(a.cpu().view(torch.int32), b.cpu().view(torch.int32)), name
+        assert same_bits(a, b), name
 
 
 @pytest.mark.parametrize("improved", [True, False])
