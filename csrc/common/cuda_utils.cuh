@@ -1,6 +1,7 @@
 // Small device helpers shared by the .cu files. CUDA headers only.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <cuda_runtime.h>
 
@@ -23,13 +24,23 @@ inline unsigned grid_for(int64_t work, int per_block) {
   return static_cast<unsigned>(g < 1 ? 1 : (g > 0x7fffffff ? 0x7fffffff : g));
 }
 
-// The current device's SM count, 0 where it cannot be read (a grid-size hint only).
+// The current device's SM count, 0 where it cannot be read (a grid-size hint only). Read
+// once per device: launches on the eager path are host-bound.
 inline int sm_count() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices] = {};
   int dev = 0, n = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+  if (cudaGetDevice(&dev) != cudaSuccess) {
     cudaGetLastError();  // not the launch's error
     return 0;
   }
+  const bool cacheable = dev >= 0 && dev < kMaxDevices;
+  if (cacheable && (n = cached[dev].load(std::memory_order_relaxed)) > 0) return n;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  if (cacheable) cached[dev].store(n, std::memory_order_relaxed);
   return n;
 }
 
@@ -74,6 +85,8 @@ __device__ __forceinline__ void store_vec(T* p, const float* in) {
 // sign step they drive, in place (StepOut, launchers.h's StepTargets). Each call gets the
 // value the kernel read (an element of V, a scale) beside its gradient, so the step reads
 // nothing twice. kInPlace: the kernel must read V and the scales with plain loads.
+// Kernels that stage V through shared memory (the NVFP4 backward) write v_value(p, g) to
+// v_dst() and hand each 16-byte chunk of V as read to v_best_chunk.
 struct GradOut {
   static constexpr bool kInPlace = false;
   float* v;
@@ -85,6 +98,9 @@ struct GradOut {
     store_vec<float, N>(v + at, g);
   }
   __device__ __forceinline__ void v_one(int64_t at, float, float g) const { v[at] = g; }
+  __device__ __forceinline__ float* v_dst() const { return v; }
+  __device__ __forceinline__ float v_value(float, float g) const { return g; }
+  __device__ __forceinline__ void v_best_chunk(int64_t, float4) const {}
   __device__ __forceinline__ void min_one(int64_t gi, float, float g) const { min_scale[gi] = g; }
   __device__ __forceinline__ void max_one(int64_t gi, float, float g) const { max_scale[gi] = g; }
 };
@@ -111,6 +127,11 @@ struct StepOut {
     store_vec<float, N>(t.v + at, s);
   }
   __device__ __forceinline__ void v_one(int64_t at, float p, float g) const { step(t.v, t.best_v, at, p, g); }
+  __device__ __forceinline__ float* v_dst() const { return t.v; }
+  __device__ __forceinline__ float v_value(float p, float g) const { return sign_step_value(p, g, lr); }
+  __device__ __forceinline__ void v_best_chunk(int64_t chunk, float4 p) const {
+    if (improved) reinterpret_cast<float4*>(t.best_v)[chunk] = p;
+  }
   __device__ __forceinline__ void min_one(int64_t gi, float p, float g) const {
     step(t.min_scale, t.best_min_scale, gi, p, g);
   }

@@ -27,25 +27,92 @@ __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_kernel(Nvfp4Args a,
 }
 
 // Out: GradOut (the gradients) or StepOut (the sign step in place, cuda_utils.cuh).
-template <typename T, bool kVec, typename Out>
+// The ragged path (rows that are not whole groups, or unaligned tensors): one thread per
+// group, element by element.
+template <typename T, typename Out>
 __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_backward_kernel(Nvfp4Args a, const T* grad, Out out) {
   constexpr bool kNc = !Out::kInPlace;
   out.start();
   const float gs = __ldg(a.global_scale), inv_gs = inv_global_scale(gs);
   const T* w = static_cast<const T*>(a.weight);
-  for_each_group<kVec>(a.rows, a.cols, [&](int64_t gi, GroupIndex g) {
+  for_each_group<false>(a.rows, a.cols, [&](int64_t gi, GroupIndex g) {
     float x[kNvfp4Group], v[kNvfp4Group], gr[kNvfp4Group], gv[kNvfp4Group], amax;
-    int n = load_group<T, kVec>(w + g.base, g.n, x, &amax);
-    load_vals<T, kVec>(grad + g.base, g.n, gr);
-    load_f32<kVec, kNc>(a.v + g.base, n, v);
+    int n = load_group<T, false>(w + g.base, g.n, x, &amax);
+    load_vals<T, false>(grad + g.base, g.n, gr);
+    load_f32<false, kNc>(a.v + g.base, n, v);
     const float ms = load_ro<kNc>(a.max_scale + gi);
     out.max_one(gi, ms, nvfp4_group_backward(x, v, gr, n, amax, ms, gs, inv_gs, gv, nullptr));
-    if constexpr (kVec) {
-      out.template v_vec<kNvfp4Group>(g.base, v, gv);
-    } else {
-      for (int j = 0; j < n; ++j) out.v_one(g.base + j, v[j], gv[j]);
-    }
+    for (int j = 0; j < n; ++j) out.v_one(g.base + j, v[j], gv[j]);
   });
+}
+
+// The vector path, with V and its result (the gradient, or the stepped V and the best copy)
+// staged through shared memory. One thread per group would read and write V's fp32 values as
+// four 16-byte accesses 64 bytes apart across the warp: every store instruction fills half
+// of 32 sectors, and ncu showed the backward + step bound by L2 throughput (84%) with DRAM at
+// 54% (NOTES.md, session 11). Here each block moves its 256 groups' V (16 KB) with
+// contiguous 512-byte warp accesses, in and out; each thread reads and writes its group's 16
+// values in shared memory.
+// Chunk c (16 bytes) of the tile lives at c ^ ((c >> 3) & 3): a thread's four chunks 4t..4t+3
+// are 64 bytes apart, so eight neighbouring threads would hit two of the eight 16-byte bank
+// groups (four-way conflicts); the swizzle spreads them over all eight, and the contiguous
+// copies stay conflict-free (it permutes chunks within each aligned run of eight).
+__device__ __forceinline__ int tile_slot(int c) { return c ^ ((c >> 3) & 3); }
+
+template <typename T, typename Out>
+__global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_backward_staged_kernel(Nvfp4Args a, const T* grad,
+                                                                                   Out out) {
+  constexpr bool kNc = !Out::kInPlace;
+  constexpr int kChunksPerGroup = kNvfp4Group / 4;  // float4 chunks of V per group
+  __shared__ float4 tile[kThreads * kChunksPerGroup];
+  out.start();
+  const float gs = __ldg(a.global_scale), inv_gs = inv_global_scale(gs);
+  const T* w = static_cast<const T*>(a.weight);
+  const int64_t total = a.rows * (a.cols / kNvfp4Group);
+  const float4* v4 = reinterpret_cast<const float4*>(a.v);
+  float4* dst4 = reinterpret_cast<float4*>(out.v_dst());
+  for (int64_t g0 = blockIdx.x * (int64_t)kThreads; g0 < total; g0 += (int64_t)gridDim.x * kThreads) {
+    const int64_t rest = total - g0;
+    const int chunks = static_cast<int>(rest < kThreads ? rest : kThreads) * kChunksPerGroup;
+    const int64_t c0 = g0 * kChunksPerGroup;
+#pragma unroll
+    for (int k = 0; k < kChunksPerGroup; ++k) {
+      const int c = threadIdx.x + k * kThreads;
+      if (c < chunks) {
+        const float4 p = load_ro<kNc>(v4 + c0 + c);
+        tile[tile_slot(c)] = p;
+        out.v_best_chunk(c0 + c, p);
+      }
+    }
+    __syncthreads();
+    const int64_t gi = g0 + threadIdx.x;
+    if (threadIdx.x * kChunksPerGroup < chunks) {
+      const int64_t base = gi * kNvfp4Group;
+      float x[kNvfp4Group], v[kNvfp4Group], gr[kNvfp4Group], gv[kNvfp4Group], amax;
+      load_group<T, true>(w + base, kNvfp4Group, x, &amax);
+      load_vals<T, true>(grad + base, kNvfp4Group, gr);
+#pragma unroll
+      for (int k = 0; k < kChunksPerGroup; ++k) {
+        const float4 p = tile[tile_slot(threadIdx.x * kChunksPerGroup + k)];
+        v[4 * k] = p.x, v[4 * k + 1] = p.y, v[4 * k + 2] = p.z, v[4 * k + 3] = p.w;
+      }
+      const float ms = load_ro<kNc>(a.max_scale + gi);
+      out.max_one(gi, ms, nvfp4_group_backward(x, v, gr, kNvfp4Group, amax, ms, gs, inv_gs, gv, nullptr));
+#pragma unroll
+      for (int k = 0; k < kChunksPerGroup; ++k) {
+        tile[tile_slot(threadIdx.x * kChunksPerGroup + k)] =
+            make_float4(out.v_value(v[4 * k], gv[4 * k]), out.v_value(v[4 * k + 1], gv[4 * k + 1]),
+                        out.v_value(v[4 * k + 2], gv[4 * k + 2]), out.v_value(v[4 * k + 3], gv[4 * k + 3]));
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < kChunksPerGroup; ++k) {
+      const int c = threadIdx.x + k * kThreads;
+      if (c < chunks) dst4[c0 + c] = tile[tile_slot(c)];
+    }
+    __syncthreads();  // the next tile reuses the shared memory
+  }
 }
 
 template <typename T, bool kVec>
@@ -101,8 +168,13 @@ const char* launch_nvfp4_backward(const Nvfp4Args& a, const void* grad, Out out,
   return launch_over_groups(a.dtype, a.rows, a.cols, ptrs, stream,
                             [&](auto t, auto vec, unsigned grid, cudaStream_t s) {
                               using T = decltype(t);
-                              fake_quant_nvfp4_backward_kernel<T, decltype(vec)::value, Out>
-                                  <<<grid, kThreads, 0, s>>>(a, static_cast<const T*>(grad), out);
+                              if constexpr (decltype(vec)::value) {
+                                fake_quant_nvfp4_backward_staged_kernel<T, Out>
+                                    <<<grid, kThreads, 0, s>>>(a, static_cast<const T*>(grad), out);
+                              } else {
+                                fake_quant_nvfp4_backward_kernel<T, Out>
+                                    <<<grid, kThreads, 0, s>>>(a, static_cast<const T*>(grad), out);
+                              }
                             });
 }
 
