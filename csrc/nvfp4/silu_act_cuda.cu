@@ -67,9 +67,15 @@ __global__ void __launch_bounds__(kThreads) silu_mul_act_kernel(SiluMulActArgs a
 // from keeping the first pass's values alive for the next (common subexpressions): 64
 // registers per thread instead of 127, twice the groups in flight (forward+backward on
 // 16384x14336 bf16, H200: 1.886 -> 1.709 ms).
+// The kernel is bound by the conversion pipe (expf, the reciprocals and the fp32 -> 16-bit
+// roundings; ncu, NOTES.md session 11), so the output pass treats every element as off the
+// group's argmax (its gradient T(gc * os) needs no second rounding), and the argmax element
+// is redone alone after the group's stores, overwriting its place: 144 -> 103 roundings per
+// 16 bf16 elements. Four blocks per SM for the 16-bit types (64 registers; ptxas spills 4
+// bytes), the compiler's choice for fp32 (0: no minimum).
 template <typename T, bool kVec>
-__global__ void __launch_bounds__(kThreads) silu_mul_act_backward_kernel(SiluMulActArgs a, const T* grad,
-                                                                         T* grad_gate, T* grad_up) {
+__global__ void __launch_bounds__(kThreads, sizeof(T) == 2 ? 4 : 0)
+    silu_mul_act_backward_kernel(SiluMulActArgs a, const T* grad, T* grad_gate, T* grad_up) {
   const float gs = __ldg(a.global_scale), inv_gs = inv_global_scale(gs);
   const T* gate = static_cast<const T*>(a.gate);
   const T* up = static_cast<const T*>(a.up);
@@ -93,7 +99,9 @@ __global__ void __launch_bounds__(kThreads) silu_mul_act_backward_kernel(SiluMul
     u.fence();
     gt.fence();
     Nvfp4GroupSums sums;
-    int arg = -1;  // the first element with |m| == amax (torch.max's index)
+    // The first element with |m| == amax (torch.max's index) also takes the gradient through
+    // max|m|: its results are computed and written after the group's.
+    int arg = -1;
 #pragma unroll
     for (int j = 0; j < kNvfp4Group; ++j) {
       if (kVec || j < n) {
@@ -108,13 +116,15 @@ __global__ void __launch_bounds__(kThreads) silu_mul_act_backward_kernel(SiluMul
     s.fence();
     u.fence();
     gr.fence();
+    // Every element as if it were not the argmax: dm = T(gc * os) (nvfp4_act_grad's direct
+    // path, already in T), then the argmax's own results overwrite its place.
 #pragma unroll
     for (int j = 0; j < kNvfp4Group; ++j) {
       if (kVec || j < n) {
         const float m = m_at(j);
         float q;
         const float gc = nvfp4_element_grad<true>(m, 0.f, gr[j], sc, &q);
-        const float dm = round_through<T>(nvfp4_act_grad<T>(gc, sc.os, g_m, m, j == arg));
+        const float dm = round_through<T>(mul_rn(gc, sc.os));
         const float dgate = silu_backward_eager(round_through<T>(mul_rn(dm, u[j])), gt[j]);
         const float dup = mul_rn(dm, s[j]);
         gt.set(j, dgate);  // gate, up: element j is not read again
@@ -123,6 +133,17 @@ __global__ void __launch_bounds__(kThreads) silu_mul_act_backward_kernel(SiluMul
     }
     gt.store(grad_gate + g.base, n);
     u.store(grad_up + g.base, n);
+    if (arg >= 0) {  // its inputs read again (cached); the same thread's later stores replace
+      const int64_t at = g.base + arg;  // the values just written
+      const float x = to_f32(gate[at]), up_x = to_f32(up[at]);
+      const float s_x = round_through<T>(silu_eager(x));
+      const float m = round_through<T>(mul_rn(s_x, up_x));
+      float q;
+      const float gc = nvfp4_element_grad<true>(m, 0.f, to_f32(grad[at]), sc, &q);
+      const float dm = round_through<T>(nvfp4_act_grad<T>(gc, sc.os, g_m, m, true));
+      grad_gate[at] = from_f32<T>(silu_backward_eager(round_through<T>(mul_rn(dm, up_x)), x));
+      grad_up[at] = from_f32<T>(mul_rn(dm, s_x));
+    }
   });
 }
 
