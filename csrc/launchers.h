@@ -47,6 +47,7 @@ struct IntArgs {
   int dtype;
   int64_t rows, cols;
   int64_t group;  // elements per group (cols for one group per row)
+  int64_t groups;  // groups per row, ceil(cols / group)
   int bits;
   bool sym;
   int scale_dtype;

@@ -117,11 +117,11 @@ inline IntArgs int_args(const Tensor& w, const Tensor& v, const Tensor& mn, cons
                   ": scale_dtype must be float16, bfloat16 or float32");
   const int64_t rows = w.size(0), cols = w.size(1);
   const int64_t group = int_group(cols, group_size);
-  const int64_t n_scales = rows * ceil_div(cols, group);
+  const int64_t groups = ceil_div(cols, group), n_scales = rows * groups;
   check_fp32(w, v, rows * cols, op, "v");
   check_fp32(w, mn, n_scales, op, "min_scale");
   check_fp32(w, mx, n_scales, op, "max_scale");
-  return IntArgs{float_code(w, op, "weight"), rows, cols, group, static_cast<int>(bits), sym,
+  return IntArgs{float_code(w, op, "weight"), rows, cols, group, groups, static_cast<int>(bits), sym,
                  static_cast<int>(scale_dtype), w.const_data_ptr(),
                  static_cast<const float*>(v.const_data_ptr()),
                  static_cast<const float*>(mn.const_data_ptr()),

@@ -30,7 +30,7 @@ void store_scale(void* scale, int64_t i, float s) { static_cast<S*>(scale)[i] = 
 template <typename T>
 int64_t int_forward(const IntArgs& a, T* out, void* scale, float* zp) {
   const T* w = static_cast<const T*>(a.weight);
-  const int64_t groups = ceil_div(a.cols, a.group);
+  const int64_t groups = a.groups;
   const IntParams p{a.bits, a.sym, a.scale_dtype, quotient_dtype(a.dtype, a.scale_dtype)};
   std::atomic<int64_t> bad{0};
   torch::stable::parallel_for(0, a.rows * groups, 16, [&](int64_t begin, int64_t end) {
@@ -46,8 +46,8 @@ int64_t int_forward(const IntArgs& a, T* out, void* scale, float* zp) {
       zp[gi] = sc.zp;
       for (int64_t j = 0; j < n; ++j) {  // each element's quotient is exact on either path
         const float x = to_f32(w[base + j]);
-        const float q = sc.fast && int_fast_element(x) ? int_qdq<true>(x, a.v[base + j], sc, a.sym)
-                                                       : int_qdq<false>(x, a.v[base + j], sc, a.sym);
+        const float q = sc.fast && int_fast_element(x) ? int_qdq<true>(x, a.v[base + j], sc, p)
+                                                       : int_qdq<false>(x, a.v[base + j], sc, p);
         out[base + j] = from_f32<T>(q);
       }
     }
@@ -59,7 +59,7 @@ int64_t int_forward(const IntArgs& a, T* out, void* scale, float* zp) {
 template <typename T>
 void int_backward(const IntArgs& a, const T* grad, float* grad_v, float* g_min, float* g_max) {
   const T* w = static_cast<const T*>(a.weight);
-  const int64_t groups = ceil_div(a.cols, a.group);
+  const int64_t groups = a.groups;
   const IntParams p{a.bits, a.sym, a.scale_dtype, quotient_dtype(a.dtype, a.scale_dtype)};
   torch::stable::parallel_for(0, a.rows * groups, 16, [&](int64_t begin, int64_t end) {
     for (int64_t gi = begin; gi < end; ++gi) {
@@ -71,14 +71,14 @@ void int_backward(const IntArgs& a, const T* grad, float* grad_v, float* g_min, 
       IntScale sc = int_group_scale(wmin, wmax, a.min_scale[gi], a.max_scale[gi], p);
       // Replay the CUDA kernel's order: per-lane sums, then an xor butterfly.
       IntPartials lane[kLanes] = {};
-      const bool group_fast = int_second_division_fast(sc, wmin, wmax);
+      const bool group_fast = int_second_division_fast(sc, wmin, wmax, p);
       for (int64_t j = 0; j < n; ++j) {
         const float x = to_f32(w[base + j]), g = to_f32(grad[base + j]);
         IntPartials& acc = lane[lane_of(static_cast<int>(j))];
         if (group_fast && int_fast_element(x))
-          int_element_backward<true>(x, a.v[base + j], g, sc, a.sym, grad_v + base + j, acc);
+          int_element_backward<true>(x, a.v[base + j], g, sc, p, grad_v + base + j, acc);
         else
-          int_element_backward<false>(x, a.v[base + j], g, sc, a.sym, grad_v + base + j, acc);
+          int_element_backward<false>(x, a.v[base + j], g, sc, p, grad_v + base + j, acc);
       }
       for (int off = kLanes / 2; off > 0; off /= 2) {
         IntPartials next[kLanes];

@@ -77,6 +77,13 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// The partial sums over the warp; sym has no zero point, and its zc and zs stay zero.
+template <typename P>
+__device__ __forceinline__ IntPartials warp_sum_partials(const IntPartials& acc, const P& p) {
+  if (p.sym) return {warp_sum(acc.a), warp_sum(acc.b), 0.f, 0.f};
+  return {warp_sum(acc.a), warp_sum(acc.b), warp_sum(acc.zc), warp_sum(acc.zs)};
+}
+
 struct GroupSpan {
   int64_t base, n;
 };
@@ -85,10 +92,26 @@ __device__ __forceinline__ IntParams int_params(const IntArgs& a) {
   return {a.bits, a.sym, a.scale_dtype, quotient_dtype(a.dtype, a.scale_dtype)};
 }
 
+// Calls f(p) with the scheme's parameters, sym and the quotient's dtype as constants
+// (FixedIntParams): one warp-uniform branch per thread, where the element code would branch
+// on them per element. The quotient of a T weight is T (16-bit T, scales of T's dtype) or fp32.
+template <typename T, typename F>
+__device__ __forceinline__ void with_fixed_params(const IntArgs& a, F&& f) {
+  constexpr int kT = sizeof(T) == 4 ? kFloat : (std::is_same_v<T, bf16_t> ? kBFloat16 : kHalf);
+  const bool quot_t = quotient_dtype(a.dtype, a.scale_dtype) == kT;
+  if (a.sym) {
+    if (kT != kFloat && quot_t) f(FixedIntParams<true, kT>{a.bits, a.scale_dtype});
+    else f(FixedIntParams<true, kFloat>{a.bits, a.scale_dtype});
+  } else {
+    if (kT != kFloat && quot_t) f(FixedIntParams<false, kT>{a.bits, a.scale_dtype});
+    else f(FixedIntParams<false, kFloat>{a.bits, a.scale_dtype});
+  }
+}
+
 // The grid-stride loop of the general kernels, one warp per group: body(gi, span of gi).
 template <typename F>
 __device__ __forceinline__ void for_each_group(const IntArgs& a, F&& body) {
-  const int64_t groups = (a.cols + a.group - 1) / a.group;
+  const int64_t groups = a.groups;
   const int64_t total = a.rows * groups;
   for (int64_t gi = blockIdx.x * (int64_t)kWarps + threadIdx.x / kLanes; gi < total;
        gi += (int64_t)gridDim.x * kWarps) {
@@ -101,9 +124,9 @@ __device__ __forceinline__ void for_each_group(const IntArgs& a, F&& body) {
 
 // The group's min and max (every lane of the warp gets them) and the scale they give with
 // the group's min_scale and max_scale (mn, mx).
-template <typename T, bool kVec>
-__device__ __forceinline__ IntScale group_scale(const IntArgs& a, const T* w, GroupSpan g, int lane,
-                                                float mn, float mx, float* wmin, float* wmax) {
+template <typename T, bool kVec, typename P>
+__device__ __forceinline__ IntScale group_scale(const T* w, GroupSpan g, int lane, float mn, float mx,
+                                                const P& p, float* wmin, float* wmax) {
   float lo = 0.f, hi = 0.f;
   for (int64_t j = lane * kChunk; j < g.n; j += kLanes * kChunk) {
     float x[kChunk];
@@ -116,7 +139,7 @@ __device__ __forceinline__ IntScale group_scale(const IntArgs& a, const T* w, Gr
   }
   *wmin = warp_min(lo);
   *wmax = warp_max(hi);
-  return int_group_scale(*wmin, *wmax, mn, mx, int_params(a));
+  return int_group_scale(*wmin, *wmax, mn, mx, p);
 }
 
 // Whether every one of a lane's E elements takes the fast division (group_fast: the group is
@@ -131,44 +154,69 @@ __device__ __forceinline__ bool lane_fast(const float* x, bool group_fast) {
 }
 
 // x[c] = qdq(x[c], v[c]) for a lane's E elements (padding too: its results are not stored).
-template <int E>
-__device__ __forceinline__ void qdq_elements(float* x, const float* v, const IntScale& sc, bool sym) {
+template <int E, typename P>
+__device__ __forceinline__ void qdq_elements(float* x, const float* v, const IntScale& sc, const P& p) {
   if (lane_fast<E>(x, sc.fast)) {
 #pragma unroll
-    for (int c = 0; c < E; ++c) x[c] = int_qdq<true>(x[c], v[c], sc, sym);
+    for (int c = 0; c < E; ++c) x[c] = int_qdq<true>(x[c], v[c], sc, p);
   } else {
 #pragma unroll
-    for (int c = 0; c < E; ++c) x[c] = int_qdq<false>(x[c], v[c], sc, sym);
+    for (int c = 0; c < E; ++c) x[c] = int_qdq<false>(x[c], v[c], sc, p);
   }
 }
 
-template <typename T, typename S, bool kVec>
-__global__ void __launch_bounds__(kThreads) fake_quant_int_kernel(IntArgs a, T* out, S* scale, float* zp) {
+// The group's scale in the scale dtype: one store per group, so a branch on the dtype and not a
+// kernel per dtype.
+__device__ __forceinline__ void store_scale(void* scale, int64_t gi, float s, int dtype) {
+  if (dtype == kHalf) static_cast<f16_t*>(scale)[gi] = from_f32<f16_t>(s);
+  else if (dtype == kBFloat16) static_cast<bf16_t*>(scale)[gi] = from_f32<bf16_t>(s);
+  else static_cast<float*>(scale)[gi] = s;
+}
+
+// The backward of a lane's E elements: gv[c], and the partial sums of element c into
+// acc[c / kChunk] (the CPU lane it belongs to). Only the first n elements are real (n == E
+// but in the general kernel's ragged tail, which never takes the fast division: kMayFast).
+template <int E, bool kMayFast, typename P>
+__device__ __forceinline__ void backward_elements(const float* x, const float* v, const float* g, const IntScale& sc,
+                                                  const P& p, bool group_fast, int64_t n, float* gv,
+                                                  IntPartials* acc) {
+  if (kMayFast && lane_fast<E>(x, group_fast)) {
+#pragma unroll
+    for (int c = 0; c < E; ++c) int_element_backward<true>(x[c], v[c], g[c], sc, p, &gv[c], acc[c / kChunk]);
+  } else {
+#pragma unroll
+    for (int c = 0; c < E; ++c)
+      if (c < n) int_element_backward<false>(x[c], v[c], g[c], sc, p, &gv[c], acc[c / kChunk]);
+  }
+}
+
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads) fake_quant_int_kernel(IntArgs a, T* out, void* scale, float* zp) {
   const int lane = threadIdx.x % kLanes;
   const T* w = static_cast<const T*>(a.weight);
+  const IntParams p = int_params(a);
   for_each_group(a, [&](int64_t gi, GroupSpan g) {
     float wmin, wmax;
-    const IntScale sc = group_scale<T, kVec>(a, w, g, lane, __ldg(a.min_scale + gi), __ldg(a.max_scale + gi),
+    const IntScale sc = group_scale<T, kVec>(w, g, lane, __ldg(a.min_scale + gi), __ldg(a.max_scale + gi), p,
                                              &wmin, &wmax);
     if (lane == 0) {
-      scale[gi] = from_f32<S>(sc.s);
+      store_scale(scale, gi, sc.s, a.scale_dtype);
       zp[gi] = sc.zp;
     }
     for (int64_t j = lane * kChunk; j < g.n; j += kLanes * kChunk) {
       float x[kChunk], v[kChunk];
       load_chunk<T, kVec>(w + g.base + j, g.n - j, x);
       load_chunk_f32<kVec>(a.v + g.base + j, g.n - j, v);
-      qdq_elements<kChunk>(x, v, sc, a.sym);
+      qdq_elements<kChunk>(x, v, sc, p);
       store_chunk<T, kVec>(out + g.base + j, g.n - j, x);
     }
   });
 }
 
 // A group's scale gradients, to Out (lane 0 of the group, after every lane has read the scales).
-template <typename Out>
+template <typename Out, typename P>
 __device__ __forceinline__ void scales_out(const Out& out, const IntPartials& tot, float wmin, float wmax,
-                                           const IntScale& sc, const IntParams& p, int64_t gi, float mn,
-                                           float mx) {
+                                           const IntScale& sc, const P& p, int64_t gi, float mn, float mx) {
   float g_mn, g_mx;
   int_group_scale_backward(tot, wmin, wmax, sc, p, &g_mn, &g_mx);
   out.min_one(gi, mn, g_mn);
@@ -182,25 +230,19 @@ __global__ void __launch_bounds__(kThreads) fake_quant_int_backward_kernel(IntAr
   out.start();
   const int lane = threadIdx.x % kLanes;
   const T* w = static_cast<const T*>(a.weight);
+  const IntParams p = int_params(a);
   for_each_group(a, [&](int64_t gi, GroupSpan g) {
     float wmin, wmax;
     const float mn = load_ro<kNc>(a.min_scale + gi), mx = load_ro<kNc>(a.max_scale + gi);
-    const IntScale sc = group_scale<T, kVec>(a, w, g, lane, mn, mx, &wmin, &wmax);
-    const bool group_fast = int_second_division_fast(sc, wmin, wmax);
+    const IntScale sc = group_scale<T, kVec>(w, g, lane, mn, mx, p, &wmin, &wmax);
+    const bool group_fast = int_second_division_fast(sc, wmin, wmax, p);
     IntPartials acc{0.f, 0.f, 0.f, 0.f};
     for (int64_t j = lane * kChunk; j < g.n; j += kLanes * kChunk) {
       float x[kChunk], v[kChunk], gr[kChunk], gv[kChunk];
       load_chunk<T, kVec>(w + g.base + j, g.n - j, x);
       load_chunk<T, kVec>(grad + g.base + j, g.n - j, gr);
       load_chunk_f32<kVec, kNc>(a.v + g.base + j, g.n - j, v);
-      if (kVec && lane_fast<kChunk>(x, group_fast)) {
-#pragma unroll
-        for (int c = 0; c < kChunk; ++c) int_element_backward<true>(x[c], v[c], gr[c], sc, a.sym, &gv[c], acc);
-      } else {
-#pragma unroll
-        for (int c = 0; c < kChunk; ++c)
-          if (kVec || j + c < g.n) int_element_backward<false>(x[c], v[c], gr[c], sc, a.sym, &gv[c], acc);
-      }
+      backward_elements<kChunk, kVec>(x, v, gr, sc, p, group_fast, kVec ? kChunk : g.n - j, gv, &acc);
       if constexpr (kVec) {
         out.template v_vec<kChunk>(g.base + j, v, gv);
       } else {
@@ -209,8 +251,8 @@ __global__ void __launch_bounds__(kThreads) fake_quant_int_backward_kernel(IntAr
           if (j + c < g.n) out.v_one(g.base + j + c, v[c], gv[c]);
       }
     }
-    IntPartials tot{warp_sum(acc.a), warp_sum(acc.b), warp_sum(acc.zc), warp_sum(acc.zs)};
-    if (lane == 0) scales_out(out, tot, wmin, wmax, sc, int_params(a), gi, mn, mx);
+    const IntPartials tot = warp_sum_partials(acc, p);
+    if (lane == 0) scales_out(out, tot, wmin, wmax, sc, p, gi, mn, mx);
   });
 }
 
@@ -249,9 +291,10 @@ __device__ __forceinline__ float sub_sum(float v) {
   for (int off = L / 2; off > 0; off /= 2) v = add_rn(v, __shfl_xor_sync(0xffffffffu, v, off));
   return v;
 }
-template <int L>
-__device__ __forceinline__ IntPartials sub_sum(const IntPartials& p) {
-  return {sub_sum<L>(p.a), sub_sum<L>(p.b), sub_sum<L>(p.zc), sub_sum<L>(p.zs)};
+template <int L, typename P>
+__device__ __forceinline__ IntPartials sub_sum(const IntPartials& t, const P& p) {
+  if (p.sym) return {sub_sum<L>(t.a), sub_sum<L>(t.b), 0.f, 0.f};  // zc and zs stay zero
+  return {sub_sum<L>(t.a), sub_sum<L>(t.b), sub_sum<L>(t.zc), sub_sum<L>(t.zs)};
 }
 
 // A lane's E elements: 16-byte accesses where E values of T fill whole 16-byte words, else
@@ -285,7 +328,7 @@ template <int L, int E, typename F>
 __device__ __forceinline__ void for_each_small_group(const IntArgs& a, F&& body) {
   constexpr int kPerWarp = kLanes / L;
   const int lane = threadIdx.x % kLanes, sub = lane % L, slot = lane / L;
-  const int64_t total = a.rows * (a.cols / a.group);
+  const int64_t total = a.rows * a.groups;
   const int64_t warp = blockIdx.x * (int64_t)kWarps + threadIdx.x / kLanes;
   for (int64_t g0 = warp * kPerWarp; g0 < total; g0 += (int64_t)gridDim.x * kWarps * kPerWarp) {
     const int64_t gi = g0 + slot;
@@ -306,24 +349,26 @@ __device__ __forceinline__ void small_min_max(const float* x, float* lo, float* 
   *hi = sub_max<L>(h);
 }
 
-template <typename T, typename S, int L, int E>
-__global__ void __launch_bounds__(kThreads, kForwardResident) fake_quant_int_small_kernel(IntArgs a, T* out, S* scale, float* zp) {
+template <typename T, int L, int E>
+__global__ void __launch_bounds__(kThreads, kForwardResident) fake_quant_int_small_kernel(IntArgs a, T* out, void* scale, float* zp) {
   const T* w = static_cast<const T*>(a.weight);
-  for_each_small_group<L, E>(a, [&](int64_t gi, bool active, int64_t off, int sub) {
-    float x[E] = {}, v[E] = {}, lo, hi;
-    if (active) {
-      load_lane<T, E>(w + off, x);
-      load_lane<float, E>(a.v + off, v);
-    }
-    small_min_max<L, E>(x, &lo, &hi);
-    if (!active) return;
-    const IntScale sc = int_group_scale(lo, hi, __ldg(a.min_scale + gi), __ldg(a.max_scale + gi), int_params(a));
-    if (sub == 0) {
-      scale[gi] = from_f32<S>(sc.s);
-      zp[gi] = sc.zp;
-    }
-    qdq_elements<E>(x, v, sc, a.sym);
-    store_lane<T, E>(out + off, x);
+  with_fixed_params<T>(a, [&](const auto& p) {
+    for_each_small_group<L, E>(a, [&](int64_t gi, bool active, int64_t off, int sub) {
+      float x[E] = {}, v[E] = {}, lo, hi;
+      if (active) {
+        load_lane<T, E>(w + off, x);
+        load_lane<float, E>(a.v + off, v);
+      }
+      small_min_max<L, E>(x, &lo, &hi);
+      if (!active) return;
+      const IntScale sc = int_group_scale(lo, hi, __ldg(a.min_scale + gi), __ldg(a.max_scale + gi), p);
+      if (sub == 0) {
+        store_scale(scale, gi, sc.s, a.scale_dtype);
+        zp[gi] = sc.zp;
+      }
+      qdq_elements<E>(x, v, sc, p);
+      store_lane<T, E>(out + off, x);
+    });
   });
 }
 
@@ -333,39 +378,33 @@ __global__ void __launch_bounds__(kThreads) fake_quant_int_small_backward_kernel
   constexpr bool kNc = !Out::kInPlace;
   out.start();
   const T* w = static_cast<const T*>(a.weight);
-  for_each_small_group<L, E>(a, [&](int64_t gi, bool active, int64_t off, int sub) {
-    float x[E] = {}, v[E] = {}, gr[E] = {}, lo, hi, mn = 0.f, mx = 0.f;
-    if (active) {
-      load_lane<T, E>(w + off, x);
-      load_lane<T, E>(grad + off, gr);
-      load_lane<float, E, kNc>(a.v + off, v);
-      mn = load_ro<kNc>(a.min_scale + gi);
-      mx = load_ro<kNc>(a.max_scale + gi);
-    }
-    small_min_max<L, E>(x, &lo, &hi);
-    IntPartials acc[kParts] = {};
-    IntScale sc{};
-    if (active) {
-      sc = int_group_scale(lo, hi, mn, mx, int_params(a));
-      float gv[E];
-      if (lane_fast<E>(x, int_second_division_fast(sc, lo, hi))) {
-#pragma unroll
-        for (int c = 0; c < E; ++c)
-          int_element_backward<true>(x[c], v[c], gr[c], sc, a.sym, &gv[c], acc[c / kChunk]);
-      } else {
-#pragma unroll
-        for (int c = 0; c < E; ++c)
-          int_element_backward<false>(x[c], v[c], gr[c], sc, a.sym, &gv[c], acc[c / kChunk]);
+  with_fixed_params<T>(a, [&](const auto& p) {
+    for_each_small_group<L, E>(a, [&](int64_t gi, bool active, int64_t off, int sub) {
+      float x[E] = {}, v[E] = {}, gr[E] = {}, lo, hi, mn = 0.f, mx = 0.f;
+      if (active) {
+        load_lane<T, E>(w + off, x);
+        load_lane<T, E>(grad + off, gr);
+        load_lane<float, E, kNc>(a.v + off, v);
+        mn = load_ro<kNc>(a.min_scale + gi);
+        mx = load_ro<kNc>(a.max_scale + gi);
       }
-      out.template v_vec<E>(off, v, gv);
-    }
-    IntPartials tot = sub_sum<L>(acc[0]);
+      small_min_max<L, E>(x, &lo, &hi);
+      IntPartials acc[kParts] = {};
+      IntScale sc{};
+      if (active) {
+        sc = int_group_scale(lo, hi, mn, mx, p);
+        float gv[E];
+        backward_elements<E, true>(x, v, gr, sc, p, int_second_division_fast(sc, lo, hi, p), E, gv, acc);
+        out.template v_vec<E>(off, v, gv);
+      }
+      IntPartials tot = sub_sum<L>(acc[0], p);
 #pragma unroll
-    for (int k = 1; k < kParts; ++k) {
-      const IntPartials t = sub_sum<L>(acc[k]);
-      tot = {add_rn(tot.a, t.a), add_rn(tot.b, t.b), add_rn(tot.zc, t.zc), add_rn(tot.zs, t.zs)};
-    }
-    if (active && sub == 0) scales_out(out, tot, lo, hi, sc, int_params(a), gi, mn, mx);
+      for (int k = 1; k < kParts; ++k) {
+        const IntPartials t = sub_sum<L>(acc[k], p);
+        tot = {add_rn(tot.a, t.a), add_rn(tot.b, t.b), add_rn(tot.zc, t.zc), add_rn(tot.zs, t.zs)};
+      }
+      if (active && sub == 0) scales_out(out, tot, lo, hi, sc, p, gi, mn, mx);
+    });
   });
 }
 
@@ -431,27 +470,22 @@ void with_small_layout(SmallLayout l, F&& f) {
 }  // namespace
 
 const char* launch_fake_quant_int(const IntArgs& a, void* out, void* scale, float* zp, void* stream) {
-  const int64_t total = a.rows * ((a.cols + a.group - 1) / a.group);
+  const int64_t total = a.rows * a.groups;
   const bool vec = chunked(a, {a.weight, a.v, out});
   const SmallLayout small = small_layout(a, {a.weight, a.v, out});
   auto s = static_cast<cudaStream_t>(stream);
   with_float_type(a.dtype, [&](auto t) {
     using T = decltype(t);
-    with_float_type(a.scale_dtype, [&](auto st) {
-      using S = decltype(st);
-      if (small.lanes)
-        with_small_layout(small, [&](auto l, auto e) {
-          fake_quant_int_small_kernel<T, S, decltype(l)::value, decltype(e)::value>
-              <<<small_grid(total, small.lanes, kForwardResident), kThreads, 0, s>>>(
-                  a, static_cast<T*>(out), static_cast<S*>(scale), zp);
-        });
-      else if (vec)
-        fake_quant_int_kernel<T, S, true><<<grid_for(total, kWarps), kThreads, 0, s>>>(
-            a, static_cast<T*>(out), static_cast<S*>(scale), zp);
-      else
-        fake_quant_int_kernel<T, S, false><<<grid_for(total, kWarps), kThreads, 0, s>>>(
-            a, static_cast<T*>(out), static_cast<S*>(scale), zp);
-    });
+    if (small.lanes)
+      with_small_layout(small, [&](auto l, auto e) {
+        fake_quant_int_small_kernel<T, decltype(l)::value, decltype(e)::value>
+            <<<small_grid(total, small.lanes, kForwardResident), kThreads, 0, s>>>(
+                a, static_cast<T*>(out), scale, zp);
+      });
+    else if (vec)
+      fake_quant_int_kernel<T, true><<<grid_for(total, kWarps), kThreads, 0, s>>>(a, static_cast<T*>(out), scale, zp);
+    else
+      fake_quant_int_kernel<T, false><<<grid_for(total, kWarps), kThreads, 0, s>>>(a, static_cast<T*>(out), scale, zp);
   });
   return launch_status();
 }
@@ -461,7 +495,7 @@ namespace {
 template <typename Out>
 const char* launch_int_backward(const IntArgs& a, const void* grad, Out out,
                                 std::initializer_list<const void*> ptrs, void* stream) {
-  const int64_t total = a.rows * ((a.cols + a.group - 1) / a.group);
+  const int64_t total = a.rows * a.groups;
   const bool vec = chunked(a, ptrs);
   const SmallLayout small = small_layout(a, ptrs);
   auto s = static_cast<cudaStream_t>(stream);

@@ -32,6 +32,18 @@ struct IntParams {
                     // to the 16-bit type, anything else to fp32
 };
 
+// IntParams with sym and the quotient's dtype fixed at compile time. The functions below take
+// either (a template parameter P); the GPU kernels pass these, so that no element's code
+// branches on sym or tests the quotient's dtype (ncu, session 12: two branches and a
+// predicated conversion per element of the INT backward came from those two run-time values).
+template <bool kSym, int kQuot>
+struct FixedIntParams {
+  int bits;
+  int scale_dtype;
+  static constexpr bool sym = kSym;
+  static constexpr int quot_dtype = kQuot;
+};
+
 AF_HD int quotient_dtype(int weight_dtype, int scale_dtype) {
   return weight_dtype == scale_dtype ? scale_dtype : static_cast<int>(kFloat);
 }
@@ -40,7 +52,6 @@ struct IntScale {
   float s_raw;  // scale in its dtype before the 1e-5 floor
   float s;      // scale used
   float zp;     // zero point (asym), 0 for sym
-  int quot_dtype;
   float A, B;   // sym: -(wmin*min_scale), wmax*max_scale; asym: wmin*min_scale, wmax*max_scale
   float maxq;
   // x / s with the reciprocal taken once per group (int_divide): y = RN(1 / s), sh = s * 2^64,
@@ -69,9 +80,10 @@ AF_HD void int_divider(IntScale& r, float wmin, float wmax) {
 // Whether the backward's second division (t / s, t = x / s in the quotient's dtype) stays in
 // the domain for every element of the group: |t| <= 2^40 |s| and <= 2^62 (t's magnitude is
 // at most that of the largest element's quotient, rounding being monotone).
-AF_HD bool int_second_division_fast(const IntScale& sc, float wmin, float wmax) {
+template <typename P>
+AF_HD bool int_second_division_fast(const IntScale& sc, float wmin, float wmax, const P& p) {
   const float as = fabs_(sc.s);
-  const float tmax = round_to_scale_dtype(div_rn(fmax_(-wmin, wmax), as), sc.quot_dtype);
+  const float tmax = round_to_scale_dtype(div_rn(fmax_(-wmin, wmax), as), p.quot_dtype);
   return sc.fast && tmax <= mul_rn(as, 0x1p40f) && tmax <= 0x1p62f;
 }
 
@@ -102,10 +114,9 @@ AF_HD float int_floor_scale(float s_raw, float floor_value, bool sym) {
 // 1 / maxq of the symmetric scheme, 2^-(bits-1), built from its exponent (bits in 2..8).
 AF_HD float sym_inv_maxq(int bits) { return bits_to_float(static_cast<uint32_t>(128 - bits) << 23); }
 
-AF_HD IntScale int_group_scale(float wmin, float wmax, float min_scale, float max_scale,
-                               const IntParams& p) {
+template <typename P>
+AF_HD IntScale int_group_scale(float wmin, float wmax, float min_scale, float max_scale, const P& p) {
   IntScale r;
-  r.quot_dtype = p.quot_dtype;
   float floor_value = round_to_scale_dtype(kScaleFloor, p.scale_dtype);
   if (p.sym) {
     r.maxq = static_cast<float>(1 << (p.bits - 1));
@@ -129,16 +140,11 @@ AF_HD IntScale int_group_scale(float wmin, float wmax, float min_scale, float ma
   return r;
 }
 
-// The integer level of one element before clamping, and the clamped level. kFast: x is in
-// the fast division's domain (sc.fast and int_fast_element(x)).
-template <bool kFast = false>
-AF_HD float int_quotient(float x, const IntScale& sc) {
-  return round_to_scale_dtype(int_divide<kFast, false>(x, sc), sc.quot_dtype);
-}
-
-template <bool kFast = false>
-AF_HD float int_level(float x, float v, const IntScale& sc) {
-  return round_even(add_rn(int_quotient<kFast>(x, sc), v));
+// W / s in the quotient's dtype, for x != 0. kFast: x is in the fast division's domain
+// (sc.fast and int_fast_element(x)).
+template <bool kFast, typename P>
+AF_HD float int_quotient(float x, const IntScale& sc, const P& p) {
+  return round_to_scale_dtype(int_divide<kFast, false>(x, sc), p.quot_dtype);
 }
 
 // round_even(t) for |t| <= 2^22, with a zero result as +0: t + 1.5 * 2^23 lies where the fp32
@@ -149,17 +155,17 @@ AF_HD float round_even_small(float t) {
   return sub_rn(add_rn(t, 12582912.0f), 12582912.0f);
 }
 
-template <bool kFast = false>
-AF_HD float int_qdq(float x, float v, const IntScale& sc, bool sym) {
-  if (sym) {
+template <bool kFast, typename P>
+AF_HD float int_qdq(float x, float v, const IntScale& sc, const P& p) {
+  if (p.sym) {
     // round(clamp(t)) == clamp(round(t)) for integer bounds (rounding is monotone and keeps
     // integers), so clamp first: |t| <= 2^7 for round_even_small. The bounds are never zero
     // (bits >= 2): min_num/max_num clamp as the ternaries do, NaN included (either way it
     // lands on -maxq).
-    const float t = add_rn(int_quotient<kFast>(x, sc), v);
+    const float t = add_rn(int_quotient<kFast>(x, sc, p), v);
     return mul_rn(sc.s, round_even_small(min_num(max_num(t, -sc.maxq), sc.maxq - 1.f)));
   }
-  float iw = int_level<kFast>(x, v, sc);
+  float iw = round_even(add_rn(int_quotient<kFast>(x, sc, p), v));
   float q = fmin_(fmax_(add_rn(iw, sc.zp), 0.f), sc.maxq);
   return mul_rn(sc.s, sub_rn(q, sc.zp));
 }
@@ -173,14 +179,14 @@ struct IntPartials {
 };
 
 // kFast: x is in the fast division's domain and so is t / s (int_second_division_fast).
-template <bool kFast = false>
-AF_HD void int_element_backward(float x, float v, float g, const IntScale& sc, bool sym,
+template <bool kFast, typename P>
+AF_HD void int_element_backward(float x, float v, float g, const IntScale& sc, const P& p,
                                 float* gv, IntPartials& acc) {
-  float t = int_quotient<kFast>(x, sc);
+  float t = int_quotient<kFast>(x, sc, p);
   float iw = round_even(add_rn(t, v));
   float gs = mul_rn(g, sc.s);
   float dv;
-  if (sym) {
+  if (p.sym) {
     bool pass = iw >= -sc.maxq && iw <= sc.maxq - 1.f;
     float q = min_num(max_num(iw, -sc.maxq), sc.maxq - 1.f);
     dv = pass ? gs : 0.f;
@@ -196,9 +202,9 @@ AF_HD void int_element_backward(float x, float v, float g, const IntScale& sc, b
   }
   *gv = dv;
   // d/ds of W / s: -g_t * ((W / s) / s), all in the quotient's dtype (fp16/fp16 stays fp16).
-  float g_t = round_to_scale_dtype(dv, sc.quot_dtype);
-  const float tq = round_to_scale_dtype(int_divide<kFast>(t, sc), sc.quot_dtype);  // t may be +-0
-  acc.b = add_rn(acc.b, round_to_scale_dtype(mul_rn(-g_t, tq), sc.quot_dtype));
+  float g_t = round_to_scale_dtype(dv, p.quot_dtype);
+  const float tq = round_to_scale_dtype(int_divide<kFast>(t, sc), p.quot_dtype);  // t may be +-0
+  acc.b = add_rn(acc.b, round_to_scale_dtype(mul_rn(-g_t, tq), p.quot_dtype));
 }
 
 AF_HD void int_partials_add(IntPartials& x, const IntPartials& y) {
@@ -209,8 +215,9 @@ AF_HD void int_partials_add(IntPartials& x, const IntPartials& y) {
 }
 
 // From the group's summed partials to the gradients of min_scale and max_scale.
+template <typename P>
 AF_HD void int_group_scale_backward(const IntPartials& t, float wmin, float wmax,
-                                    const IntScale& sc, const IntParams& p,
+                                    const IntScale& sc, const P& p,
                                     float* g_min_scale, float* g_max_scale) {
   float floor_value = round_to_scale_dtype(kScaleFloor, p.scale_dtype);
   // Each contribution to the scale's gradient is rounded to the scale dtype, and they are

@@ -34,7 +34,6 @@ void check(float x, float s, const IntScale& sc) {
 IntScale group(float s) {
   IntScale sc{};
   sc.s = s;
-  sc.quot_dtype = kFloat;
   int_divider(sc, -widest(s), widest(s));
   return sc;
 }
