@@ -405,6 +405,54 @@ def test_int_division_paths_equal_auto_round(device, sym, group_size, cols, dtyp
             assert same_bits(a, b)
 
 
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("group_size,cols", [(8, 64), (128, 256), (64, 200), (-1, 96)])
+def test_int_signed_zero_extremes(device, sym, group_size, cols):
+    """Groups whose min(W, 0) or max(W, 0) is a zero reached through both signed zeros: every
+    kernel takes it as +0 (int_quant.h, group_extreme), whatever order it meets the zeros in.
+    Rows: weights >= 0 with -0 and +0 among them, weights <= 0 with both zeros, all zeros of
+    mixed sign, all -0. Forward equal to auto-round (its zero point's sign aside, which follows
+    its min's), dV bit for bit; every output and gradient bit for bit the same with the zeros'
+    positions shuffled within their rows, and (on the GPU) as the CPU kernel's."""
+    gen = torch.Generator().manual_seed(37 + cols)
+    w = torch.rand(4, cols, generator=gen) + 0.25
+    w[0, ::3], w[0, 1::5] = -0.0, 0.0
+    w[1] = -w[1]
+    w[1, ::4], w[1, 2::7] = 0.0, -0.0
+    w[2] = 0.0
+    w[2, ::2] = -0.0
+    w[3] = -0.0
+    groups = ops.int_num_groups(cols, group_size)
+    v, mn = rand_params(4, cols, groups, gen)
+    mx = torch.rand(4, groups, generator=gen) * 0.5 + 0.5
+    g = torch.randn(4, cols, generator=gen)
+    want_q, want_s, want_zp, want_gv, _, _ = oracle.int_quant(w, v, mn, mx, 4, group_size, sym, grad_out=g)
+
+    def run(dev, wt):
+        vd, mnd, mxd = [t.clone().to(dev).requires_grad_() for t in (v, mn, mx)]
+        q, sc, zp = ops.fake_quant_int(wt.to(dev), vd, mnd, mxd, 4, group_size, sym)
+        (q * g.to(dev)).sum().backward()
+        return [t.detach().cpu() for t in (q, sc, zp, vd.grad, mnd.grad, mxd.grad)]
+
+    got = run(device, w)
+    assert same_bits(got[0], want_q) and torch.equal(got[1], want_s)
+    if not sym:
+        assert torch.equal(got[2], want_zp)
+    assert torch.equal(got[3], want_gv)
+    # the zeros' signs moved around within each row: the same bits (zeros only change places
+    # with zeros, so the values and V at every position stay as they were)
+    shuffled = w.clone()
+    for r in range(4):
+        zeros = (w[r] == 0).nonzero().flatten()
+        shuffled[r, zeros] = w[r, zeros[torch.randperm(len(zeros), generator=gen)]]
+    assert not same_bits(shuffled, w)
+    for a, b in zip(got, run(device, shuffled)):
+        assert same_bits(a, b)
+    if device == "cuda":
+        for a, b in zip(got, run("cpu", w)):
+            assert same_bits(a, b)
+
+
 def test_int_fast_division_is_ieee_division(tmp_path):
     """The INT kernels' fast division, compiled from csrc/int/int_quant.h with the host
     compiler (the CPU kernels' build flags: no contraction), against IEEE division for every

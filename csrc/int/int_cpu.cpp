@@ -19,8 +19,8 @@ int group_min_max(const T* src, int64_t n, float* wmin, float* wmax) {
     lo = fmin_(lo, x);
     hi = fmax_(hi, x);
   }
-  *wmin = lo;
-  *wmax = hi;
+  *wmin = group_extreme(lo);
+  *wmax = group_extreme(hi);
   return bad;
 }
 

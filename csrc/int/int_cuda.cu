@@ -63,12 +63,12 @@ __device__ __forceinline__ void store_chunk(T* p, int64_t n_left, const float* x
 
 __device__ __forceinline__ float warp_min(float v) {
 #pragma unroll
-  for (int off = kLanes / 2; off > 0; off /= 2) v = fmin_(v, __shfl_xor_sync(0xffffffffu, v, off));
+  for (int off = kLanes / 2; off > 0; off /= 2) v = min_num(v, __shfl_xor_sync(0xffffffffu, v, off));
   return v;
 }
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
-  for (int off = kLanes / 2; off > 0; off /= 2) v = fmax_(v, __shfl_xor_sync(0xffffffffu, v, off));
+  for (int off = kLanes / 2; off > 0; off /= 2) v = max_num(v, __shfl_xor_sync(0xffffffffu, v, off));
   return v;
 }
 __device__ __forceinline__ float warp_sum(float v) {
@@ -133,12 +133,12 @@ __device__ __forceinline__ IntScale group_scale(const T* w, GroupSpan g, int lan
     load_chunk<T, kVec>(w + g.base + j, g.n - j, x);
 #pragma unroll
     for (int c = 0; c < kChunk; ++c) {
-      lo = fmin_(lo, x[c]);  // padding reads as 0, which min(., 0) / max(., 0) ignore
-      hi = fmax_(hi, x[c]);
+      lo = min_num(lo, x[c]);  // padding reads as 0, which min(., 0) / max(., 0) ignore
+      hi = max_num(hi, x[c]);
     }
   }
-  *wmin = warp_min(lo);
-  *wmax = warp_max(hi);
+  *wmin = group_extreme(warp_min(lo));
+  *wmax = group_extreme(warp_max(hi));
   return int_group_scale(*wmin, *wmax, mn, mx, p);
 }
 
@@ -262,7 +262,8 @@ __global__ void __launch_bounds__(kThreads) fake_quant_int_backward_kernel(IntAr
 // elements in registers, so each element is read once, and a warp works on 32 / L groups at
 // a time. E = 8 where the group allows (groups 8..128: 16-byte loads of bf16 and fp16, and
 // each group's scale arithmetic and butterflies shared by twice the elements; these kernels
-// are bound by instruction issue), else E = 4 (groups 4..128 that 8 does not divide).
+// are bound by instruction issue), else E = 4 (group 4). E = 16 took 122 registers, two
+// blocks per SM, and lost 4-18 points of bandwidth on the H200 (NOTES.md, session 13).
 // The sums: element j belongs to the CPU's lane j / 4 (int_quant.h), whose partials a 32-lane
 // xor butterfly combines (lanes past the group add zeros). With E = 4 lane k is that lane, and
 // the butterfly over the L lanes takes the same steps. With E = 8 lane k holds the CPU's
@@ -276,13 +277,13 @@ constexpr int kWide = 2 * kChunk;
 template <int L>
 __device__ __forceinline__ float sub_min(float v) {
 #pragma unroll
-  for (int off = L / 2; off > 0; off /= 2) v = fmin_(v, __shfl_xor_sync(0xffffffffu, v, off));
+  for (int off = L / 2; off > 0; off /= 2) v = min_num(v, __shfl_xor_sync(0xffffffffu, v, off));
   return v;
 }
 template <int L>
 __device__ __forceinline__ float sub_max(float v) {
 #pragma unroll
-  for (int off = L / 2; off > 0; off /= 2) v = fmax_(v, __shfl_xor_sync(0xffffffffu, v, off));
+  for (int off = L / 2; off > 0; off /= 2) v = max_num(v, __shfl_xor_sync(0xffffffffu, v, off));
   return v;
 }
 template <int L>
@@ -320,8 +321,9 @@ __device__ __forceinline__ void store_lane(T* p, const float* x) {
 
 // The grid-stride loop of the small-group kernels: a warp takes 32 / L groups per pass, one
 // per slot of L lanes. body(gi, active, offset of this lane's elements, lane within the
-// group); every lane runs body, also past the last group (active false), since the
-// butterflies need the whole warp. Unrolling by 4 groups per slot lowered occupancy and
+// group); every lane runs body, since the butterflies need the whole warp: a slot past the
+// last group reads the last group again (active false: it must store nothing), which spares
+// the zeroing and the branches around the loads. Unrolling by 4 groups per slot lowered occupancy and
 // bandwidth on the H100 (70% -> 51% of copy bandwidth for fwd+bwd, NOTES.md): one group per
 // slot per pass.
 template <int L, int E, typename F>
@@ -331,22 +333,22 @@ __device__ __forceinline__ void for_each_small_group(const IntArgs& a, F&& body)
   const int64_t total = a.rows * a.groups;
   const int64_t warp = blockIdx.x * (int64_t)kWarps + threadIdx.x / kLanes;
   for (int64_t g0 = warp * kPerWarp; g0 < total; g0 += (int64_t)gridDim.x * kWarps * kPerWarp) {
-    const int64_t gi = g0 + slot;
-    body(gi, gi < total, gi * a.group + sub * E, sub);
+    const int64_t gi = g0 + slot < total ? g0 + slot : total - 1;
+    body(gi, g0 + slot < total, gi * a.group + sub * E, sub);
   }
 }
 
-// The group's min and max over its L lanes' E elements each (zeros past the last group).
+// The group's min and max over its L lanes' E elements each.
 template <int L, int E>
 __device__ __forceinline__ void small_min_max(const float* x, float* lo, float* hi) {
   float l = 0.f, h = 0.f;
 #pragma unroll
   for (int c = 0; c < E; ++c) {
-    l = fmin_(l, x[c]);
-    h = fmax_(h, x[c]);
+    l = min_num(l, x[c]);
+    h = max_num(h, x[c]);
   }
-  *lo = sub_min<L>(l);
-  *hi = sub_max<L>(h);
+  *lo = group_extreme(sub_min<L>(l));
+  *hi = group_extreme(sub_max<L>(h));
 }
 
 template <typename T, int L, int E>
@@ -354,11 +356,9 @@ __global__ void __launch_bounds__(kThreads, kForwardResident) fake_quant_int_sma
   const T* w = static_cast<const T*>(a.weight);
   with_fixed_params<T>(a, [&](const auto& p) {
     for_each_small_group<L, E>(a, [&](int64_t gi, bool active, int64_t off, int sub) {
-      float x[E] = {}, v[E] = {}, lo, hi;
-      if (active) {
-        load_lane<T, E>(w + off, x);
-        load_lane<float, E>(a.v + off, v);
-      }
+      float x[E], v[E], lo, hi;
+      load_lane<T, E>(w + off, x);
+      load_lane<float, E>(a.v + off, v);
       small_min_max<L, E>(x, &lo, &hi);
       if (!active) return;
       const IntScale sc = int_group_scale(lo, hi, __ldg(a.min_scale + gi), __ldg(a.max_scale + gi), p);
@@ -380,30 +380,24 @@ __global__ void __launch_bounds__(kThreads) fake_quant_int_small_backward_kernel
   const T* w = static_cast<const T*>(a.weight);
   with_fixed_params<T>(a, [&](const auto& p) {
     for_each_small_group<L, E>(a, [&](int64_t gi, bool active, int64_t off, int sub) {
-      float x[E] = {}, v[E] = {}, gr[E] = {}, lo, hi, mn = 0.f, mx = 0.f;
-      if (active) {
-        load_lane<T, E>(w + off, x);
-        load_lane<T, E>(grad + off, gr);
-        load_lane<float, E, kNc>(a.v + off, v);
-        mn = load_ro<kNc>(a.min_scale + gi);
-        mx = load_ro<kNc>(a.max_scale + gi);
-      }
+      float x[E], v[E], gr[E], gv[E], lo, hi;
+      load_lane<T, E>(w + off, x);
+      load_lane<T, E>(grad + off, gr);
+      load_lane<float, E, kNc>(a.v + off, v);
+      const float mn = load_ro<kNc>(a.min_scale + gi), mx = load_ro<kNc>(a.max_scale + gi);
       small_min_max<L, E>(x, &lo, &hi);
+      const IntScale sc = int_group_scale(lo, hi, mn, mx, p);
       IntPartials acc[kParts] = {};
-      IntScale sc{};
-      if (active) {
-        sc = int_group_scale(lo, hi, mn, mx, p);
-        float gv[E];
-        backward_elements<E, true>(x, v, gr, sc, p, int_second_division_fast(sc, lo, hi, p), E, gv, acc);
-        out.template v_vec<E>(off, v, gv);
-      }
-      IntPartials tot = sub_sum<L>(acc[0], p);
+      backward_elements<E, true>(x, v, gr, sc, p, int_second_division_fast(sc, lo, hi, p), E, gv, acc);
+      if (active) out.template v_vec<E>(off, v, gv);
 #pragma unroll
-      for (int k = 1; k < kParts; ++k) {
-        const IntPartials t = sub_sum<L>(acc[k], p);
-        tot = {add_rn(tot.a, t.a), add_rn(tot.b, t.b), add_rn(tot.zc, t.zc), add_rn(tot.zs, t.zs)};
-      }
-      if (active && sub == 0) scales_out(out, tot, lo, hi, sc, p, gi, mn, mx);
+      for (int k = 0; k < kParts; ++k) acc[k] = sub_sum<L>(acc[k], p);
+      // the CPU's last steps, xor kParts / 2 .. 1, over the parts this lane holds
+#pragma unroll
+      for (int step = kParts / 2; step > 0; step /= 2)
+#pragma unroll
+        for (int k = 0; k < step; ++k) int_partials_add(acc[k], acc[k + step]);
+      if (active && sub == 0) scales_out(out, acc[0], lo, hi, sc, p, gi, mn, mx);
     });
   });
 }
@@ -425,16 +419,13 @@ SmallLayout small_layout(const IntArgs& a, std::initializer_list<const void*> pt
   return {0, 0};
 }
 
-template <typename F>
+// f(lanes) with lanes (a power of two up to kMax) as a compile-time constant.
+template <int kMax, typename F>
 void with_lanes(int lanes, F&& f) {
-  switch (lanes) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    case 16: f(std::integral_constant<int, 16>{}); break;
-    default: f(std::integral_constant<int, 32>{}); break;
+  if constexpr (kMax > 1) {
+    if (lanes < kMax) return with_lanes<kMax / 2>(lanes, f);
   }
+  f(std::integral_constant<int, kMax>{});
 }
 
 // One pass over the groups, or (resident_per_sm > 0) at most the blocks that are resident at
@@ -456,15 +447,14 @@ bool chunked(const IntArgs& a, std::initializer_list<const void*> ptrs) {
   return true;
 }
 
-// Calls f(lanes, per lane) as compile-time constants for a small layout.
+// Calls f(lanes, per lane) as compile-time constants for a layout small_layout gives; only
+// those are instantiated: E = 8 for groups 8..128 (1..16 lanes), E = 4 for group 4 (one lane).
 template <typename F>
 void with_small_layout(SmallLayout l, F&& f) {
-  with_lanes(l.lanes, [&](auto lanes) {
-    if (l.per_lane == kWide)
-      f(lanes, std::integral_constant<int, kWide>{});
-    else
-      f(lanes, std::integral_constant<int, kChunk>{});
-  });
+  if (l.per_lane == kWide)
+    with_lanes<kLanes / 2>(l.lanes, [&](auto lanes) { f(lanes, std::integral_constant<int, kWide>{}); });
+  else
+    f(std::integral_constant<int, 1>{}, std::integral_constant<int, kChunk>{});
 }
 
 }  // namespace

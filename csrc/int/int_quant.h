@@ -106,6 +106,13 @@ AF_HD float int_divide(float x, const IntScale& sc) {
   }
 }
 
+// min(W, 0) or max(W, 0) of a group, as the kernels use it: a zero as +0. Which signed zero a
+// min or max keeps depends on the order it meets them (and, on the GPU, on the instruction),
+// so every kernel reduces in its own order with the fastest min and max, then takes this.
+// auto-round's clamp(min(W), max=0) may give -0; the sign reaches only the zero point's and
+// the scale gradients' zeros, never a quantized weight or a scale.
+AF_HD float group_extreme(float v) { return add_rn(v, 0.f); }
+
 AF_HD float int_floor_scale(float s_raw, float floor_value, bool sym) {
   if (sym && s_raw < 0.f) return s_raw > -floor_value ? -floor_value : s_raw;
   return s_raw < floor_value ? floor_value : s_raw;
