@@ -88,6 +88,8 @@ struct GroupSpan {
   int64_t base, n;
 };
 
+// The general kernels' parameters, at run time: they are not the hot path, and the fixed
+// ones (below) made one of them spill.
 __device__ __forceinline__ IntParams int_params(const IntArgs& a) {
   return {a.bits, a.sym, a.scale_dtype, quotient_dtype(a.dtype, a.scale_dtype)};
 }
@@ -177,9 +179,9 @@ __device__ __forceinline__ void store_scale(void* scale, int64_t gi, float s, in
 // acc[c / kChunk] (the CPU lane it belongs to). Only the first n elements are real (n == E
 // but in the general kernel's ragged tail, which never takes the fast division: kMayFast).
 template <int E, bool kMayFast, typename P>
-__device__ __forceinline__ void backward_elements(const float* x, const float* v, const float* g, const IntScale& sc,
-                                                  const P& p, bool group_fast, int64_t n, float* gv,
-                                                  IntPartials* acc) {
+__device__ __forceinline__ void backward_elements(const float* x, const float* v, const float* g,
+                                                  const IntScale& sc, const P& p, bool group_fast, int64_t n,
+                                                  float* gv, IntPartials* acc) {
   if (kMayFast && lane_fast<E>(x, group_fast)) {
 #pragma unroll
     for (int c = 0; c < E; ++c) int_element_backward<true>(x[c], v[c], g[c], sc, p, &gv[c], acc[c / kChunk]);
@@ -321,11 +323,12 @@ __device__ __forceinline__ void store_lane(T* p, const float* x) {
 
 // The grid-stride loop of the small-group kernels: a warp takes 32 / L groups per pass, one
 // per slot of L lanes. body(gi, active, offset of this lane's elements, lane within the
-// group); every lane runs body, since the butterflies need the whole warp: a slot past the
-// last group reads the last group again (active false: it must store nothing), which spares
-// the zeroing and the branches around the loads. Unrolling by 4 groups per slot lowered occupancy and
-// bandwidth on the H100 (70% -> 51% of copy bandwidth for fwd+bwd, NOTES.md): one group per
-// slot per pass.
+// group); every lane runs body, since the butterflies need the whole warp. A slot past the
+// last group reads the last group again (active false): it must store nothing, and what it
+// computes is discarded (its reads may meet that group's in-place step half done). That
+// spares the zeroing and the branches around the loads. Unrolling by 4 groups per slot
+// lowered occupancy and bandwidth on the H100 (70% -> 51% of copy bandwidth for fwd+bwd,
+// NOTES.md): one group per slot per pass.
 template <int L, int E, typename F>
 __device__ __forceinline__ void for_each_small_group(const IntArgs& a, F&& body) {
   constexpr int kPerWarp = kLanes / L;
@@ -473,9 +476,11 @@ const char* launch_fake_quant_int(const IntArgs& a, void* out, void* scale, floa
                 a, static_cast<T*>(out), scale, zp);
       });
     else if (vec)
-      fake_quant_int_kernel<T, true><<<grid_for(total, kWarps), kThreads, 0, s>>>(a, static_cast<T*>(out), scale, zp);
+      fake_quant_int_kernel<T, true><<<grid_for(total, kWarps), kThreads, 0, s>>>(
+          a, static_cast<T*>(out), scale, zp);
     else
-      fake_quant_int_kernel<T, false><<<grid_for(total, kWarps), kThreads, 0, s>>>(a, static_cast<T*>(out), scale, zp);
+      fake_quant_int_kernel<T, false><<<grid_for(total, kWarps), kThreads, 0, s>>>(
+          a, static_cast<T*>(out), scale, zp);
   });
   return launch_status();
 }
