@@ -24,9 +24,6 @@ int group_min_max(const T* src, int64_t n, float* wmin, float* wmax) {
   return bad;
 }
 
-template <typename S>
-void store_scale(void* scale, int64_t i, float s) { static_cast<S*>(scale)[i] = from_f32<S>(s); }
-
 template <typename T>
 int64_t int_forward(const IntArgs& a, T* out, void* scale, float* zp) {
   const T* w = static_cast<const T*>(a.weight);
@@ -42,7 +39,7 @@ int64_t int_forward(const IntArgs& a, T* out, void* scale, float* zp) {
       float wmin, wmax;
       local_bad += group_min_max(w + base, n, &wmin, &wmax);
       IntScale sc = int_group_scale(wmin, wmax, a.min_scale[gi], a.max_scale[gi], p);
-      with_float_type(a.scale_dtype, [&](auto s) { store_scale<decltype(s)>(scale, gi, sc.s); });
+      int_store_scale(scale, gi, sc.s, a.scale_dtype);
       zp[gi] = sc.zp;
       for (int64_t j = 0; j < n; ++j) {  // each element's quotient is exact on either path
         const float x = to_f32(w[base + j]);

@@ -61,27 +61,30 @@ __device__ __forceinline__ void store_chunk(T* p, int64_t n_left, const float* x
   }
 }
 
-__device__ __forceinline__ float warp_min(float v) {
+// xor butterflies over the L lanes of a group (L = 32: the whole warp). The partials: sym has
+// no zero point, and its zc and zs stay zero.
+template <int L>
+__device__ __forceinline__ float sub_min(float v) {
 #pragma unroll
-  for (int off = kLanes / 2; off > 0; off /= 2) v = min_num(v, __shfl_xor_sync(0xffffffffu, v, off));
+  for (int off = L / 2; off > 0; off /= 2) v = min_num(v, __shfl_xor_sync(0xffffffffu, v, off));
   return v;
 }
-__device__ __forceinline__ float warp_max(float v) {
+template <int L>
+__device__ __forceinline__ float sub_max(float v) {
 #pragma unroll
-  for (int off = kLanes / 2; off > 0; off /= 2) v = max_num(v, __shfl_xor_sync(0xffffffffu, v, off));
+  for (int off = L / 2; off > 0; off /= 2) v = max_num(v, __shfl_xor_sync(0xffffffffu, v, off));
   return v;
 }
-__device__ __forceinline__ float warp_sum(float v) {
+template <int L>
+__device__ __forceinline__ float sub_sum(float v) {
 #pragma unroll
-  for (int off = kLanes / 2; off > 0; off /= 2) v = add_rn(v, __shfl_xor_sync(0xffffffffu, v, off));
+  for (int off = L / 2; off > 0; off /= 2) v = add_rn(v, __shfl_xor_sync(0xffffffffu, v, off));
   return v;
 }
-
-// The partial sums over the warp; sym has no zero point, and its zc and zs stay zero.
-template <typename P>
-__device__ __forceinline__ IntPartials warp_sum_partials(const IntPartials& acc, const P& p) {
-  if (p.sym) return {warp_sum(acc.a), warp_sum(acc.b), 0.f, 0.f};
-  return {warp_sum(acc.a), warp_sum(acc.b), warp_sum(acc.zc), warp_sum(acc.zs)};
+template <int L, typename P>
+__device__ __forceinline__ IntPartials sub_sum(const IntPartials& t, const P& p) {
+  if (p.sym) return {sub_sum<L>(t.a), sub_sum<L>(t.b), 0.f, 0.f};
+  return {sub_sum<L>(t.a), sub_sum<L>(t.b), sub_sum<L>(t.zc), sub_sum<L>(t.zs)};
 }
 
 struct GroupSpan {
@@ -139,8 +142,8 @@ __device__ __forceinline__ IntScale group_scale(const T* w, GroupSpan g, int lan
       hi = max_num(hi, x[c]);
     }
   }
-  *wmin = group_extreme(warp_min(lo));
-  *wmax = group_extreme(warp_max(hi));
+  *wmin = group_extreme(sub_min<kLanes>(lo));
+  *wmax = group_extreme(sub_max<kLanes>(hi));
   return int_group_scale(*wmin, *wmax, mn, mx, p);
 }
 
@@ -165,14 +168,6 @@ __device__ __forceinline__ void qdq_elements(float* x, const float* v, const Int
 #pragma unroll
     for (int c = 0; c < E; ++c) x[c] = int_qdq<false>(x[c], v[c], sc, p);
   }
-}
-
-// The group's scale in the scale dtype: one store per group, so a branch on the dtype and not a
-// kernel per dtype.
-__device__ __forceinline__ void store_scale(void* scale, int64_t gi, float s, int dtype) {
-  if (dtype == kHalf) static_cast<f16_t*>(scale)[gi] = from_f32<f16_t>(s);
-  else if (dtype == kBFloat16) static_cast<bf16_t*>(scale)[gi] = from_f32<bf16_t>(s);
-  else static_cast<float*>(scale)[gi] = s;
 }
 
 // The backward of a lane's E elements: gv[c], and the partial sums of element c into
@@ -202,7 +197,7 @@ __global__ void __launch_bounds__(kThreads) fake_quant_int_kernel(IntArgs a, T* 
     const IntScale sc = group_scale<T, kVec>(w, g, lane, __ldg(a.min_scale + gi), __ldg(a.max_scale + gi), p,
                                              &wmin, &wmax);
     if (lane == 0) {
-      store_scale(scale, gi, sc.s, a.scale_dtype);
+      int_store_scale(scale, gi, sc.s, a.scale_dtype);
       zp[gi] = sc.zp;
     }
     for (int64_t j = lane * kChunk; j < g.n; j += kLanes * kChunk) {
@@ -253,7 +248,7 @@ __global__ void __launch_bounds__(kThreads) fake_quant_int_backward_kernel(IntAr
           if (j + c < g.n) out.v_one(g.base + j + c, v[c], gv[c]);
       }
     }
-    const IntPartials tot = warp_sum_partials(acc, p);
+    const IntPartials tot = sub_sum<kLanes>(acc, p);
     if (lane == 0) scales_out(out, tot, wmin, wmax, sc, p, gi, mn, mx);
   });
 }
@@ -275,30 +270,6 @@ __global__ void __launch_bounds__(kThreads) fake_quant_int_backward_kernel(IntAr
 // ---------------------------------------------------------------------------------------
 
 constexpr int kWide = 2 * kChunk;
-
-template <int L>
-__device__ __forceinline__ float sub_min(float v) {
-#pragma unroll
-  for (int off = L / 2; off > 0; off /= 2) v = min_num(v, __shfl_xor_sync(0xffffffffu, v, off));
-  return v;
-}
-template <int L>
-__device__ __forceinline__ float sub_max(float v) {
-#pragma unroll
-  for (int off = L / 2; off > 0; off /= 2) v = max_num(v, __shfl_xor_sync(0xffffffffu, v, off));
-  return v;
-}
-template <int L>
-__device__ __forceinline__ float sub_sum(float v) {
-#pragma unroll
-  for (int off = L / 2; off > 0; off /= 2) v = add_rn(v, __shfl_xor_sync(0xffffffffu, v, off));
-  return v;
-}
-template <int L, typename P>
-__device__ __forceinline__ IntPartials sub_sum(const IntPartials& t, const P& p) {
-  if (p.sym) return {sub_sum<L>(t.a), sub_sum<L>(t.b), 0.f, 0.f};  // zc and zs stay zero
-  return {sub_sum<L>(t.a), sub_sum<L>(t.b), sub_sum<L>(t.zc), sub_sum<L>(t.zs)};
-}
 
 // A lane's E elements: 16-byte accesses where E values of T fill whole 16-byte words, else
 // (E = 4 of a 16-bit type) one 8-byte access.
@@ -366,7 +337,7 @@ __global__ void __launch_bounds__(kThreads, kForwardResident) fake_quant_int_sma
       if (!active) return;
       const IntScale sc = int_group_scale(lo, hi, __ldg(a.min_scale + gi), __ldg(a.max_scale + gi), p);
       if (sub == 0) {
-        store_scale(scale, gi, sc.s, a.scale_dtype);
+        int_store_scale(scale, gi, sc.s, a.scale_dtype);
         zp[gi] = sc.zp;
       }
       qdq_elements<E>(x, v, sc, p);

@@ -113,6 +113,14 @@ AF_HD float int_divide(float x, const IntScale& sc) {
 // the scale gradients' zeros, never a quantized weight or a scale.
 AF_HD float group_extreme(float v) { return add_rn(v, 0.f); }
 
+// Group gi's scale s stored in the scale dtype (a ScaleDtype code): one store per group, so a
+// branch on the dtype, not a kernel (or a dispatch) per dtype.
+AF_HD void int_store_scale(void* scale, int64_t gi, float s, int dtype) {
+  if (dtype == kHalf) static_cast<f16_t*>(scale)[gi] = from_f32<f16_t>(s);
+  else if (dtype == kBFloat16) static_cast<bf16_t*>(scale)[gi] = from_f32<bf16_t>(s);
+  else static_cast<float*>(scale)[gi] = s;
+}
+
 AF_HD float int_floor_scale(float s_raw, float floor_value, bool sym) {
   if (sym && s_raw < 0.f) return s_raw > -floor_value ? -floor_value : s_raw;
   return s_raw < floor_value ? floor_value : s_raw;
