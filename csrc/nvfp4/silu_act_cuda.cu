@@ -34,12 +34,17 @@ __device__ __forceinline__ float silu_backward_eager(float dy, float x) {
   return dy * s * (1.0f + x * (1.0f - s));
 }
 
+// m = T(s * up) for s = T(silu(gate)): the eager ops' roundings, shared by the forward, the
+// backward's group pass and its argmax element.
+template <typename T>
+__device__ __forceinline__ float silu_times_up(float s, float up) { return round_through<T>(mul_rn(s, up)); }
+
 // m = T(T(silu(gate)) * up) for the group's values.
 template <typename T, bool kVec>
 __device__ __forceinline__ void silu_mul(const float* gate, const float* up, int n, float* m) {
 #pragma unroll
   for (int j = 0; j < kNvfp4Group; ++j)
-    if (kVec || j < n) m[j] = round_through<T>(mul_rn(round_through<T>(silu_eager(gate[j])), up[j]));
+    if (kVec || j < n) m[j] = silu_times_up<T>(round_through<T>(silu_eager(gate[j])), up[j]);
 }
 
 template <typename T, bool kVec>
@@ -85,7 +90,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 2 ? 4 : 0)
     gt.load(gate + g.base, n);
     u.load(up + g.base, n);
     gr.load(grad + g.base, n);
-    auto m_at = [&](int j) { return round_through<T>(mul_rn(s[j], u[j])); };
+    auto m_at = [&](int j) { return silu_times_up<T>(s[j], u[j]); };
     float amax = 0.f;
 #pragma unroll
     for (int j = 0; j < kNvfp4Group; ++j) {
@@ -137,7 +142,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 2 ? 4 : 0)
       const int64_t at = g.base + arg;  // the values just written
       const float x = to_f32(gate[at]), up_x = to_f32(up[at]);
       const float s_x = round_through<T>(silu_eager(x));
-      const float m = round_through<T>(mul_rn(s_x, up_x));
+      const float m = silu_times_up<T>(s_x, up_x);
       float q;
       const float gc = nvfp4_element_grad<true>(m, 0.f, to_f32(grad[at]), sc, &q);
       const float dm = round_through<T>(nvfp4_act_grad<T>(gc, sc.os, g_m, m, true));
