@@ -16,6 +16,7 @@ block, which is the floor.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -409,6 +410,9 @@ def main(argv=None):
                    help="backend cuda: compile the block's RMSNorm, SiLU*up and rotary while tuning "
                         "(default: on where Triton is there)")
     p.add_argument("--profile", action="store_true", help="also profile one tuning iteration per scheme")
+    p.add_argument("--profile-loop", dest="profile_loop", nargs="?", const="", default=None, metavar="TRACE_DIR",
+                   help="print the kernels of iterations 4-6 of each block's loop, by kind (bench.loop_profile); "
+                        "with a folder, also write each timeline there")
     p.add_argument("--out", default="bench-block-out")
     p.add_argument("--one", help=argparse.SUPPRESS)  # BACKEND:SCHEME, run in a child process
     args = p.parse_args(argv)
@@ -416,7 +420,11 @@ def main(argv=None):
     if args.one:
         backend, scheme = args.one.split(":")
         logging.getLogger("autoround").setLevel(logging.INFO)
-        with tempfile.TemporaryDirectory() as tmp:
+        from bench.loop_profile import profiled_loops
+
+        profiling = profiled_loops(args.profile_loop or None) if args.profile_loop is not None \
+            else contextlib.nullcontext()
+        with tempfile.TemporaryDirectory() as tmp, profiling:
             r = run_backend(backend, scheme, args, tmp)
         with open(os.path.join(args.out, f"one-{backend}-{scheme}.json"), "w") as f:
             json.dump(r, f)

@@ -81,3 +81,23 @@ def test_accuracy_bench_on_smollm2(tmp_path):
     assert all(r["ppl"] == r["ppl"] and 1 < r["ppl"] < 1e4 for r in rows)
     assert min(r["ppl"] for r in rows if r["method"] != "bf16") > by["bf16"]["ppl"]
     assert by["torch"]["reload_equal"] and by["torch"]["ppl_reloaded"] == by["torch"]["ppl"]
+
+
+def test_profile_sums_kernels_by_kind():
+    """bench.loop_profile's summary: each kernel counted once, under the first kind whose
+    name it matches (names as the H100/H200 profiles printed them)."""
+    sys.path.insert(0, str(ROOT))
+    from bench.loop_profile import kernel_kinds
+
+    rows = [(2.0, 6, "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NTT"),
+            (1.5, 1, "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26"),
+            (1.0, 14, "void autoround_fast::(anonymous namespace)::sign_step_kernel<true>(SignStepArgs)"),
+            (0.5, 4, "void autoround_fast::(anonymous namespace)::fake_quant_nvfp4_activation_backward_kernel"),
+            (0.375, 1, "void autoround_fast::(anonymous namespace)::silu_mul_act_backward_kernel<autoround_fast::bf16_t, tru"),
+            (0.25, 1, "triton_poi_fused_mul_silu_silu_backward_0"),
+            (0.125, 2, "void at::native::(anonymous namespace)::indexSelectSmallIndex<long, long>"),
+            (0.0625, 4, "void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add<c10::BFloat16>>")]
+    kinds = kernel_kinds(rows)
+    assert kinds == {"ours": 1.875, "attention": 1.5, "matmul": 2.0, "fused (Triton)": 0.25,
+                     "copies and gathers": 0.125, "other element-wise": 0.0625}
+    assert sum(kinds.values()) == sum(r[0] for r in rows)

@@ -14,7 +14,8 @@ import torch
 import torch.multiprocessing as mp
 
 import dist_worker as w
-from autoround_fast.engine import _batch_order, tune_block
+from autoround_fast.engine import tune_block
+from autoround_fast.engine.schedule import batch_order
 
 
 def _spawned(rank, scheme, iters, out_dir, dev):
@@ -37,7 +38,7 @@ def test_two_ranks_equal_one_process(tmp_path, scheme, iters, dev):
 
     model, inputs = w.problem()
     share = w.SAMPLES // w.RANKS
-    local = _batch_order(share, w.BATCH, max(iters, 1), w.SEED)[:iters]
+    local = batch_order(share, w.BATCH, max(iters, 1), w.SEED)[:iters]
     order = [b + [i + share for i in b] for b in local]  # rank 0's batch, then rank 1's
     block = copy.deepcopy(model.model.layers[0])
     spec = w.spec_for(scheme)

@@ -203,7 +203,9 @@ def test_opt_rtn_equals_auto_round(backend, dtype, cols):
     from auto_round.data_type.int import quant_tensor_opt_rtn_sym
     from auto_round.data_type.nvfp import opt_rtn_fast_nvfp4
 
-    from autoround_fast.engine import Backend, TunedLinear, _opt_rtn_int_sym, _opt_rtn_nvfp4
+    from autoround_fast.engine import make_backend
+    from autoround_fast.engine.linear import TunedLinear
+    from autoround_fast.engine.rtn import opt_rtn_int_sym, opt_rtn_nvfp4
 
     torch.manual_seed(cols)
     lin = torch.nn.Linear(cols, 48, bias=False).to(dtype)
@@ -211,13 +213,13 @@ def test_opt_rtn_equals_auto_round(backend, dtype, cols):
         lin.weight.normal_(0, 0.05)
     imat = torch.rand(cols) + 0.1
     gs = ops.nvfp4_global_scale(lin.weight) * 0.9  # a shared (smaller) global scale
-    tl = TunedLinear(lin, QuantSpec("nvfp4"), Backend(backend), gs, None)
-    wq, scale = _opt_rtn_nvfp4(tl, imat)
+    tl = TunedLinear(lin, QuantSpec("nvfp4"), make_backend(backend), gs, None)
+    wq, scale = opt_rtn_nvfp4(tl, imat)
     ref, ref_scale, _ = opt_rtn_fast_nvfp4(lin.weight.data, global_scale=gs, imatrix=imat)
     assert torch.equal(wq, ref) and torch.equal(scale.reshape(-1), ref_scale.reshape(-1))
     for bits in (2, 4):
-        tl = TunedLinear(lin, QuantSpec("int", bits, 32, True, scale_dtype=torch.float32), Backend(backend), None, None)
-        wq, scale = _opt_rtn_int_sym(tl, imat)
+        tl = TunedLinear(lin, QuantSpec("int", bits, 32, True, scale_dtype=torch.float32), make_backend(backend), None, None)
+        wq, scale = opt_rtn_int_sym(tl, imat)
         ref, ref_scale, _ = quant_tensor_opt_rtn_sym(lin.weight.data, bits=bits, group_size=32, imatrix=imat)
         assert torch.equal(wq, ref) and torch.equal(scale.reshape(-1), ref_scale.reshape(-1).float())
 
@@ -333,7 +335,7 @@ def test_graphed_calibration_pass_changes_nothing(ragged_block, name):
 def test_plain_causal_mask_is_dropped_for_sdpa(ragged_block):
     """A 4-D mask that is exactly causal (what a traced model passes) is replaced by SDPA's
     is_causal path; the losses agree with the mask-free run. A mask with padding stays."""
-    from autoround_fast.engine import _Inputs
+    from autoround_fast.engine.inputs import BlockInputs
 
     model, inputs = ragged_block
     L = inputs[0][0][0].shape[1]
@@ -341,12 +343,12 @@ def test_plain_causal_mask_is_dropped_for_sdpa(ragged_block):
     masked = [(a, {**kw, "attention_mask": causal.clone()}) for a, kw in inputs]
     block = fresh_block(model)
     assert block.self_attn.config._attn_implementation == "sdpa"
-    cached = _Inputs(masked, torch.device("cpu"), torch.device("cpu"))
+    cached = BlockInputs(masked, torch.device("cpu"), torch.device("cpu"))
     assert cached.drop_causal_mask(block) and cached.kwargs["attention_mask"] is None
     padded = causal.clone()
     padded[..., -3:] = torch.finfo(torch.bfloat16).min
     for masks in ([padded] * len(inputs), [causal] * (len(inputs) - 1) + [padded]):  # shared, one differs
-        cached = _Inputs([(a, {**kw, "attention_mask": m}) for (a, kw), m in zip(inputs, masks)],
+        cached = BlockInputs([(a, {**kw, "attention_mask": m}) for (a, kw), m in zip(inputs, masks)],
                          torch.device("cpu"), torch.device("cpu"))
         assert not cached.drop_causal_mask(block) and cached.kwargs["attention_mask"] is not None
     spec = {n: SPECS["nvfp4a16"] for n in LINEARS}
@@ -360,7 +362,8 @@ def test_packed_samples_are_the_cache_without_a_copy(device):
     """pack_samples moves GPU samples' hidden states into one tensor, and _Inputs takes that
     tensor as its cache without copying it; batches equal the samples' own. Host samples come
     back as they are, and parts that are not consecutive rows of one tensor are copied."""
-    from autoround_fast.engine import _Inputs, _stack, pack_samples
+    from autoround_fast.engine import pack_samples
+    from autoround_fast.engine.inputs import BlockInputs, stack
 
     g = torch.Generator().manual_seed(0)
     pos = torch.arange(5)[None].to(device)
@@ -372,7 +375,7 @@ def test_packed_samples_are_the_cache_without_a_copy(device):
     else:
         storage = packed[0][0][0].untyped_storage().data_ptr()
         assert all(p[0][0].untyped_storage().data_ptr() == storage for p in packed)
-        cached = _Inputs(packed, torch.device(device), torch.device(device))
+        cached = BlockInputs(packed, torch.device(device), torch.device(device))
         assert cached.hidden.untyped_storage().data_ptr() == storage
         idx = torch.tensor([4, 1, 2], device=device)
         assert torch.equal(cached.batch(idx)[0][0], torch.cat([samples[i][0][0] for i in idx.tolist()]))
@@ -381,11 +384,11 @@ def test_packed_samples_are_the_cache_without_a_copy(device):
     if torch.cuda.is_available():  # a host cache of a GPU machine is pinned
         base = base.pin_memory()
     rows = [base[i: i + 1] for i in range(6)]
-    whole = _stack(rows, torch.device("cpu"))
+    whole = stack(rows, torch.device("cpu"))
     assert whole.data_ptr() == base.data_ptr() and torch.equal(whole, base)
-    assert _stack(rows[:3], torch.device("cpu")).data_ptr() == base.data_ptr()
+    assert stack(rows[:3], torch.device("cpu")).data_ptr() == base.data_ptr()
     for parts in (rows[::-1], rows[::2], [base[:2], base[2:3].clone(), base[3:]]):
-        stacked = _stack(parts, torch.device("cpu"))
+        stacked = stack(parts, torch.device("cpu"))
         assert stacked.untyped_storage().data_ptr() != base.untyped_storage().data_ptr()
         assert torch.equal(stacked, torch.cat(parts))
 
@@ -394,7 +397,7 @@ def test_packed_samples_are_the_cache_without_a_copy(device):
 def test_rows_gathered_as_words_are_index_select(device):
     """_take_rows (the batch gather, as 8-byte words where rows allow) gives index_select's
     result for every dtype, row length and storage offset, including the fallbacks."""
-    from autoround_fast.engine import _take_rows
+    from autoround_fast.engine.inputs import take_rows
 
     g = torch.Generator().manual_seed(0)
     idx = torch.tensor([3, 0, 3, 5], device=device)
@@ -402,7 +405,7 @@ def test_rows_gathered_as_words_are_index_select(device):
         for row in ((4, 8), (3, 5), (2, 6)):  # 64-, 30- and 24-element rows
             t = (torch.randn(6, *row, generator=g) * 100).to(dtype).to(device)
             for src in (t, t[:, :, 1:], torch.cat([t.reshape(-1), t.reshape(-1)[:1]])[1:].view(t.shape)):
-                got = _take_rows(src, idx)
+                got = take_rows(src, idx)
                 assert got.dtype == src.dtype and got.shape == (4, *src.shape[1:])
                 assert torch.equal(got, src.index_select(0, idx)), (dtype, row)
 
@@ -412,7 +415,8 @@ def test_qkv_quantize_their_shared_input_once(ragged_block, monkeypatch):
     computes it, the others reuse it (their input needs no gradient). gate/up, whose input
     does need one, keep their own. Losses, weights and qparams are bit for bit those of the
     run that quantizes for each Linear."""
-    from autoround_fast import engine, reference
+    from autoround_fast import reference
+    from autoround_fast.engine import block as block_module
 
     model, inputs = ragged_block
     spec = {n: SPECS["nvfp4"] for n in LINEARS}
@@ -422,7 +426,7 @@ def test_qkv_quantize_their_shared_input_once(ragged_block, monkeypatch):
     runs = {}
     for shared in (True, False):
         if not shared:
-            monkeypatch.setattr(engine, "_share_input_quantization", lambda tuned: [])
+            monkeypatch.setattr(block_module, "share_input_quantization", lambda tuned: [])
         calls.clear()
         block = fresh_block(model)
         res = tune_block(block, inputs, spec, iters=4, batch_size=4, backend="torch")
@@ -437,7 +441,7 @@ def test_kwargs_equal_for_all_samples_are_kept_once(ragged_block):
     """A per-sample kwarg that is the same for every sample (mask, rotary tables, positions)
     is cached once and expanded to each batch; one that differs is stacked. Either way a
     batch's kwargs equal the samples' own kwargs stacked."""
-    from autoround_fast.engine import _Inputs
+    from autoround_fast.engine.inputs import BlockInputs
 
     _, inputs = ragged_block
     L = inputs[0][0][0].shape[1]
@@ -448,7 +452,7 @@ def test_kwargs_equal_for_all_samples_are_kept_once(ragged_block):
     for masks, expect in (([causal.clone() for _ in inputs], "expanded"),
                           ([causal.clone() for _ in inputs[:-1]] + [odd], "per_sample")):
         samples = [(a, {**kw, "attention_mask": m}) for (a, kw), m in zip(inputs, masks)]
-        cached = _Inputs(samples, torch.device("cpu"), torch.device("cpu"))
+        cached = BlockInputs(samples, torch.device("cpu"), torch.device("cpu"))
         assert "attention_mask" in getattr(cached, expect)
         assert {"position_embeddings", "position_ids"} <= cached.expanded
         (h, *_), kwargs = cached.batch(idx)
@@ -511,19 +515,19 @@ def test_eager_attention_stays_eager_on_cpu(ragged_block):
 def test_linear_placement_balances_weight_size():
     """linear_devices: largest Linear first, each to the device with the fewest weight elements
     so far (Llama-3.1-8B's block: gate/up/down 58.7M, q/o 16.8M, k/v 4.2M)."""
-    from autoround_fast.engine import _place_linears
+    from autoround_fast.engine.placement import place_linears
 
     shapes = {"q": (4096, 4096), "k": (1024, 4096), "v": (1024, 4096), "o": (4096, 4096),
               "gate": (14336, 4096), "up": (14336, 4096), "down": (4096, 14336)}
     linears = {n: torch.nn.Linear(i, o, bias=False, device="meta") for n, (o, i) in shapes.items()}
-    two = _place_linears(linears, ["a", "b"])
+    two = place_linears(linears, ["a", "b"])
     assert list(two) == list(shapes)  # in the block's order
     assert two == {"gate": "a", "up": "b", "down": "a", "q": "b", "o": "b", "k": "b", "v": "b"}
     load = lambda p, d: sum(linears[n].weight.numel() for n in p if p[n] == d)
     assert abs(load(two, "a") - load(two, "b")) < 0.2 * load(two, "a")
-    four = _place_linears(linears, ["a", "b", "c", "d"])
+    four = place_linears(linears, ["a", "b", "c", "d"])
     assert {four[n] for n in ("gate", "up", "down")} == {"a", "b", "c"} and four["q"] == "d"
-    assert set(_place_linears(linears, ["a"]).values()) == {"a"}
+    assert set(place_linears(linears, ["a"]).values()) == {"a"}
 
 
 def test_linear_devices_errors_and_one_device(ragged_block):
@@ -564,25 +568,6 @@ def test_linears_spread_over_two_gpus_change_nothing(ragged_block, name, iters):
         assert len(set(one.losses)) > 1
     assert_same_run(runs["two"], runs["one"], LINEARS, "two")
     assert all(t.device == torch.device("cuda", 0) for qp in two.qparams.values() for t in qp.values())
-
-
-def test_profile_sums_kernels_by_kind():
-    """AUTOROUND_FAST_PROFILE's summary: each kernel counted once, under the first kind whose
-    name it matches (names as the H100/H200 profiles printed them)."""
-    from autoround_fast.engine import _kernel_kinds
-
-    rows = [(2.0, 6, "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NTT"),
-            (1.5, 1, "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26"),
-            (1.0, 14, "void autoround_fast::(anonymous namespace)::sign_step_kernel<true>(SignStepArgs)"),
-            (0.5, 4, "void autoround_fast::(anonymous namespace)::fake_quant_nvfp4_activation_backward_kernel"),
-            (0.375, 1, "void autoround_fast::(anonymous namespace)::silu_mul_act_backward_kernel<autoround_fast::bf16_t, tru"),
-            (0.25, 1, "triton_poi_fused_mul_silu_silu_backward_0"),
-            (0.125, 2, "void at::native::(anonymous namespace)::indexSelectSmallIndex<long, long>"),
-            (0.0625, 4, "void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add<c10::BFloat16>>")]
-    kinds = _kernel_kinds(rows)
-    assert kinds == {"ours": 1.875, "attention": 1.5, "matmul": 2.0, "fused (Triton)": 0.25,
-                     "copies and gathers": 0.125, "other element-wise": 0.0625}
-    assert sum(kinds.values()) == sum(r[0] for r in rows)
 
 
 STEP_BACKENDS = ["kernels", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU"))]
@@ -656,18 +641,19 @@ def test_calibration_pass_skips_the_last_matmul(ragged_block, device):
     """The act_max / imatrix pass computes down_proj's matmul for the first sample only (its
     output is unused): the statistics equal those of the pass with every matmul, and the
     module's own forward is back afterwards."""
-    from autoround_fast import engine
+    from autoround_fast.engine import calibration
+    from autoround_fast.engine.inputs import BlockInputs
 
     model, inputs = ragged_block
     block = fresh_block(model).to(device)
     linears = {n: block.get_submodule(n) for n in LINEARS}
-    ins = engine._Inputs(inputs, torch.device(device), torch.device(device))
+    ins = BlockInputs(inputs, torch.device(device), torch.device(device))
     calls = {n: 0 for n in LINEARS}
     counters = [m.register_forward_hook(lambda m, a, o, n=n: calls.__setitem__(n, calls[n] + bool(o.any())))
                 for n, m in linears.items()]  # outputs that are not all zeros: matmuls computed
     kw = dict(autocast=contextlib.nullcontext, hidden=ins.hidden, want_max=True, want_imatrix=True,
               cuda_graph=False)
-    got = engine._activation_stats(block, linears, ins, **kw)
+    got = calibration.activation_stats(block, linears, ins, **kw)
     for h in counters:
         h.remove()
     assert calls["mlp.down_proj"] == 1 and calls["mlp.up_proj"] == 12
@@ -688,14 +674,15 @@ def test_calibration_pass_skips_the_last_matmul(ragged_block, device):
     for h in counters:
         h.remove()
     for n in LINEARS:
-        assert torch.equal(got[n][0].cpu(), want[n][0]), n
-        assert torch.allclose(got[n][1].cpu(), want[n][1], rtol=1e-6, atol=0), n
+        assert torch.equal(got[n].max.cpu(), want[n][0]), n
+        assert torch.allclose(got[n].imatrix.cpu(), want[n][1], rtol=1e-6, atol=0), n
 
 
 def test_calibration_pass_puts_back_a_wrapped_forward(ragged_block):
     """A Linear whose instance forward is a wrapper (compressed-tensors' offload wrapper sets
     one) gets that wrapper back after the pass skipped its matmul, also when the pass raises."""
-    from autoround_fast import engine
+    from autoround_fast.engine import calibration
+    from autoround_fast.engine.inputs import BlockInputs
 
     model, inputs = ragged_block
     block = fresh_block(model)
@@ -706,11 +693,11 @@ def test_calibration_pass_puts_back_a_wrapped_forward(ragged_block):
 
     down.forward = wrapper
     linears = {n: block.get_submodule(n) for n in LINEARS}
-    ins = engine._Inputs(inputs, torch.device("cpu"), torch.device("cpu"))
-    engine._activation_stats(block, linears, ins, contextlib.nullcontext, ins.hidden, True, False)
+    ins = BlockInputs(inputs, torch.device("cpu"), torch.device("cpu"))
+    calibration.activation_stats(block, linears, ins, contextlib.nullcontext, ins.hidden, True, False)
     assert down.__dict__["forward"] is wrapper
     with pytest.raises(RuntimeError, match="boom"):
-        with engine._skip_last_linear(linears, list(LINEARS)):
+        with calibration._skip_last_linear(linears, list(LINEARS)):
             assert down.__dict__["forward"] is not wrapper
             raise RuntimeError("boom")
     assert down.__dict__["forward"] is wrapper

@@ -78,10 +78,11 @@ def test_w4a4_mlp_quantizes_down_projs_input_in_one_op(model_and_inputs, device,
     activation quantization as one op and hands down_proj its input quantized: the output and
     every gradient (the MLP input's, each Linear's V and scales) equal the unfused MLP's bit
     for bit, since the op computes eager's silu and product and our activation op's bits."""
-    from autoround_fast.engine import Backend, TunedLinear, _ActQuantLinear
+    from autoround_fast.engine import make_backend
+    from autoround_fast.engine.linear import ActQuantLinear, TunedLinear
 
     model, _ = model_and_inputs
-    be = Backend("kernels" if device == "cpu" else "cuda")
+    be = make_backend("kernels" if device == "cpu" else "cuda")
     gen = torch.Generator().manual_seed(3)
     x0 = torch.randn(2, 8, 64, generator=gen).to(device=device, dtype=dtype)
     act_gs = ops.nvfp4_global_scale(torch.tensor(6.0)).to(device)
@@ -112,7 +113,7 @@ def test_w4a4_mlp_quantizes_down_projs_input_in_one_op(model_and_inputs, device,
     outs = []
     for fuse in (False, True):
         mlp = copy.deepcopy(plain)
-        mlp.down_proj = _ActQuantLinear(mlp.down_proj, be, act_gs)
+        mlp.down_proj = ActQuantLinear(mlp.down_proj, be, act_gs)
         with torch.no_grad(), fusion.fused_elementwise(mlp, fuse):
             outs.append(mlp(x0))
     assert torch.equal(outs[0], outs[1])

@@ -30,7 +30,7 @@ from loguru import logger
 from llmcompressor.modifiers.autoround import AutoRoundModifier as _StockAutoRoundModifier
 from llmcompressor.modifiers.factory import ModifierFactory
 
-from .engine import Backend, BlockResult, QuantSpec, pack_samples, same_value, tune_block
+from .engine import BlockResult, QuantSpec, make_backend, pack_samples, same_value, tune_block
 
 __all__ = ["AutoRoundModifier", "spec_from_scheme"]
 
@@ -144,7 +144,7 @@ class AutoRoundModifier(_StockAutoRoundModifier):
                 raise ValueError(f"AutoRoundModifier: {option}=True needs backend='cuda', got "
                                  f"backend={self.backend!r}")
         if self.backend == "cuda":
-            Backend("cuda")  # no kernels or no GPU: a clear error before any calibration work
+            make_backend("cuda")  # no kernels or no GPU: a clear error before any calibration work
         if self.backend != "auto_round":
             self._devices = self._block_devices()  # a bad device_ids fails before calibration
         ok = super().on_initialize(state, **kwargs)

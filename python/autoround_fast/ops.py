@@ -26,6 +26,8 @@ __all__ = [
     "SCALE_DTYPE_CODES",
 ]
 
+from ._lib import has_cuda_kernels  # noqa: E402,F401
+
 _ops = torch.ops.autoround_fast
 
 NVFP4_GROUP = 16

@@ -1,0 +1,151 @@
+"""Calibration statistics of a block's Linear inputs on the quantized inputs: act_max (W4A4's
+static input global scale) and the imatrix (iters=0's weighted scale search)."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from .inputs import BlockInputs
+
+
+@dataclass
+class ActStats:
+    """One Linear's input statistics, fp32, updated in place (a captured graph updates the
+    same tensors): ``max`` = max |x| over every token, ``imatrix`` = sum x^2 per channel."""
+
+    max: torch.Tensor
+    imatrix: torch.Tensor
+
+
+class _Recorder:
+    """Forward pre-hooks that accumulate ActStats, and the order the first forward called the
+    Linears in (:func:`_skip_last_linear` needs it)."""
+
+    def __init__(self, linears: dict[str, nn.Linear], device, want_max: bool, want_imatrix: bool):
+        self.stats = {n: ActStats(torch.zeros((), dtype=torch.float32, device=device),
+                                  torch.zeros(m.in_features, dtype=torch.float32, device=device))
+                      for n, m in linears.items()}
+        self.want_max, self.want_imatrix = want_max, want_imatrix
+        self.order: list[str] = []
+        self.recording = True
+        self.hooks = [mod.register_forward_pre_hook(self._hook(name)) for name, mod in linears.items()]
+
+    def _hook(self, name: str):
+        def hook(_m, args):
+            if self.recording:
+                self.order.append(name)
+            x = args[0].detach()
+            st = self.stats[name]
+            if self.want_max:
+                torch.maximum(st.max, x.abs().amax().to(torch.float32), out=st.max)
+            if self.want_imatrix:
+                st.imatrix.add_(x.reshape(-1, x.shape[-1]).to(torch.float32).pow(2).sum(0))
+        return hook
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def activation_stats(block, linears: dict[str, nn.Linear], inputs: BlockInputs, autocast, hidden,
+                     want_max: bool, want_imatrix: bool, cuda_graph: bool = False) -> dict[str, ActStats]:
+    """Per Linear input, on ``hidden`` (q_in): max |x| (exact in the input dtype, kept in fp32;
+    for W4A4's input global scale) and sum x^2 per channel in fp32 (the imatrix, for iters=0).
+    The pass is skipped when neither is wanted. It runs one sample at a time, as auto-round's
+    values come from a per-sample pass: batched matmuls round differently (down_proj's act_max
+    was 4 ulp off when this pass ran in batches, and the tuning parted ways from there).
+
+    With ``cuda_graph`` (and the hidden states on the device) the one-sample forward is
+    captured once and replayed for each sample: the same kernels on the same data, without
+    the launch overhead that rules a small block's one-sample forward.
+
+    The block's output is not used here, so after the first sample the last Linear the block
+    calls (down_proj) returns zeros instead of computing its matmul: its input is recorded
+    before, and no recorded Linear reads its output (:func:`_skip_last_linear`)."""
+    rec = _Recorder(linears, inputs.device, want_max, want_imatrix)
+    if not (want_max or want_imatrix):
+        rec.remove()
+        return rec.stats
+    idx = torch.zeros(1, dtype=torch.long, device=inputs.device)
+
+    def forward():  # sample idx; idx is set outside, so that a captured graph reads it anew
+        args, kwargs = inputs.batch(idx, hidden)
+        with autocast():
+            block(*args, **kwargs)
+
+    restore = contextlib.ExitStack()
+    try:
+        with torch.no_grad():
+            graphed = cuda_graph and hidden.device == inputs.device
+            warm = min(2, inputs.n) if graphed else inputs.n  # real samples, each counted once
+            side = torch.cuda.Stream(inputs.device) if graphed else None
+            if side is not None:
+                side.wait_stream(torch.cuda.current_stream(inputs.device))
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                for i in range(warm):
+                    idx.fill_(i)
+                    forward()
+                    if i == 0:
+                        rec.recording = False
+                        restore.enter_context(_skip_last_linear(linears, rec.order))
+            if graphed:
+                torch.cuda.current_stream(inputs.device).wait_stream(side)
+                _replay_per_sample(forward, idx, warm, inputs.n)
+    finally:
+        restore.close()
+        rec.remove()
+    return rec.stats
+
+
+def _replay_per_sample(forward, idx: torch.Tensor, start: int, n: int) -> None:
+    """``forward`` captured once in a CUDA graph, replayed for samples start..n-1."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        forward()
+    for i in range(start, n):
+        idx.fill_(i)
+        graph.replay()
+    del graph
+
+
+def reduce_over_ranks(stats: dict[str, ActStats], dist, want_max: bool, want_imatrix: bool) -> None:
+    """Data parallel: every rank quantizes with the statistics of all samples."""
+    for st in stats.values():
+        if want_max:
+            dist.all_reduce(st.max, op=dist.ReduceOp.MAX)
+        if want_imatrix:
+            dist.all_reduce(st.imatrix)
+
+
+@contextlib.contextmanager
+def _skip_last_linear(linears: dict[str, nn.Linear], order: Sequence[str]):
+    """Within the ``with``, the Linear the block called last (``order``: the names its first
+    forward called, in order) returns zeros of its output's shape and dtype instead of its
+    matmul, if it was called once; its input hook still runs (the hook is the module's, the
+    forward the instance's). Every other recorded Linear ran before it, so none reads its
+    output. The module's own forward (or compressed-tensors' wrapper of it) comes back on
+    the way out."""
+    last = order[-1] if order else None
+    if last is None or order.count(last) != 1:
+        yield
+        return
+    mod = linears[last]
+    had = mod.__dict__.get("forward")
+
+    def zeros(x, *args, **kwargs):
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return x.new_zeros((*x.shape[:-1], mod.out_features), dtype=dtype)
+
+    mod.forward = zeros
+    try:
+        yield
+    finally:
+        if had is None:
+            mod.__dict__.pop("forward", None)
+        else:
+            mod.forward = had

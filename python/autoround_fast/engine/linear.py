@@ -1,0 +1,165 @@
+"""The tuned Linear: its weight fake-quantized from the tunables (V, the clipping scales) on
+every forward, and, under W4A4, its input fake-quantized too."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .backends import Backend
+from .spec import QuantSpec, fused_layer_groups
+
+
+@dataclass
+class Stepper:
+    """What a TunedLinear's backward needs to take SignRound's step itself: the best copies of
+    its tunables, the iteration's improved flag and learning rate (device tensors the loop
+    fills before the backward), and the set the backward adds the Linear to when it ran."""
+
+    best: list
+    improved: torch.Tensor
+    lr: torch.Tensor
+    ran: set
+    key: object
+
+    def args(self):
+        return self.best, self.improved, self.lr, self.mark
+
+    def mark(self):
+        self.ran.add(self.key)
+
+
+class ActMemo:
+    """The last input one group of TunedLinears quantized, and the result (see
+    TunedLinear._quant_input). Holding the input keeps its identity unique while compared."""
+
+    def __init__(self):
+        self.source: Optional[torch.Tensor] = None
+        self.result: Optional[torch.Tensor] = None
+
+    def clear(self) -> None:
+        self.source = self.result = None
+
+
+class TunedLinear(nn.Module):
+    """A Linear whose weight is fake-quantized from the tunables on every forward."""
+
+    def __init__(self, linear: nn.Linear, spec: QuantSpec, backend: Backend,
+                 global_scale: Optional[torch.Tensor], act_global_scale: Optional[torch.Tensor]):
+        super().__init__()
+        self.linear = linear
+        self.spec = spec
+        self.backend = backend
+        out_f, in_f = linear.weight.shape
+        dev = linear.weight.device
+        self.v = nn.Parameter(torch.zeros(out_f, in_f, device=dev, dtype=torch.float32))
+        groups = spec.num_groups(in_f)
+        self.max_scale = nn.Parameter(torch.ones(out_f, groups, device=dev, dtype=torch.float32))
+        self.min_scale = (nn.Parameter(torch.ones(out_f, groups, device=dev, dtype=torch.float32))
+                          if spec.kind == "int" else None)
+        self.register_buffer("global_scale", None if global_scale is None else global_scale.reshape(1).to(dev))
+        self.register_buffer("act_global_scale",
+                             None if act_global_scale is None else act_global_scale.reshape(1).to(dev))
+        # Shared by Linears that read the same input under the same activation global scale
+        # (q/k/v, gate/up): see _quant_input.
+        self.act_memo: Optional[ActMemo] = None
+        # Set by the loop when the sign step runs inside this Linear's backward (Stepper).
+        self.stepper: Optional[Stepper] = None
+        self.forwards = 0  # forwards with gradients (the loop checks that there is one per step)
+
+    def tunables(self) -> list[nn.Parameter]:
+        return [p for p in (self.v, self.min_scale, self.max_scale) if p is not None]
+
+    def qdq(self):
+        """(fake-quantized weight, scale, zero point or None), clamping the scales to [0, 1]."""
+        # on .data, as auto-round: a Linear called twice in one forward keeps the first call's
+        # saved scales valid for its backward (an in-place op on the Parameter bumps its version)
+        self.max_scale.data.clamp_(0, 1)
+        if self.min_scale is not None:
+            self.min_scale.data.clamp_(0, 1)
+        w = self.linear.weight
+        s = self.spec
+        st = None
+        if torch.is_grad_enabled():
+            self.forwards += 1
+            st = self.stepper
+        be = self.backend
+        if s.kind == "nvfp4":
+            if st is not None:
+                q, scale = be.nvfp4_stepped(w, self.v, self.max_scale, self.global_scale, *st.args())
+            else:
+                q, scale = be.nvfp4(w, self.v, self.max_scale, self.global_scale)
+            return q, scale, None
+        int_args = (w, self.v, self.min_scale, self.max_scale, s.bits, s.group_size, s.sym, s.scale_dtype)
+        if st is not None:
+            return be.int_stepped(*int_args, *st.args())
+        return be.int(*int_args)
+
+    def forward(self, x, input_quantized: bool = False):
+        """``input_quantized``: the caller has already applied this Linear's activation
+        quantization (:meth:`input_quant_scale`), as the fused SiLU-gated MLP does."""
+        home = x.device  # device_ids: this Linear may live on another card than the block
+        x = x.to(self.v.device)
+        wq = self.qdq()[0]
+        if self.spec.act and not input_quantized:
+            x = self._quant_input(x)
+        return nn.functional.linear(x, wq, self.linear.bias).to(home)
+
+    def input_quant_scale(self) -> Optional[torch.Tensor]:
+        """The activation global scale under which a caller may quantize this Linear's input
+        itself, with the kernels, and pass ``input_quantized=True`` (fusion's SiLU-gated MLP
+        does, for down_proj); None where that does not apply (no W4A4, the oracles, or an
+        input shared with other Linears)."""
+        if self.spec.act and self.backend.uses_kernels and self.act_memo is None:
+            return self.act_global_scale
+        return None
+
+    def _quant_input(self, x):
+        """The input's NVFP4 fake quantization (W4A4). q, k and v quantize the same tensor
+        under the same global scale: the first computes it and the others take its result
+        (the same bits, one kernel instead of three). Only when the input needs no gradient
+        (q/k/v read the normed block input), so every backward stays its own."""
+        memo = self.act_memo
+        if memo is None or x.requires_grad:
+            return self.backend.act(x, self.act_global_scale)
+        if memo.source is not x:
+            memo.source, memo.result = x, self.backend.act(x, self.act_global_scale)
+        return memo.result
+
+
+class ActQuantLinear(nn.Module):
+    """A tuned Linear at inference in the tuning chain: activations fake-quantized (W4A4)."""
+
+    def __init__(self, linear: nn.Linear, backend: Backend, act_global_scale: torch.Tensor):
+        super().__init__()
+        self.linear = linear
+        self.backend = backend
+        self.register_buffer("act_global_scale", act_global_scale)
+
+    def forward(self, x, input_quantized: bool = False):
+        return self.linear(x if input_quantized else self.backend.act(x, self.act_global_scale))
+
+    def input_quant_scale(self) -> Optional[torch.Tensor]:  # as TunedLinear's
+        return self.act_global_scale if self.backend.uses_kernels else None
+
+
+def share_input_quantization(tuned: dict[str, TunedLinear]) -> list[ActMemo]:
+    """One ActMemo per fused group (q/k/v, gate/up) whose W4A4 input global scales are equal."""
+    memos = []
+    for group in fused_layer_groups([n for n, tl in tuned.items() if tl.spec.act]):
+        scales = [tuned[n].act_global_scale for n in group]
+        if all(s.device == scales[0].device and torch.equal(s, scales[0]) for s in scales[1:]):
+            memo = ActMemo()
+            for n in group:
+                tuned[n].act_memo = memo
+            memos.append(memo)
+    return memos
+
+
+def swap_module(block: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` in the block at the dotted path ``name``."""
+    parent, _, child = name.rpartition(".")
+    setattr(block.get_submodule(parent) if parent else block, child, new)

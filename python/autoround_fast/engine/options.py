@@ -1,0 +1,142 @@
+"""The tuning options of one block (one dataclass, every default here) and their resolution,
+against the block and the machine, into the settings a run uses (:class:`Plan`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .. import fusion
+from .backends import Backend, make_backend
+from .placement import indexed, linear_devices, place_linears, process_group
+from .precision import Precision
+
+
+@dataclass
+class TuneOptions:
+    """How :func:`~autoround_fast.engine.tune_block` tunes a block. None means "the default
+    for this backend and machine", resolved by :func:`plan`.
+
+    iters: SignSGD iterations (0: RTN with auto-round's imatrix-weighted scale search for
+        NVFP4 and symmetric INT; plain RTN for asymmetric INT, as auto-round).
+    batch_size: samples per micro-batch; gradient_accumulate_steps micro-batches per step.
+    lr: learning rate for V and the scales (default 1 / iters).
+    seed: seeds the batch order (auto-round's IndexSampler on random.Random(seed)).
+    backend: "torch" (the plain-PyTorch oracles, any device) or "cuda" (the kernels).
+    device: the compute device (default: the block's).
+    cache_device: where the cached hidden states, reference outputs and quantized outputs
+        live: the compute device (default) or "cpu" (pinned host memory, for cards short of
+        memory; each iteration then copies its batch over).
+    cuda_graph: capture one tuning iteration in a CUDA graph and replay it (default: on for
+        backend "cuda"). A block whose forward waits for the host (MoE routing) runs eagerly
+        instead, and ``BlockResult.eager_reason`` says so.
+    distributed: data parallel over torch.distributed (default: on when a process group of
+        more than one rank is initialised, as under torchrun). Each rank passes its own share
+        of the samples; act_max and the imatrix are reduced over ranks, the gradients of V
+        and the scales are summed before every sign step and the best parameters are picked
+        on the global loss, so every rank ends with the same weights. The loop runs eagerly.
+    batch_order: the samples of every iteration (iters lists of indices), instead of the
+        seeded shuffle; for reproducing a run exactly.
+    linear_devices: spread the block's Linears over these devices while tuning (for a block
+        too large for one card): each Linear's weight, V, scales and their gradients live on
+        one of them, balanced by weight size; the rest of the block, the caches and the loss
+        stay on ``device``. The loop runs eagerly and equals the one-device run.
+    fuse_elementwise: run the block's RMSNorms, SiLU(gate) * up and rotary embeddings
+        compiled by torch.compile while tuning (:mod:`autoround_fast.fusion`; default: on
+        for backend "cuda" where Triton is there). They round as eager does but reduce in
+        their own order; on the CPU, where results are auto-round's bit for bit, it is an error.
+    step_in_backward: take SignRound's step inside each Linear's weight backward (the same
+        bits, the gradients never go through memory). Default: on with the kernels where it
+        applies: one micro-batch per step, no process group, the Linears on one device.
+    """
+
+    iters: int = 200
+    batch_size: int = 8
+    lr: Optional[float] = None
+    seed: int = 42
+    gradient_accumulate_steps: int = 1
+    backend: str = "torch"
+    device: Optional[str | torch.device] = None
+    cache_device: Optional[str | torch.device] = None
+    cuda_graph: Optional[bool] = None
+    distributed: Optional[bool] = None
+    batch_order: Optional[Sequence[Sequence[int]]] = None
+    linear_devices: Optional[Sequence[str | torch.device]] = None
+    fuse_elementwise: Optional[bool] = None
+    step_in_backward: Optional[bool] = None
+
+
+@dataclass
+class Plan:
+    """The settings one block's run uses, every default resolved."""
+
+    options: TuneOptions
+    backend: Backend
+    device: torch.device
+    cache_device: torch.device
+    dtype: torch.dtype
+    precision: Precision
+    batch_size: int
+    dist: object  # torch.distributed, or None
+    cuda_graph: bool
+    fuse: bool  # the element-wise fusion, in the loop and the passes around it
+    step_in_backward: bool
+    placement: dict[str, torch.device] = field(default_factory=dict)
+    eager_reason: str = ""  # why CUDA graphs were asked for but not used
+
+    @property
+    def spread(self) -> bool:
+        return any(d != self.device for d in self.placement.values())
+
+
+def plan(options: TuneOptions, block: nn.Module, linears: dict[str, nn.Linear], n_samples: int,
+         act_quant: bool) -> Plan:
+    """Resolve ``options`` for this block and machine, or raise naming the option at fault."""
+    o = options
+    be = make_backend(o.backend)
+    if n_samples == 0:
+        raise ValueError("tune_block: no calibration inputs")
+    if o.iters < 0:
+        raise ValueError(f"tune_block: iters must be >= 0, got {o.iters}")
+    device = indexed(torch.device(o.device or next(block.parameters()).device))
+    placement = place_linears(linears, linear_devices(o.linear_devices, device)) if o.linear_devices else {}
+    if o.fuse_elementwise and device.type != "cuda":
+        raise ValueError(f"tune_block: fuse_elementwise=True needs a GPU; the block is on {device} "
+                         "(there the model's own ops run, bit for bit as auto-round's)")
+    cache_device = _cache_device(o.cache_device, device)
+    dist = process_group() if o.distributed in (None, True) else None
+    if o.distributed and dist is None:
+        raise ValueError("tune_block: distributed=True, but no torch.distributed process group "
+                         "of more than one rank is initialised")
+    spread = any(d != device for d in placement.values())
+    cuda_graph = (be.name == "cuda" if o.cuda_graph is None else bool(o.cuda_graph))
+    cuda_graph = cuda_graph and device.type == "cuda" and dist is None
+    eager_reason = ""
+    if cuda_graph and spread:
+        cuda_graph = False
+        eager_reason = "the Linears are spread over several devices (linear_devices): the loop runs eagerly"
+    fuse = o.fuse_elementwise
+    if fuse is None:
+        fuse = be.name == "cuda" and device.type == "cuda" and fusion.available()
+    # the step inside the backward needs each gradient final when its backward runs
+    step_fits = be.uses_kernels and o.gradient_accumulate_steps == 1 and dist is None and not spread
+    if o.step_in_backward and not step_fits:
+        raise ValueError("tune_block: step_in_backward=True needs the kernels (backend 'cuda'), one "
+                         "micro-batch per step (gradient_accumulate_steps=1), no process group and the "
+                         "Linears on one device")
+    dtype = next(block.parameters()).dtype
+    return Plan(options=o, backend=be, device=device, cache_device=cache_device, dtype=dtype,
+                precision=Precision(device, dtype, act_quant), batch_size=min(o.batch_size, n_samples),
+                dist=dist, cuda_graph=cuda_graph, fuse=bool(fuse) and o.iters > 0,
+                step_in_backward=step_fits and o.step_in_backward is not False,
+                placement=placement, eager_reason=eager_reason)
+
+
+def _cache_device(cache_device, device: torch.device) -> torch.device:
+    cache = torch.device(cache_device) if cache_device is not None else device
+    if cache.type not in ("cpu", device.type):
+        raise ValueError(f"tune_block: cache_device must be 'cpu' or the compute device {device}, got {cache}")
+    return device if cache.type == device.type else cache

@@ -1,0 +1,61 @@
+"""How one Linear is quantized (QuantSpec), and which Linears inference fuses into one GEMM."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..ops import NVFP4_GROUP, int_num_groups
+
+FUSED_SUFFIXES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one Linear is quantized.
+
+    kind: "nvfp4" (FP4 e2m1 groups of 16, e4m3 scales, an fp32 global scale) or "int".
+    act: NVFP4 activations too (W4A4), with a static global scale from the calibration max.
+    scale_dtype: INT only, the dtype the scale is stored in; fake quantization rounds the scale
+    to it, so the checkpoint reproduces the tuned weights exactly.
+    """
+
+    kind: str
+    bits: int = 4
+    group_size: int = NVFP4_GROUP
+    sym: bool = True
+    act: bool = False
+    scale_dtype: torch.dtype = torch.float16
+
+    def __post_init__(self):
+        if self.kind not in ("nvfp4", "int"):
+            raise ValueError(f"QuantSpec.kind must be 'nvfp4' or 'int', got {self.kind!r}")
+        if self.kind == "int" and not 2 <= self.bits <= 8:
+            raise ValueError(f"QuantSpec.bits must be in 2..8 for int, got {self.bits}")
+        if self.kind == "int" and not (self.group_size == -1 or self.group_size > 0):
+            raise ValueError(f"QuantSpec.group_size must be -1 or positive, got {self.group_size}")
+        if self.act and self.kind != "nvfp4":
+            raise ValueError("QuantSpec.act (activation quantization) is only supported for nvfp4")
+
+    def num_groups(self, in_features: int) -> int:
+        """Scale groups per output row of a Linear with ``in_features`` inputs."""
+        if self.kind == "nvfp4":
+            return math.ceil(in_features / NVFP4_GROUP)
+        return int_num_groups(in_features, self.group_size)
+
+
+def fused_layer_groups(names: Sequence[str]) -> list[list[str]]:
+    """Linears that inference fuses into one GEMM (q/k/v, gate/up under one parent), which
+    must share an NVFP4 global scale; groups of one are left out."""
+    groups = []
+    for suffixes in FUSED_SUFFIXES:
+        by_parent: dict[str, list[str]] = {}
+        for n in names:
+            parent, _, leaf = n.rpartition(".")
+            if leaf in suffixes:
+                by_parent.setdefault(parent, []).append(n)
+        groups += [g for g in by_parent.values() if len(g) > 1]
+    return groups
