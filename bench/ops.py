@@ -28,7 +28,7 @@ from .common import time_ms as _time_ms
 def time_ms(fn) -> float:
     """Eager timings: where the host's dispatch dominates (small shapes through autograd), 30
     samples after 5 warm-up calls moved the median by half from run to run (0.22-0.40 ms for
-    one row, session 12), so more of both."""
+    one row on an H200), so more of both."""
     return _time_ms(fn, warmup=20, reps=100)
 
 

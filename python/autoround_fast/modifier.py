@@ -5,7 +5,7 @@
 ``"cuda"`` runs it on the fused CUDA kernels. Importing autoround_fast registers this class
 with llm-compressor's ModifierFactory under the same name, so YAML recipes reach it.
 
-Beyond speed, the autoround_fast backends fix the stock path's defects (SPEC.md): the
+Beyond speed, the autoround_fast backends fix the stock path's defects (docs/numerics.md#stock-path-defects): the
 asymmetric zero point reaches the checkpoint; INT scales are used in their stored dtype while
 tuning and the stored weight is the checkpoint format's own dequantization of the tuned codes,
 so a reloaded checkpoint equals the tuned model exactly; the NVFP4 input global scale comes
@@ -219,7 +219,7 @@ class AutoRoundModifier(_StockAutoRoundModifier):
         inputs, padded_masks = self._pad_captured_inputs(inputs)
         inputs = pack_samples(inputs)  # one tensor of hidden states on the GPU: tune_block's cache
         # Right-padded samples: the padding stays out of the loss (the stock path drops this
-        # mask before it reaches auto-round's loss, SPEC.md).
+        # mask before it reaches auto-round's loss, docs/numerics.md#fix-padding-mask).
         token_mask = torch.cat(padded_masks, 0) if padded_masks is not None else None
 
         targets = {}

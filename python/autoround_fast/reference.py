@@ -1,4 +1,4 @@
-"""Plain-PyTorch oracles, one per op, written from the math in SPEC.md.
+"""Plain-PyTorch oracles, one per op, written from the math in docs/numerics.md.
 
 They compute with the same sequence of PyTorch ops (and therefore the same roundings) that
 auto-round 0.15.1 uses, are differentiable with straight-through rounding, and run on any
@@ -150,7 +150,7 @@ def masked_mse_loss(pred, ref, mask: Optional[torch.Tensor] = None):
 
 def sign_step_(param: torch.Tensor, best: torch.Tensor, grad: torch.Tensor, improved: torch.Tensor,
                lr: torch.Tensor) -> None:
-    """SignRound's step on one tuned tensor, in place (SPEC.md): ``best`` takes the parameters
+    """SignRound's step on one tuned tensor, in place (docs/numerics.md#sign-step): ``best`` takes the parameters
     if this iteration's loss improved on the best so far (scored before the step), then
     SignSGD ``param -= lr * sign(grad)`` with sign(0) = 0."""
     torch.where(improved, param, best, out=best)
