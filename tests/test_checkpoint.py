@@ -199,3 +199,13 @@ def test_gguf_tokenizer_takes_the_metadata_special_tokens(tmp_path):
 def test_gguf_dtype(tmp_path, file_type, dtype):
     path = write_tiny_gguf(tmp_path / "tiny.gguf", file_type)
     assert gguf_dtype(path) == dtype == source_dtype(path)
+
+
+def test_config_dtype_is_the_saved_one(tmp_path):
+    """save_pretrained names the first floating parameter's dtype; save_checkpoint rewrites it
+    where that is not the dtype saved in, under the key the source config uses."""
+    from autoround_fast.checkpoint import _set_config_dtype
+
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "float8_e4m3fn", "x": 1}))
+    _set_config_dtype(str(tmp_path), torch.bfloat16)
+    assert config(tmp_path) == {"torch_dtype": "bfloat16", "x": 1}

@@ -14,6 +14,7 @@ GGUF tokenizer converter for gpt2-type vocabularies takes the eos token from the
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from typing import Optional
@@ -164,6 +165,22 @@ def special_token_mismatches(tokenizer, generation_config) -> list[str]:
     return problems
 
 
+def _set_config_dtype(out_dir: str, dtype: torch.dtype) -> None:
+    """save_pretrained writes model.dtype, the first floating parameter's: in a model whose
+    first parameter were an fp8 or global scale, config.json would name that dtype."""
+    path = os.path.join(out_dir, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    name = str(dtype).removeprefix("torch.")
+    keys = [k for k in ("dtype", "torch_dtype") if k in cfg] or ["dtype"]
+    if all(cfg.get(k) == name for k in keys):
+        return
+    for k in keys:
+        cfg[k] = name
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+
+
 def save_checkpoint(model, tokenizer, out_dir: str, *, dtype: Optional[torch.dtype] = None,
                     generation_config=None) -> str:
     """Write the quantized model as a compressed-tensors checkpoint in dtype (default: the
@@ -172,8 +189,8 @@ def save_checkpoint(model, tokenizer, out_dir: str, *, dtype: Optional[torch.dty
     model's eos, and vLLM reads the same tensors llm-compressor writes for a model loaded in
     dtype.
 
-    Compresses in memory first (llm-compressor's save would do it in the model's tuning
-    dtype), casts with cast_for_checkpoint, then saves through llm-compressor's
+    Compresses in memory first, in the tuning dtype, so the packing divides the tuned weights
+    by the tuned scales; then casts (cast_for_checkpoint) and saves through llm-compressor's
     save_pretrained, which skips modules already compressed. Leaves the model compressed and
     cast. generation_config defaults to model.generation_config; a tokenizer whose special
     tokens disagree with it is saved with a warning.
@@ -191,6 +208,7 @@ def save_checkpoint(model, tokenizer, out_dir: str, *, dtype: Optional[torch.dty
         model.generation_config = generation_config
     modify_save_pretrained(model)
     model.save_pretrained(out_dir, save_compressed=True)
+    _set_config_dtype(out_dir, dtype)
     if tokenizer is not None:
         for problem in special_token_mismatches(tokenizer, model.generation_config):
             warnings.warn(f"save_checkpoint: {problem}; generate() stops at the generation config's")
