@@ -1,9 +1,11 @@
 // CUDA launchers: raw pointers and a stream in, no torch types, so that the .cu files compile
 // with nothing but the CUDA toolkit. Each returns nullptr on success or the CUDA error text.
-// Dtype codes are c10::ScalarType codes: 5 half, 6 float, 15 bfloat16.
+// Dtype codes are c10::ScalarType codes (formats.h).
 #pragma once
 
 #include <cstdint>
+
+#include "formats.h"
 
 namespace autoround_fast {
 
@@ -12,7 +14,7 @@ struct Nvfp4Args {
   int64_t rows, cols;
   const void* weight;
   const float* v;          // [rows, cols]
-  const float* max_scale;  // [rows, ceil(cols / 16)]
+  const float* max_scale;  // [rows, ceil(cols / kNvfp4Group)]
   const float* global_scale;
 };
 

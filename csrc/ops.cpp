@@ -20,7 +20,7 @@ std::tuple<Tensor, Tensor> fake_quant_nvfp4_cpu(Tensor w, Tensor v, Tensor ms, T
   check_cpu(w, op);
   Nvfp4Args a = nvfp4_args(w, v, ms, gs, op);
   Tensor out = torch::stable::empty_like(w);
-  Tensor scale = scales_like(w, a.rows, ceil_div(a.cols, 16), ScalarType::Float);
+  Tensor scale = scales_like(w, a.rows, ceil_div(a.cols, kNvfp4Group), ScalarType::Float);
   check_finite_count(cpu::fake_quant_nvfp4(a, out.mutable_data_ptr(),
                                            static_cast<float*>(scale.mutable_data_ptr())),
                      op, "weight");

@@ -44,7 +44,7 @@ std::tuple<Tensor, Tensor> fake_quant_nvfp4_cuda(Tensor w, Tensor v, Tensor ms, 
   CudaContext ctx({&w, &v, &ms, &gs}, op);
   Nvfp4Args a = nvfp4_args(w, v, ms, gs, op);
   Tensor out = torch::stable::empty_like(w);
-  Tensor scale = scales_like(w, a.rows, ceil_div(a.cols, 16), ScalarType::Float);
+  Tensor scale = scales_like(w, a.rows, ceil_div(a.cols, kNvfp4Group), ScalarType::Float);
   check_launch(launch_fake_quant_nvfp4(a, out.mutable_data_ptr(),
                                        static_cast<float*>(scale.mutable_data_ptr()), ctx.stream),
                op);

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import _lib  # noqa: F401  (loads the library)
+from .formats import E4M3_MAX, FP4_MAX, NVFP4_GROUP, SCALE_DTYPE_CODES, int_num_groups
 
 __all__ = [
     "fake_quant_nvfp4",
@@ -28,13 +29,6 @@ __all__ = [
 
 _ops = torch.ops.autoround_fast
 
-NVFP4_GROUP = 16
-FP4_MAX = 6.0
-E4M3_MAX = 448.0
-
-# c10::ScalarType codes, which the C++ side takes for the INT scale dtype.
-SCALE_DTYPE_CODES = {torch.float16: 5, torch.float32: 6, torch.bfloat16: 15}
-
 
 def _scale_dtype_code(scale_dtype: torch.dtype) -> int:
     try:
@@ -43,13 +37,6 @@ def _scale_dtype_code(scale_dtype: torch.dtype) -> int:
         raise ValueError(
             f"fake_quant_int: scale_dtype must be one of float16, bfloat16, float32; got {scale_dtype}"
         ) from None
-
-
-def int_num_groups(in_features: int, group_size: int) -> int:
-    """Groups per row: one when group_size is -1 or exceeds the row (auto-round's rule)."""
-    if group_size == -1 or in_features < group_size:
-        return 1
-    return math.ceil(in_features / group_size)
 
 
 # ---------------------------------------------------------------------------------------
