@@ -27,11 +27,13 @@ int32_t one_cuda_device(std::initializer_list<const Tensor*> ts, const char* op)
 
 struct CudaContext {
   torch::stable::accelerator::DeviceGuard guard;
-  void* stream = nullptr;
+  cudaStream_t stream = nullptr;
   CudaContext(std::initializer_list<const Tensor*> ts, const char* op) : CudaContext(one_cuda_device(ts, op), op) {}
   CudaContext(int32_t index, const char* op) : guard(index) {
-    STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(index, &stream) == AOTI_TORCH_SUCCESS, op,
+    void* s = nullptr;
+    STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(index, &s) == AOTI_TORCH_SUCCESS, op,
                     ": could not get the current CUDA stream");
+    stream = static_cast<cudaStream_t>(s);
   }
 };
 
