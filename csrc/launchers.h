@@ -1,9 +1,15 @@
 // CUDA launchers: raw pointers and a stream in, no torch types, so that the .cu files compile
 // with nothing but the CUDA toolkit. Each returns nullptr on success or the CUDA error text.
-// Dtype codes are c10::ScalarType codes: 5 half, 6 float, 15 bfloat16.
+// Dtype codes are c10::ScalarType codes (formats.h).
 #pragma once
 
 #include <cstdint>
+
+#include "formats.h"
+
+// cudaStream_t without the CUDA headers, which the CPU build has not: the typedef of CUDA's
+// driver_types.h, which C++ lets this header repeat.
+typedef struct CUstream_st* cudaStream_t;
 
 namespace autoround_fast {
 
@@ -12,13 +18,13 @@ struct Nvfp4Args {
   int64_t rows, cols;
   const void* weight;
   const float* v;          // [rows, cols]
-  const float* max_scale;  // [rows, ceil(cols / 16)]
+  const float* max_scale;  // [rows, ceil(cols / kNvfp4Group)]
   const float* global_scale;
 };
 
-const char* launch_fake_quant_nvfp4(const Nvfp4Args& a, void* out, float* scale, void* stream);
+const char* launch_fake_quant_nvfp4(const Nvfp4Args& a, void* out, float* scale, cudaStream_t stream);
 const char* launch_fake_quant_nvfp4_backward(const Nvfp4Args& a, const void* grad, float* grad_v,
-                                             float* grad_max_scale, void* stream);
+                                             float* grad_max_scale, cudaStream_t stream);
 
 struct Nvfp4ActArgs {
   int dtype;
@@ -26,9 +32,9 @@ struct Nvfp4ActArgs {
   const void* x;
   const float* global_scale;
 };
-const char* launch_fake_quant_nvfp4_activation(const Nvfp4ActArgs& a, void* out, void* stream);
+const char* launch_fake_quant_nvfp4_activation(const Nvfp4ActArgs& a, void* out, cudaStream_t stream);
 const char* launch_fake_quant_nvfp4_activation_backward(const Nvfp4ActArgs& a, const void* grad,
-                                                        void* grad_x, void* stream);
+                                                        void* grad_x, cudaStream_t stream);
 
 // fake_quant_nvfp4_activation(T(T(silu(gate)) * up)), forward and backward, in one pass
 // (silu_act_cuda.cu): gate and up are [rows, cols] of one dtype.
@@ -39,9 +45,9 @@ struct SiluMulActArgs {
   const void* up;
   const float* global_scale;
 };
-const char* launch_silu_mul_nvfp4_activation(const SiluMulActArgs& a, void* out, void* stream);
+const char* launch_silu_mul_nvfp4_activation(const SiluMulActArgs& a, void* out, cudaStream_t stream);
 const char* launch_silu_mul_nvfp4_activation_backward(const SiluMulActArgs& a, const void* grad,
-                                                      void* grad_gate, void* grad_up, void* stream);
+                                                      void* grad_gate, void* grad_up, cudaStream_t stream);
 
 struct IntArgs {
   int dtype;
@@ -57,10 +63,10 @@ struct IntArgs {
   const float* max_scale;
 };
 const char* launch_fake_quant_int(const IntArgs& a, void* out, void* scale, float* zero_point,
-                                  void* stream);
+                                  cudaStream_t stream);
 const char* launch_fake_quant_int_backward(const IntArgs& a, const void* grad, float* grad_v,
                                            float* grad_min_scale, float* grad_max_scale,
-                                           void* stream);
+                                           cudaStream_t stream);
 
 struct LossArgs {
   int dtype;
@@ -72,9 +78,9 @@ struct LossArgs {
 };
 // partials: at least loss_partials_size() floats of scratch. loss: one float.
 int64_t loss_partials_size();
-const char* launch_masked_mse_loss(const LossArgs& a, float* partials, float* loss, void* stream);
+const char* launch_masked_mse_loss(const LossArgs& a, float* partials, float* loss, cudaStream_t stream);
 const char* launch_masked_mse_loss_backward(const LossArgs& a, const float* grad_loss,
-                                            void* grad_pred, void* stream);
+                                            void* grad_pred, cudaStream_t stream);
 
 // SignRound's step on one tuned tensor, in place, fused with the best-parameter copy:
 //   if improved: best = param;   then param = param + (-1 * sign(grad)) * lr
@@ -89,7 +95,7 @@ struct SignStepArgs {
   const bool* improved;
   const float* lr;
 };
-const char* launch_sign_step(const SignStepArgs& a, void* stream);
+const char* launch_sign_step(const SignStepArgs& a, cudaStream_t stream);
 
 // The sign step taken inside a weight backward: where the backward would write the gradients
 // of V and the scales, it steps each in place as launch_sign_step does with that gradient
@@ -108,8 +114,8 @@ struct StepTargets {
   const float* lr;
 };
 const char* launch_fake_quant_nvfp4_backward_step(const Nvfp4Args& a, const void* grad,
-                                                  const StepTargets& t, void* stream);
+                                                  const StepTargets& t, cudaStream_t stream);
 const char* launch_fake_quant_int_backward_step(const IntArgs& a, const void* grad,
-                                                const StepTargets& t, void* stream);
+                                                const StepTargets& t, cudaStream_t stream);
 
 }  // namespace autoround_fast

@@ -14,12 +14,18 @@
 #include <torch/headeronly/util/Exception.h>
 
 #include "dispatch.h"
+#include "formats.h"
 #include "launchers.h"
 
 namespace autoround_fast {
 
 using torch::stable::Tensor;
 using torch::headeronly::ScalarType;
+
+// formats.h names the float dtypes by torch's own codes, which the ops' schemas carry as ints.
+static_assert(kHalf == static_cast<int>(ScalarType::Half) && kFloat == static_cast<int>(ScalarType::Float) &&
+                  kBFloat16 == static_cast<int>(ScalarType::BFloat16),
+              "formats.h's dtype codes are c10::ScalarType's");
 
 inline const char* dtype_name(ScalarType t) {
   switch (t) {
@@ -71,7 +77,7 @@ inline Nvfp4Args nvfp4_args(const Tensor& w, const Tensor& v, const Tensor& ms, 
   check_weight(w, op);
   const int64_t rows = w.size(0), cols = w.size(1);
   check_fp32(w, v, rows * cols, op, "v");
-  check_fp32(w, ms, rows * ceil_div(cols, 16), op, "max_scale");
+  check_fp32(w, ms, rows * ceil_div(cols, kNvfp4Group), op, "max_scale");
   check_fp32(w, gs, 1, op, "global_scale");
   return Nvfp4Args{float_code(w, op, "weight"), rows, cols, w.const_data_ptr(),
                    static_cast<const float*>(v.const_data_ptr()),
@@ -101,17 +107,12 @@ inline SiluMulActArgs silu_mul_act_args(const Tensor& gate, const Tensor& up, co
   return SiluMulActArgs{g.dtype, g.rows, g.cols, g.x, up.const_data_ptr(), g.global_scale};
 }
 
-// auto-round's grouping: group_size -1, or one larger than the row, means one group per row.
-inline int64_t int_group(int64_t cols, int64_t group_size) {
-  return (group_size == -1 || cols < group_size) ? cols : group_size;
-}
-
 inline IntArgs int_args(const Tensor& w, const Tensor& v, const Tensor& mn, const Tensor& mx,
                         int64_t bits, int64_t group_size, bool sym, int64_t scale_dtype,
                         const char* op) {
   check_weight(w, op);
   STD_TORCH_CHECK(bits >= 2 && bits <= 8, op, ": bits must be in 2..8, got ", bits);
-  STD_TORCH_CHECK(group_size == -1 || group_size > 0, op,
+  STD_TORCH_CHECK(group_size == kIntGroupPerRow || group_size > 0, op,
                   ": group_size must be -1 (per row) or positive, got ", group_size);
   STD_TORCH_CHECK(scale_dtype == kHalf || scale_dtype == kFloat || scale_dtype == kBFloat16, op,
                   ": scale_dtype must be float16, bfloat16 or float32");

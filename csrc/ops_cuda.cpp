@@ -1,10 +1,12 @@
-// CUDA implementations of the ops: validate, allocate, take the device guard and the current
-// stream, then call the torch-free launchers in the .cu files.
+// The ops' CUDA implementations (ops.h; torch_bindings.cpp registers them): validate,
+// allocate, take the device guard and the current stream, then call the torch-free launchers
+// in the .cu files.
 #include <string>
 
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
 
+#include "ops.h"
 #include "ops_common.h"
 
 namespace autoround_fast {
@@ -27,11 +29,13 @@ int32_t one_cuda_device(std::initializer_list<const Tensor*> ts, const char* op)
 
 struct CudaContext {
   torch::stable::accelerator::DeviceGuard guard;
-  void* stream = nullptr;
+  cudaStream_t stream = nullptr;
   CudaContext(std::initializer_list<const Tensor*> ts, const char* op) : CudaContext(one_cuda_device(ts, op), op) {}
   CudaContext(int32_t index, const char* op) : guard(index) {
-    STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(index, &stream) == AOTI_TORCH_SUCCESS, op,
+    void* s = nullptr;
+    STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(index, &s) == AOTI_TORCH_SUCCESS, op,
                     ": could not get the current CUDA stream");
+    stream = static_cast<cudaStream_t>(s);
   }
 };
 
@@ -39,12 +43,14 @@ void check_launch(const char* err, const char* op) {
   STD_TORCH_CHECK(err == nullptr, op, ": CUDA kernel launch failed: ", err ? err : "");
 }
 
+}  // namespace
+
 std::tuple<Tensor, Tensor> fake_quant_nvfp4_cuda(Tensor w, Tensor v, Tensor ms, Tensor gs) {
   const char* op = "fake_quant_nvfp4";
   CudaContext ctx({&w, &v, &ms, &gs}, op);
   Nvfp4Args a = nvfp4_args(w, v, ms, gs, op);
   Tensor out = torch::stable::empty_like(w);
-  Tensor scale = scales_like(w, a.rows, ceil_div(a.cols, 16), ScalarType::Float);
+  Tensor scale = scales_like(w, a.rows, ceil_div(a.cols, kNvfp4Group), ScalarType::Float);
   check_launch(launch_fake_quant_nvfp4(a, out.mutable_data_ptr(),
                                        static_cast<float*>(scale.mutable_data_ptr()), ctx.stream),
                op);
@@ -196,22 +202,4 @@ void sign_step_cuda(Tensor param, Tensor best, Tensor grad, Tensor improved, Ten
   check_launch(launch_sign_step(sign_step_args(param, best, grad, improved, lr, op), ctx.stream), op);
 }
 
-}  // namespace
 }  // namespace autoround_fast
-
-STABLE_TORCH_LIBRARY_IMPL(autoround_fast, CUDA, m) {
-  using namespace autoround_fast;
-  m.impl("fake_quant_nvfp4", TORCH_BOX(&fake_quant_nvfp4_cuda));
-  m.impl("fake_quant_nvfp4_backward", TORCH_BOX(&fake_quant_nvfp4_backward_cuda));
-  m.impl("fake_quant_nvfp4_activation", TORCH_BOX(&fake_quant_nvfp4_activation_cuda));
-  m.impl("fake_quant_nvfp4_activation_backward", TORCH_BOX(&fake_quant_nvfp4_activation_backward_cuda));
-  m.impl("silu_mul_nvfp4_activation", TORCH_BOX(&silu_mul_nvfp4_activation_cuda));
-  m.impl("silu_mul_nvfp4_activation_backward", TORCH_BOX(&silu_mul_nvfp4_activation_backward_cuda));
-  m.impl("fake_quant_int", TORCH_BOX(&fake_quant_int_cuda));
-  m.impl("fake_quant_int_backward", TORCH_BOX(&fake_quant_int_backward_cuda));
-  m.impl("masked_mse_loss", TORCH_BOX(&masked_mse_loss_cuda));
-  m.impl("masked_mse_loss_backward", TORCH_BOX(&masked_mse_loss_backward_cuda));
-  m.impl("sign_step_", TORCH_BOX(&sign_step_cuda));
-  m.impl("fake_quant_nvfp4_backward_step_", TORCH_BOX(&fake_quant_nvfp4_backward_step_cuda));
-  m.impl("fake_quant_int_backward_step_", TORCH_BOX(&fake_quant_int_backward_step_cuda));
-}

@@ -667,6 +667,14 @@ def _opcheck_cases(device):
     mn = torch.ones(8, 2, device=device).requires_grad_()
     mx = torch.ones(8, 2, device=device).requires_grad_()
     mask = torch.ones(10, device=device)
+    improved, lr = torch.ones(1, dtype=torch.bool, device=device), torch.full((1,), 0.01, device=device)
+
+    def bests(*ts):
+        return [torch.zeros_like(t) for t in ts]
+
+    def tunables(*ts):
+        return [t.detach().clone().requires_grad_() for t in ts]
+
     o = torch.ops.autoround_fast
     return [
         (o.fake_quant_nvfp4, (w, v, ms, gs)),
@@ -682,17 +690,14 @@ def _opcheck_cases(device):
         (o.masked_mse_loss, (x, gx, None)),
         (o.masked_mse_loss_backward, (torch.ones((), device=device), x.detach(), gx, mask)),
         (o.sign_step_, (torch.randn(8, 40, generator=gen).to(device), torch.zeros(8, 40, device=device),
-                        torch.randn(8, 40, generator=gen).to(device), torch.ones(1, dtype=torch.bool, device=device),
-                        torch.full((1,), 0.01, device=device))),
-        (o.fake_quant_nvfp4_backward_step_, (g, w, v.detach().clone(), ms.detach().clone(), gs,
-                                             torch.zeros(8, 40, device=device), torch.zeros(8, 3, device=device),
-                                             torch.ones(1, dtype=torch.bool, device=device),
-                                             torch.full((1,), 0.01, device=device))),
+                        torch.randn(8, 40, generator=gen).to(device), improved, lr)),
+        (o.fake_quant_nvfp4_backward_step_, (g, w, v.detach().clone(), ms.detach().clone(), gs, *bests(v, ms),
+                                             improved, lr)),
         (o.fake_quant_int_backward_step_, (g, w, v.detach().clone(), mn.detach().clone(), mx.detach().clone(),
-                                           4, 32, True, 5, torch.zeros(8, 40, device=device),
-                                           torch.zeros(8, 2, device=device), torch.zeros(8, 2, device=device),
-                                           torch.ones(1, dtype=torch.bool, device=device),
-                                           torch.full((1,), 0.01, device=device))),
+                                           4, 32, True, 5, *bests(v, mn, mx), improved, lr)),
+        # the forwards whose backward steps the tunables in place (ops.step_in_backward_*)
+        (o.fake_quant_nvfp4_stepped, (w, *tunables(v, ms), gs, *bests(v, ms), improved, lr)),
+        (o.fake_quant_int_stepped, (w, *tunables(v, mn, mx), 4, 32, True, 5, *bests(v, mn, mx), improved, lr)),
     ]
 
 

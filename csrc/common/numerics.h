@@ -10,6 +10,8 @@
 #include <cstring>
 #include <cmath>
 
+#include "../formats.h"
+
 #if defined(__CUDACC__)
 #define AF_HD __host__ __device__ __forceinline__
 #else
@@ -212,8 +214,7 @@ template <> __device__ __forceinline__ float round_through<f16_t>(float v) {
 }
 #endif
 
-// Scale dtypes are named by c10::ScalarType codes, which the Python side passes as ints.
-enum ScaleDtype : int { kHalf = 5, kFloat = 6, kBFloat16 = 15 };
+// Scale dtypes are named by their c10::ScalarType codes (formats.h).
 AF_HD float round_to_scale_dtype(float v, int code) {
   if (code == kHalf) return round_through<f16_t>(v);
   if (code == kBFloat16) return round_through<bf16_t>(v);
@@ -243,7 +244,7 @@ AF_HD float e4m3_round(float x) {
 // subtracting C back is exact. Two adds, a max and a mask, without a branch or a select:
 // the same bits as the three-branch form for every fp32 a (checked over all 2^32 patterns).
 AF_HD float fp4_magnitude(float a) {
-  a = min_num(a, 6.0f);
+  a = min_num(a, kFp4Max);
   const float unit = bits_to_float(float_to_bits(max_num(a, 1.0f)) & 0x7f800000u);  // 2^max(e, 0)
   const float t = add_exact_product(a, unit, 4194304.0f);                           // C = unit * 2^22
   return add_exact_product(t, -unit, 4194304.0f);

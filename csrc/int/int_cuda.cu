@@ -433,11 +433,10 @@ void with_small_layout(SmallLayout l, F&& f) {
 
 }  // namespace
 
-const char* launch_fake_quant_int(const IntArgs& a, void* out, void* scale, float* zp, void* stream) {
+const char* launch_fake_quant_int(const IntArgs& a, void* out, void* scale, float* zp, cudaStream_t s) {
   const int64_t total = a.rows * a.groups;
   const bool vec = chunked(a, {a.weight, a.v, out});
   const SmallLayout small = small_layout(a, {a.weight, a.v, out});
-  auto s = static_cast<cudaStream_t>(stream);
   with_float_type(a.dtype, [&](auto t) {
     using T = decltype(t);
     if (small.lanes)
@@ -460,11 +459,10 @@ namespace {
 
 template <typename Out>
 const char* launch_int_backward(const IntArgs& a, const void* grad, Out out,
-                                std::initializer_list<const void*> ptrs, void* stream) {
+                                std::initializer_list<const void*> ptrs, cudaStream_t s) {
   const int64_t total = a.rows * a.groups;
   const bool vec = chunked(a, ptrs);
   const SmallLayout small = small_layout(a, ptrs);
-  auto s = static_cast<cudaStream_t>(stream);
   with_float_type(a.dtype, [&](auto t) {
     using T = decltype(t);
     if (small.lanes)
@@ -485,12 +483,12 @@ const char* launch_int_backward(const IntArgs& a, const void* grad, Out out,
 }  // namespace
 
 const char* launch_fake_quant_int_backward(const IntArgs& a, const void* grad, float* grad_v,
-                                           float* g_min, float* g_max, void* stream) {
+                                           float* g_min, float* g_max, cudaStream_t stream) {
   return launch_int_backward(a, grad, GradOut{grad_v, g_min, g_max}, {a.weight, a.v, grad, grad_v}, stream);
 }
 
 const char* launch_fake_quant_int_backward_step(const IntArgs& a, const void* grad, const StepTargets& t,
-                                                void* stream) {
+                                                cudaStream_t stream) {
   return launch_int_backward(a, grad, StepOut{t, false, 0.f}, {a.weight, a.v, grad, t.best_v}, stream);
 }
 

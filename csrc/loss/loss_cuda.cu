@@ -120,8 +120,7 @@ unsigned loss_grid(int64_t numel) {
 
 int64_t loss_partials_size() { return kMaxBlocks; }
 
-const char* launch_masked_mse_loss(const LossArgs& a, float* partials, float* loss, void* stream) {
-  auto s = static_cast<cudaStream_t>(stream);
+const char* launch_masked_mse_loss(const LossArgs& a, float* partials, float* loss, cudaStream_t s) {
   const unsigned grid = loss_grid(a.numel);
   with_float_type(a.dtype, [&](auto t) {
     using T = decltype(t);
@@ -139,8 +138,7 @@ const char* launch_masked_mse_loss(const LossArgs& a, float* partials, float* lo
 }
 
 const char* launch_masked_mse_loss_backward(const LossArgs& a, const float* grad_loss, void* grad_pred,
-                                            void* stream) {
-  auto s = static_cast<cudaStream_t>(stream);
+                                            cudaStream_t s) {
   const float norm = static_cast<float>(2.0 / static_cast<double>(a.numel));
   const unsigned grid = loss_grid(a.numel);
   with_float_type(a.dtype, [&](auto t) {

@@ -15,8 +15,8 @@
 
 namespace autoround_fast {
 
-constexpr int kNvfp4Group = 16;
 constexpr float kOneSixth = 0.16666666666666666f;  // fp32(1/6), as PyTorch casts the scalar
+static_assert(kOneSixth == 1.0f / kFp4Max, "kOneSixth is fp32(1 / kFp4Max)");
 
 struct Nvfp4Scale {
   float s;        // e4m3-rounded group scale (fp32), what is stored
@@ -31,7 +31,7 @@ AF_HD Nvfp4Scale nvfp4_group_scale(float amax, float max_scale, float gs, float 
   Nvfp4Scale r;
   float m = mul_rn(amax, max_scale);
   r.z = mul_rn(gs, mul_rn(m, kOneSixth));
-  float zc = fmin_(fmax_(r.z, -448.0f), 448.0f);
+  float zc = fmin_(fmax_(r.z, -kE4m3Max), kE4m3Max);
   r.s = e4m3_round(zc);
   r.os = reciprocal_or_zero(mul_rn(r.s, inv_gs));
   r.r = reciprocal_or_zero(r.os);
@@ -70,7 +70,7 @@ AF_HD float nvfp4_grad_through_scale(float g_os, const Nvfp4Scale& sc, float gs,
   float gP = mul_rn(-g_os, mul_rn(sc.os, sc.os));
   float g_s = mul_rn(gP, inv_gs);  // P = s * inv_gs
   // s = STE(clamp(z, -448, 448)): passes where the clamp is inactive (bounds inclusive)
-  float g_z = (sc.z >= -448.0f && sc.z <= 448.0f) ? g_s : 0.f;
+  float g_z = (sc.z >= -kE4m3Max && sc.z <= kE4m3Max) ? g_s : 0.f;
   float g_t = mul_rn(g_z, gs);     // z = gs * t
   return mul_rn(g_t, kOneSixth);   // t = m * (1/6): d/dm
 }
@@ -83,7 +83,7 @@ AF_HD float nvfp4_element_grad(float x, float v, float g, const Nvfp4Scale& sc, 
   const float y = nvfp4_y(x, kAct ? 0.0f : v, sc);
   *q = signed_fp4<kAct>(y);
   float gq = mul_rn(g, sc.r);
-  return (fabs_(y) <= 6.0f && y != 0.f) ? gq : 0.f;
+  return (fabs_(y) <= kFp4Max && y != 0.f) ? gq : 0.f;
 }
 
 // The group's sums over its elements, in element order, as autograd reduces them.

@@ -151,7 +151,7 @@ __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_activation_backward
 
 }  // namespace
 
-const char* launch_fake_quant_nvfp4(const Nvfp4Args& a, void* out, float* scale, void* stream) {
+const char* launch_fake_quant_nvfp4(const Nvfp4Args& a, void* out, float* scale, cudaStream_t stream) {
   return launch_over_groups(a.dtype, a.rows, a.cols, {a.weight, a.v, out}, stream,
                             [&](auto t, auto vec, unsigned grid, cudaStream_t s) {
                               using T = decltype(t);
@@ -164,7 +164,7 @@ namespace {
 
 template <typename Out>
 const char* launch_nvfp4_backward(const Nvfp4Args& a, const void* grad, Out out,
-                                  std::initializer_list<const void*> ptrs, void* stream) {
+                                  std::initializer_list<const void*> ptrs, cudaStream_t stream) {
   return launch_over_groups(a.dtype, a.rows, a.cols, ptrs, stream,
                             [&](auto t, auto vec, unsigned grid, cudaStream_t s) {
                               using T = decltype(t);
@@ -181,17 +181,17 @@ const char* launch_nvfp4_backward(const Nvfp4Args& a, const void* grad, Out out,
 }  // namespace
 
 const char* launch_fake_quant_nvfp4_backward(const Nvfp4Args& a, const void* grad, float* grad_v,
-                                             float* grad_ms, void* stream) {
+                                             float* grad_ms, cudaStream_t stream) {
   return launch_nvfp4_backward(a, grad, GradOut{grad_v, nullptr, grad_ms}, {a.weight, a.v, grad, grad_v},
                                stream);
 }
 
 const char* launch_fake_quant_nvfp4_backward_step(const Nvfp4Args& a, const void* grad,
-                                                  const StepTargets& t, void* stream) {
+                                                  const StepTargets& t, cudaStream_t stream) {
   return launch_nvfp4_backward(a, grad, StepOut{t, false, 0.f}, {a.weight, a.v, grad, t.best_v}, stream);
 }
 
-const char* launch_fake_quant_nvfp4_activation(const Nvfp4ActArgs& a, void* out, void* stream) {
+const char* launch_fake_quant_nvfp4_activation(const Nvfp4ActArgs& a, void* out, cudaStream_t stream) {
   return launch_over_groups(a.dtype, a.rows, a.cols, {a.x, out}, stream,
                             [&](auto t, auto vec, unsigned grid, cudaStream_t s) {
                               using T = decltype(t);
@@ -201,7 +201,7 @@ const char* launch_fake_quant_nvfp4_activation(const Nvfp4ActArgs& a, void* out,
 }
 
 const char* launch_fake_quant_nvfp4_activation_backward(const Nvfp4ActArgs& a, const void* grad,
-                                                        void* grad_x, void* stream) {
+                                                        void* grad_x, cudaStream_t stream) {
   return launch_over_groups(a.dtype, a.rows, a.cols, {a.x, grad, grad_x}, stream,
                             [&](auto t, auto vec, unsigned grid, cudaStream_t s) {
                               using T = decltype(t);

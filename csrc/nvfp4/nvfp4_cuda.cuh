@@ -135,10 +135,9 @@ inline bool whole_groups(int64_t cols, std::initializer_list<const void*> ptrs) 
 // launch_status().
 template <typename F>
 const char* launch_over_groups(int dtype, int64_t rows, int64_t cols, std::initializer_list<const void*> ptrs,
-                               void* stream, F&& launch) {
+                               cudaStream_t s, F&& launch) {
   const unsigned grid = grid_for(rows * ((cols + kNvfp4Group - 1) / kNvfp4Group), kThreads);
   const bool vec = whole_groups(cols, ptrs);
-  auto s = static_cast<cudaStream_t>(stream);
   with_float_type(dtype, [&](auto t) {
     if (vec)
       launch(t, std::true_type{}, grid, s);

@@ -154,7 +154,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 2 ? 4 : 0)
 
 }  // namespace
 
-const char* launch_silu_mul_nvfp4_activation(const SiluMulActArgs& a, void* out, void* stream) {
+const char* launch_silu_mul_nvfp4_activation(const SiluMulActArgs& a, void* out, cudaStream_t stream) {
   return launch_over_groups(a.dtype, a.rows, a.cols, {a.gate, a.up, out}, stream,
                             [&](auto t, auto vec, unsigned grid, cudaStream_t s) {
                               using T = decltype(t);
@@ -164,7 +164,7 @@ const char* launch_silu_mul_nvfp4_activation(const SiluMulActArgs& a, void* out,
 }
 
 const char* launch_silu_mul_nvfp4_activation_backward(const SiluMulActArgs& a, const void* grad,
-                                                      void* grad_gate, void* grad_up, void* stream) {
+                                                      void* grad_gate, void* grad_up, cudaStream_t stream) {
   return launch_over_groups(a.dtype, a.rows, a.cols, {a.gate, a.up, grad, grad_gate, grad_up}, stream,
                             [&](auto t, auto vec, unsigned grid, cudaStream_t s) {
                               using T = decltype(t);

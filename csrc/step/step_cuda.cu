@@ -47,13 +47,12 @@ __global__ void __launch_bounds__(kThreads) sign_step_kernel(SignStepArgs a) {
 
 }  // namespace
 
-const char* launch_sign_step(const SignStepArgs& a, void* stream) {
+const char* launch_sign_step(const SignStepArgs& a, cudaStream_t s) {
   if (a.numel == 0) return nullptr;
   const bool vec = a.numel % 4 == 0 && aligned16(a.param) && aligned16(a.best) && aligned16(a.grad);
   const int64_t work = vec ? a.numel / 4 : a.numel;
   // grid-stride: a few waves of blocks at most, each thread a few elements
   const unsigned blocks = std::min<unsigned>(grid_for(work, kThreads), 8192u);
-  auto s = static_cast<cudaStream_t>(stream);
   if (vec) {
     sign_step_kernel<true><<<blocks, kThreads, 0, s>>>(a);
   } else {

@@ -1,6 +1,6 @@
 """autoround_fast: AutoRound's tuning loop on fused NVFP4 / INT fake-quantization kernels."""
 
-from ._lib import has_cuda_kernels
+from .ops import has_cuda_kernels
 from . import ops
 
 

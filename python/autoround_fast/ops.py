@@ -1,28 +1,49 @@
 """The op surface of autoround_fast: torch ops with fake kernels and autograd.
 
-Each op has a CPU and a CUDA kernel (csrc/) and a plain-PyTorch oracle in
-:mod:`autoround_fast.reference`. The forward passes compute, bit for bit, what auto-round
-0.15.1 computes; the backward passes are its autograd with straight-through rounding.
+Each op has a CPU and a CUDA kernel (csrc/, registered in csrc/torch_bindings.cpp) and a
+plain-PyTorch oracle in :mod:`autoround_fast.reference`. The forward passes compute, bit for
+bit, what auto-round 0.15.1 computes; the backward passes are its autograd with
+straight-through rounding.
+
+One block per op: its fake kernel (shapes and dtypes, for torch.compile and meta tensors),
+its autograd (``torch.library.register_autograd``; the kernels a backward runs are ops too)
+and its typed wrapper, which checks the arguments and says what is wrong before the op runs.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from . import _lib  # noqa: F401  (loads the library)
+from ._lib import has_cuda_kernels
+from .formats import (
+    E4M3_MAX,
+    FP4_MAX,
+    INT_GROUP_PER_ROW,
+    NVFP4_GROUP,
+    SCALE_DTYPE_CODES,
+    int_num_groups,
+    nvfp4_num_groups,
+)
 
 __all__ = [
     "fake_quant_nvfp4",
+    "step_in_backward_nvfp4",
     "fake_quant_nvfp4_activation",
     "silu_mul_nvfp4_activation",
     "fake_quant_int",
+    "step_in_backward_int",
     "masked_mse_loss",
     "sign_step_",
     "nvfp4_global_scale",
     "shared_nvfp4_global_scale",
+    "has_cuda_kernels",
+    "int_num_groups",
+    "NVFP4_GROUP",
+    "FP4_MAX",
+    "E4M3_MAX",
     "SCALE_DTYPE_CODES",
 ]
 
@@ -30,129 +51,131 @@ from ._lib import has_cuda_kernels  # noqa: E402,F401
 
 _ops = torch.ops.autoround_fast
 
-NVFP4_GROUP = 16
-FP4_MAX = 6.0
-E4M3_MAX = 448.0
 
-# c10::ScalarType codes, which the C++ side takes for the INT scale dtype.
-SCALE_DTYPE_CODES = {torch.float16: 5, torch.float32: 6, torch.bfloat16: 15}
+# ---------------------------------------------------------------------------------------
+# argument checks, shared by the wrappers and the fake kernels
+# ---------------------------------------------------------------------------------------
 
-
-def _scale_dtype_code(scale_dtype: torch.dtype) -> int:
-    try:
-        return SCALE_DTYPE_CODES[scale_dtype]
-    except KeyError:
-        raise ValueError(
-            f"fake_quant_int: scale_dtype must be one of float16, bfloat16, float32; got {scale_dtype}"
-        ) from None
+# The wrappers check before the op: an exception thrown inside a stable-ABI kernel crashes
+# torch 2.11 (seen on the GPU machine), so the C++ checks are only a last resort. The fake
+# kernels run the same checks through torch._check, where sizes may be symbolic.
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_SCALE_DTYPES = {code: dtype for dtype, code in SCALE_DTYPE_CODES.items()}
 
 
-def int_num_groups(in_features: int, group_size: int) -> int:
-    """Groups per row: one when group_size is -1 or exceeds the row (auto-round's rule)."""
-    if group_size == -1 or in_features < group_size:
-        return 1
-    return math.ceil(in_features / group_size)
+def _require(ok, op: str, msg: str, fake: bool) -> None:
+    """A ValueError naming the op (a wrapper), or torch._check (a fake kernel)."""
+    if fake:
+        torch._check(ok, lambda: f"{op}: {msg}")
+    elif not ok:
+        raise ValueError(f"{op}: {msg}")
+
+
+def _check_float(t: torch.Tensor, name: str, op: str, fake: bool = False) -> None:
+    _require(t.dtype in _FLOATS, op, f"{name} must be float32, bfloat16 or float16, got {t.dtype}", fake)
+
+
+def _check_input(t: torch.Tensor, name: str, op: str, fake: bool = False) -> None:
+    """Non-empty, of a float dtype."""
+    _require(t.dim() >= 1 and t.numel() != 0, op, f"{name} must be a non-empty tensor", fake)
+    _check_float(t, name, op, fake)
+
+
+def _check_param(ref: torch.Tensor, t: torch.Tensor, numel: int, name: str, op: str, fake: bool = False) -> None:
+    """float32 with ``numel`` elements, on ref's device."""
+    _require(t.device == ref.device, op, f"{name} is on {t.device} but the first input is on {ref.device}", fake)
+    _require(t.dtype == torch.float32, op, f"{name} must be float32, got {t.dtype}", fake)
+    _require(t.numel() == numel, op, f"{name} must have {numel} elements, got {t.numel()} (shape {tuple(t.shape)})",
+             fake)
+
+
+def _check_weight(weight: torch.Tensor, op: str, fake: bool = False) -> None:
+    _require(weight.dim() == 2, op, f"weight must be 2-D [out, in], got {weight.dim()} dims", fake)
+    _check_float(weight, "weight", op, fake)
+
+
+def _check_pair(a: torch.Tensor, b: torch.Tensor, a_name: str, b_name: str, op: str, fake: bool = False) -> None:
+    """a non-empty and of a float dtype; b of a's shape, dtype and device."""
+    _check_input(a, a_name, op, fake)
+    _require(b.shape == a.shape and b.dtype == a.dtype and b.device == a.device, op,
+             f"{b_name} must match {a_name} ({tuple(a.shape)}, {a.dtype}, {a.device}); got "
+             f"({tuple(b.shape)}, {b.dtype}, {b.device})", fake)
+
+
+def _check_improved(ref: torch.Tensor, improved: torch.Tensor, op: str, fake: bool = False) -> None:
+    _require(improved.dtype == torch.bool and improved.numel() == 1 and improved.device == ref.device, op,
+             f"improved must be one bool on {ref.device}, got {improved.dtype} {tuple(improved.shape)} on "
+             f"{improved.device}", fake)
+
+
+def _check_finite(t: torch.Tensor, what: str, op: str) -> None:
+    # One reduction (a sync on the GPU): the tuning engine calls torch.ops directly after
+    # checking each weight once. Skipped while torch.compile traces (it would break the graph).
+    if torch.compiler.is_compiling():
+        return
+    _require(bool(torch.isfinite(t).all()), op, f"{what} has non-finite values (NaN or Inf); refusing to quantize it",
+             fake=False)
+
+
+def _check_grad_like(grad: torch.Tensor, like: torch.Tensor, op: str) -> None:
+    """A backward's incoming gradient: like the forward input it belongs to (fake kernels)."""
+    _require(grad.dtype == like.dtype and grad.numel() == like.numel(), op,
+             f"grad must have dtype {like.dtype} and {like.numel()} elements, got {grad.dtype} and {grad.numel()}",
+             fake=True)
+
+
+def _check_step_targets(op: str, improved: torch.Tensor, lr: torch.Tensor,
+                        tunables_and_bests: Sequence[tuple[str, torch.Tensor, torch.Tensor]]) -> None:
+    """What a backward that steps in place writes and reads: each best like its tunable, one
+    bool ``improved`` and one float32 ``lr`` (fake kernels)."""
+    for name, tunable, best in tunables_and_bests:
+        _check_param(tunable, best, tunable.numel(), name, op, fake=True)
+    ref = tunables_and_bests[0][1]
+    _check_param(ref, lr, 1, "lr", op, fake=True)
+    _check_improved(ref, improved, op, fake=True)
+
+
+def _after_backward(out: torch.Tensor, on_step: Callable[[], None]) -> None:
+    """Calls ``on_step()`` once the backward of the op that produced ``out`` has run. An op's
+    schema cannot carry a Python callable, so the callback rides on the op's autograd node as a
+    hook that runs after it (none when no gradient is recorded: then no backward runs)."""
+    if out.grad_fn is not None:
+        def hook(grad_inputs, grad_outputs):
+            on_step()
+
+        out.grad_fn.register_hook(hook)
 
 
 # ---------------------------------------------------------------------------------------
-# fake kernels (shapes and dtypes only), for torch.compile and meta tensors
+# fake_quant_nvfp4: NVFP4 weights
 # ---------------------------------------------------------------------------------------
+
+
+def _check_nvfp4(op: str, weight, v, max_scale, global_scale, fake: bool = False) -> None:
+    _check_weight(weight, op, fake)
+    rows, cols = weight.shape
+    _check_param(weight, v, rows * cols, "v", op, fake)
+    _check_param(weight, max_scale, rows * nvfp4_num_groups(cols), "max_scale", op, fake)
+    _check_param(weight, global_scale, 1, "global_scale", op, fake)
+
+
+def _nvfp4_outputs(weight):
+    rows, cols = weight.shape
+    return torch.empty_like(weight), weight.new_empty((rows, nvfp4_num_groups(cols)), dtype=torch.float32)
 
 
 @torch.library.register_fake("autoround_fast::fake_quant_nvfp4")
 def _(weight, v, max_scale, global_scale):
-    rows, cols = weight.shape
-    return torch.empty_like(weight), weight.new_empty(
-        (rows, math.ceil(cols / NVFP4_GROUP)), dtype=torch.float32
-    )
+    _check_nvfp4("fake_quant_nvfp4", weight, v, max_scale, global_scale, fake=True)
+    return _nvfp4_outputs(weight)
 
 
 @torch.library.register_fake("autoround_fast::fake_quant_nvfp4_backward")
 def _(grad, weight, v, max_scale, global_scale):
+    op = "fake_quant_nvfp4_backward"
+    _check_nvfp4(op, weight, v, max_scale, global_scale, fake=True)
+    _check_grad_like(grad, weight, op)
     return torch.empty_like(v), torch.empty_like(max_scale)
-
-
-@torch.library.register_fake("autoround_fast::fake_quant_nvfp4_activation")
-def _(x, global_scale):
-    return torch.empty_like(x)
-
-
-@torch.library.register_fake("autoround_fast::fake_quant_nvfp4_activation_backward")
-def _(grad, x, global_scale):
-    return torch.empty_like(x)
-
-
-@torch.library.register_fake("autoround_fast::silu_mul_nvfp4_activation")
-def _(gate, up, global_scale):
-    return torch.empty_like(gate)
-
-
-@torch.library.register_fake("autoround_fast::silu_mul_nvfp4_activation_backward")
-def _(grad, gate, up, global_scale):
-    return torch.empty_like(gate), torch.empty_like(up)
-
-
-# The CPU implementation of the fused SiLU-gate op is its definition: PyTorch's own silu,
-# multiply and silu_backward around our activation kernels (the fusion only pays on the GPU,
-# where silu_act_cuda.cu computes the same bits in one pass).
-@torch.library.impl("autoround_fast::silu_mul_nvfp4_activation", "CPU")
-def _(gate, up, global_scale):
-    return _ops.fake_quant_nvfp4_activation(torch.nn.functional.silu(gate) * up, global_scale)
-
-
-@torch.library.impl("autoround_fast::silu_mul_nvfp4_activation_backward", "CPU")
-def _(grad, gate, up, global_scale):
-    s = torch.nn.functional.silu(gate)
-    dm = _ops.fake_quant_nvfp4_activation_backward(grad, s * up, global_scale)
-    return torch.ops.aten.silu_backward(dm * up, gate), dm * s
-
-
-@torch.library.register_fake("autoround_fast::fake_quant_int")
-def _(weight, v, min_scale, max_scale, bits, group_size, sym, scale_dtype):
-    rows, cols = weight.shape
-    groups = int_num_groups(cols, group_size)
-    dtype = {c: d for d, c in SCALE_DTYPE_CODES.items()}[scale_dtype]
-    return (
-        torch.empty_like(weight),
-        weight.new_empty((rows, groups), dtype=dtype),
-        weight.new_empty((rows, groups), dtype=torch.float32),
-    )
-
-
-@torch.library.register_fake("autoround_fast::fake_quant_int_backward")
-def _(grad, weight, v, min_scale, max_scale, bits, group_size, sym, scale_dtype):
-    return torch.empty_like(v), torch.empty_like(min_scale), torch.empty_like(max_scale)
-
-
-@torch.library.register_fake("autoround_fast::masked_mse_loss")
-def _(pred, ref, mask):
-    return pred.new_empty((), dtype=torch.float32)
-
-
-@torch.library.register_fake("autoround_fast::masked_mse_loss_backward")
-def _(grad, pred, ref, mask):
-    return torch.empty_like(pred)
-
-
-@torch.library.register_fake("autoround_fast::sign_step_")
-def _(param, best, grad, improved, lr):
-    return None
-
-
-@torch.library.register_fake("autoround_fast::fake_quant_nvfp4_backward_step_")
-def _(grad, weight, v, max_scale, global_scale, best_v, best_max_scale, improved, lr):
-    return None
-
-
-@torch.library.register_fake("autoround_fast::fake_quant_int_backward_step_")
-def _(grad, weight, v, min_scale, max_scale, bits, group_size, sym, scale_dtype, best_v, best_min_scale,
-      best_max_scale, improved, lr):
-    return None
-
-
-# ---------------------------------------------------------------------------------------
-# autograd: the backward kernels are ops too
-# ---------------------------------------------------------------------------------------
 
 
 def _nvfp4_setup(ctx, inputs, output):
@@ -171,194 +194,6 @@ def _nvfp4_backward(ctx, grad_out, grad_scale):
 torch.library.register_autograd(
     "autoround_fast::fake_quant_nvfp4", _nvfp4_backward, setup_context=_nvfp4_setup
 )
-
-
-def _act_setup(ctx, inputs, output):
-    x, global_scale = inputs
-    ctx.save_for_backward(x, global_scale)
-
-
-def _act_backward(ctx, grad_out):
-    x, global_scale = ctx.saved_tensors
-    return _ops.fake_quant_nvfp4_activation_backward(grad_out.contiguous(), x, global_scale), None
-
-
-torch.library.register_autograd(
-    "autoround_fast::fake_quant_nvfp4_activation", _act_backward, setup_context=_act_setup
-)
-
-
-def _silu_act_setup(ctx, inputs, output):
-    gate, up, global_scale = inputs
-    ctx.save_for_backward(gate, up, global_scale)
-
-
-def _silu_act_backward(ctx, grad_out):
-    gate, up, global_scale = ctx.saved_tensors
-    dgate, dup = _ops.silu_mul_nvfp4_activation_backward(grad_out.contiguous(), gate, up, global_scale)
-    return dgate, dup, None
-
-
-torch.library.register_autograd(
-    "autoround_fast::silu_mul_nvfp4_activation", _silu_act_backward, setup_context=_silu_act_setup
-)
-
-
-def _int_setup(ctx, inputs, output):
-    weight, v, min_scale, max_scale, bits, group_size, sym, scale_dtype = inputs
-    ctx.save_for_backward(weight, v, min_scale, max_scale)
-    ctx.args = (bits, group_size, sym, scale_dtype)
-
-
-def _int_backward(ctx, grad_out, grad_scale, grad_zp):
-    weight, v, min_scale, max_scale = ctx.saved_tensors
-    gv, gmn, gmx = _ops.fake_quant_int_backward(
-        grad_out.contiguous(), weight, v, min_scale, max_scale, *ctx.args
-    )
-    return None, gv, gmn, gmx, None, None, None, None
-
-
-torch.library.register_autograd(
-    "autoround_fast::fake_quant_int", _int_backward, setup_context=_int_setup
-)
-
-
-def _loss_setup(ctx, inputs, output):
-    pred, ref, mask = inputs
-    ctx.save_for_backward(pred, ref, mask)
-
-
-def _loss_backward(ctx, grad):
-    pred, ref, mask = ctx.saved_tensors
-    return _ops.masked_mse_loss_backward(grad.contiguous(), pred, ref, mask), None, None
-
-
-torch.library.register_autograd(
-    "autoround_fast::masked_mse_loss", _loss_backward, setup_context=_loss_setup
-)
-
-
-# ---------------------------------------------------------------------------------------
-# the sign step inside the backward (the tuning engine's loop, one micro-batch)
-# ---------------------------------------------------------------------------------------
-
-
-class _Nvfp4Stepped(torch.autograd.Function):
-    """fake_quant_nvfp4 whose backward steps v and max_scale in place (see step_in_backward)."""
-
-    @staticmethod
-    def forward(ctx, weight, v, max_scale, global_scale, best_v, best_ms, improved, lr, on_step):
-        q, scale = _ops.fake_quant_nvfp4(weight, v, max_scale, global_scale)
-        ctx.save_for_backward(weight, v, max_scale, global_scale)
-        # not saved tensors: improved and lr are written after this forward, before the backward
-        ctx.step = (best_v, best_ms, improved, lr, on_step)
-        ctx.mark_non_differentiable(scale)
-        return q, scale
-
-    @staticmethod
-    def backward(ctx, grad_q, grad_scale):
-        weight, v, ms, gs = ctx.saved_tensors
-        best_v, best_ms, improved, lr, on_step = ctx.step
-        _ops.fake_quant_nvfp4_backward_step_(grad_q.contiguous(), weight, v, ms, gs, best_v, best_ms,
-                                             improved, lr)
-        on_step()
-        return (None,) * 9
-
-
-class _IntStepped(torch.autograd.Function):
-    """fake_quant_int whose backward steps v, min_scale and max_scale in place."""
-
-    @staticmethod
-    def forward(ctx, weight, v, min_scale, max_scale, bits, group_size, sym, scale_dtype, best_v, best_mn,
-                best_mx, improved, lr, on_step):
-        q, scale, zp = _ops.fake_quant_int(weight, v, min_scale, max_scale, bits, group_size, sym, scale_dtype)
-        ctx.save_for_backward(weight, v, min_scale, max_scale)
-        ctx.args = (bits, group_size, sym, scale_dtype)
-        ctx.step = (best_v, best_mn, best_mx, improved, lr, on_step)
-        ctx.mark_non_differentiable(scale, zp)
-        return q, scale, zp
-
-    @staticmethod
-    def backward(ctx, grad_q, grad_scale, grad_zp):
-        weight, v, mn, mx = ctx.saved_tensors
-        best_v, best_mn, best_mx, improved, lr, on_step = ctx.step
-        _ops.fake_quant_int_backward_step_(grad_q.contiguous(), weight, v, mn, mx, *ctx.args, best_v, best_mn,
-                                           best_mx, improved, lr)
-        on_step()
-        return (None,) * 14
-
-
-def step_in_backward_nvfp4(weight, v, max_scale, global_scale, best, improved, lr, on_step):
-    """The tuning loop's :func:`fake_quant_nvfp4` when SignRound's step runs inside the
-    backward: the forward is the same; the backward, instead of returning the gradients of
-    ``v`` and ``max_scale``, applies :func:`sign_step_` to each with them (``best`` = [best_v,
-    best_max_scale], ``improved`` and ``lr`` one-element device tensors, read when the backward
-    runs) and calls ``on_step()``. Equal bit for bit to the gradients followed by the steps, in
-    one kernel: the gradients never go through memory. Inputs are not validated (the engine's
-    own tensors). Valid only where each gradient is final when the backward runs: one forward
-    per tensor and step (no accumulation over micro-batches, no reduction over ranks)."""
-    return _Nvfp4Stepped.apply(weight, v, max_scale, global_scale, best[0], best[1], improved, lr, on_step)
-
-
-def step_in_backward_int(weight, v, min_scale, max_scale, bits, group_size, sym, scale_dtype, best, improved, lr,
-                         on_step):
-    """:func:`step_in_backward_nvfp4` for :func:`fake_quant_int` (``best`` = [best_v,
-    best_min_scale, best_max_scale]; ``scale_dtype`` a torch dtype)."""
-    return _IntStepped.apply(weight, v, min_scale, max_scale, int(bits), int(group_size), bool(sym),
-                             _scale_dtype_code(scale_dtype), best[0], best[1], best[2], improved, lr, on_step)
-
-
-# ---------------------------------------------------------------------------------------
-# public API
-# ---------------------------------------------------------------------------------------
-
-
-# Arguments are validated here, before the op: an exception thrown inside a stable-ABI kernel
-# crashes torch 2.11 (seen on the GPU machine), so the C++ checks are only a last resort.
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _fail(op: str, msg: str) -> None:
-    raise ValueError(f"{op}: {msg}")
-
-
-def _check_float(t: torch.Tensor, name: str, op: str) -> None:
-    if t.dtype not in _FLOATS:
-        _fail(op, f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
-
-
-def _check_param(ref: torch.Tensor, t: torch.Tensor, numel: int, name: str, op: str) -> None:
-    if t.device != ref.device:
-        _fail(op, f"{name} is on {t.device} but the first input is on {ref.device}")
-    if t.dtype != torch.float32:
-        _fail(op, f"{name} must be float32, got {t.dtype}")
-    if t.numel() != numel:
-        _fail(op, f"{name} must have {numel} elements, got {t.numel()} (shape {tuple(t.shape)})")
-
-
-def _check_weight(weight: torch.Tensor, op: str) -> None:
-    if weight.dim() != 2:
-        _fail(op, f"weight must be 2-D [out, in], got {weight.dim()} dims")
-    _check_float(weight, "weight", op)
-
-
-def _check_pair(a: torch.Tensor, b: torch.Tensor, a_name: str, b_name: str, op: str) -> None:
-    """a non-empty and of a float dtype; b of a's shape, dtype and device."""
-    if a.dim() < 1 or a.numel() == 0:
-        _fail(op, f"{a_name} must be a non-empty tensor")
-    _check_float(a, a_name, op)
-    if b.shape != a.shape or b.dtype != a.dtype or b.device != a.device:
-        _fail(op, f"{b_name} must match {a_name} ({tuple(a.shape)}, {a.dtype}, {a.device}); got "
-                  f"({tuple(b.shape)}, {b.dtype}, {b.device})")
-
-
-def _check_finite(t: torch.Tensor, what: str, op: str) -> None:
-    # One reduction (a sync on the GPU): the tuning engine calls torch.ops directly after
-    # checking each weight once. Skipped while torch.compile traces (it would break the graph).
-    if torch.compiler.is_compiling():
-        return
-    if not bool(torch.isfinite(t).all()):
-        _fail(op, f"{what} has non-finite values (NaN or Inf); refusing to quantize it")
 
 
 def fake_quant_nvfp4(
@@ -391,15 +226,119 @@ def fake_quant_nvfp4(
         [out, ceil(in / 16)]).
     """
     op = "fake_quant_nvfp4"
-    _check_weight(weight, op)
-    rows, cols = weight.shape
-    _check_param(weight, v, rows * cols, "v", op)
-    _check_param(weight, max_scale, rows * math.ceil(cols / NVFP4_GROUP), "max_scale", op)
-    _check_param(weight, global_scale, 1, "global_scale", op)
+    _check_nvfp4(op, weight, v, max_scale, global_scale)
     _check_finite(weight, "weight", op)
     return _ops.fake_quant_nvfp4(
         weight.contiguous(), v.contiguous(), max_scale.contiguous(), global_scale.reshape(1)
     )
+
+
+# The sign step inside the backward (the tuning engine's loop, one micro-batch):
+# fake_quant_nvfp4_stepped is fake_quant_nvfp4 whose backward, the C++ op
+# fake_quant_nvfp4_backward_step_, steps v and max_scale in place instead of returning their
+# gradients. It is defined here, not in C++: its forward is fake_quant_nvfp4's, and its other
+# arguments only ride to the backward. Its autograd is registered as every other op's; the
+# caller's on_step callback, which no schema can carry, is a hook on its node (_after_backward).
+
+
+@torch.library.register_fake("autoround_fast::fake_quant_nvfp4_backward_step_")
+def _(grad, weight, v, max_scale, global_scale, best_v, best_max_scale, improved, lr):
+    op = "fake_quant_nvfp4_backward_step_"
+    _check_nvfp4(op, weight, v, max_scale, global_scale, fake=True)
+    _check_grad_like(grad, weight, op)
+    _check_step_targets(op, improved, lr, [("best_v", v, best_v), ("best_max_scale", max_scale, best_max_scale)])
+
+
+torch.library.define(
+    "autoround_fast::fake_quant_nvfp4_stepped",
+    "(Tensor weight, Tensor v, Tensor max_scale, Tensor global_scale, Tensor best_v, Tensor best_max_scale, "
+    "Tensor improved, Tensor lr) -> (Tensor, Tensor)",
+)
+
+
+@torch.library.impl("autoround_fast::fake_quant_nvfp4_stepped", "default")
+def _(weight, v, max_scale, global_scale, best_v, best_max_scale, improved, lr):
+    return _ops.fake_quant_nvfp4(weight, v, max_scale, global_scale)
+
+
+@torch.library.register_fake("autoround_fast::fake_quant_nvfp4_stepped")
+def _(weight, v, max_scale, global_scale, best_v, best_max_scale, improved, lr):
+    op = "fake_quant_nvfp4_stepped"
+    _check_nvfp4(op, weight, v, max_scale, global_scale, fake=True)
+    _check_step_targets(op, improved, lr, [("best_v", v, best_v), ("best_max_scale", max_scale, best_max_scale)])
+    return _nvfp4_outputs(weight)
+
+
+def _nvfp4_stepped_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:4])  # weight, v, max_scale, global_scale
+    # best_v, best_max_scale, improved, lr: not saved tensors, as improved and lr are written
+    # after this forward, before the backward
+    ctx.step = inputs[4:]
+    ctx.mark_non_differentiable(output[1])
+
+
+def _nvfp4_stepped_backward(ctx, grad_q, grad_scale):
+    weight, v, max_scale, global_scale = ctx.saved_tensors
+    _ops.fake_quant_nvfp4_backward_step_(grad_q.contiguous(), weight, v, max_scale, global_scale, *ctx.step)
+    return (None,) * 8
+
+
+torch.library.register_autograd(
+    "autoround_fast::fake_quant_nvfp4_stepped", _nvfp4_stepped_backward, setup_context=_nvfp4_stepped_setup
+)
+
+
+def step_in_backward_nvfp4(weight, v, max_scale, global_scale, best, improved, lr, on_step):
+    """The tuning loop's :func:`fake_quant_nvfp4` when SignRound's step runs inside the
+    backward: the forward is the same; the backward, instead of returning the gradients of
+    ``v`` and ``max_scale``, applies :func:`sign_step_` to each with them (``best`` = [best_v,
+    best_max_scale], ``improved`` and ``lr`` one-element device tensors, read when the backward
+    runs) and calls ``on_step()``. Equal bit for bit to the gradients followed by the steps, in
+    one kernel: the gradients never go through memory. Inputs are not validated (the engine's
+    own tensors). Valid only where each gradient is final when the backward runs: one forward
+    per tensor and step (no accumulation over micro-batches, no reduction over ranks)."""
+    q, scale = _ops.fake_quant_nvfp4_stepped(weight, v, max_scale, global_scale, best[0], best[1], improved, lr)
+    _after_backward(q, on_step)
+    return q, scale
+
+
+# ---------------------------------------------------------------------------------------
+# fake_quant_nvfp4_activation: NVFP4 activations (W4A4)
+# ---------------------------------------------------------------------------------------
+
+
+def _check_act(op: str, x, global_scale, fake: bool = False) -> None:
+    _check_input(x, "x", op, fake)
+    _check_param(x, global_scale, 1, "global_scale", op, fake)
+
+
+@torch.library.register_fake("autoround_fast::fake_quant_nvfp4_activation")
+def _(x, global_scale):
+    _check_act("fake_quant_nvfp4_activation", x, global_scale, fake=True)
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("autoround_fast::fake_quant_nvfp4_activation_backward")
+def _(grad, x, global_scale):
+    op = "fake_quant_nvfp4_activation_backward"
+    _check_act(op, x, global_scale, fake=True)
+    _check_grad_like(grad, x, op)
+    return torch.empty_like(x)
+
+
+def _act_setup(ctx, inputs, output):
+    x, global_scale = inputs
+    ctx.save_for_backward(x, global_scale)
+
+
+def _act_backward(ctx, grad_out):
+    x, global_scale = ctx.saved_tensors
+    return _ops.fake_quant_nvfp4_activation_backward(grad_out.contiguous(), x, global_scale), None
+
+
+torch.library.register_autograd(
+    "autoround_fast::fake_quant_nvfp4_activation", _act_backward, setup_context=_act_setup
+)
 
 
 def fake_quant_nvfp4_activation(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
@@ -410,12 +349,64 @@ def fake_quant_nvfp4_activation(x: torch.Tensor, global_scale: torch.Tensor) -> 
     group's first argmax.
     """
     op = "fake_quant_nvfp4_activation"
-    if x.dim() < 1 or x.numel() == 0:
-        _fail(op, "x must be a non-empty tensor")
-    _check_float(x, "x", op)
-    _check_param(x, global_scale, 1, "global_scale", op)
+    _check_act(op, x, global_scale)
     _check_finite(x, "x", op)
     return _ops.fake_quant_nvfp4_activation(x.contiguous(), global_scale.reshape(1))
+
+
+# ---------------------------------------------------------------------------------------
+# silu_mul_nvfp4_activation: the down projection's input of a SiLU-gated MLP under W4A4
+# ---------------------------------------------------------------------------------------
+
+
+def _check_silu_mul(op: str, gate, up, global_scale, fake: bool = False) -> None:
+    _check_pair(gate, up, "gate", "up", op, fake)
+    _check_param(gate, global_scale, 1, "global_scale", op, fake)
+
+
+@torch.library.register_fake("autoround_fast::silu_mul_nvfp4_activation")
+def _(gate, up, global_scale):
+    _check_silu_mul("silu_mul_nvfp4_activation", gate, up, global_scale, fake=True)
+    return torch.empty_like(gate)
+
+
+@torch.library.register_fake("autoround_fast::silu_mul_nvfp4_activation_backward")
+def _(grad, gate, up, global_scale):
+    op = "silu_mul_nvfp4_activation_backward"
+    _check_silu_mul(op, gate, up, global_scale, fake=True)
+    _check_grad_like(grad, gate, op)
+    return torch.empty_like(gate), torch.empty_like(up)
+
+
+# The CPU implementation of the fused SiLU-gate op is its definition: PyTorch's own silu,
+# multiply and silu_backward around our activation kernels (the fusion only pays on the GPU,
+# where silu_act_cuda.cu computes the same bits in one pass).
+@torch.library.impl("autoround_fast::silu_mul_nvfp4_activation", "CPU")
+def _(gate, up, global_scale):
+    return _ops.fake_quant_nvfp4_activation(torch.nn.functional.silu(gate) * up, global_scale)
+
+
+@torch.library.impl("autoround_fast::silu_mul_nvfp4_activation_backward", "CPU")
+def _(grad, gate, up, global_scale):
+    s = torch.nn.functional.silu(gate)
+    dm = _ops.fake_quant_nvfp4_activation_backward(grad, s * up, global_scale)
+    return torch.ops.aten.silu_backward(dm * up, gate), dm * s
+
+
+def _silu_act_setup(ctx, inputs, output):
+    gate, up, global_scale = inputs
+    ctx.save_for_backward(gate, up, global_scale)
+
+
+def _silu_act_backward(ctx, grad_out):
+    gate, up, global_scale = ctx.saved_tensors
+    dgate, dup = _ops.silu_mul_nvfp4_activation_backward(grad_out.contiguous(), gate, up, global_scale)
+    return dgate, dup, None
+
+
+torch.library.register_autograd(
+    "autoround_fast::silu_mul_nvfp4_activation", _silu_act_backward, setup_context=_silu_act_setup
+)
 
 
 def silu_mul_nvfp4_activation(gate: torch.Tensor, up: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
@@ -431,11 +422,83 @@ def silu_mul_nvfp4_activation(gate: torch.Tensor, up: torch.Tensor, global_scale
         global_scale: fp32 scalar, the activation's static global scale.
     """
     op = "silu_mul_nvfp4_activation"
-    _check_pair(gate, up, "gate", "up", op)
-    _check_param(gate, global_scale, 1, "global_scale", op)
+    _check_silu_mul(op, gate, up, global_scale)
     _check_finite(gate, "gate", op)
     _check_finite(up, "up", op)
     return _ops.silu_mul_nvfp4_activation(gate.contiguous(), up.contiguous(), global_scale.reshape(1))
+
+
+# ---------------------------------------------------------------------------------------
+# fake_quant_int: INT weights (W4A16 and the like)
+# ---------------------------------------------------------------------------------------
+
+
+def _check_scale_dtype(scale_dtype, op: str, fake: bool = False) -> None:
+    _require(scale_dtype in SCALE_DTYPE_CODES, op,
+             f"scale_dtype must be one of float16, bfloat16, float32; got {scale_dtype}", fake)
+
+
+def _check_int(op: str, weight, v, min_scale, max_scale, bits, group_size, scale_dtype, fake: bool = False) -> None:
+    """``scale_dtype`` a torch dtype (the fake kernels map the op's code back to it)."""
+    _require(2 <= int(bits) <= 8, op, f"bits must be in 2..8, got {bits}", fake)
+    _require(group_size == INT_GROUP_PER_ROW or group_size > 0, op,
+             f"group_size must be -1 (per row) or positive, got {group_size}", fake)
+    _check_scale_dtype(scale_dtype, op, fake)
+    _check_weight(weight, op, fake)
+    rows, cols = weight.shape
+    n_scales = rows * int_num_groups(cols, group_size)
+    _check_param(weight, v, rows * cols, "v", op, fake)
+    _check_param(weight, min_scale, n_scales, "min_scale", op, fake)
+    _check_param(weight, max_scale, n_scales, "max_scale", op, fake)
+
+
+def _check_int_fake(op: str, weight, v, min_scale, max_scale, bits, group_size, scale_dtype) -> None:
+    """:func:`_check_int` in a fake kernel, whose ``scale_dtype`` is the op's dtype code."""
+    _check_int(op, weight, v, min_scale, max_scale, bits, group_size, _SCALE_DTYPES.get(scale_dtype, scale_dtype),
+               fake=True)
+
+
+def _int_outputs(weight, group_size, scale_dtype):
+    rows, cols = weight.shape
+    groups = int_num_groups(cols, group_size)
+    return (
+        torch.empty_like(weight),
+        weight.new_empty((rows, groups), dtype=_SCALE_DTYPES[scale_dtype]),
+        weight.new_empty((rows, groups), dtype=torch.float32),
+    )
+
+
+@torch.library.register_fake("autoround_fast::fake_quant_int")
+def _(weight, v, min_scale, max_scale, bits, group_size, sym, scale_dtype):
+    _check_int_fake("fake_quant_int", weight, v, min_scale, max_scale, bits, group_size, scale_dtype)
+    return _int_outputs(weight, group_size, scale_dtype)
+
+
+@torch.library.register_fake("autoround_fast::fake_quant_int_backward")
+def _(grad, weight, v, min_scale, max_scale, bits, group_size, sym, scale_dtype):
+    op = "fake_quant_int_backward"
+    _check_int_fake(op, weight, v, min_scale, max_scale, bits, group_size, scale_dtype)
+    _check_grad_like(grad, weight, op)
+    return torch.empty_like(v), torch.empty_like(min_scale), torch.empty_like(max_scale)
+
+
+def _int_setup(ctx, inputs, output):
+    weight, v, min_scale, max_scale, bits, group_size, sym, scale_dtype = inputs
+    ctx.save_for_backward(weight, v, min_scale, max_scale)
+    ctx.args = (bits, group_size, sym, scale_dtype)
+
+
+def _int_backward(ctx, grad_out, grad_scale, grad_zp):
+    weight, v, min_scale, max_scale = ctx.saved_tensors
+    gv, gmn, gmx = _ops.fake_quant_int_backward(
+        grad_out.contiguous(), weight, v, min_scale, max_scale, *ctx.args
+    )
+    return None, gv, gmn, gmx, None, None, None, None
+
+
+torch.library.register_autograd(
+    "autoround_fast::fake_quant_int", _int_backward, setup_context=_int_setup
+)
 
 
 def fake_quant_int(
@@ -468,17 +531,7 @@ def fake_quant_int(
         zero point [out, groups] fp32; zeros when ``sym``).
     """
     op = "fake_quant_int"
-    if not 2 <= int(bits) <= 8:
-        _fail(op, f"bits must be in 2..8, got {bits}")
-    if not (group_size == -1 or group_size > 0):
-        _fail(op, f"group_size must be -1 (per row) or positive, got {group_size}")
-    code = _scale_dtype_code(scale_dtype)
-    _check_weight(weight, op)
-    rows, cols = weight.shape
-    n_scales = rows * int_num_groups(cols, group_size)
-    _check_param(weight, v, rows * cols, "v", op)
-    _check_param(weight, min_scale, n_scales, "min_scale", op)
-    _check_param(weight, max_scale, n_scales, "max_scale", op)
+    _check_int(op, weight, v, min_scale, max_scale, bits, group_size, scale_dtype)
     _check_finite(weight, "weight", op)
     return _ops.fake_quant_int(
         weight.contiguous(),
@@ -488,8 +541,124 @@ def fake_quant_int(
         int(bits),
         int(group_size),
         bool(sym),
-        code,
+        SCALE_DTYPE_CODES[scale_dtype],
     )
+
+
+# The sign step inside the backward, as for NVFP4: fake_quant_int_stepped is fake_quant_int
+# whose backward, fake_quant_int_backward_step_, steps v, min_scale and max_scale in place.
+
+
+@torch.library.register_fake("autoround_fast::fake_quant_int_backward_step_")
+def _(grad, weight, v, min_scale, max_scale, bits, group_size, sym, scale_dtype, best_v, best_min_scale,
+      best_max_scale, improved, lr):
+    op = "fake_quant_int_backward_step_"
+    _check_int_fake(op, weight, v, min_scale, max_scale, bits, group_size, scale_dtype)
+    _check_grad_like(grad, weight, op)
+    _check_step_targets(op, improved, lr, [("best_v", v, best_v), ("best_min_scale", min_scale, best_min_scale),
+                                           ("best_max_scale", max_scale, best_max_scale)])
+
+
+torch.library.define(
+    "autoround_fast::fake_quant_int_stepped",
+    "(Tensor weight, Tensor v, Tensor min_scale, Tensor max_scale, int bits, int group_size, bool sym, "
+    "int scale_dtype, Tensor best_v, Tensor best_min_scale, Tensor best_max_scale, Tensor improved, Tensor lr) "
+    "-> (Tensor, Tensor, Tensor)",
+)
+
+
+@torch.library.impl("autoround_fast::fake_quant_int_stepped", "default")
+def _(weight, v, min_scale, max_scale, bits, group_size, sym, scale_dtype, best_v, best_min_scale, best_max_scale,
+      improved, lr):
+    return _ops.fake_quant_int(weight, v, min_scale, max_scale, bits, group_size, sym, scale_dtype)
+
+
+@torch.library.register_fake("autoround_fast::fake_quant_int_stepped")
+def _(weight, v, min_scale, max_scale, bits, group_size, sym, scale_dtype, best_v, best_min_scale, best_max_scale,
+      improved, lr):
+    op = "fake_quant_int_stepped"
+    _check_int_fake(op, weight, v, min_scale, max_scale, bits, group_size, scale_dtype)
+    _check_step_targets(op, improved, lr, [("best_v", v, best_v), ("best_min_scale", min_scale, best_min_scale),
+                                           ("best_max_scale", max_scale, best_max_scale)])
+    return _int_outputs(weight, group_size, scale_dtype)
+
+
+def _int_stepped_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:4])  # weight, v, min_scale, max_scale
+    ctx.args = inputs[4:8]  # bits, group_size, sym, scale_dtype
+    ctx.step = inputs[8:]  # best_v, best_min_scale, best_max_scale, improved, lr (as for NVFP4)
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _int_stepped_backward(ctx, grad_q, grad_scale, grad_zp):
+    weight, v, min_scale, max_scale = ctx.saved_tensors
+    _ops.fake_quant_int_backward_step_(grad_q.contiguous(), weight, v, min_scale, max_scale, *ctx.args, *ctx.step)
+    return (None,) * 13
+
+
+torch.library.register_autograd(
+    "autoround_fast::fake_quant_int_stepped", _int_stepped_backward, setup_context=_int_stepped_setup
+)
+
+
+def step_in_backward_int(weight, v, min_scale, max_scale, bits, group_size, sym, scale_dtype, best, improved, lr,
+                         on_step):
+    """:func:`step_in_backward_nvfp4` for :func:`fake_quant_int` (``best`` = [best_v,
+    best_min_scale, best_max_scale]; ``scale_dtype`` a torch dtype)."""
+    _check_scale_dtype(scale_dtype, "fake_quant_int")
+    q, scale, zp = _ops.fake_quant_int_stepped(weight, v, min_scale, max_scale, int(bits), int(group_size), bool(sym),
+                                               SCALE_DTYPE_CODES[scale_dtype], best[0], best[1], best[2], improved,
+                                               lr)
+    _after_backward(q, on_step)
+    return q, scale, zp
+
+
+# ---------------------------------------------------------------------------------------
+# masked_mse_loss: the block loss
+# ---------------------------------------------------------------------------------------
+
+
+def _check_loss(op: str, pred, ref, mask, fake: bool = False) -> None:
+    _check_pair(pred, ref, "pred", "ref", op, fake)
+    if mask is not None:
+        tokens = pred.numel() // pred.shape[-1]
+        _require(mask.numel() == tokens, op, f"mask must have one entry per token ({tokens}), got {mask.numel()}",
+                 fake)
+
+
+def _check_loss_fake(op: str, pred, ref, mask) -> None:
+    _check_loss(op, pred, ref, mask, fake=True)
+    if mask is not None:  # the wrapper converts it
+        _check_param(pred, mask, mask.numel(), "mask", op, fake=True)
+
+
+@torch.library.register_fake("autoround_fast::masked_mse_loss")
+def _(pred, ref, mask):
+    _check_loss_fake("masked_mse_loss", pred, ref, mask)
+    return pred.new_empty((), dtype=torch.float32)
+
+
+@torch.library.register_fake("autoround_fast::masked_mse_loss_backward")
+def _(grad, pred, ref, mask):
+    op = "masked_mse_loss_backward"
+    _check_loss_fake(op, pred, ref, mask)
+    _check_param(pred, grad, 1, "grad", op, fake=True)
+    return torch.empty_like(pred)
+
+
+def _loss_setup(ctx, inputs, output):
+    pred, ref, mask = inputs
+    ctx.save_for_backward(pred, ref, mask)
+
+
+def _loss_backward(ctx, grad):
+    pred, ref, mask = ctx.saved_tensors
+    return _ops.masked_mse_loss_backward(grad.contiguous(), pred, ref, mask), None, None
+
+
+torch.library.register_autograd(
+    "autoround_fast::masked_mse_loss", _loss_backward, setup_context=_loss_setup
+)
 
 
 def masked_mse_loss(
@@ -501,13 +670,31 @@ def masked_mse_loss(
     ``pred``. ``mask`` has one entry per token (pred.numel() / pred.shape[-1]).
     """
     op = "masked_mse_loss"
-    _check_pair(pred, ref, "pred", "ref", op)
+    _check_loss(op, pred, ref, mask)
     if mask is not None:
-        tokens = pred.numel() // pred.shape[-1]
-        if mask.numel() != tokens:
-            _fail(op, f"mask must have one entry per token ({tokens}), got {mask.numel()}")
         mask = mask.to(device=pred.device, dtype=torch.float32).contiguous().reshape(-1)
     return _ops.masked_mse_loss(pred.contiguous(), ref.contiguous(), mask)
+
+
+# ---------------------------------------------------------------------------------------
+# sign_step_: SignRound's step
+# ---------------------------------------------------------------------------------------
+
+
+def _check_sign_step(op: str, param, best, grad, improved, lr, fake: bool = False) -> None:
+    _require(param.dtype == torch.float32 and param.is_contiguous(), op,
+             f"param must be a contiguous float32 tensor, got {param.dtype}", fake)
+    for name, t in (("best", best), ("grad", grad)):
+        _require(t.shape == param.shape and t.is_contiguous(), op,
+                 f"{name} must be contiguous with param's shape {tuple(param.shape)}, got {tuple(t.shape)}", fake)
+        _check_param(param, t, param.numel(), name, op, fake)
+    _check_param(param, lr, 1, "lr", op, fake)
+    _check_improved(param, improved, op, fake)
+
+
+@torch.library.register_fake("autoround_fast::sign_step_")
+def _(param, best, grad, improved, lr):
+    _check_sign_step("sign_step_", param, best, grad, improved, lr, fake=True)
 
 
 def sign_step_(param: torch.Tensor, best: torch.Tensor, grad: torch.Tensor, improved: torch.Tensor,
@@ -523,19 +710,13 @@ def sign_step_(param: torch.Tensor, best: torch.Tensor, grad: torch.Tensor, impr
     ``lr`` (fp32) are one-element tensors on the same device, read by the kernel, so a
     captured CUDA graph replays the step with the values of the moment.
     """
-    op = "sign_step_"
-    if param.dtype != torch.float32 or not param.is_contiguous():
-        _fail(op, f"param must be a contiguous float32 tensor, got {param.dtype}")
-    for name, t in (("best", best), ("grad", grad)):
-        if t.shape != param.shape or not t.is_contiguous():
-            _fail(op, f"{name} must be contiguous with param's shape {tuple(param.shape)}, "
-                      f"got {tuple(t.shape)}")
-        _check_param(param, t, param.numel(), name, op)
-    _check_param(param, lr, 1, "lr", op)
-    if improved.dtype != torch.bool or improved.numel() != 1 or improved.device != param.device:
-        _fail(op, f"improved must be one bool on {param.device}, got {improved.dtype} "
-                  f"{tuple(improved.shape)} on {improved.device}")
+    _check_sign_step("sign_step_", param, best, grad, improved, lr)
     _ops.sign_step_(param, best, grad, improved.reshape(1), lr.reshape(1))
+
+
+# ---------------------------------------------------------------------------------------
+# NVFP4 global scales
+# ---------------------------------------------------------------------------------------
 
 
 def nvfp4_global_scale(tensor: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .ops import E4M3_MAX, FP4_MAX, NVFP4_GROUP, int_num_groups
+from .formats import E4M3_MAX, FP4_MAX, NVFP4_GROUP, int_num_groups
 
 __all__ = [
     "fake_quant_nvfp4",

@@ -1,6 +1,7 @@
-// The op schemas, and their CPU implementations. Fake kernels and autograd live in
-// python/autoround_fast/ops.py; the CUDA implementations in ops_cuda.cpp.
+// The ops' CPU implementations (ops.h; torch_bindings.cpp registers them): validate, allocate,
+// run the CPU kernels. Fake kernels and autograd live in python/autoround_fast/ops.py.
 #include "cpu_kernels.h"
+#include "ops.h"
 #include "ops_common.h"
 
 namespace autoround_fast {
@@ -15,12 +16,23 @@ void check_finite_count(int64_t bad, const char* op, const char* name) {
                   " non-finite values (NaN or Inf); refusing to quantize it");
 }
 
+// The CPU's backward with the step: the backward's gradients, then the step on each tunable
+// (the CUDA kernels do both in one pass; the bits are the same).
+void step_with(const StepTargets& t, int64_t n_v, int64_t n_scales, const float* g_v, const float* g_mn,
+               const float* g_mx) {
+  cpu::sign_step(SignStepArgs{n_v, t.v, t.best_v, g_v, t.improved, t.lr});
+  if (t.min_scale) cpu::sign_step(SignStepArgs{n_scales, t.min_scale, t.best_min_scale, g_mn, t.improved, t.lr});
+  cpu::sign_step(SignStepArgs{n_scales, t.max_scale, t.best_max_scale, g_mx, t.improved, t.lr});
+}
+
+}  // namespace
+
 std::tuple<Tensor, Tensor> fake_quant_nvfp4_cpu(Tensor w, Tensor v, Tensor ms, Tensor gs) {
   const char* op = "fake_quant_nvfp4";
   check_cpu(w, op);
   Nvfp4Args a = nvfp4_args(w, v, ms, gs, op);
   Tensor out = torch::stable::empty_like(w);
-  Tensor scale = scales_like(w, a.rows, ceil_div(a.cols, 16), ScalarType::Float);
+  Tensor scale = scales_like(w, a.rows, ceil_div(a.cols, kNvfp4Group), ScalarType::Float);
   check_finite_count(cpu::fake_quant_nvfp4(a, out.mutable_data_ptr(),
                                            static_cast<float*>(scale.mutable_data_ptr())),
                      op, "weight");
@@ -112,15 +124,6 @@ Tensor masked_mse_loss_backward_cpu(Tensor grad, Tensor pred, Tensor ref, std::o
   return gp;
 }
 
-// The CPU's backward with the step: the backward's gradients, then the step on each tunable
-// (the CUDA kernels do both in one pass; the bits are the same).
-void step_with(const StepTargets& t, int64_t n_v, int64_t n_scales, const float* g_v, const float* g_mn,
-               const float* g_mx) {
-  cpu::sign_step(SignStepArgs{n_v, t.v, t.best_v, g_v, t.improved, t.lr});
-  if (t.min_scale) cpu::sign_step(SignStepArgs{n_scales, t.min_scale, t.best_min_scale, g_mn, t.improved, t.lr});
-  cpu::sign_step(SignStepArgs{n_scales, t.max_scale, t.best_max_scale, g_mx, t.improved, t.lr});
-}
-
 void fake_quant_nvfp4_backward_step_cpu(Tensor grad, Tensor w, Tensor v, Tensor ms, Tensor gs, Tensor best_v,
                                         Tensor best_ms, Tensor improved, Tensor lr) {
   const char* op = "fake_quant_nvfp4_backward_step_";
@@ -152,36 +155,4 @@ void sign_step_cpu(Tensor param, Tensor best, Tensor grad, Tensor improved, Tens
   cpu::sign_step(sign_step_args(param, best, grad, improved, lr, op));
 }
 
-}  // namespace
 }  // namespace autoround_fast
-
-STABLE_TORCH_LIBRARY(autoround_fast, m) {
-  m.def("fake_quant_nvfp4(Tensor weight, Tensor v, Tensor max_scale, Tensor global_scale) -> (Tensor, Tensor)");
-  m.def("fake_quant_nvfp4_backward(Tensor grad, Tensor weight, Tensor v, Tensor max_scale, Tensor global_scale) -> (Tensor, Tensor)");
-  m.def("fake_quant_nvfp4_activation(Tensor x, Tensor global_scale) -> Tensor");
-  m.def("fake_quant_nvfp4_activation_backward(Tensor grad, Tensor x, Tensor global_scale) -> Tensor");
-  m.def("silu_mul_nvfp4_activation(Tensor gate, Tensor up, Tensor global_scale) -> Tensor");
-  m.def("silu_mul_nvfp4_activation_backward(Tensor grad, Tensor gate, Tensor up, Tensor global_scale) -> (Tensor, Tensor)");
-  m.def("fake_quant_int(Tensor weight, Tensor v, Tensor min_scale, Tensor max_scale, int bits, int group_size, bool sym, int scale_dtype) -> (Tensor, Tensor, Tensor)");
-  m.def("fake_quant_int_backward(Tensor grad, Tensor weight, Tensor v, Tensor min_scale, Tensor max_scale, int bits, int group_size, bool sym, int scale_dtype) -> (Tensor, Tensor, Tensor)");
-  m.def("masked_mse_loss(Tensor pred, Tensor ref, Tensor? mask) -> Tensor");
-  m.def("masked_mse_loss_backward(Tensor grad, Tensor pred, Tensor ref, Tensor? mask) -> Tensor");
-  m.def("sign_step_(Tensor(a!) param, Tensor(b!) best, Tensor grad, Tensor improved, Tensor lr) -> ()");
-  m.def("fake_quant_nvfp4_backward_step_(Tensor grad, Tensor weight, Tensor(a!) v, Tensor(b!) max_scale, Tensor global_scale, Tensor(c!) best_v, Tensor(d!) best_max_scale, Tensor improved, Tensor lr) -> ()");
-  m.def("fake_quant_int_backward_step_(Tensor grad, Tensor weight, Tensor(a!) v, Tensor(b!) min_scale, Tensor(c!) max_scale, int bits, int group_size, bool sym, int scale_dtype, Tensor(d!) best_v, Tensor(e!) best_min_scale, Tensor(f!) best_max_scale, Tensor improved, Tensor lr) -> ()");
-}
-
-STABLE_TORCH_LIBRARY_IMPL(autoround_fast, CPU, m) {
-  using namespace autoround_fast;
-  m.impl("fake_quant_nvfp4", TORCH_BOX(&fake_quant_nvfp4_cpu));
-  m.impl("fake_quant_nvfp4_backward", TORCH_BOX(&fake_quant_nvfp4_backward_cpu));
-  m.impl("fake_quant_nvfp4_activation", TORCH_BOX(&fake_quant_nvfp4_activation_cpu));
-  m.impl("fake_quant_nvfp4_activation_backward", TORCH_BOX(&fake_quant_nvfp4_activation_backward_cpu));
-  m.impl("fake_quant_int", TORCH_BOX(&fake_quant_int_cpu));
-  m.impl("fake_quant_int_backward", TORCH_BOX(&fake_quant_int_backward_cpu));
-  m.impl("masked_mse_loss", TORCH_BOX(&masked_mse_loss_cpu));
-  m.impl("masked_mse_loss_backward", TORCH_BOX(&masked_mse_loss_backward_cpu));
-  m.impl("sign_step_", TORCH_BOX(&sign_step_cpu));
-  m.impl("fake_quant_nvfp4_backward_step_", TORCH_BOX(&fake_quant_nvfp4_backward_step_cpu));
-  m.impl("fake_quant_int_backward_step_", TORCH_BOX(&fake_quant_int_backward_step_cpu));
-}

@@ -1,0 +1,25 @@
+// The quantization formats' constants and grouping rules, defined once for every kernel and
+// host file; python/autoround_fast/formats.py is the Python twin (tests/test_formats.py holds
+// the two equal). No torch or CUDA headers: the .cu files include it too.
+#pragma once
+
+#include <cstdint>
+
+namespace autoround_fast {
+
+constexpr int kNvfp4Group = 16;      // elements per NVFP4 scale group, along the row
+constexpr float kFp4Max = 6.0f;      // the largest FP4 (e2m1) magnitude
+constexpr float kE4m3Max = 448.0f;   // the largest float8_e4m3fn magnitude (NVFP4 group scales)
+constexpr int kIntGroupPerRow = -1;  // the INT group_size that means one group per row
+
+// c10::ScalarType codes of the float dtypes: the weight dtypes, and the INT scale dtypes, which
+// the ops' schemas take as an int (ops_common.h asserts them equal to torch's ScalarType).
+enum ScaleDtype : int { kHalf = 5, kFloat = 6, kBFloat16 = 15 };
+
+// Elements per INT group: a group_size of -1, or one larger than the row, means one group per
+// row (auto-round's rule).
+constexpr int64_t int_group(int64_t cols, int64_t group_size) {
+  return (group_size == kIntGroupPerRow || cols < group_size) ? cols : group_size;
+}
+
+}  // namespace autoround_fast

@@ -1,0 +1,60 @@
+// The ops' host functions, one per op and device: <op>_cpu in ops_cpu.cpp, <op>_cuda in
+// ops_cuda.cpp (built with CUDA only). torch_bindings.cpp registers them under the schemas it
+// defines; each validates its inputs, allocates its outputs and runs the kernels.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include <torch/csrc/stable/tensor.h>
+
+namespace autoround_fast {
+
+using torch::stable::Tensor;
+
+std::tuple<Tensor, Tensor> fake_quant_nvfp4_cpu(Tensor w, Tensor v, Tensor ms, Tensor gs);
+std::tuple<Tensor, Tensor> fake_quant_nvfp4_cuda(Tensor w, Tensor v, Tensor ms, Tensor gs);
+std::tuple<Tensor, Tensor> fake_quant_nvfp4_backward_cpu(Tensor grad, Tensor w, Tensor v, Tensor ms, Tensor gs);
+std::tuple<Tensor, Tensor> fake_quant_nvfp4_backward_cuda(Tensor grad, Tensor w, Tensor v, Tensor ms, Tensor gs);
+void fake_quant_nvfp4_backward_step_cpu(Tensor grad, Tensor w, Tensor v, Tensor ms, Tensor gs, Tensor best_v,
+                                        Tensor best_ms, Tensor improved, Tensor lr);
+void fake_quant_nvfp4_backward_step_cuda(Tensor grad, Tensor w, Tensor v, Tensor ms, Tensor gs, Tensor best_v,
+                                         Tensor best_ms, Tensor improved, Tensor lr);
+
+Tensor fake_quant_nvfp4_activation_cpu(Tensor x, Tensor gs);
+Tensor fake_quant_nvfp4_activation_cuda(Tensor x, Tensor gs);
+Tensor fake_quant_nvfp4_activation_backward_cpu(Tensor grad, Tensor x, Tensor gs);
+Tensor fake_quant_nvfp4_activation_backward_cuda(Tensor grad, Tensor x, Tensor gs);
+
+// On the CPU, silu_mul_nvfp4_activation is PyTorch's silu and multiply around the activation
+// ops (python/autoround_fast/ops.py); only the GPU has a fused kernel.
+Tensor silu_mul_nvfp4_activation_cuda(Tensor gate, Tensor up, Tensor gs);
+std::tuple<Tensor, Tensor> silu_mul_nvfp4_activation_backward_cuda(Tensor grad, Tensor gate, Tensor up, Tensor gs);
+
+std::tuple<Tensor, Tensor, Tensor> fake_quant_int_cpu(Tensor w, Tensor v, Tensor mn, Tensor mx, int64_t bits,
+                                                      int64_t group_size, bool sym, int64_t scale_dtype);
+std::tuple<Tensor, Tensor, Tensor> fake_quant_int_cuda(Tensor w, Tensor v, Tensor mn, Tensor mx, int64_t bits,
+                                                       int64_t group_size, bool sym, int64_t scale_dtype);
+std::tuple<Tensor, Tensor, Tensor> fake_quant_int_backward_cpu(Tensor grad, Tensor w, Tensor v, Tensor mn, Tensor mx,
+                                                               int64_t bits, int64_t group_size, bool sym,
+                                                               int64_t scale_dtype);
+std::tuple<Tensor, Tensor, Tensor> fake_quant_int_backward_cuda(Tensor grad, Tensor w, Tensor v, Tensor mn,
+                                                                Tensor mx, int64_t bits, int64_t group_size,
+                                                                bool sym, int64_t scale_dtype);
+void fake_quant_int_backward_step_cpu(Tensor grad, Tensor w, Tensor v, Tensor mn, Tensor mx, int64_t bits,
+                                      int64_t group_size, bool sym, int64_t scale_dtype, Tensor best_v,
+                                      Tensor best_mn, Tensor best_mx, Tensor improved, Tensor lr);
+void fake_quant_int_backward_step_cuda(Tensor grad, Tensor w, Tensor v, Tensor mn, Tensor mx, int64_t bits,
+                                       int64_t group_size, bool sym, int64_t scale_dtype, Tensor best_v,
+                                       Tensor best_mn, Tensor best_mx, Tensor improved, Tensor lr);
+
+Tensor masked_mse_loss_cpu(Tensor pred, Tensor ref, std::optional<Tensor> mask);
+Tensor masked_mse_loss_cuda(Tensor pred, Tensor ref, std::optional<Tensor> mask);
+Tensor masked_mse_loss_backward_cpu(Tensor grad, Tensor pred, Tensor ref, std::optional<Tensor> mask);
+Tensor masked_mse_loss_backward_cuda(Tensor grad, Tensor pred, Tensor ref, std::optional<Tensor> mask);
+
+void sign_step_cpu(Tensor param, Tensor best, Tensor grad, Tensor improved, Tensor lr);
+void sign_step_cuda(Tensor param, Tensor best, Tensor grad, Tensor improved, Tensor lr);
+
+}  // namespace autoround_fast

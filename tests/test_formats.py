@@ -1,0 +1,82 @@
+"""formats.py against its C++ twin csrc/formats.h, and against what the compiled ops do."""
+
+import pathlib
+import re
+
+import pytest
+import torch
+
+from autoround_fast import formats
+
+FORMATS_H = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "formats.h"
+
+# Each C++ constant and its Python twin.
+TWINS = {
+    "kNvfp4Group": formats.NVFP4_GROUP,
+    "kFp4Max": formats.FP4_MAX,
+    "kE4m3Max": formats.E4M3_MAX,
+    "kIntGroupPerRow": formats.INT_GROUP_PER_ROW,
+}
+DTYPE_TWINS = {"kHalf": torch.float16, "kFloat": torch.float32, "kBFloat16": torch.bfloat16}
+
+
+def _cpp_number(text):
+    text = text.strip()
+    return float(text.rstrip("f")) if ("." in text or text.endswith("f")) else int(text)
+
+
+def _formats_h():
+    """(constexpr variables, enumerators) of formats.h, as {name: value}."""
+    src = FORMATS_H.read_text()
+    consts = {name: _cpp_number(value)
+              for name, value in re.findall(r"^constexpr\s+(?:int|float|int64_t)\s+(\w+)\s*=\s*([^;]+);", src, re.M)}
+    enums = {}
+    for body in re.findall(r"^enum\s+\w+\s*:\s*int\s*\{([^}]*)\}", src, re.M):
+        for name, value in re.findall(r"(\w+)\s*=\s*(\d+)", body):
+            enums[name] = int(value)
+    return consts, enums
+
+
+def test_constants_equal_their_cpp_twins():
+    consts, _ = _formats_h()
+    assert set(consts) == set(TWINS), "a constant of formats.h without a Python twin in formats.py, or gone"
+    for name, value in TWINS.items():
+        assert consts[name] == value and type(consts[name]) is type(value), name
+
+
+def test_scale_dtype_codes_equal_their_cpp_twins():
+    _, enums = _formats_h()
+    assert {DTYPE_TWINS[name]: code for name, code in enums.items()} == formats.SCALE_DTYPE_CODES
+
+
+@pytest.mark.parametrize("dtype", list(formats.SCALE_DTYPE_CODES))
+def test_scale_dtype_codes_are_torch_scalar_types(dtype):
+    """The op makes its scale tensor of the dtype c10::ScalarType(code) names, through torch's
+    own numbering (the C++ side also asserts formats.h's codes equal ScalarType's)."""
+    w = torch.randn(4, 64).to(torch.bfloat16)
+    ones = torch.ones(4, 2)
+    _, scale, _ = torch.ops.autoround_fast.fake_quant_int(w, torch.zeros(4, 64), ones, ones, 4, 32, True,
+                                                          formats.SCALE_DTYPE_CODES[dtype])
+    assert scale.dtype == dtype
+
+
+def test_e4m3_max_is_torchs():
+    assert formats.E4M3_MAX == torch.finfo(torch.float8_e4m3fn).max
+
+
+@pytest.mark.parametrize("cols", [1, 15, 16, 17, 32, 100, 128, 129])
+def test_group_counts_equal_the_kernels(cols):
+    """The groups per row of formats.py are those the C++ ops lay their scales out in
+    (formats.h's int_group, and kNvfp4Group)."""
+    o = torch.ops.autoround_fast
+    w = torch.randn(3, cols).to(torch.bfloat16)
+    v = torch.zeros(3, cols)
+    gs = torch.ones(1)
+    _, s = o.fake_quant_nvfp4(w, v, torch.ones(3, formats.nvfp4_num_groups(cols)), gs)
+    assert s.shape == (3, formats.nvfp4_num_groups(cols))
+    for group_size in (formats.INT_GROUP_PER_ROW, 4, 16, 32, 128, 200):
+        groups = formats.int_num_groups(cols, group_size)
+        ones = torch.ones(3, groups)
+        code = formats.SCALE_DTYPE_CODES[torch.float16]
+        _, scale, zp = o.fake_quant_int(w, v, ones, ones, 4, group_size, False, code)
+        assert scale.shape == zp.shape == (3, groups), (cols, group_size)
