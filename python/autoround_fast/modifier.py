@@ -31,6 +31,7 @@ from llmcompressor.modifiers.autoround import AutoRoundModifier as _StockAutoRou
 from llmcompressor.modifiers.factory import ModifierFactory
 
 from .engine import BlockResult, QuantSpec, make_backend, pack_samples, same_value, tune_block
+from .formats import INT_GROUP_PER_ROW, NVFP4_GROUP, SCALE_DTYPE_CODES
 
 __all__ = ["AutoRoundModifier", "spec_from_scheme"]
 
@@ -47,12 +48,12 @@ def spec_from_scheme(scheme, weight_scale_dtype: Optional[torch.dtype], layer: s
         raise ValueError(f"{hint}; got weights={w}, output_activations={scheme.output_activations}")
     wtype = getattr(w.type, "value", w.type)
     if wtype == "float":
-        if w.num_bits != 4 or w.group_size != 16 or w.strategy != QuantizationStrategy.TENSOR_GROUP:
+        if w.num_bits != 4 or w.group_size != NVFP4_GROUP or w.strategy != QuantizationStrategy.TENSOR_GROUP:
             raise ValueError(f"{hint}; got float{w.num_bits} weights, strategy {w.strategy}, "
                              f"group {w.group_size}")
         if act is not None:
             atype = getattr(act.type, "value", act.type)
-            if atype != "float" or act.num_bits != 4 or act.group_size != 16:
+            if atype != "float" or act.num_bits != 4 or act.group_size != NVFP4_GROUP:
                 raise ValueError(f"{hint}; got activations {act}")
         return QuantSpec("nvfp4", act=act is not None)
     if wtype == "int":
@@ -61,11 +62,10 @@ def spec_from_scheme(scheme, weight_scale_dtype: Optional[torch.dtype], layer: s
         if w.strategy == QuantizationStrategy.GROUP:
             group = w.group_size
         elif w.strategy == QuantizationStrategy.CHANNEL:
-            group = -1
+            group = INT_GROUP_PER_ROW
         else:
             raise ValueError(f"{hint}; got INT strategy {w.strategy}")
-        sd = weight_scale_dtype if weight_scale_dtype in (torch.float16, torch.bfloat16, torch.float32) \
-            else torch.float16
+        sd = weight_scale_dtype if weight_scale_dtype in SCALE_DTYPE_CODES else torch.float16
         return QuantSpec("int", bits=w.num_bits, group_size=group, sym=w.symmetric, scale_dtype=sd)
     raise ValueError(f"{hint}; got {wtype} weights")
 

@@ -16,8 +16,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from . import _lib  # noqa: F401  (loads the library)
-from ._lib import has_cuda_kernels
+from ._lib import has_cuda_kernels  # importing _lib loads the library
 from .formats import (
     E4M3_MAX,
     FP4_MAX,
@@ -46,8 +45,6 @@ __all__ = [
     "E4M3_MAX",
     "SCALE_DTYPE_CODES",
 ]
-
-from ._lib import has_cuda_kernels  # noqa: E402,F401
 
 _ops = torch.ops.autoround_fast
 

@@ -7,7 +7,7 @@ from typing import Optional, Protocol
 
 import torch
 
-from .. import ops, reference
+from .. import formats, ops, reference
 
 SUPPORTED_BACKENDS = ("torch", "cuda")
 
@@ -68,7 +68,7 @@ class KernelBackend:
 
     def int(self, w, v, min_scale, max_scale, bits, group_size, sym, scale_dtype):
         return self._op.fake_quant_int(w, v, min_scale, max_scale, bits, group_size, sym,
-                                       ops.SCALE_DTYPE_CODES[scale_dtype])
+                                       formats.SCALE_DTYPE_CODES[scale_dtype])
 
     def act(self, x, global_scale):
         return self._op.fake_quant_nvfp4_activation(x.contiguous(), global_scale)

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from .. import ops
-from ..ops import NVFP4_GROUP
+from ..formats import NVFP4_GROUP
 from .linear import TunedLinear
 
 _IMATRIX_PAD = 1e-5  # the weight auto-round gives the padding of a ragged group

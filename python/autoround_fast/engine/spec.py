@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from ..ops import NVFP4_GROUP, int_num_groups
+from ..formats import INT_GROUP_PER_ROW, NVFP4_GROUP, int_num_groups, nvfp4_num_groups
 
 FUSED_SUFFIXES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -35,7 +34,7 @@ class QuantSpec:
             raise ValueError(f"QuantSpec.kind must be 'nvfp4' or 'int', got {self.kind!r}")
         if self.kind == "int" and not 2 <= self.bits <= 8:
             raise ValueError(f"QuantSpec.bits must be in 2..8 for int, got {self.bits}")
-        if self.kind == "int" and not (self.group_size == -1 or self.group_size > 0):
+        if self.kind == "int" and not (self.group_size == INT_GROUP_PER_ROW or self.group_size > 0):
             raise ValueError(f"QuantSpec.group_size must be -1 or positive, got {self.group_size}")
         if self.act and self.kind != "nvfp4":
             raise ValueError("QuantSpec.act (activation quantization) is only supported for nvfp4")
@@ -43,7 +42,7 @@ class QuantSpec:
     def num_groups(self, in_features: int) -> int:
         """Scale groups per output row of a Linear with ``in_features`` inputs."""
         if self.kind == "nvfp4":
-            return math.ceil(in_features / NVFP4_GROUP)
+            return nvfp4_num_groups(in_features)
         return int_num_groups(in_features, self.group_size)
 
 
