@@ -8,7 +8,7 @@ import torch
 
 from autoround_fast import formats
 
-FORMATS_H = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "formats.h"
+FORMATS_H = pathlib.Path(__file__).resolve().parents[2] / "csrc" / "formats.h"
 
 # Each C++ constant and its Python twin.
 TWINS = {

@@ -465,10 +465,10 @@ def test_int_fast_division_is_ieee_division(tmp_path):
     cxx = shutil.which("c++") or shutil.which("g++")
     if cxx is None:
         pytest.skip("no C++ compiler")
-    root = pathlib.Path(__file__).resolve().parents[1]
+    here = pathlib.Path(__file__).resolve().parent
     exe = tmp_path / "int_division_check"
-    subprocess.run([cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-fno-fast-math", f"-I{root / 'csrc'}",
-                    str(root / "tests" / "native" / "int_division_check.cpp"), "-o", str(exe)], check=True)
+    subprocess.run([cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-fno-fast-math", f"-I{here.parents[1] / 'csrc'}",
+                    str(here / "native" / "int_division_check.cpp"), "-o", str(exe)], check=True)
     ok = subprocess.run([str(exe)], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout
     assert " 0 mismatches, 0 scales outside" in ok.stdout
