@@ -72,7 +72,9 @@ def spec_from_scheme(scheme, weight_scale_dtype: Optional[torch.dtype], layer: s
 
 class AutoRoundModifier(_StockAutoRoundModifier):
     """llm-compressor's AutoRoundModifier, plus ``backend`` ("auto_round", "torch", "cuda")
-    and ``seed`` (the batch order of the autoround_fast backends)."""
+    and ``seed``: the order llm-compressor's calibration sampler draws the samples in (it
+    draws from torch's global generator, which the modifier seeds when it initialises, before
+    the pipeline iterates the sampler) and the batch order of the autoround_fast backends."""
 
     backend: Literal["auto_round", "torch", "cuda"] = "auto_round"
     seed: int = 42
@@ -147,6 +149,7 @@ class AutoRoundModifier(_StockAutoRoundModifier):
             make_backend("cuda")  # no kernels or no GPU: a clear error before any calibration work
         if self.backend != "auto_round":
             self._devices = self._block_devices()  # a bad device_ids fails before calibration
+        torch.manual_seed(self.seed)  # the calibration sampler's order: same seed, same bits
         ok = super().on_initialize(state, **kwargs)
         if self.backend != "auto_round":
             # Fail before calibration, naming the layer, if a scheme is out of reach.

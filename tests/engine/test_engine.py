@@ -9,6 +9,7 @@ import torch
 
 from autoround_fast import fusion, has_cuda_kernels, ops
 from autoround_fast.engine import QuantSpec, tune_block
+from autoround_fast.engine.precision import cpu_tune_dtype
 from conftest import DEVICES, HAS_CUDA, capture_block_inputs, tiny_llama
 
 BACKENDS = ["torch", "kernels", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU"))]
@@ -66,9 +67,11 @@ def test_tuning_beats_rtn(ragged_block, name, backend):
     assert res.q_outputs.shape == (12, 24, 64)
     assert res.q_outputs.device.type == ("cuda" if backend == "cuda" else "cpu")
     assert len(res.loop_ms) == (4 if backend == "cuda" else 0)  # GPU time per ten iterations
+    # the bf16 model's block on a GPU; on a CPU, auto-round's CPU dtype (bf16 or fp32)
+    block_dtype = torch.bfloat16 if backend == "cuda" else cpu_tune_dtype()
     for n in LINEARS:
         w = block.get_submodule(n).weight
-        assert w.dtype == torch.bfloat16 and not torch.equal(w.cpu(), before[n])
+        assert w.dtype == block_dtype and not torch.equal(w.cpu().to(before[n].dtype), before[n])
         qp = res.qparams[n]
         rows, cols = w.shape
         if spec.kind == "nvfp4":

@@ -16,6 +16,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from autoround_fast import AutoRoundModifier
+from autoround_fast import ops as kernel_ops
 from conftest import tiny_llama, tiny_tokenizer
 from test_modifier import calib, quantized_linears
 
@@ -25,6 +26,21 @@ from llmcompressor import oneshot
 # fp32 comparison below is defined on the CPU, where both sides stay in fp32.
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="fp32 equivalence is a CPU check: "
                                 "on a GPU auto-round converts fp32 models to bf16 for tuning")
+
+
+@pytest.fixture(params=[False, True], ids=["cpu-fp32", "cpu-bf16"])
+def cpu_bf16(request, monkeypatch):
+    """auto-round's CPU test (CpuInfo().bf16: AVX512-BF16) and the engine's, forced alike both
+    ways, so both amp paths run on any CPU: without it auto-round turns amp off and converts the
+    block to fp32; with it, amp in bf16 and the block converted to bf16. (PyTorch runs bf16 on
+    any x86 CPU; both sides do the same ops on the same machine either way.)"""
+    from auto_round.utils.device_manager import CpuARDevice
+
+    from autoround_fast.engine import precision
+
+    monkeypatch.setattr(CpuARDevice, "supports_bf16", lambda self: request.param)
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: request.param)
+    return request.param
 
 
 def run(model_dir, backend, scheme, losses, scales=None):
@@ -41,6 +57,9 @@ def run(model_dir, backend, scheme, losses, scales=None):
     if scales is not None:
         scales.update({n: (m.weight_global_scale.item(), m.input_global_scale.item())
                        for n, m in quantized_linears(model).items() if n.startswith("model.layers.0.")})
+        if backend == "auto_round":  # the stock path's act_max, as auto-round left it
+            scales.update({f"act_max:{n}": v for n, v in record_stock_losses.act_max.items()
+                           if n.startswith("model.layers.0.")})
     return {n: m.weight.detach().cpu().clone() for n, m in quantized_linears(model).items()}
 
 
@@ -64,11 +83,23 @@ def record_stock_losses(monkeypatch):
         return loss
 
     monkeypatch.setattr(cls, "_get_loss", recording)
+
+    from llmcompressor.modifiers.autoround.base import AutoRoundModifier as Stock
+
+    record_stock_losses.act_max = {}
+    post = Stock._postprocess_qparams
+
+    def recording_post(self, model, qparams):  # act_max before llm-compressor maps it
+        record_stock_losses.act_max.update({m._tmp_name: m.act_max.detach().clone() for m in model.modules()
+                                            if hasattr(m, "act_max") and hasattr(m, "_tmp_name")})
+        return post(self, model, qparams)
+
+    monkeypatch.setattr(Stock, "_postprocess_qparams", recording_post)
     return stock_losses
 
 
 @pytest.mark.parametrize("scheme", ["W4A16", "W4A16_ASYM"])
-def test_torch_backend_reproduces_stock_auto_round(fp32_model_dir, scheme, monkeypatch):
+def test_torch_backend_reproduces_stock_auto_round(fp32_model_dir, scheme, monkeypatch, cpu_bf16):
     stock_losses = record_stock_losses(monkeypatch)
     stock = run(fp32_model_dir, "auto_round", scheme, [])
     ours_losses = []
@@ -80,10 +111,10 @@ def test_torch_backend_reproduces_stock_auto_round(fp32_model_dir, scheme, monke
         assert torch.equal(ours[name], stock[name]), name
 
 
-def test_nvfp4_w4a4_first_block_reproduces_stock(fp32_model_dir, monkeypatch):
-    """NVFP4 with activations on an fp32 model (on a CPU without AVX512-BF16 auto-round turns
-    amp off, and so does the engine): the first block's weight and input global scales equal
-    the stock path's bit for bit, and so do its 20 per-iteration losses (rel 1e-6). The
+def test_nvfp4_w4a4_first_block_reproduces_stock(fp32_model_dir, monkeypatch, cpu_bf16):
+    """NVFP4 with activations on an fp32 model, on either amp path (cpu_bf16): the first
+    block's weight global scales equal the stock path's bit for bit, its input global scales
+    are 2688 over the stock path's act_max, and so do its 20 per-iteration losses (rel 1e-6). The
     second block is not compared: the stored NVFP4 weight is compressed-tensors' own
     dequantization of the tuned codes (so the checkpoint reloads exactly), which differs from
     auto-round's in-memory qdq in the last bits, and the next block's inputs with it."""
@@ -93,6 +124,14 @@ def test_nvfp4_w4a4_first_block_reproduces_stock(fp32_model_dir, monkeypatch):
     ours = []
     run(fp32_model_dir, "torch", "NVFP4", ours, our_scales)
     assert len(stock_losses) == len(ours) == 40
-    assert our_scales == stock_scales and len(our_scales) == 7
+    stock_act_max = {n[len("act_max:"):]: stock_scales.pop(n) for n in list(stock_scales) if n.startswith("act_max:")}
+    assert len(our_scales) == len(stock_scales) == len(stock_act_max) == 7
+    assert {n: w for n, (w, _) in our_scales.items()} == {n: w for n, (w, _) in stock_scales.items()}
+    # input global scale: 2688 / act_max in fp32 (ours) where llm-compressor computes it in
+    # act_max's dtype, bf16 on the bf16 path (a stock defect, docs/numerics.md#fix-act-max-fp32); the act_max is the same
+    for n, (_, igs) in our_scales.items():
+        assert igs == kernel_ops.nvfp4_global_scale(stock_act_max[n]).item(), n
+        if not cpu_bf16:
+            assert igs == stock_scales[n][1], n
     assert ours[:20] == pytest.approx(stock_losses[:20], rel=1e-6)
     assert len(set(ours[:20])) > 1

@@ -10,6 +10,7 @@ from transformers.utils.quantization_config import CompressedTensorsConfig
 
 import autoround_fast
 from autoround_fast import AutoRoundModifier, has_cuda_kernels
+from autoround_fast.engine import precision
 from conftest import HAS_CUDA, tiny_tokenizer
 
 from llmcompressor import oneshot
@@ -35,7 +36,11 @@ def quantized_linears(model):
 @pytest.mark.parametrize("backend", ["torch", pytest.param("cuda", marks=pytest.mark.skipif(
     not HAS_CUDA, reason="needs a GPU"))])
 @pytest.mark.parametrize("scheme", ["NVFP4", "NVFP4A16", "W4A16", "W4A16_ASYM"])
-def test_checkpoint_reloads_to_tuned_weights(tiny_model_dir, tmp_path, scheme, backend):
+def test_checkpoint_reloads_to_tuned_weights(tiny_model_dir, tmp_path, scheme, backend, monkeypatch):
+    # The bf16 model stays bf16 on the CPU, as on a CPU with AVX512-BF16; without it auto-round's
+    # rule converts the block to fp32 (tests/integration/test_equivalence.py covers both), and an
+    # fp32 block's NVFP4 weights reload in compressed-tensors' bf16.
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
     mod = AutoRoundModifier(targets="Linear", scheme=scheme, ignore=["lm_head"], iters=30,
                             batch_size=4, backend=backend)
     model = run(tiny_model_dir, mod)

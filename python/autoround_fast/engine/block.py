@@ -18,6 +18,7 @@ from .inputs import BlockInputs, run_block, to_cache
 from .linear import ActQuantLinear, TunedLinear, share_input_quantization, swap_module
 from .options import Plan, TuneOptions, plan
 from .placement import waits_for_host
+from .precision import convert_block
 from .rtn import opt_rtn_int_sym, opt_rtn_nvfp4
 from .signround import LoopData, SignRound
 from .spec import QuantSpec, fused_layer_groups
@@ -92,6 +93,8 @@ def tune_block(block: nn.Module, fp_inputs: Sequence[tuple[tuple, dict]], specs:
     act_quant = any(s.act for s in specs.values())
     p = plan(options, block, linears, len(fp_inputs), act_quant)
     block.to(p.device)
+    if p.device.type == "cpu":
+        convert_block(block, p.dtype)  # and it stays converted, as auto-round leaves it
     with sdpa_attention(block, enabled=p.device.type == "cuda"):
         run = _BlockRun(block, specs, linears, p, q_inputs, token_mask)
         result = run.tune(fp_inputs, global_scales or {}, finalize, progress)
@@ -184,6 +187,8 @@ class _BlockRun:
         and the loss mask on the device; a block that waits for the host runs eagerly."""
         p = self.plan
         self.inputs = inputs = BlockInputs(fp_inputs, p.device, p.cache_device)
+        if p.device.type == "cpu":
+            inputs.cast_floats(p.dtype)
         inputs.drop_causal_mask(self.block)
         if p.cuda_graph:
             args, kwargs = inputs.batch(torch.zeros(1, dtype=torch.long, device=inputs.device))

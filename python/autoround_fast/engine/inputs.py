@@ -12,6 +12,8 @@ import torch.nn as nn
 from .placement import indexed
 
 _NO_KV_CACHE = ("past_key_values", "past_key_value", "layer_past")
+# auto-round's keys that all samples share (it keeps them once, uncast, with one sample)
+_SHARED_KEYS = ("position_ids", "cache_position", "position_embeddings", "cu_seqlens")
 
 
 class BlockInputs:
@@ -51,6 +53,23 @@ class BlockInputs:
                     self.per_sample.add(key)
             else:
                 self.kwargs[key] = to_device(value, device)
+
+    def cast_floats(self, dtype: torch.dtype) -> None:
+        """The inputs in the tuning dtype, as auto-round's preprocessing casts a CPU block's: the
+        hidden states and every float tensor of the per-sample keyword arguments (fp32 masks
+        and rotary tables included). With one sample auto-round keeps the shared keys as they
+        are, a tensor there cast only if fp16 or bf16; the extra positional arguments, too."""
+        shared = _SHARED_KEYS if self.n == 1 else ()
+
+        def cast(t):
+            return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+        self.hidden = self.hidden.to(dtype)
+        for key, value in self.kwargs.items():
+            if key not in shared:
+                self.kwargs[key] = _map_leaves(value, cast)
+            elif isinstance(value, torch.Tensor) and value.dtype in (torch.float16, torch.bfloat16):
+                self.kwargs[key] = value.to(dtype)
 
     def drop_causal_mask(self, block: nn.Module) -> bool:
         """If every sample's attention mask is the plain causal mask and the block's attention

@@ -12,7 +12,7 @@ import torch.nn as nn
 from .. import fusion
 from .backends import Backend, make_backend
 from .placement import indexed, linear_devices, place_linears, process_group
-from .precision import Precision
+from .precision import Precision, cpu_tune_dtype
 
 
 @dataclass
@@ -127,7 +127,8 @@ def plan(options: TuneOptions, block: nn.Module, linears: dict[str, nn.Linear], 
         raise ValueError("tune_block: step_in_backward=True needs the kernels (backend 'cuda'), one "
                          "micro-batch per step (gradient_accumulate_steps=1), no process group and the "
                          "Linears on one device")
-    dtype = next(block.parameters()).dtype
+    # on a CPU, auto-round converts the block to its tuning dtype (docs/numerics.md#autocast)
+    dtype = cpu_tune_dtype() if device.type == "cpu" else next(block.parameters()).dtype
     return Plan(options=o, backend=be, device=device, cache_device=cache_device, dtype=dtype,
                 precision=Precision(device, dtype, act_quant), batch_size=min(o.batch_size, n_samples),
                 dist=dist, cuda_graph=cuda_graph, fuse=bool(fuse) and o.iters > 0,

@@ -1,10 +1,10 @@
-"""The autocast rule: in which dtype a block's forward runs while tuning and while calibrating,
-as auto-round decides it (the model dtype; bf16 when activations are quantized; fp32 on a CPU
-without bf16 support)."""
+"""The dtype rule: in which dtype a block is held and its forward runs while tuning and while
+calibrating, as auto-round decides it (docs/numerics.md#autocast)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 
 
 def cpu_has_bf16() -> bool:
@@ -14,6 +14,30 @@ def cpu_has_bf16() -> bool:
             return any("avx512_bf16" in line.split() for line in f if line.startswith("flags"))
     except OSError:
         return False
+
+
+def cpu_tune_dtype() -> torch.dtype:
+    """The dtype auto-round converts a block to on a CPU, whatever the model's: bf16 where the
+    CPU has AVX512-BF16 (amp on, in bf16), else fp32 (amp off)."""
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+# compressed-tensors' quantization parameters: llm-compressor takes them off the module before
+# auto-round converts the block, so they keep their own dtype
+_QPARAM_NAMES = frozenset(f"{t}_{q}" for t in ("input", "weight", "output")
+                          for q in ("global_scale", "scale", "shape", "zero_point")) | {"k_scale", "v_scale"}
+
+
+def convert_block(block: nn.Module, dtype: torch.dtype) -> None:
+    """block.to(dtype) for its floating parameters and buffers, in place, the quantization
+    parameters excepted (auto-round's model.to(amp_dtype); the block stays converted)."""
+    for mod in block.modules():
+        for name, p in mod.named_parameters(recurse=False):
+            if name not in _QPARAM_NAMES and p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        for name, b in list(mod.named_buffers(recurse=False)):
+            if name not in _QPARAM_NAMES and b.is_floating_point() and b.dtype != dtype:
+                mod._buffers[name] = b.to(dtype)
 
 
 class Precision:
