@@ -1,63 +1,8 @@
-"""`python -m autoround_fast quantize ...` (the command line, see cli.py), and
-`python -m autoround_fast selfcheck`: the installed kernels against the oracles.
-
-The self-check quantizes one Llama-shaped random layer (NVFP4, W4A16 sym and asym) with the
-kernels of every available device and with the plain-PyTorch oracles, and reports whether they
-agree bit for bit, with the gradients of the tunable parameters.
-"""
-
-from __future__ import annotations
+"""`python -m autoround_fast ...`: the command line (cli/), as the `autoround-fast` script."""
 
 import sys
-import time
 
-import torch
-
-from . import has_cuda_kernels, ops, reference
-
-
-def _check(device: str) -> bool:
-    gen = torch.Generator().manual_seed(0)
-    w = torch.randn(512, 1024, generator=gen).to(torch.bfloat16)
-    v = (torch.rand(512, 1024, generator=gen) - 0.5) * 0.8
-    ok = True
-    cases = {
-        "nvfp4": lambda m, v_, a, b: m.fake_quant_nvfp4(w.to(device), v_, a, ops.nvfp4_global_scale(w).to(device)),
-        "w4a16 sym g128": lambda m, v_, a, b: m.fake_quant_int(w.to(device), v_, a, b, 4, 128, True),
-        "w4a16 asym g128": lambda m, v_, a, b: m.fake_quant_int(w.to(device), v_, a, b, 4, 128, False),
-    }
-    for name, fn in cases.items():
-        groups = 64 if name == "nvfp4" else 8
-        ms = torch.rand(512, groups, generator=gen) * 0.5 + 0.5
-        outs = []
-        t0 = time.perf_counter()
-        for mod in (ops, reference):
-            p = [t.clone().to(device).requires_grad_() for t in (v, ms, ms)]
-            res = fn(mod, *p)
-            res[0].float().sum().backward()
-            outs.append((res[0].detach(), p[0].grad))
-        same = torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
-        ok &= same
-        print(f"  {device:4s} {name:16s} kernel == oracle (weight, dV): {same}  ({time.perf_counter() - t0:.2f} s)")
-    return ok
-
-
-def selfcheck() -> int:
-    print(f"autoround_fast self-check: torch {torch.__version__}, CUDA kernels built: {has_cuda_kernels()}")
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and has_cuda_kernels() else [])
-    ok = all(_check(d) for d in devices)
-    print("OK" if ok else "MISMATCH")
-    return 0 if ok else 1
-
-
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["selfcheck"]:
-        return selfcheck()
-    from .cli import main as cli_main
-
-    return cli_main(argv)
-
+from .cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,8 +1,11 @@
-"""The command line on a tiny model: a checkpoint, the per-block table and its JSON; clear
-errors; and no half-written output when a run fails."""
+"""The command line: the main job on a tiny model (checkpoint, per-block table, perplexity of
+the original model, of RTN and of the reloaded checkpoint), the checks that fail before any
+weight is read, Ctrl-C, options from the environment, and the eval command."""
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -10,41 +13,107 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from autoround_fast.cli import main
+from autoround_fast.cli import CliError, build_parser, main, models, quantize, schemes, texts
+from autoround_fast.perplexity import perplexity
 from conftest import tiny_llama, tiny_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def words(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return " ".join(f"t{int(i)}" for i in torch.randint(1, 256, (n,), generator=g))
 
 
 @pytest.fixture(scope="module")
 def calib_file(tmp_path_factory):
-    g = torch.Generator().manual_seed(1)
-    words = " ".join(f"t{int(i)}" for i in torch.randint(1, 256, (600,), generator=g))
     p = tmp_path_factory.mktemp("calib") / "calib.txt"
-    p.write_text(words)
+    p.write_text(words(600, 1))
+    return str(p)
+
+
+@pytest.fixture(scope="module")
+def eval_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("eval") / "eval.txt"
+    p.write_text(words(600, 2))
     return str(p)
 
 
 def args(model, out, calib, *extra):
     return ["quantize", "--model", model, "--iters", "3", "--nsamples", "4", "--seqlen", "32",
             "--batch-size", "2", "--backend", "torch", "--calib-file", calib, "--output", str(out),
-            "--device", "cpu", *extra]
+            "--device", "cpu", "--no-eval", *extra]
 
 
-def test_quantize_writes_checkpoint_table_and_json(tiny_model_dir, calib_file, tmp_path, capsys):
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Any weight load fails the test: the checks under test must come first."""
+    def refuse(*a, **k):
+        raise AssertionError("the model's weights were loaded before the arguments were checked")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+
+
+def fails(argv, capsys) -> str:
+    """main(argv) returns 2 with one line on stderr; that line."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("autoround-fast: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_quantize_writes_checkpoint_tables_and_json(tiny_model_dir, calib_file, eval_file, tmp_path, capsys):
+    """The main job: checkpoint, per-block table, and the perplexity table (original, RTN, the
+    reloaded checkpoint) printed and saved; eval on the checkpoint gives the table's figure."""
     out = tmp_path / "out"
-    assert main(args(tiny_model_dir, out, calib_file, "--scheme", "W4A16_ASYM")) == 0
+    a = args(tiny_model_dir, out, calib_file, "--scheme", "W4A16_ASYM", "--eval", "--eval-file", eval_file,
+             "--eval-windows", "2")
+    assert main(a) == 0
     printed = capsys.readouterr().out
     assert "loss at start" in printed and "model.layers.1" in printed
     report = json.loads((out / "autoround_blocks.json").read_text())
     assert report["scheme"] == "W4A16_ASYM" and report["iters"] == 3 and report["backend"] == "torch"
+    assert report["group_size"] == 128 and report["seed"] == 42
     assert [b["block"] for b in report["blocks"]] == ["model.layers.0", "model.layers.1"]
     assert all(b["best_loss"] <= b["init_loss"] for b in report["blocks"])
+    ppl = report["perplexity"]
+    assert (ppl["windows"], ppl["seqlen"], ppl["text"]) == (2, 256, eval_file)
+    assert [r["role"] for r in ppl["rows"]] == ["original", "rtn", "result"]
+    assert "QuantizationModifier" in ppl["rows"][1]["model"] and "reloaded" in ppl["rows"][2]["model"]
+    for r in ppl["rows"]:
+        assert f"{r['perplexity']:.4f}" in printed
     assert "pack-quantized" in (out / "config.json").read_text()
     assert (out / "tokenizer.json").exists()
     LlamaForCausalLM.from_pretrained(out)  # loads as a compressed-tensors model
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".autoround-fast-")]
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no temporary directory left
+
+    assert main(["eval", str(out), "--text", eval_file, "--eval-windows", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{ppl['rows'][2]['perplexity']:.4f}" in printed and "2 windows of 256 tokens" in printed
 
 
-def test_dataset_directory(tiny_model_dir, calib_file, tmp_path):
+def test_perplexity_is_exp_of_the_mean_token_nll():
+    model = tiny_llama(dtype=torch.float32)
+    windows = torch.randint(1, 256, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        losses = [model(w[None], labels=w[None]).loss for w in windows]  # mean over 39 tokens each
+    assert perplexity(model, windows) == pytest.approx(torch.stack(losses).mean().exp().item(), rel=1e-5)
+    assert model.training  # left as it was
+
+
+def test_held_out_text_is_disjoint_from_calibration():
+    import pydoc_data.topics
+
+    topics = pydoc_data.topics.topics
+    held = [k for k in topics if texts.is_held_out(k)]
+    assert 0 < len(held) < len(topics) // 5
+    calib, held_text = texts.pydoc_topics_text(held_out=False), texts.pydoc_topics_text(held_out=True)
+    assert len(held_text) > 4 * texts.EVAL_WINDOWS * texts.EVAL_SEQLEN  # ~4 characters a token
+    for k in held:
+        assert topics[k] in held_text and topics[k] not in calib
+
+
+def test_dataset_directory(tiny_model_dir, calib_file, tmp_path, capsys):
     from datasets import Dataset
 
     text = open(calib_file).read()
@@ -54,41 +123,188 @@ def test_dataset_directory(tiny_model_dir, calib_file, tmp_path):
     a[i:i + 2] = ["--dataset", str(tmp_path / "ds")]
     assert main(a) == 0
     assert json.loads((tmp_path / "out" / "autoround_blocks.json").read_text())["nsamples"] == 4
-    with pytest.raises(SystemExit, match="not a directory saved with"):
-        main(a[:i] + ["--dataset", "NeelNanda/pile-10k"] + a[i + 2:])
+    capsys.readouterr()
+    a.append("--overwrite")
+    assert "not a directory saved with" in fails(a[:i] + ["--dataset", "NeelNanda/pile-10k"] + a[i + 2:], capsys)
     Dataset.from_dict({"content": ["x"]}).save_to_disk(tmp_path / "bad")
-    with pytest.raises(SystemExit, match="no 'text' column"):
-        main(a[:i] + ["--dataset", str(tmp_path / "bad")] + a[i + 2:])
-    with pytest.raises(SystemExit, match="not both"):
-        main(a + ["--calib-file", calib_file])
+    capsys.readouterr()  # save_to_disk's progress bar
+    assert "no 'text' column" in fails(a[:i] + ["--dataset", str(tmp_path / "bad")] + a[i + 2:], capsys)
+    assert "not both" in fails(a + ["--calib-file", calib_file], capsys)
 
 
-def test_errors_are_clear(tiny_model_dir, calib_file, tmp_path):
-    with pytest.raises(SystemExit, match="neither a directory nor a .gguf"):
-        main(args(str(tmp_path / "missing"), tmp_path / "o1", calib_file))
-    with pytest.raises(SystemExit, match="GGUF file .* not found"):
-        main(args(str(tmp_path / "missing.gguf"), tmp_path / "o1", calib_file))
-    with pytest.raises(SystemExit, match="--scheme must be one of"):
-        main(args(tiny_model_dir, tmp_path / "o1", calib_file, "--scheme", "INT3"))
-    with pytest.raises(SystemExit, match="calibration file"):
-        main(args(tiny_model_dir, tmp_path / "o1", str(tmp_path / "nope.txt")))
+def test_bad_arguments_fail_in_one_line_before_any_weight_is_read(tiny_model_dir, calib_file, tmp_path, capsys,
+                                                                  no_weights, monkeypatch):
+    from autoround_fast import has_cuda_kernels
+
+    binary = tmp_path / "calib.bin"
+    binary.write_bytes(b"t1 t2\0\x01\x02" * 100)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("t1 caf\xe9 ".encode("latin-1") * 100)
     short = tmp_path / "short.txt"
     short.write_text("t1 t2 t3")
-    with pytest.raises(SystemExit, match="fewer than --seqlen 32"):
-        main(args(tiny_model_dir, tmp_path / "o1", str(short)))
-    with pytest.raises(SystemExit, match="--nsamples must be positive"):
-        main(args(tiny_model_dir, tmp_path / "o1", calib_file, "--nsamples", "0"))
-    with pytest.raises(ValueError, match="device_ids='0,x': 'x' is not a GPU index"):
-        main(args(tiny_model_dir, tmp_path / "o1", calib_file, "--device-ids", "0,x"))
-    with pytest.raises(ValueError, match="fuse_elementwise=True needs backend='cuda', got backend='torch'"):
-        main(args(tiny_model_dir, tmp_path / "o1", calib_file, "--fuse"))
-    assert not (tmp_path / "o1").exists()
+    no_config = tmp_path / "not-a-model"
+    no_config.mkdir()
+    out = tmp_path / "o1"
+    model, cal = tiny_model_dir, calib_file
+    cases = [
+        (args(str(tmp_path / "missing"), out, cal), "--model .* is neither a directory nor a .gguf"),
+        (args(str(tmp_path / "missing.gguf"), out, cal), "--model .*: no such GGUF file"),
+        (args(str(no_config), out, cal), "without config.json"),
+        (args(model, out, cal, "--scheme", "INT3"), "--scheme 'INT3' is not a scheme backend torch tunes"),
+        (args(model, out, cal, "--scheme", "MXFP4"), "--scheme MXFP4: .* pass --backend auto_round"),
+        (args(model, out, str(tmp_path / "nope.txt")), "--calib-file .*nope.txt': no such file"),
+        (args(model, out, str(binary)), "--calib-file .* is a binary file"),
+        (args(model, out, str(latin)), "--calib-file .* is not UTF-8 text"),
+        (args(model, out, str(short)), "has 3 tokens, fewer than one window of 32"),
+        (args(model, out, cal, "--eval", "--eval-file", str(binary)), "--eval-file .* is a binary file"),
+        (args(model, out, cal, "--nsamples", "0"), "--nsamples must be positive, got 0"),
+        (args(model, out, cal, "--iters", "-1"), "--iters must be zero or more, got -1"),
+        (args(model, out, cal, "--device-ids", "0,x"), "--device-ids '0,x': 'x' is not a GPU index"),
+        (args(model, out, cal, "--fuse"), "--fuse needs backend cuda"),
+        (args(model, out, cal, "--backend", "cuda"),
+         "--backend cuda: this build .* has no CUDA kernels" if not has_cuda_kernels() else "--backend cuda needs a GPU"),
+        (args(model, out, cal, "--scheme", "W4A16", "--group-size", "48"),
+         "--group-size 48: group 48 does not divide in_features 128, 256 of .*q_proj.*; sizes that divide every "
+         "layer: 32, 64, 128"),
+        (args(model, out, cal, "--group-size", "32"), "--group-size 32: NVFP4 fixes its group at 16"),
+        (args(model, out, cal, "--bogus"), "unrecognized arguments: --bogus"),
+    ]
+    for argv, message in cases:
+        assert re.search(message, fails(argv, capsys)), message
+    monkeypatch.setenv("AUTOROUND_FAST_ITERS", "many")
+    assert "AUTOROUND_FAST_ITERS='many' is not a valid" in fails(args(model, out, cal), capsys)
+    monkeypatch.delenv("AUTOROUND_FAST_ITERS")
+    assert not out.exists()
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("x")
-    with pytest.raises(SystemExit, match="exists and is not empty"):
-        main(args(tiny_model_dir, busy, calib_file))
+    assert "exists and is not empty (pass --overwrite" in fails(args(model, busy, cal), capsys)
     assert os.listdir(busy) == ["keep.txt"]
+
+
+def test_bundled_default_checks_fail_fast_and_w4a16_takes_a_dividing_group(tmp_path, capsys, no_weights):
+    """On the bundled SmolLM2 (hidden 576, intermediate 1536), from its config alone: a group of
+    128 is refused with the sizes that divide; W4A16 with no --group-size takes 64."""
+    out = str(tmp_path / "o")
+    err = fails(["quantize", "--scheme", "W4A16", "--group-size", "128", "--output", out], capsys)
+    assert "in_features 576 of model.layers.*.self_attn.q_proj" in err and "sizes that divide every layer: 32, 64 " in err
+    assert "is a binary file" in fails(["quantize", "--calib-file", sys.executable, "--output", out], capsys)
+    assert "not a scheme backend" in fails(["quantize", "--scheme", "W4A17", "--output", out], capsys)
+    in_features = models.target_in_features(models.load_config(models.bundled_gguf()), schemes.TARGETS, schemes.IGNORE)
+    assert set(in_features.values()) == {576, 1536}
+    choice = schemes.choose_scheme("W4A16", None, in_features)
+    assert choice.group_size == 64 and choice.ignore == ["lm_head"] and choice.label == "W4A16, group 64"
+    assert "W4A16's group 128 does not divide in_features 576" in choice.notes[0] and "using group 64" in choice.notes[0]
+    assert not os.path.exists(out)
+
+
+def test_bad_argument_exits_2_without_traceback_in_a_process(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "autoround_fast", "quantize", "--model", str(tmp_path / "none"),
+                          "--output", str(tmp_path / "o")], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [f"autoround-fast: --model '{tmp_path / 'none'}' is neither a directory "
+                                               "nor a .gguf file (this command reads no hub: download the model first)"]
+    assert "No accelerator available" not in res.stdout + res.stderr
+
+
+def test_w4a16_out_of_the_box_and_skip_indivisible(calib_file, tmp_path, capsys):
+    """A model whose hidden size (192) the W4A16 preset's group 128 does not divide: group 64 by
+    default; with --skip-indivisible, group 128 and the layers it does not divide left out."""
+    model = tiny_llama(hidden=192, intermediate=384)
+    src = tmp_path / "model-192"
+    model.save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    assert main(args(str(src), tmp_path / "auto", calib_file, "--scheme", "W4A16", "--iters", "1")) == 0
+    assert "using group 64" in capsys.readouterr().out
+    qc = json.loads((tmp_path / "auto" / "config.json").read_text())["quantization_config"]
+    assert qc["config_groups"]["group_0"]["weights"]["group_size"] == 64
+
+    assert main(args(str(src), tmp_path / "skip", calib_file, "--scheme", "W4A16", "--iters", "1",
+                     "--skip-indivisible")) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"warning: group 128 does not divide in_features 192; leaving 12 of 14 layers unquantized "
+                     r"\(--skip-indivisible\): model\.layers\.\*\.self_attn\.q_proj \(2 layers\)", printed)
+    qc = json.loads((tmp_path / "skip" / "config.json").read_text())["quantization_config"]
+    assert qc["config_groups"]["group_0"]["weights"]["group_size"] == 128
+    assert "model.layers.0.mlp.up_proj" in qc["ignore"] and "model.layers.0.mlp.down_proj" not in qc["ignore"]
+
+
+def test_auto_round_backend_accepts_the_schemes_only_it_tunes(tiny_model_dir, calib_file, tmp_path, no_weights):
+    for name in ("MXFP4", "MXFP8", "FP8"):
+        assert name in schemes.scheme_names("auto_round") and name not in schemes.scheme_names("torch")
+    a = args(tiny_model_dir, tmp_path / "o", calib_file, "--scheme", "mxfp4", "--backend", "auto_round")
+    job = quantize.prepare(build_parser().parse_args(a))
+    assert (job.choice.name, job.backend, job.choice.modifier_kwargs["scheme"]) == ("MXFP4", "auto_round", "MXFP4")
+
+
+def test_seed_reaches_the_modifier_and_ctrl_c_leaves_nothing(tiny_model_dir, calib_file, tmp_path, capsys,
+                                                            monkeypatch):
+    seen = {}
+
+    def interrupted(model, tokenizer, recipe, windows, with_data=True):
+        seen["recipe"] = recipe
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(quantize, "_oneshot", interrupted)
+    out = tmp_path / "a" / "b" / "out"
+    assert main(args(tiny_model_dir, out, calib_file, "--seed", "7")) == 130
+    assert capsys.readouterr().err.endswith("\nautoround-fast: interrupted\n")
+    assert seen["recipe"].seed == 7 and seen["recipe"].backend == "torch"
+    assert os.listdir(tmp_path) == []  # neither the output, its parents, nor the work directory
+
+
+def test_sigint_exits_130_and_says_no_gpu_once(tiny_model_dir, calib_file, tmp_path):
+    """A real Ctrl-C in the middle of tuning, with the iterations from the environment: status
+    130, no traceback, nothing left; the CPU run says "no GPU" once and llm-compressor's "No
+    accelerator available" never."""
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "autoround_fast"] + args(tiny_model_dir, out, calib_file)
+    argv.remove("--iters"), argv.remove("3")
+    env = dict(os.environ, AUTOROUND_FAST_ITERS="100000", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "AutoRound (torch) on model.layers.0" in line:
+            assert "100000 iterations" in line
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, err = proc.communicate(timeout=300)
+    printed = "".join(lines) + rest
+    assert proc.returncode == 130, printed + err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "autoround-fast: interrupted"
+    assert printed.count("no GPU") == 1 and "No accelerator available" not in printed + err
+    assert os.listdir(tmp_path) == []
+
+
+def test_options_from_the_environment():
+    env = {"AUTOROUND_FAST_ITERS": "1", "AUTOROUND_FAST_OVERWRITE": "yes", "AUTOROUND_FAST_EVAL": "0",
+           "AUTOROUND_FAST_SCHEME": "W4A16", "AUTOROUND_FAST_BATCH_SIZE": "3", "AUTOROUND_FAST_TEXT": "x.txt"}
+    ap = build_parser(env)
+    a = ap.parse_args(["quantize"])
+    assert (a.iters, a.overwrite, a.eval, a.scheme, a.batch_size, a.seed) == (1, True, False, "W4A16", 3, 42)
+    a = ap.parse_args(["quantize", "--iters", "5", "--eval"])  # the command line wins
+    assert (a.iters, a.eval) == (5, True)
+    assert ap.parse_args(["eval", "dir"]).text == "x.txt"
+    for bad, message in [({"AUTOROUND_FAST_ITERS": "many"}, "AUTOROUND_FAST_ITERS='many' is not a valid"),
+                         ({"AUTOROUND_FAST_BACKEND": "tpu"}, "AUTOROUND_FAST_BACKEND='tpu': choose one of"),
+                         ({"AUTOROUND_FAST_OVERWRITE": "maybe"}, "AUTOROUND_FAST_OVERWRITE='maybe': write one of")]:
+        with pytest.raises(CliError, match=message):
+            build_parser(bad)
+    assert "AUTOROUND_FAST_<OPTION>" in " ".join(build_parser({})._subparsers._group_actions[0]
+                                                 .choices["quantize"].format_help().split())
+
+
+def test_help_lists_the_commands_and_prints_no_device_warning():
+    res = subprocess.run([sys.executable, "-m", "autoround_fast", "--help"], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0
+    for command in ("quantize", "eval", "selfcheck"):
+        assert command in res.stdout
+    assert "No accelerator" not in res.stdout + res.stderr
+    q = build_parser({})._subparsers._group_actions[0].choices["quantize"].format_help()
+    for option in ("--group-size", "--seed", "--eval-file", "--skip-indivisible", "--scheme"):
+        assert option in q
 
 
 def test_failed_run_leaves_no_checkpoint(calib_file, tmp_path):
@@ -101,32 +317,20 @@ def test_failed_run_leaves_no_checkpoint(calib_file, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="up_proj.*non-finite"):
         main(args(str(src), out, calib_file))
-    assert not out.exists()
     assert sorted(os.listdir(tmp_path)) == ["bad-model"]
 
 
-def test_module_entry_point_help():
-    res = subprocess.run([sys.executable, "-m", "autoround_fast", "quantize", "--help"],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and "--scheme" in res.stdout and "--calib-file" in res.stdout
-
-
-def test_settings_are_autoround_defaults_on_a_gpu_and_small_on_a_cpu(capsys):
-    """The main job's settings: AutoRound's defaults where there is a GPU, a few-minute setting
-    (said so) where there is none; options given on the command line win in both."""
+def test_settings_are_autoround_defaults_on_a_gpu_and_small_on_a_cpu():
     import argparse
 
-    from autoround_fast import has_cuda_kernels
-    from autoround_fast.cli import settings
+    none = argparse.Namespace(iters=None, nsamples=None, seqlen=None, batch_size=None)
+    assert quantize.settings(none, cuda=True) == dict(iters=200, nsamples=128, seqlen=2048, batch_size=8)
+    cpu = quantize.settings(none, cuda=False)
+    assert cpu == quantize.CPU_SETTINGS and cpu["seqlen"] < 2048
+    given = argparse.Namespace(iters=7, nsamples=None, seqlen=64, batch_size=None)
+    assert quantize.settings(given, cuda=True) == dict(iters=7, nsamples=128, seqlen=64, batch_size=8)
 
-    none = argparse.Namespace(iters=None, nsamples=None, seqlen=None, batch_size=None, backend="auto")
-    gpu = settings(none, cuda=True)
-    assert {k: gpu[k] for k in ("iters", "nsamples", "seqlen", "batch_size")} == \
-        dict(iters=200, nsamples=128, seqlen=2048, batch_size=8)
-    assert gpu["backend"] == ("cuda" if has_cuda_kernels() else "torch")
-    assert "no GPU" not in capsys.readouterr().out
-    cpu = settings(none, cuda=False)
-    assert cpu["iters"] < 200 and cpu["seqlen"] < 2048 and cpu["backend"] == "torch"
-    assert "no GPU; using settings that finish in a few minutes" in capsys.readouterr().out
-    given = argparse.Namespace(iters=7, nsamples=None, seqlen=64, batch_size=None, backend="torch")
-    assert settings(given, cuda=True) == dict(iters=7, nsamples=128, seqlen=64, batch_size=8, backend="torch")
+
+def test_output_directory_is_ignored_by_git():
+    with open(os.path.join(REPO, ".gitignore")) as f:
+        assert "autoround-fast-out/" in f.read().split()

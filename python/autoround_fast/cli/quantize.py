@@ -1,0 +1,268 @@
+"""``autoround-fast quantize``: the main job.
+
+Two phases. ``prepare`` checks every argument and reads what it needs short of the weights
+(the files, the model's config and tokenizer, the calibration and evaluation windows): a bad
+argument fails in seconds. ``execute`` loads the model, measures the original model and
+llm-compressor's RTN, tunes with AutoRound, writes the checkpoint, reloads it and measures it.
+Everything is written to a temporary sibling of the output directory and renamed at the end:
+a failed or interrupted run leaves no output.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..perplexity import perplexity
+from . import checks, models, schemes, texts
+from .checks import CliError
+
+# AutoRound's own defaults where there is a GPU.
+GPU_SETTINGS = dict(iters=200, nsamples=128, seqlen=2048, batch_size=8)
+# A CPU run that ends in about 5 minutes on 2 cores for the bundled default (the evaluation
+# included): see README for what it buys over RTN.
+CPU_SETTINGS = dict(iters=5, nsamples=4, seqlen=128, batch_size=2)
+
+
+def settings(args, cuda: bool) -> dict:
+    """iters, nsamples, seqlen, batch_size: the device's defaults, less what the command line gave."""
+    base = GPU_SETTINGS if cuda else CPU_SETTINGS
+    return {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in base.items()}
+
+
+@dataclass
+class Job:
+    """A checked quantize command: everything but the weights."""
+
+    model_path: str
+    choice: schemes.SchemeChoice
+    backend: str
+    cuda: bool
+    settings: dict
+    seed: int
+    out_dir: str
+    overwrite: bool
+    tokenizer: object
+    calib_windows: torch.Tensor
+    calib_source: str
+    eval_windows: Optional[torch.Tensor]  # None: --no-eval
+    eval_source: str
+    modifier_options: dict = field(default_factory=dict)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.cuda else torch.float32
+
+
+def prepare(args) -> Job:
+    """Every check, cheapest first, before any weight is read."""
+    for option, zero_ok in (("iters", True), ("nsamples", False), ("seqlen", False), ("batch_size", False),
+                            ("eval_windows", False)):
+        checks.check_positive(getattr(args, option), "--" + option.replace("_", "-"), zero_ok)
+    cuda = args.device != "cpu" and torch.cuda.is_available()
+    backend = checks.resolve_backend(args.backend, cuda)
+    if args.fuse and backend != "cuda":
+        raise CliError(f"--fuse needs backend cuda, and the backend is {backend}")
+    if args.device_ids is not None and backend == "auto_round" and not cuda:
+        raise CliError("--device-ids spreads each block over GPUs, and there is none to use")
+    checks.check_device_ids(args.device_ids, cuda)
+    scheme = schemes.check_scheme_name(args.scheme, backend)
+    if args.calib_file and args.dataset:
+        raise CliError("give --calib-file or --dataset, not both")
+    model_path = checks.check_model_path(args.model) if args.model else models.bundled_gguf()
+    name = os.path.splitext(os.path.basename(os.path.normpath(model_path)))[0]
+    out_dir = checks.check_output_dir(args.output or os.path.join("autoround-fast-out", f"{name}-{scheme}"),
+                                      args.overwrite)
+    if args.calib_file:
+        calib_text, calib_source = checks.read_text_file(args.calib_file, "--calib-file"), args.calib_file
+    elif args.dataset:
+        calib_text, calib_source = texts.dataset_text(args.dataset), args.dataset
+    else:
+        calib_text, calib_source = texts.pydoc_topics_text(held_out=False), "pydoc topics (calibration set)"
+    eval_text = None
+    if args.eval:
+        if args.eval_file:
+            eval_text, eval_source = checks.read_text_file(args.eval_file, "--eval-file"), args.eval_file
+        else:
+            eval_text, eval_source = texts.pydoc_topics_text(held_out=True), "pydoc topics held out from calibration"
+    else:
+        eval_source = ""
+
+    # What needs the model's config and tokenizer, not its weights.
+    config = models.load_config(model_path)
+    in_features = models.target_in_features(config, schemes.TARGETS, schemes.IGNORE)
+    choice = schemes.choose_scheme(scheme, args.group_size, in_features, args.skip_indivisible)
+    cfg = settings(args, cuda)
+    tokenizer = models.load_tokenizer(model_path)
+    calib = texts.token_windows(tokenizer, calib_text, cfg["nsamples"], cfg["seqlen"],
+                                f"calibration text ({calib_source}) at --seqlen")
+    windows = None
+    if eval_text is not None:
+        seqlen = min(texts.EVAL_SEQLEN, getattr(config, "max_position_embeddings", None) or texts.EVAL_SEQLEN)
+        windows = texts.token_windows(tokenizer, eval_text, args.eval_windows, seqlen,
+                                      f"evaluation text ({eval_source})")
+    return Job(model_path=model_path, choice=choice, backend=backend, cuda=cuda, settings=cfg, seed=args.seed,
+               out_dir=out_dir, overwrite=args.overwrite, tokenizer=tokenizer, calib_windows=calib,
+               calib_source=calib_source, eval_windows=windows, eval_source=eval_source,
+               modifier_options=dict(cache_on_cpu=args.cache_on_cpu, device_ids=args.device_ids,
+                                     fuse_elementwise=args.fuse))
+
+
+def run(args) -> int:
+    return execute(prepare(args))
+
+
+def format_block_table(rows) -> str:
+    lines = [f"{'block':<28} {'loss at start':>14} {'best loss':>12} {'best iter':>9} {'seconds':>8}"]
+    for r in rows:
+        lines.append(f"{r['block']:<28} {r['init_loss']:>14.6g} {r['best_loss']:>12.6g} "
+                     f"{r['best_iter']:>9d} {r['seconds']:>8.2f}")
+    total = sum(r["seconds"] for r in rows)
+    lines.append(f"{'total':<28} {'':>14} {'':>12} {'':>9} {total:>8.2f}")
+    return "\n".join(lines)
+
+
+def format_perplexity_table(ppl: dict) -> str:
+    """The perplexity rows, and the share of RTN's loss that AutoRound wins back."""
+    rows = [(r["model"], r["perplexity"]) for r in ppl["rows"]]
+    width = max(len(m) for m, _ in rows)
+    lines = [f"perplexity on {ppl['text']}: {ppl['windows']} windows of {ppl['seqlen']} tokens",
+             *(f"  {m:<{width}}  {p:>10.4f}" for m, p in rows)]
+    by = {r["role"]: r["perplexity"] for r in ppl["rows"]}
+    if {"rtn", "result"} <= by.keys():
+        verdict = "beats" if by["result"] < by["rtn"] else "does not beat"
+        line = f"  AutoRound {verdict} RTN"
+        if by.get("original", by["rtn"]) < by["rtn"]:
+            share = (by["rtn"] - by["result"]) / (by["rtn"] - by["original"])
+            line += f": it wins back {100 * share:.0f}% of RTN's perplexity increase over the original"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _oneshot(model, tokenizer, recipe, windows: torch.Tensor, with_data: bool = True) -> None:
+    from llmcompressor import oneshot
+
+    if with_data:
+        oneshot(model=model, dataset=texts.calibration_dataset(windows), recipe=recipe, processor=tokenizer,
+                num_calibration_samples=windows.shape[0], max_seq_length=windows.shape[1])
+    else:
+        oneshot(model=model, recipe=recipe, processor=tokenizer)
+
+
+def rtn_perplexity(job: Job, model) -> float:
+    """Plain RTN: llm-compressor's QuantizationModifier with the same scheme, group and ignore
+    list, on a copy of the model, measured in memory. Schemes that quantize activations
+    calibrate their input scales on the same calibration windows."""
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    rtn = copy.deepcopy(model)
+    try:
+        recipe = QuantizationModifier(ignore=job.choice.ignore, **job.choice.modifier_kwargs)
+        _oneshot(rtn, job.tokenizer, recipe, job.calib_windows,
+                 with_data=schemes.preset(job.choice.name).input_activations is not None)
+        return perplexity(models.prequantize_weights(rtn), job.eval_windows)
+    finally:
+        del rtn
+
+
+def execute(job: Job) -> int:
+    from ..modifier import AutoRoundModifier
+
+    cfg = job.settings
+    print(f"autoround-fast: {job.model_path} -> {job.choice.label}, backend={job.backend}, "
+          f"{'GPU ' + torch.cuda.get_device_name() if job.cuda else 'CPU'}")
+    for note in job.choice.notes:
+        print(f"autoround-fast: {note}")
+    quiet_device_warning = not job.cuda
+    if not job.cuda:
+        # Said once here; llm-compressor's "No accelerator available" repeats are dropped.
+        print("autoround-fast: no GPU; tuning on the CPU with settings that finish in a few minutes "
+              f"(iters={cfg['iters']}, nsamples={cfg['nsamples']}, seqlen={cfg['seqlen']}, "
+              f"batch_size={cfg['batch_size']}); AutoRound's defaults are iters=200, nsamples=128, "
+              "seqlen=2048, batch_size=8")
+        from loguru import logger
+
+        logger.disable("llmcompressor.utils.dev")
+    torch.manual_seed(job.seed)
+
+    parent = os.path.dirname(job.out_dir)
+    made = []  # the missing ancestors of the output directory, made here, removed on failure
+    d = parent
+    while not os.path.exists(d):
+        made.append(d)
+        d = os.path.dirname(d)
+    work = None
+    try:
+        model = models.load_model(job.model_path, job.dtype)
+        if job.cuda:
+            model.to("cuda")
+        ppl_rows = []
+        if job.eval_windows is not None:
+            print("autoround-fast: perplexity of the original model and of RTN ...")
+            ppl_rows.append(dict(role="original", model=f"original ({str(job.dtype).replace('torch.', '')})",
+                                 perplexity=perplexity(model, job.eval_windows)))
+            ppl_rows.append(dict(role="rtn", model=f"RTN: llm-compressor QuantizationModifier, {job.choice.label}",
+                                 perplexity=rtn_perplexity(job, model)))
+
+        os.makedirs(parent, exist_ok=True)
+        work = tempfile.mkdtemp(prefix=".autoround-fast-", dir=parent)
+        config_dir = os.path.join(work, "source-config")
+        model.config.save_pretrained(config_dir)  # oneshot re-reads the config from disk
+        model.config._name_or_path = config_dir
+        modifier = AutoRoundModifier(
+            ignore=job.choice.ignore, iters=cfg["iters"], batch_size=cfg["batch_size"], backend=job.backend,
+            seed=job.seed, enable_torch_compile=False, progress=True, **job.choice.modifier_kwargs,
+            **job.modifier_options)
+        t0 = time.perf_counter()
+        _oneshot(model, job.tokenizer, modifier, job.calib_windows)
+        elapsed = time.perf_counter() - t0
+        ckpt = os.path.join(work, "checkpoint")
+        model.save_pretrained(ckpt, save_compressed=True)
+        job.tokenizer.save_pretrained(ckpt)
+        rows = modifier.block_stats
+        del model
+        report = {"model": job.model_path, "scheme": job.choice.name, "group_size": job.choice.group_size,
+                  "ignore": job.choice.ignore, "seconds": elapsed, **cfg, "backend": job.backend, "seed": job.seed,
+                  "calibration": job.calib_source, "blocks": rows}
+        if job.eval_windows is not None:
+            print("autoround-fast: perplexity of the checkpoint, reloaded ...")
+            reloaded = models.prequantize_weights(models.load_model(ckpt, job.dtype))
+            if job.cuda:
+                reloaded.to("cuda")
+            ppl_rows.append(dict(role="result", model="AutoRound: this checkpoint, reloaded",
+                                 perplexity=perplexity(reloaded, job.eval_windows)))
+            del reloaded
+            report["perplexity"] = dict(text=job.eval_source, windows=job.eval_windows.shape[0],
+                                        seqlen=job.eval_windows.shape[1], rows=ppl_rows)
+        with open(os.path.join(ckpt, "autoround_blocks.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        if os.path.exists(job.out_dir):
+            shutil.rmtree(job.out_dir)
+        os.replace(ckpt, job.out_dir)
+    except BaseException:  # Ctrl-C included: no output, and no directory this run made
+        if work:
+            shutil.rmtree(work, ignore_errors=True)
+        for d in made:  # deepest first
+            if os.path.isdir(d) and not os.listdir(d):
+                os.rmdir(d)
+        raise
+    finally:
+        if work:
+            shutil.rmtree(work, ignore_errors=True)
+        if quiet_device_warning:
+            from loguru import logger
+
+            logger.enable("llmcompressor.utils.dev")
+    print(format_block_table(rows))
+    if "perplexity" in report:
+        print(format_perplexity_table(report["perplexity"]))
+    print(f"autoround-fast: wrote {job.out_dir} ({elapsed:.1f} s of tuning)")
+    return 0
