@@ -98,15 +98,17 @@ def main(argv=None):
     from transformers.utils.quantization_config import CompressedTensorsConfig
 
     from autoround_fast import AutoRoundModifier
-    from autoround_fast.cli import bundled_gguf, calibration_dataset, cast_parameters, load_model
+    from autoround_fast.cli.models import bundled_gguf, cast_parameters, load_model, load_tokenizer
+    from autoround_fast.cli.texts import calibration_dataset, token_windows
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     os.makedirs(args.out, exist_ok=True)
-    base, tok = load_model(args.gguf or bundled_gguf(), torch.float32)
+    gguf = args.gguf or bundled_gguf()
+    base, tok = load_model(gguf, torch.float32), load_tokenizer(gguf)
     state = {k: v.clone() for k, v in base.state_dict().items()}
     config = base.config
     with open(args.calib, encoding="utf-8") as f:
-        calib = calibration_dataset(tok, f.read(), args.nsamples, args.seqlen)
+        calib = calibration_dataset(token_windows(tok, f.read(), args.nsamples, args.seqlen, "--calib"))
     with open(args.eval, encoding="utf-8") as f:
         eval_ids = tok(f.read(), return_tensors="pt", add_special_tokens=False).input_ids[0]
     card = torch.cuda.get_device_name(0) if dev == "cuda" else "cpu"

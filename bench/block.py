@@ -59,7 +59,7 @@ def build_model(shape: str, layers: int, seqlen: int, seed: int = 0):
                       tie_word_embeddings=False)
     torch.manual_seed(seed)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    from autoround_fast.cli import cast_parameters
+    from autoround_fast.cli.models import cast_parameters
 
     with torch.device(dev):
         model = cast_parameters(LlamaForCausalLM(cfg), torch.bfloat16)

@@ -60,7 +60,7 @@ def test_accuracy_bench_on_smollm2(tmp_path):
     """bench.accuracy on the real SmolLM2 at toy sizes: the bf16, RTN and engine rows come out
     finite, quantizing costs perplexity, and the engine's saved checkpoint scores exactly what
     the tuned in-memory model scored."""
-    from autoround_fast.cli import bundled_gguf
+    from autoround_fast.cli.models import bundled_gguf
 
     try:
         bundled_gguf()
