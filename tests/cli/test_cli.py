@@ -17,7 +17,7 @@ from autoround_fast.cli import CliError, build_parser, main, models, quantize, s
 from autoround_fast.perplexity import perplexity
 from conftest import tiny_llama, tiny_tokenizer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def words(n, seed):
