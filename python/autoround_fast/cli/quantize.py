@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from ..checkpoint import save_checkpoint, source_dtype
+from ..engine.precision import cpu_tune_dtype
 from ..perplexity import perplexity
 from . import checks, models, schemes, texts
 from .checks import CliError
@@ -55,11 +57,15 @@ class Job:
     calib_source: str
     eval_windows: Optional[torch.Tensor]  # None: --no-eval
     eval_source: str
+    deterministic: bool
+    save_dtype: torch.dtype  # the dtype the source model was published in: the checkpoint's
     modifier_options: dict = field(default_factory=dict)
 
     @property
     def dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.cuda else torch.float32
+        """The dtype the model is loaded and tuned in: bf16 on a GPU; on a CPU the one auto-round
+        converts each block to (bf16 with AVX512-BF16, else fp32), so the model is one dtype."""
+        return torch.bfloat16 if self.cuda else cpu_tune_dtype()
 
 
 def prepare(args) -> Job:
@@ -98,6 +104,7 @@ def prepare(args) -> Job:
 
     # What needs the model's config and tokenizer, not its weights.
     config = models.load_config(model_path)
+    save_dtype = source_dtype(model_path)
     in_features = models.target_in_features(config, schemes.TARGETS, schemes.IGNORE)
     choice = schemes.choose_scheme(scheme, args.group_size, in_features, args.skip_indivisible)
     cfg = settings(args, cuda)
@@ -112,8 +119,18 @@ def prepare(args) -> Job:
     return Job(model_path=model_path, choice=choice, backend=backend, cuda=cuda, settings=cfg, seed=args.seed,
                out_dir=out_dir, overwrite=args.overwrite, tokenizer=tokenizer, calib_windows=calib,
                calib_source=calib_source, eval_windows=windows, eval_source=eval_source,
-               modifier_options=dict(cache_on_cpu=args.cache_on_cpu, device_ids=args.device_ids,
-                                     fuse_elementwise=args.fuse))
+               deterministic=args.deterministic, save_dtype=save_dtype,
+               modifier_options=_modifier_options(args, backend, save_dtype))
+
+
+def _modifier_options(args, backend: str, save_dtype: torch.dtype) -> dict:
+    """The AutoRoundModifier fields the command line sets beyond the scheme and the settings.
+    Our backends round INT scales to the dtype the checkpoint stores them in, so the saved
+    checkpoint reloads to the tuned weights."""
+    options = dict(cache_on_cpu=args.cache_on_cpu, device_ids=args.device_ids, fuse_elementwise=args.fuse)
+    if backend != "auto_round":
+        options["int_scale_dtype"] = str(save_dtype).removeprefix("torch.")
+    return options
 
 
 def run(args) -> int:
@@ -192,6 +209,9 @@ def execute(job: Job) -> int:
 
         logger.disable("llmcompressor.utils.dev")
     torch.manual_seed(job.seed)
+    if job.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for it
+        torch.use_deterministic_algorithms(True)
 
     parent = os.path.dirname(job.out_dir)
     made = []  # the missing ancestors of the output directory, made here, removed on failure
@@ -214,9 +234,6 @@ def execute(job: Job) -> int:
 
         os.makedirs(parent, exist_ok=True)
         work = tempfile.mkdtemp(prefix=".autoround-fast-", dir=parent)
-        config_dir = os.path.join(work, "source-config")
-        model.config.save_pretrained(config_dir)  # oneshot re-reads the config from disk
-        model.config._name_or_path = config_dir
         modifier = AutoRoundModifier(
             ignore=job.choice.ignore, iters=cfg["iters"], batch_size=cfg["batch_size"], backend=job.backend,
             seed=job.seed, enable_torch_compile=False, progress=True, **job.choice.modifier_kwargs,
@@ -224,9 +241,7 @@ def execute(job: Job) -> int:
         t0 = time.perf_counter()
         _oneshot(model, job.tokenizer, modifier, job.calib_windows)
         elapsed = time.perf_counter() - t0
-        ckpt = os.path.join(work, "checkpoint")
-        model.save_pretrained(ckpt, save_compressed=True)
-        job.tokenizer.save_pretrained(ckpt)
+        ckpt = save_checkpoint(model, job.tokenizer, os.path.join(work, "checkpoint"), dtype=job.save_dtype)
         rows = modifier.block_stats
         del model
         report = {"model": job.model_path, "scheme": job.choice.name, "group_size": job.choice.group_size,
