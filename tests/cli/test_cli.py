@@ -237,7 +237,7 @@ def test_auto_round_backend_accepts_the_schemes_only_it_tunes(tiny_model_dir, ca
     assert (job.choice.name, job.backend, job.choice.modifier_kwargs["scheme"]) == ("MXFP4", "auto_round", "MXFP4")
 
 
-def test_seed_reaches_the_modifier_and_ctrl_c_leaves_nothing(tiny_model_dir, calib_file, tmp_path, capsys,
+def test_seed_and_lr_reach_the_modifier_and_ctrl_c_leaves_nothing(tiny_model_dir, calib_file, tmp_path, capsys,
                                                             monkeypatch):
     seen = {}
 
@@ -247,9 +247,9 @@ def test_seed_reaches_the_modifier_and_ctrl_c_leaves_nothing(tiny_model_dir, cal
 
     monkeypatch.setattr(quantize, "_oneshot", interrupted)
     out = tmp_path / "a" / "b" / "out"
-    assert main(args(tiny_model_dir, out, calib_file, "--seed", "7")) == 130
+    assert main(args(tiny_model_dir, out, calib_file, "--seed", "7", "--lr", "0.03")) == 130
     assert capsys.readouterr().err.endswith("\nautoround-fast: interrupted\n")
-    assert seen["recipe"].seed == 7 and seen["recipe"].backend == "torch"
+    assert (seen["recipe"].seed, seen["recipe"].lr, seen["recipe"].backend) == (7, 0.03, "torch")
     assert os.listdir(tmp_path) == []  # neither the output, its parents, nor the work directory
 
 
@@ -323,12 +323,12 @@ def test_failed_run_leaves_no_checkpoint(calib_file, tmp_path):
 def test_settings_are_autoround_defaults_on_a_gpu_and_small_on_a_cpu():
     import argparse
 
-    none = argparse.Namespace(iters=None, nsamples=None, seqlen=None, batch_size=None)
-    assert quantize.settings(none, cuda=True) == dict(iters=200, nsamples=128, seqlen=2048, batch_size=8)
+    none = argparse.Namespace(iters=None, nsamples=None, seqlen=None, batch_size=None, lr=None)
+    assert quantize.settings(none, cuda=True) == dict(iters=200, nsamples=128, seqlen=2048, batch_size=8, lr=None)
     cpu = quantize.settings(none, cuda=False)
-    assert cpu == quantize.CPU_SETTINGS and cpu["seqlen"] < 2048
-    given = argparse.Namespace(iters=7, nsamples=None, seqlen=64, batch_size=None)
-    assert quantize.settings(given, cuda=True) == dict(iters=7, nsamples=128, seqlen=64, batch_size=8)
+    assert cpu == quantize.CPU_SETTINGS and cpu["seqlen"] < 2048 and cpu["lr"] < 1 / cpu["iters"]
+    given = argparse.Namespace(iters=7, nsamples=None, seqlen=64, batch_size=None, lr=0.1)
+    assert quantize.settings(given, cuda=True) == dict(iters=7, nsamples=128, seqlen=64, batch_size=8, lr=0.1)
 
 
 def test_output_directory_is_ignored_by_git():

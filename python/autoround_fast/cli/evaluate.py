@@ -16,7 +16,7 @@ from . import checks, models, texts
 
 def run(args) -> int:
     checks.check_positive(args.eval_windows, "--eval-windows")
-    path = checks.check_model_path(args.model, "MODEL")
+    path = checks.check_model_path(args.model, "MODEL") if args.model else models.bundled_gguf()
     if args.text:
         text, source = checks.read_text_file(args.text, "--text"), args.text
     else:

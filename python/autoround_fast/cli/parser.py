@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import textwrap
 from typing import Mapping, Optional
 
 from .checks import CliError
@@ -50,7 +51,8 @@ def apply_env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, st
             try:
                 value = action.type(raw) if action.type else raw
             except (TypeError, ValueError):
-                raise CliError(f"{name}={raw!r} is not a valid {action.metavar or action.dest}") from None
+                kind = {int: "whole number", float: "number"}.get(action.type, action.dest)
+                raise CliError(f"{name}={raw!r} is not a valid {kind}") from None
             if action.choices is not None and value not in action.choices:
                 raise CliError(f"{name}={raw!r}: choose one of {', '.join(map(str, action.choices))}")
         action.default = value
@@ -62,7 +64,7 @@ def build_parser(environ: Optional[Mapping[str, str]] = None) -> argparse.Argume
     from .texts import EVAL_SEQLEN, EVAL_WINDOWS
 
     environ = os.environ if environ is None else environ
-    ap = Parser(prog="autoround-fast", description=description, epilog=ENV_HELP,
+    ap = Parser(prog="autoround-fast", description=description, epilog=textwrap.fill(ENV_HELP, 90),
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", metavar="{quantize,eval,selfcheck}")
     cpu, gpu = CPU_SETTINGS, GPU_SETTINGS
@@ -71,7 +73,8 @@ def build_parser(environ: Optional[Mapping[str, str]] = None) -> argparse.Argume
                        description="Quantize a model with AutoRound and measure the result: perplexity of the "
                                    "original model, of plain RTN and of the checkpoint on held-out text.",
                        epilog=ENV_HELP)
-    q.add_argument("--model", help="model directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
+    q.add_argument("--model", metavar="PATH",
+                   help="model directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
     q.add_argument("--scheme", default="NVFP4",
                    help="llm-compressor preset (default NVFP4). Backends torch and cuda: NVFP4, NVFP4A16, "
                         "W2A16..W8A16, W4A16_ASYM; backend auto_round: also MXFP4, MXFP8, FP8, W8A8, ...")
@@ -81,16 +84,19 @@ def build_parser(environ: Optional[Mapping[str, str]] = None) -> argparse.Argume
     q.add_argument("--skip-indivisible", action="store_true",
                    help="leave the layers the group does not divide unquantized (named in a warning) "
                         "instead of failing")
-    q.add_argument("--iters", type=int,
+    q.add_argument("--iters", type=int, metavar="N",
                    help=f"SignRound iterations per block; 0: RTN with auto-round's imatrix-weighted scale "
                         f"search (default {gpu['iters']} on a GPU, {cpu['iters']} on a CPU)")
-    q.add_argument("--nsamples", type=int,
+    q.add_argument("--nsamples", type=int, metavar="N",
                    help=f"calibration samples (default {gpu['nsamples']} on a GPU, {cpu['nsamples']} on a CPU)")
-    q.add_argument("--seqlen", type=int,
+    q.add_argument("--seqlen", type=int, metavar="N",
                    help=f"tokens per sample (default {gpu['seqlen']} on a GPU, {cpu['seqlen']} on a CPU)")
-    q.add_argument("--batch-size", type=int,
+    q.add_argument("--batch-size", type=int, metavar="N",
                    help=f"samples per step (default {gpu['batch_size']} on a GPU, {cpu['batch_size']} on a CPU)")
-    q.add_argument("--seed", type=int, default=42, help="seed of the batch order and of torch (default 42)")
+    q.add_argument("--lr", type=float, metavar="X",
+                   help=f"SignRound step size, decaying linearly to 0 (default 1/iters, AutoRound's, on a GPU; "
+                        f"{cpu['lr']} on a CPU, where few iterations want a smaller step)")
+    q.add_argument("--seed", type=int, default=42, metavar="N", help="seed of the batch order and of torch (default 42)")
     q.add_argument("--backend", default="auto", choices=["auto", "cuda", "torch", "auto_round"],
                    help="auto: cuda when a GPU and the CUDA kernels are there, else torch; auto_round: "
                         "intel's auto-round through llm-compressor's own modifier")
@@ -106,12 +112,12 @@ def build_parser(environ: Optional[Mapping[str, str]] = None) -> argparse.Argume
                         "from calibration)")
     q.add_argument("--eval-windows", type=int, default=EVAL_WINDOWS, metavar="N",
                    help=f"windows of {EVAL_SEQLEN} tokens to measure perplexity on (default {EVAL_WINDOWS})")
-    q.add_argument("--output", help="output directory (default autoround-fast-out/<model>-<scheme>)")
+    q.add_argument("--output", metavar="DIR", help="output directory (default autoround-fast-out/<model>-<scheme>)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     q.add_argument("--cache-on-cpu", action="store_true",
                    help="keep each block's cached activations in host memory (GPUs short of memory)")
     q.add_argument("--device", choices=["auto", "cpu"], default="auto", help="cpu: ignore a GPU")
-    q.add_argument("--device-ids",
+    q.add_argument("--device-ids", metavar="IDS",
                    help='spread each block over these GPUs while tuning ("0,1" or "auto"), for a '
                         "block whose tuning state does not fit one card")
     q.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
@@ -125,7 +131,9 @@ def build_parser(environ: Optional[Mapping[str, str]] = None) -> argparse.Argume
                        description="Perplexity of a model on held-out text: by default the pydoc topics that "
                                    "quantize never calibrates on, in the same windows as quantize's table.",
                        epilog=ENV_HELP)
-    e.add_argument("model", metavar="MODEL", help="checkpoint directory (compressed-tensors or plain) or .gguf file")
+    e.add_argument("model", metavar="MODEL", nargs="?",
+                   help="checkpoint directory (compressed-tensors or plain) or .gguf file (default: the "
+                        "bundled SmolLM2-135M-Instruct, unquantized)")
     e.add_argument("--text", metavar="FILE", help="UTF-8 text file to measure on (default: the held-out pydoc topics)")
     e.add_argument("--eval-windows", type=int, default=EVAL_WINDOWS, metavar="N",
                    help=f"windows of {EVAL_SEQLEN} tokens (default {EVAL_WINDOWS})")
