@@ -16,7 +16,7 @@ constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * kLanes;
 // Blocks of the small-group forward resident per SM: it is held to 48 registers for 5 (it
 // waits on memory; at 50 registers 4 stayed resident and it lost 8 points of bandwidth,
-// NOTES.md session 11), and its grid is capped at that many blocks per SM (small_grid).
+// docs/design.md#int-kernels), and its grid is capped at that many blocks per SM (small_grid).
 constexpr int kForwardResident = 5;
 
 template <typename T, bool kVec, bool kNc = true>
@@ -260,7 +260,7 @@ __global__ void __launch_bounds__(kThreads) fake_quant_int_backward_kernel(IntAr
 // a time. E = 8 where the group allows (groups 8..128: 16-byte loads of bf16 and fp16, and
 // each group's scale arithmetic and butterflies shared by twice the elements; these kernels
 // are bound by instruction issue), else E = 4 (group 4). E = 16 took 122 registers, two
-// blocks per SM, and lost 4-18 points of bandwidth on the H200 (NOTES.md, session 13).
+// blocks per SM, and lost 4-18 points of bandwidth on the H200 (docs/design.md#tried-and-not-kept).
 // The sums: element j belongs to the CPU's lane j / 4 (int_quant.h), whose partials a 32-lane
 // xor butterfly combines (lanes past the group add zeros). With E = 4 lane k is that lane, and
 // the butterfly over the L lanes takes the same steps. With E = 8 lane k holds the CPU's
@@ -299,7 +299,7 @@ __device__ __forceinline__ void store_lane(T* p, const float* x) {
 // computes is discarded (its reads may meet that group's in-place step half done). That
 // spares the zeroing and the branches around the loads. Unrolling by 4 groups per slot
 // lowered occupancy and bandwidth on the H100 (70% -> 51% of copy bandwidth for fwd+bwd,
-// NOTES.md): one group per slot per pass.
+// docs/design.md#tried-and-not-kept): one group per slot per pass.
 template <int L, int E, typename F>
 __device__ __forceinline__ void for_each_small_group(const IntArgs& a, F&& body) {
   constexpr int kPerWarp = kLanes / L;
@@ -407,7 +407,7 @@ void with_lanes(int lanes, F&& f) {
 // indices, parameters: about a fifth of a forward lane's instructions) once, not per group.
 // H200, INT4 g128: the forward went from 73-78% to 78-90% of copy bandwidth; the backward
 // with the step lost 7 points on the large shapes that way (87% -> 80%), so it keeps one
-// pass (NOTES.md, session 11).
+// pass (docs/design.md#int-kernels).
 unsigned small_grid(int64_t groups, int lanes, int resident_per_sm = 0) {
   const unsigned g = grid_for(groups, kWarps * (kLanes / lanes));
   const int64_t cap = resident_per_sm > 0 ? static_cast<int64_t>(sm_count()) * resident_per_sm : 0;

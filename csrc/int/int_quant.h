@@ -34,7 +34,7 @@ struct IntParams {
 
 // IntParams with sym and the quotient's dtype fixed at compile time. The functions below take
 // either (a template parameter P); the GPU kernels pass these, so that no element's code
-// branches on sym or tests the quotient's dtype (ncu, session 12: two branches and a
+// branches on sym or tests the quotient's dtype (Nsight Compute: two branches and a
 // predicated conversion per element of the INT backward came from those two run-time values).
 template <bool kSym, int kQuot>
 struct FixedIntParams {
@@ -60,7 +60,7 @@ struct IntScale {
   bool fast;
 };
 
-// The fast division's domain (int_divide, NOTES.md session 11): 2^-24 <= |s| <= 2^16,
+// The fast division's domain (int_divide, docs/design.md#int-fast-division): 2^-24 <= |s| <= 2^16,
 // |x| <= 2^40 |s|, |x| <= 2^62 (x * 2^64 finite), and x = 0 or |x| >= 2^-80. The group's
 // scale and largest magnitude are checked once (IntScale::fast); elements below kFastMin take
 // the IEEE division instead (a zero or a tiny weight sends its lane there), which also keeps

@@ -50,7 +50,7 @@ __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_backward_kernel(Nvf
 // staged through shared memory. One thread per group would read and write V's fp32 values as
 // four 16-byte accesses 64 bytes apart across the warp: every store instruction fills half
 // of 32 sectors, and ncu showed the backward + step bound by L2 throughput (84%) with DRAM at
-// 54% (NOTES.md, session 11). Here each block moves its 256 groups' V (16 KB) with
+// 54% (docs/design.md#nvfp4-kernels). Here each block moves its 256 groups' V (16 KB) with
 // contiguous 512-byte warp accesses, in and out; each thread reads and writes its group's 16
 // values in shared memory.
 // Chunk c (16 bytes) of the tile lives at c ^ ((c >> 3) & 3): a thread's four chunks 4t..4t+3

@@ -101,7 +101,7 @@ struct GroupIndex {
 // The grid-stride loop of every kernel here, one thread per 16-element group of a [rows, cols]
 // tensor: body(gi, where group gi starts and how many elements it has). Unrolling the
 // activation kernels by 2 groups per thread, all loaded before the first use, lowered
-// occupancy and bandwidth on the H100 (63% -> 49% of copy bandwidth for fwd+bwd, NOTES.md).
+// occupancy and bandwidth on the H100 (63% -> 49% of copy bandwidth for fwd+bwd, docs/design.md#nvfp4-kernels).
 // kWhole (rows are whole groups, the vector path): group gi starts at element 16 * gi, so
 // the loop needs no 64-bit division by the groups per row.
 template <bool kWhole, typename F>

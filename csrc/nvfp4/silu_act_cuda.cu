@@ -73,7 +73,7 @@ __global__ void __launch_bounds__(kThreads) silu_mul_act_kernel(SiluMulActArgs a
 // registers per thread instead of 127, twice the groups in flight (forward+backward on
 // 16384x14336 bf16, H200: 1.886 -> 1.709 ms).
 // The kernel is bound by the conversion pipe (expf, the reciprocals and the fp32 -> 16-bit
-// roundings; ncu, NOTES.md session 11), so the output pass treats every element as off the
+// roundings; docs/design.md#silu-act-kernel), so the output pass treats every element as off the
 // group's argmax (its gradient T(gc * os) needs no second rounding), and the argmax element
 // is redone alone after the group's stores, overwriting its place: 144 -> 103 roundings per
 // 16 bf16 elements. Four blocks per SM for the 16-bit types (64 registers; ptxas spills 4
