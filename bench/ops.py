@@ -15,7 +15,6 @@ and SiLU(gate) * up with the W4A4 activation quantization in one op, beside the 
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 
