@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..engine.precision import cpu_tune_dtype
 from ..perplexity import perplexity
 from . import checks, models, texts
 
@@ -26,7 +27,7 @@ def run(args) -> int:
     seqlen = min(texts.EVAL_SEQLEN, getattr(config, "max_position_embeddings", None) or texts.EVAL_SEQLEN)
     windows = texts.token_windows(models.load_tokenizer(path), text, args.eval_windows, seqlen,
                                   f"evaluation text ({source})")
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = torch.bfloat16 if cuda else cpu_tune_dtype()  # as quantize measures: the figures compare
     model = models.prequantize_weights(models.load_model(path, dtype))
     if cuda:
         model.to("cuda")
