@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -10,9 +11,34 @@ NVFP4_GROUP = 16  # elements per NVFP4 scale group, along the input features
 FP4_MAX = 6.0  # the largest FP4 (e2m1) magnitude
 E4M3_MAX = 448.0  # the largest float8_e4m3fn magnitude, the range of an NVFP4 group scale
 INT_GROUP_PER_ROW = -1  # the INT group_size that means one group per row
+MX_GROUP = 32  # elements per MX (MXFP4, MXFP8) group, which share one power-of-two scale
+E8M0_EXP_MAX = 127  # |shared exponent| bound of an MX scale (e8m0, bias 127)
 
 # c10::ScalarType codes of the INT scale dtypes: the ops' schemas take the scale dtype as an int.
 SCALE_DTYPE_CODES = {torch.float16: 5, torch.float32: 6, torch.bfloat16: 15}
+
+
+@dataclass(frozen=True)
+class MxElement:
+    """An MX element format (OCP MX spec): exponent bits, explicit mantissa bits, the
+    smallest normal exponent, the largest normal exponent (emax) and the largest magnitude."""
+
+    ebits: int
+    mbits: int
+    min_exp: int
+    emax: int
+    max_norm: float
+
+
+MX_ELEMENTS = {  # by the scheme's bit width
+    4: MxElement(ebits=2, mbits=1, min_exp=0, emax=2, max_norm=FP4_MAX),  # FP4 e2m1
+    8: MxElement(ebits=4, mbits=3, min_exp=-6, emax=8, max_norm=E4M3_MAX),  # FP8 e4m3
+}
+
+
+def mx_num_groups(in_features: int) -> int:
+    """MX groups per row: ceil(in_features / 32)."""
+    return math.ceil(in_features / MX_GROUP)
 
 
 def nvfp4_num_groups(in_features: int) -> int:

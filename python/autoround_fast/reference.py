@@ -13,13 +13,15 @@ from typing import Optional
 
 import torch
 
-from .formats import E4M3_MAX, FP4_MAX, NVFP4_GROUP, int_num_groups
+from .formats import E4M3_MAX, E8M0_EXP_MAX, FP4_MAX, MX_ELEMENTS, MX_GROUP, NVFP4_GROUP, int_num_groups
 
 __all__ = [
     "fake_quant_nvfp4",
     "fake_quant_nvfp4_activation",
     "silu_mul_nvfp4_activation",
     "fake_quant_int",
+    "fake_quant_mx",
+    "fake_quant_mx_activation",
     "masked_mse_loss",
 ]
 
@@ -136,6 +138,59 @@ def fake_quant_int(weight, v, min_scale, max_scale, bits, group_size, sym, scale
         s.reshape(rows, groups),
         zp.detach().to(torch.float32).reshape(rows, groups),
     )
+
+
+def _mx_element(t: torch.Tensor, bits: int) -> torch.Tensor:
+    """Round fp32 ``t`` (already within +-max_norm) onto the MX element grid, half to even
+    (docs/numerics.md#mx). The element's own exponent is floor(log2|t|), at least the format's
+    smallest normal one; it takes part in autograd through its log2, as in auto-round, so the
+    gradient of an element is |q| / |t| where q is normal, 1 where subnormal, 0 at t = 0."""
+    fmt = MX_ELEMENTS[bits]
+    lg = torch.log2(torch.abs(t) + (t == 0).type(t.dtype))
+    e = _ste(lg, torch.floor(lg)).clip(min=float(fmt.min_exp))
+    unit = 2.0 ** float(fmt.mbits)
+    y = t / (2.0 ** e.float()) * unit
+    a = torch.abs(y)
+    tie_to_odd = ((a - 0.5) % 2 == torch.zeros_like(a)).type(y.dtype)
+    y = torch.sign(y) * (_ste(a + 0.5, torch.floor(a + 0.5)) - tie_to_odd)
+    y = y / unit * (2.0 ** e.float())
+    return torch.clamp(y, min=-fmt.max_norm, max=fmt.max_norm)
+
+
+def _mx_groups(x: torch.Tensor, v, max_scale, bits: int):
+    """x: fp32 [groups, 32]. Returns (fake-quantized groups, shared exponents [groups, 1]):
+    the scale is 2^(floor(log2(max|x| * max_scale)) - emax), clamped to the e8m0 range."""
+    fmt = MX_ELEMENTS[bits]
+    m = torch.max(torch.abs(x), dim=-1, keepdim=True)[0] * max_scale
+    # log2 of 1 where the group is all zeros: the same exponent as auto-round's where(), and a
+    # zero gradient for max_scale where auto-round's log2 backward makes 0/0 = NaN
+    # (docs/numerics.md#mx-zero-group)
+    lg = torch.where(m == 0, torch.ones_like(m), torch.log2(torch.where(m == 0, torch.ones_like(m), m)))
+    e = (_ste(lg, torch.floor(lg)) - fmt.emax).clamp(min=-E8M0_EXP_MAX, max=E8M0_EXP_MAX)
+    scale = torch.pow(2.0, e.float())
+    y = torch.clamp(x / scale + v, min=-fmt.max_norm, max=fmt.max_norm)
+    return _mx_element(y, bits) * scale, e
+
+
+def fake_quant_mx(weight, v, max_scale, bits):
+    """Oracle of :func:`autoround_fast.ops.fake_quant_mx`: (fake-quantized weight in its dtype,
+    fp32 shared exponents [rows, groups], the log2 of each group's scale)."""
+    rows, cols = weight.shape
+    wg, _ = _groups(weight, MX_GROUP)
+    vg, _ = _groups(v, MX_GROUP)
+    q, e = _mx_groups(wg.to(torch.float32), vg, max_scale.reshape(-1, 1), bits)
+    return _ungroup(q, rows, cols).to(weight.dtype), e.detach().reshape(rows, -1)
+
+
+def fake_quant_mx_activation(x, bits):
+    """Oracle of :func:`autoround_fast.ops.fake_quant_mx_activation`: dynamic MX quantization of
+    each 32-group of the last dimension, with auto-round's zero offset (which turns -0 into
+    +0) and without its unit max_scale (an exact multiply)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    xg, _ = _groups(x2, MX_GROUP)
+    q, _ = _mx_groups(xg.to(torch.float32), 0, 1.0, bits)
+    return _ungroup(q, x2.shape[0], shape[-1]).to(x.dtype).reshape(shape)
 
 
 def masked_mse_loss(pred, ref, mask: Optional[torch.Tensor] = None):
