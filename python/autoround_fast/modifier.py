@@ -31,34 +31,52 @@ from llmcompressor.modifiers.autoround import AutoRoundModifier as _StockAutoRou
 from llmcompressor.modifiers.factory import ModifierFactory
 
 from .engine import BlockResult, QuantSpec, make_backend, pack_samples, same_value, tune_block
-from .formats import INT_GROUP_PER_ROW, NVFP4_GROUP, SCALE_DTYPE_CODES
+from .formats import INT_GROUP_PER_ROW, MX_ELEMENTS, MX_GROUP, NVFP4_GROUP, SCALE_DTYPE_CODES
 
 __all__ = ["AutoRoundModifier", "spec_from_scheme"]
 
-_SUPPORTED = "NVFP4 (W4A4), NVFP4A16, and INT W2..W8 A16 (sym or asym, per channel or grouped)"
+_SUPPORTED = ("NVFP4 (W4A4), NVFP4A16, MXFP4, MXFP4A16, MXFP8, MXFP8A16, and INT W2..W8 (sym or asym, "
+              "per channel or grouped) with 16-bit or dynamic per-token activations")
+
+
+def _type_of(args) -> str:
+    return getattr(args.type, "value", args.type)
+
+
+def _is_mx(args) -> bool:
+    """compressed-tensors' MX layout: float 4 or 8 bits, groups of 32, uint8 (e8m0) scales."""
+    return (_type_of(args) == "float" and args.num_bits in MX_ELEMENTS and args.group_size == MX_GROUP
+            and args.strategy == QuantizationStrategy.GROUP and args.scale_dtype == torch.uint8)
+
+
+def _float_spec(w, act, hint: str) -> QuantSpec:
+    """NVFP4 or MX from float weights, with activations in the same format (or none)."""
+    if w.num_bits == 4 and w.group_size == NVFP4_GROUP and w.strategy == QuantizationStrategy.TENSOR_GROUP:
+        if act is not None and (_type_of(act) != "float" or act.num_bits != 4 or act.group_size != NVFP4_GROUP):
+            raise ValueError(f"{hint}; got NVFP4 weights with activations {act}")
+        return QuantSpec("nvfp4", act=act is not None)
+    if _is_mx(w):
+        if act is not None and not (_is_mx(act) and act.num_bits == w.num_bits and act.dynamic is True):
+            raise ValueError(f"{hint}; got MXFP{w.num_bits} weights with activations {act}")
+        return QuantSpec("mx", bits=w.num_bits, group_size=MX_GROUP, act=act is not None)
+    raise ValueError(f"{hint}; got float{w.num_bits} weights, strategy {w.strategy}, group {w.group_size}")
 
 
 def spec_from_scheme(scheme, weight_scale_dtype: Optional[torch.dtype], layer: str, backend: str) -> QuantSpec:
-    """The engine's QuantSpec for a compressed-tensors QuantizationScheme, or a clear error."""
+    """The engine's QuantSpec for a compressed-tensors QuantizationScheme, or a clear error.
+    INT weights with dynamic per-token activations (W8A8, W4AFP8, ...) tune weight-only, as the
+    stock path does: llm-compressor hands auto-round such activations as 16-bit."""
     w = scheme.weights
     act = scheme.input_activations
     hint = (f"layer {layer!r}: backend={backend!r} supports {_SUPPORTED}; use backend='auto_round' "
-            "for other schemes (MXFP4, MXFP8, FP8, ...)")
+            "for other schemes (FP8, FP8_DYNAMIC, FP8_BLOCK, ...)")
     if w is None or scheme.output_activations is not None:
         raise ValueError(f"{hint}; got weights={w}, output_activations={scheme.output_activations}")
-    wtype = getattr(w.type, "value", w.type)
-    if wtype == "float":
-        if w.num_bits != 4 or w.group_size != NVFP4_GROUP or w.strategy != QuantizationStrategy.TENSOR_GROUP:
-            raise ValueError(f"{hint}; got float{w.num_bits} weights, strategy {w.strategy}, "
-                             f"group {w.group_size}")
-        if act is not None:
-            atype = getattr(act.type, "value", act.type)
-            if atype != "float" or act.num_bits != 4 or act.group_size != NVFP4_GROUP:
-                raise ValueError(f"{hint}; got activations {act}")
-        return QuantSpec("nvfp4", act=act is not None)
-    if wtype == "int":
-        if act is not None:
-            raise ValueError(f"{hint}; INT with quantized activations is not supported")
+    if _type_of(w) == "float":
+        return _float_spec(w, act, hint)
+    if _type_of(w) == "int":
+        if act is not None and not (act.dynamic is True and act.strategy == QuantizationStrategy.TOKEN):
+            raise ValueError(f"{hint}; INT weights take 16-bit or dynamic per-token activations, got {act}")
         if w.strategy == QuantizationStrategy.GROUP:
             group = w.group_size
         elif w.strategy == QuantizationStrategy.CHANNEL:
@@ -67,7 +85,7 @@ def spec_from_scheme(scheme, weight_scale_dtype: Optional[torch.dtype], layer: s
             raise ValueError(f"{hint}; got INT strategy {w.strategy}")
         sd = weight_scale_dtype if weight_scale_dtype in SCALE_DTYPE_CODES else torch.float16
         return QuantSpec("int", bits=w.num_bits, group_size=group, sym=w.symmetric, scale_dtype=sd)
-    raise ValueError(f"{hint}; got {wtype} weights")
+    raise ValueError(f"{hint}; got {_type_of(w)} weights")
 
 
 class AutoRoundModifier(_StockAutoRoundModifier):
@@ -311,6 +329,8 @@ class AutoRoundModifier(_StockAutoRoundModifier):
             put("weight_global_scale", qp["global_scale"])
             if spec.act:
                 put("input_global_scale", qp["input_global_scale"])
+        elif spec.kind == "mx":  # the power of two itself; compressed-tensors stores its exponent
+            put("weight_scale", torch.exp2(qp["scale"]))
         else:
             put("weight_scale", qp["scale"])
         zp_param = getattr(module, "weight_zero_point", None)

@@ -33,9 +33,18 @@ def quantized_linears(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and hasattr(m, "weight_scale")}
 
 
+# the compressed-tensors format llm-compressor's own path writes for each scheme
+CHECKPOINT_FORMATS = {"NVFP4": "nvfp4-pack-quantized", "NVFP4A16": "nvfp4-pack-quantized",
+                      "W4A16": "pack-quantized", "W4A16_ASYM": "pack-quantized",
+                      "MXFP4": "mxfp4-pack-quantized", "MXFP4A16": "mxfp4-pack-quantized",
+                      "MXFP8": "mxfp8-quantized", "MXFP8A16": "mxfp8-quantized",
+                      "W8A8": "int-quantized", "W4AFP8": "int-quantized"}
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("cuda", marks=pytest.mark.skipif(
     not HAS_CUDA, reason="needs a GPU"))])
-@pytest.mark.parametrize("scheme", ["NVFP4", "NVFP4A16", "W4A16", "W4A16_ASYM"])
+@pytest.mark.parametrize("scheme", ["NVFP4", "NVFP4A16", "W4A16", "W4A16_ASYM", "MXFP4", "MXFP4A16", "MXFP8",
+                                    "MXFP8A16", "W8A8", "W4AFP8"])
 def test_checkpoint_reloads_to_tuned_weights(tiny_model_dir, tmp_path, scheme, backend, monkeypatch):
     # The bf16 model stays bf16 on the CPU, as on a CPU with AVX512-BF16; without it auto-round's
     # rule converts the block to fp32 (tests/integration/test_equivalence.py covers both), and an
@@ -57,8 +66,7 @@ def test_checkpoint_reloads_to_tuned_weights(tiny_model_dir, tmp_path, scheme, b
         m = model.model.layers[0].self_attn.q_proj
         assert m.input_global_scale.dtype == torch.float32 and torch.isfinite(m.input_global_scale).all()
     model.save_pretrained(tmp_path, save_compressed=True)
-    fmt = "nvfp4-pack-quantized" if scheme.startswith("NVFP4") else "pack-quantized"
-    assert fmt in (tmp_path / "config.json").read_text()
+    assert f'"format": "{CHECKPOINT_FORMATS[scheme]}"' in (tmp_path / "config.json").read_text()
     reloaded = LlamaForCausalLM.from_pretrained(
         tmp_path, torch_dtype=torch.bfloat16, quantization_config=CompressedTensorsConfig(run_compressed=False))
     for name, w in tuned.items():

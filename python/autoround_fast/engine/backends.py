@@ -1,4 +1,4 @@
-"""The five functions the engine computes with, as a Protocol that two backends implement:
+"""The functions the engine computes with, as a Protocol that two backends implement:
 ``torch`` (the plain-PyTorch oracles, any device) and ``cuda`` (the kernels, as torch ops)."""
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ class Backend(Protocol):
 
     def act(self, x, global_scale) -> torch.Tensor: ...
 
+    def mx(self, w, v, max_scale, bits) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def mx_act(self, x, bits) -> torch.Tensor: ...
+
     def loss(self, pred, ref, mask: Optional[torch.Tensor]) -> torch.Tensor: ...
 
     def step(self, param, best, grad, improved, lr) -> None: ...
@@ -44,6 +48,12 @@ class TorchBackend:
 
     def act(self, x, global_scale):
         return reference.fake_quant_nvfp4_activation(x, global_scale)
+
+    def mx(self, w, v, max_scale, bits):
+        return reference.fake_quant_mx(w, v, max_scale, bits)
+
+    def mx_act(self, x, bits):
+        return reference.fake_quant_mx_activation(x, bits)
 
     def loss(self, pred, ref, mask):
         return reference.masked_mse_loss(pred, ref, mask)
@@ -72,6 +82,12 @@ class KernelBackend:
 
     def act(self, x, global_scale):
         return self._op.fake_quant_nvfp4_activation(x.contiguous(), global_scale)
+
+    def mx(self, w, v, max_scale, bits):
+        return self._op.fake_quant_mx(w, v, max_scale, bits)
+
+    def mx_act(self, x, bits):
+        return self._op.fake_quant_mx_activation(x.contiguous(), bits)
 
     def loss(self, pred, ref, mask):
         return self._op.masked_mse_loss(pred.contiguous(), ref.contiguous(), mask)

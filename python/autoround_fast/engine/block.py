@@ -19,7 +19,7 @@ from .linear import ActQuantLinear, TunedLinear, share_input_quantization, swap_
 from .options import Plan, TuneOptions, plan
 from .placement import waits_for_host
 from .precision import convert_block
-from .rtn import opt_rtn_int_sym, opt_rtn_nvfp4
+from .rtn import opt_rtn_int_sym, opt_rtn_mx, opt_rtn_nvfp4
 from .signround import LoopData, SignRound
 from .spec import QuantSpec, fused_layer_groups
 
@@ -140,7 +140,7 @@ class _BlockRun:
     def __init__(self, block, specs, linears, p: Plan, q_inputs, token_mask):
         self.block, self.specs, self.linears, self.plan = block, specs, linears, p
         self.iters = p.options.iters
-        self.act_quant = any(s.act for s in specs.values())
+        self.static_act = any(s.static_act for s in specs.values())
         self.phases = _Phases(p.device)
         self.q_inputs, self.token_mask = q_inputs, token_mask
 
@@ -201,10 +201,10 @@ class _BlockRun:
         self.mask = None if self.token_mask is None else self.token_mask.to(device=p.device, dtype=torch.float32)
 
     def _calibrate(self) -> dict[str, ActStats]:
-        """act_max (W4A4) and the imatrix (iters=0) on the quantized inputs, the block as it is:
+        """act_max (NVFP4 W4A4) and the imatrix (iters=0) on the quantized inputs, the block as it is:
         act_max is auto-round's, bit for bit."""
         p = self.plan
-        want_max, want_imatrix = self.act_quant, self.iters == 0
+        want_max, want_imatrix = self.static_act, self.iters == 0
         stats = activation_stats(self.block, self.linears, self.inputs, p.precision.calibration, self.q_hidden,
                                  want_max=want_max, want_imatrix=want_imatrix, cuda_graph=p.cuda_graph)
         if p.dist is not None:
@@ -267,7 +267,8 @@ class _BlockRun:
         for name, tl in tuned.items():
             tl.linear.to(p.device)
             if keep_act_quant and tl.spec.act:
-                swap_module(self.block, name, ActQuantLinear(tl.linear, p.backend, tl.act_global_scale.to(p.device)))
+                gs = None if tl.act_global_scale is None else tl.act_global_scale.to(p.device)
+                swap_module(self.block, name, ActQuantLinear(tl.linear, tl.spec, p.backend, gs))
             else:
                 swap_module(self.block, name, tl.linear)
 
@@ -285,12 +286,15 @@ def _global_scales(linears, specs, given: dict[str, torch.Tensor]) -> dict[str, 
 
 
 def _qparams(tl: TunedLinear, stats: ActStats, iters: int) -> dict[str, torch.Tensor]:
-    """weight (fake-quantized), scale, zero_point (asym INT), global_scale (NVFP4), act_max
-    and input_global_scale (W4A4) of a tuned Linear; iters=0 runs the optimized RTN."""
+    """weight (fake-quantized), scale (MX: its log2, the shared exponent), zero_point (asym
+    INT), global_scale (NVFP4), act_max and input_global_scale (NVFP4 W4A4) of a tuned Linear;
+    iters=0 runs the optimized RTN."""
     spec = tl.spec
     zp = None
     if iters == 0 and spec.kind == "nvfp4":
         wq, scale = opt_rtn_nvfp4(tl, stats.imatrix.to(tl.v.device))
+    elif iters == 0 and spec.kind == "mx":
+        wq, scale = opt_rtn_mx(tl, stats.imatrix.to(tl.v.device))
     elif iters == 0 and spec.kind == "int" and spec.sym:
         wq, scale = opt_rtn_int_sym(tl, stats.imatrix.to(tl.v.device))
     else:
@@ -300,7 +304,7 @@ def _qparams(tl: TunedLinear, stats: ActStats, iters: int) -> dict[str, torch.Te
         qp["zero_point"] = zp.detach()
     if tl.global_scale is not None:
         qp["global_scale"] = tl.global_scale.detach()
-    if spec.act:
+    if spec.static_act:
         qp["act_max"] = stats.max.detach()
         qp["input_global_scale"] = tl.act_global_scale.detach()
     return qp

@@ -70,11 +70,17 @@ class TunedLinear(nn.Module):
         self.stepper: Optional[Stepper] = None
         self.forwards = 0  # forwards with gradients (the loop checks that there is one per step)
 
+    @property
+    def steps_in_backward(self) -> bool:
+        """Whether the kernels can take the sign step inside this Linear's weight backward."""
+        return self.spec.kind in ("nvfp4", "int")
+
     def tunables(self) -> list[nn.Parameter]:
         return [p for p in (self.v, self.min_scale, self.max_scale) if p is not None]
 
     def qdq(self):
-        """(fake-quantized weight, scale, zero point or None), clamping the scales to [0, 1]."""
+        """(fake-quantized weight, scale (MX: its log2), zero point or None), clamping the
+        scales to [0, 1]."""
         # on .data, as auto-round: a Linear called twice in one forward keeps the first call's
         # saved scales valid for its backward (an in-place op on the Parameter bumps its version)
         self.max_scale.data.clamp_(0, 1)
@@ -87,6 +93,9 @@ class TunedLinear(nn.Module):
             self.forwards += 1
             st = self.stepper
         be = self.backend
+        if s.kind == "mx":
+            q, exponent = be.mx(w, self.v, self.max_scale, s.bits)
+            return q, exponent, None
         if s.kind == "nvfp4":
             if st is not None:
                 q, scale = be.nvfp4_stepped(w, self.v, self.max_scale, self.global_scale, *st.args())
@@ -113,50 +122,71 @@ class TunedLinear(nn.Module):
         itself, with the kernels, and pass ``input_quantized=True`` (fusion's SiLU-gated MLP
         does, for down_proj); None where that does not apply (no W4A4, the oracles, or an
         input shared with other Linears)."""
-        if self.spec.act and self.backend.uses_kernels and self.act_memo is None:
+        if self.spec.static_act and self.backend.uses_kernels and self.act_memo is None:
             return self.act_global_scale
         return None
 
     def _quant_input(self, x):
-        """The input's NVFP4 fake quantization (W4A4). q, k and v quantize the same tensor
-        under the same global scale: the first computes it and the others take its result
+        """The input's fake quantization (W4A4, MX). q, k and v quantize the same tensor
+        under the same global scale (NVFP4) or none (MX): the first computes it and the others take its result
         (the same bits, one kernel instead of three). Only when the input needs no gradient
         (q/k/v read the normed block input), so every backward stays its own."""
         memo = self.act_memo
         if memo is None or x.requires_grad:
-            return self.backend.act(x, self.act_global_scale)
+            return quant_input(self.backend, self.spec, x, self.act_global_scale)
         if memo.source is not x:
-            memo.source, memo.result = x, self.backend.act(x, self.act_global_scale)
+            memo.source, memo.result = x, quant_input(self.backend, self.spec, x, self.act_global_scale)
         return memo.result
 
 
-class ActQuantLinear(nn.Module):
-    """A tuned Linear at inference in the tuning chain: activations fake-quantized (W4A4)."""
+def quant_input(backend: Backend, spec: QuantSpec, x: torch.Tensor,
+                act_global_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """A Linear's input fake-quantized as its spec says: NVFP4 under the static global scale,
+    MX dynamically."""
+    if spec.kind == "mx":
+        return backend.mx_act(x, spec.bits)
+    return backend.act(x, act_global_scale)
 
-    def __init__(self, linear: nn.Linear, backend: Backend, act_global_scale: torch.Tensor):
+
+class ActQuantLinear(nn.Module):
+    """A tuned Linear at inference in the tuning chain: activations fake-quantized (W4A4, MX)."""
+
+    def __init__(self, linear: nn.Linear, spec: QuantSpec, backend: Backend,
+                 act_global_scale: Optional[torch.Tensor]):
         super().__init__()
         self.linear = linear
+        self.spec = spec
         self.backend = backend
         self.register_buffer("act_global_scale", act_global_scale)
 
     def forward(self, x, input_quantized: bool = False):
-        return self.linear(x if input_quantized else self.backend.act(x, self.act_global_scale))
+        if not input_quantized:
+            x = quant_input(self.backend, self.spec, x, self.act_global_scale)
+        return self.linear(x)
 
     def input_quant_scale(self) -> Optional[torch.Tensor]:  # as TunedLinear's
-        return self.act_global_scale if self.backend.uses_kernels else None
+        return self.act_global_scale if self.spec.static_act and self.backend.uses_kernels else None
 
 
 def share_input_quantization(tuned: dict[str, TunedLinear]) -> list[ActMemo]:
-    """One ActMemo per fused group (q/k/v, gate/up) whose W4A4 input global scales are equal."""
+    """One ActMemo per fused group (q/k/v, gate/up) whose input quantization is the same: one
+    spec, and under NVFP4 (W4A4) equal input global scales."""
     memos = []
     for group in fused_layer_groups([n for n, tl in tuned.items() if tl.spec.act]):
-        scales = [tuned[n].act_global_scale for n in group]
-        if all(s.device == scales[0].device and torch.equal(s, scales[0]) for s in scales[1:]):
+        first = tuned[group[0]]
+        if all(tuned[n].spec == first.spec and tuned[n].v.device == first.v.device
+               and _same_scale(tuned[n].act_global_scale, first.act_global_scale) for n in group[1:]):
             memo = ActMemo()
             for n in group:
                 tuned[n].act_memo = memo
             memos.append(memo)
     return memos
+
+
+def _same_scale(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.device == b.device and torch.equal(a, b)
 
 
 def swap_module(block: nn.Module, name: str, new: nn.Module) -> None:

@@ -1,5 +1,5 @@
-"""Optimized RTN for iters=0: auto-round's imatrix-weighted search of the scales, for NVFP4
-and symmetric INT (asymmetric INT stays plain RTN, as in auto-round)."""
+"""Optimized RTN for iters=0: auto-round's imatrix-weighted search of the scales, for NVFP4,
+MX and symmetric INT (asymmetric INT stays plain RTN, as in auto-round)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,26 @@ import torch
 import torch.nn as nn
 
 from .. import ops
-from ..formats import NVFP4_GROUP
+from ..formats import MX_GROUP, NVFP4_GROUP
 from .linear import TunedLinear
 
 _IMATRIX_PAD = 1e-5  # the weight auto-round gives the padding of a ragged group
 _SCALE_FLOOR = 1e-5  # |scale| floor of auto-round's symmetric INT
+_MX_TRIALS = (0.5, 2.0)  # max_scales tried after 1.0: an MX scale only moves at powers of two
+
+
+def _weighted_group_error(imatrix: torch.Tensor, w32: torch.Tensor, group: int):
+    """err(q): per group of ``group`` inputs, sum(imatrix * (q - W)^2) on the fp32 weight, the
+    padding of a ragged last group weighted as auto-round weights it."""
+    out_f, in_f = w32.shape
+    pad = -in_f % group
+    qw = nn.functional.pad(imatrix.to(torch.float32).reshape(1, -1).expand(out_f, -1), (0, pad),
+                           value=_IMATRIX_PAD)
+
+    def err(q):
+        return (nn.functional.pad((q - w32) ** 2, (0, pad)) * qw).reshape(out_f, -1, group).sum(-1)
+
+    return err
 
 
 def opt_rtn_nvfp4(tl: TunedLinear, imatrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -19,21 +34,15 @@ def opt_rtn_nvfp4(tl: TunedLinear, imatrix: torch.Tensor) -> tuple[torch.Tensor,
     minimising sum(imatrix * (Wq - W)^2), searched on the fp32 weight under its own global
     scale, then applied under the layer's (possibly shared) global scale. Returns (weight, scale)."""
     w = tl.linear.weight
-    out_f, in_f = w.shape
-    groups = tl.spec.num_groups(in_f)
-    pad = groups * NVFP4_GROUP - in_f
     w32 = w.to(torch.float32)
     own_gs = ops.nvfp4_global_scale(w32).reshape(1)
-    qw = nn.functional.pad(imatrix.to(torch.float32).reshape(1, -1).expand(out_f, -1), (0, pad),
-                           value=_IMATRIX_PAD)
+    group_error = _weighted_group_error(imatrix, w32, NVFP4_GROUP)
     zeros_v = torch.zeros_like(tl.v)
 
     def err(ms):
-        q, _ = tl.backend.nvfp4(w32, zeros_v, ms, own_gs)
-        e = nn.functional.pad((q - w32) ** 2, (0, pad)) * qw
-        return e.reshape(out_f, groups, NVFP4_GROUP).sum(-1)
+        return group_error(tl.backend.nvfp4(w32, zeros_v, ms, own_gs)[0])
 
-    best_ms = torch.ones(out_f, groups, device=w.device)
+    best_ms = torch.ones_like(tl.max_scale)
     best = err(best_ms)
     for k in range(50, 152):
         if k == 100:
@@ -44,6 +53,26 @@ def opt_rtn_nvfp4(tl: TunedLinear, imatrix: torch.Tensor) -> tuple[torch.Tensor,
         best = torch.where(better, e, best)
         best_ms = torch.where(better, ms, best_ms)
     return tl.backend.nvfp4(w, zeros_v, best_ms, tl.global_scale)  # max_scale may exceed 1
+
+
+def opt_rtn_mx(tl: TunedLinear, imatrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per 32-group, the max_scale in {1, 0.5, 2} (in that order, a later one taken only when
+    strictly better) minimising sum(imatrix * (Wq - W)^2) on the fp32 weight, without the
+    offset V. Returns (weight, shared exponent)."""
+    w = tl.linear.weight
+    bits = tl.spec.bits
+    w32 = w.to(torch.float32)
+    err = _weighted_group_error(imatrix, w32, MX_GROUP)
+    zeros_v = torch.zeros_like(tl.v)
+    best_ms = torch.ones_like(tl.max_scale)
+    best = err(tl.backend.mx(w32, zeros_v, best_ms, bits)[0])
+    for trial in _MX_TRIALS:
+        ms = torch.full_like(best_ms, trial)
+        e = err(tl.backend.mx(w32, zeros_v, ms, bits)[0])
+        better = e < best
+        best = torch.where(better, e, best)
+        best_ms = torch.where(better, ms, best_ms)
+    return tl.backend.mx(w, zeros_v, best_ms, bits)
 
 
 def _reciprocal(t: torch.Tensor, eps: float) -> torch.Tensor:

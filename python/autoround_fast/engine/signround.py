@@ -139,7 +139,7 @@ class SignRound:
         """After the first iteration: the step moves into the backward of each Linear that ran
         one forward with gradients in it."""
         for name, tl in self.tuned.items():
-            if tl.forwards == 1:
+            if tl.forwards == 1 and tl.steps_in_backward:
                 tl.stepper = Stepper(self.best.of[name], self.improved_now, self.lr_now, self.ran, name)
 
     # -- one iteration ---------------------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from ..formats import INT_GROUP_PER_ROW, NVFP4_GROUP, int_num_groups, nvfp4_num_groups
+from ..formats import INT_GROUP_PER_ROW, MX_ELEMENTS, MX_GROUP, NVFP4_GROUP, int_num_groups, mx_num_groups, nvfp4_num_groups
 
 FUSED_SUFFIXES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -16,8 +16,10 @@ FUSED_SUFFIXES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 class QuantSpec:
     """How one Linear is quantized.
 
-    kind: "nvfp4" (FP4 e2m1 groups of 16, e4m3 scales, an fp32 global scale) or "int".
-    act: NVFP4 activations too (W4A4), with a static global scale from the calibration max.
+    kind: "nvfp4" (FP4 e2m1 groups of 16, e4m3 scales, an fp32 global scale), "mx" (MXFP4
+    or MXFP8 by ``bits``: e2m1 or e4m3 groups of 32, power-of-two e8m0 scales) or "int".
+    act: the activations too, in the weights' format: NVFP4 (W4A4) with a static global scale
+    from the calibration max, MX dynamically (each group's scale from its own maximum).
     scale_dtype: INT only, the dtype the scale is stored in; fake quantization rounds the scale
     to it, so the checkpoint reproduces the tuned weights exactly.
     """
@@ -30,20 +32,30 @@ class QuantSpec:
     scale_dtype: torch.dtype = torch.float16
 
     def __post_init__(self):
-        if self.kind not in ("nvfp4", "int"):
-            raise ValueError(f"QuantSpec.kind must be 'nvfp4' or 'int', got {self.kind!r}")
+        if self.kind not in ("nvfp4", "mx", "int"):
+            raise ValueError(f"QuantSpec.kind must be 'nvfp4', 'mx' or 'int', got {self.kind!r}")
+        if self.kind == "mx" and (self.bits not in MX_ELEMENTS or self.group_size != MX_GROUP):
+            raise ValueError(f"QuantSpec: mx takes bits in {sorted(MX_ELEMENTS)} and group_size "
+                             f"{MX_GROUP}, got bits={self.bits}, group_size={self.group_size}")
         if self.kind == "int" and not 2 <= self.bits <= 8:
             raise ValueError(f"QuantSpec.bits must be in 2..8 for int, got {self.bits}")
         if self.kind == "int" and not (self.group_size == INT_GROUP_PER_ROW or self.group_size > 0):
             raise ValueError(f"QuantSpec.group_size must be -1 or positive, got {self.group_size}")
-        if self.act and self.kind != "nvfp4":
-            raise ValueError("QuantSpec.act (activation quantization) is only supported for nvfp4")
+        if self.act and self.kind == "int":
+            raise ValueError("QuantSpec.act (activation quantization) is supported for nvfp4 and mx, not int")
 
     def num_groups(self, in_features: int) -> int:
         """Scale groups per output row of a Linear with ``in_features`` inputs."""
         if self.kind == "nvfp4":
             return nvfp4_num_groups(in_features)
+        if self.kind == "mx":
+            return mx_num_groups(in_features)
         return int_num_groups(in_features, self.group_size)
+
+    @property
+    def static_act(self) -> bool:
+        """The activations take a scale calibrated before tuning (NVFP4's input global scale)."""
+        return self.act and self.kind == "nvfp4"
 
 
 def fused_layer_groups(names: Sequence[str]) -> list[list[str]]:
