@@ -151,7 +151,7 @@ def test_bad_arguments_fail_in_one_line_before_any_weight_is_read(tiny_model_dir
         (args(str(tmp_path / "missing.gguf"), out, cal), "--model .*: no such GGUF file"),
         (args(str(no_config), out, cal), "without config.json"),
         (args(model, out, cal, "--scheme", "INT3"), "--scheme 'INT3' is not a scheme backend torch tunes"),
-        (args(model, out, cal, "--scheme", "MXFP4"), "--scheme MXFP4: .* pass --backend auto_round"),
+        (args(model, out, cal, "--scheme", "FP8"), "--scheme FP8: .* pass --backend auto_round"),
         (args(model, out, str(tmp_path / "nope.txt")), "--calib-file .*nope.txt': no such file"),
         (args(model, out, str(binary)), "--calib-file .* is a binary file"),
         (args(model, out, str(latin)), "--calib-file .* is not UTF-8 text"),
@@ -230,11 +230,13 @@ def test_w4a16_out_of_the_box_and_skip_indivisible(calib_file, tmp_path, capsys)
 
 
 def test_auto_round_backend_accepts_the_schemes_only_it_tunes(tiny_model_dir, calib_file, tmp_path, no_weights):
-    for name in ("MXFP4", "MXFP8", "FP8"):
+    for name in ("FP8", "FP8_DYNAMIC"):
         assert name in schemes.scheme_names("auto_round") and name not in schemes.scheme_names("torch")
-    a = args(tiny_model_dir, tmp_path / "o", calib_file, "--scheme", "mxfp4", "--backend", "auto_round")
+    for name in ("MXFP4", "MXFP8", "MXFP4A16", "W8A8", "W4AFP8"):
+        assert name in schemes.scheme_names("torch")
+    a = args(tiny_model_dir, tmp_path / "o", calib_file, "--scheme", "fp8", "--backend", "auto_round")
     job = quantize.prepare(build_parser().parse_args(a))
-    assert (job.choice.name, job.backend, job.choice.modifier_kwargs["scheme"]) == ("MXFP4", "auto_round", "MXFP4")
+    assert (job.choice.name, job.backend, job.choice.modifier_kwargs["scheme"]) == ("FP8", "auto_round", "FP8")
 
 
 def test_seed_and_lr_reach_the_modifier_and_ctrl_c_leaves_nothing(tiny_model_dir, calib_file, tmp_path, capsys,

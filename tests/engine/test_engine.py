@@ -228,6 +228,33 @@ def test_opt_rtn_equals_auto_round(backend, dtype, cols):
         assert torch.equal(wq, ref) and torch.equal(scale.reshape(-1), ref_scale.reshape(-1).float())
 
 
+@pytest.mark.parametrize("backend", ["torch", "kernels"])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype,cols", [(torch.bfloat16, 128), (torch.float32, 96), (torch.bfloat16, 72)])
+def test_opt_rtn_mx_equals_auto_round(backend, bits, dtype, cols):
+    """iters=0 under MX bit for bit against auto-round's quant_mx_opt_rtn (the imatrix-weighted
+    choice of max_scale among 1, 0.5 and 2), ragged groups included, with groups where each
+    groups moved off max_scale 1 (a weight spread over three decades)."""
+    from auto_round.data_type.mxfp import quant_mx_opt_rtn
+
+    from autoround_fast.engine import make_backend
+    from autoround_fast.engine.linear import TunedLinear
+    from autoround_fast.engine.rtn import opt_rtn_mx
+
+    torch.manual_seed(cols + bits)
+    lin = torch.nn.Linear(cols, 48, bias=False).to(dtype)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(48, cols) * torch.logspace(-3, 0, cols))
+    imat = torch.rand(cols) + 0.1
+    tl = TunedLinear(lin, QuantSpec("mx", bits, 32, act=False), make_backend(backend), None, None)
+    wq, exponent = opt_rtn_mx(tl, imat)
+    ref, ref_exp, _ = quant_mx_opt_rtn(lin.weight.data, bits=bits, group_size=32, imatrix=imat, data_type="mx_fp")
+    assert torch.equal(wq, ref) and torch.equal(exponent.reshape(-1), ref_exp.reshape(-1).float())
+    chosen = exponent.reshape(-1) - tl.backend.mx(lin.weight.data, torch.zeros_like(tl.v),
+                                                  torch.ones_like(tl.max_scale), bits)[1].reshape(-1)
+    assert len(set(chosen.tolist())) > 1, "the search should move some groups off max_scale 1"
+
+
 def test_block_parameters_get_no_gradients_and_keep_their_flags(ragged_block):
     """Only V and the scales are tuned: the block's own weights (norms included) get no .grad,
     and their requires_grad flags are restored afterwards."""
