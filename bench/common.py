@@ -56,6 +56,8 @@ def graph_ms(fn, calls: int = 10) -> float:
 SCHEMES = {
     "NVFP4": "NVFP4",
     "NVFP4A16": "NVFP4A16",
+    "MXFP4": "MXFP4",  # FP4 e2m1 weights and dynamic activations, groups of 32, e8m0 scales
+    "MXFP8": "MXFP8",  # the same with FP8 e4m3 elements
     "W4A16": "W4A16",  # INT4 symmetric, groups of 128
     # SmolLM2's 576 features are not a multiple of 128: groups of 64 (or 32)
     "W4A16-G64": {"weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64}},

@@ -133,10 +133,12 @@ def test_errors(ragged_block):
         block.mlp.down_proj.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="weight of 'mlp.down_proj' has non-finite"):
         tune_block(block, inputs, spec, iters=1)
-    with pytest.raises(ValueError, match="kind must be 'nvfp4' or 'int'"):
+    with pytest.raises(ValueError, match="kind must be 'nvfp4', 'mx' or 'int'"):
         QuantSpec("mxfp4")
-    with pytest.raises(ValueError, match="only supported for nvfp4"):
+    with pytest.raises(ValueError, match="supported for nvfp4 and mx, not int"):
         QuantSpec("int", act=True)
+    with pytest.raises(ValueError, match="mx takes bits in \\[4, 8\\] and group_size 32, got bits=6"):
+        QuantSpec("mx", 6, 32)
 
 
 @pytest.mark.skipif(has_cuda_kernels() and torch.cuda.is_available(), reason="this machine has the CUDA kernels")

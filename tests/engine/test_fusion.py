@@ -113,7 +113,7 @@ def test_w4a4_mlp_quantizes_down_projs_input_in_one_op(model_and_inputs, device,
     outs = []
     for fuse in (False, True):
         mlp = copy.deepcopy(plain)
-        mlp.down_proj = ActQuantLinear(mlp.down_proj, be, act_gs)
+        mlp.down_proj = ActQuantLinear(mlp.down_proj, QuantSpec("nvfp4", act=True), be, act_gs)
         with torch.no_grad(), fusion.fused_elementwise(mlp, fuse):
             outs.append(mlp(x0))
     assert torch.equal(outs[0], outs[1])
