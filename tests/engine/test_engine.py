@@ -23,6 +23,8 @@ SPECS = {
     "w4a16-asym-g32": QuantSpec("int", 4, 32, False, scale_dtype=torch.bfloat16),
     "w2a16-g32": QuantSpec("int", 2, 32, True, scale_dtype=torch.bfloat16),
     "w8a16-perrow": QuantSpec("int", 8, -1, True, scale_dtype=torch.bfloat16),
+    "mxfp4": QuantSpec("mx", 4, 32, act=True),
+    "mxfp8a16": QuantSpec("mx", 8, 32),
 }
 
 
@@ -78,6 +80,9 @@ def test_tuning_beats_rtn(ragged_block, name, backend, monkeypatch):
         if spec.kind == "nvfp4":
             assert qp["scale"].shape == (rows, -(-cols // 16)) and qp["global_scale"].numel() == 1
             assert ("input_global_scale" in qp) == spec.act
+        elif spec.kind == "mx":  # the shared exponents: whole numbers
+            assert qp["scale"].shape == (rows, -(-cols // 32)) and torch.equal(qp["scale"], qp["scale"].round())
+            assert qp.keys() == {"scale"}
         else:
             groups = ops.int_num_groups(cols, spec.group_size)
             assert qp["scale"].shape == (rows, groups) and qp["scale"].dtype == torch.bfloat16
@@ -270,7 +275,7 @@ def test_block_parameters_get_no_gradients_and_keep_their_flags(ragged_block):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
-@pytest.mark.parametrize("name", ["nvfp4", "w4a16-asym-g32"])
+@pytest.mark.parametrize("name", ["nvfp4", "w4a16-asym-g32", "mxfp4"])
 def test_cuda_graph_and_host_caches_change_nothing(ragged_block, name):
     """The captured-and-replayed loop and the host-cache path run the same kernels on the same
     data as the eager loop on device caches: identical losses, best iteration and weights,
@@ -348,7 +353,7 @@ def test_block_that_waits_for_the_host_runs_eagerly(ragged_block):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
-@pytest.mark.parametrize("name", ["nvfp4", "w4a16-g32"])
+@pytest.mark.parametrize("name", ["nvfp4", "w4a16-g32", "mxfp4"])
 def test_graphed_calibration_pass_changes_nothing(ragged_block, name):
     """iters=0: the act_max and imatrix pass, one sample at a time, replayed from a CUDA graph
     gives the statistics of the eager pass exactly (same qparams, act_max included)."""
