@@ -11,6 +11,8 @@ NVFP4_GROUP = 16  # elements per NVFP4 scale group, along the input features
 FP4_MAX = 6.0  # the largest FP4 (e2m1) magnitude
 E4M3_MAX = 448.0  # the largest float8_e4m3fn magnitude, the range of an NVFP4 group scale
 INT_GROUP_PER_ROW = -1  # the INT group_size that means one group per row
+FP8_PER_TENSOR = 0  # the FP8 group_size that means one scale for the whole tensor
+FP8_SCALE_MIN = 1.0 / (E4M3_MAX * 512.0)  # the FP8 scale floor (auto-round's, from vLLM)
 MX_GROUP = 32  # elements per MX (MXFP4, MXFP8) group, which share one power-of-two scale
 E8M0_EXP_MAX = 127  # |shared exponent| bound of an MX scale (e8m0, bias 127)
 

@@ -14,6 +14,7 @@ from an fp32 activation maximum; the padding mask of right-padded samples reache
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Literal, Optional
@@ -31,12 +32,13 @@ from llmcompressor.modifiers.autoround import AutoRoundModifier as _StockAutoRou
 from llmcompressor.modifiers.factory import ModifierFactory
 
 from .engine import BlockResult, QuantSpec, make_backend, pack_samples, same_value, tune_block
-from .formats import INT_GROUP_PER_ROW, MX_ELEMENTS, MX_GROUP, NVFP4_GROUP, SCALE_DTYPE_CODES
+from .formats import FP8_PER_TENSOR, INT_GROUP_PER_ROW, MX_ELEMENTS, MX_GROUP, NVFP4_GROUP, SCALE_DTYPE_CODES
 
 __all__ = ["AutoRoundModifier", "spec_from_scheme"]
 
-_SUPPORTED = ("NVFP4 (W4A4), NVFP4A16, MXFP4, MXFP4A16, MXFP8, MXFP8A16, and INT W2..W8 (sym or asym, "
-              "per channel or grouped) with 16-bit or dynamic per-token activations")
+_SUPPORTED = ("NVFP4 (W4A4), NVFP4A16, MXFP4, MXFP4A16, MXFP8, MXFP8A16, FP8 weights per tensor or "
+              "channel, and INT W2..W8 (sym or asym, per channel or grouped), the last two with 16-bit or "
+              "dynamic per-token activations")
 
 
 def _type_of(args) -> str:
@@ -49,8 +51,14 @@ def _is_mx(args) -> bool:
             and args.strategy == QuantizationStrategy.GROUP and args.scale_dtype == torch.uint8)
 
 
-def _float_spec(w, act, hint: str) -> QuantSpec:
-    """NVFP4 or MX from float weights, with activations in the same format (or none)."""
+def _dynamic_per_token(args) -> bool:
+    return args.dynamic is True and args.strategy == QuantizationStrategy.TOKEN
+
+
+def _float_spec(w, act, weight_scale_dtype, hint: str) -> QuantSpec:
+    """NVFP4 or MX from float weights, with activations in the same format (or none); FP8 per
+    tensor or per channel, without activations or with dynamic per-token ones (tuned
+    weight-only, as the stock path)."""
     if w.num_bits == 4 and w.group_size == NVFP4_GROUP and w.strategy == QuantizationStrategy.TENSOR_GROUP:
         if act is not None and (_type_of(act) != "float" or act.num_bits != 4 or act.group_size != NVFP4_GROUP):
             raise ValueError(f"{hint}; got NVFP4 weights with activations {act}")
@@ -59,23 +67,31 @@ def _float_spec(w, act, hint: str) -> QuantSpec:
         if act is not None and not (_is_mx(act) and act.num_bits == w.num_bits and act.dynamic is True):
             raise ValueError(f"{hint}; got MXFP{w.num_bits} weights with activations {act}")
         return QuantSpec("mx", bits=w.num_bits, group_size=MX_GROUP, act=act is not None)
+    fp8_groups = {QuantizationStrategy.TENSOR: FP8_PER_TENSOR, QuantizationStrategy.CHANNEL: INT_GROUP_PER_ROW}
+    if w.num_bits == 8 and w.strategy in fp8_groups:
+        if act is not None and not _dynamic_per_token(act):
+            raise ValueError(f"{hint}; FP8 weights take 16-bit or dynamic per-token activations here, "
+                             f"got {act}")
+        sd = weight_scale_dtype if weight_scale_dtype in SCALE_DTYPE_CODES else torch.float32
+        return QuantSpec("fp8", bits=8, group_size=fp8_groups[w.strategy], scale_dtype=sd)
     raise ValueError(f"{hint}; got float{w.num_bits} weights, strategy {w.strategy}, group {w.group_size}")
 
 
 def spec_from_scheme(scheme, weight_scale_dtype: Optional[torch.dtype], layer: str, backend: str) -> QuantSpec:
     """The engine's QuantSpec for a compressed-tensors QuantizationScheme, or a clear error.
-    INT weights with dynamic per-token activations (W8A8, W4AFP8, ...) tune weight-only, as the
-    stock path does: llm-compressor hands auto-round such activations as 16-bit."""
+    INT and FP8 weights with dynamic per-token activations (W8A8, W4AFP8, FP8_DYNAMIC, ...)
+    tune weight-only, as the stock path does: llm-compressor hands auto-round such activations
+    as 16-bit."""
     w = scheme.weights
     act = scheme.input_activations
     hint = (f"layer {layer!r}: backend={backend!r} supports {_SUPPORTED}; use backend='auto_round' "
-            "for other schemes (FP8, FP8_DYNAMIC, FP8_BLOCK, ...)")
+            "for other schemes (FP8 with static activations, FP8_BLOCK, ...)")
     if w is None or scheme.output_activations is not None:
         raise ValueError(f"{hint}; got weights={w}, output_activations={scheme.output_activations}")
     if _type_of(w) == "float":
-        return _float_spec(w, act, hint)
+        return _float_spec(w, act, weight_scale_dtype, hint)
     if _type_of(w) == "int":
-        if act is not None and not (act.dynamic is True and act.strategy == QuantizationStrategy.TOKEN):
+        if act is not None and not _dynamic_per_token(act):
             raise ValueError(f"{hint}; INT weights take 16-bit or dynamic per-token activations, got {act}")
         if w.strategy == QuantizationStrategy.GROUP:
             group = w.group_size
@@ -186,11 +202,13 @@ class AutoRoundModifier(_StockAutoRoundModifier):
         return ok
 
     def _spec(self, module, name: str) -> QuantSpec:
-        """The engine's spec for a target Linear; INT scales in int_scale_dtype if given, else
-        in the dtype compressed-tensors stores them in."""
-        scale_dtype = (getattr(torch, self.int_scale_dtype) if self.int_scale_dtype
-                       else getattr(getattr(module, "weight_scale", None), "dtype", None))
-        return spec_from_scheme(module.quantization_scheme, scale_dtype, name, self.backend)
+        """The engine's spec for a target Linear; INT and FP8 scales in the dtype
+        compressed-tensors stores them in (INT: int_scale_dtype if given)."""
+        stored = getattr(getattr(module, "weight_scale", None), "dtype", None)
+        spec = spec_from_scheme(module.quantization_scheme, stored, name, self.backend)
+        if spec.kind == "int" and self.int_scale_dtype:
+            spec = dataclasses.replace(spec, scale_dtype=getattr(torch, self.int_scale_dtype))
+        return spec
 
     def input_capture_hook(self, module, args, kwargs):
         """Keep each sample's block inputs where the pipeline computed them (the GPU), instead

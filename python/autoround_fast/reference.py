@@ -13,12 +13,22 @@ from typing import Optional
 
 import torch
 
-from .formats import E4M3_MAX, E8M0_EXP_MAX, FP4_MAX, MX_ELEMENTS, MX_GROUP, NVFP4_GROUP, int_num_groups
+from .formats import (
+    E4M3_MAX,
+    E8M0_EXP_MAX,
+    FP4_MAX,
+    FP8_SCALE_MIN,
+    MX_ELEMENTS,
+    MX_GROUP,
+    NVFP4_GROUP,
+    int_num_groups,
+)
 
 __all__ = [
     "fake_quant_nvfp4",
     "fake_quant_nvfp4_activation",
     "silu_mul_nvfp4_activation",
+    "fake_quant_fp8",
     "fake_quant_int",
     "fake_quant_mx",
     "fake_quant_mx_activation",
@@ -191,6 +201,27 @@ def fake_quant_mx_activation(x, bits):
     xg, _ = _groups(x2, MX_GROUP)
     q, _ = _mx_groups(xg.to(torch.float32), 0, 1.0, bits)
     return _ungroup(q, x2.shape[0], shape[-1]).to(x.dtype).reshape(shape)
+
+
+def fake_quant_fp8(weight, v, max_scale, scale_dtype=torch.float32):
+    """Oracle of :func:`autoround_fast.ops.fake_quant_fp8`: FP8 (e4m3) weights with one scale
+    per tensor (max_scale of one element) or per output row (one per row):
+    ``scale = max(max|W| * max_scale / 448, 1/(448*512))``, rounded to ``scale_dtype`` (fp32:
+    auto-round's), ``Wq = e4m3(clamp(W / scale + V, -448, 448)) * scale``
+    (docs/numerics.md#fp8-weight). Returns (Wq in W's dtype, the fp32 scales, [1, 1] or
+    [rows, 1])."""
+    rows, cols = weight.shape
+    per_tensor = max_scale.numel() == 1
+    w = weight.reshape(1, -1) if per_tensor else weight
+    amax = torch.amax(torch.abs(w), dim=-1)  # auto-round's max(|clamp(max, 0)|, |clamp(min, 0)|)
+    scale = torch.clip((amax * max_scale.reshape(-1)).to(torch.float32) / E4M3_MAX, min=FP8_SCALE_MIN)
+    scale = scale.to(scale_dtype).to(torch.float32)
+    if w.dtype == torch.float16:
+        w = w.to(torch.bfloat16)
+    scale = scale.unsqueeze(-1)
+    y = torch.clip(w / scale + v.reshape(w.shape), -E4M3_MAX, E4M3_MAX)
+    q = _ste(y, y.to(torch.float8_e4m3fn).to(y.dtype)) * scale
+    return q.reshape(rows, cols).to(weight.dtype), scale
 
 
 def masked_mse_loss(pred, ref, mask: Optional[torch.Tensor] = None):

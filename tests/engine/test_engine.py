@@ -25,6 +25,8 @@ SPECS = {
     "w8a16-perrow": QuantSpec("int", 8, -1, True, scale_dtype=torch.bfloat16),
     "mxfp4": QuantSpec("mx", 4, 32, act=True),
     "mxfp8a16": QuantSpec("mx", 8, 32),
+    "fp8-tensor": QuantSpec("fp8", 8, 0, scale_dtype=torch.bfloat16),
+    "fp8-channel": QuantSpec("fp8", 8, -1, scale_dtype=torch.bfloat16),
 }
 
 
@@ -80,6 +82,9 @@ def test_tuning_beats_rtn(ragged_block, name, backend, monkeypatch):
         if spec.kind == "nvfp4":
             assert qp["scale"].shape == (rows, -(-cols // 16)) and qp["global_scale"].numel() == 1
             assert ("input_global_scale" in qp) == spec.act
+        elif spec.kind == "fp8":  # rounded to the stored dtype
+            assert qp["scale"].shape == ((1, 1) if spec.group_size == 0 else (rows, 1))
+            assert torch.equal(qp["scale"], qp["scale"].bfloat16().float()) and qp.keys() == {"scale"}
         elif spec.kind == "mx":  # the shared exponents: whole numbers
             assert qp["scale"].shape == (rows, -(-cols // 32)) and torch.equal(qp["scale"], qp["scale"].round())
             assert qp.keys() == {"scale"}
@@ -138,12 +143,14 @@ def test_errors(ragged_block):
         block.mlp.down_proj.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="weight of 'mlp.down_proj' has non-finite"):
         tune_block(block, inputs, spec, iters=1)
-    with pytest.raises(ValueError, match="kind must be 'nvfp4', 'mx' or 'int'"):
+    with pytest.raises(ValueError, match="kind must be 'nvfp4', 'mx', 'fp8' or 'int'"):
         QuantSpec("mxfp4")
     with pytest.raises(ValueError, match="supported for nvfp4 and mx, not int"):
         QuantSpec("int", act=True)
     with pytest.raises(ValueError, match="mx takes bits in \\[4, 8\\] and group_size 32, got bits=6"):
         QuantSpec("mx", 6, 32)
+    with pytest.raises(ValueError, match="fp8 takes bits 8 and group_size 0 .per tensor. or -1"):
+        QuantSpec("fp8", 8, 128)
 
 
 @pytest.mark.skipif(has_cuda_kernels() and torch.cuda.is_available(), reason="this machine has the CUDA kernels")

@@ -98,7 +98,7 @@ def record_stock_losses(monkeypatch):
     return stock_losses
 
 
-@pytest.mark.parametrize("scheme", ["W4A16", "W4A16_ASYM"])
+@pytest.mark.parametrize("scheme", ["W4A16", "W4A16_ASYM", "FP8_DYNAMIC"])
 def test_torch_backend_reproduces_stock_auto_round(fp32_model_dir, scheme, monkeypatch, cpu_bf16):
     stock_losses = record_stock_losses(monkeypatch)
     stock = run(fp32_model_dir, "auto_round", scheme, [])

@@ -38,13 +38,13 @@ CHECKPOINT_FORMATS = {"NVFP4": "nvfp4-pack-quantized", "NVFP4A16": "nvfp4-pack-q
                       "W4A16": "pack-quantized", "W4A16_ASYM": "pack-quantized",
                       "MXFP4": "mxfp4-pack-quantized", "MXFP4A16": "mxfp4-pack-quantized",
                       "MXFP8": "mxfp8-quantized", "MXFP8A16": "mxfp8-quantized",
-                      "W8A8": "int-quantized", "W4AFP8": "int-quantized"}
+                      "W8A8": "int-quantized", "W4AFP8": "int-quantized", "FP8_DYNAMIC": "float-quantized"}
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("cuda", marks=pytest.mark.skipif(
     not HAS_CUDA, reason="needs a GPU"))])
 @pytest.mark.parametrize("scheme", ["NVFP4", "NVFP4A16", "W4A16", "W4A16_ASYM", "MXFP4", "MXFP4A16", "MXFP8",
-                                    "MXFP8A16", "W8A8", "W4AFP8"])
+                                    "MXFP8A16", "W8A8", "W4AFP8", "FP8_DYNAMIC"])
 def test_checkpoint_reloads_to_tuned_weights(tiny_model_dir, tmp_path, scheme, backend, monkeypatch):
     # The bf16 model stays bf16 on the CPU, as on a CPU with AVX512-BF16; without it auto-round's
     # rule converts the block to fp32 (tests/integration/test_equivalence.py covers both), and an

@@ -27,6 +27,8 @@ class Backend(Protocol):
 
     def mx(self, w, v, max_scale, bits) -> tuple[torch.Tensor, torch.Tensor]: ...
 
+    def fp8(self, w, v, max_scale, scale_dtype) -> tuple[torch.Tensor, torch.Tensor]: ...
+
     def mx_act(self, x, bits) -> torch.Tensor: ...
 
     def loss(self, pred, ref, mask: Optional[torch.Tensor]) -> torch.Tensor: ...
@@ -51,6 +53,9 @@ class TorchBackend:
 
     def mx(self, w, v, max_scale, bits):
         return reference.fake_quant_mx(w, v, max_scale, bits)
+
+    def fp8(self, w, v, max_scale, scale_dtype):
+        return reference.fake_quant_fp8(w, v, max_scale, scale_dtype)
 
     def mx_act(self, x, bits):
         return reference.fake_quant_mx_activation(x, bits)
@@ -85,6 +90,9 @@ class KernelBackend:
 
     def mx(self, w, v, max_scale, bits):
         return self._op.fake_quant_mx(w, v, max_scale, bits)
+
+    def fp8(self, w, v, max_scale, scale_dtype):
+        return self._op.fake_quant_fp8(w, v, max_scale, formats.SCALE_DTYPE_CODES[scale_dtype])
 
     def mx_act(self, x, bits):
         return self._op.fake_quant_mx_activation(x.contiguous(), bits)

@@ -56,9 +56,9 @@ class TunedLinear(nn.Module):
         out_f, in_f = linear.weight.shape
         dev = linear.weight.device
         self.v = nn.Parameter(torch.zeros(out_f, in_f, device=dev, dtype=torch.float32))
-        groups = spec.num_groups(in_f)
-        self.max_scale = nn.Parameter(torch.ones(out_f, groups, device=dev, dtype=torch.float32))
-        self.min_scale = (nn.Parameter(torch.ones(out_f, groups, device=dev, dtype=torch.float32))
+        shape = spec.scale_shape(out_f, in_f)
+        self.max_scale = nn.Parameter(torch.ones(shape, device=dev, dtype=torch.float32))
+        self.min_scale = (nn.Parameter(torch.ones(shape, device=dev, dtype=torch.float32))
                           if spec.kind == "int" else None)
         self.register_buffer("global_scale", None if global_scale is None else global_scale.reshape(1).to(dev))
         self.register_buffer("act_global_scale",
@@ -96,6 +96,9 @@ class TunedLinear(nn.Module):
         if s.kind == "mx":
             q, exponent = be.mx(w, self.v, self.max_scale, s.bits)
             return q, exponent, None
+        if s.kind == "fp8":
+            q, scale = be.fp8(w, self.v, self.max_scale, s.scale_dtype)
+            return q, scale, None
         if s.kind == "nvfp4":
             if st is not None:
                 q, scale = be.nvfp4_stepped(w, self.v, self.max_scale, self.global_scale, *st.args())

@@ -7,7 +7,16 @@ from typing import Sequence
 
 import torch
 
-from ..formats import INT_GROUP_PER_ROW, MX_ELEMENTS, MX_GROUP, NVFP4_GROUP, int_num_groups, mx_num_groups, nvfp4_num_groups
+from ..formats import (
+    FP8_PER_TENSOR,
+    INT_GROUP_PER_ROW,
+    MX_ELEMENTS,
+    MX_GROUP,
+    NVFP4_GROUP,
+    int_num_groups,
+    mx_num_groups,
+    nvfp4_num_groups,
+)
 
 FUSED_SUFFIXES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -17,11 +26,12 @@ class QuantSpec:
     """How one Linear is quantized.
 
     kind: "nvfp4" (FP4 e2m1 groups of 16, e4m3 scales, an fp32 global scale), "mx" (MXFP4
-    or MXFP8 by ``bits``: e2m1 or e4m3 groups of 32, power-of-two e8m0 scales) or "int".
+    or MXFP8 by ``bits``: e2m1 or e4m3 groups of 32, power-of-two e8m0 scales), "fp8" (e4m3,
+    one scale per tensor, group_size 0, or per output channel, -1) or "int".
     act: the activations too, in the weights' format: NVFP4 (W4A4) with a static global scale
     from the calibration max, MX dynamically (each group's scale from its own maximum).
-    scale_dtype: INT only, the dtype the scale is stored in; fake quantization rounds the scale
-    to it, so the checkpoint reproduces the tuned weights exactly.
+    scale_dtype: INT and FP8, the dtype the scale is stored in; fake quantization rounds the
+    scale to it, so the checkpoint reproduces the tuned weights exactly.
     """
 
     kind: str
@@ -32,8 +42,11 @@ class QuantSpec:
     scale_dtype: torch.dtype = torch.float16
 
     def __post_init__(self):
-        if self.kind not in ("nvfp4", "mx", "int"):
-            raise ValueError(f"QuantSpec.kind must be 'nvfp4', 'mx' or 'int', got {self.kind!r}")
+        if self.kind not in ("nvfp4", "mx", "fp8", "int"):
+            raise ValueError(f"QuantSpec.kind must be 'nvfp4', 'mx', 'fp8' or 'int', got {self.kind!r}")
+        if self.kind == "fp8" and (self.bits != 8 or self.group_size not in (FP8_PER_TENSOR, INT_GROUP_PER_ROW)):
+            raise ValueError(f"QuantSpec: fp8 takes bits 8 and group_size {FP8_PER_TENSOR} (per tensor) or "
+                             f"{INT_GROUP_PER_ROW} (per channel), got bits={self.bits}, group_size={self.group_size}")
         if self.kind == "mx" and (self.bits not in MX_ELEMENTS or self.group_size != MX_GROUP):
             raise ValueError(f"QuantSpec: mx takes bits in {sorted(MX_ELEMENTS)} and group_size "
                              f"{MX_GROUP}, got bits={self.bits}, group_size={self.group_size}")
@@ -41,8 +54,8 @@ class QuantSpec:
             raise ValueError(f"QuantSpec.bits must be in 2..8 for int, got {self.bits}")
         if self.kind == "int" and not (self.group_size == INT_GROUP_PER_ROW or self.group_size > 0):
             raise ValueError(f"QuantSpec.group_size must be -1 or positive, got {self.group_size}")
-        if self.act and self.kind == "int":
-            raise ValueError("QuantSpec.act (activation quantization) is supported for nvfp4 and mx, not int")
+        if self.act and self.kind in ("int", "fp8"):
+            raise ValueError(f"QuantSpec.act (activation quantization) is supported for nvfp4 and mx, not {self.kind}")
 
     def num_groups(self, in_features: int) -> int:
         """Scale groups per output row of a Linear with ``in_features`` inputs."""
@@ -50,7 +63,16 @@ class QuantSpec:
             return nvfp4_num_groups(in_features)
         if self.kind == "mx":
             return mx_num_groups(in_features)
+        if self.kind == "fp8":
+            return 1
         return int_num_groups(in_features, self.group_size)
+
+    def scale_shape(self, out_features: int, in_features: int) -> tuple[int, int]:
+        """The shape of max_scale (and min_scale) for a Linear of this shape: one per group of
+        each row; one in all for an FP8 tensor scale."""
+        if self.kind == "fp8" and self.group_size == FP8_PER_TENSOR:
+            return (1, 1)
+        return (out_features, self.num_groups(in_features))
 
     @property
     def static_act(self) -> bool:
