@@ -37,8 +37,8 @@ from .formats import FP8_PER_TENSOR, INT_GROUP_PER_ROW, MX_ELEMENTS, MX_GROUP, N
 __all__ = ["AutoRoundModifier", "spec_from_scheme"]
 
 _SUPPORTED = ("NVFP4 (W4A4), NVFP4A16, MXFP4, MXFP4A16, MXFP8, MXFP8A16, FP8 weights per tensor or "
-              "channel, and INT W2..W8 (sym or asym, per channel or grouped), the last two with 16-bit or "
-              "dynamic per-token activations")
+              "channel (FP8, FP8_DYNAMIC), and INT W2..W8 (sym or asym, per channel or grouped) with "
+              "16-bit or dynamic per-token activations")
 
 
 def _type_of(args) -> str:
@@ -55,7 +55,17 @@ def _dynamic_per_token(args) -> bool:
     return args.dynamic is True and args.strategy == QuantizationStrategy.TOKEN
 
 
-def _float_spec(w, act, weight_scale_dtype, hint: str) -> QuantSpec:
+def _static_fp8_per_tensor(args) -> bool:
+    return (_type_of(args) == "float" and args.num_bits == 8 and args.dynamic is False
+            and args.strategy == QuantizationStrategy.TENSOR)
+
+
+def _float_dtype(dtype: Optional[torch.dtype]) -> torch.dtype:
+    """A stored scale's dtype where the kernels take it, else fp32."""
+    return dtype if dtype in SCALE_DTYPE_CODES else torch.float32
+
+
+def _float_spec(w, act, weight_scale_dtype, input_scale_dtype, hint: str) -> QuantSpec:
     """NVFP4 or MX from float weights, with activations in the same format (or none); FP8 per
     tensor or per channel, without activations or with dynamic per-token ones (tuned
     weight-only, as the stock path)."""
@@ -69,27 +79,29 @@ def _float_spec(w, act, weight_scale_dtype, hint: str) -> QuantSpec:
         return QuantSpec("mx", bits=w.num_bits, group_size=MX_GROUP, act=act is not None)
     fp8_groups = {QuantizationStrategy.TENSOR: FP8_PER_TENSOR, QuantizationStrategy.CHANNEL: INT_GROUP_PER_ROW}
     if w.num_bits == 8 and w.strategy in fp8_groups:
-        if act is not None and not _dynamic_per_token(act):
-            raise ValueError(f"{hint}; FP8 weights take 16-bit or dynamic per-token activations here, "
-                             f"got {act}")
-        sd = weight_scale_dtype if weight_scale_dtype in SCALE_DTYPE_CODES else torch.float32
-        return QuantSpec("fp8", bits=8, group_size=fp8_groups[w.strategy], scale_dtype=sd)
+        static = act is not None and _static_fp8_per_tensor(act)
+        if act is not None and not (static or _dynamic_per_token(act)):
+            raise ValueError(f"{hint}; FP8 weights take 16-bit, dynamic per-token or static per-tensor FP8 "
+                             f"activations, got {act}")
+        return QuantSpec("fp8", bits=8, group_size=fp8_groups[w.strategy], act=static,
+                         scale_dtype=_float_dtype(weight_scale_dtype), act_scale_dtype=_float_dtype(input_scale_dtype))
     raise ValueError(f"{hint}; got float{w.num_bits} weights, strategy {w.strategy}, group {w.group_size}")
 
 
-def spec_from_scheme(scheme, weight_scale_dtype: Optional[torch.dtype], layer: str, backend: str) -> QuantSpec:
-    """The engine's QuantSpec for a compressed-tensors QuantizationScheme, or a clear error.
-    INT and FP8 weights with dynamic per-token activations (W8A8, W4AFP8, FP8_DYNAMIC, ...)
+def spec_from_scheme(scheme, weight_scale_dtype: Optional[torch.dtype], layer: str, backend: str,
+                     input_scale_dtype: Optional[torch.dtype] = None) -> QuantSpec:
+    """The engine's QuantSpec for a compressed-tensors QuantizationScheme, or a clear error;
+    the scale dtypes are those compressed-tensors stores the scales in. INT and FP8 weights with dynamic per-token activations (W8A8, W4AFP8, FP8_DYNAMIC, ...)
     tune weight-only, as the stock path does: llm-compressor hands auto-round such activations
     as 16-bit."""
     w = scheme.weights
     act = scheme.input_activations
     hint = (f"layer {layer!r}: backend={backend!r} supports {_SUPPORTED}; use backend='auto_round' "
-            "for other schemes (FP8 with static activations, FP8_BLOCK, ...)")
+            "for other schemes (FP8_BLOCK, ...)")
     if w is None or scheme.output_activations is not None:
         raise ValueError(f"{hint}; got weights={w}, output_activations={scheme.output_activations}")
     if _type_of(w) == "float":
-        return _float_spec(w, act, weight_scale_dtype, hint)
+        return _float_spec(w, act, weight_scale_dtype, input_scale_dtype, hint)
     if _type_of(w) == "int":
         if act is not None and not _dynamic_per_token(act):
             raise ValueError(f"{hint}; INT weights take 16-bit or dynamic per-token activations, got {act}")
@@ -205,7 +217,8 @@ class AutoRoundModifier(_StockAutoRoundModifier):
         """The engine's spec for a target Linear; INT and FP8 scales in the dtype
         compressed-tensors stores them in (INT: int_scale_dtype if given)."""
         stored = getattr(getattr(module, "weight_scale", None), "dtype", None)
-        spec = spec_from_scheme(module.quantization_scheme, stored, name, self.backend)
+        input_stored = getattr(getattr(module, "input_scale", None), "dtype", None)
+        spec = spec_from_scheme(module.quantization_scheme, stored, name, self.backend, input_stored)
         if spec.kind == "int" and self.int_scale_dtype:
             spec = dataclasses.replace(spec, scale_dtype=getattr(torch, self.int_scale_dtype))
         return spec
@@ -349,6 +362,10 @@ class AutoRoundModifier(_StockAutoRoundModifier):
                 put("input_global_scale", qp["input_global_scale"])
         elif spec.kind == "mx":  # the power of two itself; compressed-tensors stores its exponent
             put("weight_scale", torch.exp2(qp["scale"]))
+        elif spec.kind == "fp8":
+            put("weight_scale", qp["scale"])
+            if spec.act:
+                put("input_scale", qp["input_scale"])
         else:
             put("weight_scale", qp["scale"])
         zp_param = getattr(module, "weight_zero_point", None)

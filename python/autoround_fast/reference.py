@@ -29,6 +29,7 @@ __all__ = [
     "fake_quant_nvfp4_activation",
     "silu_mul_nvfp4_activation",
     "fake_quant_fp8",
+    "fake_quant_fp8_activation",
     "fake_quant_int",
     "fake_quant_mx",
     "fake_quant_mx_activation",
@@ -220,8 +221,35 @@ def fake_quant_fp8(weight, v, max_scale, scale_dtype=torch.float32):
         w = w.to(torch.bfloat16)
     scale = scale.unsqueeze(-1)
     y = torch.clip(w / scale + v.reshape(w.shape), -E4M3_MAX, E4M3_MAX)
-    q = _ste(y, y.to(torch.float8_e4m3fn).to(y.dtype)) * scale
+    q = _e4m3(y) * scale
     return q.reshape(rows, cols).to(weight.dtype), scale
+
+
+def _e4m3(y: torch.Tensor) -> torch.Tensor:
+    """Round onto the float8_e4m3fn grid (torch's cast), straight through."""
+    return _ste(y, y.to(torch.float8_e4m3fn).to(y.dtype))
+
+
+def fp8_activation_scale(act_max, max_scale, scale_dtype=torch.float32):
+    """The static FP8 activation scale, ``max(act_max * max_scale / 448, 1/(448*512))`` rounded
+    to ``scale_dtype``, of shape [1]."""
+    scale = torch.clip((act_max.reshape(-1) * max_scale.reshape(-1)).to(torch.float32) / E4M3_MAX,
+                       min=FP8_SCALE_MIN)
+    return scale.to(scale_dtype).to(torch.float32)
+
+
+def fake_quant_fp8_activation(x, act_max, max_scale, scale_dtype=torch.float32):
+    """Oracle of :func:`autoround_fast.ops.fake_quant_fp8_activation`: static per-tensor FP8
+    under :func:`fp8_activation_scale` (the calibrated maximum times its tuned max_scale),
+    ``e4m3(clamp(x / scale + 0, -448, 448)) * scale`` in x's dtype
+    (docs/numerics.md#fp8-activation)."""
+    t = x.reshape(1, -1)
+    scale = fp8_activation_scale(act_max, max_scale, scale_dtype)
+    if t.dtype == torch.float16:
+        t = t.to(torch.bfloat16)
+    scale = scale.unsqueeze(-1)
+    q = _e4m3(torch.clip(t / scale + 0, -E4M3_MAX, E4M3_MAX)) * scale
+    return q.reshape(x.shape).to(x.dtype)
 
 
 def masked_mse_loss(pred, ref, mask: Optional[torch.Tensor] = None):

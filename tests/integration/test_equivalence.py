@@ -17,6 +17,7 @@ from transformers import LlamaForCausalLM
 
 from autoround_fast import AutoRoundModifier
 from autoround_fast import ops as kernel_ops
+from autoround_fast import reference
 from conftest import tiny_llama, tiny_tokenizer
 from test_modifier import calib, quantized_linears
 
@@ -55,7 +56,8 @@ def run(model_dir, backend, scheme, losses, scales=None):
     if backend != "auto_round":
         losses.extend(x for r in mod.block_stats for x in r["losses"])
     if scales is not None:
-        scales.update({n: (m.weight_global_scale.item(), m.input_global_scale.item())
+        scales.update({n: m.input_scale.item() if scheme == "FP8" else
+                       (m.weight_global_scale.item(), m.input_global_scale.item())
                        for n, m in quantized_linears(model).items() if n.startswith("model.layers.0.")})
         if backend == "auto_round":  # the stock path's act_max, as auto-round left it
             scales.update({f"act_max:{n}": v for n, v in record_stock_losses.act_max.items()
@@ -150,4 +152,28 @@ def test_mx_reproduces_stock(fp32_model_dir, scheme, monkeypatch, cpu_bf16):
     assert len(set(ours_losses)) > 1
     assert set(ours) == set(stock)
     for name in ours:
+        assert torch.equal(ours[name], stock[name]), name
+
+
+def test_fp8_static_first_block_reproduces_stock(fp32_model_dir, monkeypatch, cpu_bf16):
+    """FP8 (W8A8, static per-tensor activations, their max_scale tuned), on either amp path:
+    the first block's 20 losses (rel 1e-6), its tuned weights and its seven input scales (from
+    the activation maximum as the stock path leaves it) bit for bit. The second block is not compared: the stock path computes the first block's
+    output, the second's input, with dynamic per-token activations instead of the static scale
+    the checkpoint serves with (docs/numerics.md#fix-fp8-output-pass)."""
+    stock_losses = record_stock_losses(monkeypatch)
+    stock_scales, our_scales = {}, {}
+    stock = run(fp32_model_dir, "auto_round", "FP8", [], stock_scales)
+    ours_losses = []
+    ours = run(fp32_model_dir, "torch", "FP8", ours_losses, our_scales)
+    assert len(stock_losses) == len(ours_losses) == 40
+    assert ours_losses[:20] == pytest.approx(stock_losses[:20], rel=1e-6)
+    assert len(set(ours_losses[:20])) > 1
+    # input scale: the best act_max_scale's, which the stock path applies to act_max but not to
+    # the input_scale it saves (that one takes the last iteration's, docs/numerics.md#fix-fp8-input-scale)
+    stock_act_max = {n[len("act_max:"):]: v for n, v in stock_scales.items() if n.startswith("act_max:")}
+    assert len(our_scales) == len(stock_act_max) == 7
+    for n, scale in our_scales.items():
+        assert scale == reference.fp8_activation_scale(stock_act_max[n], torch.ones(1)).item(), n
+    for name in (n for n in ours if n.startswith("model.layers.0.")):
         assert torch.equal(ours[name], stock[name]), name

@@ -31,6 +31,8 @@ class Backend(Protocol):
 
     def mx_act(self, x, bits) -> torch.Tensor: ...
 
+    def fp8_act(self, x, act_max, max_scale, scale_dtype) -> torch.Tensor: ...
+
     def loss(self, pred, ref, mask: Optional[torch.Tensor]) -> torch.Tensor: ...
 
     def step(self, param, best, grad, improved, lr) -> None: ...
@@ -59,6 +61,9 @@ class TorchBackend:
 
     def mx_act(self, x, bits):
         return reference.fake_quant_mx_activation(x, bits)
+
+    def fp8_act(self, x, act_max, max_scale, scale_dtype):
+        return reference.fake_quant_fp8_activation(x, act_max, max_scale, scale_dtype)
 
     def loss(self, pred, ref, mask):
         return reference.masked_mse_loss(pred, ref, mask)
@@ -96,6 +101,10 @@ class KernelBackend:
 
     def mx_act(self, x, bits):
         return self._op.fake_quant_mx_activation(x.contiguous(), bits)
+
+    def fp8_act(self, x, act_max, max_scale, scale_dtype):
+        return self._op.fake_quant_fp8_activation(x.contiguous(), act_max, max_scale,
+                                                  formats.SCALE_DTYPE_CODES[scale_dtype])
 
     def loss(self, pred, ref, mask):
         return self._op.masked_mse_loss(pred.contiguous(), ref.contiguous(), mask)

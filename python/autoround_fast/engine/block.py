@@ -225,7 +225,8 @@ class _BlockRun:
                     act_gs = ops.nvfp4_global_scale(stats[name].max)
             if p.placement.get(name, p.device) != p.device:
                 mod.to(p.placement[name])  # TunedLinear keeps its tensors on the weight's device
-            tuned[name] = TunedLinear(mod, spec, p.backend, gs, act_gs)
+            act_max = stats[name].max if spec.kind == "fp8" and spec.act else None
+            tuned[name] = TunedLinear(mod, spec, p.backend, gs, act_gs, act_max)
             swap_module(self.block, name, tuned[name])
         return tuned
 
@@ -267,8 +268,9 @@ class _BlockRun:
         for name, tl in tuned.items():
             tl.linear.to(p.device)
             if keep_act_quant and tl.spec.act:
-                gs = None if tl.act_global_scale is None else tl.act_global_scale.to(p.device)
-                swap_module(self.block, name, ActQuantLinear(tl.linear, tl.spec, p.backend, gs))
+                scales = [None if t is None else t.detach().to(p.device)
+                          for t in (tl.act_global_scale, tl.act_max, tl.act_max_scale)]
+                swap_module(self.block, name, ActQuantLinear(tl.linear, tl.spec, p.backend, *scales))
             else:
                 swap_module(self.block, name, tl.linear)
 
@@ -287,8 +289,8 @@ def _global_scales(linears, specs, given: dict[str, torch.Tensor]) -> dict[str, 
 
 def _qparams(tl: TunedLinear, stats: ActStats, iters: int) -> dict[str, torch.Tensor]:
     """weight (fake-quantized), scale (MX: its log2, the shared exponent), zero_point (asym
-    INT), global_scale (NVFP4), act_max and input_global_scale (NVFP4 W4A4) of a tuned Linear;
-    iters=0 runs the optimized RTN."""
+    INT), global_scale (NVFP4), act_max, input_global_scale (NVFP4 W4A4) and input_scale (FP8
+    static activations) of a tuned Linear; iters=0 runs the optimized RTN."""
     spec = tl.spec
     zp = None
     if iters == 0 and spec.kind == "nvfp4":
@@ -306,7 +308,10 @@ def _qparams(tl: TunedLinear, stats: ActStats, iters: int) -> dict[str, torch.Te
         qp["global_scale"] = tl.global_scale.detach()
     if spec.static_act:
         qp["act_max"] = stats.max.detach()
+    if spec.static_act and spec.kind == "nvfp4":
         qp["input_global_scale"] = tl.act_global_scale.detach()
+    if spec.static_act and spec.kind == "fp8":
+        qp["input_scale"] = tl.act_scale()
     return qp
 
 

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .. import reference
 from .backends import Backend
 from .spec import QuantSpec, fused_layer_groups
 
@@ -48,7 +49,8 @@ class TunedLinear(nn.Module):
     """A Linear whose weight is fake-quantized from the tunables on every forward."""
 
     def __init__(self, linear: nn.Linear, spec: QuantSpec, backend: Backend,
-                 global_scale: Optional[torch.Tensor], act_global_scale: Optional[torch.Tensor]):
+                 global_scale: Optional[torch.Tensor], act_global_scale: Optional[torch.Tensor],
+                 act_max: Optional[torch.Tensor] = None):
         super().__init__()
         self.linear = linear
         self.spec = spec
@@ -63,6 +65,10 @@ class TunedLinear(nn.Module):
         self.register_buffer("global_scale", None if global_scale is None else global_scale.reshape(1).to(dev))
         self.register_buffer("act_global_scale",
                              None if act_global_scale is None else act_global_scale.reshape(1).to(dev))
+        # FP8 static activations: the calibrated maximum, and the tuned max_scale on it
+        fp8_act = spec.kind == "fp8" and spec.act
+        self.register_buffer("act_max", act_max.reshape(1).to(dev, torch.float32) if fp8_act else None)
+        self.act_max_scale = nn.Parameter(torch.ones(1, device=dev)) if fp8_act else None
         # Shared by Linears that read the same input under the same activation global scale
         # (q/k/v, gate/up): see _quant_input.
         self.act_memo: Optional[ActMemo] = None
@@ -76,7 +82,7 @@ class TunedLinear(nn.Module):
         return self.spec.kind in ("nvfp4", "int")
 
     def tunables(self) -> list[nn.Parameter]:
-        return [p for p in (self.v, self.min_scale, self.max_scale) if p is not None]
+        return [p for p in (self.v, self.min_scale, self.max_scale, self.act_max_scale) if p is not None]
 
     def qdq(self):
         """(fake-quantized weight, scale (MX: its log2), zero point or None), clamping the
@@ -136,35 +142,50 @@ class TunedLinear(nn.Module):
         (q/k/v read the normed block input), so every backward stays its own."""
         memo = self.act_memo
         if memo is None or x.requires_grad:
-            return quant_input(self.backend, self.spec, x, self.act_global_scale)
+            return self._quant(x)
         if memo.source is not x:
-            memo.source, memo.result = x, quant_input(self.backend, self.spec, x, self.act_global_scale)
+            memo.source, memo.result = x, self._quant(x)
         return memo.result
 
+    def _quant(self, x):
+        if self.act_max_scale is not None:
+            self.act_max_scale.data.clamp_(0, 1)  # auto-round's clamp, on every call
+        return quant_input(self.backend, self.spec, x, self.act_global_scale, self.act_max, self.act_max_scale)
 
-def quant_input(backend: Backend, spec: QuantSpec, x: torch.Tensor,
-                act_global_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    def act_scale(self) -> torch.Tensor:
+        """FP8 static activations: the input scale at the current act_max_scale."""
+        return reference.fp8_activation_scale(self.act_max, self.act_max_scale.detach(), self.spec.act_scale_dtype)
+
+
+def quant_input(backend: Backend, spec: QuantSpec, x: torch.Tensor, act_global_scale: Optional[torch.Tensor],
+                act_max: Optional[torch.Tensor] = None, act_max_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A Linear's input fake-quantized as its spec says: NVFP4 under the static global scale,
-    MX dynamically."""
+    MX dynamically, FP8 under the static scale of act_max * act_max_scale."""
     if spec.kind == "mx":
         return backend.mx_act(x, spec.bits)
+    if spec.kind == "fp8":
+        return backend.fp8_act(x, act_max, act_max_scale, spec.act_scale_dtype)
     return backend.act(x, act_global_scale)
 
 
 class ActQuantLinear(nn.Module):
-    """A tuned Linear at inference in the tuning chain: activations fake-quantized (W4A4, MX)."""
+    """A tuned Linear at inference in the tuning chain: activations fake-quantized (W4A4, MX,
+    FP8 static)."""
 
     def __init__(self, linear: nn.Linear, spec: QuantSpec, backend: Backend,
-                 act_global_scale: Optional[torch.Tensor]):
+                 act_global_scale: Optional[torch.Tensor], act_max: Optional[torch.Tensor] = None,
+                 act_max_scale: Optional[torch.Tensor] = None):
         super().__init__()
         self.linear = linear
         self.spec = spec
         self.backend = backend
         self.register_buffer("act_global_scale", act_global_scale)
+        self.register_buffer("act_max", act_max)
+        self.register_buffer("act_max_scale", act_max_scale)
 
     def forward(self, x, input_quantized: bool = False):
         if not input_quantized:
-            x = quant_input(self.backend, self.spec, x, self.act_global_scale)
+            x = quant_input(self.backend, self.spec, x, self.act_global_scale, self.act_max, self.act_max_scale)
         return self.linear(x)
 
     def input_quant_scale(self) -> Optional[torch.Tensor]:  # as TunedLinear's
@@ -173,11 +194,12 @@ class ActQuantLinear(nn.Module):
 
 def share_input_quantization(tuned: dict[str, TunedLinear]) -> list[ActMemo]:
     """One ActMemo per fused group (q/k/v, gate/up) whose input quantization is the same: one
-    spec, and under NVFP4 (W4A4) equal input global scales."""
+    spec, and under NVFP4 (W4A4) equal input global scales (never FP8: each Linear tunes its
+    own activation max_scale)."""
     memos = []
     for group in fused_layer_groups([n for n, tl in tuned.items() if tl.spec.act]):
         first = tuned[group[0]]
-        if all(tuned[n].spec == first.spec and tuned[n].v.device == first.v.device
+        if first.spec.kind != "fp8" and all(tuned[n].spec == first.spec and tuned[n].v.device == first.v.device
                and _same_scale(tuned[n].act_global_scale, first.act_global_scale) for n in group[1:]):
             memo = ActMemo()
             for n in group:

@@ -29,7 +29,9 @@ class QuantSpec:
     or MXFP8 by ``bits``: e2m1 or e4m3 groups of 32, power-of-two e8m0 scales), "fp8" (e4m3,
     one scale per tensor, group_size 0, or per output channel, -1) or "int".
     act: the activations too, in the weights' format: NVFP4 (W4A4) with a static global scale
-    from the calibration max, MX dynamically (each group's scale from its own maximum).
+    from the calibration max, MX dynamically (each group's scale from its own maximum), FP8
+    statically per tensor (the calibration max times a tuned max_scale).
+    act_scale_dtype: FP8 only, the dtype the static activation scale is stored in.
     scale_dtype: INT and FP8, the dtype the scale is stored in; fake quantization rounds the
     scale to it, so the checkpoint reproduces the tuned weights exactly.
     """
@@ -40,6 +42,7 @@ class QuantSpec:
     sym: bool = True
     act: bool = False
     scale_dtype: torch.dtype = torch.float16
+    act_scale_dtype: torch.dtype = torch.float32
 
     def __post_init__(self):
         if self.kind not in ("nvfp4", "mx", "fp8", "int"):
@@ -54,8 +57,8 @@ class QuantSpec:
             raise ValueError(f"QuantSpec.bits must be in 2..8 for int, got {self.bits}")
         if self.kind == "int" and not (self.group_size == INT_GROUP_PER_ROW or self.group_size > 0):
             raise ValueError(f"QuantSpec.group_size must be -1 or positive, got {self.group_size}")
-        if self.act and self.kind in ("int", "fp8"):
-            raise ValueError(f"QuantSpec.act (activation quantization) is supported for nvfp4 and mx, not {self.kind}")
+        if self.act and self.kind == "int":
+            raise ValueError("QuantSpec.act (activation quantization) is supported for nvfp4, mx and fp8, not int")
 
     def num_groups(self, in_features: int) -> int:
         """Scale groups per output row of a Linear with ``in_features`` inputs."""
@@ -76,8 +79,9 @@ class QuantSpec:
 
     @property
     def static_act(self) -> bool:
-        """The activations take a scale calibrated before tuning (NVFP4's input global scale)."""
-        return self.act and self.kind == "nvfp4"
+        """The activations take a scale from the calibrated maximum (NVFP4's input global scale,
+        FP8's static scale)."""
+        return self.act and self.kind in ("nvfp4", "fp8")
 
 
 def fused_layer_groups(names: Sequence[str]) -> list[list[str]]:
