@@ -151,7 +151,7 @@ def test_bad_arguments_fail_in_one_line_before_any_weight_is_read(tiny_model_dir
         (args(str(tmp_path / "missing.gguf"), out, cal), "--model .*: no such GGUF file"),
         (args(str(no_config), out, cal), "without config.json"),
         (args(model, out, cal, "--scheme", "INT3"), "--scheme 'INT3' is not a scheme backend torch tunes"),
-        (args(model, out, cal, "--scheme", "FP8"), "--scheme FP8: .* pass --backend auto_round"),
+        (args(model, out, cal, "--scheme", "FP8_BLOCK"), "--scheme 'FP8_BLOCK' is not a scheme backend torch tunes"),
         (args(model, out, str(tmp_path / "nope.txt")), "--calib-file .*nope.txt': no such file"),
         (args(model, out, str(binary)), "--calib-file .* is a binary file"),
         (args(model, out, str(latin)), "--calib-file .* is not UTF-8 text"),
@@ -229,11 +229,10 @@ def test_w4a16_out_of_the_box_and_skip_indivisible(calib_file, tmp_path, capsys)
     assert "model.layers.0.mlp.up_proj" in qc["ignore"] and "model.layers.0.mlp.down_proj" not in qc["ignore"]
 
 
-def test_auto_round_backend_accepts_the_schemes_only_it_tunes(tiny_model_dir, calib_file, tmp_path, no_weights):
-    for name in ("FP8", "FP8_DYNAMIC"):
-        assert name in schemes.scheme_names("auto_round") and name not in schemes.scheme_names("torch")
-    for name in ("MXFP4", "MXFP8", "MXFP4A16", "W8A8", "W4AFP8"):
-        assert name in schemes.scheme_names("torch")
+def test_the_float_presets_reach_every_backend(tiny_model_dir, calib_file, tmp_path, no_weights):
+    for name in ("FP8", "FP8_DYNAMIC", "MXFP4", "MXFP8", "MXFP4A16", "W8A8", "W4AFP8"):
+        assert name in schemes.scheme_names("torch") and name in schemes.scheme_names("auto_round")
+    assert "FP8_BLOCK" not in schemes.scheme_names("torch") + schemes.scheme_names("auto_round")
     a = args(tiny_model_dir, tmp_path / "o", calib_file, "--scheme", "fp8", "--backend", "auto_round")
     job = quantize.prepare(build_parser().parse_args(a))
     assert (job.choice.name, job.backend, job.choice.modifier_kwargs["scheme"]) == ("FP8", "auto_round", "FP8")
