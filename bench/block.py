@@ -88,11 +88,11 @@ def capture_layer_inputs(model, ids: torch.Tensor) -> list:
     return caps
 
 
-BLOCK_SCHEMES = ("NVFP4", "MXFP4", "MXFP8", "W4A16", "W4A16-G64")  # W4A16-G64 for SmolLM2 (576 features)
+BLOCK_SCHEMES = ("NVFP4", "MXFP4", "MXFP8", "FP8", "FP8_DYNAMIC", "W4A16", "W4A16-G64")  # W4A16-G64 for SmolLM2 (576 features)
 
 
 def engine_spec(scheme: str):
-    """The engine's QuantSpec for a bench scheme: NVFP4 or MX W and A, or INT4 sym with its group."""
+    """The engine's QuantSpec for a bench scheme: NVFP4 or MX W and A, FP8, or INT4 sym with its group."""
     from autoround_fast.engine import QuantSpec
     from autoround_fast.formats import MX_GROUP
 
@@ -100,6 +100,10 @@ def engine_spec(scheme: str):
         return QuantSpec("nvfp4", act=True)
     if scheme.startswith("MXFP"):
         return QuantSpec("mx", int(scheme[4:]), MX_GROUP, act=True)
+    if scheme.startswith("FP8"):  # scales stored in the model's bf16
+        static = scheme == "FP8"
+        return QuantSpec("fp8", 8, 0 if static else -1, act=static, scale_dtype=torch.bfloat16,
+                         act_scale_dtype=torch.bfloat16)
     return QuantSpec("int", 4, 64 if scheme == "W4A16-G64" else 128, True)
 
 

@@ -58,6 +58,8 @@ SCHEMES = {
     "NVFP4A16": "NVFP4A16",
     "MXFP4": "MXFP4",  # FP4 e2m1 weights and dynamic activations, groups of 32, e8m0 scales
     "MXFP8": "MXFP8",  # the same with FP8 e4m3 elements
+    "FP8": "FP8",  # FP8 e4m3 weights per tensor, static per-tensor activations
+    "FP8_DYNAMIC": "FP8_DYNAMIC",  # FP8 e4m3 weights per channel (activations dynamic at inference)
     "W4A16": "W4A16",  # INT4 symmetric, groups of 128
     # SmolLM2's 576 features are not a multiple of 128: groups of 64 (or 32)
     "W4A16-G64": {"weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64}},
