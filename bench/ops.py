@@ -7,7 +7,8 @@ forward+backward time (medians of CUDA-event timings) of our ops called eagerly 
 autograd, and of their kernels replayed from a CUDA graph (how the tuning engine runs them);
 GB/s of the graphed kernels over the fewest bytes the op must move, that as a share of the
 card's measured copy bandwidth; auto-round's functions eagerly (and INT also with
-torch.compile, which auto-round uses for INT but not for NVFP4), and the speed-ups. Also
+torch.compile, which auto-round uses for INT but not for NVFP4 or MX), and the speed-ups. The
+same for MXFP4 and MXFP8 weights and activations (auto-round's quant_mx beside them). Also
 the weight backward that takes the sign step in place, beside our backward and step run apart,
 and SiLU(gate) * up with the W4A4 activation quantization in one op, beside the two run apart.
 """
@@ -42,6 +43,12 @@ def _auto_round():
     from auto_round.data_type.nvfp import nv_fp4, nv_fp4_with_static_gs
 
     return nv_fp4, nv_fp4_with_static_gs, quant_tensor_sym
+
+
+def _auto_round_mx():
+    from auto_round.data_type.mxfp import quant_mx
+
+    return quant_mx
 
 
 def _fwd_bwd(fwd, params, grad):
@@ -105,6 +112,45 @@ def bench_int_weight(shape, rows_out, group=128):
     rows_out.append(("int4 g128 weight fwd+bwd", shape, time_ms(_fwd_bwd(ours_f, [v, mn, mx], g)), graph_ms(raw_fb),
                      time_ms(_fwd_bwd(theirs(quant_tensor_sym), [vg, mng, mxg], g)),
                      time_ms(_fwd_bwd(theirs(compiled), [vg, mng, mxg], g)), 20 * n))
+
+
+def bench_mx_weight(shape, rows_out, bits):
+    """MXFP4 (bits 4) or MXFP8 (bits 8) weights, groups of 32: bytes as for NVFP4 (the shared
+    exponents and max_scale are 1/32 of an element each, left out)."""
+    quant_mx = _auto_round_mx()
+    o, i = shape
+    w = torch.randn(o, i, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn_like(w)
+    v = torch.zeros(o, i, device="cuda", requires_grad=True)
+    ms = torch.ones(o, i // 32, device="cuda", requires_grad=True)
+    vg = torch.zeros(o * i // 32, 32, device="cuda", requires_grad=True)
+    msg = torch.ones(o * i // 32, device="cuda", requires_grad=True)
+    ours_f = lambda: torch.ops.autoround_fast.fake_quant_mx(w, v, ms, bits)[0]
+    theirs_f = lambda: quant_mx(w, bits=bits, group_size=32, v=vg, max_scale=msg, data_type="mx_fp")[0]
+    vd, msd = v.detach(), ms.detach()
+    raw_f = lambda: _ops.fake_quant_mx(w, vd, msd, bits)
+    raw_fb = lambda: (raw_f(), _ops.fake_quant_mx_backward(g, w, vd, msd, bits))
+    n = o * i
+    rows_out.append((f"mxfp{bits} weight fwd", shape, time_ms(ours_f), graph_ms(raw_f), time_ms(theirs_f), None,
+                     8 * n))
+    rows_out.append((f"mxfp{bits} weight fwd+bwd", shape, time_ms(_fwd_bwd(ours_f, [v, ms], g)), graph_ms(raw_fb),
+                     time_ms(_fwd_bwd(theirs_f, [vg, msg], g)), None, 20 * n))
+
+
+def bench_mx_activation(shape, rows_out, bits):
+    quant_mx = _auto_round_mx()
+    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn_like(x)
+    one = torch.tensor(1.0, device="cuda")
+    ours_f = lambda: torch.ops.autoround_fast.fake_quant_mx_activation(x, bits)
+    theirs_f = lambda: quant_mx(x, bits=bits, group_size=32, max_scale=one, data_type="mx_fp")[0]
+    xd = x.detach()
+    raw_f = lambda: _ops.fake_quant_mx_activation(xd, bits)
+    raw_fb = lambda: (raw_f(), _ops.fake_quant_mx_activation_backward(g, xd, bits))
+    n = x.numel()
+    rows_out.append((f"mxfp{bits} act fwd", shape, time_ms(ours_f), graph_ms(raw_f), time_ms(theirs_f), None, 4 * n))
+    rows_out.append((f"mxfp{bits} act fwd+bwd", shape, time_ms(_fwd_bwd(ours_f, [x], g)), graph_ms(raw_fb),
+                     time_ms(_fwd_bwd(theirs_f, [x], g)), None, 10 * n))
 
 
 def bench_activation(shape, rows_out):
@@ -229,6 +275,11 @@ def main(argv=None):
         bench_int_weight(shape, rows)
     for shape in ACTIVATIONS:
         bench_activation(shape, rows)
+    for bits in (4, 8):
+        for shape in WEIGHTS:
+            bench_mx_weight(shape, rows, bits)
+        for shape in ACTIVATIONS:
+            bench_mx_activation(shape, rows, bits)
     bench_silu_mul_activation(ACTIVATIONS[1], rows)
     bench_loss((8, 2048, 4096), rows)
     bench_step((14336, 4096), rows)

@@ -14,6 +14,10 @@ void fake_quant_nvfp4_activation_backward(const Nvfp4ActArgs& a, const void* gra
 int64_t fake_quant_int(const IntArgs& a, void* out, void* scale, float* zero_point);
 void fake_quant_int_backward(const IntArgs& a, const void* grad, float* grad_v,
                              float* grad_min_scale, float* grad_max_scale);
+int64_t fake_quant_mx(const MxArgs& a, void* out, float* exps);
+void fake_quant_mx_backward(const MxArgs& a, const void* grad, float* grad_v, float* grad_max_scale);
+int64_t fake_quant_mx_activation(const MxActArgs& a, void* out);
+void fake_quant_mx_activation_backward(const MxActArgs& a, const void* grad, void* grad_x);
 float masked_mse_loss(const LossArgs& a);
 void masked_mse_loss_backward(const LossArgs& a, float grad_loss, void* grad_pred);
 void sign_step(const SignStepArgs& a);

@@ -68,6 +68,30 @@ const char* launch_fake_quant_int_backward(const IntArgs& a, const void* grad, f
                                            float* grad_min_scale, float* grad_max_scale,
                                            cudaStream_t stream);
 
+// MX weights (bits 4: MXFP4, 8: MXFP8) and activations, groups of kMxGroup along the row.
+struct MxArgs {
+  int dtype;
+  int64_t rows, cols;
+  int bits;
+  const void* weight;
+  const float* v;          // [rows, cols]
+  const float* max_scale;  // [rows, ceil(cols / kMxGroup)]
+};
+// exps: the shared exponents, fp32 [rows, ceil(cols / kMxGroup)].
+const char* launch_fake_quant_mx(const MxArgs& a, void* out, float* exps, cudaStream_t stream);
+const char* launch_fake_quant_mx_backward(const MxArgs& a, const void* grad, float* grad_v,
+                                          float* grad_max_scale, cudaStream_t stream);
+
+struct MxActArgs {
+  int dtype;
+  int64_t rows, cols;  // the activation viewed as [rows, cols], cols = last dimension
+  int bits;
+  const void* x;
+};
+const char* launch_fake_quant_mx_activation(const MxActArgs& a, void* out, cudaStream_t stream);
+const char* launch_fake_quant_mx_activation_backward(const MxActArgs& a, const void* grad, void* grad_x,
+                                                     cudaStream_t stream);
+
 struct LossArgs {
   int dtype;
   int64_t numel;

@@ -49,6 +49,15 @@ void fake_quant_int_backward_step_cuda(Tensor grad, Tensor w, Tensor v, Tensor m
                                        int64_t group_size, bool sym, int64_t scale_dtype, Tensor best_v,
                                        Tensor best_mn, Tensor best_mx, Tensor improved, Tensor lr);
 
+std::tuple<Tensor, Tensor> fake_quant_mx_cpu(Tensor w, Tensor v, Tensor ms, int64_t bits);
+std::tuple<Tensor, Tensor> fake_quant_mx_cuda(Tensor w, Tensor v, Tensor ms, int64_t bits);
+std::tuple<Tensor, Tensor> fake_quant_mx_backward_cpu(Tensor grad, Tensor w, Tensor v, Tensor ms, int64_t bits);
+std::tuple<Tensor, Tensor> fake_quant_mx_backward_cuda(Tensor grad, Tensor w, Tensor v, Tensor ms, int64_t bits);
+Tensor fake_quant_mx_activation_cpu(Tensor x, int64_t bits);
+Tensor fake_quant_mx_activation_cuda(Tensor x, int64_t bits);
+Tensor fake_quant_mx_activation_backward_cpu(Tensor grad, Tensor x, int64_t bits);
+Tensor fake_quant_mx_activation_backward_cuda(Tensor grad, Tensor x, int64_t bits);
+
 Tensor masked_mse_loss_cpu(Tensor pred, Tensor ref, std::optional<Tensor> mask);
 Tensor masked_mse_loss_cuda(Tensor pred, Tensor ref, std::optional<Tensor> mask);
 Tensor masked_mse_loss_backward_cpu(Tensor grad, Tensor pred, Tensor ref, std::optional<Tensor> mask);

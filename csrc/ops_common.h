@@ -129,6 +129,29 @@ inline IntArgs int_args(const Tensor& w, const Tensor& v, const Tensor& mn, cons
                  static_cast<const float*>(mx.const_data_ptr())};
 }
 
+inline void check_mx_bits(int64_t bits, const char* op) {
+  STD_TORCH_CHECK(mx_bits_supported(bits), op, ": bits must be 4 (MXFP4) or 8 (MXFP8), got ", bits);
+}
+
+inline MxArgs mx_args(const Tensor& w, const Tensor& v, const Tensor& ms, int64_t bits, const char* op) {
+  check_weight(w, op);
+  check_mx_bits(bits, op);
+  const int64_t rows = w.size(0), cols = w.size(1);
+  check_fp32(w, v, rows * cols, op, "v");
+  check_fp32(w, ms, rows * ceil_div(cols, kMxGroup), op, "max_scale");
+  return MxArgs{float_code(w, op, "weight"), rows, cols, static_cast<int>(bits), w.const_data_ptr(),
+                static_cast<const float*>(v.const_data_ptr()), static_cast<const float*>(ms.const_data_ptr())};
+}
+
+// x: non-empty and contiguous, viewed as [rows, cols].
+inline MxActArgs mx_act_args(const Tensor& x, int64_t bits, const char* op) {
+  STD_TORCH_CHECK(x.dim() >= 1 && x.numel() > 0, op, ": x must be a non-empty tensor");
+  STD_TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
+  check_mx_bits(bits, op);
+  const int64_t cols = x.size(x.dim() - 1);
+  return MxActArgs{float_code(x, op, "x"), x.numel() / cols, cols, static_cast<int>(bits), x.const_data_ptr()};
+}
+
 inline LossArgs loss_args(const Tensor& pred, const Tensor& ref, const std::optional<Tensor>& mask,
                           const char* op) {
   STD_TORCH_CHECK(pred.numel() > 0 && pred.dim() >= 1, op, ": pred must be a non-empty tensor");

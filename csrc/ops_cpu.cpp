@@ -104,6 +104,48 @@ std::tuple<Tensor, Tensor, Tensor> fake_quant_int_backward_cpu(Tensor grad, Tens
   return {gv, gmn, gmx};
 }
 
+std::tuple<Tensor, Tensor> fake_quant_mx_cpu(Tensor w, Tensor v, Tensor ms, int64_t bits) {
+  const char* op = "fake_quant_mx";
+  check_cpu(w, op);
+  MxArgs a = mx_args(w, v, ms, bits, op);
+  Tensor out = torch::stable::empty_like(w);
+  Tensor exps = scales_like(w, a.rows, ceil_div(a.cols, kMxGroup), ScalarType::Float);
+  check_finite_count(cpu::fake_quant_mx(a, out.mutable_data_ptr(), static_cast<float*>(exps.mutable_data_ptr())),
+                     op, "weight");
+  return {out, exps};
+}
+
+std::tuple<Tensor, Tensor> fake_quant_mx_backward_cpu(Tensor grad, Tensor w, Tensor v, Tensor ms, int64_t bits) {
+  const char* op = "fake_quant_mx_backward";
+  check_cpu(w, op);
+  MxArgs a = mx_args(w, v, ms, bits, op);
+  check_like(w, grad, op, "grad");
+  Tensor gv = torch::stable::empty_like(v);
+  Tensor gms = torch::stable::empty_like(ms);
+  cpu::fake_quant_mx_backward(a, grad.const_data_ptr(), static_cast<float*>(gv.mutable_data_ptr()),
+                              static_cast<float*>(gms.mutable_data_ptr()));
+  return {gv, gms};
+}
+
+Tensor fake_quant_mx_activation_cpu(Tensor x, int64_t bits) {
+  const char* op = "fake_quant_mx_activation";
+  check_cpu(x, op);
+  MxActArgs a = mx_act_args(x, bits, op);
+  Tensor out = torch::stable::empty_like(x);
+  check_finite_count(cpu::fake_quant_mx_activation(a, out.mutable_data_ptr()), op, "x");
+  return out;
+}
+
+Tensor fake_quant_mx_activation_backward_cpu(Tensor grad, Tensor x, int64_t bits) {
+  const char* op = "fake_quant_mx_activation_backward";
+  check_cpu(x, op);
+  MxActArgs a = mx_act_args(x, bits, op);
+  check_like(x, grad, op, "grad");
+  Tensor gx = torch::stable::empty_like(x);
+  cpu::fake_quant_mx_activation_backward(a, grad.const_data_ptr(), gx.mutable_data_ptr());
+  return gx;
+}
+
 Tensor masked_mse_loss_cpu(Tensor pred, Tensor ref, std::optional<Tensor> mask) {
   const char* op = "masked_mse_loss";
   check_cpu(pred, op);

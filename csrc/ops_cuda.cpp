@@ -149,6 +149,51 @@ std::tuple<Tensor, Tensor, Tensor> fake_quant_int_backward_cuda(Tensor grad, Ten
   return {gv, gmn, gmx};
 }
 
+std::tuple<Tensor, Tensor> fake_quant_mx_cuda(Tensor w, Tensor v, Tensor ms, int64_t bits) {
+  const char* op = "fake_quant_mx";
+  CudaContext ctx({&w, &v, &ms}, op);
+  MxArgs a = mx_args(w, v, ms, bits, op);
+  Tensor out = torch::stable::empty_like(w);
+  Tensor exps = scales_like(w, a.rows, ceil_div(a.cols, kMxGroup), ScalarType::Float);
+  check_launch(launch_fake_quant_mx(a, out.mutable_data_ptr(), static_cast<float*>(exps.mutable_data_ptr()),
+                                    ctx.stream),
+               op);
+  return {out, exps};
+}
+
+std::tuple<Tensor, Tensor> fake_quant_mx_backward_cuda(Tensor grad, Tensor w, Tensor v, Tensor ms, int64_t bits) {
+  const char* op = "fake_quant_mx_backward";
+  CudaContext ctx({&w, &grad, &v, &ms}, op);
+  MxArgs a = mx_args(w, v, ms, bits, op);
+  check_like(w, grad, op, "grad");
+  Tensor gv = torch::stable::empty_like(v);
+  Tensor gms = torch::stable::empty_like(ms);
+  check_launch(launch_fake_quant_mx_backward(a, grad.const_data_ptr(), static_cast<float*>(gv.mutable_data_ptr()),
+                                             static_cast<float*>(gms.mutable_data_ptr()), ctx.stream),
+               op);
+  return {gv, gms};
+}
+
+Tensor fake_quant_mx_activation_cuda(Tensor x, int64_t bits) {
+  const char* op = "fake_quant_mx_activation";
+  CudaContext ctx({&x}, op);
+  MxActArgs a = mx_act_args(x, bits, op);
+  Tensor out = torch::stable::empty_like(x);
+  check_launch(launch_fake_quant_mx_activation(a, out.mutable_data_ptr(), ctx.stream), op);
+  return out;
+}
+
+Tensor fake_quant_mx_activation_backward_cuda(Tensor grad, Tensor x, int64_t bits) {
+  const char* op = "fake_quant_mx_activation_backward";
+  CudaContext ctx({&x, &grad}, op);
+  MxActArgs a = mx_act_args(x, bits, op);
+  check_like(x, grad, op, "grad");
+  Tensor gx = torch::stable::empty_like(x);
+  check_launch(launch_fake_quant_mx_activation_backward(a, grad.const_data_ptr(), gx.mutable_data_ptr(), ctx.stream),
+               op);
+  return gx;
+}
+
 Tensor masked_mse_loss_cuda(Tensor pred, Tensor ref, std::optional<Tensor> mask) {
   const char* op = "masked_mse_loss";
   CudaContext ctx(mask ? std::initializer_list<const Tensor*>{&pred, &ref, &*mask}

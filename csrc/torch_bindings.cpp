@@ -14,6 +14,10 @@ STABLE_TORCH_LIBRARY(autoround_fast, m) {
   m.def("silu_mul_nvfp4_activation_backward(Tensor grad, Tensor gate, Tensor up, Tensor global_scale) -> (Tensor, Tensor)");
   m.def("fake_quant_int(Tensor weight, Tensor v, Tensor min_scale, Tensor max_scale, int bits, int group_size, bool sym, int scale_dtype) -> (Tensor, Tensor, Tensor)");
   m.def("fake_quant_int_backward(Tensor grad, Tensor weight, Tensor v, Tensor min_scale, Tensor max_scale, int bits, int group_size, bool sym, int scale_dtype) -> (Tensor, Tensor, Tensor)");
+  m.def("fake_quant_mx(Tensor weight, Tensor v, Tensor max_scale, int bits) -> (Tensor, Tensor)");
+  m.def("fake_quant_mx_backward(Tensor grad, Tensor weight, Tensor v, Tensor max_scale, int bits) -> (Tensor, Tensor)");
+  m.def("fake_quant_mx_activation(Tensor x, int bits) -> Tensor");
+  m.def("fake_quant_mx_activation_backward(Tensor grad, Tensor x, int bits) -> Tensor");
   m.def("masked_mse_loss(Tensor pred, Tensor ref, Tensor? mask) -> Tensor");
   m.def("masked_mse_loss_backward(Tensor grad, Tensor pred, Tensor ref, Tensor? mask) -> Tensor");
   m.def("sign_step_(Tensor(a!) param, Tensor(b!) best, Tensor grad, Tensor improved, Tensor lr) -> ()");
@@ -29,6 +33,10 @@ STABLE_TORCH_LIBRARY_IMPL(autoround_fast, CPU, m) {
   m.impl("fake_quant_nvfp4_activation_backward", TORCH_BOX(&fake_quant_nvfp4_activation_backward_cpu));
   m.impl("fake_quant_int", TORCH_BOX(&fake_quant_int_cpu));
   m.impl("fake_quant_int_backward", TORCH_BOX(&fake_quant_int_backward_cpu));
+  m.impl("fake_quant_mx", TORCH_BOX(&fake_quant_mx_cpu));
+  m.impl("fake_quant_mx_backward", TORCH_BOX(&fake_quant_mx_backward_cpu));
+  m.impl("fake_quant_mx_activation", TORCH_BOX(&fake_quant_mx_activation_cpu));
+  m.impl("fake_quant_mx_activation_backward", TORCH_BOX(&fake_quant_mx_activation_backward_cpu));
   m.impl("masked_mse_loss", TORCH_BOX(&masked_mse_loss_cpu));
   m.impl("masked_mse_loss_backward", TORCH_BOX(&masked_mse_loss_backward_cpu));
   m.impl("sign_step_", TORCH_BOX(&sign_step_cpu));
@@ -48,6 +56,10 @@ STABLE_TORCH_LIBRARY_IMPL(autoround_fast, CUDA, m) {
   m.impl("silu_mul_nvfp4_activation_backward", TORCH_BOX(&silu_mul_nvfp4_activation_backward_cuda));
   m.impl("fake_quant_int", TORCH_BOX(&fake_quant_int_cuda));
   m.impl("fake_quant_int_backward", TORCH_BOX(&fake_quant_int_backward_cuda));
+  m.impl("fake_quant_mx", TORCH_BOX(&fake_quant_mx_cuda));
+  m.impl("fake_quant_mx_backward", TORCH_BOX(&fake_quant_mx_backward_cuda));
+  m.impl("fake_quant_mx_activation", TORCH_BOX(&fake_quant_mx_activation_cuda));
+  m.impl("fake_quant_mx_activation_backward", TORCH_BOX(&fake_quant_mx_activation_backward_cuda));
   m.impl("masked_mse_loss", TORCH_BOX(&masked_mse_loss_cuda));
   m.impl("masked_mse_loss_backward", TORCH_BOX(&masked_mse_loss_backward_cuda));
   m.impl("sign_step_", TORCH_BOX(&sign_step_cuda));

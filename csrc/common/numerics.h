@@ -253,4 +253,47 @@ AF_HD float fp4_magnitude(float a) {
 // 1/x with 1/0 -> 0 (auto-round's get_reciprocal in nvfp.py).
 AF_HD float reciprocal_or_zero(float x) { return x == 0.f ? 0.f : div_rn(1.0f, x); }
 
+// torch.floor (exact).
+AF_HD float floor_(float x) {
+#if defined(__CUDA_ARCH__)
+  return floorf(x);
+#else
+  return std::floor(x);
+#endif
+}
+
+// torch.clamp(a, lo, hi) for bounds lo < 0 < hi: NaN stays NaN, -0 stays -0. On the GPU
+// the NaN-propagating min and max (two FMNMX instead of two compares and two selects).
+AF_HD float clamp_(float a, float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(lo));
+  asm("min.NaN.f32 %0, %0, %1;" : "+f"(r) : "f"(hi));
+  return r;
+#else
+  return a < lo ? lo : (a > hi ? hi : a);
+#endif
+}
+
+// 2^e exactly, for -149 <= e <= 127 (built from its bits: subnormal below 2^-126).
+AF_HD float exp2_int(int e) {
+  return e >= -126 ? bits_to_float(static_cast<uint32_t>(e + 127) << 23)
+                   : bits_to_float(1u << (e + 149));
+}
+
+// 2^e exactly, for -126 <= e <= 127 (normal): one shift.
+AF_HD float exp2_normal(int e) { return bits_to_float(static_cast<uint32_t>(e + 127) << 23); }
+
+// floor(log2(a)) exactly, for finite a > 0: a's binary exponent, subnormals included.
+AF_HD int floor_log2(float a) {
+  const uint32_t u = float_to_bits(a) & 0x7fffffffu;
+  const int e = static_cast<int>(u >> 23);
+  if (e != 0) return e - 127;
+#if defined(__CUDA_ARCH__)
+  return (31 - __clz(u)) - 149;  // u * 2^-149, u < 2^23
+#else
+  return (31 - __builtin_clz(u)) - 149;
+#endif
+}
+
 }  // namespace autoround_fast

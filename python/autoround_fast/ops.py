@@ -21,9 +21,12 @@ from .formats import (
     E4M3_MAX,
     FP4_MAX,
     INT_GROUP_PER_ROW,
+    MX_ELEMENTS,
+    MX_GROUP,
     NVFP4_GROUP,
     SCALE_DTYPE_CODES,
     int_num_groups,
+    mx_num_groups,
     nvfp4_num_groups,
 )
 
@@ -34,13 +37,17 @@ __all__ = [
     "silu_mul_nvfp4_activation",
     "fake_quant_int",
     "step_in_backward_int",
+    "fake_quant_mx",
+    "fake_quant_mx_activation",
     "masked_mse_loss",
     "sign_step_",
     "nvfp4_global_scale",
     "shared_nvfp4_global_scale",
     "has_cuda_kernels",
     "int_num_groups",
+    "mx_num_groups",
     "NVFP4_GROUP",
+    "MX_GROUP",
     "FP4_MAX",
     "E4M3_MAX",
     "SCALE_DTYPE_CODES",
@@ -608,6 +615,153 @@ def step_in_backward_int(weight, v, min_scale, max_scale, bits, group_size, sym,
                                                lr)
     _after_backward(q, on_step)
     return q, scale, zp
+
+
+# ---------------------------------------------------------------------------------------
+# fake_quant_mx: MX weights (MXFP4, MXFP8)
+# ---------------------------------------------------------------------------------------
+
+
+def _check_mx_bits(bits, op: str, fake: bool = False) -> None:
+    _require(bits in MX_ELEMENTS, op, f"bits must be 4 (MXFP4) or 8 (MXFP8), got {bits}", fake)
+
+
+def _check_mx(op: str, weight, v, max_scale, bits, fake: bool = False) -> None:
+    _check_mx_bits(bits, op, fake)
+    _check_weight(weight, op, fake)
+    rows, cols = weight.shape
+    _check_param(weight, v, rows * cols, "v", op, fake)
+    _check_param(weight, max_scale, rows * mx_num_groups(cols), "max_scale", op, fake)
+
+
+@torch.library.register_fake("autoround_fast::fake_quant_mx")
+def _(weight, v, max_scale, bits):
+    _check_mx("fake_quant_mx", weight, v, max_scale, bits, fake=True)
+    rows, cols = weight.shape
+    return torch.empty_like(weight), weight.new_empty((rows, mx_num_groups(cols)), dtype=torch.float32)
+
+
+@torch.library.register_fake("autoround_fast::fake_quant_mx_backward")
+def _(grad, weight, v, max_scale, bits):
+    op = "fake_quant_mx_backward"
+    _check_mx(op, weight, v, max_scale, bits, fake=True)
+    _check_grad_like(grad, weight, op)
+    return torch.empty_like(v), torch.empty_like(max_scale)
+
+
+def _mx_setup(ctx, inputs, output):
+    weight, v, max_scale, bits = inputs
+    ctx.save_for_backward(weight, v, max_scale)
+    ctx.bits = bits
+    ctx.mark_non_differentiable(output[1])
+
+
+def _mx_backward(ctx, grad_out, grad_exp):
+    weight, v, max_scale = ctx.saved_tensors
+    gv, gms = _ops.fake_quant_mx_backward(grad_out.contiguous(), weight, v, max_scale, ctx.bits)
+    return None, gv, gms, None
+
+
+torch.library.register_autograd("autoround_fast::fake_quant_mx", _mx_backward, setup_context=_mx_setup)
+
+
+def fake_quant_mx(
+    weight: torch.Tensor,
+    v: torch.Tensor,
+    max_scale: torch.Tensor,
+    bits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MX fake quantization (MXFP4: bits 4, e2m1 elements; MXFP8: bits 8, e4m3) with
+    AutoRound's learnable offset and clipping scale.
+
+    For each group of 32 consecutive input features (the last group padded with zeros), in
+    fp32, with the element format's emax, min_exp, mbits and max_norm (formats.MX_ELEMENTS)::
+
+        m     = max|W_g| * max_scale_g
+        E     = clamp(floor(log2 m) - emax, -127, 127)      (m = 0: floor(log2 m) := 1)
+        t     = W / 2^E + V,   c = clamp(t, -max_norm, max_norm)
+        p     = max(floor(log2 |c|), min_exp)                (c = 0: p = max(0, min_exp))
+        q     = clamp(rne(c / 2^p * 2^mbits) / 2^mbits * 2^p, -max_norm, max_norm)
+        Wq    = q * 2^E
+
+    where rne rounds half to even (as auto-round writes it: floor(a + 0.5) minus one on a
+    tie). floor(log2 .) is the exact binary exponent; auto-round's fp32 torch.log2 rounds up
+    to k for values a few ulps below 2^k (k >= 3 or k <= -2) and takes the next exponent
+    there (csrc/mx/mx.h). Differentiable in ``v`` and ``max_scale``: auto-round's autograd with
+    straight-through floors, op by op in fp32 (``v``'s gradient keeps its bits); an all-zero
+    group's ``max_scale`` gradient is 0 (auto-round's is NaN).
+
+    Args:
+        weight: [out, in] bf16, fp16 or fp32.
+        v: fp32, the weight's shape.
+        max_scale: fp32 [out, ceil(in / 32)] (used as given; AutoRound clamps it to [0, 1]).
+        bits: 4 (MXFP4) or 8 (MXFP8).
+
+    Returns:
+        (the fake-quantized weight in the weight's dtype, the shared exponents E as fp32
+        [out, ceil(in / 32)]: each group's scale is 2^E).
+    """
+    op = "fake_quant_mx"
+    _check_mx(op, weight, v, max_scale, bits)
+    _check_finite(weight, "weight", op)
+    return _ops.fake_quant_mx(weight.contiguous(), v.contiguous(), max_scale.contiguous(), int(bits))
+
+
+# ---------------------------------------------------------------------------------------
+# fake_quant_mx_activation: MX activations (dynamic per-32 scales)
+# ---------------------------------------------------------------------------------------
+
+
+def _check_mx_act(op: str, x, bits, fake: bool = False) -> None:
+    _check_mx_bits(bits, op, fake)
+    _check_input(x, "x", op, fake)
+
+
+@torch.library.register_fake("autoround_fast::fake_quant_mx_activation")
+def _(x, bits):
+    _check_mx_act("fake_quant_mx_activation", x, bits, fake=True)
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("autoround_fast::fake_quant_mx_activation_backward")
+def _(grad, x, bits):
+    op = "fake_quant_mx_activation_backward"
+    _check_mx_act(op, x, bits, fake=True)
+    _check_grad_like(grad, x, op)
+    return torch.empty_like(x)
+
+
+def _mx_act_setup(ctx, inputs, output):
+    x, bits = inputs
+    ctx.save_for_backward(x)
+    ctx.bits = bits
+
+
+def _mx_act_backward(ctx, grad_out):
+    (x,) = ctx.saved_tensors
+    return _ops.fake_quant_mx_activation_backward(grad_out.contiguous(), x, ctx.bits), None
+
+
+torch.library.register_autograd(
+    "autoround_fast::fake_quant_mx_activation", _mx_act_backward, setup_context=_mx_act_setup
+)
+
+
+def fake_quant_mx_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """MX fake quantization of activations: dynamic per-32 power-of-two scales of the current
+    ``x`` with V = 0 and max_scale = 1 (see :func:`fake_quant_mx`), groups along the last
+    dimension (the last one zero-padded). Differentiable in ``x`` as auto-round's autograd:
+    through the rounding with straight-through floors, and through max|x_g| into each
+    group's first argmax; the two paths are added in fp32 and rounded once to x's dtype.
+
+    Args:
+        x: any shape, bf16, fp16 or fp32.
+        bits: 4 (MXFP4) or 8 (MXFP8).
+    """
+    op = "fake_quant_mx_activation"
+    _check_mx_act(op, x, bits)
+    _check_finite(x, "x", op)
+    return _ops.fake_quant_mx_activation(x.contiguous(), int(bits))
 
 
 # ---------------------------------------------------------------------------------------

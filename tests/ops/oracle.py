@@ -4,6 +4,7 @@ import math
 
 import torch
 from auto_round.data_type.int import quant_tensor_asym, quant_tensor_sym
+from auto_round.data_type.mxfp import quant_mx
 from auto_round.data_type.nvfp import nv_fp4, nv_fp4_with_static_gs
 from auto_round.data_type.utils import reshape_pad_tensor_by_group_size
 
@@ -64,3 +65,29 @@ def int_quant(weight, v, min_scale, max_scale, bits, group_size, sym, grad_out=N
         return q, s, zp
     (q.float() * grad_out.float()).sum().backward()
     return q, s, zp, _unpad(vg.grad, rows, cols), mn.grad.reshape(rows, -1), mx.grad.reshape(rows, -1)
+
+
+def mx(weight, v, max_scale, bits, grad_out=None):
+    """auto-round's quant_mx (MXFP4: bits 4, MXFP8: bits 8) forward, the shared exponents as
+    fp32 [rows, groups], and with grad_out the gradients of v and max_scale."""
+    rows, cols = weight.shape
+    req = grad_out is not None
+    vg = _pad_groups(v, 32).detach().clone().requires_grad_(req)
+    ms = max_scale.reshape(-1).detach().clone().requires_grad_(req)
+    q, e, _ = quant_mx(weight, bits=bits, group_size=32, v=vg, max_scale=ms, data_type="mx_fp")
+    e = e.float().reshape(rows, -1)
+    if not req:
+        return q, e
+    (q.float() * grad_out.float()).sum().backward()
+    return q, e, _unpad(vg.grad, rows, cols), ms.grad.reshape(rows, -1)
+
+
+def mx_activation(x, bits, grad_out=None):
+    """auto-round's quant_mx on an activation (max_scale 1, v = 0): the forward, and with
+    grad_out the gradient of x."""
+    x = x.detach().clone().requires_grad_(grad_out is not None)
+    y = quant_mx(x, bits=bits, group_size=32, max_scale=torch.tensor(1.0), data_type="mx_fp")[0]
+    if grad_out is None:
+        return y
+    (y.float() * grad_out.float()).sum().backward()
+    return y, x.grad

@@ -16,7 +16,10 @@ TWINS = {
     "kFp4Max": formats.FP4_MAX,
     "kE4m3Max": formats.E4M3_MAX,
     "kIntGroupPerRow": formats.INT_GROUP_PER_ROW,
+    "kMxGroup": formats.MX_GROUP,
+    "kE8m0ExpMax": formats.E8M0_EXP_MAX,
 }
+MX_ELEMENT_TWINS = {"kMxFp4": 4, "kMxFp8": 8}  # formats.h's MxElement constants: MX_ELEMENTS[bits]
 DTYPE_TWINS = {"kHalf": torch.float16, "kFloat": torch.float32, "kBFloat16": torch.bfloat16}
 
 
@@ -44,6 +47,16 @@ def test_constants_equal_their_cpp_twins():
         assert consts[name] == value and type(consts[name]) is type(value), name
 
 
+def test_mx_elements_equal_their_cpp_twins():
+    src = FORMATS_H.read_text()
+    found = dict(re.findall(r"^constexpr\s+MxElement\s+(\w+)\s*=\s*\{([^}]*)\};", src, re.MULTILINE))
+    assert set(found) == set(MX_ELEMENT_TWINS), "an MxElement of formats.h without a twin in MX_ELEMENTS, or gone"
+    for name, bits in MX_ELEMENT_TWINS.items():
+        ebits, mbits, min_exp, emax, max_norm = (_cpp_number(t) for t in found[name].split(","))
+        assert formats.MX_ELEMENTS[bits] == formats.MxElement(ebits, mbits, min_exp, emax, max_norm), name
+        assert type(max_norm) is float and all(type(t) is int for t in (ebits, mbits, min_exp, emax)), name
+
+
 def test_scale_dtype_codes_equal_their_cpp_twins():
     _, enums = _formats_h()
     assert {DTYPE_TWINS[name]: code for name, code in enums.items()} == formats.SCALE_DTYPE_CODES
@@ -67,13 +80,16 @@ def test_e4m3_max_is_torchs():
 @pytest.mark.parametrize("cols", [1, 15, 16, 17, 32, 100, 128, 129])
 def test_group_counts_equal_the_kernels(cols):
     """The groups per row of formats.py are those the C++ ops lay their scales out in
-    (formats.h's int_group, and kNvfp4Group)."""
+    (formats.h's int_group, kNvfp4Group and kMxGroup)."""
     o = torch.ops.autoround_fast
     w = torch.randn(3, cols).to(torch.bfloat16)
     v = torch.zeros(3, cols)
     gs = torch.ones(1)
     _, s = o.fake_quant_nvfp4(w, v, torch.ones(3, formats.nvfp4_num_groups(cols)), gs)
     assert s.shape == (3, formats.nvfp4_num_groups(cols))
+    for bits in formats.MX_ELEMENTS:
+        _, e = o.fake_quant_mx(w, v, torch.ones(3, formats.mx_num_groups(cols)), bits)
+        assert e.shape == (3, formats.mx_num_groups(cols))
     for group_size in (formats.INT_GROUP_PER_ROW, 4, 16, 32, 128, 200):
         groups = formats.int_num_groups(cols, group_size)
         ones = torch.ones(3, groups)

@@ -1,0 +1,253 @@
+// MX (MXFP4, MXFP8) weight and activation fake quantization on the GPU. A 32-element group
+// per 4 lanes, 8 consecutive elements per lane (a 16-byte load of a 16-bit type, two of
+// fp32), so a warp takes 8 groups, 256 consecutive elements, per pass. The group's maximum
+// is an xor butterfly over its 4 lanes; the max_scale gradient's sums run through the lanes
+// in order (lane 0's elements, then lane 1's, ...), the sequential sum the CPU kernel takes.
+// The math is mx.h's, shared with the CPU kernels: both produce the same bits.
+#include <type_traits>
+
+#include "../common/cuda_utils.cuh"
+#include "../launchers.h"
+#include "mx.h"
+
+namespace autoround_fast {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kL = 4;                 // lanes per group
+constexpr int kE = kMxGroup / kL;     // elements per lane
+constexpr int kPerWarp = 32 / kL;     // groups per warp and pass
+constexpr unsigned kFull = 0xffffffffu;
+
+// Where a lane works in a pass: its group, the index of its first element, how many of its
+// kE elements the group has (kE on the vector path; fewer, or none, at a ragged row end),
+// and its place in the group.
+struct LaneSpan {
+  int64_t gi;
+  bool active;  // false: a slot past the last group, which redoes the last one and stores nothing
+  int64_t at;
+  int n;
+  int sub, slot;
+};
+
+// The grid-stride loop: body(LaneSpan) on every lane, since the butterflies and the chained
+// sums need the whole warp. kWhole: rows are whole groups (group gi starts at 32 * gi).
+template <bool kWhole, typename F>
+__device__ __forceinline__ void for_each_mx_group(int64_t rows, int64_t cols, F&& body) {
+  const int lane = threadIdx.x % 32, sub = lane % kL, slot = lane / kL;
+  const int64_t groups = (cols + kMxGroup - 1) / kMxGroup, total = rows * groups;
+  const int64_t warp = blockIdx.x * (int64_t)kWarps + threadIdx.x / 32;
+  for (int64_t g0 = warp * kPerWarp; g0 < total; g0 += (int64_t)gridDim.x * kWarps * kPerWarp) {
+    const bool active = g0 + slot < total;
+    const int64_t gi = active ? g0 + slot : total - 1;
+    if constexpr (kWhole) {
+      body(LaneSpan{gi, active, gi * kMxGroup + sub * kE, kE, sub, slot});
+    } else {
+      const int64_t r = gi / groups, k = gi - r * groups;
+      const int64_t rest = cols - k * kMxGroup - sub * kE;
+      body(LaneSpan{gi, active, r * cols + k * kMxGroup + sub * kE,
+                    static_cast<int>(rest < 0 ? 0 : (rest < kE ? rest : kE)), sub, slot});
+    }
+  }
+}
+
+// A lane's elements as fp32; those past the group's end read as 0.
+template <typename T, bool kVec>
+__device__ __forceinline__ void load_lane(const T* p, int n, float* x) {
+  if constexpr (kVec) {
+    load_vec<T, kE>(p, x);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kE; ++j) x[j] = j < n ? to_f32(p[j]) : 0.f;
+  }
+}
+
+template <typename T, bool kVec>
+__device__ __forceinline__ void store_lane(T* p, int n, const float* x) {
+  if constexpr (kVec) {
+    store_vec<T, kE>(p, x);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kE; ++j)
+      if (j < n) p[j] = from_f32<T>(x[j]);
+  }
+}
+
+// max |x| over the group (every lane of it gets it).
+__device__ __forceinline__ float group_amax(const float* x) {
+  float m = 0.f;
+#pragma unroll
+  for (int j = 0; j < kE; ++j) m = max_num(m, fabs_(x[j]));  // |x| >= +0, never NaN (checked inputs)
+#pragma unroll
+  for (int off = kL / 2; off > 0; off /= 2) m = max_num(m, __shfl_xor_sync(kFull, m, off));
+  return m;
+}
+
+// The group's backward: V's gradient per element (gt), and d(loss)/d(m) (every lane of the
+// group gets it), the sums taken element by element in the group's order: lane k adds its
+// elements to the running sums it receives from lane k - 1.
+template <int kBits>
+__device__ __forceinline__ float group_backward(const float* x, const float* v, const float* g, int n,
+                                                const MxScale& sc, const LaneSpan& ls, float* gt) {
+  float q[kE];
+#pragma unroll
+  for (int j = 0; j < kE; ++j) {
+    const MxElem e = mx_element_forward<kBits>(x[j], v[j], sc);
+    gt[j] = mx_element_grad<kBits>(e, g[j], sc);
+    q[j] = e.q;
+  }
+  MxGroupSums sums;
+  const int first = (threadIdx.x % 32) - ls.sub;
+#pragma unroll
+  for (int k = 0; k < kL; ++k) {
+    if (ls.sub == k) {
+#pragma unroll
+      for (int j = 0; j < kE; ++j)
+        if (j < n) sums.add(x[j], g[j], gt[j], q[j], sc);
+    }
+    sums.out = __shfl_sync(kFull, sums.out, first + k);
+    sums.div = __shfl_sync(kFull, sums.div, first + k);
+  }
+  return sums.g_m(sc);
+}
+
+template <int kBits, typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads) fake_quant_mx_kernel(MxArgs a, T* out, float* exps) {
+  const T* w = static_cast<const T*>(a.weight);
+  for_each_mx_group<kVec>(a.rows, a.cols, [&](const LaneSpan& ls) {
+    float x[kE], v[kE];
+    load_lane<T, kVec>(w + ls.at, ls.n, x);
+    load_lane<float, kVec>(a.v + ls.at, ls.n, v);
+    const float amax = group_amax(x);
+    if (!ls.active) return;
+    const MxScale sc = mx_group_scale<kBits>(amax, __ldg(a.max_scale + ls.gi));
+    if (ls.sub == 0) exps[ls.gi] = sc.e;
+#pragma unroll
+    for (int j = 0; j < kE; ++j) x[j] = mx_qdq<kBits>(x[j], v[j], sc);
+    store_lane<T, kVec>(out + ls.at, ls.n, x);
+  });
+}
+
+template <int kBits, typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads) fake_quant_mx_backward_kernel(MxArgs a, const T* grad, float* grad_v,
+                                                                          float* grad_ms) {
+  const T* w = static_cast<const T*>(a.weight);
+  for_each_mx_group<kVec>(a.rows, a.cols, [&](const LaneSpan& ls) {
+    float x[kE], v[kE], g[kE], gt[kE];
+    load_lane<T, kVec>(w + ls.at, ls.n, x);
+    load_lane<T, kVec>(grad + ls.at, ls.n, g);
+    load_lane<float, kVec>(a.v + ls.at, ls.n, v);
+    const float amax = group_amax(x);
+    const MxScale sc = mx_group_scale<kBits>(amax, __ldg(a.max_scale + ls.gi));
+    const float g_m = group_backward<kBits>(x, v, g, ls.n, sc, ls, gt);
+    if (!ls.active) return;
+    store_lane<float, kVec>(grad_v + ls.at, ls.n, gt);
+    if (ls.sub == 0) grad_ms[ls.gi] = mul_rn(g_m, amax);
+  });
+}
+
+template <int kBits, typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads) fake_quant_mx_activation_kernel(MxActArgs a, T* out) {
+  const T* xin = static_cast<const T*>(a.x);
+  for_each_mx_group<kVec>(a.rows, a.cols, [&](const LaneSpan& ls) {
+    float x[kE];
+    load_lane<T, kVec>(xin + ls.at, ls.n, x);
+    const float amax = group_amax(x);
+    if (!ls.active) return;
+    const MxScale sc = mx_group_scale<kBits>(amax, 1.0f);
+#pragma unroll
+    for (int j = 0; j < kE; ++j) x[j] = mx_qdq<kBits>(x[j], 0.0f, sc);
+    store_lane<T, kVec>(out + ls.at, ls.n, x);
+  });
+}
+
+template <int kBits, typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads) fake_quant_mx_activation_backward_kernel(MxActArgs a, const T* grad,
+                                                                                     T* grad_x) {
+  const T* xin = static_cast<const T*>(a.x);
+  for_each_mx_group<kVec>(a.rows, a.cols, [&](const LaneSpan& ls) {
+    float x[kE], g[kE], gt[kE];
+    const float zeros[kE] = {};
+    load_lane<T, kVec>(xin + ls.at, ls.n, x);
+    load_lane<T, kVec>(grad + ls.at, ls.n, g);
+    const float amax = group_amax(x);
+    const MxScale sc = mx_group_scale<kBits>(amax, 1.0f);
+    const float g_m = group_backward<kBits>(x, zeros, g, ls.n, sc, ls, gt);
+    // torch.max's index: the group's first element with |x| == amax, on the first lane that
+    // holds one (elements past the row's end read as 0, after every real one)
+    int arg = kE;
+#pragma unroll
+    for (int j = kE - 1; j >= 0; --j)
+      if (fabs_(x[j]) == amax) arg = j;
+    const unsigned lanes = (__ballot_sync(kFull, arg < kE) >> (ls.slot * kL)) & ((1u << kL) - 1u);
+    if (ls.sub != __ffs(lanes) - 1) arg = kE;
+    if (!ls.active) return;
+#pragma unroll
+    for (int j = 0; j < kE; ++j) gt[j] = mx_act_grad<T>(gt[j], sc, g_m, x[j], j == arg);
+    store_lane<T, kVec>(grad_x + ls.at, ls.n, gt);
+  });
+}
+
+// Launches kernel<bits, T, vec> over the groups of a [rows, cols] tensor: launch(bits, t, vec,
+// grid, stream) with bits and vec as std::integral_constant / std::bool_constant, vec true
+// where rows are whole groups and every pointer is 16-byte aligned.
+template <typename F>
+const char* launch_over_groups(int bits, int dtype, int64_t rows, int64_t cols,
+                               std::initializer_list<const void*> ptrs, cudaStream_t s, F&& launch) {
+  const int64_t total = rows * ((cols + kMxGroup - 1) / kMxGroup);
+  const unsigned grid = grid_for(total, kWarps * kPerWarp);
+  bool vec = cols % kMxGroup == 0;
+  for (const void* p : ptrs) vec = vec && aligned16(p);
+  with_mx_bits(bits, [&](auto b) {
+    with_float_type(dtype, [&](auto t) {
+      if (vec)
+        launch(b, t, std::true_type{}, grid, s);
+      else
+        launch(b, t, std::false_type{}, grid, s);
+    });
+  });
+  return launch_status();
+}
+
+}  // namespace
+
+const char* launch_fake_quant_mx(const MxArgs& a, void* out, float* exps, cudaStream_t stream) {
+  return launch_over_groups(a.bits, a.dtype, a.rows, a.cols, {a.weight, a.v, out}, stream,
+                            [&](auto b, auto t, auto vec, unsigned grid, cudaStream_t s) {
+                              using T = decltype(t);
+                              fake_quant_mx_kernel<decltype(b)::value, T, decltype(vec)::value>
+                                  <<<grid, kThreads, 0, s>>>(a, static_cast<T*>(out), exps);
+                            });
+}
+
+const char* launch_fake_quant_mx_backward(const MxArgs& a, const void* grad, float* grad_v, float* grad_ms,
+                                          cudaStream_t stream) {
+  return launch_over_groups(a.bits, a.dtype, a.rows, a.cols, {a.weight, a.v, grad, grad_v}, stream,
+                            [&](auto b, auto t, auto vec, unsigned grid, cudaStream_t s) {
+                              using T = decltype(t);
+                              fake_quant_mx_backward_kernel<decltype(b)::value, T, decltype(vec)::value>
+                                  <<<grid, kThreads, 0, s>>>(a, static_cast<const T*>(grad), grad_v, grad_ms);
+                            });
+}
+
+const char* launch_fake_quant_mx_activation(const MxActArgs& a, void* out, cudaStream_t stream) {
+  return launch_over_groups(a.bits, a.dtype, a.rows, a.cols, {a.x, out}, stream,
+                            [&](auto b, auto t, auto vec, unsigned grid, cudaStream_t s) {
+                              using T = decltype(t);
+                              fake_quant_mx_activation_kernel<decltype(b)::value, T, decltype(vec)::value>
+                                  <<<grid, kThreads, 0, s>>>(a, static_cast<T*>(out));
+                            });
+}
+
+const char* launch_fake_quant_mx_activation_backward(const MxActArgs& a, const void* grad, void* grad_x,
+                                                     cudaStream_t stream) {
+  return launch_over_groups(a.bits, a.dtype, a.rows, a.cols, {a.x, grad, grad_x}, stream,
+                            [&](auto b, auto t, auto vec, unsigned grid, cudaStream_t s) {
+                              using T = decltype(t);
+                              fake_quant_mx_activation_backward_kernel<decltype(b)::value, T, decltype(vec)::value>
+                                  <<<grid, kThreads, 0, s>>>(a, static_cast<const T*>(grad), static_cast<T*>(grad_x));
+                            });
+}
+
+}  // namespace autoround_fast
