@@ -261,9 +261,11 @@ def test_opt_rtn_mx_equals_auto_round(backend, bits, dtype, cols):
         lin.weight.copy_(torch.randn(48, cols) * torch.logspace(-3, 0, cols))
     imat = torch.rand(cols) + 0.1
     tl = TunedLinear(lin, QuantSpec("mx", bits, 32, act=False), make_backend(backend), None, None)
-    wq, exponent = opt_rtn_mx(tl, imat)
-    ref, ref_exp, _ = quant_mx_opt_rtn(lin.weight.data, bits=bits, group_size=32, imatrix=imat, data_type="mx_fp")
-    assert torch.equal(wq, ref) and torch.equal(exponent.reshape(-1), ref_exp.reshape(-1).float())
+    for weights in (None, imat):  # the engine's call (auto-round collects no imatrix for MX), and weighted
+        wq, exponent = opt_rtn_mx(tl, weights)
+        ref, ref_exp, _ = quant_mx_opt_rtn(lin.weight.data.clone(), bits=bits, group_size=32, imatrix=weights,
+                                           data_type="mx_fp")  # (it writes into an fp32 input)
+        assert torch.equal(wq, ref) and torch.equal(exponent.reshape(-1), ref_exp.reshape(-1).float())
     chosen = exponent.reshape(-1) - tl.backend.mx(lin.weight.data, torch.zeros_like(tl.v),
                                                   torch.ones_like(tl.max_scale), bits)[1].reshape(-1)
     assert len(set(chosen.tolist())) > 1, "the search should move some groups off max_scale 1"

@@ -44,12 +44,12 @@ def cpu_bf16(request, monkeypatch):
     return request.param
 
 
-def run(model_dir, backend, scheme, losses, scales=None):
+def run(model_dir, backend, scheme, losses, scales=None, iters=20):
     model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
     random.seed(0)  # oneshot orders the calibration samples with the global generators
     numpy.random.seed(0)
     torch.manual_seed(0)
-    mod = AutoRoundModifier(targets="Linear", scheme=scheme, ignore=["lm_head"], iters=20, batch_size=4,
+    mod = AutoRoundModifier(targets="Linear", scheme=scheme, ignore=["lm_head"], iters=iters, batch_size=4,
                             backend=backend, enable_torch_compile=False, int_scale_dtype="float16")
     oneshot(model=model, dataset=calib(12), recipe=mod, processor=tiny_tokenizer(),
             num_calibration_samples=12, max_seq_length=32)
@@ -176,4 +176,15 @@ def test_fp8_static_first_block_reproduces_stock(fp32_model_dir, monkeypatch, cp
     for n, scale in our_scales.items():
         assert scale == reference.fp8_activation_scale(stock_act_max[n], torch.ones(1)).item(), n
     for name in (n for n in ours if n.startswith("model.layers.0.")):
+        assert torch.equal(ours[name], stock[name]), name
+
+
+@pytest.mark.parametrize("scheme", ["MXFP4", "MXFP8"])
+def test_mx_iters0_reproduces_stock(fp32_model_dir, scheme, monkeypatch, cpu_bf16):
+    """iters=0 under MX: the stock path runs auto-round's scale search without an imatrix (it
+    collects none for MX), and so does the engine: every weight bit for bit, both blocks."""
+    stock = run(fp32_model_dir, "auto_round", scheme, [], iters=0)
+    ours = run(fp32_model_dir, "torch", scheme, [], iters=0)
+    assert set(ours) == set(stock) and len(ours) == 14
+    for name in ours:
         assert torch.equal(ours[name], stock[name]), name

@@ -295,8 +295,8 @@ def _qparams(tl: TunedLinear, stats: ActStats, iters: int) -> dict[str, torch.Te
     zp = None
     if iters == 0 and spec.kind == "nvfp4":
         wq, scale = opt_rtn_nvfp4(tl, stats.imatrix.to(tl.v.device))
-    elif iters == 0 and spec.kind == "mx":
-        wq, scale = opt_rtn_mx(tl, stats.imatrix.to(tl.v.device))
+    elif iters == 0 and spec.kind == "mx":  # unweighted: auto-round collects no imatrix for MX
+        wq, scale = opt_rtn_mx(tl)
     elif iters == 0 and spec.kind == "int" and spec.sym:
         wq, scale = opt_rtn_int_sym(tl, stats.imatrix.to(tl.v.device))
     else:

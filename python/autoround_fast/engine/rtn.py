@@ -3,6 +3,8 @@ MX and symmetric INT (asymmetric INT stays plain RTN, as in auto-round)."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
@@ -15,13 +17,14 @@ _SCALE_FLOOR = 1e-5  # |scale| floor of auto-round's symmetric INT
 _MX_TRIALS = (0.5, 2.0)  # max_scales tried after 1.0: an MX scale only moves at powers of two
 
 
-def _weighted_group_error(imatrix: torch.Tensor, w32: torch.Tensor, group: int):
-    """err(q): per group of ``group`` inputs, sum(imatrix * (q - W)^2) on the fp32 weight, the
-    padding of a ragged last group weighted as auto-round weights it."""
+def _weighted_group_error(imatrix: Optional[torch.Tensor], w32: torch.Tensor, group: int):
+    """err(q): per group of ``group`` inputs, sum(imatrix * (q - W)^2) on the fp32 weight (no
+    weights where imatrix is None), the padding of a ragged last group weighted as auto-round
+    weights it."""
     out_f, in_f = w32.shape
     pad = -in_f % group
-    qw = nn.functional.pad(imatrix.to(torch.float32).reshape(1, -1).expand(out_f, -1), (0, pad),
-                           value=_IMATRIX_PAD)
+    qw = 1.0 if imatrix is None else nn.functional.pad(
+        imatrix.to(torch.float32).reshape(1, -1).expand(out_f, -1), (0, pad), value=_IMATRIX_PAD)
 
     def err(q):
         return (nn.functional.pad((q - w32) ** 2, (0, pad)) * qw).reshape(out_f, -1, group).sum(-1)
@@ -55,10 +58,11 @@ def opt_rtn_nvfp4(tl: TunedLinear, imatrix: torch.Tensor) -> tuple[torch.Tensor,
     return tl.backend.nvfp4(w, zeros_v, best_ms, tl.global_scale)  # max_scale may exceed 1
 
 
-def opt_rtn_mx(tl: TunedLinear, imatrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def opt_rtn_mx(tl: TunedLinear, imatrix: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per 32-group, the max_scale in {1, 0.5, 2} (in that order, a later one taken only when
-    strictly better) minimising sum(imatrix * (Wq - W)^2) on the fp32 weight, without the
-    offset V. Returns (weight, shared exponent)."""
+    strictly better) minimising sum((Wq - W)^2), or sum(imatrix * (Wq - W)^2) given one, on
+    the fp32 weight, without the offset V. Returns (weight, shared exponent). auto-round
+    collects no imatrix for MX (docs/numerics.md#opt-rtn): the engine passes none."""
     w = tl.linear.weight
     bits = tl.spec.bits
     w32 = w.to(torch.float32)
