@@ -18,6 +18,8 @@ TWINS = {
     "kIntGroupPerRow": formats.INT_GROUP_PER_ROW,
 }
 DTYPE_TWINS = {"kHalf": torch.float16, "kFloat": torch.float32, "kBFloat16": torch.bfloat16}
+# FP8 (e4m3)
+TWINS |= {"kFp8PerTensor": formats.FP8_PER_TENSOR, "kFp8ScaleMin": formats.FP8_SCALE_MIN}
 
 
 def _cpp_number(text):
