@@ -12,6 +12,10 @@ STABLE_TORCH_LIBRARY(autoround_fast, m) {
   m.def("fake_quant_nvfp4_activation_backward(Tensor grad, Tensor x, Tensor global_scale) -> Tensor");
   m.def("silu_mul_nvfp4_activation(Tensor gate, Tensor up, Tensor global_scale) -> Tensor");
   m.def("silu_mul_nvfp4_activation_backward(Tensor grad, Tensor gate, Tensor up, Tensor global_scale) -> (Tensor, Tensor)");
+  m.def("fake_quant_fp8(Tensor weight, Tensor v, Tensor max_scale, int scale_dtype) -> (Tensor, Tensor)");
+  m.def("fake_quant_fp8_backward(Tensor grad, Tensor weight, Tensor v, Tensor max_scale, int scale_dtype) -> (Tensor, Tensor)");
+  m.def("fake_quant_fp8_activation(Tensor x, Tensor act_max, Tensor max_scale, int scale_dtype) -> Tensor");
+  m.def("fake_quant_fp8_activation_backward(Tensor grad, Tensor x, Tensor act_max, Tensor max_scale, int scale_dtype) -> (Tensor, Tensor)");
   m.def("fake_quant_int(Tensor weight, Tensor v, Tensor min_scale, Tensor max_scale, int bits, int group_size, bool sym, int scale_dtype) -> (Tensor, Tensor, Tensor)");
   m.def("fake_quant_int_backward(Tensor grad, Tensor weight, Tensor v, Tensor min_scale, Tensor max_scale, int bits, int group_size, bool sym, int scale_dtype) -> (Tensor, Tensor, Tensor)");
   m.def("masked_mse_loss(Tensor pred, Tensor ref, Tensor? mask) -> Tensor");
@@ -27,6 +31,10 @@ STABLE_TORCH_LIBRARY_IMPL(autoround_fast, CPU, m) {
   m.impl("fake_quant_nvfp4_backward", TORCH_BOX(&fake_quant_nvfp4_backward_cpu));
   m.impl("fake_quant_nvfp4_activation", TORCH_BOX(&fake_quant_nvfp4_activation_cpu));
   m.impl("fake_quant_nvfp4_activation_backward", TORCH_BOX(&fake_quant_nvfp4_activation_backward_cpu));
+  m.impl("fake_quant_fp8", TORCH_BOX(&fake_quant_fp8_cpu));
+  m.impl("fake_quant_fp8_backward", TORCH_BOX(&fake_quant_fp8_backward_cpu));
+  m.impl("fake_quant_fp8_activation", TORCH_BOX(&fake_quant_fp8_activation_cpu));
+  m.impl("fake_quant_fp8_activation_backward", TORCH_BOX(&fake_quant_fp8_activation_backward_cpu));
   m.impl("fake_quant_int", TORCH_BOX(&fake_quant_int_cpu));
   m.impl("fake_quant_int_backward", TORCH_BOX(&fake_quant_int_backward_cpu));
   m.impl("masked_mse_loss", TORCH_BOX(&masked_mse_loss_cpu));

@@ -82,3 +82,15 @@ def test_group_counts_equal_the_kernels(cols):
         code = formats.SCALE_DTYPE_CODES[torch.float16]
         _, scale, zp = o.fake_quant_int(w, v, ones, ones, 4, group_size, False, code)
         assert scale.shape == zp.shape == (3, groups), (cols, group_size)
+
+
+@pytest.mark.parametrize("scale_dtype", list(formats.SCALE_DTYPE_CODES))
+def test_fp8_scale_floor_is_the_kernels(scale_dtype):
+    """An all-zero weight takes the floor: formats.py's FP8_SCALE_MIN as PyTorch rounds it to
+    fp32 (the oracle's clip), then to the scale dtype, is the kernels' kFp8ScaleMin."""
+    w = torch.zeros(3, 16, dtype=torch.bfloat16)
+    code = formats.SCALE_DTYPE_CODES[scale_dtype]
+    for ms in (torch.ones(1), torch.ones(3)):
+        _, s = torch.ops.autoround_fast.fake_quant_fp8(w, torch.zeros(3, 16), ms, code)
+        want = torch.tensor(formats.FP8_SCALE_MIN, dtype=torch.float32).to(scale_dtype).float()
+        assert torch.equal(s, want.expand_as(s))
