@@ -54,6 +54,10 @@ STABLE_TORCH_LIBRARY_IMPL(autoround_fast, CUDA, m) {
   m.impl("fake_quant_nvfp4_activation_backward", TORCH_BOX(&fake_quant_nvfp4_activation_backward_cuda));
   m.impl("silu_mul_nvfp4_activation", TORCH_BOX(&silu_mul_nvfp4_activation_cuda));
   m.impl("silu_mul_nvfp4_activation_backward", TORCH_BOX(&silu_mul_nvfp4_activation_backward_cuda));
+  m.impl("fake_quant_fp8", TORCH_BOX(&fake_quant_fp8_cuda));
+  m.impl("fake_quant_fp8_backward", TORCH_BOX(&fake_quant_fp8_backward_cuda));
+  m.impl("fake_quant_fp8_activation", TORCH_BOX(&fake_quant_fp8_activation_cuda));
+  m.impl("fake_quant_fp8_activation_backward", TORCH_BOX(&fake_quant_fp8_activation_backward_cuda));
   m.impl("fake_quant_int", TORCH_BOX(&fake_quant_int_cuda));
   m.impl("fake_quant_int_backward", TORCH_BOX(&fake_quant_int_backward_cuda));
   m.impl("masked_mse_loss", TORCH_BOX(&masked_mse_loss_cuda));
