@@ -7,10 +7,10 @@ forward+backward time (medians of CUDA-event timings) of our ops called eagerly 
 autograd, and of their kernels replayed from a CUDA graph (how the tuning engine runs them);
 GB/s of the graphed kernels over the fewest bytes the op must move, that as a share of the
 card's measured copy bandwidth; auto-round's functions eagerly (and INT also with
-torch.compile, which auto-round uses for INT but not for NVFP4 or MX), and the speed-ups. The
-same for MXFP4 and MXFP8 weights and activations (auto-round's quant_mx beside them). Also
-the weight backward that takes the sign step in place, beside our backward and step run apart,
-and SiLU(gate) * up with the W4A4 activation quantization in one op, beside the two run apart.
+torch.compile, which auto-round uses for INT but not for NVFP4, MX or FP8), and the speed-ups;
+the same for MXFP4 and MXFP8 (beside auto-round's quant_mx) and FP8 (quant_fp8_sym). Also the
+weight backward that takes the sign step in place, beside our backward and step run apart, and
+SiLU(gate) * up with the W4A4 activation quantization in one op, beside the two run apart.
 """
 
 from __future__ import annotations
@@ -170,6 +170,60 @@ def bench_activation(shape, rows_out):
                      time_ms(_fwd_bwd(theirs_f, [x], g)), None, 10 * n))
 
 
+def _auto_round_fp8():
+    from auto_round.data_type.fp8 import quant_fp8_sym
+
+    return quant_fp8_sym
+
+
+def bench_fp8_weight(shape, rows_out, per_tensor):
+    """FP8 (e4m3) weights, one scale for the tensor or one per row, fp32 scales (auto-round's).
+    The per-tensor ops read W twice (its maximum first); the bytes counted are the fewest, once."""
+    quant_fp8_sym = _auto_round_fp8()
+    o, i = shape
+    w = torch.randn(o, i, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn_like(w)
+    groups = 1 if per_tensor else o
+    v = torch.zeros(o, i, device="cuda", requires_grad=True)
+    ms = torch.ones(groups, 1, device="cuda", requires_grad=True)
+    wg = w.reshape(1, -1) if per_tensor else w
+    tmax, tmin = wg.max(-1)[0].clamp(min=0), wg.min(-1)[0].clamp(max=0)
+    vg = torch.zeros(wg.shape, device="cuda", requires_grad=True)
+    msg = torch.ones(groups, device="cuda", requires_grad=True)
+    code = 6  # float32 scales
+    ours_f = lambda: torch.ops.autoround_fast.fake_quant_fp8(w, v, ms, code)[0]
+    theirs_f = lambda: quant_fp8_sym(w, max_scale=msg, tensor_max=tmax, tensor_min=tmin,
+                                     group_size=0 if per_tensor else -1, v=vg)[0]
+    vd, msd = v.detach(), ms.detach()
+    raw_f = lambda: _ops.fake_quant_fp8(w, vd, msd, code)
+    raw_fb = lambda: (raw_f(), _ops.fake_quant_fp8_backward(g, w, vd, msd, code))
+    n = o * i
+    name = "fp8 weight per-tensor" if per_tensor else "fp8 weight per-row"
+    rows_out.append((f"{name} fwd", shape, time_ms(ours_f), graph_ms(raw_f), time_ms(theirs_f), None, 8 * n))
+    rows_out.append((f"{name} fwd+bwd", shape, time_ms(_fwd_bwd(ours_f, [v, ms], g)), graph_ms(raw_fb),
+                     time_ms(_fwd_bwd(theirs_f, [vg, msg], g)), None, 20 * n))
+
+
+def bench_fp8_activation(shape, rows_out):
+    """FP8 (e4m3) activations under their static scale (act_max * max_scale), fp32 scales."""
+    quant_fp8_sym = _auto_round_fp8()
+    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn_like(x)
+    act_max = x.detach().float().abs().amax().reshape(1)
+    ms = torch.ones(1, device="cuda", requires_grad=True)
+    msg = torch.ones(1, device="cuda", requires_grad=True)
+    code = 6
+    ours_f = lambda: torch.ops.autoround_fast.fake_quant_fp8_activation(x, act_max, ms, code)
+    theirs_f = lambda: quant_fp8_sym(x, max_scale=msg, tensor_max=act_max, group_size=0)[0]
+    xd, msd = x.detach(), ms.detach()
+    raw_f = lambda: _ops.fake_quant_fp8_activation(xd, act_max, msd, code)
+    raw_fb = lambda: (raw_f(), _ops.fake_quant_fp8_activation_backward(g, xd, act_max, msd, code))
+    n = x.numel()
+    rows_out.append(("fp8 act fwd", shape, time_ms(ours_f), graph_ms(raw_f), time_ms(theirs_f), None, 4 * n))
+    rows_out.append(("fp8 act fwd+bwd", shape, time_ms(_fwd_bwd(ours_f, [x, ms], g)), graph_ms(raw_fb),
+                     time_ms(_fwd_bwd(theirs_f, [x, msg], g)), None, 10 * n))
+
+
 def bench_silu_mul_activation(shape, rows_out):
     """SiLU(gate) * up fused with down_proj's W4A4 input quantization (one op, forward and
     backward). The comparison columns time the path it replaces in the fused loop: the
@@ -281,6 +335,11 @@ def main(argv=None):
         for shape in ACTIVATIONS:
             bench_mx_activation(shape, rows, bits)
     bench_silu_mul_activation(ACTIVATIONS[1], rows)
+    for shape in WEIGHTS:  # FP8 (e4m3)
+        for per_tensor in (True, False):
+            bench_fp8_weight(shape, rows, per_tensor)
+    for shape in ACTIVATIONS:
+        bench_fp8_activation(shape, rows)
     bench_loss((8, 2048, 4096), rows)
     bench_step((14336, 4096), rows)
     for shape in ((4096, 4096), (14336, 4096)):

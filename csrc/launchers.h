@@ -49,6 +49,37 @@ const char* launch_silu_mul_nvfp4_activation(const SiluMulActArgs& a, void* out,
 const char* launch_silu_mul_nvfp4_activation_backward(const SiluMulActArgs& a, const void* grad,
                                                       void* grad_gate, void* grad_up, cudaStream_t stream);
 
+// FP8 (e4m3) weights: one scale for the whole tensor (per_tensor: max_scale has one element)
+// or one per row; the per-tensor ops reduce over the tensor with `scratch`, at least
+// fp8_scratch_floats(rows * cols) floats of device memory.
+struct Fp8Args {
+  int dtype;
+  int64_t rows, cols;
+  bool per_tensor;
+  int scale_dtype;         // ScaleDtype code
+  const void* weight;
+  const float* v;          // [rows, cols]
+  const float* max_scale;  // [1] (per tensor) or [rows]
+};
+int64_t fp8_scratch_floats(int64_t numel);
+// scale: [1] or [rows] fp32
+const char* launch_fake_quant_fp8(const Fp8Args& a, void* out, float* scale, float* scratch, cudaStream_t stream);
+const char* launch_fake_quant_fp8_backward(const Fp8Args& a, const void* grad, float* grad_v, float* grad_max_scale,
+                                           float* scratch, cudaStream_t stream);
+
+// FP8 activations under one static scale from act_max * max_scale (one fp32 each).
+struct Fp8ActArgs {
+  int dtype;
+  int64_t numel;
+  int scale_dtype;
+  const void* x;
+  const float* act_max;
+  const float* max_scale;
+};
+const char* launch_fake_quant_fp8_activation(const Fp8ActArgs& a, void* out, cudaStream_t stream);
+const char* launch_fake_quant_fp8_activation_backward(const Fp8ActArgs& a, const void* grad, void* grad_x,
+                                                      float* grad_max_scale, float* scratch, cudaStream_t stream);
+
 struct IntArgs {
   int dtype;
   int64_t rows, cols;

@@ -107,6 +107,42 @@ inline SiluMulActArgs silu_mul_act_args(const Tensor& gate, const Tensor& up, co
   return SiluMulActArgs{g.dtype, g.rows, g.cols, g.x, up.const_data_ptr(), g.global_scale};
 }
 
+inline void check_scale_dtype(int64_t scale_dtype, const char* op) {
+  STD_TORCH_CHECK(scale_dtype == kHalf || scale_dtype == kFloat || scale_dtype == kBFloat16, op,
+                  ": scale_dtype must be float16, bfloat16 or float32 (code 5, 15 or 6), got ", scale_dtype);
+}
+
+// FP8 weights: max_scale has one element (one scale for the tensor) or one per row.
+inline Fp8Args fp8_args(const Tensor& w, const Tensor& v, const Tensor& ms, int64_t scale_dtype, const char* op) {
+  check_weight(w, op);
+  check_scale_dtype(scale_dtype, op);
+  const int64_t rows = w.size(0), cols = w.size(1);
+  STD_TORCH_CHECK(rows * cols > 0, op, ": weight must be non-empty");
+  check_fp32(w, v, rows * cols, op, "v");
+  check_same_device(w, ms, op, "max_scale");
+  STD_TORCH_CHECK(ms.scalar_type() == ScalarType::Float, op, ": max_scale must be float32, got ",
+                  dtype_name(ms.scalar_type()));
+  STD_TORCH_CHECK(ms.numel() == 1 || ms.numel() == rows, op,
+                  ": max_scale must have 1 element (one scale for the tensor) or ", rows,
+                  " (one per row), got ", ms.numel());
+  STD_TORCH_CHECK(ms.is_contiguous(), op, ": max_scale must be contiguous");
+  return Fp8Args{float_code(w, op, "weight"), rows, cols, ms.numel() == 1, static_cast<int>(scale_dtype),
+                 w.const_data_ptr(), static_cast<const float*>(v.const_data_ptr()),
+                 static_cast<const float*>(ms.const_data_ptr())};
+}
+
+inline Fp8ActArgs fp8_act_args(const Tensor& x, const Tensor& act_max, const Tensor& ms, int64_t scale_dtype,
+                               const char* op) {
+  STD_TORCH_CHECK(x.dim() >= 1 && x.numel() > 0, op, ": x must be a non-empty tensor");
+  STD_TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
+  check_scale_dtype(scale_dtype, op);
+  check_fp32(x, act_max, 1, op, "act_max");
+  check_fp32(x, ms, 1, op, "max_scale");
+  return Fp8ActArgs{float_code(x, op, "x"), x.numel(), static_cast<int>(scale_dtype), x.const_data_ptr(),
+                    static_cast<const float*>(act_max.const_data_ptr()),
+                    static_cast<const float*>(ms.const_data_ptr())};
+}
+
 inline IntArgs int_args(const Tensor& w, const Tensor& v, const Tensor& mn, const Tensor& mx,
                         int64_t bits, int64_t group_size, bool sym, int64_t scale_dtype,
                         const char* op) {

@@ -71,6 +71,53 @@ Tensor fake_quant_nvfp4_activation_backward_cpu(Tensor grad, Tensor x, Tensor gs
   return gx;
 }
 
+std::tuple<Tensor, Tensor> fake_quant_fp8_cpu(Tensor w, Tensor v, Tensor ms, int64_t scale_dtype) {
+  const char* op = "fake_quant_fp8";
+  check_cpu(w, op);
+  Fp8Args a = fp8_args(w, v, ms, scale_dtype, op);
+  Tensor out = torch::stable::empty_like(w);
+  Tensor scale = scales_like(w, a.per_tensor ? 1 : a.rows, 1, ScalarType::Float);
+  check_finite_count(cpu::fake_quant_fp8(a, out.mutable_data_ptr(), static_cast<float*>(scale.mutable_data_ptr())),
+                     op, "weight");
+  return {out, scale};
+}
+
+std::tuple<Tensor, Tensor> fake_quant_fp8_backward_cpu(Tensor grad, Tensor w, Tensor v, Tensor ms,
+                                                       int64_t scale_dtype) {
+  const char* op = "fake_quant_fp8_backward";
+  check_cpu(w, op);
+  Fp8Args a = fp8_args(w, v, ms, scale_dtype, op);
+  check_like(w, grad, op, "grad");
+  Tensor gv = torch::stable::empty_like(v);
+  Tensor gms = torch::stable::empty_like(ms);
+  cpu::fake_quant_fp8_backward(a, grad.const_data_ptr(), static_cast<float*>(gv.mutable_data_ptr()),
+                               static_cast<float*>(gms.mutable_data_ptr()));
+  return {gv, gms};
+}
+
+Tensor fake_quant_fp8_activation_cpu(Tensor x, Tensor act_max, Tensor ms, int64_t scale_dtype) {
+  const char* op = "fake_quant_fp8_activation";
+  check_cpu(x, op);
+  Fp8ActArgs a = fp8_act_args(x, act_max, ms, scale_dtype, op);
+  check_finite_count(is_finite(*a.act_max) ? 0 : 1, op, "act_max");
+  Tensor out = torch::stable::empty_like(x);
+  check_finite_count(cpu::fake_quant_fp8_activation(a, out.mutable_data_ptr()), op, "x");
+  return out;
+}
+
+std::tuple<Tensor, Tensor> fake_quant_fp8_activation_backward_cpu(Tensor grad, Tensor x, Tensor act_max, Tensor ms,
+                                                                  int64_t scale_dtype) {
+  const char* op = "fake_quant_fp8_activation_backward";
+  check_cpu(x, op);
+  Fp8ActArgs a = fp8_act_args(x, act_max, ms, scale_dtype, op);
+  check_like(x, grad, op, "grad");
+  Tensor gx = torch::stable::empty_like(x);
+  Tensor gms = torch::stable::empty_like(ms);
+  cpu::fake_quant_fp8_activation_backward(a, grad.const_data_ptr(), gx.mutable_data_ptr(),
+                                          static_cast<float*>(gms.mutable_data_ptr()));
+  return {gx, gms};
+}
+
 std::tuple<Tensor, Tensor, Tensor> fake_quant_int_cpu(Tensor w, Tensor v, Tensor mn, Tensor mx,
                                                       int64_t bits, int64_t group_size, bool sym,
                                                       int64_t scale_dtype) {

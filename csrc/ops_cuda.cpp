@@ -115,6 +115,70 @@ std::tuple<Tensor, Tensor> silu_mul_nvfp4_activation_backward_cuda(Tensor grad, 
   return {gg, gu};
 }
 
+namespace {
+
+// Scratch for the FP8 ops' reductions over a whole tensor (launchers.h).
+Tensor fp8_scratch(const Tensor& like, int64_t numel) {
+  return torch::stable::new_empty(like, std::vector<int64_t>{fp8_scratch_floats(numel)}, ScalarType::Float);
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> fake_quant_fp8_cuda(Tensor w, Tensor v, Tensor ms, int64_t scale_dtype) {
+  const char* op = "fake_quant_fp8";
+  CudaContext ctx({&w, &v, &ms}, op);
+  Fp8Args a = fp8_args(w, v, ms, scale_dtype, op);
+  Tensor out = torch::stable::empty_like(w);
+  Tensor scale = scales_like(w, a.per_tensor ? 1 : a.rows, 1, ScalarType::Float);
+  Tensor scratch = fp8_scratch(w, w.numel());
+  check_launch(launch_fake_quant_fp8(a, out.mutable_data_ptr(), static_cast<float*>(scale.mutable_data_ptr()),
+                                     static_cast<float*>(scratch.mutable_data_ptr()), ctx.stream),
+               op);
+  return {out, scale};
+}
+
+std::tuple<Tensor, Tensor> fake_quant_fp8_backward_cuda(Tensor grad, Tensor w, Tensor v, Tensor ms,
+                                                        int64_t scale_dtype) {
+  const char* op = "fake_quant_fp8_backward";
+  CudaContext ctx({&w, &grad, &v, &ms}, op);
+  Fp8Args a = fp8_args(w, v, ms, scale_dtype, op);
+  check_like(w, grad, op, "grad");
+  Tensor gv = torch::stable::empty_like(v);
+  Tensor gms = torch::stable::empty_like(ms);
+  Tensor scratch = fp8_scratch(w, w.numel());
+  check_launch(launch_fake_quant_fp8_backward(a, grad.const_data_ptr(), static_cast<float*>(gv.mutable_data_ptr()),
+                                              static_cast<float*>(gms.mutable_data_ptr()),
+                                              static_cast<float*>(scratch.mutable_data_ptr()), ctx.stream),
+               op);
+  return {gv, gms};
+}
+
+Tensor fake_quant_fp8_activation_cuda(Tensor x, Tensor act_max, Tensor ms, int64_t scale_dtype) {
+  const char* op = "fake_quant_fp8_activation";
+  CudaContext ctx({&x, &act_max, &ms}, op);
+  Fp8ActArgs a = fp8_act_args(x, act_max, ms, scale_dtype, op);
+  Tensor out = torch::stable::empty_like(x);
+  check_launch(launch_fake_quant_fp8_activation(a, out.mutable_data_ptr(), ctx.stream), op);
+  return out;
+}
+
+std::tuple<Tensor, Tensor> fake_quant_fp8_activation_backward_cuda(Tensor grad, Tensor x, Tensor act_max, Tensor ms,
+                                                                   int64_t scale_dtype) {
+  const char* op = "fake_quant_fp8_activation_backward";
+  CudaContext ctx({&x, &grad, &act_max, &ms}, op);
+  Fp8ActArgs a = fp8_act_args(x, act_max, ms, scale_dtype, op);
+  check_like(x, grad, op, "grad");
+  Tensor gx = torch::stable::empty_like(x);
+  Tensor gms = torch::stable::empty_like(ms);
+  Tensor scratch = fp8_scratch(x, x.numel());
+  check_launch(launch_fake_quant_fp8_activation_backward(a, grad.const_data_ptr(), gx.mutable_data_ptr(),
+                                                         static_cast<float*>(gms.mutable_data_ptr()),
+                                                         static_cast<float*>(scratch.mutable_data_ptr()),
+                                                         ctx.stream),
+               op);
+  return {gx, gms};
+}
+
 std::tuple<Tensor, Tensor, Tensor> fake_quant_int_cuda(Tensor w, Tensor v, Tensor mn, Tensor mx,
                                                        int64_t bits, int64_t group_size, bool sym,
                                                        int64_t scale_dtype) {

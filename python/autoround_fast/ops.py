@@ -35,6 +35,8 @@ __all__ = [
     "step_in_backward_nvfp4",
     "fake_quant_nvfp4_activation",
     "silu_mul_nvfp4_activation",
+    "fake_quant_fp8",
+    "fake_quant_fp8_activation",
     "fake_quant_int",
     "step_in_backward_int",
     "fake_quant_mx",
@@ -430,6 +432,167 @@ def silu_mul_nvfp4_activation(gate: torch.Tensor, up: torch.Tensor, global_scale
     _check_finite(gate, "gate", op)
     _check_finite(up, "up", op)
     return _ops.silu_mul_nvfp4_activation(gate.contiguous(), up.contiguous(), global_scale.reshape(1))
+
+
+# ---------------------------------------------------------------------------------------
+# fake_quant_fp8: FP8 (e4m3) weights, one scale per tensor or per row
+# ---------------------------------------------------------------------------------------
+
+
+def _check_fp8(op: str, weight, v, max_scale, scale_dtype, fake: bool = False) -> None:
+    """``scale_dtype`` a torch dtype (the fake kernels map the op's code back to it)."""
+    _check_scale_dtype(scale_dtype, op, fake)
+    _check_weight(weight, op, fake)
+    rows, cols = weight.shape
+    _require(rows * cols != 0, op, "weight must be non-empty", fake)
+    _check_param(weight, v, rows * cols, "v", op, fake)
+    _require(max_scale.device == weight.device, op,
+             f"max_scale is on {max_scale.device} but the first input is on {weight.device}", fake)
+    _require(max_scale.dtype == torch.float32, op, f"max_scale must be float32, got {max_scale.dtype}", fake)
+    _require(max_scale.numel() == 1 or max_scale.numel() == rows, op,
+             f"max_scale must have 1 element (one scale for the tensor) or {rows} (one per row), got "
+             f"{max_scale.numel()} (shape {tuple(max_scale.shape)})", fake)
+
+
+def _fp8_outputs(weight, max_scale):
+    groups = 1 if max_scale.numel() == 1 else weight.shape[0]
+    return torch.empty_like(weight), weight.new_empty((groups, 1), dtype=torch.float32)
+
+
+@torch.library.register_fake("autoround_fast::fake_quant_fp8")
+def _(weight, v, max_scale, scale_dtype):
+    _check_fp8("fake_quant_fp8", weight, v, max_scale, _SCALE_DTYPES.get(scale_dtype, scale_dtype), fake=True)
+    return _fp8_outputs(weight, max_scale)
+
+
+@torch.library.register_fake("autoround_fast::fake_quant_fp8_backward")
+def _(grad, weight, v, max_scale, scale_dtype):
+    op = "fake_quant_fp8_backward"
+    _check_fp8(op, weight, v, max_scale, _SCALE_DTYPES.get(scale_dtype, scale_dtype), fake=True)
+    _check_grad_like(grad, weight, op)
+    return torch.empty_like(v), torch.empty_like(max_scale)
+
+
+def _fp8_setup(ctx, inputs, output):
+    weight, v, max_scale, scale_dtype = inputs
+    ctx.save_for_backward(weight, v, max_scale)
+    ctx.scale_dtype = scale_dtype
+
+
+def _fp8_backward(ctx, grad_out, grad_scale):
+    weight, v, max_scale = ctx.saved_tensors
+    gv, gms = _ops.fake_quant_fp8_backward(grad_out.contiguous(), weight, v, max_scale, ctx.scale_dtype)
+    return None, gv, gms, None
+
+
+torch.library.register_autograd("autoround_fast::fake_quant_fp8", _fp8_backward, setup_context=_fp8_setup)
+
+
+def fake_quant_fp8(
+    weight: torch.Tensor,
+    v: torch.Tensor,
+    max_scale: torch.Tensor,
+    scale_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 (e4m3) fake quantization with AutoRound's learnable offset and clipping scale, one
+    scale for the whole weight (``max_scale`` of one element) or one per output row (one per
+    row), as auto-round's ``quant_fp8_sym`` (group_size 0 or -1). Per group, in fp32::
+
+        s  = cast(max(max|W_g| * max_scale_g / 448, 1 / (448 * 512)))
+        Wq = e4m3(clamp(W / s + V, -448, 448)) * s
+
+    where ``cast`` rounds to ``scale_dtype`` and back (float32: auto-round's), ``e4m3`` rounds
+    half to even onto the float8_e4m3fn grid, and an fp16 W is rounded to bf16 before the
+    division (auto-round's guard against NaN gradients; max|W| is of the fp16 values).
+    Differentiable in ``v`` and ``max_scale``, straight through the rounding.
+
+    Args:
+        weight: [out, in] bf16, fp16 or fp32.
+        v: fp32, the weight's shape.
+        max_scale: fp32, one element or ``out`` (e.g. [out, 1]).
+        scale_dtype: float32, bfloat16 or float16, the dtype the scale is stored in.
+
+    Returns:
+        (the fake-quantized weight in its dtype, the scales as fp32 [1, 1] or [out, 1]).
+    """
+    op = "fake_quant_fp8"
+    _check_fp8(op, weight, v, max_scale, scale_dtype)
+    _check_finite(weight, "weight", op)
+    return _ops.fake_quant_fp8(weight.contiguous(), v.contiguous(), max_scale.contiguous(),
+                               SCALE_DTYPE_CODES[scale_dtype])
+
+
+# ---------------------------------------------------------------------------------------
+# fake_quant_fp8_activation: FP8 (e4m3) activations, one static scale
+# ---------------------------------------------------------------------------------------
+
+
+def _check_fp8_act(op: str, x, act_max, max_scale, scale_dtype, fake: bool = False) -> None:
+    _check_scale_dtype(scale_dtype, op, fake)
+    _check_input(x, "x", op, fake)
+    _check_param(x, act_max, 1, "act_max", op, fake)
+    _check_param(x, max_scale, 1, "max_scale", op, fake)
+
+
+@torch.library.register_fake("autoround_fast::fake_quant_fp8_activation")
+def _(x, act_max, max_scale, scale_dtype):
+    op = "fake_quant_fp8_activation"
+    _check_fp8_act(op, x, act_max, max_scale, _SCALE_DTYPES.get(scale_dtype, scale_dtype), fake=True)
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("autoround_fast::fake_quant_fp8_activation_backward")
+def _(grad, x, act_max, max_scale, scale_dtype):
+    op = "fake_quant_fp8_activation_backward"
+    _check_fp8_act(op, x, act_max, max_scale, _SCALE_DTYPES.get(scale_dtype, scale_dtype), fake=True)
+    _check_grad_like(grad, x, op)
+    return torch.empty_like(x), torch.empty_like(max_scale)
+
+
+def _fp8_act_setup(ctx, inputs, output):
+    x, act_max, max_scale, scale_dtype = inputs
+    ctx.save_for_backward(x, act_max, max_scale)
+    ctx.scale_dtype = scale_dtype
+
+
+def _fp8_act_backward(ctx, grad_out):
+    x, act_max, max_scale = ctx.saved_tensors
+    gx, gms = _ops.fake_quant_fp8_activation_backward(grad_out.contiguous(), x, act_max, max_scale, ctx.scale_dtype)
+    return gx, None, gms, None
+
+
+torch.library.register_autograd(
+    "autoround_fast::fake_quant_fp8_activation", _fp8_act_backward, setup_context=_fp8_act_setup
+)
+
+
+def fake_quant_fp8_activation(
+    x: torch.Tensor,
+    act_max: torch.Tensor,
+    max_scale: torch.Tensor,
+    scale_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Static per-tensor FP8 (e4m3) fake quantization of activations, as auto-round's
+    ``quant_fp8_sym`` with tensor_max = ``act_max`` (the calibrated maximum) and group_size 0::
+
+        s = cast(max(act_max * max_scale / 448, 1 / (448 * 512)))
+        q = e4m3(clamp(x / s + 0, -448, 448)) * s        (in x's dtype)
+
+    with ``cast`` and the fp16-to-bf16 rounding as in :func:`fake_quant_fp8`. Differentiable in
+    ``x`` (straight through the rounding, zero where the clamp is active) and ``max_scale``
+    (not in ``act_max``, a calibration statistic).
+
+    Args:
+        x: any shape, bf16, fp16 or fp32.
+        act_max, max_scale: fp32, one element each.
+        scale_dtype: float32, bfloat16 or float16, the dtype the scale is stored in.
+    """
+    op = "fake_quant_fp8_activation"
+    _check_fp8_act(op, x, act_max, max_scale, scale_dtype)
+    _check_finite(x, "x", op)
+    _check_finite(act_max, "act_max", op)
+    return _ops.fake_quant_fp8_activation(x.contiguous(), act_max.reshape(1), max_scale.reshape(1),
+                                          SCALE_DTYPE_CODES[scale_dtype])
 
 
 # ---------------------------------------------------------------------------------------

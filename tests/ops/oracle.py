@@ -45,6 +45,44 @@ def nvfp4_activation(x, act_max, grad_out=None):
     return y, x.grad
 
 
+def fp8(weight, v, max_scale, grad_out=None):
+    """auto-round's quant_fp8_sym on a weight: one scale for the tensor (max_scale of one
+    element: group_size 0) or one per row (group_size -1), with tensor_max and tensor_min the
+    clamped maximum and minimum of that group, as auto-round's weight path passes them. Returns
+    (q, scale [groups, 1]) and, with grad_out, the gradients of v and max_scale."""
+    from auto_round.data_type.fp8 import quant_fp8_sym
+
+    per_tensor = max_scale.numel() == 1
+    req = grad_out is not None
+    wg = weight.reshape(1, -1) if per_tensor else weight
+    tmax = torch.clamp(wg.max(-1)[0], min=0)
+    tmin = torch.clamp(wg.min(-1)[0], max=0)
+    vg = v.reshape(wg.shape).detach().clone().requires_grad_(req)
+    ms = max_scale.reshape(-1).detach().clone().requires_grad_(req)
+    q, s, _ = quant_fp8_sym(weight, max_scale=ms, tensor_max=tmax, tensor_min=tmin,
+                            group_size=0 if per_tensor else -1, v=vg)
+    s = s.reshape(-1, 1)
+    if not req:
+        return q, s
+    (q.float() * grad_out.float()).sum().backward()
+    return q, s, vg.grad.reshape(weight.shape), ms.grad.reshape(max_scale.shape)
+
+
+def fp8_activation(x, act_max, max_scale, grad_out=None):
+    """auto-round's quant_fp8_sym on an activation under its static scale: tensor_max =
+    act_max, group_size 0 (V = 0)."""
+    from auto_round.data_type.fp8 import quant_fp8_sym
+
+    req = grad_out is not None
+    x = x.detach().clone().requires_grad_(req)
+    ms = max_scale.detach().clone().requires_grad_(req)
+    q = quant_fp8_sym(x, max_scale=ms, tensor_max=act_max, group_size=0)[0]
+    if not req:
+        return q
+    (q.float() * grad_out.float()).sum().backward()
+    return q, x.grad, ms.grad
+
+
 def int_quant(weight, v, min_scale, max_scale, bits, group_size, sym, grad_out=None):
     rows, cols = weight.shape
     groups = int_num_groups(cols, group_size)

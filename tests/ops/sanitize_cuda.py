@@ -17,8 +17,26 @@ def flag(value):
     return torch.tensor([value], device="cuda")
 
 
+def fp8_kernels():
+    """FP8: the per-tensor passes (16-byte and scalar paths, several tiles), the per-row forward
+    with the row in registers (1, 2, 4, 8 chunks a thread) or read twice (ragged, > 16384
+    columns), the per-row backward's summing warp (a ragged last group of rows)."""
+    for rows, cols in ((33, 128), (33, 70), (3, 2100), (2, 4100), (2, 9000), (2, 16400), (19, 8), (5, 1)):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            w = torch.randn(rows, cols, device="cuda", dtype=dtype)
+            v = torch.zeros(rows, cols, device="cuda", requires_grad=True)
+            for groups in (1, rows):
+                ms = torch.ones(groups, 1, device="cuda", requires_grad=True)
+                q, _ = ops.fake_quant_fp8(w, v, ms, torch.bfloat16)
+                q.float().sum().backward()
+            x = torch.randn(rows, cols, device="cuda", dtype=dtype, requires_grad=True)
+            ms = torch.ones(1, device="cuda", requires_grad=True)
+            ops.fake_quant_fp8_activation(x, x.detach().abs().amax().float(), ms).float().sum().backward()
+
+
 def main():
     torch.manual_seed(0)
+    fp8_kernels()
     lr = torch.full((1,), 0.01, device="cuda")
     for cols in (128, 70):  # whole groups (16-byte path) and ragged rows (scalar path)
         for dtype in (torch.bfloat16, torch.float16, torch.float32):

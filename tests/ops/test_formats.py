@@ -21,6 +21,8 @@ TWINS = {
 }
 MX_ELEMENT_TWINS = {"kMxFp4": 4, "kMxFp8": 8}  # formats.h's MxElement constants: MX_ELEMENTS[bits]
 DTYPE_TWINS = {"kHalf": torch.float16, "kFloat": torch.float32, "kBFloat16": torch.bfloat16}
+# FP8 (e4m3)
+TWINS |= {"kFp8PerTensor": formats.FP8_PER_TENSOR, "kFp8ScaleMin": formats.FP8_SCALE_MIN}
 
 
 def _cpp_number(text):
@@ -96,3 +98,15 @@ def test_group_counts_equal_the_kernels(cols):
         code = formats.SCALE_DTYPE_CODES[torch.float16]
         _, scale, zp = o.fake_quant_int(w, v, ones, ones, 4, group_size, False, code)
         assert scale.shape == zp.shape == (3, groups), (cols, group_size)
+
+
+@pytest.mark.parametrize("scale_dtype", list(formats.SCALE_DTYPE_CODES))
+def test_fp8_scale_floor_is_the_kernels(scale_dtype):
+    """An all-zero weight takes the floor: formats.py's FP8_SCALE_MIN as PyTorch rounds it to
+    fp32 (the oracle's clip), then to the scale dtype, is the kernels' kFp8ScaleMin."""
+    w = torch.zeros(3, 16, dtype=torch.bfloat16)
+    code = formats.SCALE_DTYPE_CODES[scale_dtype]
+    for ms in (torch.ones(1), torch.ones(3)):
+        _, s = torch.ops.autoround_fast.fake_quant_fp8(w, torch.zeros(3, 16), ms, code)
+        want = torch.tensor(formats.FP8_SCALE_MIN, dtype=torch.float32).to(scale_dtype).float()
+        assert torch.equal(s, want.expand_as(s))
