@@ -125,9 +125,10 @@ class AutoRoundModifier(_StockAutoRoundModifier):
     backend: Literal["auto_round", "torch", "cuda"] = "auto_round"
     seed: int = 42
     progress: bool = False  # a progress bar over each block's iterations
-    # INT only: the dtype scales are rounded to while tuning. Default (None): the dtype the
-    # checkpoint stores them in, so the reload is exact; "float16" reproduces auto-round.
-    int_scale_dtype: Optional[Literal["float16", "bfloat16", "float32"]] = None
+    # INT and FP8: the dtype their scales (FP8's input scale too) are rounded to while tuning.
+    # Default (None): the dtype the checkpoint stores them in, so the reload is exact;
+    # "float16" (INT) and "float32" (FP8) reproduce auto-round.
+    scale_dtype: Optional[Literal["float16", "bfloat16", "float32"]] = None
     # Keep each block's cached inputs, reference outputs and quantized outputs in pinned host
     # memory instead of on the GPU (cards short of memory; each iteration copies its batch).
     cache_on_cpu: bool = False
@@ -215,12 +216,15 @@ class AutoRoundModifier(_StockAutoRoundModifier):
 
     def _spec(self, module, name: str) -> QuantSpec:
         """The engine's spec for a target Linear; INT and FP8 scales in the dtype
-        compressed-tensors stores them in (INT: int_scale_dtype if given)."""
+        compressed-tensors stores them in, or in scale_dtype if given."""
         stored = getattr(getattr(module, "weight_scale", None), "dtype", None)
         input_stored = getattr(getattr(module, "input_scale", None), "dtype", None)
         spec = spec_from_scheme(module.quantization_scheme, stored, name, self.backend, input_stored)
-        if spec.kind == "int" and self.int_scale_dtype:
-            spec = dataclasses.replace(spec, scale_dtype=getattr(torch, self.int_scale_dtype))
+        given = getattr(torch, self.scale_dtype) if self.scale_dtype else None
+        if given is not None and spec.kind == "int":
+            spec = dataclasses.replace(spec, scale_dtype=given)
+        if given is not None and spec.kind == "fp8":
+            spec = dataclasses.replace(spec, scale_dtype=given, act_scale_dtype=given)
         return spec
 
     def input_capture_hook(self, module, args, kwargs):

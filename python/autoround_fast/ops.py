@@ -475,6 +475,7 @@ def _(grad, weight, v, max_scale, scale_dtype):
 
 def _fp8_setup(ctx, inputs, output):
     weight, v, max_scale, scale_dtype = inputs
+    ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(weight, v, max_scale)
     ctx.scale_dtype = scale_dtype
 

@@ -230,9 +230,13 @@ def test_w4a16_out_of_the_box_and_skip_indivisible(calib_file, tmp_path, capsys)
 
 
 def test_the_float_presets_reach_every_backend(tiny_model_dir, calib_file, tmp_path, no_weights):
-    for name in ("FP8", "FP8_DYNAMIC", "MXFP4", "MXFP8", "MXFP4A16", "W8A8", "W4AFP8"):
+    for name in ("FP8", "FP8_DYNAMIC", "MXFP4", "MXFP8", "W8A8", "W4AFP8"):
         assert name in schemes.scheme_names("torch") and name in schemes.scheme_names("auto_round")
     assert "FP8_BLOCK" not in schemes.scheme_names("torch") + schemes.scheme_names("auto_round")
+    for name in ("NVFP4A16", "MXFP4A16", "MXFP8A16"):  # the stock path cannot; ours can
+        assert name in schemes.scheme_names("torch") and name not in schemes.scheme_names("auto_round")
+        with pytest.raises(schemes.CliError, match=f"--scheme {name}: the stock path .* use --backend cuda or torch"):
+            schemes.check_scheme_name(name.lower(), "auto_round")
     a = args(tiny_model_dir, tmp_path / "o", calib_file, "--scheme", "fp8", "--backend", "auto_round")
     job = quantize.prepare(build_parser().parse_args(a))
     assert (job.choice.name, job.backend, job.choice.modifier_kwargs["scheme"]) == ("FP8", "auto_round", "FP8")

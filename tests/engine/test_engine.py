@@ -27,6 +27,7 @@ SPECS = {
     "mxfp8a16": QuantSpec("mx", 8, 32),
     "fp8-tensor": QuantSpec("fp8", 8, 0, scale_dtype=torch.bfloat16),
     "fp8-channel": QuantSpec("fp8", 8, -1, scale_dtype=torch.bfloat16),
+    "fp8-static": QuantSpec("fp8", 8, 0, act=True, scale_dtype=torch.bfloat16, act_scale_dtype=torch.bfloat16),
 }
 
 
@@ -84,7 +85,10 @@ def test_tuning_beats_rtn(ragged_block, name, backend, monkeypatch):
             assert ("input_global_scale" in qp) == spec.act
         elif spec.kind == "fp8":  # rounded to the stored dtype
             assert qp["scale"].shape == ((1, 1) if spec.group_size == 0 else (rows, 1))
-            assert torch.equal(qp["scale"], qp["scale"].bfloat16().float()) and qp.keys() == {"scale"}
+            assert torch.equal(qp["scale"], qp["scale"].bfloat16().float())
+            assert qp.keys() == ({"scale", "act_max", "input_scale"} if spec.act else {"scale"})
+            if spec.act:  # the static input scale, from the best act_max_scale, in its stored dtype
+                assert qp["input_scale"].shape == (1,) and torch.equal(qp["input_scale"], qp["input_scale"].bfloat16().float())
         elif spec.kind == "mx":  # the shared exponents: whole numbers
             assert qp["scale"].shape == (rows, -(-cols // 32)) and torch.equal(qp["scale"], qp["scale"].round())
             assert qp.keys() == {"scale"}
@@ -145,7 +149,7 @@ def test_errors(ragged_block):
         tune_block(block, inputs, spec, iters=1)
     with pytest.raises(ValueError, match="kind must be 'nvfp4', 'mx', 'fp8' or 'int'"):
         QuantSpec("mxfp4")
-    with pytest.raises(ValueError, match="supported for nvfp4 and mx, not int"):
+    with pytest.raises(ValueError, match="supported for nvfp4, mx and fp8, not int"):
         QuantSpec("int", act=True)
     with pytest.raises(ValueError, match="mx takes bits in \\[4, 8\\] and group_size 32, got bits=6"):
         QuantSpec("mx", 6, 32)

@@ -4,7 +4,7 @@ backend="torch" reproduces backend="auto_round" (llm-compressor -> auto-round 0.
 Tolerance: per-iteration losses rel 1e-6 and tuned weights bit for bit. Both sides run the
 same PyTorch ops in the same order on the CPU (the oracles are written to match auto-round's
 op sequence), so nothing but the fp32 sums inside the two matmul paths could differ; none did.
-The INT scale is rounded to fp16 (int_scale_dtype) as auto-round does; the default rounds it
+The INT scale is rounded to fp16 (scale_dtype) as auto-round does, an FP8 scale kept in fp32; the default rounds it
 to the stored dtype instead, which is the point of the fix and differs by design.
 """
 
@@ -50,7 +50,8 @@ def run(model_dir, backend, scheme, losses, scales=None, iters=20):
     numpy.random.seed(0)
     torch.manual_seed(0)
     mod = AutoRoundModifier(targets="Linear", scheme=scheme, ignore=["lm_head"], iters=iters, batch_size=4,
-                            backend=backend, enable_torch_compile=False, int_scale_dtype="float16")
+                            backend=backend, enable_torch_compile=False,
+                            scale_dtype="float32" if scheme.startswith("FP8") else "float16")
     oneshot(model=model, dataset=calib(12), recipe=mod, processor=tiny_tokenizer(),
             num_calibration_samples=12, max_seq_length=32)
     if backend != "auto_round":

@@ -127,11 +127,12 @@ def prepare(args) -> Job:
 
 def _modifier_options(args, backend: str, save_dtype: torch.dtype) -> dict:
     """The AutoRoundModifier fields the command line sets beyond the scheme and the settings.
-    Our backends round INT scales to the dtype the checkpoint stores them in, so the saved
-    checkpoint reloads to the tuned weights."""
+    Our backends round INT and FP8 scales to the dtype the checkpoint stores them in (the
+    source's, whatever dtype a CPU tunes in), so the saved checkpoint reloads to the tuned
+    weights."""
     options = dict(cache_on_cpu=args.cache_on_cpu, device_ids=args.device_ids, fuse_elementwise=args.fuse)
     if backend != "auto_round":
-        options["int_scale_dtype"] = str(save_dtype).removeprefix("torch.")
+        options["scale_dtype"] = str(save_dtype).removeprefix("torch.")
     return options
 
 

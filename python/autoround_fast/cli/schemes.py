@@ -23,6 +23,12 @@ from .checks import CliError
 
 TARGETS = ["Linear"]
 IGNORE = ["lm_head"]
+# Presets the stock path takes but cannot quantize (measured end to end: README, Schemes).
+STOCK_PATH_FAILS = {
+    "NVFP4A16": "stops: auto-round has no 4-bit 'fp' function for it",
+    "MXFP4A16": "stops: auto-round has no 4-bit 'fp' function for it",
+    "MXFP8A16": "tunes it as plain FP8 and saves weights 34% off the tuned ones",
+}
 # The group sizes offered when a preset's does not divide, and listed in errors. Any size
 # that divides may be given with --group-size.
 COMMON_GROUP_SIZES = (32, 64, 128, 256)
@@ -43,6 +49,8 @@ def scheme_names(backend: str) -> tuple[str, ...]:
 
 
 def _tunes(name: str, backend: str) -> bool:
+    if backend == "auto_round" and name in STOCK_PATH_FAILS:
+        return False
     if backend == "auto_round":
         from llmcompressor.modifiers.autoround import AutoRoundModifier as Stock
 
@@ -67,6 +75,9 @@ def check_scheme_name(name: str, backend: str) -> str:
     upper = name.upper()
     if upper in scheme_names(backend):
         return upper
+    if backend == "auto_round" and upper in STOCK_PATH_FAILS:
+        raise CliError(f"--scheme {upper}: the stock path (backend auto_round) {STOCK_PATH_FAILS[upper]}; "
+                       "use --backend cuda or torch")
     if backend != "auto_round" and upper in scheme_names("auto_round"):
         raise CliError(f"--scheme {upper}: backend {backend} tunes {', '.join(scheme_names(backend))}; "
                        f"pass --backend auto_round for {upper} (auto-round's own tuning)")

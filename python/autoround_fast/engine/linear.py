@@ -68,7 +68,7 @@ class TunedLinear(nn.Module):
         # FP8 static activations: the calibrated maximum, and the tuned max_scale on it
         fp8_act = spec.kind == "fp8" and spec.act
         self.register_buffer("act_max", act_max.reshape(1).to(dev, torch.float32) if fp8_act else None)
-        self.act_max_scale = nn.Parameter(torch.ones(1, device=dev)) if fp8_act else None
+        self.act_max_scale = nn.Parameter(torch.ones(1, device=dev, dtype=torch.float32)) if fp8_act else None
         # Shared by Linears that read the same input under the same activation global scale
         # (q/k/v, gate/up): see _quant_input.
         self.act_memo: Optional[ActMemo] = None
@@ -131,7 +131,7 @@ class TunedLinear(nn.Module):
         itself, with the kernels, and pass ``input_quantized=True`` (fusion's SiLU-gated MLP
         does, for down_proj); None where that does not apply (no W4A4, the oracles, or an
         input shared with other Linears)."""
-        if self.spec.static_act and self.backend.uses_kernels and self.act_memo is None:
+        if _fusable(self.spec) and self.backend.uses_kernels and self.act_memo is None:
             return self.act_global_scale
         return None
 
@@ -189,7 +189,7 @@ class ActQuantLinear(nn.Module):
         return self.linear(x)
 
     def input_quant_scale(self) -> Optional[torch.Tensor]:  # as TunedLinear's
-        return self.act_global_scale if self.spec.static_act and self.backend.uses_kernels else None
+        return self.act_global_scale if _fusable(self.spec) and self.backend.uses_kernels else None
 
 
 def share_input_quantization(tuned: dict[str, TunedLinear]) -> list[ActMemo]:
@@ -206,6 +206,11 @@ def share_input_quantization(tuned: dict[str, TunedLinear]) -> list[ActMemo]:
                 tuned[n].act_memo = memo
             memos.append(memo)
     return memos
+
+
+def _fusable(spec: QuantSpec) -> bool:
+    """The fused SiLU-gated activation op quantizes NVFP4 W4A4 inputs only."""
+    return spec.kind == "nvfp4" and spec.act
 
 
 def _same_scale(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:

@@ -41,10 +41,12 @@ class QuantSpec:
     group_size: int = NVFP4_GROUP
     sym: bool = True
     act: bool = False
-    scale_dtype: torch.dtype = torch.float16
+    scale_dtype: torch.dtype = None  # default: INT fp16, FP8 fp32 (auto-round's)
     act_scale_dtype: torch.dtype = torch.float32
 
     def __post_init__(self):
+        if self.scale_dtype is None:
+            object.__setattr__(self, "scale_dtype", torch.float32 if self.kind == "fp8" else torch.float16)
         if self.kind not in ("nvfp4", "mx", "fp8", "int"):
             raise ValueError(f"QuantSpec.kind must be 'nvfp4', 'mx', 'fp8' or 'int', got {self.kind!r}")
         if self.kind == "fp8" and (self.bits != 8 or self.group_size not in (FP8_PER_TENSOR, INT_GROUP_PER_ROW)):
