@@ -358,3 +358,13 @@ def test_same_command_same_checkpoint(tiny_model_dir, calib_file, tmp_path):
     for name in names:
         if name != "autoround_blocks.json":  # it holds the seconds each block took
             assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+
+
+def test_selfcheck_compares_every_scheme_kernel_with_its_oracle(capsys):
+    from autoround_fast.selfcheck import selfcheck
+
+    assert selfcheck() == 0
+    out = capsys.readouterr().out
+    for name in ("nvfp4", "mxfp4", "mxfp8", "fp8 per channel", "w4a16 sym g128", "w4a16 asym g128"):
+        assert re.search(rf"cpu\s+{name}\s+kernel == oracle \(weight, dV\): True", out), name
+    assert out.rstrip().endswith("OK")
