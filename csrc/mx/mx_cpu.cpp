@@ -2,6 +2,7 @@
 
 #include <torch/csrc/stable/ops.h>
 
+#include "../common/cpu_groups.h"
 #include "../cpu_kernels.h"
 #include "../dispatch.h"
 #include "mx.h"
@@ -11,37 +12,11 @@ namespace {
 
 constexpr int64_t kGrain = 512;
 
-// Loads one group of up to 32 values and its absolute maximum; counts non-finite values.
-template <typename T>
-int load_group(const T* src, int n, float* x, float* amax) {
-  int bad = 0;
-  float m = 0.f;
-  for (int j = 0; j < n; ++j) {
-    x[j] = to_f32(src[j]);
-    bad += !is_finite(x[j]);
-    m = fmax_(m, fabs_(x[j]));
-  }
-  *amax = m;
-  return bad;
-}
-
-// Runs fn(group_index, first_element, n) over every 32-element group, in parallel.
-template <typename F>
-void for_each_group(int64_t rows, int64_t cols, const F& fn) {
-  const int64_t groups = ceil_div(cols, kMxGroup);
-  torch::stable::parallel_for(0, rows * groups, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t gi = begin; gi < end; ++gi) {
-      const int64_t r = gi / groups, k = gi % groups;
-      fn(gi, r * cols + k * kMxGroup, static_cast<int>(std::min<int64_t>(kMxGroup, cols - k * kMxGroup)));
-    }
-  });
-}
-
 template <int kBits, typename T>
 int64_t mx_forward(const MxArgs& a, T* out, float* exps) {
   const T* w = static_cast<const T*>(a.weight);
   std::atomic<int64_t> bad{0};
-  for_each_group(a.rows, a.cols, [&](int64_t gi, int64_t base, int n) {
+  for_each_group<kMxGroup, kGrain>(a.rows, a.cols, [&](int64_t gi, int64_t base, int n) {
     float x[kMxGroup], amax;
     if (int b = load_group(w + base, n, x, &amax)) bad += b;
     const MxScale sc = mx_group_scale<kBits>(amax, a.max_scale[gi]);
@@ -54,7 +29,7 @@ int64_t mx_forward(const MxArgs& a, T* out, float* exps) {
 template <int kBits, typename T>
 void mx_backward(const MxArgs& a, const T* grad, float* grad_v, float* grad_ms) {
   const T* w = static_cast<const T*>(a.weight);
-  for_each_group(a.rows, a.cols, [&](int64_t gi, int64_t base, int n) {
+  for_each_group<kMxGroup, kGrain>(a.rows, a.cols, [&](int64_t gi, int64_t base, int n) {
     float x[kMxGroup], g[kMxGroup], amax;
     load_group(w + base, n, x, &amax);
     for (int j = 0; j < n; ++j) g[j] = to_f32(grad[base + j]);
@@ -67,7 +42,7 @@ template <int kBits, typename T>
 int64_t act_forward(const MxActArgs& a, T* out) {
   const T* xin = static_cast<const T*>(a.x);
   std::atomic<int64_t> bad{0};
-  for_each_group(a.rows, a.cols, [&](int64_t, int64_t base, int n) {
+  for_each_group<kMxGroup, kGrain>(a.rows, a.cols, [&](int64_t, int64_t base, int n) {
     float x[kMxGroup], amax;
     if (int b = load_group(xin + base, n, x, &amax)) bad += b;
     const MxScale sc = mx_group_scale<kBits>(amax, 1.0f);
@@ -80,7 +55,7 @@ template <int kBits, typename T>
 void act_backward(const MxActArgs& a, const T* grad, T* grad_x) {
   const T* xin = static_cast<const T*>(a.x);
   static const float kZeros[kMxGroup] = {};
-  for_each_group(a.rows, a.cols, [&](int64_t, int64_t base, int n) {
+  for_each_group<kMxGroup, kGrain>(a.rows, a.cols, [&](int64_t, int64_t base, int n) {
     float x[kMxGroup], g[kMxGroup], gt[kMxGroup], amax;
     load_group(xin + base, n, x, &amax);
     for (int j = 0; j < n; ++j) g[j] = to_f32(grad[base + j]);

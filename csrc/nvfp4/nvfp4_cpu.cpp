@@ -2,6 +2,7 @@
 
 #include <torch/csrc/stable/ops.h>
 
+#include "../common/cpu_groups.h"
 #include "../cpu_kernels.h"
 #include "../dispatch.h"
 #include "nvfp4.h"
@@ -11,39 +12,12 @@ namespace {
 
 constexpr int64_t kGrain = 1024;
 
-// Loads one group of up to 16 values and its absolute maximum; counts non-finite values.
-template <typename T>
-int load_group(const T* src, int n, float* x, float* amax) {
-  int bad = 0;
-  float m = 0.f;
-  for (int j = 0; j < n; ++j) {
-    x[j] = to_f32(src[j]);
-    bad += !is_finite(x[j]);
-    m = fmax_(m, fabs_(x[j]));
-  }
-  *amax = m;
-  return bad;
-}
-
-// Runs fn(group_index, first_element, n) over every 16-element group, in parallel.
-template <typename F>
-void for_each_group(int64_t rows, int64_t cols, const F& fn) {
-  const int64_t groups = ceil_div(cols, kNvfp4Group);
-  torch::stable::parallel_for(0, rows * groups, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t gi = begin; gi < end; ++gi) {
-      const int64_t r = gi / groups, k = gi % groups;
-      fn(gi, r * cols + k * kNvfp4Group,
-         static_cast<int>(std::min<int64_t>(kNvfp4Group, cols - k * kNvfp4Group)));
-    }
-  });
-}
-
 template <typename T>
 int64_t nvfp4_forward(const Nvfp4Args& a, T* out, float* scale) {
   const T* w = static_cast<const T*>(a.weight);
   const float gs = *a.global_scale, inv_gs = inv_global_scale(gs);
   std::atomic<int64_t> bad{0};
-  for_each_group(a.rows, a.cols, [&](int64_t gi, int64_t base, int n) {
+  for_each_group<kNvfp4Group, kGrain>(a.rows, a.cols, [&](int64_t gi, int64_t base, int n) {
     float x[kNvfp4Group], amax;
     if (int b = load_group(w + base, n, x, &amax)) bad += b;
     Nvfp4Scale sc = nvfp4_group_scale(amax, a.max_scale[gi], gs, inv_gs);
@@ -57,7 +31,7 @@ template <typename T>
 void nvfp4_backward(const Nvfp4Args& a, const T* grad, float* grad_v, float* grad_ms) {
   const T* w = static_cast<const T*>(a.weight);
   const float gs = *a.global_scale, inv_gs = inv_global_scale(gs);
-  for_each_group(a.rows, a.cols, [&](int64_t gi, int64_t base, int n) {
+  for_each_group<kNvfp4Group, kGrain>(a.rows, a.cols, [&](int64_t gi, int64_t base, int n) {
     float x[kNvfp4Group], g[kNvfp4Group], amax;
     load_group(w + base, n, x, &amax);
     for (int j = 0; j < n; ++j) g[j] = to_f32(grad[base + j]);
@@ -71,7 +45,7 @@ int64_t act_forward(const Nvfp4ActArgs& a, T* out) {
   const T* xin = static_cast<const T*>(a.x);
   const float gs = *a.global_scale, inv_gs = inv_global_scale(gs);
   std::atomic<int64_t> bad{0};
-  for_each_group(a.rows, a.cols, [&](int64_t, int64_t base, int n) {
+  for_each_group<kNvfp4Group, kGrain>(a.rows, a.cols, [&](int64_t, int64_t base, int n) {
     float x[kNvfp4Group], amax;
     if (int b = load_group(xin + base, n, x, &amax)) bad += b;
     Nvfp4Scale sc = nvfp4_group_scale(amax, 1.0f, gs, inv_gs);
@@ -84,7 +58,7 @@ template <typename T>
 void act_backward(const Nvfp4ActArgs& a, const T* grad, T* grad_x) {
   const T* xin = static_cast<const T*>(a.x);
   const float gs = *a.global_scale, inv_gs = inv_global_scale(gs);
-  for_each_group(a.rows, a.cols, [&](int64_t, int64_t base, int n) {
+  for_each_group<kNvfp4Group, kGrain>(a.rows, a.cols, [&](int64_t, int64_t base, int n) {
     float x[kNvfp4Group], g[kNvfp4Group], gv[kNvfp4Group], amax, g_m;
     load_group(xin + base, n, x, &amax);
     for (int j = 0; j < n; ++j) g[j] = to_f32(grad[base + j]);
