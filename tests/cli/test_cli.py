@@ -282,6 +282,26 @@ def test_sigint_exits_130_and_says_no_gpu_once(tiny_model_dir, calib_file, tmp_p
     assert os.listdir(tmp_path) == []
 
 
+def test_ctrl_c_in_a_constructor_prints_no_finalizer_traceback(tmp_path):
+    """A Ctrl-C that lands inside a progress bar's constructor leaves an object whose finalizer
+    fails when the interrupt's frames are freed; the user still reads one line."""
+    script = tmp_path / "interrupt.py"
+    script.write_text(
+        "import sys\n"
+        "from autoround_fast.cli import main, quantize\n"
+        "class HalfBuilt:\n"
+        "    def __del__(self):\n"
+        "        self.pos\n"
+        "def run(args):\n"
+        "    bar = HalfBuilt()\n"
+        "    raise KeyboardInterrupt\n"
+        "quantize.run = run\n"
+        "sys.exit(main(['quantize']))\n")
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 130
+    assert res.stderr.strip().splitlines()[-1] == "autoround-fast: interrupted" and "Traceback" not in res.stderr
+
+
 def test_options_from_the_environment():
     env = {"AUTOROUND_FAST_ITERS": "1", "AUTOROUND_FAST_OVERWRITE": "yes", "AUTOROUND_FAST_EVAL": "0",
            "AUTOROUND_FAST_SCHEME": "W4A16", "AUTOROUND_FAST_BATCH_SIZE": "3", "AUTOROUND_FAST_TEXT": "x.txt"}

@@ -48,5 +48,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"autoround-fast: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        sys.unraisablehook = _ignore  # finalizers of objects the interrupt left half-built
         print("autoround-fast: interrupted", file=sys.stderr)
         return 130
+
+
+def _ignore(unraisable) -> None:
+    """After Ctrl-C, an object interrupted in its constructor (a progress bar, say) fails in its
+    finalizer; that is not news to the user, who already reads "interrupted"."""
