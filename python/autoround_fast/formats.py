@@ -12,6 +12,7 @@ FP4_MAX = 6.0  # the largest FP4 (e2m1) magnitude
 E4M3_MAX = 448.0  # the largest float8_e4m3fn magnitude, the range of an NVFP4 group scale
 INT_GROUP_PER_ROW = -1  # the INT group_size that means one group per row
 FP8_PER_TENSOR = 0  # the FP8 group_size that means one scale for the whole tensor
+FP8_BLOCK = 128  # the FP8 group_size that means square weight blocks of this edge (FP8_BLOCK)
 FP8_SCALE_MIN = 1.0 / (E4M3_MAX * 512.0)  # the FP8 scale floor (auto-round's, from vLLM)
 MX_GROUP = 32  # elements per MX (MXFP4, MXFP8) group, which share one power-of-two scale
 E8M0_EXP_MAX = 127  # |shared exponent| bound of an MX scale (e8m0, bias 127)
@@ -36,6 +37,11 @@ MX_ELEMENTS = {  # by the scheme's bit width
     4: MxElement(ebits=2, mbits=1, min_exp=0, emax=2, max_norm=FP4_MAX),  # FP4 e2m1
     8: MxElement(ebits=4, mbits=3, min_exp=-6, emax=8, max_norm=E4M3_MAX),  # FP8 e4m3
 }
+
+
+def fp8_block_grid(rows: int, cols: int) -> tuple[int, int]:
+    """FP8 128 x 128 weight blocks along (rows, cols), the last ones zero-padded."""
+    return math.ceil(rows / FP8_BLOCK), math.ceil(cols / FP8_BLOCK)
 
 
 def mx_num_groups(in_features: int) -> int:

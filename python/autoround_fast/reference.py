@@ -17,10 +17,12 @@ from .formats import (
     E4M3_MAX,
     E8M0_EXP_MAX,
     FP4_MAX,
+    FP8_BLOCK,
     FP8_SCALE_MIN,
     MX_ELEMENTS,
     MX_GROUP,
     NVFP4_GROUP,
+    fp8_block_grid,
     int_num_groups,
 )
 
@@ -223,6 +225,31 @@ def fake_quant_fp8(weight, v, max_scale, scale_dtype=torch.float32):
     y = torch.clip(w / scale + v.reshape(w.shape), -E4M3_MAX, E4M3_MAX)
     q = _e4m3(y) * scale
     return q.reshape(rows, cols).to(weight.dtype), scale
+
+
+def fake_quant_fp8_block(weight, v, max_scale, scale_dtype=torch.float32):
+    """Oracle of :func:`autoround_fast.ops.fake_quant_fp8_block`: FP8 (e4m3) weights with one
+    scale per 128 x 128 block (max_scale [ceil(rows/128), ceil(cols/128)]), each block as
+    :func:`fake_quant_fp8` treats a tensor: ``scale = max(max|W_b| * max_scale_b / 448,
+    1/(448*512))`` rounded to ``scale_dtype``, ``Wq = e4m3(clamp(W / scale + V, -448, 448)) *
+    scale``; edge blocks take the maximum of their own elements (docs/numerics.md#fp8-block).
+    Returns (Wq in W's dtype, the fp32 scales of max_scale's shape)."""
+    rows, cols = weight.shape
+    rb, cb = fp8_block_grid(rows, cols)
+    amax = torch.amax(_blocks(torch.abs(weight), rb, cb), dim=(1, 3))
+    scale = torch.clip((amax * max_scale.reshape(rb, cb)).to(torch.float32) / E4M3_MAX, min=FP8_SCALE_MIN)
+    scale = scale.to(scale_dtype).to(torch.float32)
+    full = scale.repeat_interleave(FP8_BLOCK, 0)[:rows].repeat_interleave(FP8_BLOCK, 1)[:, :cols]
+    x = weight.to(torch.bfloat16) if weight.dtype == torch.float16 else weight
+    y = torch.clip(x / full + v.reshape(rows, cols), -E4M3_MAX, E4M3_MAX)
+    return (_e4m3(y) * full).to(weight.dtype), scale
+
+
+def _blocks(t: torch.Tensor, rb: int, cb: int) -> torch.Tensor:
+    """[rows, cols] zero-padded to [rb * 128, cb * 128] and viewed as [rb, 128, cb, 128]."""
+    rows, cols = t.shape
+    t = torch.nn.functional.pad(t, (0, cb * FP8_BLOCK - cols, 0, rb * FP8_BLOCK - rows))
+    return t.reshape(rb, FP8_BLOCK, cb, FP8_BLOCK)
 
 
 def _e4m3(y: torch.Tensor) -> torch.Tensor:
