@@ -151,7 +151,9 @@ def test_bad_arguments_fail_in_one_line_before_any_weight_is_read(tiny_model_dir
         (args(str(tmp_path / "missing.gguf"), out, cal), "--model .*: no such GGUF file"),
         (args(str(no_config), out, cal), "without config.json"),
         (args(model, out, cal, "--scheme", "INT3"), "--scheme 'INT3' is not a scheme backend torch tunes"),
-        (args(model, out, cal, "--scheme", "FP8_BLOCK"), "--scheme 'FP8_BLOCK' is not a scheme backend torch tunes"),
+        (args(model, out, cal, "--scheme", "FP8_BLOCK", "--backend", "auto_round"),
+         "--scheme FP8_BLOCK: the stock path .backend auto_round. stops: llm-compressor's AutoRoundModifier rejects "
+         "block strategies; use --backend cuda or torch"),
         (args(model, out, str(tmp_path / "nope.txt")), "--calib-file .*nope.txt': no such file"),
         (args(model, out, str(binary)), "--calib-file .* is a binary file"),
         (args(model, out, str(latin)), "--calib-file .* is not UTF-8 text"),
@@ -195,6 +197,10 @@ def test_bundled_default_checks_fail_fast_and_w4a16_takes_a_dividing_group(tmp_p
     choice = schemes.choose_scheme("W4A16", None, in_features)
     assert choice.group_size == 64 and choice.ignore == ["lm_head"] and choice.label == "W4A16, group 64"
     assert "W4A16's group 128 does not divide in_features 576" in choice.notes[0] and "using group 64" in choice.notes[0]
+    err = fails(["quantize", "--scheme", "FP8_BLOCK", "--output", out], capsys)  # 128 x 128 blocks
+    assert "--scheme FP8_BLOCK: its group 128 does not divide in_features 576 of model.layers.*.self_attn.q_proj" in err
+    choice = schemes.choose_scheme("FP8_BLOCK", None, in_features, skip_indivisible=True)
+    assert sorted(set(choice.ignore) - {"lm_head"}) == sorted(n for n, f in in_features.items() if f == 576)
     assert not os.path.exists(out)
 
 
@@ -232,8 +238,7 @@ def test_w4a16_out_of_the_box_and_skip_indivisible(calib_file, tmp_path, capsys)
 def test_the_float_presets_reach_every_backend(tiny_model_dir, calib_file, tmp_path, no_weights):
     for name in ("FP8", "FP8_DYNAMIC", "MXFP4", "MXFP8", "W8A8", "W4AFP8"):
         assert name in schemes.scheme_names("torch") and name in schemes.scheme_names("auto_round")
-    assert "FP8_BLOCK" not in schemes.scheme_names("torch") + schemes.scheme_names("auto_round")
-    for name in ("NVFP4A16", "MXFP4A16", "MXFP8A16"):  # the stock path cannot; ours can
+    for name in ("NVFP4A16", "MXFP4A16", "MXFP8A16", "FP8_BLOCK"):  # the stock path cannot; ours can
         assert name in schemes.scheme_names("torch") and name not in schemes.scheme_names("auto_round")
         with pytest.raises(schemes.CliError, match=f"--scheme {name}: the stock path .* use --backend cuda or torch"):
             schemes.check_scheme_name(name.lower(), "auto_round")

@@ -27,6 +27,7 @@ SPECS = {
     "mxfp8a16": QuantSpec("mx", 8, 32),
     "fp8-tensor": QuantSpec("fp8", 8, 0, scale_dtype=torch.bfloat16),
     "fp8-channel": QuantSpec("fp8", 8, -1, scale_dtype=torch.bfloat16),
+    "fp8-block": QuantSpec("fp8", 8, 128, scale_dtype=torch.bfloat16),
     "fp8-static": QuantSpec("fp8", 8, 0, act=True, scale_dtype=torch.bfloat16, act_scale_dtype=torch.bfloat16),
 }
 
@@ -84,7 +85,8 @@ def test_tuning_beats_rtn(ragged_block, name, backend, monkeypatch):
             assert qp["scale"].shape == (rows, -(-cols // 16)) and qp["global_scale"].numel() == 1
             assert ("input_global_scale" in qp) == spec.act
         elif spec.kind == "fp8":  # rounded to the stored dtype
-            assert qp["scale"].shape == ((1, 1) if spec.group_size == 0 else (rows, 1))
+            grid = {0: (1, 1), -1: (rows, 1), 128: (-(-rows // 128), -(-cols // 128))}[spec.group_size]
+            assert qp["scale"].shape == grid
             assert torch.equal(qp["scale"], qp["scale"].bfloat16().float())
             assert qp.keys() == ({"scale", "act_max", "input_scale"} if spec.act else {"scale"})
             if spec.act:  # the static input scale, from the best act_max_scale, in its stored dtype
@@ -153,8 +155,11 @@ def test_errors(ragged_block):
         QuantSpec("int", act=True)
     with pytest.raises(ValueError, match="mx takes bits in \\[4, 8\\] and group_size 32, got bits=6"):
         QuantSpec("mx", 6, 32)
-    with pytest.raises(ValueError, match="fp8 takes bits 8 and group_size 0 .per tensor. or -1"):
-        QuantSpec("fp8", 8, 128)
+    with pytest.raises(ValueError, match="fp8 takes bits 8 and group_size 0 .per tensor., -1 .per channel. or "
+                                         "128 .per 128 x 128 block., got bits=8, group_size=32"):
+        QuantSpec("fp8", 8, 32)
+    with pytest.raises(ValueError, match="FP8 block weights take 16-bit or dynamic activations"):
+        QuantSpec("fp8", 8, 128, act=True)
 
 
 @pytest.mark.skipif(has_cuda_kernels() and torch.cuda.is_available(), reason="this machine has the CUDA kernels")

@@ -4,6 +4,7 @@ weights, tuning beats RTN, YAML recipes reach the subclass, bad schemes fail cle
 
 import pytest
 import torch
+from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from datasets import Dataset
 from transformers import LlamaForCausalLM
 from transformers.utils.quantization_config import CompressedTensorsConfig
@@ -39,13 +40,13 @@ CHECKPOINT_FORMATS = {"NVFP4": "nvfp4-pack-quantized", "NVFP4A16": "nvfp4-pack-q
                       "MXFP4": "mxfp4-pack-quantized", "MXFP4A16": "mxfp4-pack-quantized",
                       "MXFP8": "mxfp8-quantized", "MXFP8A16": "mxfp8-quantized",
                       "W8A8": "int-quantized", "W4AFP8": "int-quantized", "FP8_DYNAMIC": "float-quantized",
-                      "FP8": "float-quantized"}
+                      "FP8": "float-quantized", "FP8_BLOCK": "float-quantized"}
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("cuda", marks=pytest.mark.skipif(
     not HAS_CUDA, reason="needs a GPU"))])
 @pytest.mark.parametrize("scheme", ["NVFP4", "NVFP4A16", "W4A16", "W4A16_ASYM", "MXFP4", "MXFP4A16", "MXFP8",
-                                    "MXFP8A16", "W8A8", "W4AFP8", "FP8_DYNAMIC", "FP8"])
+                                    "MXFP8A16", "W8A8", "W4AFP8", "FP8_DYNAMIC", "FP8", "FP8_BLOCK"])
 def test_checkpoint_reloads_to_tuned_weights(tiny_model_dir, tmp_path, scheme, backend, monkeypatch):
     # The bf16 model stays bf16 on the CPU, as on a CPU with AVX512-BF16; without it auto-round's
     # rule converts the block to fp32 (tests/integration/test_equivalence.py covers both), and an
@@ -56,10 +57,11 @@ def test_checkpoint_reloads_to_tuned_weights(tiny_model_dir, tmp_path, scheme, b
     model = run(tiny_model_dir, mod)
     stats = mod.block_stats
     assert [r["block"] for r in stats] == ["model.layers.0", "model.layers.1"]
-    # iteration 0 is the RTN state; static FP8 (W8A8) starts so close to the block's output
-    # that on the first block no step of 1/30 improves it
+    # iteration 0 is the RTN state; static FP8 (W8A8) and FP8 blocks start so close to the
+    # block's output that on the first block no step of 1/30 improves it
     improved = [r["best_loss"] < r["init_loss"] for r in stats]
-    assert all(improved) or (scheme == "FP8" and improved[1] and stats[0]["best_loss"] == stats[0]["init_loss"]), stats
+    assert all(improved) or (scheme in ("FP8", "FP8_BLOCK") and improved[1]
+                             and stats[0]["best_loss"] == stats[0]["init_loss"]), stats
     tuned = {n: m.weight.detach().cpu().clone() for n, m in quantized_linears(model).items()}
     assert len(tuned) == 14
     if scheme == "W4A16_ASYM":  # the zero point is really there (the stock path drops it)
@@ -71,6 +73,10 @@ def test_checkpoint_reloads_to_tuned_weights(tiny_model_dir, tmp_path, scheme, b
     if scheme == "FP8":  # the static input scale the block was tuned under, stored as compressed-tensors holds it
         m = model.model.layers[1].mlp.down_proj
         assert m.input_scale.dtype == torch.bfloat16 and m.input_scale.item() > 0
+    if scheme == "FP8_BLOCK":  # one scale per 128 x 128 block, the last row of blocks partial (k_proj: 64 rows)
+        attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+        assert attn.k_proj.weight_scale.shape == (1, 1) and mlp.down_proj.weight_scale.shape == (1, 2)
+        assert mlp.gate_proj.weight_scale.shape == (2, 1) and mlp.gate_proj.weight_scale.unique().numel() == 2
     model.save_pretrained(tmp_path, save_compressed=True)
     assert f'"format": "{CHECKPOINT_FORMATS[scheme]}"' in (tmp_path / "config.json").read_text()
     reloaded = LlamaForCausalLM.from_pretrained(
@@ -100,8 +106,12 @@ quant_stage:
 
 
 def test_unsupported_scheme_names_the_layer(tiny_model_dir):
-    with pytest.raises(ValueError, match=r"layer 'model\.layers\.0\..*backend='auto_round'"):
-        run(tiny_model_dir, AutoRoundModifier(targets="Linear", scheme="FP8_BLOCK", ignore=["lm_head"],
+    """INT8 weights with static per-tensor INT8 activations: not a scheme the fast path tunes."""
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(num_bits=8, strategy="channel"),
+                                input_activations=QuantizationArgs(num_bits=8, strategy="tensor", dynamic=False))
+    with pytest.raises(ValueError, match=r"layer 'model\.layers\.0\..*backend='auto_round'.*INT weights take "
+                                         r"16-bit or dynamic per-token activations"):
+        run(tiny_model_dir, AutoRoundModifier(config_groups={"group_0": scheme}, ignore=["lm_head"],
                                               iters=2, backend="torch"))
 
 

@@ -28,6 +28,7 @@ STOCK_PATH_FAILS = {
     "NVFP4A16": "stops: auto-round has no 4-bit 'fp' function for it",
     "MXFP4A16": "stops: auto-round has no 4-bit 'fp' function for it",
     "MXFP8A16": "tunes it as plain FP8 and saves weights 34% off the tuned ones",
+    "FP8_BLOCK": "stops: llm-compressor's AutoRoundModifier rejects block strategies",
 }
 # The group sizes offered when a preset's does not divide, and listed in errors. Any size
 # that divides may be given with --group-size.
@@ -106,12 +107,15 @@ class SchemeChoice:
 
 
 def weight_group(scheme) -> Optional[int]:
-    """The group a scheme's weights are quantized in: its group size, -1 per channel, None else."""
+    """The group a scheme's weights are quantized in: its group size (a block's width), -1 per
+    channel, None else."""
     from compressed_tensors.quantization import QuantizationStrategy
 
     w = scheme.weights
     if w.strategy in (QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP):
         return w.group_size
+    if w.strategy == QuantizationStrategy.BLOCK:
+        return w.block_structure[-1]
     return -1 if w.strategy == QuantizationStrategy.CHANNEL else None
 
 
@@ -176,6 +180,10 @@ def choose_scheme(name: str, group_size: Optional[int], in_features: dict[str, i
             group, bad = fits[-1], {}
         if bad:
             sizes = sorted({str(f) for f in bad.values()})
+            if not skip_indivisible and not is_int:  # the format fixes its group
+                raise CliError(f"--scheme {name}: its group {group} does not divide in_features {', '.join(sizes)} "
+                               f"of {describe_layers(list(bad))}; pass --skip-indivisible to leave those layers "
+                               "unquantized, or choose another scheme")
             if not skip_indivisible:
                 fits = dividing_sizes(in_features)
                 which = (f"sizes that divide every layer: {', '.join(map(str, fits))}" if fits
@@ -183,7 +191,7 @@ def choose_scheme(name: str, group_size: Optional[int], in_features: dict[str, i
                 option = "--group-size" if group_size is not None else "--scheme"
                 raise CliError(f"{option} {group_size if group_size is not None else name}: group {group} does "
                                f"not divide in_features {', '.join(sizes)} of {describe_layers(list(bad))}; "
-                               f"{which}" + (" (or -1: per channel)" if is_int else "")
+                               f"{which} (or -1: per channel)"
                                + "; or pass --skip-indivisible to leave those layers unquantized")
             notes.append(f"warning: group {group} does not divide in_features {', '.join(sizes)}; leaving "
                          f"{len(bad)} of {len(in_features)} layers unquantized (--skip-indivisible): "

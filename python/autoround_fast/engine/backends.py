@@ -29,6 +29,8 @@ class Backend(Protocol):
 
     def fp8(self, w, v, max_scale, scale_dtype) -> tuple[torch.Tensor, torch.Tensor]: ...
 
+    def fp8_block(self, w, v, max_scale, scale_dtype) -> tuple[torch.Tensor, torch.Tensor]: ...
+
     def mx_act(self, x, bits) -> torch.Tensor: ...
 
     def fp8_act(self, x, act_max, max_scale, scale_dtype) -> torch.Tensor: ...
@@ -58,6 +60,9 @@ class TorchBackend:
 
     def fp8(self, w, v, max_scale, scale_dtype):
         return reference.fake_quant_fp8(w, v, max_scale, scale_dtype)
+
+    def fp8_block(self, w, v, max_scale, scale_dtype):
+        return reference.fake_quant_fp8_block(w, v, max_scale, scale_dtype)
 
     def mx_act(self, x, bits):
         return reference.fake_quant_mx_activation(x, bits)
@@ -98,6 +103,9 @@ class KernelBackend:
 
     def fp8(self, w, v, max_scale, scale_dtype):
         return self._op.fake_quant_fp8(w, v, max_scale, formats.SCALE_DTYPE_CODES[scale_dtype])
+
+    def fp8_block(self, w, v, max_scale, scale_dtype):
+        return self._op.fake_quant_fp8_block(w, v, max_scale, formats.SCALE_DTYPE_CODES[scale_dtype])
 
     def mx_act(self, x, bits):
         return self._op.fake_quant_mx_activation(x.contiguous(), bits)

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from .. import reference
+from ..formats import FP8_BLOCK
 from .backends import Backend
 from .spec import QuantSpec, fused_layer_groups
 
@@ -103,7 +104,8 @@ class TunedLinear(nn.Module):
             q, exponent = be.mx(w, self.v, self.max_scale, s.bits)
             return q, exponent, None
         if s.kind == "fp8":
-            q, scale = be.fp8(w, self.v, self.max_scale, s.scale_dtype)
+            fp8 = be.fp8_block if s.group_size == FP8_BLOCK else be.fp8
+            q, scale = fp8(w, self.v, self.max_scale, s.scale_dtype)
             return q, scale, None
         if s.kind == "nvfp4":
             if st is not None:

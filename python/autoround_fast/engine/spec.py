@@ -8,16 +8,19 @@ from typing import Sequence
 import torch
 
 from ..formats import (
+    FP8_BLOCK,
     FP8_PER_TENSOR,
     INT_GROUP_PER_ROW,
     MX_ELEMENTS,
     MX_GROUP,
     NVFP4_GROUP,
+    fp8_block_grid,
     int_num_groups,
     mx_num_groups,
     nvfp4_num_groups,
 )
 
+FP8_GROUPS = (FP8_PER_TENSOR, INT_GROUP_PER_ROW, FP8_BLOCK)  # an fp8 QuantSpec's group_size
 FUSED_SUFFIXES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
@@ -27,7 +30,8 @@ class QuantSpec:
 
     kind: "nvfp4" (FP4 e2m1 groups of 16, e4m3 scales, an fp32 global scale), "mx" (MXFP4
     or MXFP8 by ``bits``: e2m1 or e4m3 groups of 32, power-of-two e8m0 scales), "fp8" (e4m3,
-    one scale per tensor, group_size 0, or per output channel, -1) or "int".
+    one scale per tensor, group_size 0, per output channel, -1, or per 128 x 128 block, 128)
+    or "int".
     act: the activations too, in the weights' format: NVFP4 (W4A4) with a static global scale
     from the calibration max, MX dynamically (each group's scale from its own maximum), FP8
     statically per tensor (the calibration max times a tuned max_scale).
@@ -49,9 +53,13 @@ class QuantSpec:
             object.__setattr__(self, "scale_dtype", torch.float32 if self.kind == "fp8" else torch.float16)
         if self.kind not in ("nvfp4", "mx", "fp8", "int"):
             raise ValueError(f"QuantSpec.kind must be 'nvfp4', 'mx', 'fp8' or 'int', got {self.kind!r}")
-        if self.kind == "fp8" and (self.bits != 8 or self.group_size not in (FP8_PER_TENSOR, INT_GROUP_PER_ROW)):
-            raise ValueError(f"QuantSpec: fp8 takes bits 8 and group_size {FP8_PER_TENSOR} (per tensor) or "
-                             f"{INT_GROUP_PER_ROW} (per channel), got bits={self.bits}, group_size={self.group_size}")
+        if self.kind == "fp8" and (self.bits != 8 or self.group_size not in FP8_GROUPS):
+            raise ValueError(f"QuantSpec: fp8 takes bits 8 and group_size {FP8_PER_TENSOR} (per tensor), "
+                             f"{INT_GROUP_PER_ROW} (per channel) or {FP8_BLOCK} (per {FP8_BLOCK} x {FP8_BLOCK} "
+                             f"block), got bits={self.bits}, group_size={self.group_size}")
+        if self.kind == "fp8" and self.act and self.group_size == FP8_BLOCK:
+            raise ValueError("QuantSpec.act: FP8 block weights take 16-bit or dynamic activations, which "
+                             "tune weight-only (act=False)")
         if self.kind == "mx" and (self.bits not in MX_ELEMENTS or self.group_size != MX_GROUP):
             raise ValueError(f"QuantSpec: mx takes bits in {sorted(MX_ELEMENTS)} and group_size "
                              f"{MX_GROUP}, got bits={self.bits}, group_size={self.group_size}")
@@ -74,9 +82,11 @@ class QuantSpec:
 
     def scale_shape(self, out_features: int, in_features: int) -> tuple[int, int]:
         """The shape of max_scale (and min_scale) for a Linear of this shape: one per group of
-        each row; one in all for an FP8 tensor scale."""
+        each row; one in all for an FP8 tensor scale, one per block for FP8 blocks."""
         if self.kind == "fp8" and self.group_size == FP8_PER_TENSOR:
             return (1, 1)
+        if self.kind == "fp8" and self.group_size == FP8_BLOCK:
+            return fp8_block_grid(out_features, in_features)
         return (out_features, self.num_groups(in_features))
 
     @property
