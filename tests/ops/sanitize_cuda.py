@@ -34,9 +34,24 @@ def fp8_kernels():
             ops.fake_quant_fp8_activation(x, x.detach().abs().amax().float(), ms).float().sum().backward()
 
 
+def mx_kernels():
+    """MX: weights and activations, MXFP4 and MXFP8, on whole groups (16-byte path) and ragged
+    rows (scalar path), with groups sharing a warp in several lane layouts."""
+    for rows, cols in ((33, 128), (33, 70), (3, 4096), (19, 8), (5, 1)):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for bits in (4, 8):
+                w = torch.randn(rows, cols, device="cuda", dtype=dtype)
+                v = torch.zeros(rows, cols, device="cuda", requires_grad=True)
+                ms = torch.ones(rows, (cols + 31) // 32, device="cuda", requires_grad=True)
+                ops.fake_quant_mx(w, v, ms, bits)[0].float().sum().backward()
+                x = torch.randn(rows, cols, device="cuda", dtype=dtype, requires_grad=True)
+                ops.fake_quant_mx_activation(x, bits).float().sum().backward()
+
+
 def main():
     torch.manual_seed(0)
     fp8_kernels()
+    mx_kernels()
     lr = torch.full((1,), 0.01, device="cuda")
     for cols in (128, 70):  # whole groups (16-byte path) and ragged rows (scalar path)
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
