@@ -31,6 +31,7 @@ from loguru import logger
 from llmcompressor.modifiers.autoround import AutoRoundModifier as _StockAutoRoundModifier
 from llmcompressor.modifiers.factory import ModifierFactory
 
+from .resume import BlockStore
 from .engine import BlockResult, QuantSpec, make_backend, pack_samples, same_value, tune_block
 from .formats import FP8_BLOCK, FP8_PER_TENSOR, INT_GROUP_PER_ROW, MX_ELEMENTS, MX_GROUP, NVFP4_GROUP, SCALE_DTYPE_CODES
 
@@ -130,6 +131,13 @@ def spec_from_scheme(scheme, weight_scale_dtype: Optional[torch.dtype], layer: s
     raise ValueError(f"{hint}; got {_type_of(w)} weights")
 
 
+# Modifier fields that change neither the tuned weights nor the checkpoint (docs/numerics.md
+# #execution-invariance), or are the run's lifecycle state.
+_NOT_RESULT_FIELDS = {"index", "group", "start", "end", "update", "initialized_", "finalized_", "started_",
+                      "ended_", "progress", "resume_dir", "cache_on_cpu", "cuda_graph", "fuse_elementwise",
+                      "step_in_backward", "device_ids", "enable_torch_compile"}
+
+
 class AutoRoundModifier(_StockAutoRoundModifier):
     """llm-compressor's AutoRoundModifier, plus ``backend`` ("auto_round", "torch", "cuda")
     and ``seed``: the order llm-compressor's calibration sampler draws the samples in (it
@@ -154,8 +162,12 @@ class AutoRoundModifier(_StockAutoRoundModifier):
     # backend "cuda": take the sign step inside each Linear's weight backward (tune_block's
     # step_in_backward). None: wherever it applies.
     step_in_backward: Optional[bool] = None
+    # A directory that keeps each tuned block (autoround_fast.resume): a run started again
+    # after a crash reloads the blocks it finished instead of tuning them. None: no resume.
+    resume_dir: Optional[str] = None
 
     _block_stats: list = PrivateAttr(default_factory=list)
+    _store: Optional[BlockStore] = PrivateAttr(default=None)
     _devices: Optional[list] = PrivateAttr(default=None)
 
     def _block_devices(self) -> Optional[list[torch.device]]:
@@ -208,6 +220,10 @@ class AutoRoundModifier(_StockAutoRoundModifier):
                                  f"backend={self.backend!r}")
         if self.backend == "cuda":
             make_backend("cuda")  # no kernels or no GPU: a clear error before any calibration work
+        if self.resume_dir is not None:
+            if self.backend == "auto_round":
+                raise ValueError("AutoRoundModifier: resume_dir needs backend 'torch' or 'cuda'")
+            self._store = BlockStore(self.resume_dir, self._result_settings())
         if self.backend != "auto_round":
             self._devices = self._block_devices()  # a bad device_ids fails before calibration
         torch.manual_seed(self.seed)  # the calibration sampler's order: same seed, same bits
@@ -227,6 +243,10 @@ class AutoRoundModifier(_StockAutoRoundModifier):
                             f"{spec.group_size}, and compressed-tensors cannot store or run such a "
                             "layer; add it to `ignore` or pick a group size that divides it")
         return ok
+
+    def _result_settings(self) -> dict:
+        """The fields that decide the tuned weights (not how fast or where they are computed)."""
+        return self.model_dump(mode="json", exclude=_NOT_RESULT_FIELDS)
 
     def _spec(self, module, name: str) -> QuantSpec:
         """The engine's spec for a target Linear; INT and FP8 scales in the dtype
@@ -299,6 +319,10 @@ class AutoRoundModifier(_StockAutoRoundModifier):
             targets[name] = (module, self._spec(module, f"{layer_name}.{name}"))
         if not targets:
             return
+        if self._store is not None:
+            self._store.check([args[0] for args, _ in inputs])
+            if self._restore_block(layer, layer_name, targets, inputs[0][0][0].device):
+                return
 
         home = next(layer.parameters()).device
         device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "cuda" else home
@@ -344,6 +368,10 @@ class AutoRoundModifier(_StockAutoRoundModifier):
                                       loop_ms=result.loop_ms, placement=result.placement,
                                       fused=result.fused))
         self._q_input = result.q_outputs
+        if self._store is not None:
+            with align_module_device(layer):
+                params = {f"{n}.{p}": t for n, (m, _) in targets.items() for p, t in m.named_parameters(recurse=False)}
+                self._store.save(layer_name, params, self._q_input, self._block_stats[-1])
         if result.eager_reason:
             logger.info(f"{layer_name}: {result.eager_reason}")
         if result.losses:
@@ -353,24 +381,30 @@ class AutoRoundModifier(_StockAutoRoundModifier):
             logger.info(f"{layer_name}: RTN with the scale search (iters=0), {result.seconds:.1f} s")
         layer.eval()
 
+    def _restore_block(self, layer, layer_name: str, targets: dict, device: torch.device) -> bool:
+        """Put back a block that an earlier run of the same command finished (resume_dir):
+        its Linears' parameters, its statistics and the quantized chain's output. False if
+        that run did not finish this block."""
+        saved = self._store.load(layer_name)
+        if saved is None:
+            return False
+        params, q_outputs, stats = saved
+        for key, value in params.items():
+            name, _, param_name = key.rpartition(".")
+            _put_param(targets[name][0], param_name, value)
+        self._q_input = q_outputs.to(device)
+        self._block_stats.append(stats)
+        logger.info(f"{layer_name}: finished by an earlier run, reloaded from {self._store.directory}")
+        layer.eval()
+        return True
+
     @staticmethod
     def _write_qparams(module, spec: QuantSpec, qp: dict) -> torch.Tensor:
         """Fill the qparams compressed-tensors registered on ``module`` (allocated uninitialised)
         and return the weight as the checkpoint format dequantizes it."""
 
         def put(param_name, value):
-            param = getattr(module, param_name, None)
-            if param is None:
-                return
-            value = value.to(param.device, param.dtype).reshape(param.shape)
-            if is_source_process():
-                # through compressed-tensors, so an offloaded module keeps the value
-                update_offload_parameter(module, param_name, value)
-            else:
-                # Under a process group the ranks may share the offloaded storage, and one rank
-                # writes it (compressed-tensors' contract, as llm-compressor's own modifiers do);
-                # the others, which computed the same values, update their onloaded copy only.
-                param.data = value
+            _put_param(module, param_name, value)
 
         args = module.quantization_scheme.weights
         if spec.kind == "nvfp4":
@@ -399,6 +433,22 @@ class AutoRoundModifier(_StockAutoRoundModifier):
                                global_scale=getattr(module, "weight_global_scale", None))
         put("weight", stored)
         return stored
+
+
+def _put_param(module, param_name: str, value: torch.Tensor) -> None:
+    """Write ``value`` into the module's parameter (skipped where it has none)."""
+    param = getattr(module, param_name, None)
+    if param is None:
+        return
+    value = value.to(param.device, param.dtype).reshape(param.shape)
+    if is_source_process():
+        # through compressed-tensors, so an offloaded module keeps the value
+        update_offload_parameter(module, param_name, value)
+    else:
+        # Under a process group the ranks may share the offloaded storage, and one rank
+        # writes it (compressed-tensors' contract, as llm-compressor's own modifiers do);
+        # the others, which computed the same values, update their onloaded copy only.
+        param.data = value
 
 
 ModifierFactory.register("AutoRoundModifier", AutoRoundModifier)
