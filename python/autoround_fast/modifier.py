@@ -20,7 +20,7 @@ import time
 from typing import Literal, Optional
 
 import torch
-from pydantic import PrivateAttr
+from pydantic import Field, PrivateAttr
 from torch.utils._pytree import tree_map
 from compressed_tensors.quantization import QuantizationStrategy
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
@@ -164,7 +164,7 @@ class AutoRoundModifier(_StockAutoRoundModifier):
     step_in_backward: Optional[bool] = None
     # A directory that keeps each tuned block (autoround_fast.resume): a run started again
     # after a crash reloads the blocks it finished instead of tuning them. None: no resume.
-    resume_dir: Optional[str] = None
+    resume_dir: Optional[str] = Field(default=None, exclude=True)  # not in the saved recipe: a local path
 
     _block_stats: list = PrivateAttr(default_factory=list)
     _store: Optional[BlockStore] = PrivateAttr(default=None)

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -337,7 +338,7 @@ def test_help_lists_the_commands_and_prints_no_device_warning():
         assert option in q
 
 
-def test_failed_run_leaves_no_checkpoint(calib_file, tmp_path):
+def test_non_finite_weights_fail_before_calibration(calib_file, tmp_path, capsys):
     model = tiny_llama()
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[3, 3] = float("nan")
@@ -345,9 +346,52 @@ def test_failed_run_leaves_no_checkpoint(calib_file, tmp_path):
     model.save_pretrained(src)
     tiny_tokenizer().save_pretrained(src)
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match="up_proj.*non-finite"):
-        main(args(str(src), out, calib_file))
+    assert main(args(str(src), out, calib_file)) == 2  # found once loaded, before any calibration
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == "autoround-fast: --model: the weight of model.layers.1.mlp.up_proj has non-finite values (NaN or Inf)"
     assert sorted(os.listdir(tmp_path)) == ["bad-model"]
+
+
+def test_sigkill_then_the_same_command_resumes_to_the_same_checkpoint(tiny_model_dir, calib_file, tmp_path):
+    """A run killed (SIGKILL) while it tunes the second block keeps the first in a hidden
+    resume directory; the same command then reloads it, tunes the rest, and writes the
+    checkpoint of an uninterrupted run, byte for byte; the directory is gone after."""
+    def argv(out):
+        a = [sys.executable, "-m", "autoround_fast"] + args(tiny_model_dir, out, calib_file)
+        a[a.index("--iters") + 1] = "40"  # a second block long enough to be killed in
+        return a
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    whole = subprocess.run(argv(tmp_path / "whole"), capture_output=True, text=True, env=env, timeout=900)
+    assert whole.returncode == 0, whole.stderr
+    keep = tmp_path / ".out.resume"
+    proc = subprocess.Popen(argv(tmp_path / "out"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    while not (keep / "model.layers.0.safetensors").exists():
+        assert proc.poll() is None, "the run ended before its first block was kept"
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert not (tmp_path / "out").exists()
+    assert set(os.listdir(keep)) - {"checkpoint"} == {"command.json", "model.layers.0.safetensors", "run.json"}
+    again = subprocess.run(argv(tmp_path / "out"), capture_output=True, text=True, env=env, timeout=900)
+    assert again.returncode == 0, again.stderr
+    assert "resuming: 1 blocks finished by an earlier run of this command" in again.stdout
+    assert "model.layers.0: finished by an earlier run" in again.stdout + again.stderr
+    assert not keep.exists()
+    for name in sorted(os.listdir(tmp_path / "whole")):
+        if name != "autoround_blocks.json":  # its times differ
+            assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+def test_another_command_is_refused_on_a_kept_resume_directory(tiny_model_dir, calib_file, tmp_path, capsys,
+                                                               no_weights):
+    keep = tmp_path / ".out.resume"
+    keep.mkdir()
+    a = args(tiny_model_dir, tmp_path / "out", calib_file)
+    job = quantize.prepare(build_parser().parse_args(a))
+    (keep / "command.json").write_text(json.dumps(dict(job.command, seed=7)))
+    err = fails(a, capsys)
+    assert f"{keep} holds the blocks of another command (its seed was 7, this one's is 42)" in err
 
 
 def test_settings_are_autoround_defaults_on_a_gpu_and_small_on_a_cpu():

@@ -4,17 +4,18 @@ Two phases. ``prepare`` checks every argument and reads what it needs short of t
 (the files, the model's config and tokenizer, the calibration and evaluation windows): a bad
 argument fails in seconds. ``execute`` loads the model, measures the original model and
 llm-compressor's RTN, tunes with AutoRound, writes the checkpoint, reloads it and measures it.
-Everything is written to a temporary sibling of the output directory and renamed at the end:
-a failed or interrupted run leaves no output.
+The checkpoint is written inside a hidden sibling of the output directory (cli/resume.py) and
+renamed at the end: a failed or interrupted run leaves no output, only that directory with
+the blocks it finished, from which the same command resumes.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -24,7 +25,7 @@ import torch
 from ..checkpoint import save_checkpoint, source_dtype
 from ..engine.precision import cpu_tune_dtype
 from ..perplexity import perplexity
-from . import checks, models, schemes, texts
+from . import checks, models, resume, schemes, texts
 from .checks import CliError
 
 # AutoRound's own defaults where there is a GPU (lr None: 1 / iters).
@@ -62,6 +63,16 @@ class Job:
     deterministic: bool
     save_dtype: torch.dtype  # the dtype the source model was published in: the checkpoint's
     modifier_options: dict = field(default_factory=dict)
+    resumed_blocks: int = 0  # blocks an earlier run of this command finished
+
+    @property
+    def command(self) -> dict:
+        """What decides the result: a resume directory is taken only by the same command."""
+        return dict(model=os.path.abspath(self.model_path), scheme=self.choice.label,
+                    modifier=json.loads(json.dumps(self.choice.modifier_kwargs, default=str)),
+                    ignore=self.choice.ignore, backend=self.backend, seed=self.seed, **self.settings,
+                    calibration=hashlib.sha256(self.calib_windows.numpy().tobytes()).hexdigest(),
+                    dtype=str(self.dtype), save_dtype=str(self.save_dtype))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -118,11 +129,13 @@ def prepare(args) -> Job:
         seqlen = min(texts.EVAL_SEQLEN, getattr(config, "max_position_embeddings", None) or texts.EVAL_SEQLEN)
         windows = texts.token_windows(tokenizer, eval_text, args.eval_windows, seqlen,
                                       f"evaluation text ({eval_source})")
-    return Job(model_path=model_path, choice=choice, backend=backend, cuda=cuda, settings=cfg, seed=args.seed,
-               out_dir=out_dir, overwrite=args.overwrite, tokenizer=tokenizer, calib_windows=calib,
-               calib_source=calib_source, eval_windows=windows, eval_source=eval_source,
-               deterministic=args.deterministic, save_dtype=save_dtype,
-               modifier_options=_modifier_options(args, backend, save_dtype))
+    job = Job(model_path=model_path, choice=choice, backend=backend, cuda=cuda, settings=cfg, seed=args.seed,
+              out_dir=out_dir, overwrite=args.overwrite, tokenizer=tokenizer, calib_windows=calib,
+              calib_source=calib_source, eval_windows=windows, eval_source=eval_source,
+              deterministic=args.deterministic, save_dtype=save_dtype,
+              modifier_options=_modifier_options(args, backend, save_dtype))
+    job.resumed_blocks = resume.check_command(resume.resume_dir(out_dir), job.command)
+    return job
 
 
 def _modifier_options(args, backend: str, save_dtype: torch.dtype) -> dict:
@@ -220,9 +233,13 @@ def execute(job: Job) -> int:
     while not os.path.exists(d):
         made.append(d)
         d = os.path.dirname(d)
-    work = None
+    keep = resume.resume_dir(job.out_dir)
+    if job.resumed_blocks:
+        print(f"autoround-fast: resuming: {job.resumed_blocks} blocks finished by an earlier run of this "
+              f"command are in {keep}")
     try:
         model = models.load_model(job.model_path, job.dtype)
+        checks.check_finite_weights(model, job.choice.ignore)
         if job.cuda:
             model.to("cuda")
         ppl_rows = []
@@ -234,15 +251,16 @@ def execute(job: Job) -> int:
                                  perplexity=rtn_perplexity(job, model)))
 
         os.makedirs(parent, exist_ok=True)
-        work = tempfile.mkdtemp(prefix=".autoround-fast-", dir=parent)
+        ckpt_dir = resume.start(keep, job.command)
+        kept_blocks = {} if job.backend == "auto_round" else {"resume_dir": keep}  # the stock path cannot
         modifier = AutoRoundModifier(
             ignore=job.choice.ignore, iters=cfg["iters"], batch_size=cfg["batch_size"], lr=cfg["lr"],
             backend=job.backend, seed=job.seed, enable_torch_compile=False, progress=True,
-            **job.choice.modifier_kwargs, **job.modifier_options)
+            **job.choice.modifier_kwargs, **job.modifier_options, **kept_blocks)
         t0 = time.perf_counter()
         _oneshot(model, job.tokenizer, modifier, job.calib_windows)
         elapsed = time.perf_counter() - t0
-        ckpt = save_checkpoint(model, job.tokenizer, os.path.join(work, "checkpoint"), dtype=job.save_dtype)
+        ckpt = save_checkpoint(model, job.tokenizer, ckpt_dir, dtype=job.save_dtype)
         rows = modifier.block_stats
         del model
         report = {"model": job.model_path, "scheme": job.choice.name, "group_size": job.choice.group_size,
@@ -263,16 +281,16 @@ def execute(job: Job) -> int:
         if os.path.exists(job.out_dir):
             shutil.rmtree(job.out_dir)
         os.replace(ckpt, job.out_dir)
-    except BaseException:  # Ctrl-C included: no output, and no directory this run made
-        if work:
-            shutil.rmtree(work, ignore_errors=True)
+        resume.finish(keep)
+    except BaseException:  # Ctrl-C included: no output; the finished blocks, if any, kept to resume
+        done = resume.after_failure(keep)
+        if done:
+            print(f"autoround-fast: {done} finished blocks kept in {keep}; run the same command again to resume")
         for d in made:  # deepest first
             if os.path.isdir(d) and not os.listdir(d):
                 os.rmdir(d)
         raise
     finally:
-        if work:
-            shutil.rmtree(work, ignore_errors=True)
         if quiet_device_warning:
             from loguru import logger
 
