@@ -31,6 +31,7 @@ from loguru import logger
 from llmcompressor.modifiers.autoround import AutoRoundModifier as _StockAutoRoundModifier
 from llmcompressor.modifiers.factory import ModifierFactory
 
+from .progress import ModelProgress
 from .resume import BlockStore
 from .engine import BlockResult, QuantSpec, make_backend, pack_samples, same_value, tune_block
 from .formats import FP8_BLOCK, FP8_PER_TENSOR, INT_GROUP_PER_ROW, MX_ELEMENTS, MX_GROUP, NVFP4_GROUP, SCALE_DTYPE_CODES
@@ -146,7 +147,7 @@ class AutoRoundModifier(_StockAutoRoundModifier):
 
     backend: Literal["auto_round", "torch", "cuda"] = "auto_round"
     seed: int = 42
-    progress: bool = False  # a progress bar over each block's iterations
+    progress: bool = False  # one progress bar over the model's blocks and iterations, with the time left
     # INT and FP8: the dtype their scales (FP8's input scale too) are rounded to while tuning.
     # Default (None): the dtype the checkpoint stores them in, so the reload is exact;
     # "float16" (INT) and "float32" (FP8) reproduce auto-round.
@@ -168,6 +169,7 @@ class AutoRoundModifier(_StockAutoRoundModifier):
 
     _block_stats: list = PrivateAttr(default_factory=list)
     _store: Optional[BlockStore] = PrivateAttr(default=None)
+    _progress: Optional[ModelProgress] = PrivateAttr(default=None)
     _devices: Optional[list] = PrivateAttr(default=None)
 
     def _block_devices(self) -> Optional[list[torch.device]]:
@@ -244,6 +246,11 @@ class AutoRoundModifier(_StockAutoRoundModifier):
                             "layer; add it to `ignore` or pick a group size that divides it")
         return ok
 
+    def on_calibration_start(self, state, event, **kwargs):
+        super().on_calibration_start(state, event, **kwargs)
+        if self.progress and self.iters > 0 and self.backend != "auto_round":
+            self._progress = ModelProgress(len(self._capture_hooks), self.iters)
+
     def _result_settings(self) -> dict:
         """The fields that decide the tuned weights (not how fast or where they are computed)."""
         return self.model_dump(mode="json", exclude=_NOT_RESULT_FIELDS)
@@ -317,12 +324,10 @@ class AutoRoundModifier(_StockAutoRoundModifier):
             if getattr(module, "quantization_scheme", None) is None or not isinstance(module, torch.nn.Linear):
                 continue
             targets[name] = (module, self._spec(module, f"{layer_name}.{name}"))
-        if not targets:
+        if not targets or (self._store is not None and self._restore_block(layer, layer_name, targets, inputs)):
+            if self._progress:
+                self._progress.skip()
             return
-        if self._store is not None:
-            self._store.check([args[0] for args, _ in inputs])
-            if self._restore_block(layer, layer_name, targets, inputs[0][0][0].device):
-                return
 
         home = next(layer.parameters()).device
         device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "cuda" else home
@@ -334,16 +339,7 @@ class AutoRoundModifier(_StockAutoRoundModifier):
         def finalize(name, linear, qp):
             return self._write_qparams(targets[name][0], targets[name][1], qp)
 
-        bar = None
-        if self.progress and self.iters > 0:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=self.iters, desc=f"AutoRound {layer_name}", leave=False)
-
-        def progress(it, loss):
-            bar.set_postfix(loss=f"{loss:.4g}", refresh=False)  # shown with this iteration
-            bar.update(1)
-
+        bar = self._progress
         try:
             # disable_offloading: each offloaded weight is onloaded once and kept for the whole
             # block, instead of copied from the host at every access (every iteration)
@@ -352,16 +348,19 @@ class AutoRoundModifier(_StockAutoRoundModifier):
                     layer, inputs, {n: s for n, (_, s) in targets.items()},
                     q_inputs=self._q_input, iters=self.iters, batch_size=self.batch_size, lr=self.lr,
                     seed=self.seed, token_mask=token_mask, backend=self.backend, device=device,
-                    finalize=finalize, progress=progress if bar else None,
+                    finalize=finalize, progress=bar.start(layer_name) if bar else None,
                     cache_device="cpu" if self.cache_on_cpu else None,
                     cuda_graph=self.cuda_graph and self.backend == "cuda",
                     fuse_elementwise=self.fuse_elementwise,  # True needs backend cuda (on_initialize)
                     step_in_backward=self.step_in_backward,
                     linear_devices=self._devices if self._devices and len(self._devices) > 1 else None)
                 layer.to(home)
-        finally:
+        except BaseException:
             if bar:
                 bar.close()
+            raise
+        if bar:
+            bar.finish_block()
         self._block_stats.append(dict(block=layer_name, samples=len(inputs), init_loss=result.init_loss,
                                       best_loss=result.best_loss, best_iter=result.best_iter,
                                       seconds=result.seconds, losses=result.losses, phases=result.phases,
@@ -381,10 +380,11 @@ class AutoRoundModifier(_StockAutoRoundModifier):
             logger.info(f"{layer_name}: RTN with the scale search (iters=0), {result.seconds:.1f} s")
         layer.eval()
 
-    def _restore_block(self, layer, layer_name: str, targets: dict, device: torch.device) -> bool:
+    def _restore_block(self, layer, layer_name: str, targets: dict, inputs: list) -> bool:
         """Put back a block that an earlier run of the same command finished (resume_dir):
         its Linears' parameters, its statistics and the quantized chain's output. False if
         that run did not finish this block."""
+        self._store.check([args[0] for args, _ in inputs])
         saved = self._store.load(layer_name)
         if saved is None:
             return False
@@ -392,7 +392,7 @@ class AutoRoundModifier(_StockAutoRoundModifier):
         for key, value in params.items():
             name, _, param_name = key.rpartition(".")
             _put_param(targets[name][0], param_name, value)
-        self._q_input = q_outputs.to(device)
+        self._q_input = q_outputs.to(inputs[0][0][0].device)
         self._block_stats.append(stats)
         logger.info(f"{layer_name}: finished by an earlier run, reloaded from {self._store.directory}")
         layer.eval()

@@ -25,7 +25,7 @@ import torch
 from ..checkpoint import save_checkpoint, source_dtype
 from ..engine.precision import cpu_tune_dtype
 from ..perplexity import perplexity
-from . import checks, models, resume, schemes, texts
+from . import checks, models, plot, resume, schemes, texts
 from .checks import CliError
 
 # AutoRound's own defaults where there is a GPU (lr None: 1 / iters).
@@ -278,6 +278,9 @@ def execute(job: Job) -> int:
                                         seqlen=job.eval_windows.shape[1], rows=ppl_rows)
         with open(os.path.join(ckpt, "autoround_blocks.json"), "w") as f:
             json.dump(report, f, indent=2)
+        with open(os.path.join(ckpt, "autoround_blocks.svg"), "w") as f:
+            f.write(plot.blocks_svg(rows, f"{os.path.basename(job.out_dir)}: {job.choice.label}, "
+                                          f"backend {job.backend}, {cfg['iters']} iterations"))
         if os.path.exists(job.out_dir):
             shutil.rmtree(job.out_dir)
         os.replace(ckpt, job.out_dir)
