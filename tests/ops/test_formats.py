@@ -22,7 +22,7 @@ TWINS = {
 MX_ELEMENT_TWINS = {"kMxFp4": 4, "kMxFp8": 8}  # formats.h's MxElement constants: MX_ELEMENTS[bits]
 DTYPE_TWINS = {"kHalf": torch.float16, "kFloat": torch.float32, "kBFloat16": torch.bfloat16}
 # FP8 (e4m3)
-TWINS |= {"kFp8PerTensor": formats.FP8_PER_TENSOR, "kFp8ScaleMin": formats.FP8_SCALE_MIN}
+TWINS |= {"kFp8PerTensor": formats.FP8_PER_TENSOR, "kFp8ScaleMin": formats.FP8_SCALE_MIN, "kFp8Block": formats.FP8_BLOCK}
 
 
 def _cpp_number(text):
