@@ -8,7 +8,8 @@ autograd, and of their kernels replayed from a CUDA graph (how the tuning engine
 GB/s of the graphed kernels over the fewest bytes the op must move, that as a share of the
 card's measured copy bandwidth; auto-round's functions eagerly (and INT also with
 torch.compile, which auto-round uses for INT but not for NVFP4, MX or FP8), and the speed-ups;
-the same for MXFP4 and MXFP8 (beside auto-round's quant_mx) and FP8 (quant_fp8_sym). Also the
+the same for MXFP4 and MXFP8 (beside auto-round's quant_mx) and FP8 (quant_fp8_sym; FP8 in
+128 x 128 blocks beside its plain-PyTorch oracle, auto-round having none). Also the
 weight backward that takes the sign step in place, beside our backward and step run apart, and
 SiLU(gate) * up with the W4A4 activation quantization in one op, beside the two run apart.
 """
@@ -19,7 +20,7 @@ import argparse
 
 import torch
 
-from autoround_fast import ops
+from autoround_fast import ops, reference
 
 from .common import card_info, copy_bandwidth_gbs, graph_ms
 from .common import time_ms as _time_ms
@@ -204,6 +205,29 @@ def bench_fp8_weight(shape, rows_out, per_tensor):
                      time_ms(_fwd_bwd(theirs_f, [vg, msg], g)), None, 20 * n))
 
 
+def bench_fp8_block_weight(shape, rows_out):
+    """FP8 (e4m3) weights with one scale per 128 x 128 block (FP8_BLOCK), fp32 scales. auto-round
+    has no block FP8, so the comparison columns time the oracle (reference.fake_quant_fp8_block,
+    plain PyTorch) eagerly."""
+    o, i = shape
+    w = torch.randn(o, i, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn_like(w)
+    v = torch.zeros(o, i, device="cuda", requires_grad=True)
+    ms = torch.ones(ops.fp8_block_grid(o, i), device="cuda", requires_grad=True)
+    vr, msr = v.detach().clone().requires_grad_(), ms.detach().clone().requires_grad_()
+    code = 6  # float32 scales
+    ours_f = lambda: torch.ops.autoround_fast.fake_quant_fp8_block(w, v, ms, code)[0]
+    theirs_f = lambda: reference.fake_quant_fp8_block(w, vr, msr)[0]
+    vd, msd = v.detach(), ms.detach()
+    raw_f = lambda: _ops.fake_quant_fp8_block(w, vd, msd, code)
+    raw_fb = lambda: (raw_f(), _ops.fake_quant_fp8_block_backward(g, w, vd, msd, code))
+    n = o * i
+    rows_out.append(("fp8 weight per-block fwd", shape, time_ms(ours_f), graph_ms(raw_f), time_ms(theirs_f), None,
+                     8 * n))
+    rows_out.append(("fp8 weight per-block fwd+bwd", shape, time_ms(_fwd_bwd(ours_f, [v, ms], g)), graph_ms(raw_fb),
+                     time_ms(_fwd_bwd(theirs_f, [vr, msr], g)), None, 20 * n))
+
+
 def bench_fp8_activation(shape, rows_out):
     """FP8 (e4m3) activations under their static scale (act_max * max_scale), fp32 scales."""
     quant_fp8_sym = _auto_round_fp8()
@@ -338,6 +362,7 @@ def main(argv=None):
     for shape in WEIGHTS:  # FP8 (e4m3)
         for per_tensor in (True, False):
             bench_fp8_weight(shape, rows, per_tensor)
+        bench_fp8_block_weight(shape, rows)
     for shape in ACTIVATIONS:
         bench_fp8_activation(shape, rows)
     bench_loss((8, 2048, 4096), rows)
@@ -350,7 +375,8 @@ def main(argv=None):
         "(sign step: the last columns time the torch ops the engine used before, not auto-round; "
         "bwd + step: they time our backward op followed by sign_step_ on each tunable, the path the "
         "step inside the backward replaces; silu x up + act: they time the compiled silu_mul, then our "
-        "activation op, the path the one op replaces)",
+        "activation op, the path the one op replaces; fp8 per-block: they time our plain-PyTorch oracle, "
+        "auto-round having no block FP8)",
         "",
         "| op | shape | ours eager ms | ours graphed ms | GB/s (graphed) | % copy BW | auto-round eager ms "
         "| x (eager vs eager) | auto-round compiled ms | x (eager vs compiled) |",

@@ -13,6 +13,8 @@ int64_t fake_quant_nvfp4_activation(const Nvfp4ActArgs& a, void* out);
 void fake_quant_nvfp4_activation_backward(const Nvfp4ActArgs& a, const void* grad, void* grad_x);
 int64_t fake_quant_fp8(const Fp8Args& a, void* out, float* scale);
 void fake_quant_fp8_backward(const Fp8Args& a, const void* grad, float* grad_v, float* grad_max_scale);
+int64_t fake_quant_fp8_block(const Fp8BlockArgs& a, void* out, float* scale);
+void fake_quant_fp8_block_backward(const Fp8BlockArgs& a, const void* grad, float* grad_v, float* grad_max_scale);
 int64_t fake_quant_fp8_activation(const Fp8ActArgs& a, void* out);
 void fake_quant_fp8_activation_backward(const Fp8ActArgs& a, const void* grad, void* grad_x, float* grad_max_scale);
 int64_t fake_quant_int(const IntArgs& a, void* out, void* scale, float* zero_point);

@@ -31,10 +31,14 @@ constexpr MxElement mx_element(int bits) { return bits == 4 ? kMxFp4 : kMxFp8; }
 // the ops' schemas take as an int (ops_common.h asserts them equal to torch's ScalarType).
 enum ScaleDtype : int { kHalf = 5, kFloat = 6, kBFloat16 = 15 };
 
-// FP8 (e4m3) weights and activations (csrc/fp8/): one scale per tensor or per row.
+// FP8 (e4m3) weights and activations (csrc/fp8/): one scale per tensor, per row or per block.
 constexpr int kFp8PerTensor = 0;  // the FP8 group_size that means one scale for the whole tensor
 constexpr float kFp8ScaleMin = 4.359654017857143e-06f;  // the FP8 scale floor 1/(448*512), auto-round's (from vLLM)
 static_assert(kFp8ScaleMin == static_cast<float>(1.0 / (448.0 * 512.0)), "kFp8ScaleMin is fp32(1 / (448 * 512))");
+constexpr int kFp8Block = 128;  // the FP8 group_size that means square weight blocks of this edge (FP8_BLOCK)
+
+// FP8 blocks along a dimension of n elements, the last one partial (formats.py's fp8_block_grid).
+constexpr int64_t fp8_blocks(int64_t n) { return (n + kFp8Block - 1) / kFp8Block; }
 
 // Elements per INT group: a group_size of -1, or one larger than the row, means one group per
 // row (auto-round's rule).

@@ -67,6 +67,22 @@ const char* launch_fake_quant_fp8(const Fp8Args& a, void* out, float* scale, flo
 const char* launch_fake_quant_fp8_backward(const Fp8Args& a, const void* grad, float* grad_v, float* grad_max_scale,
                                            float* scratch, cudaStream_t stream);
 
+// FP8 (e4m3) weights with one scale per kFp8Block x kFp8Block block (FP8_BLOCK), the last
+// row and column of blocks partial: one pass over the weight, a CUDA block per FP8 block.
+struct Fp8BlockArgs {
+  int dtype;
+  int64_t rows, cols;
+  int64_t grid_rows, grid_cols;  // blocks along each dimension: fp8_blocks(rows), fp8_blocks(cols)
+  int scale_dtype;         // ScaleDtype code
+  const void* weight;
+  const float* v;          // [rows, cols]
+  const float* max_scale;  // [grid_rows, grid_cols]
+};
+// scale: fp32, max_scale's grid
+const char* launch_fake_quant_fp8_block(const Fp8BlockArgs& a, void* out, float* scale, cudaStream_t stream);
+const char* launch_fake_quant_fp8_block_backward(const Fp8BlockArgs& a, const void* grad, float* grad_v,
+                                                 float* grad_max_scale, cudaStream_t stream);
+
 // FP8 activations under one static scale from act_max * max_scale (one fp32 each).
 struct Fp8ActArgs {
   int dtype;

@@ -131,6 +131,20 @@ inline Fp8Args fp8_args(const Tensor& w, const Tensor& v, const Tensor& ms, int6
                  static_cast<const float*>(ms.const_data_ptr())};
 }
 
+// FP8 weights with one scale per kFp8Block x kFp8Block block: max_scale has one element per block.
+inline Fp8BlockArgs fp8_block_args(const Tensor& w, const Tensor& v, const Tensor& ms, int64_t scale_dtype,
+                                   const char* op) {
+  check_weight(w, op);
+  check_scale_dtype(scale_dtype, op);
+  const int64_t rows = w.size(0), cols = w.size(1);
+  STD_TORCH_CHECK(rows * cols > 0, op, ": weight must be non-empty");
+  check_fp32(w, v, rows * cols, op, "v");
+  check_fp32(w, ms, fp8_blocks(rows) * fp8_blocks(cols), op, "max_scale");
+  return Fp8BlockArgs{float_code(w, op, "weight"), rows, cols, fp8_blocks(rows), fp8_blocks(cols),
+                      static_cast<int>(scale_dtype), w.const_data_ptr(),
+                      static_cast<const float*>(v.const_data_ptr()), static_cast<const float*>(ms.const_data_ptr())};
+}
+
 inline Fp8ActArgs fp8_act_args(const Tensor& x, const Tensor& act_max, const Tensor& ms, int64_t scale_dtype,
                                const char* op) {
   STD_TORCH_CHECK(x.dim() >= 1 && x.numel() > 0, op, ": x must be a non-empty tensor");

@@ -95,6 +95,31 @@ std::tuple<Tensor, Tensor> fake_quant_fp8_backward_cpu(Tensor grad, Tensor w, Te
   return {gv, gms};
 }
 
+std::tuple<Tensor, Tensor> fake_quant_fp8_block_cpu(Tensor w, Tensor v, Tensor ms, int64_t scale_dtype) {
+  const char* op = "fake_quant_fp8_block";
+  check_cpu(w, op);
+  Fp8BlockArgs a = fp8_block_args(w, v, ms, scale_dtype, op);
+  Tensor out = torch::stable::empty_like(w);
+  Tensor scale = scales_like(w, a.grid_rows, a.grid_cols, ScalarType::Float);
+  check_finite_count(
+      cpu::fake_quant_fp8_block(a, out.mutable_data_ptr(), static_cast<float*>(scale.mutable_data_ptr())), op,
+      "weight");
+  return {out, scale};
+}
+
+std::tuple<Tensor, Tensor> fake_quant_fp8_block_backward_cpu(Tensor grad, Tensor w, Tensor v, Tensor ms,
+                                                             int64_t scale_dtype) {
+  const char* op = "fake_quant_fp8_block_backward";
+  check_cpu(w, op);
+  Fp8BlockArgs a = fp8_block_args(w, v, ms, scale_dtype, op);
+  check_like(w, grad, op, "grad");
+  Tensor gv = torch::stable::empty_like(v);
+  Tensor gms = torch::stable::empty_like(ms);
+  cpu::fake_quant_fp8_block_backward(a, grad.const_data_ptr(), static_cast<float*>(gv.mutable_data_ptr()),
+                                     static_cast<float*>(gms.mutable_data_ptr()));
+  return {gv, gms};
+}
+
 Tensor fake_quant_fp8_activation_cpu(Tensor x, Tensor act_max, Tensor ms, int64_t scale_dtype) {
   const char* op = "fake_quant_fp8_activation";
   check_cpu(x, op);

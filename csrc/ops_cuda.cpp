@@ -153,6 +153,33 @@ std::tuple<Tensor, Tensor> fake_quant_fp8_backward_cuda(Tensor grad, Tensor w, T
   return {gv, gms};
 }
 
+std::tuple<Tensor, Tensor> fake_quant_fp8_block_cuda(Tensor w, Tensor v, Tensor ms, int64_t scale_dtype) {
+  const char* op = "fake_quant_fp8_block";
+  CudaContext ctx({&w, &v, &ms}, op);
+  Fp8BlockArgs a = fp8_block_args(w, v, ms, scale_dtype, op);
+  Tensor out = torch::stable::empty_like(w);
+  Tensor scale = scales_like(w, a.grid_rows, a.grid_cols, ScalarType::Float);
+  check_launch(launch_fake_quant_fp8_block(a, out.mutable_data_ptr(), static_cast<float*>(scale.mutable_data_ptr()),
+                                           ctx.stream),
+               op);
+  return {out, scale};
+}
+
+std::tuple<Tensor, Tensor> fake_quant_fp8_block_backward_cuda(Tensor grad, Tensor w, Tensor v, Tensor ms,
+                                                              int64_t scale_dtype) {
+  const char* op = "fake_quant_fp8_block_backward";
+  CudaContext ctx({&w, &grad, &v, &ms}, op);
+  Fp8BlockArgs a = fp8_block_args(w, v, ms, scale_dtype, op);
+  check_like(w, grad, op, "grad");
+  Tensor gv = torch::stable::empty_like(v);
+  Tensor gms = torch::stable::empty_like(ms);
+  check_launch(launch_fake_quant_fp8_block_backward(a, grad.const_data_ptr(),
+                                                    static_cast<float*>(gv.mutable_data_ptr()),
+                                                    static_cast<float*>(gms.mutable_data_ptr()), ctx.stream),
+               op);
+  return {gv, gms};
+}
+
 Tensor fake_quant_fp8_activation_cuda(Tensor x, Tensor act_max, Tensor ms, int64_t scale_dtype) {
   const char* op = "fake_quant_fp8_activation";
   CudaContext ctx({&x, &act_max, &ms}, op);

@@ -14,6 +14,8 @@ STABLE_TORCH_LIBRARY(autoround_fast, m) {
   m.def("silu_mul_nvfp4_activation_backward(Tensor grad, Tensor gate, Tensor up, Tensor global_scale) -> (Tensor, Tensor)");
   m.def("fake_quant_fp8(Tensor weight, Tensor v, Tensor max_scale, int scale_dtype) -> (Tensor, Tensor)");
   m.def("fake_quant_fp8_backward(Tensor grad, Tensor weight, Tensor v, Tensor max_scale, int scale_dtype) -> (Tensor, Tensor)");
+  m.def("fake_quant_fp8_block(Tensor weight, Tensor v, Tensor max_scale, int scale_dtype) -> (Tensor, Tensor)");
+  m.def("fake_quant_fp8_block_backward(Tensor grad, Tensor weight, Tensor v, Tensor max_scale, int scale_dtype) -> (Tensor, Tensor)");
   m.def("fake_quant_fp8_activation(Tensor x, Tensor act_max, Tensor max_scale, int scale_dtype) -> Tensor");
   m.def("fake_quant_fp8_activation_backward(Tensor grad, Tensor x, Tensor act_max, Tensor max_scale, int scale_dtype) -> (Tensor, Tensor)");
   m.def("fake_quant_int(Tensor weight, Tensor v, Tensor min_scale, Tensor max_scale, int bits, int group_size, bool sym, int scale_dtype) -> (Tensor, Tensor, Tensor)");
@@ -37,6 +39,8 @@ STABLE_TORCH_LIBRARY_IMPL(autoround_fast, CPU, m) {
   m.impl("fake_quant_nvfp4_activation_backward", TORCH_BOX(&fake_quant_nvfp4_activation_backward_cpu));
   m.impl("fake_quant_fp8", TORCH_BOX(&fake_quant_fp8_cpu));
   m.impl("fake_quant_fp8_backward", TORCH_BOX(&fake_quant_fp8_backward_cpu));
+  m.impl("fake_quant_fp8_block", TORCH_BOX(&fake_quant_fp8_block_cpu));
+  m.impl("fake_quant_fp8_block_backward", TORCH_BOX(&fake_quant_fp8_block_backward_cpu));
   m.impl("fake_quant_fp8_activation", TORCH_BOX(&fake_quant_fp8_activation_cpu));
   m.impl("fake_quant_fp8_activation_backward", TORCH_BOX(&fake_quant_fp8_activation_backward_cpu));
   m.impl("fake_quant_int", TORCH_BOX(&fake_quant_int_cpu));
@@ -64,6 +68,8 @@ STABLE_TORCH_LIBRARY_IMPL(autoround_fast, CUDA, m) {
   m.impl("silu_mul_nvfp4_activation_backward", TORCH_BOX(&silu_mul_nvfp4_activation_backward_cuda));
   m.impl("fake_quant_fp8", TORCH_BOX(&fake_quant_fp8_cuda));
   m.impl("fake_quant_fp8_backward", TORCH_BOX(&fake_quant_fp8_backward_cuda));
+  m.impl("fake_quant_fp8_block", TORCH_BOX(&fake_quant_fp8_block_cuda));
+  m.impl("fake_quant_fp8_block_backward", TORCH_BOX(&fake_quant_fp8_block_backward_cuda));
   m.impl("fake_quant_fp8_activation", TORCH_BOX(&fake_quant_fp8_activation_cuda));
   m.impl("fake_quant_fp8_activation_backward", TORCH_BOX(&fake_quant_fp8_activation_backward_cuda));
   m.impl("fake_quant_int", TORCH_BOX(&fake_quant_int_cuda));

@@ -20,11 +20,13 @@ from ._lib import has_cuda_kernels  # importing _lib loads the library
 from .formats import (
     E4M3_MAX,
     FP4_MAX,
+    FP8_BLOCK,
     INT_GROUP_PER_ROW,
     MX_ELEMENTS,
     MX_GROUP,
     NVFP4_GROUP,
     SCALE_DTYPE_CODES,
+    fp8_block_grid,
     int_num_groups,
     mx_num_groups,
     nvfp4_num_groups,
@@ -36,6 +38,7 @@ __all__ = [
     "fake_quant_nvfp4_activation",
     "silu_mul_nvfp4_activation",
     "fake_quant_fp8",
+    "fake_quant_fp8_block",
     "fake_quant_fp8_activation",
     "fake_quant_int",
     "step_in_backward_int",
@@ -48,7 +51,9 @@ __all__ = [
     "has_cuda_kernels",
     "int_num_groups",
     "mx_num_groups",
+    "fp8_block_grid",
     "NVFP4_GROUP",
+    "FP8_BLOCK",
     "MX_GROUP",
     "FP4_MAX",
     "E4M3_MAX",
@@ -439,8 +444,9 @@ def silu_mul_nvfp4_activation(gate: torch.Tensor, up: torch.Tensor, global_scale
 # ---------------------------------------------------------------------------------------
 
 
-def _check_fp8(op: str, weight, v, max_scale, scale_dtype, fake: bool = False) -> None:
-    """``scale_dtype`` a torch dtype (the fake kernels map the op's code back to it)."""
+def _check_fp8_weight(op: str, weight, v, max_scale, scale_dtype, fake: bool = False) -> None:
+    """What every FP8 weight op checks but max_scale's count (each op's own). ``scale_dtype`` a
+    torch dtype (the fake kernels map the op's code back to it)."""
     _check_scale_dtype(scale_dtype, op, fake)
     _check_weight(weight, op, fake)
     rows, cols = weight.shape
@@ -449,6 +455,11 @@ def _check_fp8(op: str, weight, v, max_scale, scale_dtype, fake: bool = False) -
     _require(max_scale.device == weight.device, op,
              f"max_scale is on {max_scale.device} but the first input is on {weight.device}", fake)
     _require(max_scale.dtype == torch.float32, op, f"max_scale must be float32, got {max_scale.dtype}", fake)
+
+
+def _check_fp8(op: str, weight, v, max_scale, scale_dtype, fake: bool = False) -> None:
+    _check_fp8_weight(op, weight, v, max_scale, scale_dtype, fake)
+    rows = weight.shape[0]
     _require(max_scale.numel() == 1 or max_scale.numel() == rows, op,
              f"max_scale must have 1 element (one scale for the tensor) or {rows} (one per row), got "
              f"{max_scale.numel()} (shape {tuple(max_scale.shape)})", fake)
@@ -521,6 +532,79 @@ def fake_quant_fp8(
     _check_finite(weight, "weight", op)
     return _ops.fake_quant_fp8(weight.contiguous(), v.contiguous(), max_scale.contiguous(),
                                SCALE_DTYPE_CODES[scale_dtype])
+
+
+# ---------------------------------------------------------------------------------------
+# fake_quant_fp8_block: FP8 (e4m3) weights, one scale per 128 x 128 block (FP8_BLOCK)
+# ---------------------------------------------------------------------------------------
+
+
+def _check_fp8_block(op: str, weight, v, max_scale, scale_dtype, fake: bool = False) -> None:
+    _check_fp8_weight(op, weight, v, max_scale, scale_dtype, fake)
+    rb, cb = fp8_block_grid(*weight.shape)
+    _require(max_scale.numel() == rb * cb, op,
+             f"max_scale must have {rb * cb} elements (one per {FP8_BLOCK} x {FP8_BLOCK} block, a [{rb}, {cb}] "
+             f"grid), got {max_scale.numel()} (shape {tuple(max_scale.shape)})", fake)
+
+
+@torch.library.register_fake("autoround_fast::fake_quant_fp8_block")
+def _(weight, v, max_scale, scale_dtype):
+    op = "fake_quant_fp8_block"
+    _check_fp8_block(op, weight, v, max_scale, _SCALE_DTYPES.get(scale_dtype, scale_dtype), fake=True)
+    return torch.empty_like(weight), weight.new_empty(fp8_block_grid(*weight.shape), dtype=torch.float32)
+
+
+@torch.library.register_fake("autoround_fast::fake_quant_fp8_block_backward")
+def _(grad, weight, v, max_scale, scale_dtype):
+    op = "fake_quant_fp8_block_backward"
+    _check_fp8_block(op, weight, v, max_scale, _SCALE_DTYPES.get(scale_dtype, scale_dtype), fake=True)
+    _check_grad_like(grad, weight, op)
+    return torch.empty_like(v), torch.empty_like(max_scale)
+
+
+def _fp8_block_backward(ctx, grad_out, grad_scale):
+    weight, v, max_scale = ctx.saved_tensors
+    gv, gms = _ops.fake_quant_fp8_block_backward(grad_out.contiguous(), weight, v, max_scale, ctx.scale_dtype)
+    return None, gv, gms, None
+
+
+torch.library.register_autograd("autoround_fast::fake_quant_fp8_block", _fp8_block_backward,
+                                setup_context=_fp8_setup)
+
+
+def fake_quant_fp8_block(
+    weight: torch.Tensor,
+    v: torch.Tensor,
+    max_scale: torch.Tensor,
+    scale_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 (e4m3) fake quantization with one scale per 128 x 128 block of the weight
+    (llm-compressor's FP8_BLOCK), each block quantized as :func:`fake_quant_fp8` quantizes a
+    whole tensor. Per block b, in fp32::
+
+        s_b = cast(max(max|W_b| * max_scale_b / 448, 1 / (448 * 512)))
+        Wq  = e4m3(clamp(W / s_b + V, -448, 448)) * s_b
+
+    with ``cast`` and the fp16-to-bf16 rounding as in :func:`fake_quant_fp8`. The last row and
+    column of blocks may be partial (rows or columns not multiples of 128): their maximum is
+    over their own elements. Differentiable in ``v`` and ``max_scale``, straight through the
+    rounding.
+
+    Args:
+        weight: [out, in] bf16, fp16 or fp32.
+        v: fp32, the weight's shape.
+        max_scale: fp32, one element per block: ``fp8_block_grid(out, in)`` (e.g. that shape).
+        scale_dtype: float32, bfloat16 or float16, the dtype the scale is stored in.
+
+    Returns:
+        (the fake-quantized weight in its dtype, the scales as fp32 of shape
+        ``fp8_block_grid(out, in)``).
+    """
+    op = "fake_quant_fp8_block"
+    _check_fp8_block(op, weight, v, max_scale, scale_dtype)
+    _check_finite(weight, "weight", op)
+    return _ops.fake_quant_fp8_block(weight.contiguous(), v.contiguous(), max_scale.contiguous(),
+                                     SCALE_DTYPE_CODES[scale_dtype])
 
 
 # ---------------------------------------------------------------------------------------

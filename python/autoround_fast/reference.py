@@ -31,6 +31,7 @@ __all__ = [
     "fake_quant_nvfp4_activation",
     "silu_mul_nvfp4_activation",
     "fake_quant_fp8",
+    "fake_quant_fp8_block",
     "fake_quant_fp8_activation",
     "fake_quant_int",
     "fake_quant_mx",

@@ -434,6 +434,6 @@ def test_selfcheck_compares_every_scheme_kernel_with_its_oracle(capsys):
 
     assert selfcheck() == 0
     out = capsys.readouterr().out
-    for name in ("nvfp4", "mxfp4", "mxfp8", "fp8 per channel", "w4a16 sym g128", "w4a16 asym g128"):
+    for name in ("nvfp4", "mxfp4", "mxfp8", "fp8 per channel", "fp8 per block", "w4a16 sym g128", "w4a16 asym g128"):
         assert re.search(rf"cpu\s+{name}\s+kernel == oracle \(weight, dV\): True", out), name
     assert out.rstrip().endswith("OK")

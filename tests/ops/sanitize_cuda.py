@@ -48,10 +48,23 @@ def mx_kernels():
                 ops.fake_quant_mx_activation(x, bits).float().sum().backward()
 
 
+def fp8_block_kernels():
+    """FP8 in 128 x 128 blocks: whole and partial blocks on the 16-byte path (cols a multiple of
+    8) and the scalar path (ragged rows), and a weight smaller than one block."""
+    for rows, cols in ((256, 384), (200, 136), (130, 70), (5, 7)):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            w = torch.randn(rows, cols, device="cuda", dtype=dtype)
+            v = torch.zeros(rows, cols, device="cuda", requires_grad=True)
+            ms = torch.ones(ops.fp8_block_grid(rows, cols), device="cuda", requires_grad=True)
+            q, _ = ops.fake_quant_fp8_block(w, v, ms, torch.bfloat16)
+            q.float().sum().backward()
+
+
 def main():
     torch.manual_seed(0)
     fp8_kernels()
     mx_kernels()
+    fp8_block_kernels()
     lr = torch.full((1,), 0.01, device="cuda")
     for cols in (128, 70):  # whole groups (16-byte path) and ragged rows (scalar path)
         for dtype in (torch.bfloat16, torch.float16, torch.float32):

@@ -22,7 +22,7 @@ TWINS = {
 MX_ELEMENT_TWINS = {"kMxFp4": 4, "kMxFp8": 8}  # formats.h's MxElement constants: MX_ELEMENTS[bits]
 DTYPE_TWINS = {"kHalf": torch.float16, "kFloat": torch.float32, "kBFloat16": torch.bfloat16}
 # FP8 (e4m3)
-TWINS |= {"kFp8PerTensor": formats.FP8_PER_TENSOR, "kFp8ScaleMin": formats.FP8_SCALE_MIN}
+TWINS |= {"kFp8PerTensor": formats.FP8_PER_TENSOR, "kFp8ScaleMin": formats.FP8_SCALE_MIN, "kFp8Block": formats.FP8_BLOCK}
 
 
 def _cpp_number(text):
@@ -82,7 +82,7 @@ def test_e4m3_max_is_torchs():
 @pytest.mark.parametrize("cols", [1, 15, 16, 17, 32, 100, 128, 129])
 def test_group_counts_equal_the_kernels(cols):
     """The groups per row of formats.py are those the C++ ops lay their scales out in
-    (formats.h's int_group, kNvfp4Group and kMxGroup)."""
+    (formats.h's int_group, kNvfp4Group, kMxGroup and fp8_blocks)."""
     o = torch.ops.autoround_fast
     w = torch.randn(3, cols).to(torch.bfloat16)
     v = torch.zeros(3, cols)
@@ -92,6 +92,11 @@ def test_group_counts_equal_the_kernels(cols):
     for bits in formats.MX_ELEMENTS:
         _, e = o.fake_quant_mx(w, v, torch.ones(3, formats.mx_num_groups(cols)), bits)
         assert e.shape == (3, formats.mx_num_groups(cols))
+    for rows in (3, 128, 129):  # FP8_BLOCK's grid: formats.h's fp8_blocks along each dimension
+        grid = formats.fp8_block_grid(rows, cols)
+        _, s = o.fake_quant_fp8_block(torch.randn(rows, cols).to(torch.bfloat16), torch.zeros(rows, cols),
+                                      torch.ones(grid), formats.SCALE_DTYPE_CODES[torch.float32])
+        assert s.shape == grid, (rows, cols)
     for group_size in (formats.INT_GROUP_PER_ROW, 4, 16, 32, 128, 200):
         groups = formats.int_num_groups(cols, group_size)
         ones = torch.ones(3, groups)

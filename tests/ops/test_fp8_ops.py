@@ -1,14 +1,14 @@
-"""The FP8 (e4m3) ops against their plain-PyTorch oracles (reference.fake_quant_fp8 and
-fake_quant_fp8_activation) and auto-round 0.15.1's quant_fp8_sym: forward bit for bit, the
-gradients of V and x bit for bit, the gradient of max_scale close (its sums run in another
-order than PyTorch's); and through opcheck."""
+"""The FP8 (e4m3) ops against their plain-PyTorch oracles (reference.fake_quant_fp8,
+fake_quant_fp8_block and fake_quant_fp8_activation) and auto-round 0.15.1's quant_fp8_sym:
+forward bit for bit, the gradients of V and x bit for bit, the gradient of max_scale close (its
+sums run in another order than PyTorch's); and through opcheck."""
 
 import pytest
 import torch
 
 import oracle
 from autoround_fast import ops, reference
-from autoround_fast.formats import E4M3_MAX, FP8_SCALE_MIN, SCALE_DTYPE_CODES
+from autoround_fast.formats import E4M3_MAX, FP8_BLOCK, FP8_SCALE_MIN, SCALE_DTYPE_CODES, fp8_block_grid
 from conftest import HAS_CUDA
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -264,6 +264,219 @@ def test_fp8_grid_is_torchs_cast(tmp_path):
 
 
 # --------------------------------------------------------------------------------------
+# weights in 128 x 128 blocks (FP8_BLOCK)
+# --------------------------------------------------------------------------------------
+
+# whole blocks; partial last rows and columns of blocks; one partial block; one whole block
+BLOCK_SHAPES = [(256, 384), (200, 130), (5, 7), (128, 128)]
+
+
+def as_blocks(t):
+    """[rows, cols] zero-padded to whole blocks, as [blocks (row-major over the grid), 128 * 128]."""
+    rows, cols = t.shape
+    rb, cb = fp8_block_grid(rows, cols)
+    t = torch.nn.functional.pad(t, (0, cb * FP8_BLOCK - cols, 0, rb * FP8_BLOCK - rows))
+    return t.reshape(rb, FP8_BLOCK, cb, FP8_BLOCK).transpose(1, 2).reshape(rb * cb, -1)
+
+
+def block_case(shape, dtype, seed, device):
+    """Blocks of maxima spread over 2^-4 .. 2^4, so that a scale taken from the wrong block shows."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, cols = shape
+    rb, cb = fp8_block_grid(rows, cols)
+    spread = 2.0 ** torch.randint(-4, 5, (rb, cb), generator=gen).float()
+    spread = spread.repeat_interleave(FP8_BLOCK, 0)[:rows].repeat_interleave(FP8_BLOCK, 1)[:, :cols]
+    w = (torch.randn(rows, cols, generator=gen) * spread).to(dtype)
+    v = (torch.rand(rows, cols, generator=gen) - 0.5) * 0.8
+    ms = torch.rand(rb, cb, generator=gen) * 0.5 + 0.5
+    g = torch.randn(rows, cols, generator=gen).to(dtype)
+    return [t.to(device) for t in (w, v, ms, g)]
+
+
+def block_max_scale_grad_magnitude(w, v, ms, g, scale_dtype):
+    s = reference.fake_quant_fp8_block(w, v, ms, scale_dtype)[1]
+    wb = as_blocks(w)
+    return _magnitude(wb, as_blocks(v), as_blocks(g), s, wb.abs().amax(-1)).reshape(ms.shape)
+
+
+def block_grads(fn, w, v, ms, g, scale_dtype):
+    """(Wq, dV, d max_scale) of fn (ops or reference .fake_quant_fp8_block) under grad_out g."""
+    q, (gv, gms) = grads_of(lambda v_, m_: fn(w, v_, m_, scale_dtype)[0], [v, ms], g)
+    return q, gv, gms
+
+
+@pytest.mark.parametrize("scale_dtype", SCALE_DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", BLOCK_SHAPES)
+def test_fp8_block_forward_equals_oracle(device, shape, dtype, scale_dtype):
+    w, v, ms, _ = block_case(shape, dtype, hash((shape, str(dtype))) % 2**31, device)
+    q, s = ops.fake_quant_fp8_block(w, v, ms, scale_dtype)
+    want_q, want_s = reference.fake_quant_fp8_block(w, v, ms, scale_dtype)
+    assert same_bits(q, want_q) and same_bits(s, want_s)
+    assert s.shape == fp8_block_grid(*shape)
+
+
+@pytest.mark.parametrize("scale_dtype", SCALE_DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", BLOCK_SHAPES)
+def test_fp8_block_gradients_match_autograd_of_the_oracle(device, shape, dtype, scale_dtype):
+    """dV bit for bit; d max_scale close (each block's sums in fp8_block.h's order)."""
+    w, v, ms, g = block_case(shape, dtype, 11, device)
+    want_q, want_gv, want_gms = block_grads(reference.fake_quant_fp8_block, w, v, ms, g, scale_dtype)
+    q, gv, gms = block_grads(ops.fake_quant_fp8_block, w, v, ms, g, scale_dtype)
+    assert same_bits(q, want_q) and same_bits(gv, want_gv)
+    assert gms.shape == ms.shape
+    mag = block_max_scale_grad_magnitude(w, v, ms, g, scale_dtype)
+    assert_max_scale_grad_close(gms, want_gms, mag, scale_dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp8_block_oracle_is_the_per_tensor_oracle_on_each_block(device, dtype):
+    """The block oracle on a weight with partial edge blocks equals the per-tensor oracle run on
+    each block alone, its scale, Wq and gradients: the block oracle's grid, padding and
+    broadcast of the scales hold."""
+    w, v, ms, g = block_case((300, 200), dtype, 13, device)
+    for scale_dtype in SCALE_DTYPES:
+        q, gv, gms = block_grads(reference.fake_quant_fp8_block, w, v, ms, g, scale_dtype)
+        s = reference.fake_quant_fp8_block(w, v, ms, scale_dtype)[1]
+        rb, cb = ms.shape
+        for i in range(rb):
+            for j in range(cb):
+                at = (slice(i * FP8_BLOCK, (i + 1) * FP8_BLOCK), slice(j * FP8_BLOCK, (j + 1) * FP8_BLOCK))
+                wb, vb, gb, mb = w[at], v[at], g[at], ms[i, j].reshape(1)
+                bq, bgv, bgms = block_grads(reference.fake_quant_fp8, wb, vb, mb, gb, scale_dtype)
+                bs = reference.fake_quant_fp8(wb, vb, mb, scale_dtype)[1]
+                assert same_bits(q[at], bq) and same_bits(s[i, j].reshape(1, 1), bs), (scale_dtype, i, j)
+                assert same_bits(gv[at], bgv), (scale_dtype, i, j)
+                mag = max_scale_grad_magnitude(wb, vb, mb, gb, scale_dtype)
+                assert_max_scale_grad_close(gms[i, j].reshape(1), bgms, mag, scale_dtype)
+
+
+def block_edge_case(dtype):
+    """edge_case's rows and a row of 448s below them, so that every block (1 x 4, the last one
+    partial) has the maximum 448 and the scale 1: its grid points, midpoints, clamp, zeros and
+    subnormals land where edge_case puts them."""
+    w, v = edge_case(dtype)
+    w = torch.cat([w, torch.full((1, w.shape[1]), E4M3_MAX, dtype=dtype)])
+    return w, torch.cat([v, torch.zeros(1, v.shape[1])])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fp8_block_edges_equal_oracle(device, dtype):
+    w, v = block_edge_case(dtype)
+    ms = torch.ones(fp8_block_grid(*w.shape))
+    g = torch.randn(w.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    w, v, ms, g = [t.to(device) for t in (w, v, ms, g)]
+    for scale_dtype in SCALE_DTYPES:
+        q, s = ops.fake_quant_fp8_block(w, v, ms, scale_dtype)
+        want_q, want_s = reference.fake_quant_fp8_block(w, v, ms, scale_dtype)
+        assert same_bits(q, want_q) and same_bits(s, want_s), scale_dtype
+        assert (s == 1).all()
+        want_q, want_gv, want_gms = block_grads(reference.fake_quant_fp8_block, w, v, ms, g, scale_dtype)
+        _, gv, gms = block_grads(ops.fake_quant_fp8_block, w, v, ms, g, scale_dtype)
+        assert same_bits(gv, want_gv), scale_dtype
+        mag = block_max_scale_grad_magnitude(w, v, ms, g, scale_dtype)
+        assert_max_scale_grad_close(gms, want_gms, mag, scale_dtype)
+    # the ties went to even (the grid's points stay, its midpoints go to the even neighbour), the
+    # clamp held, -0 came out +0
+    grid_and_mids = w[0, 1:254].float()
+    assert same_bits(q[0, 1:254].float(), grid_and_mids.to(torch.float8_e4m3fn).float())
+    assert (q[5].float().view(torch.int32) != torch.tensor(-0.0).view(torch.int32)).all()
+    assert gv[1, :9].cpu().eq(0).tolist() == [False, False, True, True, False, True, True, False, False]
+
+
+@pytest.mark.parametrize("scale_dtype", SCALE_DTYPES)
+def test_fp8_block_zero_and_subnormal_blocks_take_the_scale_floor(device, scale_dtype):
+    """A block of zeros and one of the dtype's subnormals only take the floor, with no gradient
+    to their max_scale; their neighbours are untouched."""
+    w, v, ms, g = block_case((256, 384), torch.bfloat16, 5, "cpu")
+    tiny = torch.finfo(torch.bfloat16).tiny
+    w[:128, 128:256] = 0
+    w[128:, 256:] = (torch.rand(128, 128, generator=torch.Generator().manual_seed(6)) - 0.5) * tiny
+    w, v, ms, g = [t.to(device) for t in (w, v, ms, g)]
+    want_q, want_gv, want_gms = block_grads(reference.fake_quant_fp8_block, w, v, ms, g, scale_dtype)
+    q, gv, gms = block_grads(ops.fake_quant_fp8_block, w, v, ms, g, scale_dtype)
+    s = ops.fake_quant_fp8_block(w, v, ms, scale_dtype)[1]
+    assert same_bits(q, want_q) and same_bits(gv, want_gv)
+    floor = torch.tensor(FP8_SCALE_MIN).to(scale_dtype).float().item()
+    assert s[0, 1].item() == floor and s[1, 2].item() == floor
+    assert (s.flatten()[[0, 2, 3, 4]] > floor).all()
+    assert gms[0, 1].item() == 0 and gms[1, 2].item() == 0 and want_gms[0, 1].item() == 0
+    assert (gms.flatten()[[0, 2, 3, 4]] != 0).all()
+
+
+@pytest.mark.parametrize("scale_dtype", SCALE_DTYPES)
+def test_fp8_block_max_scale_grad_of_each_block(device, scale_dtype):
+    """As test_fp8_max_scale_grad_rounds_through_the_scale_dtype, in each block of a 130 x 260
+    weight (2 x 3 blocks, partial edges): the block's 448 and, at a place of its own, x = 1
+    with V = 0.25 and g = (1 + 2^-13) * k for block k; elsewhere zeros. d max_scale of block k
+    is 0.25 g, rounded through the scale dtype: each block's gradient lands on its own scale."""
+    g1 = 1 + 2.0**-13
+    w, v, g = torch.zeros(130, 260), torch.zeros(130, 260), torch.zeros(130, 260)
+    rb, cb = fp8_block_grid(130, 260)
+    want = torch.zeros(rb, cb)
+    for k in range(rb * cb):
+        r, c = k // cb * FP8_BLOCK, k % cb * FP8_BLOCK
+        w[r, c] = E4M3_MAX
+        w[r + 1, c + k % 3 + 1] = 1.0
+        v[r + 1, c + k % 3 + 1] = 0.25
+        g[r + 1, c + k % 3 + 1] = g1 * (k + 1)
+        want[k // cb, k % cb] = (0.25 * g1 * (k + 1)) if scale_dtype == torch.float32 else \
+            torch.tensor(0.25 * g1 * (k + 1)).to(scale_dtype).item()
+    w, v, g = w.to(device), v.to(device), g.to(device)
+    ms = torch.ones(rb, cb, device=device)
+    _, _, gms = block_grads(ops.fake_quant_fp8_block, w, v, ms, g, scale_dtype)
+    _, _, want_gms = block_grads(reference.fake_quant_fp8_block, w, v, ms, g, scale_dtype)
+    torch.testing.assert_close(gms.cpu(), want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(want_gms.cpu(), want, rtol=1e-6, atol=0)
+
+
+def _block_outputs(w, v, ms, g):
+    q, gv, gms = block_grads(ops.fake_quant_fp8_block, w, v, ms, g, torch.bfloat16)
+    return [t.cpu() for t in (q, ops.fake_quant_fp8_block(w, v, ms, torch.bfloat16)[1], gv, gms)]
+
+
+def _block_determinism_case(device, rows, cols):
+    """Blocks whose maximum is 448 * 2^k (k from -3 to 4): with max_scale 1 the scales are
+    powers of two on either device (448 * fp32(1/448) rounds to 1), so the CPU and the GPU
+    agree bit for bit."""
+    gen = torch.Generator().manual_seed(19)
+    w = torch.randn(rows, cols, generator=gen)
+    rb, cb = fp8_block_grid(rows, cols)
+    peaks = E4M3_MAX * 2.0 ** torch.randint(-3, 5, (rb, cb), generator=gen).float()
+    w[::FP8_BLOCK, ::FP8_BLOCK] = peaks * 8  # every block's maximum, far above its randn
+    v = (torch.rand(rows, cols, generator=gen) - 0.5) * 0.8
+    g = torch.randn(rows, cols, generator=gen).to(torch.bfloat16)
+    return [t.to(device) for t in (w.to(torch.bfloat16), v, torch.ones(rb, cb), g)]
+
+
+def test_fp8_block_same_bits_on_every_run(device):
+    case = _block_determinism_case(device, 600, 1000)
+    first = _block_outputs(*case)
+    for a, b in zip(first, _block_outputs(*case)):
+        assert same_bits(a, b)
+    if device == "cpu":  # one thread: each block's sums are in its own order, whoever runs it
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for a, b in zip(first, _block_outputs(*case)):
+                assert same_bits(a, b)
+        finally:
+            torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and the CUDA build")
+@pytest.mark.parametrize("rows,cols", [(600, 1000), (37, 1001), (128, 128), (256, 384), (3, 7), (130, 8)])
+def test_fp8_block_cuda_equals_cpu_bitwise(rows, cols):
+    """The 16-byte and scalar paths (1001, 7: ragged rows), whole and partial blocks, against the
+    CPU's replay of each block's order (fp8_block.h), where the two devices' scales agree."""
+    cpu = _block_outputs(*_block_determinism_case("cpu", rows, cols))
+    gpu = _block_outputs(*_block_determinism_case("cuda", rows, cols))
+    for name, a, b in zip(["q", "scale", "grad v", "grad max_scale"], cpu, gpu):
+        assert same_bits(a, b), name
+
+
+# --------------------------------------------------------------------------------------
 # activations
 # --------------------------------------------------------------------------------------
 
@@ -400,6 +613,48 @@ def test_fp8_rejects_non_finite_inputs(device, bad):
             torch.ops.autoround_fast.fake_quant_fp8_activation(w, torch.ones(1), ms, 6)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_fp8_block_rejects_non_finite_inputs(device, bad):
+    w = torch.randn(200, 130, device=device, dtype=torch.bfloat16)
+    w[150, 129] = bad  # in the last, partial block
+    v, ms = torch.zeros(200, 130, device=device), torch.ones(2, 2, device=device)
+    with pytest.raises(ValueError, match="fake_quant_fp8_block: weight has non-finite"):
+        ops.fake_quant_fp8_block(w, v, ms)
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match="fake_quant_fp8_block: weight has 1 non-finite"):
+            torch.ops.autoround_fast.fake_quant_fp8_block(w, v, ms, 6)
+
+
+def test_fp8_block_bad_arguments_name_the_argument():
+    w, v = torch.randn(200, 130), torch.zeros(200, 130)
+    ms = torch.ones(2, 2)
+    with pytest.raises(ValueError, match="fake_quant_fp8_block: scale_dtype must be one of"):
+        ops.fake_quant_fp8_block(w, v, ms, torch.float64)
+    with pytest.raises(ValueError, match=r"max_scale must have 4 elements \(one per 128 x 128 block, a \[2, 2\] grid"):
+        ops.fake_quant_fp8_block(w, v, torch.ones(200, 1))
+    with pytest.raises(ValueError, match="fake_quant_fp8_block: max_scale must be float32"):
+        ops.fake_quant_fp8_block(w, v, ms.bfloat16())
+    with pytest.raises(ValueError, match="fake_quant_fp8_block: v must be float32"):
+        ops.fake_quant_fp8_block(w, v.bfloat16(), ms)
+    with pytest.raises(ValueError, match="fake_quant_fp8_block: v must have 26000 elements"):
+        ops.fake_quant_fp8_block(w, v[:, :-1], ms)
+    with pytest.raises(ValueError, match="fake_quant_fp8_block: weight must be 2-D"):
+        ops.fake_quant_fp8_block(w.reshape(-1), v.reshape(-1), ms)
+    with pytest.raises(ValueError, match="fake_quant_fp8_block: weight must be float32, bfloat16 or float16"):
+        ops.fake_quant_fp8_block(w.double(), v, ms)
+    with pytest.raises(ValueError, match="fake_quant_fp8_block: weight must be non-empty"):
+        ops.fake_quant_fp8_block(w[:0], v[:0], torch.ones(0, 2))
+    o = torch.ops.autoround_fast  # the C++ checks behind them
+    with pytest.raises(RuntimeError, match="fake_quant_fp8_block: scale_dtype must be float16, bfloat16 or float32"):
+        o.fake_quant_fp8_block(w, v, ms, 7)
+    with pytest.raises(RuntimeError, match="fake_quant_fp8_block: max_scale must have 4 elements, got 200"):
+        o.fake_quant_fp8_block(w, v, torch.ones(200), 6)
+    with pytest.raises(RuntimeError, match="fake_quant_fp8_block_backward: max_scale must have 4 elements"):
+        o.fake_quant_fp8_block_backward(w, w, v, torch.ones(3), 6)
+    with pytest.raises(RuntimeError, match="fake_quant_fp8_block_backward: grad must have dtype float32"):
+        o.fake_quant_fp8_block_backward(w.bfloat16(), w, v, ms, 6)
+
+
 def test_fp8_bad_arguments_name_the_argument():
     w, v = torch.randn(4, 32), torch.zeros(4, 32)
     with pytest.raises(ValueError, match="fake_quant_fp8: scale_dtype must be one of"):
@@ -459,3 +714,15 @@ def test_fp8_opcheck(device):
     ms = torch.full((1,), 0.9, device=device)
     torch.library.opcheck(o.fake_quant_fp8_activation, (tunable(x), act_max, tunable(ms), f16))
     torch.library.opcheck(o.fake_quant_fp8_activation_backward, (gx, x, act_max, ms, 6))
+
+
+def test_fp8_block_opcheck(device):
+    gen = torch.Generator().manual_seed(43)
+    w = torch.randn(200, 130, generator=gen).to(torch.bfloat16).to(device)
+    g = torch.randn(200, 130, generator=gen).to(torch.bfloat16).to(device)
+    v = torch.zeros(200, 130, device=device)
+    ms = torch.full((2, 2), 0.9, device=device)
+    bf16 = SCALE_DTYPE_CODES[torch.bfloat16]
+    o = torch.ops.autoround_fast
+    torch.library.opcheck(o.fake_quant_fp8_block, (w, v.clone().requires_grad_(), ms.clone().requires_grad_(), bf16))
+    torch.library.opcheck(o.fake_quant_fp8_block_backward, (g, w, v, ms, 6))
