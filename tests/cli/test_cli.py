@@ -18,6 +18,7 @@ from autoround_fast.cli import CliError, build_parser, main, models, quantize, s
 from autoround_fast.perplexity import perplexity
 from conftest import tiny_llama, tiny_tokenizer
 
+TIMED_REPORTS = ("autoround_blocks.json", "autoround_blocks.svg")  # they hold the seconds each block took
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -70,8 +71,12 @@ def test_quantize_writes_checkpoint_tables_and_json(tiny_model_dir, calib_file, 
     a = args(tiny_model_dir, out, calib_file, "--scheme", "W4A16_ASYM", "--eval", "--eval-file", eval_file,
              "--eval-windows", "2")
     assert main(a) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "loss at start" in printed and "model.layers.1" in printed
+    assert "AutoRound block 2/2 (model.layers.1)" in captured.err  # one bar over the whole model
+    svg = (out / "autoround_blocks.svg").read_text()
+    assert svg.startswith("<svg") and svg.count('class="seconds"') == 2 and svg.count('class="best_loss"') == 2
     report = json.loads((out / "autoround_blocks.json").read_text())
     assert report["scheme"] == "W4A16_ASYM" and report["iters"] == 3 and report["backend"] == "torch"
     assert report["group_size"] == 128 and report["seed"] == 42
@@ -379,7 +384,7 @@ def test_sigkill_then_the_same_command_resumes_to_the_same_checkpoint(tiny_model
     assert "model.layers.0: finished by an earlier run" in again.stdout + again.stderr
     assert not keep.exists()
     for name in sorted(os.listdir(tmp_path / "whole")):
-        if name != "autoround_blocks.json":  # its times differ
+        if name not in TIMED_REPORTS:
             assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
 
 
@@ -425,7 +430,7 @@ def test_same_command_same_checkpoint(tiny_model_dir, calib_file, tmp_path):
     names = sorted(p.name for p in outs[0].iterdir())
     assert names == sorted(p.name for p in outs[1].iterdir()) and "model.safetensors" in names
     for name in names:
-        if name != "autoround_blocks.json":  # it holds the seconds each block took
+        if name not in TIMED_REPORTS:
             assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
 
 
