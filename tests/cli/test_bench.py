@@ -101,3 +101,19 @@ def test_profile_sums_kernels_by_kind():
     assert kinds == {"ours": 1.875, "attention": 1.5, "matmul": 2.0, "fused (Triton)": 0.25,
                      "copies and gathers": 0.125, "other element-wise": 0.0625}
     assert sum(kinds.values()) == sum(r[0] for r in rows)
+
+
+def test_model_bench_phases_add_up(tmp_path):
+    layers = 3
+    out = run_module(["bench.model", "--shape", "tiny", "--layers", str(layers), "--iters", "3", "--nsamples", "4",
+                      "--seqlen", "16", "--batch-size", "2", "--stock-layers", "2", "--no-compile", "--out", "res"],
+                     tmp_path)
+    r = json.loads((tmp_path / "res" / "model.json").read_text())
+    ours, stock = r["ours"], r["stock"]
+    assert ours["backend"] == "torch" and len(ours["block_s"]) == layers
+    assert abs(ours["load_s"] + ours["oneshot_s"] + ours["save_s"] - ours["total_s"]) < 1e-9
+    assert 0 < ours["tune_s"] < ours["oneshot_s"] and ours["outside_tune_s"] > 0
+    assert all(b <= i for b, i in zip(ours["best_loss"], ours["init_loss"]))
+    assert len(stock["block_s"]) == 2 and stock["later_block_s"] == stock["block_s"][1]
+    assert abs(stock["whole_model_s"] - (stock["block_s"][0] + stock["block_s"][1] * (layers - 1))) < 1e-9
+    assert "| **end to end** |" in out and "stock path (auto_round), measured on 2 layers" in out
