@@ -373,6 +373,8 @@ class AutoRoundModifier(_StockAutoRoundModifier):
                 self._store.save(layer_name, params, self._q_input, self._block_stats[-1])
         if result.eager_reason:
             logger.info(f"{layer_name}: {result.eager_reason}")
+        if result.memory_note:
+            logger.warning(f"{layer_name}: {result.memory_note}")
         if result.losses:
             logger.info(f"{layer_name}: loss {result.init_loss:.6g} -> {result.best_loss:.6g} "
                         f"(iter {result.best_iter}), {result.seconds:.1f} s")

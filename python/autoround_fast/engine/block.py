@@ -40,6 +40,7 @@ class BlockResult:
     phases: dict[str, float] = field(default_factory=dict)
     # why CUDA graphs were asked for but not used ("" when they were, or were not asked for)
     eager_reason: str = ""
+    memory_note: str = ""  # what was given up for the block to fit its device (Plan.memory_note)
     # on a GPU: milliseconds per iteration of the tuning loop, per run of ten iterations, from
     # CUDA events on the loop's stream (the first run holds the warm-up and the graph capture)
     loop_ms: list[float] = field(default_factory=list)
@@ -91,7 +92,9 @@ def tune_block(block: nn.Module, fp_inputs: Sequence[tuple[tuple, dict]], specs:
     t0 = time.perf_counter()
     linears = _linears(block, specs)
     act_quant = any(s.act for s in specs.values())
-    p = plan(options, block, linears, len(fp_inputs), act_quant)
+    first = fp_inputs[0][0][0] if fp_inputs else None  # plan() refuses no inputs
+    shape = (first.numel() // first.shape[-1], first.shape[-1]) if first is not None else (0, 0)
+    p = plan(options, block, linears, len(fp_inputs), act_quant, shape)
     block.to(p.device)
     if p.device.type == "cpu":
         convert_block(block, p.dtype)  # and it stays converted, as auto-round leaves it
@@ -156,6 +159,7 @@ class _BlockRun:
         self.phases.done("calibration")
         tuned = self._wrap(stats, _global_scales(self.linears, self.specs, global_scales))
         result = BlockResult(q_outputs=torch.empty(0), qparams={}, eager_reason=p.eager_reason,
+                             memory_note=p.memory_note,
                              placement={n: str(d) for n, d in p.placement.items()})
         memos = share_input_quantization(tuned)
         try:

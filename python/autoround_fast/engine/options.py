@@ -3,6 +3,7 @@ against the block and the machine, into the settings a run uses (:class:`Plan`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -10,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from .. import fusion
+from . import memory
 from .backends import Backend, make_backend
 from .placement import indexed, linear_devices, place_linears, process_group
 from .precision import Precision, cpu_tune_dtype
@@ -51,6 +53,10 @@ class TuneOptions:
     step_in_backward: take SignRound's step inside each Linear's weight backward (the same
         bits, the gradients never go through memory). Default: on with the kernels where it
         applies: one micro-batch per step, no process group, the Linears on one device.
+    memory_budget: bytes the block's tuning may take on its device (default: on one GPU, what
+        it has free; elsewhere no limit). Where the estimate (:mod:`.memory`) exceeds it, the
+        caches go to host memory (if cache_device was left unset), then the micro-batch is
+        halved with the accumulation doubled; ``BlockResult.memory_note`` says what changed.
     """
 
     iters: int = 200
@@ -67,6 +73,7 @@ class TuneOptions:
     linear_devices: Optional[Sequence[str | torch.device]] = None
     fuse_elementwise: Optional[bool] = None
     step_in_backward: Optional[bool] = None
+    memory_budget: Optional[int] = None
 
 
 @dataclass
@@ -86,6 +93,7 @@ class Plan:
     step_in_backward: bool
     placement: dict[str, torch.device] = field(default_factory=dict)
     eager_reason: str = ""  # why CUDA graphs were asked for but not used
+    memory_note: str = ""  # what was given up for the block to fit its device
 
     @property
     def spread(self) -> bool:
@@ -93,8 +101,9 @@ class Plan:
 
 
 def plan(options: TuneOptions, block: nn.Module, linears: dict[str, nn.Linear], n_samples: int,
-         act_quant: bool) -> Plan:
-    """Resolve ``options`` for this block and machine, or raise naming the option at fault."""
+         act_quant: bool, sample_shape: tuple[int, int]) -> Plan:
+    """Resolve ``options`` for this block and machine (``sample_shape``: one sample's tokens
+    and hidden size), or raise naming the option at fault."""
     o = options
     be = make_backend(o.backend)
     if n_samples == 0:
@@ -118,6 +127,17 @@ def plan(options: TuneOptions, block: nn.Module, linears: dict[str, nn.Linear], 
     if cuda_graph and spread:
         cuda_graph = False
         eager_reason = "the Linears are spread over several devices (linear_devices): the loop runs eagerly"
+    # on a CPU, auto-round converts the block to its tuning dtype (docs/numerics.md#autocast)
+    dtype = cpu_tune_dtype() if device.type == "cpu" else next(block.parameters()).dtype
+    budget = o.memory_budget
+    if budget is None and dist is None and not spread:
+        budget = memory.device_budget(device)
+    room = memory.fit(linears, n_samples, *sample_shape, min(o.batch_size, n_samples), o.gradient_accumulate_steps,
+                      torch.empty(0, dtype=dtype).element_size(), budget,
+                      can_cache_on_host=o.cache_device is None and device.type == "cuda")
+    if room.cache_on_host:
+        cache_device = torch.device("cpu")
+    o = dataclasses.replace(o, gradient_accumulate_steps=room.accumulate)
     fuse = o.fuse_elementwise
     if fuse is None:
         fuse = be.name == "cuda" and device.type == "cuda" and fusion.available()
@@ -127,13 +147,11 @@ def plan(options: TuneOptions, block: nn.Module, linears: dict[str, nn.Linear], 
         raise ValueError("tune_block: step_in_backward=True needs the kernels (backend 'cuda'), one "
                          "micro-batch per step (gradient_accumulate_steps=1), no process group and the "
                          "Linears on one device")
-    # on a CPU, auto-round converts the block to its tuning dtype (docs/numerics.md#autocast)
-    dtype = cpu_tune_dtype() if device.type == "cpu" else next(block.parameters()).dtype
     return Plan(options=o, backend=be, device=device, cache_device=cache_device, dtype=dtype,
-                precision=Precision(device, dtype, act_quant), batch_size=min(o.batch_size, n_samples),
+                precision=Precision(device, dtype, act_quant), batch_size=room.batch_size,
                 dist=dist, cuda_graph=cuda_graph, fuse=bool(fuse) and o.iters > 0,
                 step_in_backward=step_fits and o.step_in_backward is not False,
-                placement=placement, eager_reason=eager_reason)
+                placement=placement, eager_reason=eager_reason, memory_note=room.note)
 
 
 def _cache_device(cache_device, device: torch.device) -> torch.device:

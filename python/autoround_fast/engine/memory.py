@@ -1,0 +1,85 @@
+"""Whether a block's tuning fits its device, and what to give up when it does not.
+
+An estimate, made before any tensor is allocated, of the bytes the tuning adds on the device:
+the tunables of every Linear (V, its best copy and its gradient in fp32, the fake-quantized
+weight kept for the backward), the cached activations (the fp inputs, the reference outputs,
+the quantized inputs and the quantized outputs made at the end, each [N, L, H] in the
+block's dtype), and one micro-batch's forward and backward (what each Linear reads and
+writes, the norms and residuals, twice over for the backward's transients). Where that does
+not fit, the caches go to host memory (each iteration then copies its batch over); where that
+is still too much, the micro-batch is halved and the steps accumulate gradients over more of
+them (the same samples per step); where even one sample does not fit, a clear error, never a
+crash out of memory half-way through the block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+TUNABLE_BYTES = 4 + 4 + 4 + 2  # per weight element: V, its best copy, its gradient, the bf16 Wq saved
+BACKWARD_FACTOR = 2  # a micro-batch's backward holds about as much again as its forward saved
+MARGIN = 0.05  # of the device's memory, left for the allocator's fragmentation and the library
+
+
+@dataclass(frozen=True)
+class Fit:
+    """Where the caches live, the micro-batch and the accumulation steps; ``note`` says what
+    changed and why ("" when nothing did)."""
+
+    cache_on_host: bool
+    batch_size: int
+    accumulate: int
+    note: str = ""
+
+
+def tuning_bytes(linears: dict[str, nn.Linear], n_samples: int, tokens: int, hidden: int, batch: int,
+                 elem: int, caches_on_device: bool) -> int:
+    """The estimate above, in bytes."""
+    tunables = sum(m.weight.numel() for m in linears.values()) * TUNABLE_BYTES
+    caches = 4 * n_samples * tokens * hidden * elem if caches_on_device else 2 * batch * tokens * hidden * elem
+    per_token = sum(m.in_features + m.out_features for m in linears.values()) + 4 * hidden
+    return tunables + caches + BACKWARD_FACTOR * batch * tokens * per_token * elem
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def device_budget(device: torch.device) -> Optional[int]:
+    """Bytes the block may still take on ``device``: what the GPU has free plus what PyTorch's
+    allocator holds unused, less the margin; None (no limit) off a GPU."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    held = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(free + held - MARGIN * total)
+
+
+def fit(linears: dict[str, nn.Linear], n_samples: int, tokens: int, hidden: int, batch: int, accumulate: int,
+        elem: int, budget: Optional[int], can_cache_on_host: bool) -> Fit:
+    """The first of: everything on the device; the caches on the host (``can_cache_on_host``:
+    the device is a GPU and the caller left cache_device unset); the micro-batch halved (while
+    it divides) with the accumulation doubled. A ValueError if none fits."""
+    def need(b, on_device):
+        return tuning_bytes(linears, n_samples, tokens, hidden, b, elem, on_device)
+
+    if budget is None or need(batch, True) <= budget:
+        return Fit(False, batch, accumulate)
+    why = f"the block's tuning needs about {_size(need(batch, True))} and {_size(budget)} is free"
+    on_device = not can_cache_on_host
+    if not on_device and need(batch, False) <= budget:
+        return Fit(True, batch, accumulate, f"{why}: the cached activations go to host memory")
+    b, acc = batch, accumulate
+    while b % 2 == 0 and need(b, on_device) > budget:
+        b, acc = b // 2, acc * 2
+    if need(b, on_device) <= budget:
+        where = "in host memory" if not on_device else "on the device"
+        return Fit(not on_device, b, acc, f"{why}: the cached activations {where}, micro-batches of {b} "
+                                          f"with {acc} accumulation steps (was {batch} and {accumulate})")
+    raise ValueError(f"tune_block: {why}, and even micro-batches of {b} with the caches "
+                     f"{'on the device' if on_device else 'in host memory'} need {_size(need(b, on_device))}; "
+                     "free memory on the card, or spread the block over GPUs (device_ids)")
