@@ -11,6 +11,7 @@ block, which is the floor.
 
     python -m bench.block --scheme NVFP4 W4A16 --layers 2 --out results/
     python -m bench.block --shape smollm2 --layers 4 --iters 50     # small and quick
+    python -m bench.block --shape 70b --layers 2 --scheme NVFP4      # a 70B block on one card
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ CUDA_VARIANTS = {
 
 SHAPES = {  # hidden, intermediate, heads, kv heads, vocab
     "8b": (4096, 14336, 32, 8, 32000),
+    "70b": (8192, 28672, 64, 8, 32000),  # Llama-3.1-70B's block (its vocabulary cut: the head is not tuned)
     "smollm2": (576, 1536, 9, 3, 49152),
     "tiny": (128, 256, 4, 2, 256),
 }
