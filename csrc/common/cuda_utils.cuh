@@ -12,6 +12,8 @@
 
 namespace autoround_fast {
 
+constexpr unsigned kFullWarp = 0xffffffffu;  // every lane of a warp, for the *_sync intrinsics
+
 inline const char* launch_status() {
   cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
@@ -79,6 +81,30 @@ __device__ __forceinline__ void store_vec(T* p, const float* in) {
   for (int j = 0; j < N; ++j) t[j] = from_f32<T>(in[j]);
 #pragma unroll
   for (int i = 0; i < kWords; ++i) reinterpret_cast<uint4*>(p)[i] = buf[i];
+}
+
+// The first `left` of N values of T at p as fp32, the rest read as 0: 16-byte loads where the N
+// are all there and aligned (kVec), else guarded scalar loads.
+template <typename T, int N, bool kVec, typename Left>
+__device__ __forceinline__ void load_part(const T* p, Left left, float* x) {
+  if constexpr (kVec) {
+    load_vec<T, N>(p, x);
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) x[j] = j < left ? to_f32(p[j]) : 0.f;
+  }
+}
+
+// The first `left` of N fp32 values stored as T at p (all N with 16-byte stores under kVec).
+template <typename T, int N, bool kVec, typename Left>
+__device__ __forceinline__ void store_part(T* p, Left left, const float* x) {
+  if constexpr (kVec) {
+    store_vec<T, N>(p, x);
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+      if (j < left) p[j] = from_f32<T>(x[j]);
+  }
 }
 
 // Where a weight backward's results go: the gradients of V and the scales (GradOut), or the

@@ -10,11 +10,11 @@
 #include "../common/cuda_utils.cuh"
 #include "../launchers.h"
 #include "fp8_block.h"
+#include "fp8_cuda.cuh"
 
 namespace autoround_fast {
 namespace {
 
-constexpr unsigned kFull = 0xffffffffu;
 constexpr int kChunks = kFp8BlockChunksPerThread;
 // CUDA blocks per SM each kernel is built for (__launch_bounds__' minimum): as many as keep a
 // thread's chunks of W in registers without spilling (nvcc 13, sm_90: a 16-bit weight's
@@ -24,81 +24,6 @@ template <typename T, bool kVec>
 constexpr int kForwardBlocksPerSm = kVec && sizeof(T) == 2 ? 4 : 2;
 template <typename T, bool kVec>
 constexpr int kBackwardBlocksPerSm = kVec && sizeof(T) == 2 ? 3 : 2;
-
-// A chunk of T kept as loaded (16-bit types two to a register): one or two 16-byte loads
-// (kVec), or guarded scalar loads of the first `left` elements (the rest read as 0).
-template <typename T>
-struct RawChunk {
-  static constexpr int kWords = kFp8Chunk * sizeof(T) / 16;
-  uint4 w[kWords];
-  template <bool kVec>
-  __device__ __forceinline__ void load(const T* p, int left) {
-    if constexpr (kVec) {
-#pragma unroll
-      for (int i = 0; i < kWords; ++i) w[i] = __ldg(reinterpret_cast<const uint4*>(p) + i);
-    } else {
-#pragma unroll
-      for (int j = 0; j < kFp8Chunk; ++j) reinterpret_cast<T*>(w)[j] = j < left ? p[j] : from_f32<T>(0.f);
-    }
-  }
-  __device__ __forceinline__ float operator[](int j) const { return to_f32(reinterpret_cast<const T*>(w)[j]); }
-};
-
-template <typename T, bool kVec>
-__device__ __forceinline__ void load_chunk(const T* p, int left, float* x) {
-  if constexpr (kVec) {
-    load_vec<T, kFp8Chunk>(p, x);
-  } else {
-#pragma unroll
-    for (int j = 0; j < kFp8Chunk; ++j) x[j] = j < left ? to_f32(p[j]) : 0.f;
-  }
-}
-
-template <typename T, bool kVec>
-__device__ __forceinline__ void store_chunk(T* p, int left, const float* x) {
-  if constexpr (kVec) {
-    store_vec<T, kFp8Chunk>(p, x);
-  } else {
-#pragma unroll
-    for (int j = 0; j < kFp8Chunk; ++j)
-      if (j < left) p[j] = from_f32<T>(x[j]);
-  }
-}
-
-// The maximum over the CUDA block, to every thread. red: kFp8Warps floats of shared memory.
-__device__ __forceinline__ float block_max(float m, float* red) {
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) m = max_num(m, __shfl_xor_sync(kFull, m, off));
-  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = m;
-  __syncthreads();
-  float r = red[0];
-#pragma unroll
-  for (int w = 1; w < kFp8Warps; ++w) r = max_num(r, red[w]);
-  __syncthreads();  // red is reused
-  return r;
-}
-
-// The thread sums combined in fp8.h's order (fp8_combine_threads): the shuffle-down tree per
-// warp, then the warps in order; thread 0 gets the result. red: 2 * kFp8Warps floats.
-__device__ __forceinline__ Fp8Sums block_sum(Fp8Sums s, float* red) {
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) {
-    s.a = add_rn(s.a, __shfl_down_sync(kFull, s.a, off));
-    s.b = add_rn(s.b, __shfl_down_sync(kFull, s.b, off));
-  }
-  if (threadIdx.x % 32 == 0) {
-    red[threadIdx.x / 32] = s.a;
-    red[kFp8Warps + threadIdx.x / 32] = s.b;
-  }
-  __syncthreads();
-  Fp8Sums t;
-  if (threadIdx.x == 0) {
-#pragma unroll
-    for (int w = 0; w < kFp8Warps; ++w) fp8_sums_add(t, Fp8Sums{red[w], red[kFp8Warps + w]});
-  }
-  __syncthreads();  // red is reused
-  return t;
-}
 
 // This thread's chunks of a block: chunk k starts at flat offset base + k * stride and holds
 // `left` elements of the weight (more than kFp8Chunk: all of them) if k < count.
@@ -147,10 +72,10 @@ __global__ void __launch_bounds__(kFp8Threads, (kForwardBlocksPerSm<T, kVec>))
     for (int k = 0; k < kChunks; ++k) {
       if (!tc.has(k)) continue;
       float x[kFp8Chunk];
-      load_chunk<float, kVec>(a.v + tc.at(k), tc.left, x);
+      load_part<float, kFp8Chunk, kVec>(a.v + tc.at(k), tc.left, x);
 #pragma unroll
       for (int j = 0; j < kFp8Chunk; ++j) x[j] = fp8_qdq(fp8_x<T>(raw[k][j]), x[j], s);
-      store_chunk<T, kVec>(out + tc.at(k), tc.left, x);
+      store_part<T, kFp8Chunk, kVec>(out + tc.at(k), tc.left, x);
     }
   }
 }
@@ -169,13 +94,13 @@ __global__ void __launch_bounds__(kFp8Threads, (kBackwardBlocksPerSm<T, kVec>))
     for (int k = 0; k < kChunks; ++k) {
       if (!tc.has(k)) continue;
       float vv[kFp8Chunk], gg[kFp8Chunk];
-      load_chunk<float, kVec>(a.v + tc.at(k), tc.left, vv);
-      load_chunk<T, kVec>(grad + tc.at(k), tc.left, gg);
+      load_part<float, kFp8Chunk, kVec>(a.v + tc.at(k), tc.left, vv);
+      load_part<T, kFp8Chunk, kVec>(grad + tc.at(k), tc.left, gg);
 #pragma unroll
       for (int j = 0; j < kFp8Chunk; ++j)
         if (kVec || j < tc.left)  // the sums add the weight's elements only
           gg[j] = fp8_element_backward(fp8_x<T>(raw[k][j]), vv[j], gg[j], sc.s, acc);
-      store_chunk<float, kVec>(grad_v + tc.at(k), tc.left, gg);
+      store_part<float, kFp8Chunk, kVec>(grad_v + tc.at(k), tc.left, gg);
     }
     const Fp8Sums total = block_sum(acc, red);
     if (threadIdx.x == 0) grad_ms[bi] = fp8_grad_max_scale(total, sc, amax, a.scale_dtype);

@@ -15,12 +15,11 @@
 
 #include "../common/cuda_utils.cuh"
 #include "../launchers.h"
-#include "fp8.h"
+#include "fp8_cuda.cuh"
 
 namespace autoround_fast {
 namespace {
 
-constexpr unsigned kFull = 0xffffffffu;
 constexpr int kMaxAmaxPartials = 1024;  // blocks of the per-tensor maximum pass, at most
 constexpr int kRowsPerBlock = 8;        // the per-row backward: one compute warp per row
 constexpr int kRowStep = 32 * kFp8Chunk;  // columns a warp takes per step
@@ -30,92 +29,11 @@ constexpr int kTermStride = 2 * kRowStep + 4;
 // The per-row forward keeps up to kMaxChunks chunks of 8 per thread in registers.
 constexpr int kMaxChunks = 8;
 
-// 8 values of T (a chunk) from p as fp32: one or two 16-byte loads (kVec), or guarded scalar
-// loads of the first `left` (the rest read as 0).
-template <typename T, bool kVec>
-__device__ __forceinline__ void load_chunk(const T* p, int64_t left, float* x) {
-  if constexpr (kVec) {
-    load_vec<T, kFp8Chunk>(p, x);
-  } else {
-#pragma unroll
-    for (int j = 0; j < kFp8Chunk; ++j) x[j] = j < left ? to_f32(p[j]) : 0.f;
-  }
-}
-
-template <typename T, bool kVec>
-__device__ __forceinline__ void store_chunk(T* p, int64_t left, const float* x) {
-  if constexpr (kVec) {
-    store_vec<T, kFp8Chunk>(p, x);
-  } else {
-#pragma unroll
-    for (int j = 0; j < kFp8Chunk; ++j)
-      if (j < left) p[j] = from_f32<T>(x[j]);
-  }
-}
-
-// A chunk of T kept as loaded (16-bit types two to a register).
-template <typename T>
-struct RawChunk {
-  static constexpr int kWords = kFp8Chunk * sizeof(T) / 16;
-  uint4 w[kWords];
-  template <bool kVec>
-  __device__ __forceinline__ void load(const T* p, int64_t left) {
-    if constexpr (kVec) {
-#pragma unroll
-      for (int i = 0; i < kWords; ++i) w[i] = __ldg(reinterpret_cast<const uint4*>(p) + i);
-    } else {
-#pragma unroll
-      for (int j = 0; j < kFp8Chunk; ++j) reinterpret_cast<T*>(w)[j] = j < left ? p[j] : from_f32<T>(0.f);
-    }
-  }
-  __device__ __forceinline__ float operator[](int j) const { return to_f32(reinterpret_cast<const T*>(w)[j]); }
-};
-
-__device__ __forceinline__ float warp_max(float m) {
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) m = max_num(m, __shfl_xor_sync(kFull, m, off));
-  return m;
-}
-
-// The maximum over a kFp8Threads block, to every thread. red: kFp8Warps floats of shared memory.
-__device__ __forceinline__ float block_max(float m, float* red) {
-  m = warp_max(m);
-  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = m;
-  __syncthreads();
-  float r = red[0];
-#pragma unroll
-  for (int w = 1; w < kFp8Warps; ++w) r = max_num(r, red[w]);
-  __syncthreads();  // red is reused
-  return r;
-}
-
 // The maximum of n partial maxima (a maximum is exact in any order).
 __device__ __forceinline__ float reduce_amax(const float* partials, int n, float* red) {
   float m = 0.f;
   for (int i = threadIdx.x; i < n; i += kFp8Threads) m = max_num(m, partials[i]);
   return block_max(m, red);
-}
-
-// A block's kFp8Threads thread sums combined in fp8.h's order (the shuffle-down tree per warp,
-// then the warps in order); thread 0 gets the result. red: 2 * kFp8Warps floats.
-__device__ __forceinline__ Fp8Sums block_sum(Fp8Sums s, float* red) {
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) {
-    s.a = add_rn(s.a, __shfl_down_sync(kFull, s.a, off));
-    s.b = add_rn(s.b, __shfl_down_sync(kFull, s.b, off));
-  }
-  if (threadIdx.x % 32 == 0) {
-    red[threadIdx.x / 32] = s.a;
-    red[kFp8Warps + threadIdx.x / 32] = s.b;
-  }
-  __syncthreads();
-  Fp8Sums t;
-  if (threadIdx.x == 0) {
-#pragma unroll
-    for (int w = 0; w < kFp8Warps; ++w) fp8_sums_add(t, Fp8Sums{red[w], red[kFp8Warps + w]});
-  }
-  __syncthreads();  // red is reused
-  return t;
 }
 
 // ---- per-tensor weights and activations: flat passes ----
@@ -140,7 +58,7 @@ __global__ void __launch_bounds__(kFp8Threads) fp8_amax_kernel(const T* w, int64
   for (int64_t i = (blockIdx.x * (int64_t)kFp8Threads + threadIdx.x) * kFp8Chunk; i < n;
        i += (int64_t)gridDim.x * kFp8Tile) {
     float x[kFp8Chunk];
-    load_chunk<T, kVec>(w + i, n - i, x);  // padding reads as 0, which the maximum ignores
+    load_part<T, kFp8Chunk, kVec>(w + i, n - i, x);  // padding reads as 0, which the maximum ignores
 #pragma unroll
     for (int j = 0; j < kFp8Chunk; ++j) m = max_num(m, fabs_(x[j]));
   }
@@ -165,16 +83,16 @@ __global__ void __launch_bounds__(kFp8Threads) fp8_flat_forward_kernel(const T* 
     const int64_t i = tile_of(k, tiles) * kFp8Tile + threadIdx.x * kFp8Chunk;
     if (i >= n) continue;
     float xv[kFp8Chunk], vv[kFp8Chunk];
-    load_chunk<T, kVec>(x + i, n - i, xv);
+    load_part<T, kFp8Chunk, kVec>(x + i, n - i, xv);
     if (v) {
-      load_chunk<float, kVec>(v + i, n - i, vv);
+      load_part<float, kFp8Chunk, kVec>(v + i, n - i, vv);
 #pragma unroll
       for (int j = 0; j < kFp8Chunk; ++j) xv[j] = fp8_qdq(fp8_x<T>(xv[j]), vv[j], s);
     } else {
 #pragma unroll
       for (int j = 0; j < kFp8Chunk; ++j) xv[j] = fp8_qdq<true>(fp8_x<T>(xv[j]), 0.f, s);
     }
-    store_chunk<T, kVec>(out + i, n - i, xv);
+    store_part<T, kFp8Chunk, kVec>(out + i, n - i, xv);
   }
 }
 
@@ -195,9 +113,9 @@ __global__ void __launch_bounds__(kFp8Threads) fp8_flat_backward_kernel(const T*
     Fp8Sums acc;
     if (i < n) {
       float xv[kFp8Chunk], vv[kFp8Chunk], gv[kFp8Chunk];
-      load_chunk<T, kVec>(x + i, n - i, xv);
-      load_chunk<T, kVec>(grad + i, n - i, gv);
-      if constexpr (!kAct) load_chunk<float, kVec>(v + i, n - i, vv);
+      load_part<T, kFp8Chunk, kVec>(x + i, n - i, xv);
+      load_part<T, kFp8Chunk, kVec>(grad + i, n - i, gv);
+      if constexpr (!kAct) load_part<float, kFp8Chunk, kVec>(v + i, n - i, vv);
 #pragma unroll
       for (int j = 0; j < kFp8Chunk; ++j) {
         if (kVec || j < n - i) {  // the sums add the chunk's real elements only
@@ -210,9 +128,9 @@ __global__ void __launch_bounds__(kFp8Threads) fp8_flat_backward_kernel(const T*
         }
       }
       if constexpr (kAct) {
-        store_chunk<T, kVec>(static_cast<T*>(grad_out) + i, n - i, gv);
+        store_part<T, kFp8Chunk, kVec>(static_cast<T*>(grad_out) + i, n - i, gv);
       } else {
-        store_chunk<float, kVec>(static_cast<float*>(grad_out) + i, n - i, gv);
+        store_part<float, kFp8Chunk, kVec>(static_cast<float*>(grad_out) + i, n - i, gv);
       }
     }
     const Fp8Sums t = block_sum(acc, red);
@@ -265,7 +183,7 @@ __global__ void __launch_bounds__(kFp8Threads) fp8_row_forward_kernel(Fp8Args a,
     } else {
       for (int64_t c = threadIdx.x * kFp8Chunk; c < cols; c += kFp8Tile) {
         float x[kFp8Chunk];
-        load_chunk<T, kVec>(w + c, cols - c, x);
+        load_part<T, kFp8Chunk, kVec>(w + c, cols - c, x);
 #pragma unroll
         for (int j = 0; j < kFp8Chunk; ++j) m = max_num(m, fabs_(x[j]));
       }
@@ -274,10 +192,10 @@ __global__ void __launch_bounds__(kFp8Threads) fp8_row_forward_kernel(Fp8Args a,
     if (threadIdx.x == 0) scale[r] = s;
     auto quantize = [&](int64_t c, float* x) {
       float vv[kFp8Chunk];
-      load_chunk<float, kVec>(v + c, cols - c, vv);
+      load_part<float, kFp8Chunk, kVec>(v + c, cols - c, vv);
 #pragma unroll
       for (int j = 0; j < kFp8Chunk; ++j) x[j] = fp8_qdq(fp8_x<T>(x[j]), vv[j], s);
-      store_chunk<T, kVec>(o + c, cols - c, x);
+      store_part<T, kFp8Chunk, kVec>(o + c, cols - c, x);
     };
     if constexpr (K > 0) {
 #pragma unroll
@@ -293,7 +211,7 @@ __global__ void __launch_bounds__(kFp8Threads) fp8_row_forward_kernel(Fp8Args a,
     } else {
       for (int64_t c = threadIdx.x * kFp8Chunk; c < cols; c += kFp8Tile) {
         float x[kFp8Chunk];
-        load_chunk<T, kVec>(w + c, cols - c, x);
+        load_part<T, kFp8Chunk, kVec>(w + c, cols - c, x);
         quantize(c, x);
       }
     }
@@ -331,7 +249,7 @@ __global__ void __launch_bounds__(kFp8Threads + 32) fp8_row_backward_kernel(Fp8A
       if (valid) {
         for (int64_t c = lane * kFp8Chunk; c < cols; c += kRowStep) {
           float x[kFp8Chunk];
-          load_chunk<T, kVec>(w + c, cols - c, x);
+          load_part<T, kFp8Chunk, kVec>(w + c, cols - c, x);
 #pragma unroll
           for (int j = 0; j < kFp8Chunk; ++j) m = max_num(m, fabs_(x[j]));
         }
@@ -344,16 +262,16 @@ __global__ void __launch_bounds__(kFp8Threads + 32) fp8_row_backward_kernel(Fp8A
         float ta[kFp8Chunk] = {}, tb[kFp8Chunk] = {};  // +0 past the row's end: no change to a sum
         if (valid && c < cols) {
           float x[kFp8Chunk], vv[kFp8Chunk], gg[kFp8Chunk];
-          load_chunk<T, kVec>(w + c, cols - c, x);
-          load_chunk<T, kVec>(g + c, cols - c, gg);
-          load_chunk<float, kVec>(v + c, cols - c, vv);
+          load_part<T, kFp8Chunk, kVec>(w + c, cols - c, x);
+          load_part<T, kFp8Chunk, kVec>(g + c, cols - c, gg);
+          load_part<float, kFp8Chunk, kVec>(v + c, cols - c, vv);
 #pragma unroll
           for (int j = 0; j < kFp8Chunk; ++j) {
             const Fp8Terms e = fp8_element_terms(fp8_x<T>(x[j]), vv[j], gg[j], s);
             gg[j] = e.gy;
             if (kVec || j < cols - c) ta[j] = e.a, tb[j] = e.b;
           }
-          store_chunk<float, kVec>(gv_row + c, cols - c, gg);
+          store_part<float, kFp8Chunk, kVec>(gv_row + c, cols - c, gg);
         }
         float4* dst = reinterpret_cast<float4*>(&terms[k & 1][warp][lane * 2 * kFp8Chunk]);
 #pragma unroll
@@ -378,7 +296,7 @@ __global__ void __launch_bounds__(kFp8Threads + 32) fp8_row_backward_kernel(Fp8A
         }
       }
       step_barrier();  // barrier `steps`
-      const float b = __shfl_down_sync(kFull, acc, 1);
+      const float b = __shfl_down_sync(kFullWarp, acc, 1);
       if (lane < 2 * kRowsPerBlock && !odd && r < a.rows) {
         const Fp8Scale sc = fp8_scale(amax, __ldg(a.max_scale + r), a.scale_dtype);
         grad_ms[r] = fp8_grad_max_scale(Fp8Sums{acc, b}, sc, amax, a.scale_dtype);

@@ -66,19 +66,19 @@ __device__ __forceinline__ void store_chunk(T* p, int64_t n_left, const float* x
 template <int L>
 __device__ __forceinline__ float sub_min(float v) {
 #pragma unroll
-  for (int off = L / 2; off > 0; off /= 2) v = min_num(v, __shfl_xor_sync(0xffffffffu, v, off));
+  for (int off = L / 2; off > 0; off /= 2) v = min_num(v, __shfl_xor_sync(kFullWarp, v, off));
   return v;
 }
 template <int L>
 __device__ __forceinline__ float sub_max(float v) {
 #pragma unroll
-  for (int off = L / 2; off > 0; off /= 2) v = max_num(v, __shfl_xor_sync(0xffffffffu, v, off));
+  for (int off = L / 2; off > 0; off /= 2) v = max_num(v, __shfl_xor_sync(kFullWarp, v, off));
   return v;
 }
 template <int L>
 __device__ __forceinline__ float sub_sum(float v) {
 #pragma unroll
-  for (int off = L / 2; off > 0; off /= 2) v = add_rn(v, __shfl_xor_sync(0xffffffffu, v, off));
+  for (int off = L / 2; off > 0; off /= 2) v = add_rn(v, __shfl_xor_sync(kFullWarp, v, off));
   return v;
 }
 template <int L, typename P>

@@ -12,14 +12,14 @@ constexpr int kMaxBlocks = 1024;
 
 __device__ __forceinline__ float block_sum(float v, float* smem) {
 #pragma unroll
-  for (int off = 16; off > 0; off /= 2) v = add_rn(v, __shfl_xor_sync(0xffffffffu, v, off));
+  for (int off = 16; off > 0; off /= 2) v = add_rn(v, __shfl_xor_sync(kFullWarp, v, off));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) smem[warp] = v;
   __syncthreads();
   v = threadIdx.x < blockDim.x / 32 ? smem[threadIdx.x] : 0.f;
   if (warp == 0) {
 #pragma unroll
-    for (int off = 16; off > 0; off /= 2) v = add_rn(v, __shfl_xor_sync(0xffffffffu, v, off));
+    for (int off = 16; off > 0; off /= 2) v = add_rn(v, __shfl_xor_sync(kFullWarp, v, off));
   }
   return v;
 }

@@ -18,7 +18,6 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kL = 4;                 // lanes per group
 constexpr int kE = kMxGroup / kL;     // elements per lane
 constexpr int kPerWarp = 32 / kL;     // groups per warp and pass
-constexpr unsigned kFull = 0xffffffffu;
 
 // Where a lane works in a pass: its group, the index of its first element, how many of its
 // kE elements the group has (kE on the vector path; fewer, or none, at a ragged row end),
@@ -52,35 +51,13 @@ __device__ __forceinline__ void for_each_mx_group(int64_t rows, int64_t cols, F&
   }
 }
 
-// A lane's elements as fp32; those past the group's end read as 0.
-template <typename T, bool kVec>
-__device__ __forceinline__ void load_lane(const T* p, int n, float* x) {
-  if constexpr (kVec) {
-    load_vec<T, kE>(p, x);
-  } else {
-#pragma unroll
-    for (int j = 0; j < kE; ++j) x[j] = j < n ? to_f32(p[j]) : 0.f;
-  }
-}
-
-template <typename T, bool kVec>
-__device__ __forceinline__ void store_lane(T* p, int n, const float* x) {
-  if constexpr (kVec) {
-    store_vec<T, kE>(p, x);
-  } else {
-#pragma unroll
-    for (int j = 0; j < kE; ++j)
-      if (j < n) p[j] = from_f32<T>(x[j]);
-  }
-}
-
 // max |x| over the group (every lane of it gets it).
 __device__ __forceinline__ float group_amax(const float* x) {
   float m = 0.f;
 #pragma unroll
   for (int j = 0; j < kE; ++j) m = max_num(m, fabs_(x[j]));  // |x| >= +0, never NaN (checked inputs)
 #pragma unroll
-  for (int off = kL / 2; off > 0; off /= 2) m = max_num(m, __shfl_xor_sync(kFull, m, off));
+  for (int off = kL / 2; off > 0; off /= 2) m = max_num(m, __shfl_xor_sync(kFullWarp, m, off));
   return m;
 }
 
@@ -106,8 +83,8 @@ __device__ __forceinline__ float group_backward(const float* x, const float* v, 
       for (int j = 0; j < kE; ++j)
         if (j < n) sums.add(x[j], g[j], gt[j], q[j], sc);
     }
-    sums.out = __shfl_sync(kFull, sums.out, first + k);
-    sums.div = __shfl_sync(kFull, sums.div, first + k);
+    sums.out = __shfl_sync(kFullWarp, sums.out, first + k);
+    sums.div = __shfl_sync(kFullWarp, sums.div, first + k);
   }
   return sums.g_m(sc);
 }
@@ -117,15 +94,15 @@ __global__ void __launch_bounds__(kThreads) fake_quant_mx_kernel(MxArgs a, T* ou
   const T* w = static_cast<const T*>(a.weight);
   for_each_mx_group<kVec>(a.rows, a.cols, [&](const LaneSpan& ls) {
     float x[kE], v[kE];
-    load_lane<T, kVec>(w + ls.at, ls.n, x);
-    load_lane<float, kVec>(a.v + ls.at, ls.n, v);
+    load_part<T, kE, kVec>(w + ls.at, ls.n, x);
+    load_part<float, kE, kVec>(a.v + ls.at, ls.n, v);
     const float amax = group_amax(x);
     if (!ls.active) return;
     const MxScale sc = mx_group_scale<kBits>(amax, __ldg(a.max_scale + ls.gi));
     if (ls.sub == 0) exps[ls.gi] = sc.e;
 #pragma unroll
     for (int j = 0; j < kE; ++j) x[j] = mx_qdq<kBits>(x[j], v[j], sc);
-    store_lane<T, kVec>(out + ls.at, ls.n, x);
+    store_part<T, kE, kVec>(out + ls.at, ls.n, x);
   });
 }
 
@@ -135,14 +112,14 @@ __global__ void __launch_bounds__(kThreads) fake_quant_mx_backward_kernel(MxArgs
   const T* w = static_cast<const T*>(a.weight);
   for_each_mx_group<kVec>(a.rows, a.cols, [&](const LaneSpan& ls) {
     float x[kE], v[kE], g[kE], gt[kE];
-    load_lane<T, kVec>(w + ls.at, ls.n, x);
-    load_lane<T, kVec>(grad + ls.at, ls.n, g);
-    load_lane<float, kVec>(a.v + ls.at, ls.n, v);
+    load_part<T, kE, kVec>(w + ls.at, ls.n, x);
+    load_part<T, kE, kVec>(grad + ls.at, ls.n, g);
+    load_part<float, kE, kVec>(a.v + ls.at, ls.n, v);
     const float amax = group_amax(x);
     const MxScale sc = mx_group_scale<kBits>(amax, __ldg(a.max_scale + ls.gi));
     const float g_m = group_backward<kBits>(x, v, g, ls.n, sc, ls, gt);
     if (!ls.active) return;
-    store_lane<float, kVec>(grad_v + ls.at, ls.n, gt);
+    store_part<float, kE, kVec>(grad_v + ls.at, ls.n, gt);
     if (ls.sub == 0) grad_ms[ls.gi] = mul_rn(g_m, amax);
   });
 }
@@ -152,13 +129,13 @@ __global__ void __launch_bounds__(kThreads) fake_quant_mx_activation_kernel(MxAc
   const T* xin = static_cast<const T*>(a.x);
   for_each_mx_group<kVec>(a.rows, a.cols, [&](const LaneSpan& ls) {
     float x[kE];
-    load_lane<T, kVec>(xin + ls.at, ls.n, x);
+    load_part<T, kE, kVec>(xin + ls.at, ls.n, x);
     const float amax = group_amax(x);
     if (!ls.active) return;
     const MxScale sc = mx_group_scale<kBits>(amax, 1.0f);
 #pragma unroll
     for (int j = 0; j < kE; ++j) x[j] = mx_qdq<kBits>(x[j], 0.0f, sc);
-    store_lane<T, kVec>(out + ls.at, ls.n, x);
+    store_part<T, kE, kVec>(out + ls.at, ls.n, x);
   });
 }
 
@@ -169,8 +146,8 @@ __global__ void __launch_bounds__(kThreads) fake_quant_mx_activation_backward_ke
   for_each_mx_group<kVec>(a.rows, a.cols, [&](const LaneSpan& ls) {
     float x[kE], g[kE], gt[kE];
     const float zeros[kE] = {};
-    load_lane<T, kVec>(xin + ls.at, ls.n, x);
-    load_lane<T, kVec>(grad + ls.at, ls.n, g);
+    load_part<T, kE, kVec>(xin + ls.at, ls.n, x);
+    load_part<T, kE, kVec>(grad + ls.at, ls.n, g);
     const float amax = group_amax(x);
     const MxScale sc = mx_group_scale<kBits>(amax, 1.0f);
     const float g_m = group_backward<kBits>(x, zeros, g, ls.n, sc, ls, gt);
@@ -180,12 +157,12 @@ __global__ void __launch_bounds__(kThreads) fake_quant_mx_activation_backward_ke
 #pragma unroll
     for (int j = kE - 1; j >= 0; --j)
       if (fabs_(x[j]) == amax) arg = j;
-    const unsigned lanes = (__ballot_sync(kFull, arg < kE) >> (ls.slot * kL)) & ((1u << kL) - 1u);
+    const unsigned lanes = (__ballot_sync(kFullWarp, arg < kE) >> (ls.slot * kL)) & ((1u << kL) - 1u);
     if (ls.sub != __ffs(lanes) - 1) arg = kE;
     if (!ls.active) return;
 #pragma unroll
     for (int j = 0; j < kE; ++j) gt[j] = mx_act_grad<T>(gt[j], sc, g_m, x[j], j == arg);
-    store_lane<T, kVec>(grad_x + ls.at, ls.n, gt);
+    store_part<T, kE, kVec>(grad_x + ls.at, ls.n, gt);
   });
 }
 
