@@ -757,3 +757,17 @@ def test_calibration_pass_puts_back_a_wrapped_forward(ragged_block):
             assert down.__dict__["forward"] is not wrapper
             raise RuntimeError("boom")
     assert down.__dict__["forward"] is wrapper
+
+
+@pytest.mark.parametrize("name,weighted", [("mxfp8a16", False), ("fp8-channel", False), ("w4a16-asym-g32", False),
+                                           ("nvfp4a16", True), ("w4a16-g32", True)])
+def test_iters0_collects_the_imatrix_only_where_the_search_weights_by_it(ragged_block, name, weighted, monkeypatch):
+    from autoround_fast.engine import block as block_module
+
+    model, inputs = ragged_block
+    seen = []
+    real = block_module.activation_stats
+    monkeypatch.setattr(block_module, "activation_stats",
+                        lambda *a, **kw: seen.append(kw["want_imatrix"]) or real(*a, **kw))
+    tune_block(fresh_block(model), inputs, {n: SPECS[name] for n in LINEARS}, iters=0)
+    assert seen == [weighted]

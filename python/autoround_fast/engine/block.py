@@ -208,7 +208,8 @@ class _BlockRun:
         """act_max (NVFP4 W4A4) and the imatrix (iters=0) on the quantized inputs, the block as it is:
         act_max is auto-round's, bit for bit."""
         p = self.plan
-        want_max, want_imatrix = self.static_act, self.iters == 0
+        want_max = self.static_act
+        want_imatrix = self.iters == 0 and any(s.weighted_rtn for s in self.specs.values())
         stats = activation_stats(self.block, self.linears, self.inputs, p.precision.calibration, self.q_hidden,
                                  want_max=want_max, want_imatrix=want_imatrix, cuda_graph=p.cuda_graph)
         if p.dist is not None:
@@ -297,12 +298,11 @@ def _qparams(tl: TunedLinear, stats: ActStats, iters: int) -> dict[str, torch.Te
     static activations) of a tuned Linear; iters=0 runs the optimized RTN."""
     spec = tl.spec
     zp = None
-    if iters == 0 and spec.kind == "nvfp4":
-        wq, scale = opt_rtn_nvfp4(tl, stats.imatrix.to(tl.v.device))
-    elif iters == 0 and spec.kind == "mx":  # unweighted: auto-round collects no imatrix for MX
+    if iters == 0 and spec.kind == "mx":  # unweighted: auto-round collects no imatrix for MX
         wq, scale = opt_rtn_mx(tl)
-    elif iters == 0 and spec.kind == "int" and spec.sym:
-        wq, scale = opt_rtn_int_sym(tl, stats.imatrix.to(tl.v.device))
+    elif iters == 0 and spec.weighted_rtn:
+        opt_rtn = opt_rtn_nvfp4 if spec.kind == "nvfp4" else opt_rtn_int_sym
+        wq, scale = opt_rtn(tl, stats.imatrix.to(tl.v.device))
     else:
         wq, scale, zp = tl.qdq()
     qp = {"scale": scale.detach(), "weight": wq.detach()}

@@ -90,6 +90,12 @@ class QuantSpec:
         return (out_features, self.num_groups(in_features))
 
     @property
+    def weighted_rtn(self) -> bool:
+        """iters=0's scale search weights the error by the imatrix (NVFP4, symmetric INT); MX's
+        is unweighted, asymmetric INT and FP8 take plain RTN (auto-round's)."""
+        return self.kind == "nvfp4" or (self.kind == "int" and self.sym)
+
+    @property
     def static_act(self) -> bool:
         """The activations take a scale from the calibrated maximum (NVFP4's input global scale,
         FP8's static scale)."""
