@@ -34,6 +34,8 @@ from llmcompressor.modifiers.factory import ModifierFactory
 from .progress import ModelProgress
 from .resume import BlockStore
 from .engine import BlockResult, QuantSpec, make_backend, pack_samples, same_value, tune_block
+from .engine.placement import process_group
+from .engine.precision import convert_block, cpu_tune_dtype
 from .formats import FP8_BLOCK, FP8_PER_TENSOR, INT_GROUP_PER_ROW, MX_ELEMENTS, MX_GROUP, NVFP4_GROUP, SCALE_DTYPE_CODES
 
 __all__ = ["AutoRoundModifier", "spec_from_scheme"]
@@ -135,8 +137,8 @@ def spec_from_scheme(scheme, weight_scale_dtype: Optional[torch.dtype], layer: s
 # Modifier fields that change neither the tuned weights nor the checkpoint (docs/numerics.md
 # #execution-invariance), or are the run's lifecycle state.
 _NOT_RESULT_FIELDS = {"index", "group", "start", "end", "update", "initialized_", "finalized_", "started_",
-                      "ended_", "progress", "resume_dir", "cache_on_cpu", "cuda_graph", "fuse_elementwise",
-                      "step_in_backward", "device_ids", "enable_torch_compile"}
+                      "ended_", "progress", "cache_on_cpu", "cuda_graph", "step_in_backward", "device_ids",
+                      "enable_torch_compile"}
 
 
 class AutoRoundModifier(_StockAutoRoundModifier):
@@ -225,6 +227,9 @@ class AutoRoundModifier(_StockAutoRoundModifier):
         if self.resume_dir is not None:
             if self.backend == "auto_round":
                 raise ValueError("AutoRoundModifier: resume_dir needs backend 'torch' or 'cuda'")
+            if process_group() is not None:  # each rank tunes on its own samples
+                raise ValueError("AutoRoundModifier: resume_dir does not resume data-parallel runs "
+                                 "(a process group of more than one rank)")
             self._store = BlockStore(self.resume_dir, self._result_settings())
         if self.backend != "auto_round":
             self._devices = self._block_devices()  # a bad device_ids fails before calibration
@@ -250,6 +255,13 @@ class AutoRoundModifier(_StockAutoRoundModifier):
         super().on_calibration_start(state, event, **kwargs)
         if self.progress and self.iters > 0 and self.backend != "auto_round":
             self._progress = ModelProgress(len(self._capture_hooks), self.iters)
+
+    def on_calibration_end(self, state, event, **kwargs):
+        super().on_calibration_end(state, event, **kwargs)
+        if self._progress is not None:
+            self._progress.close()
+        if self._store is not None:
+            self._store.wait()  # the last block's files are on disk before the model is saved
 
     def _result_settings(self) -> dict:
         """The fields that decide the tuned weights (not how fast or where they are computed)."""
@@ -368,9 +380,7 @@ class AutoRoundModifier(_StockAutoRoundModifier):
                                       fused=result.fused))
         self._q_input = result.q_outputs
         if self._store is not None:
-            with align_module_device(layer):
-                params = {f"{n}.{p}": t for n, (m, _) in targets.items() for p, t in m.named_parameters(recurse=False)}
-                self._store.save(layer_name, params, self._q_input, self._block_stats[-1])
+            self._keep_block(layer, layer_name, targets)
         if result.eager_reason:
             logger.info(f"{layer_name}: {result.eager_reason}")
         if result.memory_note:
@@ -382,19 +392,28 @@ class AutoRoundModifier(_StockAutoRoundModifier):
             logger.info(f"{layer_name}: RTN with the scale search (iters=0), {result.seconds:.1f} s")
         layer.eval()
 
+    def _keep_block(self, layer, layer_name: str, targets: dict) -> None:
+        """resume_dir: the tuned block's Linears, its output and its stats row, to disk."""
+        with align_module_device(layer):
+            params = {f"{n}.{p}": t for n, (m, _) in targets.items() for p, t in m.named_parameters(recurse=False)}
+            self._store.save(layer_name, params, self._q_input, self._block_stats[-1])
+
     def _restore_block(self, layer, layer_name: str, targets: dict, inputs: list) -> bool:
         """Put back a block that an earlier run of the same command finished (resume_dir):
-        its Linears' parameters, its statistics and the quantized chain's output. False if
-        that run did not finish this block."""
+        its Linears' parameters, its statistics and, for the last block that run finished,
+        the quantized chain's output. False if that run did not finish this block."""
         self._store.check([args[0] for args, _ in inputs])
         saved = self._store.load(layer_name)
         if saved is None:
             return False
         params, q_outputs, stats = saved
+        if self.backend == "torch" and next(layer.parameters()).device.type == "cpu":
+            convert_block(layer, cpu_tune_dtype())  # as tune_block leaves a block it tuned on a CPU
         for key, value in params.items():
             name, _, param_name = key.rpartition(".")
             _put_param(targets[name][0], param_name, value)
-        self._q_input = q_outputs.to(inputs[0][0][0].device)
+        if q_outputs is not None:  # else a later block was kept too, and is put back next
+            self._q_input = q_outputs.to(inputs[0][0][0].device)
         self._block_stats.append(stats)
         logger.info(f"{layer_name}: finished by an earlier run, reloaded from {self._store.directory}")
         layer.eval()

@@ -3,29 +3,27 @@ iteration and loss, and the time left (tqdm's estimate from the iterations' rate
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 
 class ModelProgress:
-    """A bar of ``blocks * iters`` steps, made at the first block that is tuned (blocks that
-    an earlier run finished count as done from the start, not as fast steps)."""
+    """A bar of ``blocks * iters`` steps, made at the first block that is tuned: blocks that
+    an earlier run finished before it count as done from the start; a block skipped later (no
+    Linear to tune) moves the bar at once."""
 
-    def __init__(self, blocks: int, iters: int, make_bar: Optional[Callable] = None):
+    def __init__(self, blocks: int, iters: int):
         self.blocks, self.iters = blocks, iters
         self.done = 0  # blocks finished or reloaded
-        self._make_bar = make_bar or _tqdm
         self.bar = None
 
     def skip(self) -> None:
-        """A block reloaded instead of tuned."""
-        self.done += 1
-        if self.bar is not None:
-            self.bar.update(self.iters)
+        """A block reloaded or with nothing to tune."""
+        self.finish_block()
 
     def start(self, name: str) -> Callable[[int, float], None]:
         """The per-iteration callback for the block ``name``, tuned now."""
         if self.bar is None:
-            self.bar = self._make_bar(total=self.blocks * self.iters, initial=self.done * self.iters)
+            self.bar = _tqdm(total=self.blocks * self.iters, initial=self.done * self.iters)
         self.bar.set_description(f"AutoRound block {self.done + 1}/{self.blocks} ({name})", refresh=False)
         first = self.done * self.iters
 

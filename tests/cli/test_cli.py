@@ -395,8 +395,12 @@ def test_another_command_is_refused_on_a_kept_resume_directory(tiny_model_dir, c
     a = args(tiny_model_dir, tmp_path / "out", calib_file)
     job = quantize.prepare(build_parser().parse_args(a))
     (keep / "command.json").write_text(json.dumps(dict(job.command, seed=7)))
+    assert quantize.prepare(build_parser().parse_args(a)).resumed_blocks == 0  # no block yet: taken over
+    (keep / "model.layers.0.safetensors").write_bytes(b"")
     err = fails(a, capsys)
     assert f"{keep} holds the blocks of another command (its seed was 7, this one's is 42)" in err
+    (keep / "command.json").write_text("{")  # cut short
+    assert "holds finished blocks but no readable record of their command" in fails(a, capsys)
 
 
 def test_settings_are_autoround_defaults_on_a_gpu_and_small_on_a_cpu():

@@ -5,6 +5,7 @@ import math
 import xml.etree.ElementTree as ET
 
 from autoround_fast.cli import plot
+from autoround_fast import progress
 from autoround_fast.progress import ModelProgress
 
 
@@ -26,9 +27,10 @@ class FakeBar:
         self.closed = True
 
 
-def test_one_bar_over_every_block_and_iteration():
+def test_one_bar_over_every_block_and_iteration(monkeypatch):
     bars = []
-    p = ModelProgress(blocks=3, iters=4, make_bar=lambda **kw: bars.append(FakeBar(**kw)) or bars[-1])
+    monkeypatch.setattr(progress, "_tqdm", lambda **kw: bars.append(FakeBar(**kw)) or bars[-1])
+    p = ModelProgress(blocks=3, iters=4)
     p.skip()  # reloaded by a resumed run: done from the start, not a burst of fast steps
     step = p.start("model.layers.1")
     bar = bars[0]
@@ -43,6 +45,16 @@ def test_one_bar_over_every_block_and_iteration():
     p.finish_block()
     assert bar.n == 12 and bar.closed and len(bars) == 1
 
+
+def test_a_last_block_skipped_closes_the_bar(monkeypatch):
+    bars = []
+    monkeypatch.setattr(progress, "_tqdm", lambda **kw: bars.append(FakeBar(**kw)) or bars[-1])
+    p = ModelProgress(blocks=2, iters=4)
+    step = p.start("model.layers.0")
+    step(3, 0.1)
+    p.finish_block()
+    p.skip()  # the last block has nothing to tune
+    assert bars[0].n == 8 and bars[0].closed
 
 def test_the_plot_puts_each_block_where_its_numbers_say():
     """Lower losses sit lower (larger y), each bar's height is its block's share of the

@@ -33,6 +33,9 @@ def test_the_estimate_counts_tunables_caches_and_one_micro_batch(block_and_input
     assert on == weights * 14 + 4 * 8 * 16 * 128 * 2 + 2 * 4 * 16 * per_token * 2
     off = memory.tuning_bytes(lin, n_samples=8, tokens=16, hidden=128, batch=4, elem=2, caches_on_device=False)
     assert on - off == (4 * 8 - 2 * 4) * 16 * 128 * 2  # the host keeps the caches; two batches are staged
+    held = memory.tuning_bytes(lin, n_samples=8, tokens=16, hidden=128, batch=4, elem=2, caches_on_device=True,
+                               resident=2)
+    assert on - held == 2 * 8 * 16 * 128 * 2  # the caller's inputs on the device are spent, not needed
 
 
 def test_fit_gives_up_the_least_that_fits(block_and_inputs):
@@ -61,7 +64,7 @@ def test_a_tight_budget_splits_the_micro_batch_as_the_same_settings_by_hand(bloc
     model, inputs = block_and_inputs
     spec = {n: QuantSpec("int", 4, 32, True, scale_dtype=torch.bfloat16) for n in LINEARS}
     lin = linears_of(model)
-    budget = memory.tuning_bytes(lin, 8, 16, 128, 2, 2, True)
+    budget = memory.tuning_bytes(lin, 8, 16, 128, 2, 2, True, resident=1)  # the fp inputs are there already
     runs = {}
     for name, kw in (("fit", dict(batch_size=4, memory_budget=budget)),
                      ("by hand", dict(batch_size=2, gradient_accumulate_steps=2))):
@@ -71,3 +74,12 @@ def test_a_tight_budget_splits_the_micro_batch_as_the_same_settings_by_hand(bloc
     (fit, wf), (hand, wh) = runs["fit"], runs["by hand"]
     assert "micro-batches of 2 with 2 accumulation steps (was 4 and 1)" in fit.memory_note and hand.memory_note == ""
     assert fit.losses == hand.losses and all(torch.equal(wf[n], wh[n]) for n in LINEARS)
+
+
+def test_rtn_is_not_held_to_the_tuning_estimate(block_and_inputs):
+    model, inputs = block_and_inputs
+    spec = {n: QuantSpec("int", 4, 32, True, scale_dtype=torch.bfloat16) for n in LINEARS}
+    res = tune_block(copy.deepcopy(model.model.layers[0]), inputs, spec, iters=0, memory_budget=1)
+    assert res.memory_note == ""
+    with pytest.raises(ValueError, match="tune_block: the block's tuning needs about"):
+        tune_block(copy.deepcopy(model.model.layers[0]), inputs, spec, iters=2, memory_budget=1)

@@ -123,6 +123,7 @@ def test_rtn_oneshot(three_layer_model_dir, tmp_path, backend, name):
     saved, wanted = reload_and_check(output), recipe.config_groups["group_0"]
     assert saved.weights.num_bits == wanted.weights.num_bits
     assert saved.weights.strategy == wanted.weights.strategy
-    if saved.input_activations is not None:  # as upstream: checked where the config keeps them
-        assert saved.input_activations.num_bits == wanted.input_activations.num_bits
-        assert saved.input_activations.strategy == wanted.input_activations.strategy
+    # upstream checks these where the config keeps them; every backend keeps them here
+    assert saved.input_activations is not None
+    assert saved.input_activations.num_bits == wanted.input_activations.num_bits
+    assert saved.input_activations.strategy == wanted.input_activations.strategy

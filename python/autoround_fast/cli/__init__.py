@@ -17,6 +17,7 @@ evaluated on topics kept apart from those.
 
 from __future__ import annotations
 
+import gc
 import sys
 from typing import Optional
 
@@ -29,30 +30,38 @@ __all__ = ["main", "build_parser", "CliError"]
 def main(argv: Optional[list[str]] = None) -> int:
     """Run one command; bad arguments or inputs print one line on stderr and return 2,
     Ctrl-C returns 130 (what a shell reports for SIGINT) with no partial output left."""
+    hook = sys.unraisablehook
     try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
-        if args.command == "quantize":
-            from .quantize import run
-        elif args.command == "eval":
-            from .evaluate import run
-        elif args.command == "selfcheck":
-            from ..selfcheck import selfcheck
-
-            return selfcheck()
-        else:
-            parser.print_help()
-            return 2
-        return run(args)
+        return _run(argv)
     except CliError as e:
         print(f"autoround-fast: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        sys.unraisablehook = _ignore  # finalizers of objects the interrupt left half-built
-        print("autoround-fast: interrupted", file=sys.stderr)
-        return 130
+        # An object interrupted in its constructor (a progress bar, say) fails in its
+        # finalizer once the interrupt's frames are freed; the user already reads "interrupted".
+        sys.unraisablehook = _ignore
+    gc.collect()  # those finalizers run now, under _ignore
+    sys.unraisablehook = hook
+    print("autoround-fast: interrupted", file=sys.stderr)
+    return 130
+
+
+def _run(argv: Optional[list[str]]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "quantize":
+        from .quantize import run
+    elif args.command == "eval":
+        from .evaluate import run
+    elif args.command == "selfcheck":
+        from ..selfcheck import selfcheck
+
+        return selfcheck()
+    else:
+        parser.print_help()
+        return 2
+    return run(args)
 
 
 def _ignore(unraisable) -> None:
-    """After Ctrl-C, an object interrupted in its constructor (a progress bar, say) fails in its
-    finalizer; that is not news to the user, who already reads "interrupted"."""
+    pass

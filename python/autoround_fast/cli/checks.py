@@ -122,13 +122,3 @@ def check_model_path(path: str, option: str = "--model") -> str:
         raise CliError(f"{option} {path!r} is a directory without config.json, not a saved model")
     return path
 
-
-def check_finite_weights(model, ignore: list[str]) -> None:
-    """Every Linear to quantize has finite weights, checked once the model is loaded and before
-    any calibration: a NaN or Inf names its layer in one line."""
-    import torch
-
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name not in ignore:
-            if not bool(torch.isfinite(module.weight).all()):
-                raise CliError(f"--model: the weight of {name} has non-finite values (NaN or Inf)")

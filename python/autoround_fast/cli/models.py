@@ -147,3 +147,12 @@ def prequantize_weights(model: torch.nn.Module) -> torch.nn.Module:
         module.weight.data = forward_quantize(module, module.weight.data, "weight", scheme.weights)
         module.quantization_scheme = scheme.model_copy(update={"weights": None})
     return model
+
+
+def check_finite_weights(model, ignore: list[str]) -> None:
+    """Every Linear to quantize has finite weights, checked once the model is loaded and before
+    any calibration: a NaN or Inf names its layer in one line."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name not in ignore:
+            if not bool(torch.isfinite(module.weight).all()):
+                raise CliError(f"--model: the weight of {name} has non-finite values (NaN or Inf)")

@@ -70,7 +70,9 @@ class Job:
         """What decides the result: a resume directory is taken only by the same command."""
         return dict(model=os.path.abspath(self.model_path), scheme=self.choice.label,
                     modifier=json.loads(json.dumps(self.choice.modifier_kwargs, default=str)),
-                    ignore=self.choice.ignore, backend=self.backend, seed=self.seed, **self.settings,
+                    ignore=self.choice.ignore, backend=self.backend, gpu=self.cuda, seed=self.seed, **self.settings,
+                    fuse=self.modifier_options.get("fuse_elementwise"),
+                    scale_dtype=self.modifier_options.get("scale_dtype"),
                     calibration=hashlib.sha256(self.calib_windows.numpy().tobytes()).hexdigest(),
                     dtype=str(self.dtype), save_dtype=str(self.save_dtype))
 
@@ -203,22 +205,86 @@ def rtn_perplexity(job: Job, model) -> float:
     return perplexity(models.prequantize_weights(rtn), job.eval_windows)
 
 
-def execute(job: Job) -> int:
-    from ..modifier import AutoRoundModifier
-
+def _announce(job: Job) -> None:
+    """The run's first lines: model, scheme, backend and device; on a CPU, the small settings
+    (said once here; llm-compressor's "No accelerator available" repeats are dropped)."""
     cfg = job.settings
     print(f"autoround-fast: {job.model_path} -> {job.choice.label}, backend={job.backend}, "
           f"{'GPU ' + torch.cuda.get_device_name() if job.cuda else 'CPU'}")
     for note in job.choice.notes:
         print(f"autoround-fast: {note}")
-    quiet_device_warning = not job.cuda
     if not job.cuda:
-        # Said once here; llm-compressor's "No accelerator available" repeats are dropped.
         reason = "--device cpu" if torch.cuda.is_available() else "no GPU"
         print(f"autoround-fast: {reason}; tuning on the CPU with settings that finish in a few minutes "
               f"(iters={cfg['iters']}, nsamples={cfg['nsamples']}, seqlen={cfg['seqlen']}, "
               f"batch_size={cfg['batch_size']}, lr={cfg['lr'] if cfg['lr'] is not None else '1/iters'}); "
               "AutoRound's defaults are iters=200, nsamples=128, seqlen=2048, batch_size=8, lr=1/iters")
+    if job.resumed_blocks:
+        print(f"autoround-fast: resuming: {job.resumed_blocks} blocks finished by an earlier run of this "
+              f"command are in {resume.resume_dir(job.out_dir)}")
+
+
+def _baselines(job: Job, model) -> list[dict]:
+    """The perplexity rows of the original model and of RTN (none with --no-eval)."""
+    if job.eval_windows is None:
+        return []
+    print("autoround-fast: perplexity of the original model and of RTN ...")
+    return [dict(role="original", model=f"original ({str(job.dtype).replace('torch.', '')})",
+                 perplexity=perplexity(model, job.eval_windows)),
+            dict(role="rtn", model=f"RTN: llm-compressor QuantizationModifier, {job.choice.label}",
+                 perplexity=rtn_perplexity(job, model))]
+
+
+def _tune_and_save(job: Job, model, ckpt_dir: str) -> dict:
+    """AutoRound through oneshot and the checkpoint in ckpt_dir; the report so far."""
+    from ..modifier import AutoRoundModifier
+
+    cfg = job.settings
+    kept_blocks = {} if job.backend == "auto_round" else {"resume_dir": resume.resume_dir(job.out_dir)}
+    modifier = AutoRoundModifier(
+        ignore=job.choice.ignore, iters=cfg["iters"], batch_size=cfg["batch_size"], lr=cfg["lr"],
+        backend=job.backend, seed=job.seed, enable_torch_compile=False, progress=True,
+        **job.choice.modifier_kwargs, **job.modifier_options, **kept_blocks)  # the stock path cannot resume
+    t0 = time.perf_counter()
+    _oneshot(model, job.tokenizer, modifier, job.calib_windows)
+    elapsed = time.perf_counter() - t0
+    save_checkpoint(model, job.tokenizer, ckpt_dir, dtype=job.save_dtype)
+    return {"model": job.model_path, "scheme": job.choice.name, "group_size": job.choice.group_size,
+            "ignore": job.choice.ignore, "seconds": elapsed, **cfg, "backend": job.backend, "seed": job.seed,
+            "calibration": job.calib_source, "blocks": modifier.block_stats}
+
+
+def _measure_and_report(job: Job, ckpt: str, report: dict, ppl_rows: list[dict]) -> None:
+    """The reloaded checkpoint's perplexity (unless --no-eval), and autoround_blocks.json and
+    .svg beside it."""
+    if job.eval_windows is not None:
+        print("autoround-fast: perplexity of the checkpoint, reloaded ...")
+        reloaded = models.prequantize_weights(models.load_model(ckpt, job.dtype))
+        if job.cuda:
+            reloaded.to("cuda")
+        ppl_rows.append(dict(role="result", model="AutoRound: this checkpoint, reloaded",
+                             perplexity=perplexity(reloaded, job.eval_windows)))
+        report["perplexity"] = dict(text=job.eval_source, windows=job.eval_windows.shape[0],
+                                    seqlen=job.eval_windows.shape[1], rows=ppl_rows)
+    with open(os.path.join(ckpt, "autoround_blocks.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(ckpt, "autoround_blocks.svg"), "w") as f:
+        f.write(plot.blocks_svg(report["blocks"], f"{os.path.basename(job.out_dir)}: {job.choice.label}, "
+                                                  f"backend {job.backend}, {job.settings['iters']} iterations"))
+
+
+def _missing_parents(out_dir: str) -> list[str]:
+    """The ancestors of the output directory that do not exist yet, deepest first."""
+    made, d = [], os.path.dirname(out_dir)
+    while not os.path.exists(d):
+        made.append(d)
+        d = os.path.dirname(d)
+    return made
+
+
+def execute(job: Job) -> int:
+    _announce(job)
+    if not job.cuda:
         from loguru import logger
 
         logger.disable("llmcompressor.utils.dev")
@@ -226,80 +292,33 @@ def execute(job: Job) -> int:
     if job.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for it
         torch.use_deterministic_algorithms(True)
-
-    parent = os.path.dirname(job.out_dir)
-    made = []  # the missing ancestors of the output directory, made here, removed on failure
-    d = parent
-    while not os.path.exists(d):
-        made.append(d)
-        d = os.path.dirname(d)
-    keep = resume.resume_dir(job.out_dir)
-    if job.resumed_blocks:
-        print(f"autoround-fast: resuming: {job.resumed_blocks} blocks finished by an earlier run of this "
-              f"command are in {keep}")
+    made = _missing_parents(job.out_dir)
     try:
         model = models.load_model(job.model_path, job.dtype)
-        checks.check_finite_weights(model, job.choice.ignore)
+        models.check_finite_weights(model, job.choice.ignore)
         if job.cuda:
             model.to("cuda")
-        ppl_rows = []
-        if job.eval_windows is not None:
-            print("autoround-fast: perplexity of the original model and of RTN ...")
-            ppl_rows.append(dict(role="original", model=f"original ({str(job.dtype).replace('torch.', '')})",
-                                 perplexity=perplexity(model, job.eval_windows)))
-            ppl_rows.append(dict(role="rtn", model=f"RTN: llm-compressor QuantizationModifier, {job.choice.label}",
-                                 perplexity=rtn_perplexity(job, model)))
-
-        os.makedirs(parent, exist_ok=True)
-        ckpt_dir = resume.start(keep, job.command)
-        kept_blocks = {} if job.backend == "auto_round" else {"resume_dir": keep}  # the stock path cannot
-        modifier = AutoRoundModifier(
-            ignore=job.choice.ignore, iters=cfg["iters"], batch_size=cfg["batch_size"], lr=cfg["lr"],
-            backend=job.backend, seed=job.seed, enable_torch_compile=False, progress=True,
-            **job.choice.modifier_kwargs, **job.modifier_options, **kept_blocks)
-        t0 = time.perf_counter()
-        _oneshot(model, job.tokenizer, modifier, job.calib_windows)
-        elapsed = time.perf_counter() - t0
-        ckpt = save_checkpoint(model, job.tokenizer, ckpt_dir, dtype=job.save_dtype)
-        rows = modifier.block_stats
-        del model
-        report = {"model": job.model_path, "scheme": job.choice.name, "group_size": job.choice.group_size,
-                  "ignore": job.choice.ignore, "seconds": elapsed, **cfg, "backend": job.backend, "seed": job.seed,
-                  "calibration": job.calib_source, "blocks": rows}
-        if job.eval_windows is not None:
-            print("autoround-fast: perplexity of the checkpoint, reloaded ...")
-            reloaded = models.prequantize_weights(models.load_model(ckpt, job.dtype))
-            if job.cuda:
-                reloaded.to("cuda")
-            ppl_rows.append(dict(role="result", model="AutoRound: this checkpoint, reloaded",
-                                 perplexity=perplexity(reloaded, job.eval_windows)))
-            del reloaded
-            report["perplexity"] = dict(text=job.eval_source, windows=job.eval_windows.shape[0],
-                                        seqlen=job.eval_windows.shape[1], rows=ppl_rows)
-        with open(os.path.join(ckpt, "autoround_blocks.json"), "w") as f:
-            json.dump(report, f, indent=2)
-        with open(os.path.join(ckpt, "autoround_blocks.svg"), "w") as f:
-            f.write(plot.blocks_svg(rows, f"{os.path.basename(job.out_dir)}: {job.choice.label}, "
-                                          f"backend {job.backend}, {cfg['iters']} iterations"))
-        if os.path.exists(job.out_dir):
-            shutil.rmtree(job.out_dir)
-        os.replace(ckpt, job.out_dir)
-        resume.finish(keep)
-    except BaseException:  # Ctrl-C included: no output; the finished blocks, if any, kept to resume
-        done = resume.after_failure(keep)
-        if done:
-            print(f"autoround-fast: {done} finished blocks kept in {keep}; run the same command again to resume")
+        ppl_rows = _baselines(job, model)
+        os.makedirs(os.path.dirname(job.out_dir), exist_ok=True)
+        with resume.resumable(resume.resume_dir(job.out_dir), job.command) as ckpt_dir:
+            report = _tune_and_save(job, model, ckpt_dir)
+            del model  # before the checkpoint is loaded again
+            _measure_and_report(job, ckpt_dir, report, ppl_rows)
+            if os.path.exists(job.out_dir):
+                shutil.rmtree(job.out_dir)
+            os.replace(ckpt_dir, job.out_dir)
+    except BaseException:  # Ctrl-C included: no output, and no directory this run made
         for d in made:  # deepest first
             if os.path.isdir(d) and not os.listdir(d):
                 os.rmdir(d)
         raise
     finally:
-        if quiet_device_warning:
+        if not job.cuda:
             from loguru import logger
 
             logger.enable("llmcompressor.utils.dev")
-    print(format_block_table(rows))
+    print(format_block_table(report["blocks"]))
     if "perplexity" in report:
         print(format_perplexity_table(report["perplexity"]))
-    print(f"autoround-fast: wrote {job.out_dir} ({elapsed:.1f} s of tuning)")
+    print(f"autoround-fast: wrote {job.out_dir} ({report['seconds']:.1f} s of tuning)")
     return 0

@@ -9,11 +9,12 @@ The checkpoint is written inside it and renamed onto the output at the end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 
-from ..resume import BlockStore
+from ..resume import BlockStore, ResumeMismatch, write_json_atomic
 from .checks import CliError
 
 COMMAND_FILE = "command.json"
@@ -26,30 +27,46 @@ def resume_dir(out_dir: str) -> str:
 
 
 def check_command(path: str, command: dict) -> int:
-    """Blocks an earlier run of this same command finished in ``path`` (0 if none); a
-    CliError if another command left it."""
-    record = os.path.join(path, COMMAND_FILE)
-    if not os.path.exists(record):
+    """Blocks an earlier run of this same command finished in ``path`` (0 if none: a
+    directory without blocks is taken over by any command); a CliError if another command
+    left blocks there."""
+    done = len(BlockStore(path, {}).blocks_done())
+    if not done:
         return 0
-    with open(record) as f:
-        kept = json.load(f)
+    try:
+        with open(os.path.join(path, COMMAND_FILE)) as f:
+            kept = json.load(f)
+    except (OSError, ValueError):
+        raise CliError(f"{path} holds finished blocks but no readable record of their command; "
+                       "delete the directory to start over") from None
     for key in sorted(set(command) | set(kept)):
         if command.get(key) != kept.get(key):
             raise CliError(f"{path} holds the blocks of another command (its {key} was {kept.get(key)!r}, "
                            f"this one's is {command.get(key)!r}): run that command again to resume it, "
                            "or delete the directory")
-    return len(BlockStore(path, {}).blocks_done())
+    return done
 
 
-def start(path: str, command: dict) -> str:
-    """Make the directory (recording the command), drop a checkpoint an interrupted save left,
-    and return where the new one is written."""
+@contextlib.contextmanager
+def resumable(path: str, command: dict):
+    """The resume directory around the tuning and the save: made, with the command recorded;
+    yields where the checkpoint is written. Removed once the body succeeds (it has moved the
+    checkpoint away); after a failure or Ctrl-C kept if it holds a finished block (said so),
+    else removed."""
     os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, COMMAND_FILE), "w") as f:
-        json.dump(command, f, indent=1)
+    write_json_atomic(os.path.join(path, COMMAND_FILE), command)
     ckpt = os.path.join(path, CHECKPOINT)
-    shutil.rmtree(ckpt, ignore_errors=True)
-    return ckpt
+    shutil.rmtree(ckpt, ignore_errors=True)  # what an interrupted save left
+    try:
+        yield ckpt
+    except ResumeMismatch as e:  # the model's files changed under the same command
+        raise CliError(str(e)) from None
+    except BaseException:
+        done = after_failure(path)
+        if done:
+            print(f"autoround-fast: {done} finished blocks kept in {path}; run the same command again to resume")
+        raise
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def after_failure(path: str) -> int:
@@ -61,8 +78,4 @@ def after_failure(path: str) -> int:
     if not done:
         shutil.rmtree(path, ignore_errors=True)
     return done
-
-
-def finish(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)
 

@@ -94,7 +94,7 @@ def tune_block(block: nn.Module, fp_inputs: Sequence[tuple[tuple, dict]], specs:
     act_quant = any(s.act for s in specs.values())
     first = fp_inputs[0][0][0] if fp_inputs else None  # plan() refuses no inputs
     shape = (first.numel() // first.shape[-1], first.shape[-1]) if first is not None else (0, 0)
-    p = plan(options, block, linears, len(fp_inputs), act_quant, shape)
+    p = plan(options, block, linears, len(fp_inputs), act_quant, shape, held=(first, q_inputs))
     block.to(p.device)
     if p.device.type == "cpu":
         convert_block(block, p.dtype)  # and it stays converted, as auto-round leaves it

@@ -2,10 +2,11 @@
 
 An estimate, made before any tensor is allocated, of the bytes the tuning adds on the device:
 the tunables of every Linear (V, its best copy and its gradient in fp32, the fake-quantized
-weight kept for the backward), the cached activations (the fp inputs, the reference outputs,
-the quantized inputs and the quantized outputs made at the end, each [N, L, H] in the
-block's dtype), and one micro-batch's forward and backward (what each Linear reads and
-writes, the norms and residuals, twice over for the backward's transients). Where that does
+weight kept for the backward), the cached activations not there yet (of the fp inputs, the
+reference outputs, the quantized inputs and the quantized outputs made at the end, each
+[N, L, H] in the block's dtype, those the caller already holds on the device are spent, not
+needed), and one micro-batch's forward and backward (what each Linear reads and writes, the
+norms and residuals, twice over for the backward's transients). Where that does
 not fit, the caches go to host memory (each iteration then copies its batch over); where that
 is still too much, the micro-batch is halved and the steps accumulate gradients over more of
 them (the same samples per step); where even one sample does not fit, a clear error, never a
@@ -36,11 +37,16 @@ class Fit:
     note: str = ""
 
 
+CACHES = 4  # fp inputs, reference outputs, quantized inputs, quantized outputs
+
+
 def tuning_bytes(linears: dict[str, nn.Linear], n_samples: int, tokens: int, hidden: int, batch: int,
-                 elem: int, caches_on_device: bool) -> int:
-    """The estimate above, in bytes."""
+                 elem: int, caches_on_device: bool, resident: int = 0) -> int:
+    """The estimate above, in bytes; ``resident``: caches the caller already holds on the
+    device (they stay there wherever the others go)."""
     tunables = sum(m.weight.numel() for m in linears.values()) * TUNABLE_BYTES
-    caches = 4 * n_samples * tokens * hidden * elem if caches_on_device else 2 * batch * tokens * hidden * elem
+    cache = n_samples * tokens * hidden * elem
+    caches = (CACHES - resident) * cache if caches_on_device else 2 * batch * tokens * hidden * elem
     per_token = sum(m.in_features + m.out_features for m in linears.values()) + 4 * hidden
     return tunables + caches + BACKWARD_FACTOR * batch * tokens * per_token * elem
 
@@ -60,12 +66,12 @@ def device_budget(device: torch.device) -> Optional[int]:
 
 
 def fit(linears: dict[str, nn.Linear], n_samples: int, tokens: int, hidden: int, batch: int, accumulate: int,
-        elem: int, budget: Optional[int], can_cache_on_host: bool) -> Fit:
+        elem: int, budget: Optional[int], can_cache_on_host: bool, resident: int = 0) -> Fit:
     """The first of: everything on the device; the caches on the host (``can_cache_on_host``:
     the device is a GPU and the caller left cache_device unset); the micro-batch halved (while
     it divides) with the accumulation doubled. A ValueError if none fits."""
     def need(b, on_device):
-        return tuning_bytes(linears, n_samples, tokens, hidden, b, elem, on_device)
+        return tuning_bytes(linears, n_samples, tokens, hidden, b, elem, on_device, resident)
 
     if budget is None or need(batch, True) <= budget:
         return Fit(False, batch, accumulate)

@@ -101,9 +101,10 @@ class Plan:
 
 
 def plan(options: TuneOptions, block: nn.Module, linears: dict[str, nn.Linear], n_samples: int,
-         act_quant: bool, sample_shape: tuple[int, int]) -> Plan:
+         act_quant: bool, sample_shape: tuple[int, int], held: Sequence[Optional[torch.Tensor]] = ()) -> Plan:
     """Resolve ``options`` for this block and machine (``sample_shape``: one sample's tokens
-    and hidden size), or raise naming the option at fault."""
+    and hidden size; ``held``: the caller's fp inputs and quantized inputs, whose memory is
+    spent where they already live on the block's device), or raise naming the option at fault."""
     o = options
     be = make_backend(o.backend)
     if n_samples == 0:
@@ -132,9 +133,12 @@ def plan(options: TuneOptions, block: nn.Module, linears: dict[str, nn.Linear], 
     budget = o.memory_budget
     if budget is None and dist is None and not spread:
         budget = memory.device_budget(device)
+    if o.iters == 0:  # RTN: no tunables' gradients, no reference outputs, no backward
+        budget = None
     room = memory.fit(linears, n_samples, *sample_shape, min(o.batch_size, n_samples), o.gradient_accumulate_steps,
                       torch.empty(0, dtype=dtype).element_size(), budget,
-                      can_cache_on_host=o.cache_device is None and device.type == "cuda")
+                      can_cache_on_host=o.cache_device is None and device.type == "cuda",
+                      resident=sum(t is not None and indexed(t.device) == device for t in held))
     if room.cache_on_host:
         cache_device = torch.device("cpu")
     o = dataclasses.replace(o, gradient_accumulate_steps=room.accumulate)
@@ -146,7 +150,7 @@ def plan(options: TuneOptions, block: nn.Module, linears: dict[str, nn.Linear], 
     if o.step_in_backward and not step_fits:
         raise ValueError("tune_block: step_in_backward=True needs the kernels (backend 'cuda'), one "
                          "micro-batch per step (gradient_accumulate_steps=1), no process group and the "
-                         "Linears on one device")
+                         "Linears on one device" + (f"; {room.note}" if room.note else ""))
     return Plan(options=o, backend=be, device=device, cache_device=cache_device, dtype=dtype,
                 precision=Precision(device, dtype, act_quant), batch_size=room.batch_size,
                 dist=dist, cuda_graph=cuda_graph, fuse=bool(fuse) and o.iters > 0,
