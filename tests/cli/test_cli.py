@@ -377,7 +377,8 @@ def test_sigkill_then_the_same_command_resumes_to_the_same_checkpoint(tiny_model
     proc.kill()
     proc.wait(timeout=60)
     assert not (tmp_path / "out").exists()
-    assert set(os.listdir(keep)) - {"checkpoint"} == {"command.json", "model.layers.0.safetensors", "run.json"}
+    assert set(os.listdir(keep)) - {"checkpoint"} == {"command.json", "model.layers.0.safetensors",
+                                                      "model.layers.0.q_outputs", "run.json"}
     again = subprocess.run(argv(tmp_path / "out"), capture_output=True, text=True, env=env, timeout=900)
     assert again.returncode == 0, again.stderr
     assert "resuming: 1 blocks finished by an earlier run of this command" in again.stdout
