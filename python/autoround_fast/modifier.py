@@ -252,6 +252,10 @@ class AutoRoundModifier(_StockAutoRoundModifier):
         return ok
 
     def on_calibration_start(self, state, event, **kwargs):
+        # before the stock capture hooks, so that the captured inputs hold the mask too
+        for _, module in state.model.named_modules():
+            if self._is_decoding_layer(module) and _causal_attention_config(module) is not None:
+                self.register_hook(module, _restore_causal_mask, "forward_pre", with_kwargs=True)
         super().on_calibration_start(state, event, **kwargs)
         if self.progress and self.iters > 0 and self.backend != "auto_round":
             self._progress = ModelProgress(len(self._capture_hooks), self.iters)
@@ -454,6 +458,36 @@ class AutoRoundModifier(_StockAutoRoundModifier):
                                global_scale=getattr(module, "weight_global_scale", None))
         put("weight", stored)
         return stored
+
+
+def _causal_attention_config(layer):
+    """The config of the layer's causal attention, or None if it has none."""
+    attn = [m for m in layer.modules() if getattr(m, "is_causal", False) and hasattr(m, "config")]
+    return attn[0].config if attn else None
+
+
+def _restore_causal_mask(layer, args, kwargs):
+    """A decoder layer's causal mask, where the calibration pipeline passes none.
+
+    llm-compressor calibrates under eager attention, for which transformers always builds a
+    mask. Its sequential tracer leaves calls to the mask builders out of the traced graph
+    by name (``tracing_ignore``), but a model that picks the builder into a local first
+    (``mask_function = create_causal_mask if ... else create_sliding_window_causal_mask``:
+    Qwen3-MoE, Mixtral, Mistral, Qwen2) has it traced instead, and the graph hands every
+    layer ``attention_mask=None``; eager attention then attends both ways, so calibration
+    and tuning chase a block the model never runs. The mask is built here as the model
+    builds it, from the layer's positions (calibration samples carry no padding)."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    config = _causal_attention_config(layer)
+    if "attention_mask" not in kwargs or kwargs["attention_mask"] is not None \
+            or config._attn_implementation != "eager":
+        return None
+    hidden = args[0] if args else kwargs["hidden_states"]
+    build = create_sliding_window_causal_mask if getattr(config, "sliding_window", None) else create_causal_mask
+    mask = build(config=config, inputs_embeds=hidden, attention_mask=None, past_key_values=None,
+                 position_ids=kwargs.get("position_ids"))
+    return args, {**kwargs, "attention_mask": mask}
 
 
 def _put_param(module, param_name: str, value: torch.Tensor) -> None:

@@ -41,7 +41,7 @@ class _Recorder:
                 self.order.append(name)
             x = args[0].detach()
             st = self.stats[name]
-            if self.want_max:
+            if self.want_max and x.numel():  # an MoE expert no token of this sample was routed to
                 torch.maximum(st.max, x.abs().amax().to(torch.float32), out=st.max)
             if self.want_imatrix:
                 st.imatrix.add_(x.reshape(-1, x.shape[-1]).to(torch.float32).pow(2).sum(0))
@@ -99,7 +99,27 @@ def activation_stats(block, linears: dict[str, nn.Linear], inputs: BlockInputs, 
     finally:
         restore.close()
         rec.remove()
+    if want_max:
+        fill_uncalibrated_experts(rec.stats)
     return rec.stats
+
+
+def fill_uncalibrated_experts(stats: dict[str, ActStats]) -> None:
+    """An MoE expert's Linear that no calibration token was routed to (max still 0) takes the
+    largest max of the same projection in its sibling experts (``...experts.<i>.<proj>``), as
+    auto-round's set_amax_for_uncalibrated_experts does; without it its input global scale would
+    be 448 * 6 / 0. (llm-compressor's default, moe_calibrate_all_experts, runs every expert on
+    every token, so none is left uncalibrated.)"""
+    siblings: dict[tuple[str, str], list[str]] = {}
+    for name in stats:
+        parts = name.split(".")
+        if len(parts) >= 3 and parts[-3] == "experts" and parts[-2].isdigit():
+            siblings.setdefault((".".join(parts[:-2]), parts[-1]), []).append(name)
+    for names in siblings.values():
+        top = torch.stack([stats[n].max for n in names]).max()
+        for n in names:
+            if not bool(stats[n].max > 0):
+                stats[n].max.copy_(top)
 
 
 def _replay_per_sample(forward, idx: torch.Tensor, start: int, n: int) -> None:
