@@ -473,7 +473,7 @@ def _restore_causal_mask(layer, args, kwargs):
     mask. Its sequential tracer leaves calls to the mask builders out of the traced graph
     by name (``tracing_ignore``), but a model that picks the builder into a local first
     (``mask_function = create_causal_mask if ... else create_sliding_window_causal_mask``:
-    Qwen3-MoE, Mixtral, Mistral, Qwen2) has it traced instead, and the graph hands every
+    Qwen3-MoE, Mixtral, Mistral, Phi-3, Starcoder2) has it traced instead, and the graph hands every
     layer ``attention_mask=None``; eager attention then attends both ways, so calibration
     and tuning chase a block the model never runs. The mask is built here as the model
     builds it, from the layer's positions (calibration samples carry no padding)."""

@@ -99,9 +99,24 @@ def test_pipeline_mask_is_restored_as_the_model_builds_it(moe_dir):
     assert _restore_causal_mask(layer, args, kwargs) is None
 
 
-def test_oneshot_captures_the_causal_mask(moe_dir):
+@pytest.fixture(scope="module")
+def mistral_dir(tmp_path_factory):
+    """A dense model that picks its mask builder at run time, as Qwen3-MoE does."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny-mistral")
+    MistralForCausalLM(MistralConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                                     num_key_value_heads=2, num_hidden_layers=2, vocab_size=256,
+                                     max_position_embeddings=256, sliding_window=None)).to(torch.bfloat16).save_pretrained(d)
+    return str(d)
+
+
+@pytest.mark.parametrize("model", ["moe_dir", "mistral_dir"])
+def test_oneshot_captures_the_causal_mask(model, request):
     """Through oneshot the tuned block's captured inputs carry the causal mask (stock path and
     fast path alike: the hook runs before the capture)."""
+    model_dir = request.getfixturevalue(model)
     seen = []
     original = AutoRoundModifier.apply_autoround
 
@@ -113,8 +128,8 @@ def test_oneshot_captures_the_causal_mask(moe_dir):
 
     AutoRoundModifier.apply_autoround = spy
     try:
-        quantize(moe_dir, AutoRoundModifier(targets="Linear", scheme="W4A16", ignore=IGNORE, iters=1,
-                                            batch_size=4, backend="torch"), n=4)
+        quantize(model_dir, AutoRoundModifier(targets="Linear", scheme="W4A16", ignore=IGNORE, iters=1,
+                                              batch_size=4, backend="torch"), n=4)
     finally:
         AutoRoundModifier.apply_autoround = original
     assert len(seen) == 8
