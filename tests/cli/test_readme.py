@@ -5,6 +5,7 @@ used, the Python API, the YAML recipe. The two fresh-machine commands are .ci/ru
 import importlib.util
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 FRESH_MACHINE = ("<!-- fresh-machine-install -->", "<!-- fresh-machine-tests -->")
+NEEDS_THE_MODEL = "<!-- needs-the-model -->"  # commands for a model this machine has not got: parsed, not run
 SMALL = {"AUTOROUND_FAST_ITERS": "1", "AUTOROUND_FAST_NSAMPLES": "2", "AUTOROUND_FAST_SEQLEN": "64",
          "AUTOROUND_FAST_EVAL_WINDOWS": "2"}
 
@@ -49,7 +51,9 @@ def test_readme_blocks_run_as_shown(tmp_path):
     for lang, code, before in found:
         if before in FRESH_MACHINE:
             continue
-        if lang == "python":
+        if before == NEEDS_THE_MODEL:
+            check_commands(code)
+        elif lang == "python":
             run([sys.executable, "-c", code], tmp_path)
         elif lang == "bash":
             run(["bash", "-euo", "pipefail", "-c", code], tmp_path)
@@ -62,6 +66,18 @@ def test_readme_blocks_run_as_shown(tmp_path):
             pytest.fail(f"README block in {lang!r}: say how it is run")
         ran[lang] = ran.get(lang, 0) + 1
     assert ran["python"] >= 2 and ran["yaml"] == 1 and ran["bash"] >= 1, ran
+
+
+def check_commands(code):
+    """Each line an autoround-fast command whose options parse and whose scheme the default
+    backend tunes."""
+    from autoround_fast.cli import build_parser, schemes
+
+    lines = [line for line in code.splitlines() if line.strip()]
+    assert lines and all(line.startswith("autoround-fast ") for line in lines), code
+    for line in lines:
+        args = build_parser({}).parse_args(shlex.split(line)[1:])
+        schemes.check_scheme_name(args.scheme, "torch")
 
 
 def check_recipe(tmp_path, code):
