@@ -1,6 +1,8 @@
 // Runs f(T{}) with T the storage type for a c10::ScalarType code (float, bf16_t, f16_t).
 #pragma once
 
+#include <type_traits>
+
 #include "common/numerics.h"
 
 namespace autoround_fast {
@@ -13,6 +15,18 @@ bool with_float_type(int code, F&& f) {
     case kHalf: f(f16_t{}); return true;
     default: return false;
   }
+}
+
+// Runs f(T{}, vec) with vec a std::bool_constant of the run-time flag (the kernels' 16-byte
+// path or their guarded scalar one).
+template <typename F>
+void with_type_and_vec(int code, bool vec, F&& f) {
+  with_float_type(code, [&](auto t) {
+    if (vec)
+      f(t, std::true_type{});
+    else
+      f(t, std::false_type{});
+  });
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -120,17 +120,6 @@ unsigned grid_of(const Fp8BlockArgs& a) {
   return static_cast<unsigned>(std::min<int64_t>(a.grid_rows * a.grid_cols, 0x7fffffff));
 }
 
-// Calls f(t, vec) with t a value of the storage type and vec a std::bool_constant.
-template <typename F>
-void with_type_and_vec(int dtype, bool vec, F&& f) {
-  with_float_type(dtype, [&](auto t) {
-    if (vec)
-      f(t, std::true_type{});
-    else
-      f(t, std::false_type{});
-  });
-}
-
 }  // namespace
 
 const char* launch_fake_quant_fp8_block(const Fp8BlockArgs& a, void* out, float* scale, cudaStream_t stream) {

@@ -329,17 +329,6 @@ unsigned flat_blocks(int64_t n) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(tiles, 8 * sms())));
 }
 
-// Calls f(t, vec) with t a value of the storage type and vec a std::bool_constant.
-template <typename F>
-void with_type_and_vec(int dtype, bool vec, F&& f) {
-  with_float_type(dtype, [&](auto t) {
-    if (vec)
-      f(t, std::true_type{});
-    else
-      f(t, std::false_type{});
-  });
-}
-
 // The per-tensor maximum pass; returns the ScaleSource that reads its partials.
 ScaleSource weight_amax(const Fp8Args& a, bool vec, float* partials, cudaStream_t s) {
   const int64_t n = a.rows * a.cols;

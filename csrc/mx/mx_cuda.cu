@@ -177,12 +177,7 @@ const char* launch_over_groups(int bits, int dtype, int64_t rows, int64_t cols,
   bool vec = cols % kMxGroup == 0;
   for (const void* p : ptrs) vec = vec && aligned16(p);
   with_mx_bits(bits, [&](auto b) {
-    with_float_type(dtype, [&](auto t) {
-      if (vec)
-        launch(b, t, std::true_type{}, grid, s);
-      else
-        launch(b, t, std::false_type{}, grid, s);
-    });
+    with_type_and_vec(dtype, vec, [&](auto t, auto v) { launch(b, t, v, grid, s); });
   });
   return launch_status();
 }

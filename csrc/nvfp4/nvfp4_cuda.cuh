@@ -138,12 +138,7 @@ const char* launch_over_groups(int dtype, int64_t rows, int64_t cols, std::initi
                                cudaStream_t s, F&& launch) {
   const unsigned grid = grid_for(rows * ((cols + kNvfp4Group - 1) / kNvfp4Group), kThreads);
   const bool vec = whole_groups(cols, ptrs);
-  with_float_type(dtype, [&](auto t) {
-    if (vec)
-      launch(t, std::true_type{}, grid, s);
-    else
-      launch(t, std::false_type{}, grid, s);
-  });
+  with_type_and_vec(dtype, vec, [&](auto t, auto v) { launch(t, v, grid, s); });
   return launch_status();
 }
 
