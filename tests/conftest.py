@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 
@@ -15,6 +17,17 @@ def device(request):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a GPU")
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one CPU thread inside the block (its reductions then split no work)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def tiny_tokenizer(vocab: int = 256):

@@ -15,6 +15,7 @@ from an fp32 activation maximum; the padding mask of right-padded samples reache
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from typing import Literal, Optional
@@ -254,8 +255,10 @@ class AutoRoundModifier(_StockAutoRoundModifier):
     def on_calibration_start(self, state, event, **kwargs):
         # before the stock capture hooks, so that the captured inputs hold the mask too
         for _, module in state.model.named_modules():
-            if self._is_decoding_layer(module) and _causal_attention_config(module) is not None:
-                self.register_hook(module, _restore_causal_mask, "forward_pre", with_kwargs=True)
+            config = _causal_attention_config(module) if self._is_decoding_layer(module) else None
+            if config is not None:
+                self.register_hook(module, functools.partial(_restore_causal_mask, config=config), "forward_pre",
+                                   with_kwargs=True)
         super().on_calibration_start(state, event, **kwargs)
         if self.progress and self.iters > 0 and self.backend != "auto_round":
             self._progress = ModelProgress(len(self._capture_hooks), self.iters)
@@ -466,7 +469,7 @@ def _causal_attention_config(layer):
     return attn[0].config if attn else None
 
 
-def _restore_causal_mask(layer, args, kwargs):
+def _restore_causal_mask(layer, args, kwargs, config):
     """A decoder layer's causal mask, where the calibration pipeline passes none.
 
     llm-compressor calibrates under eager attention, for which transformers always builds a
@@ -479,7 +482,6 @@ def _restore_causal_mask(layer, args, kwargs):
     builds it, from the layer's positions (calibration samples carry no padding)."""
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-    config = _causal_attention_config(layer)
     if "attention_mask" not in kwargs or kwargs["attention_mask"] is not None \
             or config._attn_implementation != "eager":
         return None

@@ -50,6 +50,13 @@ def input_checksum(hidden: list[torch.Tensor]) -> list[int]:
     return sums
 
 
+def finished_blocks(directory: str) -> list[str]:
+    """The blocks whose files are in ``directory`` (none if it does not exist)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(f[: -len(BLOCK_SUFFIX)] for f in os.listdir(directory) if f.endswith(BLOCK_SUFFIX))
+
+
 class BlockStore:
     """The finished blocks of one run in ``directory``, keyed by the block's module name."""
 
@@ -80,9 +87,7 @@ class BlockStore:
         return os.path.join(self.directory, block + BLOCK_SUFFIX)
 
     def blocks_done(self) -> list[str]:
-        if not os.path.isdir(self.directory):
-            return []
-        return sorted(f[: -len(BLOCK_SUFFIX)] for f in os.listdir(self.directory) if f.endswith(BLOCK_SUFFIX))
+        return finished_blocks(self.directory)
 
     def load(self, block: str) -> Optional[tuple[dict[str, torch.Tensor], Optional[torch.Tensor], dict]]:
         """(parameters by "linear.param", the quantized chain's output if this block was the
@@ -92,9 +97,10 @@ class BlockStore:
             return None
         with safe_open(path, framework="pt") as f:
             stats = json.loads(f.metadata()["stats"])
+            params = {k: f.get_tensor(k) for k in f.keys()}
         q_path = os.path.join(self.directory, block + Q_OUTPUTS_SUFFIX)
         q_outputs = load_file(q_path)["q_outputs"] if os.path.exists(q_path) else None
-        return load_file(path), q_outputs, stats
+        return params, q_outputs, stats
 
     def save(self, block: str, params: dict[str, torch.Tensor], q_outputs: torch.Tensor, stats: dict) -> None:
         """Copy the block's tensors to the host now and write them on a background thread: the

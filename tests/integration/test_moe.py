@@ -15,7 +15,7 @@ from transformers.utils.quantization_config import CompressedTensorsConfig
 
 from autoround_fast import AutoRoundModifier
 from autoround_fast.engine import precision
-from autoround_fast.modifier import _restore_causal_mask
+from autoround_fast.modifier import _causal_attention_config, _restore_causal_mask
 from conftest import tiny_tokenizer
 from test_modifier import calib
 
@@ -90,13 +90,13 @@ def test_pipeline_mask_is_restored_as_the_model_builds_it(moe_dir):
         want = layer(*args, **kwargs)
         dropped = {**kwargs, "attention_mask": None}
         bidirectional = layer(*args, **dropped)
-        new_args, restored = _restore_causal_mask(layer, args, dropped)
+        new_args, restored = _restore_causal_mask(layer, args, dropped, config=_causal_attention_config(layer))
         got = layer(*new_args, **restored)
     assert torch.equal(restored["attention_mask"], kwargs["attention_mask"])
     assert torch.equal(got, want)
     assert not torch.equal(bidirectional, want)
     # a mask that is there, or sdpa (causal without one), is left alone
-    assert _restore_causal_mask(layer, args, kwargs) is None
+    assert _restore_causal_mask(layer, args, kwargs, config=_causal_attention_config(layer)) is None
 
 
 @pytest.fixture(scope="module")

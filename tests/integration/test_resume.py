@@ -12,7 +12,7 @@ from transformers import LlamaForCausalLM
 from autoround_fast import AutoRoundModifier, resume
 from autoround_fast.engine import precision
 from autoround_fast.resume import ResumeMismatch
-from conftest import tiny_tokenizer
+from conftest import one_thread, tiny_tokenizer
 from test_modifier import calib, quantized_linears, run
 
 from llmcompressor import oneshot
@@ -119,11 +119,8 @@ def test_resume_needs_our_backends_and_one_process(monkeypatch):
 def test_the_input_checksum_is_exact_and_order_free():
     x = [torch.randn(1, 16, 64, dtype=torch.bfloat16) for _ in range(3)]
     one = resume.input_checksum(x)
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         assert resume.input_checksum(x) == one
-    finally:
-        torch.set_num_threads(2)
     y = [t.clone() for t in x]
     y[1][0, 3, 5] = y[1][0, 3, 5].nextafter(torch.tensor(10.0, dtype=torch.bfloat16))  # one ulp
     assert resume.input_checksum(y) != one

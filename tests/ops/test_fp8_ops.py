@@ -9,7 +9,7 @@ import torch
 import oracle
 from autoround_fast import ops, reference
 from autoround_fast.formats import E4M3_MAX, FP8_BLOCK, FP8_SCALE_MIN, SCALE_DTYPE_CODES, fp8_block_grid
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, one_thread
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 SCALE_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -456,13 +456,9 @@ def test_fp8_block_same_bits_on_every_run(device):
     for a, b in zip(first, _block_outputs(*case)):
         assert same_bits(a, b)
     if device == "cpu":  # one thread: each block's sums are in its own order, whoever runs it
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with one_thread():
             for a, b in zip(first, _block_outputs(*case)):
                 assert same_bits(a, b)
-        finally:
-            torch.set_num_threads(threads)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and the CUDA build")
@@ -567,13 +563,9 @@ def test_fp8_same_bits_on_every_run(device):
     for a, b in zip(first, _all_outputs(device, *case)):
         assert same_bits(a, b)
     if device == "cpu":  # the sums' order is fixed by the tiles, not by the threads
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with one_thread():
             for a, b in zip(first, _all_outputs(device, *case)):
                 assert same_bits(a, b)
-        finally:
-            torch.set_num_threads(threads)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and the CUDA build")

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 
-from ..resume import BlockStore, ResumeMismatch, write_json_atomic
+from ..resume import ResumeMismatch, finished_blocks, write_json_atomic
 from .checks import CliError
 
 COMMAND_FILE = "command.json"
@@ -30,7 +30,7 @@ def check_command(path: str, command: dict) -> int:
     """Blocks an earlier run of this same command finished in ``path`` (0 if none: a
     directory without blocks is taken over by any command); a CliError if another command
     left blocks there."""
-    done = len(BlockStore(path, {}).blocks_done())
+    done = len(finished_blocks(path))
     if not done:
         return 0
     try:
@@ -74,7 +74,7 @@ def after_failure(path: str) -> int:
     if not os.path.isdir(path):
         return 0
     shutil.rmtree(os.path.join(path, CHECKPOINT), ignore_errors=True)
-    done = len(BlockStore(path, {}).blocks_done())
+    done = len(finished_blocks(path))
     if not done:
         shutil.rmtree(path, ignore_errors=True)
     return done
