@@ -97,11 +97,15 @@ struct MxElem {
 // |c| + (c == 0): log2's argument.
 AF_HD float mx_log_arg(float c) { return c == 0.f ? 1.0f : fabs_(c); }
 
-template <int kBits>
+// kNoV (activations): V is 0, whose add only turns a t of -0 into +0; a c of -0 gives every
+// field but t, c and y (zeros of either sign) the same value as +0, and so the same q and the
+// same gradient (mx_element_grad: sign(y) = sign(c) = 0 zero every path through them), so the add
+// is skipped.
+template <int kBits, bool kNoV = false>
 AF_HD MxElem mx_element_forward(float x, float v, const MxScale& sc) {
   using F = MxFormat<kBits>;
   MxElem e;
-  e.t = add_rn(mul_rn(x, sc.inv), v);
+  e.t = kNoV ? mul_rn(x, sc.inv) : add_rn(mul_rn(x, sc.inv), v);
   e.c = clamp_(e.t, -F::kMaxNorm, F::kMaxNorm);
   // the exponent field: exact for normal values; a subnormal (field 0) is below 2^-126, far
   // under min_exp, where p is min_exp and the clip gate closed either way
@@ -117,14 +121,17 @@ AF_HD MxElem mx_element_forward(float x, float v, const MxScale& sc) {
   const float r = sub_rn(floor_(add_rn(a, 0.5f)), tie);
   e.y2 = e.y < 0.f ? -r : r;  // sign(y) * r: r >= 0, and r = +0 where y = +-0
   e.qb = mul_rn(e.y2, exp2_normal(e.p - F::kMbits));            // exact: y2 is a small integer
-  e.q = clamp_(e.qb, -F::kMaxNorm, F::kMaxNorm);
+  // the clamp never binds: max_norm is on the grid, so |c| <= max_norm rounds to |qb| <= max_norm
+  // (FP4: |c| in [4, 6] gives |y| in [2, 3], r <= 3, |qb| <= 6; FP8: |c| in [256, 448] gives |y|
+  // in [8, 14], r <= 14, |qb| <= 448; a smaller p bounds |qb| by 2^(p+1)), and a NaN stays NaN
+  e.q = e.qb;
   return e;
 }
 
 // The fp32 value of one element before the cast to the dtype.
-template <int kBits>
+template <int kBits, bool kNoV = false>
 AF_HD float mx_qdq(float x, float v, const MxScale& sc) {
-  return mul_rn(mx_element_forward<kBits>(x, v, sc).q, sc.scale);
+  return mul_rn(mx_element_forward<kBits, kNoV>(x, v, sc).q, sc.scale);
 }
 
 // d(loss)/d(t) through the clamp of t: V's gradient (the activations': times 1/scale). g is
@@ -157,13 +164,58 @@ AF_HD float mx_element_grad(const MxElem& e, float g, const MxScale& sc) {
   return (e.t >= -F::kMaxNorm && e.t <= F::kMaxNorm) ? dc : 0.f;
 }
 
+// mx_element_grad with fewer operations, and the same bits wherever mx_grad_fast_ok holds: c is
+// not NaN and g3 = g * scale is 0 or within [2^-100, 2^100]. There
+//  - q = qb: |qb| <= max_norm for every finite c (max_norm is on the grid), so the gate on qb
+//    passes and g3 is mx_element_grad's;
+//  - c = 0 or g3 = 0: every term is a zero, and dc = dc_direct + dc_log = +0 + (+-0) = +0;
+//  - otherwise y != 0 (c scaled by a power of two, exactly), sign(y)^2 = 1, and the chain g3 ->
+//    dt2 -> dy -> dq -> dc_direct only scales by powers of two (P, 1/K, K, 1/P, all within
+//    [2^-9, 2^8]) inside the normal range: every step is exact, dc_direct = g3 and dq = g3 * P.
+//    dP1 = -dq * ((c / P) / P) then rounds the same real number as -g3 * (c / P), where c / P =
+//    y / K exactly; and (dL / (|c| ln 2)) * sign(c) = dL / (c ln 2), since rounding commutes
+//    with a change of sign (signed zeros and infinities included).
+// (tests: the CPU kernels run this path against the oracle bit for bit.)
+AF_HD bool mx_grad_fast_ok(const MxElem& e, float g3) {
+  const float a = fabs_(g3);  // & and |, not && and ||: no branches
+  return (e.c == e.c) & ((a == 0.f) | ((a >= 0x1p-100f) & (a <= 0x1p100f)));
+}
+
+template <int kBits>
+AF_HD float mx_element_grad_fast(const MxElem& e, float g3) {
+  using F = MxFormat<kBits>;
+  const float pl = mul_rn(exp2_normal(e.p), kLn2f);
+  const float dP3 = mul_rn(g3, mul_rn(e.y2, F::kInvUnit));
+  const float dP1 = mul_rn(-g3, mul_rn(e.y, F::kInvUnit));  // y / K = c / P, exactly
+  const float dA = add_rn(mul_rn(dP3, pl), mul_rn(dP1, pl));
+  const float dL = e.normal ? dA : 0.f;
+  const float dc = add_rn(g3, div_rn(dL, mul_rn(e.c, kLn2f)));
+  const bool live = e.t >= -F::kMaxNorm && e.t <= F::kMaxNorm && e.c != 0.f && g3 != 0.f;
+  return live ? dc : 0.f;
+}
+
+// mx_element_grad by the shorter path where it gives the same bits.
+template <int kBits>
+AF_HD float mx_element_grad_any(const MxElem& e, float g, const MxScale& sc) {
+  const float g3 = mul_rn(g, sc.scale);
+  return mx_grad_fast_ok(e, g3) ? mx_element_grad_fast<kBits>(e, g3) : mx_element_grad<kBits>(e, g, sc);
+}
+
 // The group's sums of the scale's gradient, in element order.
 struct MxGroupSums {
   float out = 0.f;  // from Wq = q * scale: sum of g * q
   float div = 0.f;  // from x / scale: sum of -gt * ((x / scale) / scale)
+  // an element's terms of the two sums
+  static AF_HD float out_term(float g, float q) { return mul_rn(g, q); }
+  static AF_HD float div_term(float x, float gt, const MxScale& sc) {
+    return mul_rn(-gt, mul_rn(mul_rn(x, sc.inv), sc.inv));
+  }
+  AF_HD void add_terms(float a, float b) {
+    out = add_rn(out, a);
+    div = add_rn(div, b);
+  }
   AF_HD void add(float x, float g, float gt, float q, const MxScale& sc) {
-    out = add_rn(out, mul_rn(g, q));
-    div = add_rn(div, mul_rn(-gt, mul_rn(mul_rn(x, sc.inv), sc.inv)));
+    add_terms(out_term(g, q), div_term(x, gt, sc));
   }
   // d(loss)/d(m), m = amax * max_scale: scale = 2^E, E = clamp(floor_ste(lg) - emax),
   // lg = where(m == 0, 1, log2(where(m == 0, 1, m)))
@@ -183,7 +235,7 @@ AF_HD float mx_group_backward(const float* x, const float* v, const float* g, in
   MxGroupSums sums;
   for (int j = 0; j < n; ++j) {
     const MxElem e = mx_element_forward<kBits>(x[j], v[j], sc);
-    gv[j] = mx_element_grad<kBits>(e, g[j], sc);
+    gv[j] = mx_element_grad_any<kBits>(e, g[j], sc);
     sums.add(x[j], g[j], gv[j], e.q, sc);
   }
   return sums.g_m(sc);
@@ -193,9 +245,15 @@ AF_HD float mx_group_backward(const float* x, const float* v, const float* g, in
 // max|x| (m = amax * 1), which max's backward scatters to the group's first argmax and zeros
 // elsewhere, times sgn(x); autograd adds the two in fp32 (both reach the fp32 copy of x),
 // and the .to(float32) cast's backward rounds the sum once into the dtype T.
+// mx_act_grad_fp32 is the sum before that rounding, given the max path's term m: g_m * sgn(x)
+// at the argmax (mx_act_max_term), and elsewhere 0 * sgn(x), which is -0 for x < 0, else +0.
+AF_HD float mx_act_max_term(float g_m, float x, bool is_argmax) {
+  return is_argmax ? mul_rn(g_m, sign_of(x)) : (x < 0.f ? -0.0f : 0.0f);
+}
+AF_HD float mx_act_grad_fp32(float gt, const MxScale& sc, float m) { return add_rn(mul_rn(gt, sc.inv), m); }
 template <typename T>
 AF_HD float mx_act_grad(float gt, const MxScale& sc, float g_m, float x, bool is_argmax) {
-  return round_through<T>(add_rn(mul_rn(gt, sc.inv), mul_rn(is_argmax ? g_m : 0.f, sign_of(x))));
+  return round_through<T>(mx_act_grad_fp32(gt, sc, mx_act_max_term(g_m, x, is_argmax)));
 }
 
 // Calls f(std::integral_constant<int, bits>) for a supported bit width (4 or 8; the ops

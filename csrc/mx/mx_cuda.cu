@@ -63,16 +63,31 @@ __device__ __forceinline__ float group_amax(const float* x) {
 
 // The group's backward: V's gradient per element (gt), and d(loss)/d(m) (every lane of the
 // group gets it), the sums taken element by element in the group's order: lane k adds its
-// elements to the running sums it receives from lane k - 1.
-template <int kBits>
+// elements to the running sums it receives from lane k - 1. Every lane computes its terms of the
+// sums first, so that the chain, which runs on one lane of the four at a time, is adds only.
+// The elements take mx.h's short path (mx_element_grad_fast) where it gives the same bits, which
+// is everywhere but in groups with extreme gradients (a lane with one such element redoes its
+// elements by the full path). kNoV: activations (V = 0; v is not read).
+template <int kBits, bool kNoV>
 __device__ __forceinline__ float group_backward(const float* x, const float* v, const float* g, int n,
                                                 const MxScale& sc, const LaneSpan& ls, float* gt) {
-  float q[kE];
+  float ta[kE], tb[kE];  // the terms of MxGroupSums' two sums
+  bool fast = true;
 #pragma unroll
   for (int j = 0; j < kE; ++j) {
-    const MxElem e = mx_element_forward<kBits>(x[j], v[j], sc);
-    gt[j] = mx_element_grad<kBits>(e, g[j], sc);
-    q[j] = e.q;
+    const MxElem e = mx_element_forward<kBits, kNoV>(x[j], kNoV ? 0.f : v[j], sc);
+    const float g3 = mul_rn(g[j], sc.scale);
+    fast &= mx_grad_fast_ok(e, g3);
+    gt[j] = mx_element_grad_fast<kBits>(e, g3);
+    ta[j] = MxGroupSums::out_term(g[j], e.q);
+    tb[j] = MxGroupSums::div_term(x[j], gt[j], sc);
+  }
+  if (!fast) {
+#pragma unroll
+    for (int j = 0; j < kE; ++j) {
+      gt[j] = mx_element_grad<kBits>(mx_element_forward<kBits, kNoV>(x[j], kNoV ? 0.f : v[j], sc), g[j], sc);
+      tb[j] = MxGroupSums::div_term(x[j], gt[j], sc);
+    }
   }
   MxGroupSums sums;
   const int first = (threadIdx.x % 32) - ls.sub;
@@ -81,7 +96,7 @@ __device__ __forceinline__ float group_backward(const float* x, const float* v, 
     if (ls.sub == k) {
 #pragma unroll
       for (int j = 0; j < kE; ++j)
-        if (j < n) sums.add(x[j], g[j], gt[j], q[j], sc);
+        if (j < n) sums.add_terms(ta[j], tb[j]);
     }
     sums.out = __shfl_sync(kFullWarp, sums.out, first + k);
     sums.div = __shfl_sync(kFullWarp, sums.div, first + k);
@@ -117,7 +132,7 @@ __global__ void __launch_bounds__(kThreads) fake_quant_mx_backward_kernel(MxArgs
     load_part<float, kE, kVec>(a.v + ls.at, ls.n, v);
     const float amax = group_amax(x);
     const MxScale sc = mx_group_scale<kBits>(amax, __ldg(a.max_scale + ls.gi));
-    const float g_m = group_backward<kBits>(x, v, g, ls.n, sc, ls, gt);
+    const float g_m = group_backward<kBits, false>(x, v, g, ls.n, sc, ls, gt);
     if (!ls.active) return;
     store_part<float, kE, kVec>(grad_v + ls.at, ls.n, gt);
     if (ls.sub == 0) grad_ms[ls.gi] = mul_rn(g_m, amax);
@@ -134,7 +149,7 @@ __global__ void __launch_bounds__(kThreads) fake_quant_mx_activation_kernel(MxAc
     if (!ls.active) return;
     const MxScale sc = mx_group_scale<kBits>(amax, 1.0f);
 #pragma unroll
-    for (int j = 0; j < kE; ++j) x[j] = mx_qdq<kBits>(x[j], 0.0f, sc);
+    for (int j = 0; j < kE; ++j) x[j] = mx_qdq<kBits, true>(x[j], 0.0f, sc);
     store_part<T, kE, kVec>(out + ls.at, ls.n, x);
   });
 }
@@ -145,23 +160,26 @@ __global__ void __launch_bounds__(kThreads) fake_quant_mx_activation_backward_ke
   const T* xin = static_cast<const T*>(a.x);
   for_each_mx_group<kVec>(a.rows, a.cols, [&](const LaneSpan& ls) {
     float x[kE], g[kE], gt[kE];
-    const float zeros[kE] = {};
     load_part<T, kE, kVec>(xin + ls.at, ls.n, x);
     load_part<T, kE, kVec>(grad + ls.at, ls.n, g);
     const float amax = group_amax(x);
     const MxScale sc = mx_group_scale<kBits>(amax, 1.0f);
-    const float g_m = group_backward<kBits>(x, zeros, g, ls.n, sc, ls, gt);
+    const float g_m = group_backward<kBits, true>(x, nullptr, g, ls.n, sc, ls, gt);
     // torch.max's index: the group's first element with |x| == amax, on the first lane that
-    // holds one (elements past the row's end read as 0, after every real one)
+    // holds one (elements past the row's end read as 0, after every real one); xa: its value
     int arg = kE;
+    float xa = 0.f;
 #pragma unroll
     for (int j = kE - 1; j >= 0; --j)
-      if (fabs_(x[j]) == amax) arg = j;
+      if (fabs_(x[j]) == amax) arg = j, xa = x[j];
     const unsigned lanes = (__ballot_sync(kFullWarp, arg < kE) >> (ls.slot * kL)) & ((1u << kL) - 1u);
     if (ls.sub != __ffs(lanes) - 1) arg = kE;
     if (!ls.active) return;
+    const float m_arg = mx_act_max_term(g_m, xa, true);
+    // the fp32 sums; the store rounds them to T once, as mx_act_grad's round trip does
 #pragma unroll
-    for (int j = 0; j < kE; ++j) gt[j] = mx_act_grad<T>(gt[j], sc, g_m, x[j], j == arg);
+    for (int j = 0; j < kE; ++j)
+      gt[j] = mx_act_grad_fp32(gt[j], sc, j == arg ? m_arg : mx_act_max_term(g_m, x[j], false));
     store_part<T, kE, kVec>(grad_x + ls.at, ls.n, gt);
   });
 }
