@@ -18,6 +18,9 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kL = 4;                 // lanes per group
 constexpr int kE = kMxGroup / kL;     // elements per lane
 constexpr int kPerWarp = 32 / kL;     // groups per warp and pass
+// floats per row of group_backward's term buffer (a group's 32 terms of one sum): padded so that
+// the 16 summing lanes' 16-byte reads of a warp's 16 rows take two wavefronts, not sixteen
+constexpr int kChainStride = kMxGroup + 4;
 
 // Where a lane works in a pass: its group, the index of its first element, how many of its
 // kE elements the group has (kE on the vector path; fewer, or none, at a ragged row end),
@@ -62,9 +65,7 @@ __device__ __forceinline__ float group_amax(const float* x) {
 }
 
 // The group's backward: V's gradient per element (gt), and d(loss)/d(m) (every lane of the
-// group gets it), the sums taken element by element in the group's order: lane k adds its
-// elements to the running sums it receives from lane k - 1. Every lane computes its terms of the
-// sums first, so that the chain, which runs on one lane of the four at a time, is adds only.
+// group gets it), the sums taken element by element in the group's order (mx.h's MxGroupSums).
 // The elements take mx.h's short path (mx_element_grad_fast) where it gives the same bits, which
 // is everywhere but in groups with extreme gradients (a lane with one such element redoes its
 // elements by the full path). kNoV: activations (V = 0; v is not read).
@@ -89,18 +90,35 @@ __device__ __forceinline__ float group_backward(const float* x, const float* v, 
       tb[j] = MxGroupSums::div_term(x[j], gt[j], sc);
     }
   }
-  MxGroupSums sums;
-  const int first = (threadIdx.x % 32) - ls.sub;
+  // The chains: each group's terms go through shared memory to two of its lanes, lane 0 (sum
+  // of ta) and lane 1 (sum of tb), which add all 32 in element order. A term past the row's end
+  // is -0, which leaves every sum as it is (x + -0 = x, -0 included).
+  __shared__ __align__(16) float terms[kWarps][kPerWarp * 2][kChainStride];
+  float(*const mine)[kChainStride] = terms[threadIdx.x / 32] + ls.slot * 2;
 #pragma unroll
-  for (int k = 0; k < kL; ++k) {
-    if (ls.sub == k) {
-#pragma unroll
-      for (int j = 0; j < kE; ++j)
-        if (j < n) sums.add_terms(ta[j], tb[j]);
-    }
-    sums.out = __shfl_sync(kFullWarp, sums.out, first + k);
-    sums.div = __shfl_sync(kFullWarp, sums.div, first + k);
+  for (int j = 0; j < kE; j += 4) {
+    *reinterpret_cast<float4*>(&mine[0][ls.sub * kE + j]) =
+        make_float4(j < n ? ta[j] : -0.f, j + 1 < n ? ta[j + 1] : -0.f, j + 2 < n ? ta[j + 2] : -0.f,
+                    j + 3 < n ? ta[j + 3] : -0.f);
+    *reinterpret_cast<float4*>(&mine[1][ls.sub * kE + j]) =
+        make_float4(j < n ? tb[j] : -0.f, j + 1 < n ? tb[j + 1] : -0.f, j + 2 < n ? tb[j + 2] : -0.f,
+                    j + 3 < n ? tb[j + 3] : -0.f);
   }
+  __syncwarp();
+  float s = 0.f;
+  if (ls.sub < 2) {
+    const float4* src = reinterpret_cast<const float4*>(mine[ls.sub]);
+#pragma unroll
+    for (int i = 0; i < kMxGroup / 4; ++i) {
+      const float4 t = src[i];
+      s = add_rn(add_rn(add_rn(add_rn(s, t.x), t.y), t.z), t.w);
+    }
+  }
+  __syncwarp();  // terms is rewritten in the next pass
+  const int first = (threadIdx.x % 32) - ls.sub;
+  MxGroupSums sums;
+  sums.out = __shfl_sync(kFullWarp, s, first);
+  sums.div = __shfl_sync(kFullWarp, s, first + 1);
   return sums.g_m(sc);
 }
 
