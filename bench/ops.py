@@ -1,6 +1,6 @@
 """Microbenchmark: autoround_fast's CUDA kernels beside auto-round's functions, one run, one card.
 
-    python -m bench.ops [--out results.md]
+    python -m bench.ops [--out results.md] [--only mx fp8]
 
 Llama-3.1-8B weight shapes and 8 x 2048-token activations. For each: forward and
 forward+backward time (medians of CUDA-event timings) of our ops called eagerly through
@@ -340,35 +340,55 @@ def bench_backward_step(shape, rows_out):
                      time_ms(separate_int), None, 16 * n))
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", help="also write the table (markdown) to this file")
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("bench.ops needs a CUDA GPU")
-    copy_gbs = copy_bandwidth_gbs()
-    rows = []
+def bench_nvfp4_int(rows):
     for shape in WEIGHTS:
         bench_nvfp4_weight(shape, rows)
         bench_int_weight(shape, rows)
     for shape in ACTIVATIONS:
         bench_activation(shape, rows)
+
+
+def bench_mx(rows):
     for bits in (4, 8):
         for shape in WEIGHTS:
             bench_mx_weight(shape, rows, bits)
         for shape in ACTIVATIONS:
             bench_mx_activation(shape, rows, bits)
-    bench_silu_mul_activation(ACTIVATIONS[1], rows)
-    for shape in WEIGHTS:  # FP8 (e4m3)
+
+
+def bench_fp8(rows):
+    for shape in WEIGHTS:  # e4m3
         for per_tensor in (True, False):
             bench_fp8_weight(shape, rows, per_tensor)
         bench_fp8_block_weight(shape, rows)
     for shape in ACTIVATIONS:
         bench_fp8_activation(shape, rows)
+
+
+def bench_engine(rows):
+    """The ops only the tuning loop calls: the fused SiLU x up activation, the loss, the step."""
+    bench_silu_mul_activation(ACTIVATIONS[1], rows)
     bench_loss((8, 2048, 4096), rows)
     bench_step((14336, 4096), rows)
     for shape in ((4096, 4096), (14336, 4096)):
         bench_backward_step(shape, rows)
+
+
+FAMILIES = {"nvfp4-int": bench_nvfp4_int, "mx": bench_mx, "fp8": bench_fp8, "engine": bench_engine}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", help="also write the table (markdown) to this file")
+    ap.add_argument("--only", nargs="+", choices=list(FAMILIES), default=list(FAMILIES),
+                    help="the families of ops to time (default: all)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.ops needs a CUDA GPU")
+    copy_gbs = copy_bandwidth_gbs()
+    rows = []
+    for family in args.only:
+        FAMILIES[family](rows)
     lines = [
         f"card: {card_info()}; measured copy bandwidth {copy_gbs:.0f} GB/s (read + write)",
         "",
