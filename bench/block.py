@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from bench.common import quant_kwargs
+from bench.common import SCHEMES, quant_kwargs
 
 # backend cuda with one optimisation off: the modifier's options, and what the ratio measures
 CUDA_VARIANTS = {
@@ -90,23 +90,20 @@ def capture_layer_inputs(model, ids: torch.Tensor) -> list:
     return caps
 
 
-BLOCK_SCHEMES = ("NVFP4", "MXFP4", "MXFP8", "FP8", "FP8_DYNAMIC", "W4A16", "W4A16-G64")  # W4A16-G64 for SmolLM2 (576 features)
+BLOCK_SCHEMES = ("NVFP4", "MXFP4", "MXFP8", "FP8", "FP8_DYNAMIC", "FP8_BLOCK", "W8A8", "W4AFP8", "W4A16",
+                 "W4A16-G64")  # W4A16-G64 for SmolLM2 (576 features)
 
 
 def engine_spec(scheme: str):
-    """The engine's QuantSpec for a bench scheme: NVFP4 or MX W and A, FP8, or INT4 sym with its group."""
-    from autoround_fast.engine import QuantSpec
-    from autoround_fast.formats import MX_GROUP
+    """The engine's QuantSpec for a bench scheme, as the modifier derives it (FP8 and INT
+    scales in bf16, as the model's dtype stores them)."""
+    from compressed_tensors.quantization import QuantizationScheme, preset_name_to_scheme
 
-    if scheme == "NVFP4":
-        return QuantSpec("nvfp4", act=True)
-    if scheme.startswith("MXFP"):
-        return QuantSpec("mx", int(scheme[4:]), MX_GROUP, act=True)
-    if scheme.startswith("FP8"):  # scales stored in the model's bf16
-        static = scheme == "FP8"
-        return QuantSpec("fp8", 8, 0 if static else -1, act=static, scale_dtype=torch.bfloat16,
-                         act_scale_dtype=torch.bfloat16)
-    return QuantSpec("int", 4, 64 if scheme == "W4A16-G64" else 128, True)
+    from autoround_fast.modifier import spec_from_scheme
+
+    s = SCHEMES[scheme]
+    qs = preset_name_to_scheme(s, ["Linear"]) if isinstance(s, str) else QuantizationScheme(targets=["Linear"], **s)
+    return spec_from_scheme(qs, torch.bfloat16, "bench", "cuda", torch.bfloat16)
 
 
 def tokenizer(vocab: int):
@@ -442,6 +439,7 @@ def main(argv=None):
         raise SystemExit("bench.block: backend cuda and --profile need a GPU")
     logging.getLogger("autoround").setLevel(logging.INFO)
     os.makedirs(args.out, exist_ok=True)
+    from autoround_fast.cli.schemes import STOCK_PATH_FAILS
     from bench.common import card_info
 
     card = card_info() if torch.cuda.is_available() else "cpu"
@@ -449,6 +447,9 @@ def main(argv=None):
     results, profiles = [], {}
     for scheme in args.scheme:
         for backend in args.backends:
+            if backend == "auto_round" and scheme in STOCK_PATH_FAILS:
+                print(f"{scheme} auto_round: not run, the stock path {STOCK_PATH_FAILS[scheme]}", flush=True)
+                continue
             # one child process per run: its peak memory is its own, and nothing of one
             # run (llm-compressor's session, caches, graph pools) is left for the next
             path = os.path.join(args.out, f"one-{backend}-{scheme}.json")

@@ -60,6 +60,9 @@ SCHEMES = {
     "MXFP8": "MXFP8",  # the same with FP8 e4m3 elements
     "FP8": "FP8",  # FP8 e4m3 weights per tensor, static per-tensor activations
     "FP8_DYNAMIC": "FP8_DYNAMIC",  # FP8 e4m3 weights per channel (activations dynamic at inference)
+    "FP8_BLOCK": "FP8_BLOCK",  # FP8 e4m3 weights in 128 x 128 blocks (activations dynamic, groups of 128)
+    "W8A8": "W8A8",  # INT8 weights per channel, dynamic per-token INT8 activations
+    "W4AFP8": "W4AFP8",  # INT4 weights in groups of 128, dynamic per-token FP8 activations
     "W4A16": "W4A16",  # INT4 symmetric, groups of 128
     # SmolLM2's 576 features are not a multiple of 128: groups of 64 (or 32)
     "W4A16-G64": {"weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64}},
