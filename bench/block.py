@@ -1,6 +1,7 @@
 """Per-block tuning time, peak memory and loss: backend="cuda" beside backend="auto_round".
 
-Builds a Llama with random weights (no download; Llama-3.1-8B's block shape by default),
+Builds a model with random weights (no download; Llama-3.1-8B's block shape by default, the
+others in bench/shapes.py: a 70B block, Qwen3-30B-A3B's, Mixtral's and GPT-OSS-20B's MoE blocks),
 calibrates it on random tokens and quantizes it through llm-compressor's oneshot with each
 backend in turn, in one process on one card. Prints, per scheme and backend: seconds of the
 first block (which carries the process's one-time costs: library set-up, compilation) and the
@@ -12,6 +13,7 @@ block, which is the floor.
     python -m bench.block --scheme NVFP4 W4A16 --layers 2 --out results/
     python -m bench.block --shape smollm2 --layers 4 --iters 50     # small and quick
     python -m bench.block --shape 70b --layers 2 --scheme NVFP4      # a 70B block on one card
+    python -m bench.block --shape qwen3-moe --layers 2 --scheme NVFP4 W4A16   # 128 experts, top-8
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Optional
 import torch
 
 from bench.common import SCHEMES, quant_kwargs
+from bench.shapes import SHAPES, build_model
 
 # backend cuda with one optimisation off: the modifier's options, and what the ratio measures
 CUDA_VARIANTS = {
@@ -42,31 +45,6 @@ CUDA_VARIANTS = {
     # not a modifier option: fusion.SILU_MUL_ACT_QUANT, off for this run
     "cuda-sepact": (dict(silu_mul_act=False), "SiLU x up fused with down_proj's W4A4 input quantization"),
 }
-
-SHAPES = {  # hidden, intermediate, heads, kv heads, vocab
-    "8b": (4096, 14336, 32, 8, 32000),
-    "70b": (8192, 28672, 64, 8, 32000),  # Llama-3.1-70B's block (its vocabulary cut: the head is not tuned)
-    "smollm2": (576, 1536, 9, 3, 49152),
-    "tiny": (128, 256, 4, 2, 256),
-}
-
-
-def build_model(shape: str, layers: int, seqlen: int, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hidden, inter, heads, kv, vocab = SHAPES[shape]
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
-                      num_key_value_heads=kv, num_hidden_layers=layers, vocab_size=vocab,
-                      max_position_embeddings=max(seqlen, 2048), rope_theta=500000.0,
-                      tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    from autoround_fast.cli.models import cast_parameters
-
-    with torch.device(dev):
-        model = cast_parameters(LlamaForCausalLM(cfg), torch.bfloat16)
-    return model
-
 
 def calibration(nsamples: int, seqlen: int, vocab: int, seed: int = 0):
     from datasets import Dataset

@@ -27,7 +27,8 @@ def run(args) -> None:
     import torch.distributed as dist
 
     from autoround_fast.engine import tune_block
-    from bench.block import SHAPES, build_model, capture_layer_inputs, engine_spec
+    from bench.block import capture_layer_inputs, engine_spec
+    from bench.shapes import SHAPES, build_model
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
@@ -43,7 +44,7 @@ def run(args) -> None:
         if args.global_batch % world:
             raise SystemExit(f"--global-batch {args.global_batch} is not divisible by {world} ranks")
         model = build_model(args.shape, 1, args.seqlen)
-        vocab = SHAPES[args.shape][4]
+        vocab = SHAPES[args.shape].vocab
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(1, vocab, (args.nsamples, args.seqlen), generator=g)
         share = ids.tensor_split(world)[rank]

@@ -27,7 +27,8 @@ import time
 
 import torch
 
-from bench.block import BLOCK_SCHEMES, SHAPES, calibration, tokenizer
+from bench.block import BLOCK_SCHEMES, calibration, tokenizer
+from bench.shapes import SHAPES
 from bench.common import quant_kwargs
 
 
@@ -38,7 +39,7 @@ def peak_host_gib() -> float:
 def run_ours(args, tmp: str) -> dict:
     """The whole model through oneshot with our backend, timed by phase."""
     from llmcompressor import oneshot
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from autoround_fast import AutoRoundModifier
     from autoround_fast.checkpoint import save_checkpoint
@@ -46,14 +47,14 @@ def run_ours(args, tmp: str) -> dict:
     gpu = torch.cuda.is_available()
     src = os.path.join(tmp, "random-model")
     # the "download", not timed, in a child process: its memory is not this process's peak
-    subprocess.run([sys.executable, "-c", "import sys; from bench.block import build_model; "
+    subprocess.run([sys.executable, "-c", "import sys; from bench.shapes import build_model; "
                     "build_model(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])).save_pretrained(sys.argv[4])",
                     args.shape, str(args.layers), str(args.seqlen), src], check=True)
     if gpu:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    model = LlamaForCausalLM.from_pretrained(src, dtype=torch.bfloat16, device_map="cuda" if gpu else None)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16, device_map="cuda" if gpu else None)
     load_s = time.perf_counter() - t0
     vocab = model.config.vocab_size
     mod = AutoRoundModifier(**quant_kwargs(args.scheme), iters=args.iters, batch_size=args.batch_size,
