@@ -53,7 +53,8 @@ def model_config(shape: str, layers: int, seqlen: int):
     if s.family == "mixtral":
         return transformers.MixtralConfig(intermediate_size=s.intermediate, num_local_experts=s.experts,
                                           num_experts_per_tok=s.top_k, sliding_window=None, **common)
-    if s.family == "gpt_oss":
+    if s.family == "gpt_oss":  # its own context length: its YaRN factor is set against it
+        common.pop("max_position_embeddings")
         return transformers.GptOssConfig(intermediate_size=s.intermediate, num_local_experts=s.experts,
                                          num_experts_per_tok=s.top_k, **common)
     raise ValueError(f"shape {shape!r}: unknown family {s.family!r}")
