@@ -101,10 +101,11 @@ def record_stock_losses(monkeypatch):
     return stock_losses
 
 
-@pytest.mark.parametrize("scheme", ["W4A16", "W4A16_ASYM", "FP8_DYNAMIC", "MXFP4", "MXFP8"])
+@pytest.mark.parametrize("scheme", ["W4A16", "W4A16_ASYM", "FP8_DYNAMIC", "W8A8", "W4AFP8", "MXFP4", "MXFP8"])
 def test_torch_backend_reproduces_stock_auto_round(fp32_model_dir, scheme, monkeypatch, cpu_bf16):
     """Both blocks' 40 per-iteration losses (rel 1e-6) and the tuned weights bit for bit, on
-    either amp path (MXFP4 / MXFP8: weights and dynamic activations)."""
+    either amp path (MXFP4 / MXFP8: weights and dynamic activations; FP8_DYNAMIC, W8A8, W4AFP8:
+    weights only, their dynamic activations being the stock path's 16-bit inputs)."""
     stock_losses = record_stock_losses(monkeypatch)
     stock = run(fp32_model_dir, "auto_round", scheme, [])
     ours_losses = []
