@@ -276,7 +276,8 @@ def test_sigint_exits_130_and_says_no_gpu_once(tiny_model_dir, calib_file, tmp_p
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "autoround_fast"] + args(tiny_model_dir, out, calib_file)
     argv.remove("--iters"), argv.remove("3")
-    env = dict(os.environ, AUTOROUND_FAST_ITERS="100000", PYTHONUNBUFFERED="1")
+    # PYTHONFAULTHANDLER: if the run outlives the interrupt, SIGABRT prints where each thread is
+    env = dict(os.environ, AUTOROUND_FAST_ITERS="100000", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     lines = []
     for line in proc.stdout:
@@ -285,7 +286,12 @@ def test_sigint_exits_130_and_says_no_gpu_once(tiny_model_dir, calib_file, tmp_p
             assert "100000 iterations" in line
             proc.send_signal(signal.SIGINT)
             break
-    rest, err = proc.communicate(timeout=300)
+    try:
+        rest, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        rest, err = proc.communicate()
+        pytest.fail("still running 300 s after Ctrl-C; its threads:\n" + err[-6000:])
     printed = "".join(lines) + rest
     assert proc.returncode == 130, printed + err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "autoround-fast: interrupted"
