@@ -27,7 +27,7 @@ def _import_llmcompressor_quietly():
 try:  # registers AutoRoundModifier(backend=...) with llm-compressor's ModifierFactory
     _import_llmcompressor_quietly()
     from .modifier import AutoRoundModifier
-    from .loading import load_quantized
+    from .moe_checkpoint import load_quantized
 except ImportError as _err:  # the ops work without llm-compressor installed
     _IMPORT_ERROR = _err
 

@@ -1,4 +1,4 @@
-"""Reloading a quantized mixture-of-experts checkpoint with every expert's tensors.
+"""Mixture-of-experts checkpoints in the per-expert layout: saving them so, reloading them whole.
 
 A checkpoint written from a model that llm-compressor linearized holds one Linear per expert
 projection (`mlp.experts.{i}.gate_proj.weight_packed`, `...weight_scale`,
@@ -14,6 +14,12 @@ all. Mixtral's checkpoint has `gate/up/down_proj` experts where transformers' ma
 `load_quantized` builds the model with llm-compressor's linearized experts instead (the modules
 the checkpoint was written from), so each tensor loads into the Linear it came from and the
 model re-saves in the same per-expert layout.
+
+`keep_per_expert_layout` makes a model that oneshot linearized after loading save its experts
+under the names its architecture's checkpoints and vLLM's loader use. llm-compressor's
+`linearize_moe` leaves the model's load-time mapping in place, and for Mixtral that mapping
+renames the block (`mlp` back to `block_sparse_moe`) but not the experts' Linears, so the
+checkpoint held `block_sparse_moe.experts.{i}.gate_proj`, a layout neither loader reads.
 """
 
 from __future__ import annotations
@@ -34,8 +40,9 @@ from llmcompressor.modeling.moe.conversion_mappings import (
     set_save_conversion_mapping,
 )
 from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
+from llmcompressor.modeling.moe.linearize import get_linearized_moes
 
-__all__ = ["load_quantized"]
+__all__ = ["load_quantized", "keep_per_expert_layout"]
 
 
 def _expert_renamings(names: dict[str, str]) -> list[WeightRenaming]:
@@ -108,3 +115,15 @@ def load_quantized(path: str, **kwargs):
     model = loaded[0] if isinstance(loaded, tuple) else loaded
     set_save_conversion_mapping(model, save_map)  # a re-save keeps the per-expert layout
     return loaded
+
+
+def keep_per_expert_layout(model) -> None:
+    """Have `save_pretrained` write a linearized MoE model's experts in its architecture's
+    per-expert layout (Mixtral: `block_sparse_moe.experts.{i}.w1/w3/w2`), where the mapping the
+    model was loaded with would not. Other models are left as they are."""
+    model_type = model.config.model_type
+    if model_type not in _PER_EXPERT_LAYOUTS or not get_linearized_moes(model):
+        return
+    with _per_expert_layout(model_type):
+        _, _, save_map = get_linearize_load_mappings(model_type)
+    set_save_conversion_mapping(model, save_map)
