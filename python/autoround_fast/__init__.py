@@ -27,14 +27,15 @@ def _import_llmcompressor_quietly():
 try:  # registers AutoRoundModifier(backend=...) with llm-compressor's ModifierFactory
     _import_llmcompressor_quietly()
     from .modifier import AutoRoundModifier
+    from .moe_checkpoint import load_quantized
 except ImportError as _err:  # the ops work without llm-compressor installed
     _IMPORT_ERROR = _err
 
     def __getattr__(name):
-        if name == "AutoRoundModifier":
-            raise ImportError(f"autoround_fast.AutoRoundModifier needs llmcompressor: {_IMPORT_ERROR}")
+        if name in ("AutoRoundModifier", "load_quantized"):
+            raise ImportError(f"autoround_fast.{name} needs llmcompressor: {_IMPORT_ERROR}")
         raise AttributeError(name)
 
 
-__all__ = ["ops", "has_cuda_kernels", "AutoRoundModifier"]
+__all__ = ["ops", "has_cuda_kernels", "AutoRoundModifier", "load_quantized"]
 __version__ = "0.1.0"

@@ -32,6 +32,7 @@ from loguru import logger
 from llmcompressor.modifiers.autoround import AutoRoundModifier as _StockAutoRoundModifier
 from llmcompressor.modifiers.factory import ModifierFactory
 
+from .moe_checkpoint import keep_per_expert_layout
 from .progress import ModelProgress
 from .resume import BlockStore
 from .engine import BlockResult, QuantSpec, make_backend, pack_samples, same_value, tune_block
@@ -236,6 +237,7 @@ class AutoRoundModifier(_StockAutoRoundModifier):
             self._devices = self._block_devices()  # a bad device_ids fails before calibration
         torch.manual_seed(self.seed)  # the calibration sampler's order: same seed, same bits
         ok = super().on_initialize(state, **kwargs)
+        keep_per_expert_layout(state.model)  # oneshot linearized the experts; save them as vLLM names them
         if self.backend != "auto_round":
             # Fail before calibration, naming the layer, if a scheme is out of reach.
             for name, module in match_named_modules(state.model, self.resolved_targets, self.ignore):

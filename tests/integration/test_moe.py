@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 from transformers.utils.quantization_config import CompressedTensorsConfig
 
-from autoround_fast import AutoRoundModifier
+from autoround_fast import AutoRoundModifier, load_quantized
 from autoround_fast.engine import precision
 from autoround_fast.modifier import _causal_attention_config, _restore_causal_mask
 from conftest import tiny_tokenizer
@@ -22,6 +22,7 @@ from test_modifier import calib
 from compressed_tensors.offload import remove_dispatch
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import QuantizationModifier
+from llmcompressor.utils.dev import get_main_device
 from llmcompressor.utils.helpers import calibration_forward_context
 
 IGNORE = ["lm_head", "re:.*mlp.gate$"]  # Qwen3-MoE's router is named gate (not a Linear here anyway)
@@ -233,3 +234,58 @@ def test_nvfp4_routed_calibration(moe_dir):
         processor=tiny_tokenizer(), num_calibration_samples=16, max_seq_length=32, moe_calibrate_all_experts=False)
     scales = torch.stack([m.input_global_scale.flatten()[0] for m in model.modules() if hasattr(m, "input_global_scale")])
     assert scales.numel() == 56 and torch.isfinite(scales).all() and (scales > 0).all()
+
+
+@pytest.fixture(scope="module")
+def mixtral_dir(tmp_path_factory):
+    """A tiny Mixtral (4 experts, top-2): its checkpoints name the experts' projections w1/w3/w2."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny-mixtral")
+    MixtralForCausalLM(MixtralConfig(hidden_size=128, intermediate_size=128, num_local_experts=4,
+                                     num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2,
+                                     head_dim=32, num_hidden_layers=2, vocab_size=256, max_position_embeddings=256,
+                                     sliding_window=None, tie_word_embeddings=False)).to(torch.bfloat16).save_pretrained(d)
+    return str(d)
+
+
+@torch.no_grad()
+def logits_on(model, ids, device):
+    """Logits of a model that runs on `device` (oneshot onloads to the main device), on the CPU."""
+    return model(ids.to(device), use_cache=False).logits.float().cpu()
+
+
+# The first expert's projections as vLLM's loader reads them (its expert-params mapping).
+EXPERT_ZERO = {"moe_dir": ["mlp.experts.0.down_proj", "mlp.experts.0.gate_proj", "mlp.experts.0.up_proj"],
+               "mixtral_dir": ["block_sparse_moe.experts.0.w1", "block_sparse_moe.experts.0.w2",
+                               "block_sparse_moe.experts.0.w3"]}
+SCALES = {"NVFP4": ["input_global_scale", "weight_global_scale", "weight_packed", "weight_scale"],
+          "W4A16": ["weight_packed", "weight_scale", "weight_shape"]}
+
+
+@pytest.mark.parametrize("scheme", ["NVFP4", "W4A16"])
+@pytest.mark.parametrize("model", ["moe_dir", "mixtral_dir"])
+def test_moe_checkpoint_reloads_every_expert(model, scheme, request, tmp_path):
+    """The checkpoint holds each expert's tensors under vLLM's names (Mixtral's w1/w3/w2,
+    which it held as gate/up/down_proj before), and load_quantized loads every one of them
+    (NVFP4's weight and input global scales included) into one Linear per expert projection:
+    the reloaded model's logits equal the in-memory quantized model's bit for bit, on the
+    device oneshot ran it on. transformers' own from_pretrained re-fuses the experts and
+    drops the global scales (Qwen3-MoE NVFP4), or loses Mixtral's experts."""
+    from safetensors import safe_open
+
+    layout = EXPERT_ZERO[model]
+    router = ["re:.*block_sparse_moe.gate$", "re:.*mlp.gate$"]
+    model = quantize(request.getfixturevalue(model), AutoRoundModifier(
+        targets="Linear", scheme=scheme, ignore=IGNORE + router, iters=2, batch_size=4, backend="torch"), n=4)
+    model.save_pretrained(tmp_path, save_compressed=True)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        expert_zero = sorted(k for k in f.keys() if k.startswith("model.layers.0.") and ".experts.0." in k)
+    assert expert_zero == [f"model.layers.0.{p}.{t}" for p in layout for t in SCALES[scheme]]
+    device = get_main_device()
+    reloaded, info = load_quantized(str(tmp_path), dtype=torch.bfloat16, device_map=str(device),
+                                    output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    ids = held_out(4)
+    assert torch.equal(logits_on(reloaded, ids, device), logits_on(model, ids, device))
