@@ -32,6 +32,7 @@ from compressed_tensors.utils import patch_attr
 from transformers import AutoConfig
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from llmcompressor.modeling import patch_moe_mappings
 from llmcompressor.modeling.moe.conversion_mappings import (
@@ -97,6 +98,14 @@ def _built_with(model_cls, experts_cls, replacement):
         yield
 
 
+def _model_class(config):
+    """The class the checkpoint names, else the causal LM of its config (a model converted from
+    GGUF, like the main job's, names none)."""
+    if config.architectures:
+        return getattr(transformers, config.architectures[0])
+    return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+
+
 def load_quantized(path: str, **kwargs):
     """Load a compressed-tensors checkpoint written by oneshot, MoE experts as one Linear per
     expert projection, so that every expert's scales load (NVFP4's global scales included) and
@@ -104,7 +113,7 @@ def load_quantized(path: str, **kwargs):
     to `from_pretrained` (dtype, device_map, output_loading_info, ...). A model without
     linearizable experts loads as `from_pretrained` loads it."""
     config = AutoConfig.from_pretrained(path)
-    model_cls = getattr(transformers, config.architectures[0])
+    model_cls = _model_class(config)
     with _per_expert_layout(config.model_type):
         if not has_linearize_load_mappings(config.model_type):
             return model_cls.from_pretrained(path, **kwargs)
