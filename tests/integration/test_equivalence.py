@@ -177,3 +177,25 @@ def test_mx_iters0_reproduces_stock(fp32_model_dir, scheme, monkeypatch, cpu_bf1
     assert set(ours) == set(stock) and len(ours) == 14
     for name in ours:
         assert torch.equal(ours[name], stock[name]), name
+
+
+@pytest.mark.parametrize("scheme,act_quant", [("FP8_DYNAMIC", False), ("W8A8", False), ("INT8", True)])
+def test_stock_path_tunes_dynamic_activations_weight_only(fp32_model_dir, scheme, act_quant, monkeypatch):
+    """What the engine's weight-only tuning of dynamic per-token activations matches
+    (docs/numerics.md#dynamic-activations): llm-compressor hands FP8_DYNAMIC and W8A8 to
+    auto-round with 16-bit activations, so none of the stock path's tuned Linears fake-quantizes
+    its input; INT8, a preset auto-round knows by name, is the exception and does."""
+    from auto_round import wrapper
+
+    seen = []
+    init = wrapper.WrapperLinear.__init__
+
+    def recording(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        seen.append((self.enable_act_quant, self.orig_layer.act_bits))
+
+    monkeypatch.setattr(wrapper.WrapperLinear, "__init__", recording)
+    run(fp32_model_dir, "auto_round", scheme, [], iters=2)
+    assert len(seen) == 14  # seven Linears in each of the two blocks
+    assert {q for q, _ in seen} == {act_quant}
+    assert {bits for _, bits in seen} == ({8} if act_quant else {16})
