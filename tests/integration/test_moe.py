@@ -45,8 +45,13 @@ def tiny_qwen3_moe(dtype=torch.bfloat16, seed=0):
 
 @pytest.fixture(scope="module")
 def moe_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-qwen3-moe")
-    tiny_qwen3_moe().save_pretrained(d)
+    return saved(tmp_path_factory, "tiny-qwen3-moe", tiny_qwen3_moe())
+
+
+def saved(tmp_path_factory, name, model):
+    """The model saved in bf16 under a fresh directory of the session; its path."""
+    d = tmp_path_factory.mktemp(name)
+    model.to(torch.bfloat16).save_pretrained(d)
     return str(d)
 
 
@@ -107,11 +112,9 @@ def mistral_dir(tmp_path_factory):
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tiny-mistral")
-    MistralForCausalLM(MistralConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4,
-                                     num_key_value_heads=2, num_hidden_layers=2, vocab_size=256,
-                                     max_position_embeddings=256, sliding_window=None)).to(torch.bfloat16).save_pretrained(d)
-    return str(d)
+    return saved(tmp_path_factory, "tiny-mistral", MistralForCausalLM(MistralConfig(
+        hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+        vocab_size=256, max_position_embeddings=256, sliding_window=None)))
 
 
 @pytest.mark.parametrize("model", ["moe_dir", "mistral_dir"])
@@ -242,12 +245,10 @@ def mixtral_dir(tmp_path_factory):
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tiny-mixtral")
-    MixtralForCausalLM(MixtralConfig(hidden_size=128, intermediate_size=128, num_local_experts=4,
-                                     num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2,
-                                     head_dim=32, num_hidden_layers=2, vocab_size=256, max_position_embeddings=256,
-                                     sliding_window=None, tie_word_embeddings=False)).to(torch.bfloat16).save_pretrained(d)
-    return str(d)
+    return saved(tmp_path_factory, "tiny-mixtral", MixtralForCausalLM(MixtralConfig(
+        hidden_size=128, intermediate_size=128, num_local_experts=4, num_experts_per_tok=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, num_hidden_layers=2, vocab_size=256, max_position_embeddings=256,
+        sliding_window=None, tie_word_embeddings=False)))
 
 
 @torch.no_grad()
