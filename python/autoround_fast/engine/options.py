@@ -56,8 +56,8 @@ class TuneOptions:
     grouped_experts: run an MoE block's routed experts (llm-compressor's linearized
         ``LinearExperts2D``) as one grouped matmul per projection while tuning, with the
         token-expert pairs sorted on the device (:mod:`.experts`), instead of the per-expert
-        loop, which waits for the host at every expert. Default: on a GPU. It computes only
-        each expert's routed tokens, bit for bit as the loop does when it does too; under
+        loop, which waits for the host at every expert. Default: on a GPU. It computes each
+        expert on its routed tokens only, bit for bit as the loop over routed tokens; under
         llm-compressor's default ``moe_calibrate_all_experts`` the loop runs every expert on
         every token, whose matmul rows round apart from the routed ones' in the last bit, so
         on the CPU, where results are the stock path's bit for bit, it is off unless asked for.
