@@ -14,6 +14,7 @@ import torch.nn as nn
 from .. import fusion, ops
 from .attention import sdpa_attention
 from .calibration import ActStats, activation_stats, reduce_over_ranks
+from .experts import grouped_experts
 from .inputs import BlockInputs, run_block, to_cache
 from .linear import ActQuantLinear, TunedLinear, share_input_quantization, swap_module
 from .options import Plan, TuneOptions, plan
@@ -51,6 +52,8 @@ class BlockResult:
     fused: dict[str, list[str]] = field(default_factory=dict)
     # step_in_backward: the Linears whose weight backward took the sign step
     step_in_backward: list[str] = field(default_factory=list)
+    # the MoE experts containers whose tuning forward ran as grouped matmuls (engine/experts.py)
+    grouped_experts: list[str] = field(default_factory=list)
 
 
 Finalize = Callable[[str, nn.Linear, dict], torch.Tensor]
@@ -164,8 +167,12 @@ class _BlockRun:
         memos = share_input_quantization(tuned)
         try:
             with _train_only_tunables(self.block, tuned), torch.enable_grad(), \
-                    fusion.fused_elementwise(self.block, p.fuse) as fused:
+                    fusion.fused_elementwise(self.block, p.fuse) as fused, \
+                    grouped_experts(self.block, tuned, p.device, p.grouped_experts) as grouped:
                 result.fused = {k: v for k, v in fused.items() if v}
+                result.grouped_experts = grouped
+                if grouped and self.host_waits:
+                    self._probe_grouped(result)
                 if self.iters > 0:
                     self._loop(tuned, ref, result, progress)
             self.phases.done("tune")
@@ -194,15 +201,25 @@ class _BlockRun:
         if p.device.type == "cpu":
             inputs.cast_floats(p.dtype)
         inputs.drop_causal_mask(self.block)
-        if p.cuda_graph:
-            args, kwargs = inputs.batch(torch.zeros(1, dtype=torch.long, device=inputs.device))
-            if waits_for_host(self.block, args, kwargs, p.precision.tuning):
-                p.cuda_graph = False
-                p.eager_reason = ("the block's forward waits for the host (e.g. MoE routing's nonzero or "
-                                  ".item()), which a CUDA graph cannot hold: it runs eagerly")
+        self.host_waits = p.cuda_graph and self._waits_for_host()
+        if self.host_waits:
+            p.cuda_graph = False
+            p.eager_reason = ("the block's forward waits for the host (e.g. MoE routing's nonzero or "
+                              ".item()), which a CUDA graph cannot hold: it runs eagerly")
         self.q_hidden = (inputs.hidden if self.q_inputs is None
                          else to_cache(self.q_inputs.to(dtype=inputs.hidden.dtype), p.cache_device))
         self.mask = None if self.token_mask is None else self.token_mask.to(device=p.device, dtype=torch.float32)
+
+    def _waits_for_host(self) -> bool:
+        args, kwargs = self.inputs.batch(torch.zeros(1, dtype=torch.long, device=self.inputs.device))
+        return waits_for_host(self.block, args, kwargs, self.plan.precision.tuning)
+
+    def _probe_grouped(self, result: BlockResult) -> None:
+        """The loop graphed after all where the grouped experts took away the block's waits
+        for the host (the experts' loop's; W4A4's per-expert input quantization keeps one)."""
+        if not self._waits_for_host():
+            self.plan.cuda_graph = True
+            self.plan.eager_reason = result.eager_reason = ""
 
     def _calibrate(self) -> dict[str, ActStats]:
         """act_max (NVFP4 W4A4) and the imatrix (iters=0) on the quantized inputs, the block as it is:

@@ -137,6 +137,11 @@ class TunedLinear(nn.Module):
             return self.act_global_scale
         return None
 
+    def quantize_input(self, x):
+        """The input's fake quantization as :meth:`forward` applies it (for callers that run
+        the matmul themselves: the grouped experts)."""
+        return self._quant_input(x)
+
     def _quant_input(self, x):
         """The input's fake quantization (W4A4, MX). q, k and v quantize the same tensor
         under the same global scale (NVFP4) or none (MX): the first computes it and the others take its result

@@ -53,6 +53,14 @@ class TuneOptions:
     step_in_backward: take SignRound's step inside each Linear's weight backward (the same
         bits, the gradients never go through memory). Default: on with the kernels where it
         applies: one micro-batch per step, no process group, the Linears on one device.
+    grouped_experts: run an MoE block's routed experts (llm-compressor's linearized
+        ``LinearExperts2D``) as one grouped matmul per projection while tuning, with the
+        token-expert pairs sorted on the device (:mod:`.experts`), instead of the per-expert
+        loop, which waits for the host at every expert. Default: on a GPU. It computes each
+        expert on its routed tokens only, bit for bit as the loop over routed tokens; under
+        llm-compressor's default ``moe_calibrate_all_experts`` the loop runs every expert on
+        every token, whose matmul rows round apart from the routed ones' in the last bit, so
+        on the CPU, where results are the stock path's bit for bit, it is off unless asked for.
     memory_budget: bytes the block's tuning may take on its device (default: on one GPU, what
         it has free; elsewhere no limit). Where the estimate (:mod:`.memory`) exceeds it, the
         caches go to host memory (if cache_device was left unset), then the micro-batch is
@@ -73,6 +81,7 @@ class TuneOptions:
     linear_devices: Optional[Sequence[str | torch.device]] = None
     fuse_elementwise: Optional[bool] = None
     step_in_backward: Optional[bool] = None
+    grouped_experts: Optional[bool] = None
     memory_budget: Optional[int] = None
 
 
@@ -91,6 +100,7 @@ class Plan:
     cuda_graph: bool
     fuse: bool  # the element-wise fusion, in the loop and the passes around it
     step_in_backward: bool
+    grouped_experts: bool  # the MoE experts' grouped matmuls in the loop
     placement: dict[str, torch.device] = field(default_factory=dict)
     eager_reason: str = ""  # why CUDA graphs were asked for but not used
     memory_note: str = ""  # what was given up for the block to fit its device
@@ -155,6 +165,7 @@ def plan(options: TuneOptions, block: nn.Module, linears: dict[str, nn.Linear], 
                 precision=Precision(device, dtype, act_quant), batch_size=room.batch_size,
                 dist=dist, cuda_graph=cuda_graph, fuse=bool(fuse) and o.iters > 0,
                 step_in_backward=step_fits and o.step_in_backward is not False,
+                grouped_experts=device.type == "cuda" if o.grouped_experts is None else bool(o.grouped_experts),
                 placement=placement, eager_reason=eager_reason, memory_note=room.note)
 
 

@@ -1,0 +1,167 @@
+"""The routed experts of an MoE block as grouped matmuls while tuning.
+
+llm-compressor linearizes transformers' fused experts into a ModuleList of E expert MLPs
+(``LinearExperts2D``), called as ``experts(hidden_states, top_k_index, top_k_weights)``, whose
+forward loops over the experts in Python and waits for the host at each (``torch.where``).
+Within :func:`grouped_experts`, such a container's forward is swapped for one that sorts the
+token-expert pairs by expert on the device and runs each projection as one grouped matmul
+over all experts (``torch._grouped_mm``), each expert's weight still fake-quantized by its own
+TunedLinear. It computes what the loop computes, bit for bit (see :func:`grouped_forward`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..fusion import _own_forward, _swap_forward
+from .linear import TunedLinear
+
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+_FORWARD_ARGS = ("self", "hidden_states", "top_k_index", "top_k_weights")  # LinearExperts2D.forward's
+_ALIGN_BYTES = 16  # _grouped_mm wants every stride but the unit one a multiple of 16 bytes
+
+
+@dataclass
+class Routing:
+    """The token-expert pairs sorted by expert, on the device.
+
+    Within an expert, pairs keep the loop's order (``torch.where`` over the [k, T] mask: by
+    slot j, then token t). ``slots[t]`` lists token t's pairs in ascending expert order, the
+    order in which the loop's ``index_add_`` sums them."""
+
+    tokens: torch.Tensor   # [P] the token of each sorted pair (P = T * k)
+    weights: torch.Tensor  # [P] its routing weight
+    offsets: torch.Tensor  # [E] int32, where each expert's pairs end (cumulative counts)
+    slots: torch.Tensor    # [T, k] positions of each token's pairs, ascending expert
+
+    def bounds(self) -> list[tuple[int, int]]:
+        """Each expert's [start, end) among the sorted pairs (one wait for the host)."""
+        ends = self.offsets.tolist()
+        return list(zip([0] + ends[:-1], ends))
+
+
+def sort_pairs(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, n_experts: int) -> Routing:
+    """Sort the T x k (token, expert) pairs by expert with device ops only (a stable argsort,
+    searchsorted for the cumulative counts), no wait for the host."""
+    n_tokens, k = top_k_index.shape
+    experts = top_k_index.t().reshape(-1)  # pair j * T + t
+    order = torch.argsort(experts, stable=True)
+    ids = torch.arange(n_experts, device=experts.device, dtype=experts.dtype)
+    offsets = torch.searchsorted(experts[order], ids, right=True, out_int32=True)
+    position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    slots = position.view(k, n_tokens).t().sort(dim=1).values
+    return Routing(order % n_tokens, top_k_weights.t().reshape(-1)[order], offsets, slots)
+
+
+def grouped_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor) -> torch.Tensor:
+    """LinearExperts2D's forward on grouped matmuls: ``out[t] = sum over t's experts e, in
+    ascending e, of T(T(down_e(gate(gate_e(x_t), up_e(x_t)))) * w_te)``, each sum starting from
+    zero and rounded to the hidden dtype, as the loop's ``index_add_`` adds.
+
+    Every row of a matmul is its own dot products, so gathering an expert's tokens first (or
+    computing it on every token, as llm-compressor's calibrate-all-experts flag does, and
+    indexing after) gives the same rows."""
+    experts = [self[e] for e in range(self.num_experts)]
+    routing = sort_pairs(top_k_index, top_k_weights, self.num_experts)
+    x = hidden_states[routing.tokens]  # indexing: a deterministic backward on a GPU
+    linears = {p: [getattr(e, p) for e in experts] for p in PROJECTIONS}
+    bounds = routing.bounds() if _needs_bounds(linears, x) else None
+    gate = _project(linears["gate_proj"], x, routing.offsets, bounds)
+    up = _project(linears["up_proj"], x, routing.offsets, bounds)
+    h = self._apply_gate(torch.cat([gate, up], dim=-1))
+    y = _project(linears["down_proj"], h, routing.offsets, bounds)
+    return _combine(y, routing, hidden_states)
+
+
+def _project(linears: list[TunedLinear], x: torch.Tensor, offsets: torch.Tensor,
+             bounds: Optional[list[tuple[int, int]]]) -> torch.Tensor:
+    """Each expert's TunedLinear on its rows of x: its input quantization (per expert, on its
+    rows: each has its own activation scales), then one grouped matmul over all experts
+    with their fake-quantized weights, or, where _grouped_mm cannot take them, one matmul
+    per expert."""
+    weights = [tl.qdq()[0] for tl in linears]
+    if linears[0].spec.act:  # an expert without tokens has nothing to quantize (the kernels refuse it)
+        x = torch.cat([tl.quantize_input(x[a:b]) if b > a else x[a:b] for tl, (a, b) in zip(linears, bounds)])
+    dt = _autocast_dtype(x.device)  # as F.linear under autocast
+    if dt is not None:
+        x, weights = x.to(dt), [w.to(dt) for w in weights]
+    if bounds is None:
+        return torch._grouped_mm(x, torch.stack(weights).transpose(1, 2), offs=offsets)
+    return torch.cat([F.linear(x[a:b], w) for w, (a, b) in zip(weights, bounds)])
+
+
+def _combine(y: torch.Tensor, routing: Routing, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The weighted expert outputs summed per token in the loop's order (ascending expert,
+    from zero, in the hidden dtype): gathers and adds, with no atomics."""
+    weighted = (y * routing.weights[:, None]).to(hidden_states.dtype)
+    out = torch.zeros_like(hidden_states)
+    for j in range(routing.slots.shape[1]):
+        out = out + weighted[routing.slots[:, j]]
+    return out
+
+
+def _needs_bounds(linears: dict[str, list[TunedLinear]], x: torch.Tensor) -> bool:
+    """Whether the forward needs each expert's rows on the host: per-expert activation
+    quantization, or a matmul _grouped_mm cannot take."""
+    if any(ls[0].spec.act for ls in linears.values()):
+        return True
+    dt = _autocast_dtype(x.device) or x.dtype
+    widths = [ls[0].linear.weight.shape for ls in linears.values()]
+    return not _grouped_mm_takes(x.device, dt, [n for shape in widths for n in shape])
+
+
+def _grouped_mm_takes(device: torch.device, dtype: torch.dtype, widths: list[int]) -> bool:
+    """torch._grouped_mm runs bf16 on the CPU and on Hopper-class GPUs (CUTLASS), with
+    16-byte aligned rows."""
+    if dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
+        return False
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
+        return False
+    item = torch.empty(0, dtype=dtype).element_size()
+    return all(n * item % _ALIGN_BYTES == 0 for n in widths)
+
+
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+def _groupable(m: nn.Module, tuned_ids: set[int], device: torch.device) -> bool:
+    """A LinearExperts2D-style container: a ModuleList whose first num_experts members have
+    gate_proj, up_proj and down_proj TunedLinears (no bias, one shape per projection, all on
+    ``device``), with a gate function, called as ``(hidden_states, top_k_index, top_k_weights)``."""
+    fwd, _ = _own_forward(m)
+    n = getattr(m, "num_experts", None)
+    if (fwd is None or not isinstance(m, nn.ModuleList) or not isinstance(n, int) or not 0 < n <= len(m)
+            or not callable(getattr(m, "_apply_gate", None))
+            or tuple(inspect.signature(fwd).parameters) != _FORWARD_ARGS):
+        return False
+    for p in PROJECTIONS:
+        ls = [getattr(m[e], p, None) for e in range(n)]
+        if not all(id(tl) in tuned_ids for tl in ls):
+            return False
+        if any(tl.linear.bias is not None or tl.v.device != device or tl.spec != ls[0].spec
+               or tl.linear.weight.shape != ls[0].linear.weight.shape for tl in ls):
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def grouped_experts(block: nn.Module, tuned: dict[str, TunedLinear], device: torch.device,
+                    enabled: bool = True):
+    """Within the ``with`` (if ``enabled``), every LinearExperts2D-style experts container of the block whose
+    projections are all TunedLinears runs :func:`grouped_forward`; restored on the way out,
+    also when the body raises. Returns (as the ``as`` target) the containers' names."""
+    ids = {id(tl) for tl in tuned.values()}
+    names = [name for name, m in block.named_modules() if enabled and _groupable(m, ids, device)]
+    with contextlib.ExitStack() as stack:
+        for name in names:
+            stack.callback(_swap_forward(block.get_submodule(name), grouped_forward))
+        yield names

@@ -1,0 +1,181 @@
+"""The grouped experts (engine/experts.py) against llm-compressor's per-expert loop, on a tiny
+random Qwen3-MoE block (8 experts, top-2, hidden 128, expert width 128, bf16; the router never
+picks the last expert, so one expert gets no token): the same output and gradients bit for bit,
+and tune_block the same losses and tuned weights bit for bit.
+
+The loop under llm-compressor's calibrate-all-experts flag (oneshot's default) runs every expert
+on every token and picks its rows after: the CPU matmul's rows then round apart in the last bit
+(they depend on the row count), so there the two agree to rounding only."""
+
+import copy
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+from autoround_fast import ops
+from autoround_fast.engine import QuantSpec, precision, tune_block
+from autoround_fast.engine.backends import make_backend
+from autoround_fast.engine.experts import grouped_experts
+from autoround_fast.engine.linear import TunedLinear, swap_module
+from conftest import capture_block_inputs
+
+from llmcompressor.modeling.moe.context import moe_calibration_context
+from llmcompressor.modeling.moe.linearize import linearize_moe
+
+E, K, HIDDEN = 8, 2, 128
+ATTENTION = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+EXPERTS = [f"mlp.experts.{e}.{p}" for e in range(E) for p in ("gate_proj", "up_proj", "down_proj")]
+SPECS = {
+    "w4a16": QuantSpec("int", 4, 128, True, scale_dtype=torch.bfloat16),
+    "nvfp4": QuantSpec("nvfp4", act=True),
+}
+
+
+def _no_last_expert(self, hidden_states):
+    """Qwen3MoeTopKRouter's forward with the last expert's logit at -inf."""
+    hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+    logits = F.linear(hidden_states, self.weight)
+    logits[:, -1] = float("-inf")
+    probs = F.softmax(logits, dtype=torch.float, dim=-1)
+    top, idx = torch.topk(probs, self.top_k, dim=-1)
+    top /= top.sum(dim=-1, keepdim=True)
+    return logits, top.to(logits.dtype), idx
+
+
+@pytest.fixture(scope="module")
+def moe():
+    """The linearized model's first block (router without the last expert) and its inputs."""
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(hidden_size=HIDDEN, intermediate_size=128, moe_intermediate_size=128, num_experts=E,
+                         num_experts_per_tok=K, norm_topk_prob=True, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=32, num_hidden_layers=1, vocab_size=256, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    model = Qwen3MoeForCausalLM(cfg)
+    linearize_moe(model)  # the per-expert Linears in the config's dtype
+    model.to(torch.bfloat16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and "embed" not in name:
+                p.normal_(0, 0.08)
+    layer = model.model.layers[0]
+    layer.mlp.gate.forward = types.MethodType(_no_last_expert, layer.mlp.gate)
+    return layer, capture_block_inputs(model, nsamples=8, seqlen=16)
+
+
+@pytest.fixture(autouse=True)
+def bf16_cpu(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)  # the block stays bf16, as the model
+
+
+def _tuned_experts(layer, spec, backend, dtype):
+    """The layer's experts container, its projections TunedLinears at random tunables (and,
+    under W4A4, a different activation global scale per expert)."""
+    experts = copy.deepcopy(layer.mlp.experts).to(dtype)
+    g = torch.Generator().manual_seed(1)
+    tuned = {}
+    for name in (n.removeprefix("mlp.experts.") for n in EXPERTS):
+        lin = experts.get_submodule(name)
+        gs = ops.nvfp4_global_scale(lin.weight) if spec.kind == "nvfp4" else None
+        act_gs = (torch.rand(1, generator=g) * 50 + 20) if spec.act else None
+        tl = TunedLinear(lin, spec, make_backend(backend), gs, act_gs)
+        with torch.no_grad():
+            tl.v.copy_(torch.rand(tl.v.shape, generator=g) - 0.5)
+            tl.max_scale.copy_(torch.rand(tl.max_scale.shape, generator=g) * 0.3 + 0.7)
+        swap_module(experts, name, tl)
+        tuned[name] = tl
+    return experts, tuned
+
+
+def _run(experts, tuned, x, idx, w, grad):
+    """Output and gradients (x, routing weights, every tunable) of one forward and backward."""
+    x = x.detach().requires_grad_(True)
+    w = w.detach().requires_grad_(True)
+    out = experts(x, idx, w)
+    out.backward(grad)
+    grads = {n: p.grad.clone() for tl_name, tl in tuned.items()
+             for n, p in ((f"{tl_name}.{k}", q) for k, q in (("v", tl.v), ("max_scale", tl.max_scale),
+                                                             ("min_scale", tl.min_scale)) if q is not None)}
+    for tl in tuned.values():
+        for p in tl.tunables():
+            p.grad = None
+    return out.detach(), x.grad, w.grad, grads
+
+
+def _bits(t):
+    return t.view(torch.int16) if t.dtype in (torch.bfloat16, torch.float16) else t.view(torch.int32)
+
+
+def _assert_same(a, b, exact=True):
+    if exact:
+        assert a.dtype == b.dtype and torch.equal(_bits(a), _bits(b))
+    else:  # to rounding: within 8 units in the last place of the tensor's largest value (seen: 6.5)
+        err = (a.float() - b.float()).abs().max()
+        assert err <= 8 * torch.finfo(a.dtype).eps * a.float().abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # grouped matmul; the per-expert fallback
+@pytest.mark.parametrize("backend", ["torch", "kernels"])
+@pytest.mark.parametrize("scheme", list(SPECS))
+@pytest.mark.parametrize("all_experts", [False, True], ids=["routed", "calibrate_all"])
+def test_grouped_forward_and_gradients_equal_the_loop(moe, scheme, backend, dtype, all_experts):
+    """The experts' output and the gradients of the input, the routing weights and every
+    expert's V and scales: bit for bit as the routed loop's, and to rounding as the loop's under
+    llm-compressor's calibrate-all-experts flag (every expert on every token)."""
+    if scheme == "nvfp4" and backend == "kernels" and not all_experts:
+        pytest.skip("the loop itself cannot run: the kernels refuse the empty input of an expert without tokens")
+    layer, _ = moe
+    experts, tuned = _tuned_experts(layer, SPECS[scheme], backend, dtype)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(40, HIDDEN, generator=g).to(dtype)
+    with torch.no_grad():
+        _, w, idx = layer.mlp.gate(x.to(torch.bfloat16))
+    w = w.to(dtype)
+    assert not (idx == E - 1).any()  # an expert without tokens
+    grad = torch.randn(40, HIDDEN, generator=g).to(dtype)
+    with moe_calibration_context() if all_experts else torch.enable_grad():
+        loop = _run(experts, tuned, x, idx, w, grad)
+        with grouped_experts(experts, tuned, torch.device("cpu")) as names:
+            assert names == [""]
+            grouped = _run(experts, tuned, x, idx, w, grad)
+    for a, b in zip(loop[:3], grouped[:3]):
+        _assert_same(a, b, exact=not all_experts)
+    assert loop[3].keys() == grouped[3].keys()
+    for n in loop[3]:
+        # a scale's gradient sums nearly cancelling terms, whose rounding it magnifies: under the
+        # flag only V's is compared
+        if not all_experts or n.endswith(".v"):
+            _assert_same(loop[3][n], grouped[3][n], exact=not all_experts)
+    assert all(not grouped[3][f"{E - 1}.{p}.v"].any() for p in ("gate_proj", "up_proj", "down_proj"))
+
+
+# the loop with the kernels cannot run an expert without tokens under W4A4 (see above)
+@pytest.mark.parametrize("scheme,backend", [("w4a16", "kernels"), ("nvfp4", "torch")])
+def test_tune_block_with_grouped_experts_equals_the_loop(moe, scheme, backend):
+    """tune_block on the MoE block: the same per-iteration losses, tuned weights and quantized
+    outputs bit for bit, with and without the grouped experts."""
+    layer, inputs = moe
+    specs = {n: SPECS[scheme] for n in ATTENTION + EXPERTS}
+
+    def tune(grouped):
+        block = copy.deepcopy(layer)
+        res = tune_block(block, inputs, specs, iters=6, batch_size=4, backend=backend, grouped_experts=grouped)
+        return res, {n: block.get_submodule(n).weight.detach().clone() for n in specs}
+
+    grouped, grouped_w = tune(True)
+    loop, loop_w = tune(False)
+    assert grouped.grouped_experts == ["mlp.experts"] and loop.grouped_experts == []
+    assert grouped.losses == loop.losses
+    _assert_same(grouped.q_outputs, loop.q_outputs)
+    for n in specs:
+        _assert_same(grouped_w[n], loop_w[n])
+
+
+def test_grouped_experts_default_on_a_gpu_only(moe):
+    """Off on the CPU unless asked for: there the stock path's loop is reproduced bit for bit."""
+    layer, inputs = moe
+    res = tune_block(copy.deepcopy(layer), inputs, {n: SPECS["w4a16"] for n in EXPERTS}, iters=1, batch_size=4,
+                     backend="kernels")
+    assert res.grouped_experts == []
