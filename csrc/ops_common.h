@@ -85,10 +85,12 @@ inline Nvfp4Args nvfp4_args(const Tensor& w, const Tensor& v, const Tensor& ms, 
                    static_cast<const float*>(gs.const_data_ptr())};
 }
 
-// x (named `name` in errors): non-empty and contiguous, viewed as [rows, cols]; gs one fp32.
+// x (named `name` in errors): contiguous with a non-empty last dimension, viewed as [rows, cols]
+// (zero rows: an activation of no tokens, e.g. an MoE expert routed none); gs one fp32.
 inline Nvfp4ActArgs nvfp4_act_args(const Tensor& x, const Tensor& gs, const char* op,
                                    const char* name = "x") {
-  STD_TORCH_CHECK(x.dim() >= 1 && x.numel() > 0, op, ": ", name, " must be a non-empty tensor");
+  STD_TORCH_CHECK(x.dim() >= 1 && x.size(x.dim() - 1) > 0, op, ": ", name,
+                  " must have a non-empty last dimension");
   STD_TORCH_CHECK(x.is_contiguous(), op, ": ", name, " must be contiguous");
   const int64_t cols = x.size(x.dim() - 1);
   check_fp32(x, gs, 1, op, "global_scale");
@@ -147,7 +149,7 @@ inline Fp8BlockArgs fp8_block_args(const Tensor& w, const Tensor& v, const Tenso
 
 inline Fp8ActArgs fp8_act_args(const Tensor& x, const Tensor& act_max, const Tensor& ms, int64_t scale_dtype,
                                const char* op) {
-  STD_TORCH_CHECK(x.dim() >= 1 && x.numel() > 0, op, ": x must be a non-empty tensor");
+  STD_TORCH_CHECK(x.dim() >= 1 && x.size(x.dim() - 1) > 0, op, ": x must have a non-empty last dimension");
   STD_TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
   check_scale_dtype(scale_dtype, op);
   check_fp32(x, act_max, 1, op, "act_max");
@@ -193,9 +195,9 @@ inline MxArgs mx_args(const Tensor& w, const Tensor& v, const Tensor& ms, int64_
                 static_cast<const float*>(v.const_data_ptr()), static_cast<const float*>(ms.const_data_ptr())};
 }
 
-// x: non-empty and contiguous, viewed as [rows, cols].
+// x: contiguous with a non-empty last dimension, viewed as [rows, cols] (zero rows allowed).
 inline MxActArgs mx_act_args(const Tensor& x, int64_t bits, const char* op) {
-  STD_TORCH_CHECK(x.dim() >= 1 && x.numel() > 0, op, ": x must be a non-empty tensor");
+  STD_TORCH_CHECK(x.dim() >= 1 && x.size(x.dim() - 1) > 0, op, ": x must have a non-empty last dimension");
   STD_TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
   check_mx_bits(bits, op);
   const int64_t cols = x.size(x.dim() - 1);

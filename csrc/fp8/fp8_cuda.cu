@@ -409,6 +409,7 @@ const char* launch_fake_quant_fp8_backward(const Fp8Args& a, const void* grad, f
 }
 
 const char* launch_fake_quant_fp8_activation(const Fp8ActArgs& a, void* out, cudaStream_t stream) {
+  if (a.numel == 0) return nullptr;  // an activation of no tokens
   const bool vec = a.numel % kFp8Chunk == 0 && all_aligned({a.x, out});
   const ScaleSource src{nullptr, 0, a.act_max, a.max_scale, a.scale_dtype};
   with_type_and_vec(a.dtype, vec, [&](auto t, auto kv) {
@@ -426,11 +427,13 @@ const char* launch_fake_quant_fp8_activation_backward(const Fp8ActArgs& a, const
   const int64_t tiles = (a.numel + kFp8Tile - 1) / kFp8Tile;
   float* tile_a = scratch + kMaxAmaxPartials;
   float* tile_b = tile_a + tiles;
-  with_type_and_vec(a.dtype, vec, [&](auto t, auto kv) {
-    using T = decltype(t);
-    fp8_flat_backward_kernel<T, decltype(kv)::value, true><<<flat_blocks(a.numel), kFp8Threads, 0, stream>>>(
-        static_cast<const T*>(a.x), nullptr, static_cast<const T*>(grad), grad_x, a.numel, src, tile_a, tile_b);
-  });
+  if (a.numel > 0) {  // no tokens: no tiles, and the finish writes a zero gradient
+    with_type_and_vec(a.dtype, vec, [&](auto t, auto kv) {
+      using T = decltype(t);
+      fp8_flat_backward_kernel<T, decltype(kv)::value, true><<<flat_blocks(a.numel), kFp8Threads, 0, stream>>>(
+          static_cast<const T*>(a.x), nullptr, static_cast<const T*>(grad), grad_x, a.numel, src, tile_a, tile_b);
+    });
+  }
   fp8_finish_kernel<<<1, kFp8Threads, 0, stream>>>(tile_a, tile_b, tiles, src, grad_ms);
   return launch_status();
 }

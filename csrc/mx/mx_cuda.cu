@@ -204,10 +204,12 @@ __global__ void __launch_bounds__(kThreads) fake_quant_mx_activation_backward_ke
 
 // Launches kernel<bits, T, vec> over the groups of a [rows, cols] tensor: launch(bits, t, vec,
 // grid, stream) with bits and vec as std::integral_constant / std::bool_constant, vec true
-// where rows are whole groups and every pointer is 16-byte aligned.
+// where rows are whole groups and every pointer is 16-byte aligned. Launches nothing for zero
+// rows (an activation of no tokens).
 template <typename F>
 const char* launch_over_groups(int bits, int dtype, int64_t rows, int64_t cols,
                                std::initializer_list<const void*> ptrs, cudaStream_t s, F&& launch) {
+  if (rows == 0) return nullptr;
   const int64_t total = rows * ((cols + kMxGroup - 1) / kMxGroup);
   const unsigned grid = grid_for(total, kWarps * kPerWarp);
   bool vec = cols % kMxGroup == 0;

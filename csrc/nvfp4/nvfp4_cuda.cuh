@@ -132,10 +132,11 @@ inline bool whole_groups(int64_t cols, std::initializer_list<const void*> ptrs) 
 // Launches a kernel over the 16-element groups of a [rows, cols] tensor, one thread per group:
 // launch(t, vec, grid, stream), with t a value of the dtype's storage type and vec a
 // std::bool_constant, true where whole_groups(cols, ptrs) allows the vector path. Returns
-// launch_status().
+// launch_status(); launches nothing for zero rows (an activation of no tokens).
 template <typename F>
 const char* launch_over_groups(int dtype, int64_t rows, int64_t cols, std::initializer_list<const void*> ptrs,
                                cudaStream_t s, F&& launch) {
+  if (rows == 0) return nullptr;
   const unsigned grid = grid_for(rows * ((cols + kNvfp4Group - 1) / kNvfp4Group), kThreads);
   const bool vec = whole_groups(cols, ptrs);
   with_type_and_vec(dtype, vec, [&](auto t, auto v) { launch(t, v, grid, s); });

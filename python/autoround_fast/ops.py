@@ -92,6 +92,13 @@ def _check_input(t: torch.Tensor, name: str, op: str, fake: bool = False) -> Non
     _check_float(t, name, op, fake)
 
 
+def _check_activation(t: torch.Tensor, name: str, op: str, fake: bool = False) -> None:
+    """Of a float dtype with a non-empty last dimension; zero rows are an activation of no tokens
+    (an MoE expert the batch routes none to), which quantizes to itself."""
+    _require(t.dim() >= 1 and t.shape[-1] != 0, op, f"{name} must have a non-empty last dimension", fake)
+    _check_float(t, name, op, fake)
+
+
 def _check_param(ref: torch.Tensor, t: torch.Tensor, numel: int, name: str, op: str, fake: bool = False) -> None:
     """float32 with ``numel`` elements, on ref's device."""
     _require(t.device == ref.device, op, f"{name} is on {t.device} but the first input is on {ref.device}", fake)
@@ -105,9 +112,10 @@ def _check_weight(weight: torch.Tensor, op: str, fake: bool = False) -> None:
     _check_float(weight, "weight", op, fake)
 
 
-def _check_pair(a: torch.Tensor, b: torch.Tensor, a_name: str, b_name: str, op: str, fake: bool = False) -> None:
-    """a non-empty and of a float dtype; b of a's shape, dtype and device."""
-    _check_input(a, a_name, op, fake)
+def _check_pair(a: torch.Tensor, b: torch.Tensor, a_name: str, b_name: str, op: str, fake: bool = False,
+                check=_check_input) -> None:
+    """a passes ``check``; b of a's shape, dtype and device."""
+    check(a, a_name, op, fake)
     _require(b.shape == a.shape and b.dtype == a.dtype and b.device == a.device, op,
              f"{b_name} must match {a_name} ({tuple(a.shape)}, {a.dtype}, {a.device}); got "
              f"({tuple(b.shape)}, {b.dtype}, {b.device})", fake)
@@ -319,7 +327,7 @@ def step_in_backward_nvfp4(weight, v, max_scale, global_scale, best, improved, l
 
 
 def _check_act(op: str, x, global_scale, fake: bool = False) -> None:
-    _check_input(x, "x", op, fake)
+    _check_activation(x, "x", op, fake)
     _check_param(x, global_scale, 1, "global_scale", op, fake)
 
 
@@ -371,7 +379,7 @@ def fake_quant_nvfp4_activation(x: torch.Tensor, global_scale: torch.Tensor) -> 
 
 
 def _check_silu_mul(op: str, gate, up, global_scale, fake: bool = False) -> None:
-    _check_pair(gate, up, "gate", "up", op, fake)
+    _check_pair(gate, up, "gate", "up", op, fake, check=_check_activation)
     _check_param(gate, global_scale, 1, "global_scale", op, fake)
 
 
@@ -614,7 +622,7 @@ def fake_quant_fp8_block(
 
 def _check_fp8_act(op: str, x, act_max, max_scale, scale_dtype, fake: bool = False) -> None:
     _check_scale_dtype(scale_dtype, op, fake)
-    _check_input(x, "x", op, fake)
+    _check_activation(x, "x", op, fake)
     _check_param(x, act_max, 1, "act_max", op, fake)
     _check_param(x, max_scale, 1, "max_scale", op, fake)
 
@@ -962,7 +970,7 @@ def fake_quant_mx(
 
 def _check_mx_act(op: str, x, bits, fake: bool = False) -> None:
     _check_mx_bits(bits, op, fake)
-    _check_input(x, "x", op, fake)
+    _check_activation(x, "x", op, fake)
 
 
 @torch.library.register_fake("autoround_fast::fake_quant_mx_activation")

@@ -16,7 +16,7 @@ from transformers.utils.quantization_config import CompressedTensorsConfig
 from autoround_fast import AutoRoundModifier, load_quantized
 from autoround_fast.engine import precision
 from autoround_fast.modifier import _causal_attention_config, _restore_causal_mask
-from conftest import tiny_tokenizer
+from conftest import HAS_CUDA, tiny_tokenizer
 from test_modifier import calib
 
 from compressed_tensors.offload import remove_dispatch
@@ -226,14 +226,16 @@ def test_uncalibrated_expert_takes_its_siblings_max():
         "mlp.experts.1.up_proj": 1.5, "mlp.experts.0.up_proj": 1.5, "self_attn.o_proj": 0.0}
 
 
-def test_nvfp4_routed_calibration(moe_dir):
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cuda", marks=pytest.mark.skipif(
+    not HAS_CUDA, reason="needs a GPU and the CUDA build"))])
+def test_nvfp4_routed_calibration(moe_dir, backend):
     """moe_calibrate_all_experts=False: each expert sees only its routed tokens, so some
-    sample routes none to an expert (an empty input, once a crash in act_max's amax); every
-    input global scale comes out finite."""
+    sample routes none to an expert (an empty input: once a crash in act_max's amax, and in the
+    kernels' activation ops); every input global scale comes out finite."""
     model = AutoModelForCausalLM.from_pretrained(moe_dir, torch_dtype=torch.bfloat16)
     torch.manual_seed(0)
     oneshot(model=model, dataset=calib(16), recipe=AutoRoundModifier(
-        targets="Linear", scheme="NVFP4", ignore=IGNORE, iters=2, batch_size=4, backend="torch"),
+        targets="Linear", scheme="NVFP4", ignore=IGNORE, iters=2, batch_size=4, backend=backend),
         processor=tiny_tokenizer(), num_calibration_samples=16, max_seq_length=32, moe_calibrate_all_experts=False)
     scales = torch.stack([m.input_global_scale.flatten()[0] for m in model.modules() if hasattr(m, "input_global_scale")])
     assert scales.numel() == 56 and torch.isfinite(scales).all() and (scales > 0).all()

@@ -60,11 +60,27 @@ def fp8_block_kernels():
             q.float().sum().backward()
 
 
+def no_token_activations():
+    """Every activation op on zero rows (an MoE expert routed no token): nothing launched but
+    FP8's finishing reduction, which writes a zero max_scale gradient."""
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.empty(0, 64, device="cuda", dtype=dtype, requires_grad=True)
+        gs = torch.ones(1, device="cuda")
+        ms = torch.ones(1, device="cuda", requires_grad=True)
+        ops.fake_quant_nvfp4_activation(x, gs).float().sum().backward()
+        ops.silu_mul_nvfp4_activation(x, x, gs).float().sum().backward()
+        for bits in (4, 8):
+            ops.fake_quant_mx_activation(x, bits).float().sum().backward()
+        ops.fake_quant_fp8_activation(x, torch.ones(1, device="cuda"), ms).float().sum().backward()
+        assert ms.grad.item() == 0.0
+
+
 def main():
     torch.manual_seed(0)
     fp8_kernels()
     mx_kernels()
     fp8_block_kernels()
+    no_token_activations()
     lr = torch.full((1,), 0.01, device="cuda")
     for cols in (128, 70):  # whole groups (16-byte path) and ragged rows (scalar path)
         for dtype in (torch.bfloat16, torch.float16, torch.float32):

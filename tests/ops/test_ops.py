@@ -305,6 +305,45 @@ def test_silu_mul_activation_bad_arguments_name_the_tensor(device):
             torch.ops.autoround_fast.silu_mul_nvfp4_activation(gate, gate.t().contiguous(), gs.reshape(1))
 
 
+def _activation_ops(device):
+    """Each activation op beside its oracle: (name, ours, reference), both of x and max_scale."""
+    gs, act_max = torch.ones(1, device=device), torch.full((1,), 3.0, device=device)
+    return [
+        ("nvfp4", lambda x, ms: ops.fake_quant_nvfp4_activation(x, gs),
+         lambda x, ms: reference.fake_quant_nvfp4_activation(x, gs)),
+        ("silu_mul", lambda x, ms: ops.silu_mul_nvfp4_activation(x, x * 2, gs),
+         lambda x, ms: reference.silu_mul_nvfp4_activation(x, x * 2, gs)),
+        ("mxfp4", lambda x, ms: ops.fake_quant_mx_activation(x, 4),
+         lambda x, ms: reference.fake_quant_mx_activation(x, 4)),
+        ("mxfp8", lambda x, ms: ops.fake_quant_mx_activation(x, 8),
+         lambda x, ms: reference.fake_quant_mx_activation(x, 8)),
+        ("fp8", lambda x, ms: ops.fake_quant_fp8_activation(x, act_max, ms, torch.float32),
+         lambda x, ms: reference.fake_quant_fp8_activation(x, act_max, ms, torch.float32)),
+    ]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_activation_of_no_tokens_is_empty_with_zero_scale_gradient(device, dtype):
+    """An activation with zero rows (an MoE expert the batch routes no token to) quantizes to
+    an empty tensor of its shape, its backward to an empty gradient, and FP8's max_scale
+    gradient to the oracle's (zero); a zero-width last dimension is still refused."""
+    for name, ours, oracle_fn in _activation_ops(device):
+        results = []
+        for fn in (ours, oracle_fn):
+            x = torch.empty(0, 3, 64, device=device, dtype=dtype, requires_grad=True)
+            ms = torch.ones(1, device=device, requires_grad=True)
+            y = fn(x, ms)
+            y.float().sum().backward()
+            results.append((y, x.grad, ms.grad))
+        (y, gx, gms), (ref_y, _, ref_gms) = results
+        assert y.shape == ref_y.shape == (0, 3, 64) and y.dtype == dtype, name
+        assert gx is not None and gx.shape == (0, 3, 64), name
+        if name == "fp8":
+            assert torch.equal(gms, ref_gms) and gms.item() == 0.0, (gms, ref_gms)
+        with pytest.raises(ValueError, match="x must have a non-empty last dimension|gate must have a non-empty"):
+            ours(torch.empty(4, 0, device=device, dtype=dtype), torch.ones(1, device=device))
+
+
 # --------------------------------------------------------------------------------------
 # INT weights
 # --------------------------------------------------------------------------------------
