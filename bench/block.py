@@ -42,6 +42,7 @@ from bench.shapes import SHAPES, build_model
 CUDA_VARIANTS = {
     "cuda-nofuse": (dict(fuse_elementwise=False), "fusing the element-wise ops"),
     "cuda-sepstep": (dict(step_in_backward=False), "the sign step inside the weight backward"),
+    "cuda-loop": (dict(grouped_experts=False), "the MoE experts as one grouped matmul per projection"),
     # not a modifier option: fusion.SILU_MUL_ACT_QUANT, off for this run
     "cuda-sepact": (dict(silu_mul_act=False), "SiLU x up fused with down_proj's W4A4 input quantization"),
 }
@@ -194,6 +195,8 @@ def run_backend(backend: str, scheme: str, args, tmp: str) -> dict:
     out["phases"] = [r.get("phases", {}) for r in rows]
     out["loop_ms"] = [r.get("loop_ms", []) for r in rows]
     out["fused"] = [r.get("fused", {}) for r in rows]
+    out["grouped_experts"] = [r.get("grouped_experts", []) for r in rows]
+    out["eager_reason"] = [r.get("eager_reason", "") for r in rows]
     free_run_memory()
     del model, mod
     gc.collect()

@@ -167,6 +167,9 @@ class AutoRoundModifier(_StockAutoRoundModifier):
     # backend "cuda": take the sign step inside each Linear's weight backward (tune_block's
     # step_in_backward). None: wherever it applies.
     step_in_backward: Optional[bool] = None
+    # MoE blocks: run the routed experts as one grouped matmul per projection (tune_block's
+    # grouped_experts). None: on a GPU.
+    grouped_experts: Optional[bool] = None
     # A directory that keeps each tuned block (autoround_fast.resume): a run started again
     # after a crash reloads the blocks it finished instead of tuning them. None: no resume.
     resume_dir: Optional[str] = Field(default=None, exclude=True)  # not in the saved recipe: a local path
@@ -216,7 +219,8 @@ class AutoRoundModifier(_StockAutoRoundModifier):
     @property
     def block_stats(self) -> list[dict]:
         """One row per tuned block: block, init_loss, best_loss, best_iter, seconds, losses
-        (the loss of every iteration), phases, loop_ms, placement and fused (see BlockResult)."""
+        (the loss of every iteration), phases, loop_ms, placement, fused, grouped_experts and
+        eager_reason (see BlockResult)."""
         return list(self._block_stats)
 
     def on_initialize(self, state, **kwargs) -> bool:
@@ -224,6 +228,9 @@ class AutoRoundModifier(_StockAutoRoundModifier):
             if getattr(self, option) and self.backend != "cuda":
                 raise ValueError(f"AutoRoundModifier: {option}=True needs backend='cuda', got "
                                  f"backend={self.backend!r}")
+        if self.grouped_experts and self.backend == "auto_round":
+            raise ValueError("AutoRoundModifier: grouped_experts=True needs backend 'cuda' or 'torch', got "
+                             "backend='auto_round'")
         if self.backend == "cuda":
             make_backend("cuda")  # no kernels or no GPU: a clear error before any calibration work
         if self.resume_dir is not None:
@@ -373,7 +380,7 @@ class AutoRoundModifier(_StockAutoRoundModifier):
                     cache_device="cpu" if self.cache_on_cpu else None,
                     cuda_graph=self.cuda_graph and self.backend == "cuda",
                     fuse_elementwise=self.fuse_elementwise,  # True needs backend cuda (on_initialize)
-                    step_in_backward=self.step_in_backward,
+                    step_in_backward=self.step_in_backward, grouped_experts=self.grouped_experts,
                     linear_devices=self._devices if self._devices and len(self._devices) > 1 else None)
                 layer.to(home)
         except BaseException:
@@ -386,7 +393,8 @@ class AutoRoundModifier(_StockAutoRoundModifier):
                                       best_loss=result.best_loss, best_iter=result.best_iter,
                                       seconds=result.seconds, losses=result.losses, phases=result.phases,
                                       loop_ms=result.loop_ms, placement=result.placement,
-                                      fused=result.fused))
+                                      fused=result.fused, grouped_experts=result.grouped_experts,
+                                      eager_reason=result.eager_reason))
         self._q_input = result.q_outputs
         if self._store is not None:
             self._keep_block(layer, layer_name, targets)
