@@ -30,7 +30,8 @@ struct Nvfp4ActArgs {
   int dtype;
   int64_t rows, cols;  // the activation viewed as [rows, cols], cols = last dimension
   const void* x;
-  const float* global_scale;
+  const float* global_scale;  // one, or one per row (the rows of MoE experts, each its own)
+  bool per_row;
 };
 const char* launch_fake_quant_nvfp4_activation(const Nvfp4ActArgs& a, void* out, cudaStream_t stream);
 const char* launch_fake_quant_nvfp4_activation_backward(const Nvfp4ActArgs& a, const void* grad,

@@ -86,22 +86,26 @@ inline Nvfp4Args nvfp4_args(const Tensor& w, const Tensor& v, const Tensor& ms, 
 }
 
 // x (named `name` in errors): contiguous with a non-empty last dimension, viewed as [rows, cols]
-// (zero rows: an activation of no tokens, e.g. an MoE expert routed none); gs one fp32.
+// (zero rows: an activation of no tokens, e.g. an MoE expert routed none); gs fp32, one or
+// (where per_row_ok) one per row.
 inline Nvfp4ActArgs nvfp4_act_args(const Tensor& x, const Tensor& gs, const char* op,
-                                   const char* name = "x") {
+                                   const char* name = "x", bool per_row_ok = true) {
   STD_TORCH_CHECK(x.dim() >= 1 && x.size(x.dim() - 1) > 0, op, ": ", name,
                   " must have a non-empty last dimension");
   STD_TORCH_CHECK(x.is_contiguous(), op, ": ", name, " must be contiguous");
-  const int64_t cols = x.size(x.dim() - 1);
-  check_fp32(x, gs, 1, op, "global_scale");
-  return Nvfp4ActArgs{float_code(x, op, name), x.numel() / cols, cols, x.const_data_ptr(),
-                      static_cast<const float*>(gs.const_data_ptr())};
+  const int64_t cols = x.size(x.dim() - 1), rows = x.numel() / cols;
+  const bool per_row = per_row_ok && gs.numel() == rows && rows != 1;
+  STD_TORCH_CHECK(!per_row_ok || per_row || gs.numel() == 1, op, ": global_scale must have 1 or ", rows,
+                  " (one per row) elements, got ", gs.numel());
+  check_fp32(x, gs, per_row ? rows : 1, op, "global_scale");
+  return Nvfp4ActArgs{float_code(x, op, name), rows, cols, x.const_data_ptr(),
+                      static_cast<const float*>(gs.const_data_ptr()), per_row};
 }
 
 // gate and up of a SiLU-gated MLP: one dtype, one shape, contiguous; viewed as [rows, cols].
 inline SiluMulActArgs silu_mul_act_args(const Tensor& gate, const Tensor& up, const Tensor& gs,
                                         const char* op) {
-  const Nvfp4ActArgs g = nvfp4_act_args(gate, gs, op, "gate");
+  const Nvfp4ActArgs g = nvfp4_act_args(gate, gs, op, "gate", /*per_row_ok=*/false);
   STD_TORCH_CHECK(up.dim() == gate.dim(), op, ": up must have gate's shape");
   for (int64_t d = 0; d < gate.dim(); ++d)
     STD_TORCH_CHECK(up.size(d) == gate.size(d), op, ": up must have gate's shape");

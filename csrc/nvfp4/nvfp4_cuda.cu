@@ -117,12 +117,13 @@ __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_backward_staged_ker
 
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_activation_kernel(Nvfp4ActArgs a, T* out) {
-  const float gs = __ldg(a.global_scale), inv_gs = inv_global_scale(gs);
+  const ActScale whole = whole_act_scale(a);
   const T* xin = static_cast<const T*>(a.x);
   for_each_group<kVec>(a.rows, a.cols, [&](int64_t, GroupIndex g) {
     float x[kNvfp4Group], amax;
     const int n = load_group<T, kVec>(xin + g.base, g.n, x, &amax);
-    Nvfp4Scale sc = nvfp4_group_scale(amax, 1.0f, gs, inv_gs);
+    const ActScale s = act_scale_at(a, g.base, whole);
+    Nvfp4Scale sc = nvfp4_group_scale(amax, 1.0f, s.gs, s.inv);
 #pragma unroll
     for (int j = 0; j < kNvfp4Group; ++j)
       if (kVec || j < n) x[j] = nvfp4_qdq_act(x[j], sc);
@@ -133,14 +134,15 @@ __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_activation_kernel(N
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_activation_backward_kernel(
     Nvfp4ActArgs a, const T* grad, T* grad_x) {
-  const float gs = __ldg(a.global_scale), inv_gs = inv_global_scale(gs);
+  const ActScale whole = whole_act_scale(a);
   const T* xin = static_cast<const T*>(a.x);
   for_each_group<kVec>(a.rows, a.cols, [&](int64_t, GroupIndex g) {
     float x[kNvfp4Group], gr[kNvfp4Group], gv[kNvfp4Group], amax, g_m;
     const int n = load_group<T, kVec>(xin + g.base, g.n, x, &amax);
     load_vals<T, kVec>(grad + g.base, g.n, gr);
-    nvfp4_group_backward<true>(x, nullptr, gr, n, amax, 1.0f, gs, inv_gs, gv, &g_m);
-    const float os = nvfp4_group_scale(amax, 1.0f, gs, inv_gs).os;
+    const ActScale s = act_scale_at(a, g.base, whole);
+    nvfp4_group_backward<true>(x, nullptr, gr, n, amax, 1.0f, s.gs, s.inv, gv, &g_m);
+    const float os = nvfp4_group_scale(amax, 1.0f, s.gs, s.inv).os;
     const int arg = first_argmax(x, n, amax);
 #pragma unroll
     for (int j = 0; j < kNvfp4Group; ++j)

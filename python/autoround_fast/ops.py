@@ -328,7 +328,10 @@ def step_in_backward_nvfp4(weight, v, max_scale, global_scale, best, improved, l
 
 def _check_act(op: str, x, global_scale, fake: bool = False) -> None:
     _check_activation(x, "x", op, fake)
-    _check_param(x, global_scale, 1, "global_scale", op, fake)
+    rows = x.numel() // x.shape[-1] if x.dim() >= 1 and x.shape[-1] else 1
+    _require(global_scale.numel() in (1, rows), op, f"global_scale must have 1 or {rows} (one per row) elements, "
+             f"got {global_scale.numel()} (shape {tuple(global_scale.shape)})", fake)
+    _check_param(x, global_scale, global_scale.numel(), "global_scale", op, fake)
 
 
 @torch.library.register_fake("autoround_fast::fake_quant_nvfp4_activation")
@@ -365,12 +368,14 @@ def fake_quant_nvfp4_activation(x: torch.Tensor, global_scale: torch.Tensor) -> 
     current ``x`` under a static global scale, V = 0 and max_scale = 1 (see
     :func:`fake_quant_nvfp4`). Groups run along the last dimension. Differentiable in ``x``
     as auto-round's STE is: straight through the rounding, and through max|x_g| into each
-    group's first argmax.
+    group's first argmax. ``global_scale``: one, or one per row of ``x`` viewed as [rows, last
+    dimension] (the sorted rows of several MoE experts, each under its own), which equals
+    quantizing each row alone under its scale.
     """
     op = "fake_quant_nvfp4_activation"
     _check_act(op, x, global_scale)
     _check_finite(x, "x", op)
-    return _ops.fake_quant_nvfp4_activation(x.contiguous(), global_scale.reshape(1))
+    return _ops.fake_quant_nvfp4_activation(x.contiguous(), global_scale.reshape(-1))
 
 
 # ---------------------------------------------------------------------------------------

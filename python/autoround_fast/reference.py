@@ -103,11 +103,14 @@ def fake_quant_nvfp4(weight, v, max_scale, global_scale):
 
 
 def fake_quant_nvfp4_activation(x, global_scale):
-    """Oracle of :func:`autoround_fast.ops.fake_quant_nvfp4_activation`."""
+    """Oracle of :func:`autoround_fast.ops.fake_quant_nvfp4_activation`: global_scale one, or
+    one per row of x viewed as [rows, last dimension]."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     xg, _ = _groups(x2, NVFP4_GROUP)
-    q, _ = _nvfp4_groups(xg, 0, 1.0, global_scale.to(torch.float32).reshape(()))
+    gs = global_scale.to(torch.float32)
+    gs = gs.reshape(()) if gs.numel() == 1 else gs.reshape(-1, 1).repeat_interleave(math.ceil(shape[-1] / NVFP4_GROUP), 0)
+    q, _ = _nvfp4_groups(xg, 0, 1.0, gs)
     return _ungroup(q, x2.shape[0], shape[-1]).to(x.dtype).reshape(shape)
 
 

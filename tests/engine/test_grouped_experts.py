@@ -18,9 +18,10 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 from autoround_fast import ops
 from autoround_fast.engine import QuantSpec, precision, tune_block
 from autoround_fast.engine.backends import make_backend
+from autoround_fast.engine import experts as experts_mod
 from autoround_fast.engine.experts import grouped_experts
 from autoround_fast.engine.linear import TunedLinear, swap_module
-from conftest import capture_block_inputs
+from conftest import HAS_CUDA, capture_block_inputs
 
 from llmcompressor.modeling.moe.context import moe_calibration_context
 from llmcompressor.modeling.moe.linearize import linearize_moe
@@ -31,6 +32,7 @@ EXPERTS = [f"mlp.experts.{e}.{p}" for e in range(E) for p in ("gate_proj", "up_p
 SPECS = {
     "w4a16": QuantSpec("int", 4, 128, True, scale_dtype=torch.bfloat16),
     "nvfp4": QuantSpec("nvfp4", act=True),
+    "mxfp4": QuantSpec("mx", 4, 32, act=True),
 }
 
 
@@ -79,7 +81,7 @@ def _tuned_experts(layer, spec, backend, dtype):
     for name in (n.removeprefix("mlp.experts.") for n in EXPERTS):
         lin = experts.get_submodule(name)
         gs = ops.nvfp4_global_scale(lin.weight) if spec.kind == "nvfp4" else None
-        act_gs = (torch.rand(1, generator=g) * 50 + 20) if spec.act else None
+        act_gs = (torch.rand(1, generator=g) * 50 + 20) if spec.act and spec.kind == "nvfp4" else None
         tl = TunedLinear(lin, spec, make_backend(backend), gs, act_gs)
         with torch.no_grad():
             tl.v.copy_(torch.rand(tl.v.shape, generator=g) - 0.5)
@@ -149,7 +151,8 @@ def test_grouped_forward_and_gradients_equal_the_loop(moe, scheme, backend, dtyp
     assert all(not grouped[3][f"{E - 1}.{p}.v"].any() for p in ("gate_proj", "up_proj", "down_proj"))
 
 
-@pytest.mark.parametrize("scheme,backend", [("w4a16", "kernels"), ("nvfp4", "torch"), ("nvfp4", "kernels")])
+@pytest.mark.parametrize("scheme,backend", [("w4a16", "kernels"), ("nvfp4", "torch"), ("nvfp4", "kernels"),
+                                            ("mxfp4", "kernels")])
 def test_tune_block_with_grouped_experts_equals_the_loop(moe, scheme, backend):
     """tune_block on the MoE block: the same per-iteration losses, tuned weights and quantized
     outputs bit for bit, with and without the grouped experts."""
@@ -170,9 +173,47 @@ def test_tune_block_with_grouped_experts_equals_the_loop(moe, scheme, backend):
         _assert_same(grouped_w[n], loop_w[n])
 
 
+@pytest.mark.parametrize("scheme", list(SPECS))
+def test_grouped_forward_never_waits_for_the_host(moe, scheme, monkeypatch):
+    """Nothing of the grouped forward needs the experts' row counts on the host (the routing
+    sorted on the device, the activations quantized in one call with a global scale per
+    row): the probe then lets a GPU capture the loop in a CUDA graph."""
+    layer, _ = moe
+    experts, tuned = _tuned_experts(layer, SPECS[scheme], "kernels", torch.bfloat16)
+
+    def no_bounds(self):
+        raise AssertionError("the grouped forward asked for the experts' row counts")
+
+    monkeypatch.setattr(experts_mod.Routing, "bounds", no_bounds)
+    x = torch.randn(40, HIDDEN).to(torch.bfloat16)
+    with torch.no_grad():
+        _, w, idx = layer.mlp.gate(x)
+    with grouped_experts(experts, tuned, torch.device("cpu")):
+        experts(x, idx, w).float().sum().backward()
+
+
 def test_grouped_experts_default_on_a_gpu_only(moe):
     """Off on the CPU unless asked for: there the stock path's loop is reproduced bit for bit."""
     layer, inputs = moe
     res = tune_block(copy.deepcopy(layer), inputs, {n: SPECS["w4a16"] for n in EXPERTS}, iters=1, batch_size=4,
                      backend="kernels")
     assert res.grouped_experts == []
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and the CUDA build")
+@pytest.mark.parametrize("scheme", list(SPECS))
+def test_grouped_moe_block_is_graphed_on_a_gpu(moe, scheme):
+    """On a GPU the MoE block tunes with its experts grouped, its loop captured in a CUDA
+    graph (no eager_reason), to the losses of the per-expert loop run eagerly (to rounding:
+    the grouped and the per-expert matmuls are different GEMM kernels)."""
+    layer, inputs = moe
+    specs = {n: SPECS[scheme] for n in ATTENTION + EXPERTS}
+
+    def tune(grouped):
+        block = copy.deepcopy(layer).cuda()
+        return tune_block(block, inputs, specs, iters=6, batch_size=4, backend="cuda", grouped_experts=grouped)
+
+    grouped, loop = tune(True), tune(False)
+    assert grouped.grouped_experts == ["mlp.experts"] and grouped.eager_reason == ""
+    assert loop.grouped_experts == [] and "waits for the host" in loop.eager_reason
+    assert grouped.losses == pytest.approx(loop.losses, rel=2e-2)

@@ -305,6 +305,37 @@ def test_silu_mul_activation_bad_arguments_name_the_tensor(device):
             torch.ops.autoround_fast.silu_mul_nvfp4_activation(gate, gate.t().contiguous(), gs.reshape(1))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cols", [64, 70])
+def test_nvfp4_activation_with_a_scale_per_row_equals_each_slice_alone(device, dtype, cols):
+    """global_scale with one element per row (the sorted rows of MoE experts): the output and
+    the gradient bit for bit as each expert's slice quantized alone under its scalar scale, an
+    empty slice included; on the CPU also the oracle. A count that is neither 1 nor the rows is
+    refused."""
+    gen = torch.Generator().manual_seed(5)
+    sizes = [3, 0, 5, 1]  # the rows of each "expert"
+    x = (torch.randn(sum(sizes), cols, generator=gen) * 4).to(dtype)
+    grad = torch.randn(sum(sizes), cols, generator=gen).to(dtype)
+    scales = [ops.nvfp4_global_scale(torch.tensor(a)) for a in (3.0, 9.0, 0.5, 20.0)]
+    x, grad = to(device, x, grad)
+    per_row = torch.cat([s.reshape(1).expand(n) for s, n in zip(scales, sizes)]).to(device)
+
+    def run(inp, gs, g):
+        xi = inp.clone().requires_grad_()
+        y = ops.fake_quant_nvfp4_activation(xi, gs)
+        y.backward(g)
+        return y.detach(), xi.grad
+
+    y, gx = run(x, per_row, grad)
+    parts = [run(chunk, s.to(device), g) for s, chunk, g in zip(scales, x.split(sizes), grad.split(sizes))]
+    assert same_bits(y, torch.cat([p[0] for p in parts]))
+    assert same_bits(gx, torch.cat([p[1] for p in parts]))
+    if device == "cpu":
+        assert same_bits(y, reference.fake_quant_nvfp4_activation(x, per_row))
+    with pytest.raises(ValueError, match=r"global_scale must have 1 or 9 \(one per row\) elements, got 2"):
+        ops.fake_quant_nvfp4_activation(x, per_row[:2])
+
+
 def _activation_ops(device):
     """Each activation op beside its oracle: (name, ours, reference), both of x and max_scale."""
     gs, act_max = torch.ones(1, device=device), torch.full((1,), 3.0, device=device)

@@ -216,7 +216,7 @@ class _BlockRun:
 
     def _probe_grouped(self, result: BlockResult) -> None:
         """The loop graphed after all where the grouped experts took away the block's waits
-        for the host (the experts' loop's; W4A4's per-expert input quantization keeps one)."""
+        for the host (the experts' loop's; static FP8 activations keep one, see experts.py)."""
         if not self._waits_for_host():
             self.plan.cuda_graph = True
             self.plan.eager_reason = result.eager_reason = ""

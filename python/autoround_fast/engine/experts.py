@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..fusion import _own_forward, _swap_forward
-from .linear import TunedLinear
+from .linear import TunedLinear, quant_input
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 _FORWARD_ARGS = ("self", "hidden_states", "top_k_index", "top_k_weights")  # LinearExperts2D.forward's
@@ -37,6 +37,7 @@ class Routing:
     order in which the loop's ``index_add_`` sums them."""
 
     tokens: torch.Tensor   # [P] the token of each sorted pair (P = T * k)
+    experts: torch.Tensor  # [P] its expert
     weights: torch.Tensor  # [P] its routing weight
     offsets: torch.Tensor  # [E] int32, where each expert's pairs end (cumulative counts)
     slots: torch.Tensor    # [T, k] positions of each token's pairs, ascending expert
@@ -57,7 +58,7 @@ def sort_pairs(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, n_experts
     offsets = torch.searchsorted(experts[order], ids, right=True, out_int32=True)
     position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     slots = position.view(k, n_tokens).t().sort(dim=1).values
-    return Routing(order % n_tokens, top_k_weights.t().reshape(-1)[order], offsets, slots)
+    return Routing(order % n_tokens, experts[order], top_k_weights.t().reshape(-1)[order], offsets, slots)
 
 
 def grouped_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -74,28 +75,41 @@ def grouped_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     x = hidden_states[routing.tokens]  # indexing: a deterministic backward on a GPU
     linears = {p: [getattr(e, p) for e in experts] for p in PROJECTIONS}
     bounds = routing.bounds() if _needs_bounds(linears, x) else None
-    gate = _project(linears["gate_proj"], x, routing.offsets, bounds)
-    up = _project(linears["up_proj"], x, routing.offsets, bounds)
+    gate = _project(linears["gate_proj"], x, routing, bounds)
+    up = _project(linears["up_proj"], x, routing, bounds)
     h = self._apply_gate(torch.cat([gate, up], dim=-1))
-    y = _project(linears["down_proj"], h, routing.offsets, bounds)
+    y = _project(linears["down_proj"], h, routing, bounds)
     return _combine(y, routing, hidden_states)
 
 
-def _project(linears: list[TunedLinear], x: torch.Tensor, offsets: torch.Tensor,
+def _project(linears: list[TunedLinear], x: torch.Tensor, routing: Routing,
              bounds: Optional[list[tuple[int, int]]]) -> torch.Tensor:
-    """Each expert's TunedLinear on its rows of x: its input quantization (per expert, on its
-    rows: each has its own activation scales), then one grouped matmul over all experts
-    with their fake-quantized weights, or, where _grouped_mm cannot take them, one matmul
-    per expert."""
+    """Each expert's TunedLinear on its rows of x: its input quantization, then one grouped
+    matmul over all experts with their fake-quantized weights, or, where _grouped_mm cannot
+    take them, one matmul per expert."""
     weights = [tl.qdq()[0] for tl in linears]
-    if linears[0].spec.act:  # an expert without tokens has nothing to quantize (the kernels refuse it)
-        x = torch.cat([tl.quantize_input(x[a:b]) if b > a else x[a:b] for tl, (a, b) in zip(linears, bounds)])
+    if linears[0].spec.act:
+        x = _quantize_inputs(linears, x, routing, bounds)
     dt = _autocast_dtype(x.device)  # as F.linear under autocast
     if dt is not None:
         x, weights = x.to(dt), [w.to(dt) for w in weights]
     if bounds is None:
-        return torch._grouped_mm(x, torch.stack(weights).transpose(1, 2), offs=offsets)
+        return torch._grouped_mm(x, torch.stack(weights).transpose(1, 2), offs=routing.offsets)
     return torch.cat([F.linear(x[a:b], w) for w, (a, b) in zip(weights, bounds)])
+
+
+def _quantize_inputs(linears: list[TunedLinear], x: torch.Tensor, routing: Routing,
+                     bounds: Optional[list[tuple[int, int]]]) -> torch.Tensor:
+    """Each expert's input quantization on its rows: NVFP4 in one call with each row under
+    its expert's global scale, MX in one call (no state per expert), FP8's static scales per
+    expert on its rows. Each way equals quantizing every expert's rows alone."""
+    first = linears[0]
+    if first.spec.kind == "nvfp4":
+        per_row = torch.cat([tl.act_global_scale for tl in linears])[routing.experts]
+        return quant_input(first.backend, first.spec, x, per_row)
+    if first.spec.kind == "mx":
+        return quant_input(first.backend, first.spec, x, None)
+    return torch.cat([tl.quantize_input(x[a:b]) for tl, (a, b) in zip(linears, bounds)])
 
 
 def _combine(y: torch.Tensor, routing: Routing, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -109,9 +123,9 @@ def _combine(y: torch.Tensor, routing: Routing, hidden_states: torch.Tensor) -> 
 
 
 def _needs_bounds(linears: dict[str, list[TunedLinear]], x: torch.Tensor) -> bool:
-    """Whether the forward needs each expert's rows on the host: per-expert activation
-    quantization, or a matmul _grouped_mm cannot take."""
-    if any(ls[0].spec.act for ls in linears.values()):
+    """Whether the forward needs each expert's rows on the host: FP8's static activation
+    scales (tuned per expert), or a matmul _grouped_mm cannot take."""
+    if any(ls[0].spec.act and ls[0].spec.kind == "fp8" for ls in linears.values()):
         return True
     dt = _autocast_dtype(x.device) or x.dtype
     widths = [ls[0].linear.weight.shape for ls in linears.values()]
