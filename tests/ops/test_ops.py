@@ -990,8 +990,8 @@ def test_backward_step_bad_targets_name_the_tensor():
 # --------------------------------------------------------------------------------------
 
 RAW_CASES = {  # (devices of x and global scale, numel of the global scale) -> message
-    "cpu-numel": (("cpu", "cpu"), 2, "global_scale must have 1 elements, got 2"),
-    "cuda-numel": (("cuda:0", "cuda:0"), 2, "global_scale must have 1 elements, got 2"),
+    "cpu-numel": (("cpu", "cpu"), 2, "global_scale must have 1 or 4 (one per row) elements, got 2"),
+    "cuda-numel": (("cuda:0", "cuda:0"), 2, "global_scale must have 1 or 4 (one per row) elements, got 2"),
     "cuda-cpu": (("cuda:0", "cpu"), 1, "every tensor must be on the first input's device, cuda:0; one is on the CPU"),
     "two-gpus": (("cuda:0", "cuda:1"), 1, "every tensor must be on the first input's device, cuda:0; one is on cuda:1"),
 }
