@@ -8,9 +8,13 @@ else outside the tuning loops (oneshot's total less the loops), the tuning loops
 process's peak host memory (max RSS). The stock path (backend auto_round) runs in its own
 process on --stock-layers layers; its blocks' time for the whole model is extrapolated from its
 first and median later block (the first carries compilation) and compared with ours.
+--extrapolate-to N adds the end-to-end time of the same shape at N layers (a model too large to
+build on the card, such as the 48-layer Qwen3-30B-A3B): load, the time outside the loops and
+save scaled by N / layers, the loops as the first block plus the median later block x (N - 1).
 
     python -m bench.model --scheme NVFP4 --out results/
     python -m bench.model --shape tiny --layers 4 --iters 4 --nsamples 8 --seqlen 32   # CPU, seconds
+    python -m bench.model --shape qwen3-moe --layers 4 --stock-layers 0 --extrapolate-to 48
 """
 
 from __future__ import annotations
@@ -96,7 +100,16 @@ def run_stock(args, tmp: str) -> dict:
                 peak_gpu_gib=r["peak_gib"])
 
 
-def table(ours: dict, stock: dict | None, card: str, cmd: str) -> str:
+def extrapolate(ours: dict, layers: int) -> dict:
+    """The phases of the same run scaled to a model of ``layers`` layers."""
+    scale = layers / ours["layers"]
+    later = statistics.median(ours["block_s"][1:] or ours["block_s"])
+    phases = dict(load_s=ours["load_s"] * scale, outside_tune_s=ours["outside_tune_s"] * scale,
+                  tune_s=ours["block_s"][0] + later * (layers - 1), save_s=ours["save_s"] * scale)
+    return dict(layers=layers, **phases, total_s=sum(phases.values()))
+
+
+def table(ours: dict, stock: dict | None, card: str, cmd: str, extra: dict | None = None) -> str:
     later = statistics.median(ours["block_s"][1:] or ours["block_s"])
     lines = [f"card: {card}", f"command: `{cmd}`", "",
              f"{ours['scheme']}, {ours['shape']} shape, {ours['layers']} layers, backend {ours['backend']}:", "",
@@ -108,6 +121,10 @@ def table(ours: dict, stock: dict | None, card: str, cmd: str) -> str:
              f"| save (compressed) | {ours['save_s']:.1f} |",
              f"| **end to end** | **{ours['total_s']:.1f}** |", "",
              f"peak GPU {ours['peak_gpu_gib']:.1f} GiB, peak host {ours['peak_host_gib']:.1f} GiB"]
+    if extra:
+        lines += ["", f"extrapolated to {extra['layers']} layers: **{extra['total_s']:.0f} s** end to end (load "
+                  f"{extra['load_s']:.0f} s, outside the loops {extra['outside_tune_s']:.0f} s, tuning loops "
+                  f"{extra['tune_s']:.0f} s, save {extra['save_s']:.0f} s)"]
     if stock:
         ours_blocks = sum(ours["block_s"])
         lines += ["", f"stock path (auto_round), measured on {stock['layers']} layers in the same run: "
@@ -132,6 +149,8 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="stock path: torch.compile (llm-compressor's default)")
+    p.add_argument("--extrapolate-to", dest="extrapolate_to", type=int, default=None, metavar="N",
+                   help="also the end-to-end time of the same shape at N layers, scaled from this run")
     p.add_argument("--out", default="bench-model-out")
     args = p.parse_args(argv)
     argv = list(argv if argv is not None else sys.argv[1:])
@@ -148,12 +167,13 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         ours = run_ours(args, tmp)
     print(f"ours: {json.dumps({k: v for k, v in ours.items() if not isinstance(v, list)})}", flush=True)
-    text = table(ours, stock, card, cmd)
+    extra = extrapolate(ours, args.extrapolate_to) if args.extrapolate_to else None
+    text = table(ours, stock, card, cmd, extra)
     print(text)
     with open(os.path.join(args.out, "model.md"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(args.out, "model.json"), "w") as f:
-        json.dump(dict(card=card, command=cmd, ours=ours, stock=stock), f, indent=1)
+        json.dump(dict(card=card, command=cmd, ours=ours, stock=stock, extrapolated=extra), f, indent=1)
 
 
 if __name__ == "__main__":

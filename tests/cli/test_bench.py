@@ -106,8 +106,8 @@ def test_profile_sums_kernels_by_kind():
 def test_model_bench_phases_add_up(tmp_path):
     layers = 3
     out = run_module(["bench.model", "--shape", "tiny", "--layers", str(layers), "--iters", "3", "--nsamples", "4",
-                      "--seqlen", "16", "--batch-size", "2", "--stock-layers", "2", "--no-compile", "--out", "res"],
-                     tmp_path)
+                      "--seqlen", "16", "--batch-size", "2", "--stock-layers", "2", "--no-compile",
+                      "--extrapolate-to", "12", "--out", "res"], tmp_path)
     r = json.loads((tmp_path / "res" / "model.json").read_text())
     ours, stock = r["ours"], r["stock"]
     assert ours["backend"] == "torch" and len(ours["block_s"]) == layers
@@ -117,3 +117,10 @@ def test_model_bench_phases_add_up(tmp_path):
     assert len(stock["block_s"]) == 2 and stock["later_block_s"] == stock["block_s"][1]
     assert abs(stock["whole_model_s"] - (stock["block_s"][0] + stock["block_s"][1] * (layers - 1))) < 1e-9
     assert "| **end to end** |" in out and "stock path (auto_round), measured on 2 layers" in out
+    extra = r["extrapolated"]  # 12 layers: 4x the phases outside the loops, the loops by block
+    for phase in ("load_s", "outside_tune_s", "save_s"):
+        assert extra[phase] == pytest.approx(4 * ours[phase])
+    later = (ours["block_s"][1] + ours["block_s"][2]) / 2  # the median of the two later blocks
+    assert extra["tune_s"] == pytest.approx(ours["block_s"][0] + later * 11)
+    assert extra["total_s"] == pytest.approx(sum(extra[p] for p in ("load_s", "outside_tune_s", "tune_s", "save_s")))
+    assert "extrapolated to 12 layers" in out
