@@ -196,6 +196,44 @@ def test_grouped_forward_never_waits_for_the_host(moe, scheme, monkeypatch):
         experts(x, idx, w).float().sum().backward()
 
 
+@pytest.mark.parametrize("scheme", ["w4a16", "nvfp4"])
+def test_grouped_block_never_runs_the_loop(moe, scheme):
+    """With the grouped experts, every pass over the block (the reference, W4A4's act_max
+    calibration, the tuning loop and the quantized outputs) runs them grouped: llm-compressor's
+    per-expert loop, which waits for the host at every expert, is never called."""
+    layer, inputs = moe
+    block = copy.deepcopy(layer)
+
+    def loop(self, hidden_states, top_k_index, top_k_weights):
+        raise AssertionError("llm-compressor's per-expert loop ran")
+
+    # the container's own forward, behind compressed-tensors' wrapper (the loop's signature)
+    assert "_original_forward_func" in block.mlp.experts.__dict__
+    block.mlp.experts._original_forward_func = loop
+    specs = {n: SPECS[scheme] for n in ATTENTION + EXPERTS}
+    res = tune_block(block, inputs, specs, iters=2, batch_size=4, backend="kernels", grouped_experts=True)
+    assert res.grouped_experts == ["mlp.experts"]
+
+
+def test_grouped_act_max_under_calibrate_all_equals_the_loop(moe):
+    """Under llm-compressor's calibrate-all-experts flag the loop runs every expert on every
+    token, so each expert's act_max covers all tokens (the last expert's too, which the router
+    never picks): the grouped calibration records the same maxima, bit for bit."""
+    layer, inputs = moe
+    specs = {n: SPECS["nvfp4"] for n in EXPERTS}
+
+    def act_max(grouped):
+        with moe_calibration_context():
+            res = tune_block(copy.deepcopy(layer), inputs, specs, iters=1, batch_size=4, backend="kernels",
+                             grouped_experts=grouped)
+        return {n: res.qparams[n]["act_max"] for n in EXPERTS}
+
+    grouped, loop = act_max(True), act_max(False)
+    assert all(loop[f"mlp.experts.{E - 1}.{p}"] > 0 for p in ("gate_proj", "up_proj", "down_proj"))
+    for n in EXPERTS:
+        _assert_same(grouped[n], loop[n])
+
+
 def test_grouped_experts_default_on_a_gpu_only(moe):
     """Off on the CPU unless asked for: there the stock path's loop is reproduced bit for bit."""
     layer, inputs = moe

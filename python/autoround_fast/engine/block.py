@@ -14,7 +14,7 @@ import torch.nn as nn
 from .. import fusion, ops
 from .attention import sdpa_attention
 from .calibration import ActStats, activation_stats, reduce_over_ranks
-from .experts import grouped_experts
+from .experts import grouped_experts, plain_grouped_experts
 from .inputs import BlockInputs, run_block, to_cache
 from .linear import ActQuantLinear, TunedLinear, share_input_quantization, swap_module
 from .options import Plan, TuneOptions, plan
@@ -155,7 +155,8 @@ class _BlockRun:
         self._prepare_inputs(fp_inputs)
         with torch.no_grad():
             self.phases.done("inputs")
-            with fusion.fused_elementwise(self.block, p.fuse):
+            with fusion.fused_elementwise(self.block, p.fuse), \
+                    plain_grouped_experts(self.block, p.device, p.grouped_experts and self.iters > 0):
                 ref = run_block(self.block, self.inputs, p.batch_size, p.precision.tuning) if self.iters > 0 else None
             self.phases.done("reference")
         stats = self._calibrate()
@@ -185,10 +186,11 @@ class _BlockRun:
             for memo in memos:  # the loop's last activations: free them
                 memo.clear()
         self._unwrap(tuned, keep_act_quant=True)  # W4A4: the output pass quantizes the inputs
-        with torch.no_grad(), fusion.fused_elementwise(self.block, p.fuse):
-            self.phases.done("finalize")
+        self.phases.done("finalize")
+        with torch.no_grad(), fusion.fused_elementwise(self.block, p.fuse), \
+                plain_grouped_experts(self.block, p.device, p.grouped_experts):
             result.q_outputs = run_block(self.block, self.inputs, p.batch_size, p.precision.tuning, self.q_hidden)
-            self.phases.done("outputs")
+        self.phases.done("outputs")
         self._unwrap(tuned, keep_act_quant=False)
         result.phases = self.phases.seconds
         return result
@@ -228,7 +230,8 @@ class _BlockRun:
         want_max = self.static_act
         want_imatrix = self.iters == 0 and any(s.weighted_rtn for s in self.specs.values())
         stats = activation_stats(self.block, self.linears, self.inputs, p.precision.calibration, self.q_hidden,
-                                 want_max=want_max, want_imatrix=want_imatrix, cuda_graph=p.cuda_graph)
+                                 want_max=want_max, want_imatrix=want_imatrix, cuda_graph=p.cuda_graph,
+                                 grouped_experts=p.grouped_experts)
         if p.dist is not None:
             reduce_over_ranks(stats, p.dist, want_max, want_imatrix)
         return stats

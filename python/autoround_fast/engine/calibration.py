@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from .experts import plain_grouped_experts
 from .inputs import BlockInputs
 
 
@@ -53,7 +54,8 @@ class _Recorder:
 
 
 def activation_stats(block, linears: dict[str, nn.Linear], inputs: BlockInputs, autocast, hidden,
-                     want_max: bool, want_imatrix: bool, cuda_graph: bool = False) -> dict[str, ActStats]:
+                     want_max: bool, want_imatrix: bool, cuda_graph: bool = False,
+                     grouped_experts: bool = False) -> dict[str, ActStats]:
     """Per Linear input, on ``hidden`` (q_in): max |x| (exact in the input dtype, kept in fp32;
     for W4A4's input global scale) and sum x^2 per channel in fp32 (the imatrix, for iters=0).
     The pass is skipped when neither is wanted. It runs one sample at a time, as auto-round's
@@ -66,7 +68,11 @@ def activation_stats(block, linears: dict[str, nn.Linear], inputs: BlockInputs, 
 
     The block's output is not used here, so after the first sample the last Linear the block
     calls (down_proj) returns zeros instead of computing its matmul: its input is recorded
-    before, and no recorded Linear reads its output (:func:`_skip_last_linear`)."""
+    before, and no recorded Linear reads its output (:func:`_skip_last_linear`).
+
+    With ``grouped_experts`` (act_max only) an MoE block's experts run grouped on their
+    stacked weights and record their maxima on the device (:func:`.experts.plain_grouped_experts`),
+    instead of llm-compressor's loop, which waits for the host at every expert."""
     rec = _Recorder(linears, inputs.device, want_max, want_imatrix)
     if not (want_max or want_imatrix):
         rec.remove()
@@ -80,6 +86,8 @@ def activation_stats(block, linears: dict[str, nn.Linear], inputs: BlockInputs, 
 
     restore = contextlib.ExitStack()
     try:
+        grouped = restore.enter_context(plain_grouped_experts(
+            block, inputs.device, grouped_experts and not want_imatrix, rec.stats))
         with torch.no_grad():
             graphed = cuda_graph and hidden.device == inputs.device
             warm = min(2, inputs.n) if graphed else inputs.n  # real samples, each counted once
@@ -92,7 +100,8 @@ def activation_stats(block, linears: dict[str, nn.Linear], inputs: BlockInputs, 
                     forward()
                     if i == 0:
                         rec.recording = False
-                        restore.enter_context(_skip_last_linear(linears, rec.order))
+                        if not grouped:  # grouped experts call no Linear: the order would miss them
+                            restore.enter_context(_skip_last_linear(linears, rec.order))
             if graphed:
                 torch.cuda.current_stream(inputs.device).wait_stream(side)
                 _replay_per_sample(forward, idx, warm, inputs.n)

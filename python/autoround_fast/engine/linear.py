@@ -191,9 +191,10 @@ class ActQuantLinear(nn.Module):
         self.register_buffer("act_max_scale", act_max_scale)
 
     def forward(self, x, input_quantized: bool = False):
-        if not input_quantized:
-            x = quant_input(self.backend, self.spec, x, self.act_global_scale, self.act_max, self.act_max_scale)
-        return self.linear(x)
+        return self.linear(x if input_quantized else self.quantize_input(x))
+
+    def quantize_input(self, x):  # as TunedLinear's
+        return quant_input(self.backend, self.spec, x, self.act_global_scale, self.act_max, self.act_max_scale)
 
     def input_quant_scale(self) -> Optional[torch.Tensor]:  # as TunedLinear's
         return self.act_global_scale if _fusable(self.spec) and self.backend.uses_kernels else None
