@@ -1,4 +1,4 @@
-"""The routed experts of an MoE block as grouped matmuls while tuning.
+"""The routed experts of an MoE block as grouped matmuls, in every pass over the block.
 
 llm-compressor linearizes transformers' fused experts into a ModuleList of E expert MLPs
 (``LinearExperts2D``), called as ``experts(hidden_states, top_k_index, top_k_weights)``, whose
@@ -7,6 +7,8 @@ Within :func:`grouped_experts`, such a container's forward is swapped for one th
 token-expert pairs by expert on the device and runs each projection as one grouped matmul
 over all experts (``torch._grouped_mm``), each expert's weight still fake-quantized by its own
 TunedLinear. It computes what the loop computes, bit for bit (see :func:`grouped_forward`).
+The passes outside the tuning loop (the reference, act_max, the quantized outputs) run the
+same way on the experts' own weights, stacked once per pass (:func:`plain_grouped_experts`).
 """
 
 from __future__ import annotations
@@ -278,6 +280,8 @@ def _plain_needs_bounds(plain: _Plain, x: torch.Tensor) -> bool:
     return not _grouped_mm_takes(x.device, dt, [n for w in plain.weights.values() for n in w.shape[1:]])
 def _record_maxima(experts, plain: _Plain, hidden_states, routing: Routing, x, h) -> None:
     """max |input| per expert and projection, exact in the input's dtype, kept in fp32."""
+    # llm-compressor's flag (only its containers come here); imported late, as the engine
+    # itself does not need llm-compressor
     from llmcompressor.modeling.moe.context import get_calibrate_all_experts_flag
 
     mx = plain.maxima
