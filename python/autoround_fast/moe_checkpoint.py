@@ -9,7 +9,10 @@ load; its compressed-tensors converter (`DecompressExperts`, set up by
 `weight_scale` and `weight_shape`. NVFP4's two global scales are left over as unexpected keys,
 the weights are dequantized without their global scale and the activations are not quantized at
 all. Mixtral's checkpoint has `gate/up/down_proj` experts where transformers' mapping expects
-`w1/w3/w2`, and loses its experts altogether.
+`w1/w3/w2`, and loses its experts altogether. GPT-OSS has no conversion mapping at all:
+transformers builds its fused experts (gate and up interleaved in `gate_up_proj`, biases in
+`gate_up_proj_bias` and `down_proj_bias`), finds none of them in the checkpoint, and leaves them
+randomly initialized, every per-expert tensor (biases included) unexpected.
 
 `load_quantized` builds the model with llm-compressor's linearized experts instead (the modules
 the checkpoint was written from), so each tensor loads into the Linear it came from and the
@@ -53,10 +56,13 @@ def _expert_renamings(names: dict[str, str]) -> list[WeightRenaming]:
 
 # Per-expert layouts llm-compressor has no load mapping for: (the fused targets they replace,
 # the renamings from checkpoint to linearized module names). Mixtral's checkpoints (and vLLM's
-# Mixtral loader) name the experts' projections w1/w3/w2.
+# Mixtral loader) name the experts' projections w1/w3/w2. GPT-OSS's checkpoint names them as
+# the linearized modules do (`mlp.experts.{i}.gate_proj.bias`, ...): transformers has no
+# conversion mapping for it to replace or rename, only the fused parameters to build instead.
 _PER_EXPERT_LAYOUTS = {
     "mixtral": ([".experts.gate_up_proj", ".experts.down_proj"],
                 _expert_renamings({"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"})),
+    "gpt_oss": ([], []),
 }
 
 

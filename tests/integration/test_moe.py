@@ -287,34 +287,39 @@ def gpt_oss_dir(tmp_path_factory):
         tie_word_embeddings=False)))
 
 
-# The first expert's projections as vLLM's loader reads them (its expert-params mapping).
+# The first expert's projections as vLLM's loader reads them (its expert-params mapping);
+# GPT-OSS's as llm-compressor's linearized experts write them (vLLM's GPT-OSS loader not checked).
 EXPERT_ZERO = {"moe_dir": ["mlp.experts.0.down_proj", "mlp.experts.0.gate_proj", "mlp.experts.0.up_proj"],
                "mixtral_dir": ["block_sparse_moe.experts.0.w1", "block_sparse_moe.experts.0.w2",
-                               "block_sparse_moe.experts.0.w3"]}
+                               "block_sparse_moe.experts.0.w3"],
+               "gpt_oss_dir": ["mlp.experts.0.down_proj", "mlp.experts.0.gate_proj", "mlp.experts.0.up_proj"]}
+BIASES = {"gpt_oss_dir": ["bias"]}  # GPT-OSS's expert projections carry biases
 SCALES = {"NVFP4": ["input_global_scale", "weight_global_scale", "weight_packed", "weight_scale"],
           "W4A16": ["weight_packed", "weight_scale", "weight_shape"]}
 
 
 @pytest.mark.parametrize("scheme", ["NVFP4", "W4A16"])
-@pytest.mark.parametrize("model", ["moe_dir", "mixtral_dir"])
+@pytest.mark.parametrize("model", ["moe_dir", "mixtral_dir", "gpt_oss_dir"])
 def test_moe_checkpoint_reloads_every_expert(model, scheme, request, tmp_path):
     """The checkpoint holds each expert's tensors under vLLM's names (Mixtral's w1/w3/w2,
-    which it held as gate/up/down_proj before), and load_quantized loads every one of them
-    (NVFP4's weight and input global scales included) into one Linear per expert projection:
+    which it held as gate/up/down_proj before; GPT-OSS's as llm-compressor's own path writes
+    them, gate/up/down_proj apart with their biases, where its fused gate_up_proj interleaves
+    gate and up), and load_quantized loads every one of them (NVFP4's weight and input global
+    scales included) into one Linear per expert projection:
     the reloaded model's logits equal the in-memory quantized model's bit for bit, both on
     the CPU (a GPU's index_add_ sums a token's expert outputs with atomics, in no fixed
     order, so two forwards there differ in the last bits). transformers' own from_pretrained re-fuses the experts and
-    drops the global scales (Qwen3-MoE NVFP4), or loses Mixtral's experts."""
+    drops the global scales (Qwen3-MoE NVFP4), or loses Mixtral's and GPT-OSS's experts."""
     from safetensors import safe_open
 
-    layout = EXPERT_ZERO[model]
+    layout, tensors = EXPERT_ZERO[model], BIASES.get(model, []) + SCALES[scheme]
     router = ["re:.*block_sparse_moe.gate$", "re:.*mlp.gate$"]
     model = quantize(request.getfixturevalue(model), AutoRoundModifier(
         targets="Linear", scheme=scheme, ignore=IGNORE + router, iters=2, batch_size=4, backend="torch"), n=4)
     model.save_pretrained(tmp_path, save_compressed=True)
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
         expert_zero = sorted(k for k in f.keys() if k.startswith("model.layers.0.") and ".experts.0." in k)
-    assert expert_zero == [f"model.layers.0.{p}.{t}" for p in layout for t in SCALES[scheme]]
+    assert expert_zero == sorted(f"model.layers.0.{p}.{t}" for p in layout for t in tensors)
     reloaded, info = load_quantized(str(tmp_path), dtype=torch.bfloat16, device_map="cpu", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     ids = held_out(4)
