@@ -153,7 +153,7 @@ def _rotary_forward(q, k, cos, sin, unsqueeze_dim=1):
     return _compiled("rotary", _rotary)(q, k, cos, sin, unsqueeze_dim)
 
 
-def _own_forward(m: nn.Module):
+def own_forward(m: nn.Module):
     """The module's own forward function (unbound) and where it is swapped: behind
     compressed-tensors' offload wrapper, which calls ``m._original_forward_func`` ("offload"),
     or the class's when nothing wraps it ("class"). (None, None) when something else wraps
@@ -178,7 +178,7 @@ def swappable(block: nn.Module) -> dict[str, list[str]]:
     if llama is None:
         return found
     for name, m in block.named_modules():
-        fwd, _ = _own_forward(m)
+        fwd, _ = own_forward(m)
         if _same_code(fwd, llama.LlamaRMSNorm.forward) and hasattr(m, "variance_epsilon"):
             found["rms_norm"].append(name)
         elif (_same_code(fwd, llama.LlamaMLP.forward) and _is_silu(getattr(m, "act_fn", None))
@@ -192,9 +192,9 @@ def swappable(block: nn.Module) -> dict[str, list[str]]:
     return found
 
 
-def _swap_forward(m: nn.Module, new) -> Callable[[], None]:
+def swap_forward(m: nn.Module, new) -> Callable[[], None]:
     """Make ``new`` (an unbound forward) the module's own forward; returns the undo."""
-    _, where = _own_forward(m)
+    _, where = own_forward(m)
     if where == "offload":
         old = m.__dict__["_original_forward_func"]
         m._original_forward_func = new
@@ -239,9 +239,9 @@ def fused_elementwise(block: nn.Module, enabled: bool = True):
         if any(found.values()):
             stack.enter_context(raised_recompile_limit())
         for name in found["rms_norm"]:
-            stack.callback(_swap_forward(modules[name], _norm_forward))
+            stack.callback(swap_forward(modules[name], _norm_forward))
         for name in found["silu_mul"]:
-            stack.callback(_swap_forward(modules[name], _mlp_forward))
+            stack.callback(swap_forward(modules[name], _mlp_forward))
         for mod_name in found["rotary"]:
             mod = sys.modules[mod_name]
             stack.callback(setattr, mod, "apply_rotary_pos_emb", mod.apply_rotary_pos_emb)

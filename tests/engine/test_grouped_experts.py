@@ -7,6 +7,7 @@ The loop under llm-compressor's calibrate-all-experts flag (oneshot's default) r
 on every token and picks its rows after: the CPU matmul's rows then round apart in the last bit
 (they depend on the row count), so there the two agree to rounding only."""
 
+import contextlib
 import copy
 import types
 
@@ -215,22 +216,28 @@ def test_grouped_block_never_runs_the_loop(moe, scheme):
     assert res.grouped_experts == ["mlp.experts"]
 
 
-def test_grouped_act_max_under_calibrate_all_equals_the_loop(moe):
-    """Under llm-compressor's calibrate-all-experts flag the loop runs every expert on every
-    token, so each expert's act_max covers all tokens (the last expert's too, which the router
-    never picks): the grouped calibration records the same maxima, bit for bit."""
+@pytest.mark.parametrize("all_experts", [False, True], ids=["routed", "calibrate_all"])
+@pytest.mark.parametrize("tuned", ["all", "no_expert_0_down"])
+def test_grouped_act_max_equals_the_loop(moe, all_experts, tuned):
+    """W4A4's act_max per expert Linear, recorded grouped on the device: bit for bit the loop's
+    hooks, over the routed tokens, or under llm-compressor's calibrate-all-experts flag over
+    every token (the last expert's too, which the router never picks; routed, it takes its
+    siblings' largest). With one expert projection left out of the recipe, its container runs
+    the loop instead, hooks and all."""
     layer, inputs = moe
-    specs = {n: SPECS["nvfp4"] for n in EXPERTS}
+    left_out = {"mlp.experts.0.down_proj"} if tuned != "all" else set()
+    specs = {n: SPECS["nvfp4"] for n in EXPERTS if n not in left_out}
 
     def act_max(grouped):
-        with moe_calibration_context():
+        with moe_calibration_context() if all_experts else contextlib.nullcontext():
             res = tune_block(copy.deepcopy(layer), inputs, specs, iters=1, batch_size=4, backend="kernels",
                              grouped_experts=grouped)
-        return {n: res.qparams[n]["act_max"] for n in EXPERTS}
+        return {n: res.qparams[n]["act_max"] for n in specs}
 
     grouped, loop = act_max(True), act_max(False)
     assert all(loop[f"mlp.experts.{E - 1}.{p}"] > 0 for p in ("gate_proj", "up_proj", "down_proj"))
-    for n in EXPERTS:
+    assert len({float(v) for v in loop.values()}) > 3  # the maxima differ per expert and projection
+    for n in specs:
         _assert_same(grouped[n], loop[n])
 
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 from .. import fusion, ops
 from .attention import sdpa_attention
 from .calibration import ActStats, activation_stats, reduce_over_ranks
-from .experts import grouped_experts, plain_grouped_experts
+from .experts import grouped_experts, stacked_experts
 from .inputs import BlockInputs, run_block, to_cache
 from .linear import ActQuantLinear, TunedLinear, share_input_quantization, swap_module
 from .options import Plan, TuneOptions, plan
@@ -156,7 +156,7 @@ class _BlockRun:
         with torch.no_grad():
             self.phases.done("inputs")
             with fusion.fused_elementwise(self.block, p.fuse), \
-                    plain_grouped_experts(self.block, p.device, p.grouped_experts and self.iters > 0):
+                    stacked_experts(self.block, p.device, p.grouped_experts and self.iters > 0):
                 ref = run_block(self.block, self.inputs, p.batch_size, p.precision.tuning) if self.iters > 0 else None
             self.phases.done("reference")
         stats = self._calibrate()
@@ -172,7 +172,7 @@ class _BlockRun:
                     grouped_experts(self.block, tuned, p.device, p.grouped_experts) as grouped:
                 result.fused = {k: v for k, v in fused.items() if v}
                 result.grouped_experts = grouped
-                if grouped and self.host_waits:
+                if grouped and self.host_waits and self.iters > 0:
                     self._probe_grouped(result)
                 if self.iters > 0:
                     self._loop(tuned, ref, result, progress)
@@ -188,7 +188,7 @@ class _BlockRun:
         self._unwrap(tuned, keep_act_quant=True)  # W4A4: the output pass quantizes the inputs
         self.phases.done("finalize")
         with torch.no_grad(), fusion.fused_elementwise(self.block, p.fuse), \
-                plain_grouped_experts(self.block, p.device, p.grouped_experts):
+                stacked_experts(self.block, p.device, p.grouped_experts):
             result.q_outputs = run_block(self.block, self.inputs, p.batch_size, p.precision.tuning, self.q_hidden)
         self.phases.done("outputs")
         self._unwrap(tuned, keep_act_quant=False)

@@ -4,13 +4,15 @@ static input global scale) and the imatrix (iters=0's weighted scale search)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .experts import plain_grouped_experts
+from .experts import ExpertWeights, Routing, stacked_experts
 from .inputs import BlockInputs
 
 
@@ -71,8 +73,9 @@ def activation_stats(block, linears: dict[str, nn.Linear], inputs: BlockInputs, 
     before, and no recorded Linear reads its output (:func:`_skip_last_linear`).
 
     With ``grouped_experts`` (act_max only) an MoE block's experts run grouped on their
-    stacked weights and record their maxima on the device (:func:`.experts.plain_grouped_experts`),
-    instead of llm-compressor's loop, which waits for the host at every expert."""
+    stacked weights and record their maxima on the device (:func:`.experts.stacked_experts`,
+    :func:`_expert_maxima`), instead of llm-compressor's loop, which waits for the host at
+    every expert."""
     rec = _Recorder(linears, inputs.device, want_max, want_imatrix)
     if not (want_max or want_imatrix):
         rec.remove()
@@ -86,8 +89,8 @@ def activation_stats(block, linears: dict[str, nn.Linear], inputs: BlockInputs, 
 
     restore = contextlib.ExitStack()
     try:
-        grouped = restore.enter_context(plain_grouped_experts(
-            block, inputs.device, grouped_experts and not want_imatrix, rec.stats))
+        grouped = restore.enter_context(stacked_experts(
+            block, inputs.device, grouped_experts and not want_imatrix, functools.partial(_expert_maxima, rec.stats)))
         with torch.no_grad():
             graphed = cuda_graph and hidden.device == inputs.device
             warm = min(2, inputs.n) if graphed else inputs.n  # real samples, each counted once
@@ -111,6 +114,68 @@ def activation_stats(block, linears: dict[str, nn.Linear], inputs: BlockInputs, 
     if want_max:
         fill_uncalibrated_experts(rec.stats)
     return rec.stats
+
+
+def _expert_maxima(stats: dict[str, ActStats], container: str, weights: ExpertWeights):
+    """The ``record`` of a grouped experts container while calibrating: each projection's
+    input max per expert, [E] fp32 tensors whose elements the experts' ActStats.max become
+    (views). None where a projection's experts are only partly among ``stats`` (the container
+    then runs its own loop, whose hooks record)."""
+    prefix = f"{container}." if container else ""
+    maxima = {}
+    for p in weights.shapes:
+        names = [f"{prefix}{e}.{p}" for e in range(weights.weights(p).shape[0])]
+        held = [n in stats for n in names]
+        if any(held) and not all(held):
+            return None
+        if all(held):
+            maxima[p] = torch.stack([stats[n].max for n in names])
+            for e, n in enumerate(names):
+                stats[n].max = maxima[p][e]
+    return functools.partial(_record_maxima, maxima, weights)
+
+
+def _record_maxima(maxima: dict[str, torch.Tensor], weights: ExpertWeights, container, hidden_states,
+                   routing: Routing, x, h) -> None:
+    """max |input| per expert over the tokens llm-compressor's loop runs it on (the routed
+    ones, or every token under its calibrate-all-experts flag), exact in the input's dtype,
+    kept in fp32."""
+    # the flag the loop itself reads (only llm-compressor's containers are grouped); imported
+    # here, as the engine itself does not need llm-compressor
+    from llmcompressor.modeling.moe.context import get_calibrate_all_experts_flag
+
+    if not get_calibrate_all_experts_flag():
+        for p, rows in (("gate_proj", x), ("up_proj", x), ("down_proj", h)):
+            if p in maxima:
+                maxima[p].scatter_reduce_(0, routing.experts, rows.abs().amax(-1).to(torch.float32), "amax")
+        return
+    top = hidden_states.abs().amax().to(torch.float32)
+    for p in ("gate_proj", "up_proj"):
+        if p in maxima:
+            torch.maximum(maxima[p], top, out=maxima[p])
+    if "down_proj" in maxima:
+        down = maxima["down_proj"]
+        torch.maximum(down, _down_inputs_max_all_tokens(container, weights, hidden_states), out=down)
+
+
+_ALL_TOKENS_CHUNK_BYTES = 1 << 29  # the calibrate-all pass's gate, up and h, a chunk of experts at a time
+
+
+def _down_inputs_max_all_tokens(container, weights: ExpertWeights, hidden_states) -> torch.Tensor:
+    """Per expert, max |down_proj's input| over every token, as the loop under the
+    calibrate-all-experts flag computes it (F.linear of each expert on all tokens), a chunk of
+    experts at a time."""
+    wg, wu = weights.weights("gate_proj"), weights.weights("up_proj")
+    x = hidden_states.reshape(-1, hidden_states.shape[-1])
+    per_expert = 3 * max(1, x.shape[0]) * wg.shape[1] * x.element_size()
+    chunk = max(1, _ALL_TOKENS_CHUNK_BYTES // per_expert)
+    out = []
+    for start in range(0, wg.shape[0], chunk):
+        gate = torch.stack([F.linear(x, w) for w in wg[start:start + chunk]])
+        up = torch.stack([F.linear(x, w) for w in wu[start:start + chunk]])
+        h = container._apply_gate(torch.cat([gate, up], dim=-1))
+        out.append(h.abs().amax(dim=(1, 2)).to(torch.float32))
+    return torch.cat(out)
 
 
 def fill_uncalibrated_experts(stats: dict[str, ActStats]) -> None:

@@ -36,7 +36,7 @@ class Stepper:
 
 class ActMemo:
     """The last input one group of TunedLinears quantized, and the result (see
-    TunedLinear._quant_input). Holding the input keeps its identity unique while compared."""
+    TunedLinear.quantize_input). Holding the input keeps its identity unique while compared."""
 
     def __init__(self):
         self.source: Optional[torch.Tensor] = None
@@ -71,7 +71,7 @@ class TunedLinear(nn.Module):
         self.register_buffer("act_max", act_max.reshape(1).to(dev, torch.float32) if fp8_act else None)
         self.act_max_scale = nn.Parameter(torch.ones(1, device=dev, dtype=torch.float32)) if fp8_act else None
         # Shared by Linears that read the same input under the same activation global scale
-        # (q/k/v, gate/up): see _quant_input.
+        # (q/k/v, gate/up): see quantize_input.
         self.act_memo: Optional[ActMemo] = None
         # Set by the loop when the sign step runs inside this Linear's backward (Stepper).
         self.stepper: Optional[Stepper] = None
@@ -125,7 +125,7 @@ class TunedLinear(nn.Module):
         x = x.to(self.v.device)
         wq = self.qdq()[0]
         if self.spec.act and not input_quantized:
-            x = self._quant_input(x)
+            x = self.quantize_input(x)
         return nn.functional.linear(x, wq, self.linear.bias).to(home)
 
     def input_quant_scale(self) -> Optional[torch.Tensor]:
@@ -138,15 +138,12 @@ class TunedLinear(nn.Module):
         return None
 
     def quantize_input(self, x):
-        """The input's fake quantization as :meth:`forward` applies it (for callers that run
-        the matmul themselves: the grouped experts)."""
-        return self._quant_input(x)
-
-    def _quant_input(self, x):
-        """The input's fake quantization (W4A4, MX). q, k and v quantize the same tensor
-        under the same global scale (NVFP4) or none (MX): the first computes it and the others take its result
-        (the same bits, one kernel instead of three). Only when the input needs no gradient
-        (q/k/v read the normed block input), so every backward stays its own."""
+        """The input's fake quantization (W4A4, MX, FP8 static), as :meth:`forward` applies it
+        and as callers that run the matmul themselves (the grouped experts) call it. q, k and
+        v quantize the same tensor under the same global scale (NVFP4) or none (MX): the first
+        computes it and the others take its result (the same bits, one kernel instead of
+        three). Only when the input needs no gradient (q/k/v read the normed block input), so
+        every backward stays its own."""
         memo = self.act_memo
         if memo is None or x.requires_grad:
             return self._quant(x)

@@ -54,13 +54,15 @@ class TuneOptions:
         bits, the gradients never go through memory). Default: on with the kernels where it
         applies: one micro-batch per step, no process group, the Linears on one device.
     grouped_experts: run an MoE block's routed experts (llm-compressor's linearized
-        ``LinearExperts2D``) as one grouped matmul per projection while tuning, with the
-        token-expert pairs sorted on the device (:mod:`.experts`), instead of the per-expert
-        loop, which waits for the host at every expert. Default: on a GPU. It computes each
-        expert on its routed tokens only, bit for bit as the loop over routed tokens; under
-        llm-compressor's default ``moe_calibrate_all_experts`` the loop runs every expert on
-        every token, whose matmul rows round apart from the routed ones' in the last bit, so
-        on the CPU, where results are the stock path's bit for bit, it is off unless asked for.
+        ``LinearExperts2D``) as one grouped matmul per projection in every pass over the block,
+        with the token-expert pairs sorted on the device (:mod:`.experts`), instead of the
+        per-expert loop, which waits for the host at every expert. Default: on a GPU. It
+        computes each expert on its routed tokens only: on the CPU bit for bit the loop over
+        routed tokens. Under llm-compressor's default ``moe_calibrate_all_experts`` the loop
+        runs every expert on every token, whose matmul rows round apart from the routed ones'
+        in the last bit, and on a GPU the grouped matmul is another GEMM kernel: there the two
+        agree to rounding. On the CPU, where results are the stock path's bit for bit, it is
+        off unless asked for.
     memory_budget: bytes the block's tuning may take on its device (default: on one GPU, what
         it has free; elsewhere no limit). Where the estimate (:mod:`.memory`) exceeds it, the
         caches go to host memory (if cache_device was left unset), then the micro-batch is
