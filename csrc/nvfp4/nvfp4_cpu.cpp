@@ -12,9 +12,18 @@ namespace {
 
 constexpr int64_t kGrain = 1024;
 
-// An activation group's global scale: the tensor's, or that of the row holding element `base`.
-float act_global_scale(const Nvfp4ActArgs& a, int64_t base) {
-  return a.global_scale[a.per_row ? base / a.cols : 0];
+// An activation group's global scale and its inverse: the tensor's (`whole`), or, where the op
+// got one per row, that of the row holding element `base`.
+struct ActScale {
+  float gs, inv;
+};
+
+ActScale whole_act_scale(const Nvfp4ActArgs& a) { return {*a.global_scale, inv_global_scale(*a.global_scale)}; }
+
+ActScale act_scale_at(const Nvfp4ActArgs& a, int64_t base, ActScale whole) {
+  if (!a.per_row) return whole;
+  const float gs = a.global_scale[base / a.cols];
+  return {gs, inv_global_scale(gs)};
 }
 
 template <typename T>
@@ -48,12 +57,13 @@ void nvfp4_backward(const Nvfp4Args& a, const T* grad, float* grad_v, float* gra
 template <typename T>
 int64_t act_forward(const Nvfp4ActArgs& a, T* out) {
   const T* xin = static_cast<const T*>(a.x);
+  const ActScale whole = whole_act_scale(a);
   std::atomic<int64_t> bad{0};
   for_each_group<kNvfp4Group, kGrain>(a.rows, a.cols, [&](int64_t, int64_t base, int n) {
     float x[kNvfp4Group], amax;
     if (int b = load_group(xin + base, n, x, &amax)) bad += b;
-    const float gs = act_global_scale(a, base), inv_gs = inv_global_scale(gs);
-    Nvfp4Scale sc = nvfp4_group_scale(amax, 1.0f, gs, inv_gs);
+    const ActScale s = act_scale_at(a, base, whole);
+    Nvfp4Scale sc = nvfp4_group_scale(amax, 1.0f, s.gs, s.inv);
     for (int j = 0; j < n; ++j) out[base + j] = from_f32<T>(nvfp4_qdq_act(x[j], sc));
   });
   return bad.load();
@@ -62,10 +72,12 @@ int64_t act_forward(const Nvfp4ActArgs& a, T* out) {
 template <typename T>
 void act_backward(const Nvfp4ActArgs& a, const T* grad, T* grad_x) {
   const T* xin = static_cast<const T*>(a.x);
+  const ActScale whole = whole_act_scale(a);
   for_each_group<kNvfp4Group, kGrain>(a.rows, a.cols, [&](int64_t, int64_t base, int n) {
     float x[kNvfp4Group], g[kNvfp4Group], gv[kNvfp4Group], amax, g_m;
     load_group(xin + base, n, x, &amax);
-    const float gs = act_global_scale(a, base), inv_gs = inv_global_scale(gs);
+    const ActScale s = act_scale_at(a, base, whole);
+    const float gs = s.gs, inv_gs = s.inv;
     for (int j = 0; j < n; ++j) g[j] = to_f32(grad[base + j]);
     nvfp4_group_backward<true>(x, nullptr, g, n, amax, 1.0f, gs, inv_gs, gv, &g_m);
     const float os = nvfp4_group_scale(amax, 1.0f, gs, inv_gs).os;

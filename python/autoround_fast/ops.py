@@ -327,11 +327,12 @@ def step_in_backward_nvfp4(weight, v, max_scale, global_scale, best, improved, l
 
 
 def _check_act(op: str, x, global_scale, fake: bool = False) -> None:
+    """x an activation; global_scale one fp32, or one per row of x viewed as [rows, last dimension]."""
     _check_activation(x, "x", op, fake)
-    rows = x.numel() // x.shape[-1] if x.dim() >= 1 and x.shape[-1] else 1
+    rows = x.numel() // x.shape[-1]
     _require(global_scale.numel() in (1, rows), op, f"global_scale must have 1 or {rows} (one per row) elements, "
              f"got {global_scale.numel()} (shape {tuple(global_scale.shape)})", fake)
-    _check_param(x, global_scale, global_scale.numel(), "global_scale", op, fake)
+    _check_param(x, global_scale, 1 if global_scale.numel() == 1 else rows, "global_scale", op, fake)
 
 
 @torch.library.register_fake("autoround_fast::fake_quant_nvfp4_activation")
@@ -375,7 +376,7 @@ def fake_quant_nvfp4_activation(x: torch.Tensor, global_scale: torch.Tensor) -> 
     op = "fake_quant_nvfp4_activation"
     _check_act(op, x, global_scale)
     _check_finite(x, "x", op)
-    return _ops.fake_quant_nvfp4_activation(x.contiguous(), global_scale.reshape(-1))
+    return _ops.fake_quant_nvfp4_activation(x.contiguous(), global_scale.reshape(-1).contiguous())
 
 
 # ---------------------------------------------------------------------------------------

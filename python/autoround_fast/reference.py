@@ -89,6 +89,14 @@ def _nvfp4_groups(x: torch.Tensor, v, coeff, global_scale: torch.Tensor):
     return _fp4(y) * _recip(os), s
 
 
+def _per_group(global_scale: torch.Tensor, cols: int) -> torch.Tensor:
+    """An activation's global scale for _nvfp4_groups: the one scalar, or each row's repeated
+    for that row's groups."""
+    if global_scale.numel() == 1:
+        return global_scale.reshape(())
+    return global_scale.reshape(-1, 1).repeat_interleave(math.ceil(cols / NVFP4_GROUP), 0)
+
+
 def _recip_scalar(x: float) -> float:
     return 0.0 if x == 0 else 1.0 / x
 
@@ -108,9 +116,7 @@ def fake_quant_nvfp4_activation(x, global_scale):
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     xg, _ = _groups(x2, NVFP4_GROUP)
-    gs = global_scale.to(torch.float32)
-    gs = gs.reshape(()) if gs.numel() == 1 else gs.reshape(-1, 1).repeat_interleave(math.ceil(shape[-1] / NVFP4_GROUP), 0)
-    q, _ = _nvfp4_groups(xg, 0, 1.0, gs)
+    q, _ = _nvfp4_groups(xg, 0, 1.0, _per_group(global_scale.to(torch.float32), shape[-1]))
     return _ungroup(q, x2.shape[0], shape[-1]).to(x.dtype).reshape(shape)
 
 

@@ -706,6 +706,7 @@ def test_fp8_opcheck(device):
     ms = torch.full((1,), 0.9, device=device)
     torch.library.opcheck(o.fake_quant_fp8_activation, (tunable(x), act_max, tunable(ms), f16))
     torch.library.opcheck(o.fake_quant_fp8_activation_backward, (gx, x, act_max, ms, 6))
+    torch.library.opcheck(o.fake_quant_fp8_activation, (tunable(x[:0]), act_max, tunable(ms), f16))  # no tokens
 
 
 def test_fp8_block_opcheck(device):

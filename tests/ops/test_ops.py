@@ -332,6 +332,8 @@ def test_nvfp4_activation_with_a_scale_per_row_equals_each_slice_alone(device, d
     assert same_bits(gx, torch.cat([p[1] for p in parts]))
     if device == "cpu":
         assert same_bits(y, reference.fake_quant_nvfp4_activation(x, per_row))
+    one = scales[0].to(device)  # an expanded (stride 0) scale per row is the scalar's
+    assert same_bits(ops.fake_quant_nvfp4_activation(x, one.reshape(1).expand(9)), ops.fake_quant_nvfp4_activation(x, one))
     with pytest.raises(ValueError, match=r"global_scale must have 1 or 9 \(one per row\) elements, got 2"):
         ops.fake_quant_nvfp4_activation(x, per_row[:2])
 
@@ -751,6 +753,10 @@ def _opcheck_cases(device):
         (o.fake_quant_nvfp4_backward, (g, w, v.detach(), ms.detach(), gs)),
         (o.fake_quant_nvfp4_activation, (x, gs)),
         (o.fake_quant_nvfp4_activation_backward, (gx, x.detach(), gs)),
+        # a global scale per row (MoE experts' sorted rows), and an activation of no tokens
+        (o.fake_quant_nvfp4_activation, (x, torch.linspace(50, 900, 10, device=device))),
+        (o.fake_quant_nvfp4_activation_backward, (gx, x.detach(), torch.linspace(50, 900, 10, device=device))),
+        (o.fake_quant_nvfp4_activation, (x[:0].detach().clone().requires_grad_(), gs)),
         (o.silu_mul_nvfp4_activation, (x, gx.clone().requires_grad_(), gs)),
         (o.silu_mul_nvfp4_activation_backward, (gx, x.detach(), gx, gs)),
         (o.fake_quant_int, (w, v, mn, mx, 4, 32, True, 5)),
