@@ -84,6 +84,11 @@ def run_ours(args, tmp: str) -> dict:
                 peak_host_gib=peak_host_gib())
 
 
+def later_block_s(block_s: list[float]) -> float:
+    """The median block after the first (which carries compilation), or the one block."""
+    return statistics.median(block_s[1:] or block_s)
+
+
 def run_stock(args, tmp: str) -> dict:
     """The stock path on --stock-layers layers of the same shape (bench.block, own process)."""
     out = os.path.join(tmp, "stock")
@@ -94,23 +99,23 @@ def run_stock(args, tmp: str) -> dict:
     subprocess.run(cmd, check=True)
     with open(os.path.join(out, "block.json")) as f:
         r = json.load(f)["results"][0]
-    later = r["block_s"][1:] or r["block_s"]
-    return dict(layers=args.stock_layers, block_s=r["block_s"], later_block_s=statistics.median(later),
-                whole_model_s=r["block_s"][0] + statistics.median(later) * (args.layers - 1),
+    later = later_block_s(r["block_s"])
+    return dict(layers=args.stock_layers, block_s=r["block_s"], later_block_s=later,
+                whole_model_s=r["block_s"][0] + later * (args.layers - 1),
                 peak_gpu_gib=r["peak_gib"])
 
 
 def extrapolate(ours: dict, layers: int) -> dict:
     """The phases of the same run scaled to a model of ``layers`` layers."""
     scale = layers / ours["layers"]
-    later = statistics.median(ours["block_s"][1:] or ours["block_s"])
+    later = later_block_s(ours["block_s"])
     phases = dict(load_s=ours["load_s"] * scale, outside_tune_s=ours["outside_tune_s"] * scale,
                   tune_s=ours["block_s"][0] + later * (layers - 1), save_s=ours["save_s"] * scale)
     return dict(layers=layers, **phases, total_s=sum(phases.values()))
 
 
 def table(ours: dict, stock: dict | None, card: str, cmd: str, extra: dict | None = None) -> str:
-    later = statistics.median(ours["block_s"][1:] or ours["block_s"])
+    later = later_block_s(ours["block_s"])
     lines = [f"card: {card}", f"command: `{cmd}`", "",
              f"{ours['scheme']}, {ours['shape']} shape, {ours['layers']} layers, backend {ours['backend']}:", "",
              "| phase | seconds |", "|---|---|",
