@@ -325,3 +325,23 @@ def test_moe_checkpoint_reloads_every_expert(model, scheme, request, tmp_path):
     ids = held_out(4)
     with torch.no_grad():
         assert torch.equal(logits(reloaded, ids), logits(model.cpu(), ids))
+
+
+@pytest.mark.parametrize("model,scheme", [("tiny_model_dir", "NVFP4"), ("tiny_model_dir", "FP8"), ("moe_dir", "NVFP4"),
+                                          ("mixtral_dir", "NVFP4"), ("gpt_oss_dir", "NVFP4")])
+def test_the_command_line_evaluates_the_checkpoint_it_wrote(model, scheme, request, tmp_path):
+    """The main job's "reloaded" perplexity row runs the checkpoint as load_quantized loads it
+    (the model that computed before saving, bit for bit: test_moe_checkpoint_reloads_every_expert),
+    dense or MoE: its fp32 global and input scales were once cast to the evaluation's bf16,
+    and its MoE experts were loaded fused (NVFP4 global scales, or every expert, lost)."""
+    from autoround_fast.cli import models
+
+    router = ["re:.*block_sparse_moe.gate$", "re:.*mlp.gate$", "re:.*mlp.router$"]
+    quantized = quantize(request.getfixturevalue(model), AutoRoundModifier(
+        targets="Linear", scheme=scheme, ignore=IGNORE + router, iters=2, batch_size=4, backend="torch"), n=4)
+    quantized.save_pretrained(tmp_path, save_compressed=True)
+    evaluated = models.prequantize_weights(models.load_model(str(tmp_path), torch.bfloat16))
+    reference = load_quantized(str(tmp_path), dtype=torch.bfloat16)
+    ids = held_out(2)
+    with torch.no_grad():
+        assert torch.equal(logits(evaluated, ids), logits(reference, ids))

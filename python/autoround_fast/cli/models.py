@@ -82,12 +82,14 @@ def target_in_features(config, targets, ignore) -> dict[str, int]:
             if isinstance(m, torch.nn.Linear)}
 
 
-def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype, only: tuple[str, ...] = ()) -> torch.nn.Module:
     """Cast the parameters, not the buffers, as from_pretrained(torch_dtype=...) does: the
     rotary inv_freq stays fp32 (model.to(bf16) would round it, and the positions with it, so
-    the tuned model would not be the model that a reload or vLLM runs)."""
-    for p in model.parameters():
-        p.data = p.data.to(dtype)
+    the tuned model would not be the model that a reload or vLLM runs). ``only``: just the
+    parameters of these names (a module's weight and bias, not its quantization scales)."""
+    for name, p in model.named_parameters():
+        if not only or name.rsplit(".", 1)[-1] in only:
+            p.data = p.data.to(dtype)
     return model
 
 
@@ -101,9 +103,12 @@ def load_model(path: str, dtype: torch.dtype):
     """A plain LlamaForCausalLM-style model from a directory or a GGUF file (dequantized).
 
     A compressed-tensors checkpoint loads as transformers runs it, decompressed at load
-    (dequantize=True) and run in `dtype` with its activation quantization; compressed-tensors
-    0.19 unpacks NVFP4 weights to bfloat16 whatever the dtype asked for, so they are cast back
-    (through bfloat16: within its rounding of the stored FP4 x scale values)."""
+    (dequantize=True) and run in `dtype` with its activation quantization, MoE experts as one
+    Linear per expert projection (:func:`autoround_fast.load_quantized`: transformers' own
+    loader drops their NVFP4 global scales, or every expert); compressed-tensors
+    0.19 unpacks NVFP4 weights to bfloat16 whatever the dtype asked for, so the weights are
+    cast back (through bfloat16: within its rounding of the stored FP4 x scale values), the
+    quantization parameters (fp32 global scales, scales) left as stored."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if path.endswith(".gguf"):
@@ -120,11 +125,12 @@ def load_model(path: str, dtype: torch.dtype):
     if is_compressed_tensors(AutoConfig.from_pretrained(path)):
         from transformers.utils.quantization_config import CompressedTensorsConfig
 
+        from ..moe_checkpoint import load_quantized
+
         with warnings.catch_warnings():  # "the checkpoint's quantization_config will be used": yes
             warnings.simplefilter("ignore", UserWarning)
-            model = AutoModelForCausalLM.from_pretrained(
-                path, torch_dtype=dtype, quantization_config=CompressedTensorsConfig(dequantize=True))
-        return cast_parameters(model, dtype)
+            model = load_quantized(path, torch_dtype=dtype, quantization_config=CompressedTensorsConfig(dequantize=True))
+        return cast_parameters(model, dtype, only=("weight", "bias"))
     return AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype)
 
 

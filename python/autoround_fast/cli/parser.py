@@ -76,8 +76,9 @@ def build_parser(environ: Optional[Mapping[str, str]] = None) -> argparse.Argume
     q.add_argument("--model", metavar="PATH",
                    help="model directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
     q.add_argument("--scheme", default="NVFP4",
-                   help="llm-compressor preset (default NVFP4). Backends torch and cuda: NVFP4, NVFP4A16, "
-                        "W2A16..W8A16, W4A16_ASYM; backend auto_round: also MXFP4, MXFP8, FP8, W8A8, ...")
+                   help="llm-compressor preset (default NVFP4): NVFP4, MXFP4, MXFP8, FP8, FP8_DYNAMIC, "
+                        "FP8_BLOCK, W8A8, W4AFP8, W2A16..W8A16, W4A16_ASYM and the A16 variants; backend "
+                        "auto_round takes those the stock path runs (a wrong name lists them)")
     q.add_argument("--group-size", type=int, metavar="N",
                    help="weight group of an INT scheme (-1: one scale per output channel). Default: the "
                         "preset's, or the largest of 32/64/128 below it that divides every layer")
