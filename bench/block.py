@@ -197,6 +197,7 @@ def run_backend(backend: str, scheme: str, args, tmp: str) -> dict:
     out["fused"] = [r.get("fused", {}) for r in rows]
     out["grouped_experts"] = [r.get("grouped_experts", []) for r in rows]
     out["eager_reason"] = [r.get("eager_reason", "") for r in rows]
+    out["memory_note"] = [r.get("memory_note", "") for r in rows]
     free_run_memory()
     del model, mod
     gc.collect()

@@ -219,8 +219,8 @@ class AutoRoundModifier(_StockAutoRoundModifier):
     @property
     def block_stats(self) -> list[dict]:
         """One row per tuned block: block, init_loss, best_loss, best_iter, seconds, losses
-        (the loss of every iteration), phases, loop_ms, placement, fused, grouped_experts and
-        eager_reason (see BlockResult)."""
+        (the loss of every iteration), phases, loop_ms, placement, fused, grouped_experts,
+        eager_reason and memory_note (see BlockResult)."""
         return list(self._block_stats)
 
     def on_initialize(self, state, **kwargs) -> bool:
@@ -394,7 +394,7 @@ class AutoRoundModifier(_StockAutoRoundModifier):
                                       seconds=result.seconds, losses=result.losses, phases=result.phases,
                                       loop_ms=result.loop_ms, placement=result.placement,
                                       fused=result.fused, grouped_experts=result.grouped_experts,
-                                      eager_reason=result.eager_reason))
+                                      eager_reason=result.eager_reason, memory_note=result.memory_note))
         self._q_input = result.q_outputs
         if self._store is not None:
             self._keep_block(layer, layer_name, targets)

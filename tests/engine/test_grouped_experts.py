@@ -21,7 +21,8 @@ from autoround_fast import ops
 from autoround_fast.engine import QuantSpec, precision, tune_block
 from autoround_fast.engine.backends import make_backend
 from autoround_fast.engine import experts as experts_mod
-from autoround_fast.engine.experts import grouped_experts
+from autoround_fast.engine import memory
+from autoround_fast.engine.experts import grouped_experts, routed_shares
 from autoround_fast.engine.linear import TunedLinear, swap_module
 from conftest import HAS_CUDA, capture_block_inputs
 
@@ -268,3 +269,27 @@ def test_grouped_moe_block_is_graphed_on_a_gpu(moe, scheme):
     assert grouped.grouped_experts == ["mlp.experts"] and grouped.eager_reason == ""
     assert loop.grouped_experts == [] and "waits for the host" in loop.eager_reason
     assert grouped.losses == pytest.approx(loop.losses, rel=2e-2)
+
+
+def test_the_memory_plan_counts_routed_tokens_for_grouped_experts(moe):
+    """Run grouped, each expert computes on top_k / E of the tokens, and the memory estimate
+    counts its activations so: a budget between the two estimates fits the grouped block as it
+    is, and makes the per-expert loop (every expert on every token under llm-compressor's
+    calibrate-all flag) give up its micro-batch."""
+    layer, inputs = moe
+    linears = {n: layer.get_submodule(n) for n in ATTENTION + EXPERTS}
+    shares = routed_shares(layer, linears)
+    assert shares == {n: K / E for n in EXPERTS}
+    routed, every_token = (memory.tuning_bytes(linears, len(inputs), 16, HIDDEN, 4, 2, True, shares=s)
+                           for s in (shares, None))
+    assert routed < every_token
+    budget = (routed + every_token) // 2
+    specs = {n: SPECS["w4a16"] for n in ATTENTION + EXPERTS}
+
+    def note(grouped):
+        res = tune_block(copy.deepcopy(layer), inputs, specs, iters=1, batch_size=4, backend="kernels",
+                         grouped_experts=grouped, memory_budget=budget)
+        return res.memory_note
+
+    assert note(True) == ""
+    assert "micro-batches of 2" in note(False)

@@ -259,3 +259,30 @@ def stacked_experts(block: nn.Module, device: torch.device, enabled: bool = True
         if source is not None:
             found[name] = source
     return _swapped(block, found)
+
+
+def routed_shares(block: nn.Module, linears: dict[str, nn.Linear]) -> dict[str, float]:
+    """For each expert Linear of the block's experts containers that will run grouped (every
+    projection of every expert among ``linears``, without bias), the share of the tokens it
+    computes on: top_k / E (the ``top_k`` of the router beside the container). Containers
+    without such a router are left out (every token)."""
+    shares = {}
+    for name, m in block.named_modules():
+        projections = _projections(m)
+        if projections is None or not all(f"{name}.{e}.{p}" in linears and ls[e].bias is None
+                                          for p, ls in projections.items() for e in range(len(ls))):
+            continue
+        k = _top_k(block.get_submodule(name.rpartition(".")[0]), m)
+        if k is None:
+            continue
+        for p, ls in projections.items():
+            shares.update({f"{name}.{e}.{p}": k / len(ls) for e in range(len(ls))})
+    return shares
+
+
+def _top_k(moe_block: nn.Module, experts: nn.Module) -> Optional[int]:
+    """The experts per token of an MoE block: the ``top_k`` of a module beside its experts."""
+    for m in moe_block.modules():
+        if m is not experts and isinstance(getattr(m, "top_k", None), int):
+            return m.top_k
+    return None

@@ -6,7 +6,8 @@ weight kept for the backward), the cached activations not there yet (of the fp i
 reference outputs, the quantized inputs and the quantized outputs made at the end, each
 [N, L, H] in the block's dtype, those the caller already holds on the device are spent, not
 needed), and one micro-batch's forward and backward (what each Linear reads and writes, the
-norms and residuals, twice over for the backward's transients). Where that does
+norms and residuals, twice over for the backward's transients; an MoE expert run grouped only
+on its share of the tokens, top_k / E). Where that does
 not fit, the caches go to host memory (each iteration then copies its batch over); where that
 is still too much, the micro-batch is halved and the steps accumulate gradients over more of
 them (the same samples per step); where even one sample does not fit, a clear error, never a
@@ -41,14 +42,16 @@ CACHES = 4  # fp inputs, reference outputs, quantized inputs, quantized outputs
 
 
 def tuning_bytes(linears: dict[str, nn.Linear], n_samples: int, tokens: int, hidden: int, batch: int,
-                 elem: int, caches_on_device: bool, resident: int = 0) -> int:
+                 elem: int, caches_on_device: bool, resident: int = 0, shares: Optional[dict[str, float]] = None) -> int:
     """The estimate above, in bytes; ``resident``: caches the caller already holds on the
-    device (they stay there wherever the others go)."""
+    device (they stay there wherever the others go); ``shares``: the share of the tokens a
+    Linear computes on, where not every token (an MoE expert run grouped: top_k / E)."""
+    shares = shares or {}
     tunables = sum(m.weight.numel() for m in linears.values()) * TUNABLE_BYTES
     cache = n_samples * tokens * hidden * elem
     caches = (CACHES - resident) * cache if caches_on_device else 2 * batch * tokens * hidden * elem
-    per_token = sum(m.in_features + m.out_features for m in linears.values()) + 4 * hidden
-    return tunables + caches + BACKWARD_FACTOR * batch * tokens * per_token * elem
+    per_token = sum((m.in_features + m.out_features) * shares.get(n, 1.0) for n, m in linears.items()) + 4 * hidden
+    return tunables + caches + int(BACKWARD_FACTOR * batch * tokens * per_token * elem)
 
 
 def _size(n: int) -> str:
@@ -66,12 +69,13 @@ def device_budget(device: torch.device) -> Optional[int]:
 
 
 def fit(linears: dict[str, nn.Linear], n_samples: int, tokens: int, hidden: int, batch: int, accumulate: int,
-        elem: int, budget: Optional[int], can_cache_on_host: bool, resident: int = 0) -> Fit:
+        elem: int, budget: Optional[int], can_cache_on_host: bool, resident: int = 0,
+        shares: Optional[dict[str, float]] = None) -> Fit:
     """The first of: everything on the device; the caches on the host (``can_cache_on_host``:
     the device is a GPU and the caller left cache_device unset); the micro-batch halved (while
     it divides) with the accumulation doubled. A ValueError if none fits."""
     def need(b, on_device):
-        return tuning_bytes(linears, n_samples, tokens, hidden, b, elem, on_device, resident)
+        return tuning_bytes(linears, n_samples, tokens, hidden, b, elem, on_device, resident, shares)
 
     if budget is None or need(batch, True) <= budget:
         return Fit(False, batch, accumulate)

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from .. import fusion
 from . import memory
+from .experts import routed_shares
 from .backends import Backend, make_backend
 from .placement import indexed, linear_devices, place_linears, process_group
 from .precision import Precision, cpu_tune_dtype
@@ -147,10 +148,12 @@ def plan(options: TuneOptions, block: nn.Module, linears: dict[str, nn.Linear], 
         budget = memory.device_budget(device)
     if o.iters == 0:  # RTN: no tunables' gradients, no reference outputs, no backward
         budget = None
+    grouped = device.type == "cuda" if o.grouped_experts is None else bool(o.grouped_experts)
     room = memory.fit(linears, n_samples, *sample_shape, min(o.batch_size, n_samples), o.gradient_accumulate_steps,
                       torch.empty(0, dtype=dtype).element_size(), budget,
                       can_cache_on_host=o.cache_device is None and device.type == "cuda",
-                      resident=sum(t is not None and indexed(t.device) == device for t in held))
+                      resident=sum(t is not None and indexed(t.device) == device for t in held),
+                      shares=routed_shares(block, linears) if grouped else None)
     if room.cache_on_host:
         cache_device = torch.device("cpu")
     o = dataclasses.replace(o, gradient_accumulate_steps=room.accumulate)
@@ -167,7 +170,7 @@ def plan(options: TuneOptions, block: nn.Module, linears: dict[str, nn.Linear], 
                 precision=Precision(device, dtype, act_quant), batch_size=room.batch_size,
                 dist=dist, cuda_graph=cuda_graph, fuse=bool(fuse) and o.iters > 0,
                 step_in_backward=step_fits and o.step_in_backward is not False,
-                grouped_experts=device.type == "cuda" if o.grouped_experts is None else bool(o.grouped_experts),
+                grouped_experts=grouped,
                 placement=placement, eager_reason=eager_reason, memory_note=room.note)
 
 
