@@ -6,6 +6,8 @@ The oracles: the model's own causal forward (the mask the calibration pipeline d
 path (backend="auto_round") and the in-memory model against its reloaded checkpoint."""
 
 import functools
+import json
+import math
 import random
 
 import numpy
@@ -345,3 +347,37 @@ def test_the_command_line_evaluates_the_checkpoint_it_wrote(model, scheme, reque
     ids = held_out(2)
     with torch.no_grad():
         assert torch.equal(logits(evaluated, ids), logits(reference, ids))
+
+
+@pytest.mark.parametrize("model", ["mixtral_dir", "gpt_oss_dir"])
+def test_the_command_line_quantizes_moe_families(model, request, tmp_path, capsys):
+    """The README's one-line command on a Mixtral and a GPT-OSS (tiny, random) runs end to
+    end: every expert's NVFP4 tensors in the checkpoint under the family's names, and the
+    reloaded checkpoint's perplexity reported (the model it evaluates is load_quantized's:
+    test_the_command_line_evaluates_the_checkpoint_it_wrote)."""
+    import shutil
+
+    from safetensors import safe_open
+
+    from autoround_fast.cli import main
+
+    src = tmp_path / "model"
+    shutil.copytree(request.getfixturevalue(model), src)
+    tiny_tokenizer().save_pretrained(src)
+    g = torch.Generator().manual_seed(1)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"t{int(i)}" for i in torch.randint(1, 256, (1200,), generator=g)))
+    out = tmp_path / "out"
+    assert main(["quantize", "--model", str(src), "--scheme", "NVFP4", "--iters", "2", "--nsamples", "4",
+                 "--seqlen", "32", "--batch-size", "2", "--backend", "torch", "--calib-file", str(text),
+                 "--eval-file", str(text), "--eval-windows", "1", "--output", str(out), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    with safe_open(out / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    n_experts = 4
+    for e in range(n_experts):
+        for proj in EXPERT_ZERO[model]:
+            name = "model.layers.1." + proj.replace(".experts.0.", f".experts.{e}.")
+            assert {f"{name}.{t}" for t in SCALES["NVFP4"]} <= keys, name
+    rows = json.loads((out / "autoround_blocks.json").read_text())["perplexity"]["rows"]
+    assert [r["role"] for r in rows] == ["original", "rtn", "result"] and math.isfinite(rows[2]["perplexity"])
