@@ -27,6 +27,26 @@ struct Nvfp4Scale {
 
 AF_HD float inv_global_scale(float gs) { return reciprocal_or_zero(gs); }
 
+// An activation group's global scale and its inverse.
+struct ActScale {
+  float gs, inv;
+};
+
+AF_HD ActScale act_scale(const float* gs) {
+#if defined(__CUDA_ARCH__)
+  const float g = __ldg(gs);
+#else
+  const float g = *gs;
+#endif
+  return {g, inv_global_scale(g)};
+}
+
+// The scale of the group starting at element `base` of a [rows, cols] activation: the
+// tensor's (`whole`, act_scale(gs) loaded once), or, per_row, that of the group's row.
+AF_HD ActScale act_scale_at(const float* gs, bool per_row, int64_t cols, int64_t base, ActScale whole) {
+  return per_row ? act_scale(gs + base / cols) : whole;
+}
+
 AF_HD Nvfp4Scale nvfp4_group_scale(float amax, float max_scale, float gs, float inv_gs) {
   Nvfp4Scale r;
   float m = mul_rn(amax, max_scale);

@@ -12,20 +12,6 @@ namespace {
 
 constexpr int64_t kGrain = 1024;
 
-// An activation group's global scale and its inverse: the tensor's (`whole`), or, where the op
-// got one per row, that of the row holding element `base`.
-struct ActScale {
-  float gs, inv;
-};
-
-ActScale whole_act_scale(const Nvfp4ActArgs& a) { return {*a.global_scale, inv_global_scale(*a.global_scale)}; }
-
-ActScale act_scale_at(const Nvfp4ActArgs& a, int64_t base, ActScale whole) {
-  if (!a.per_row) return whole;
-  const float gs = a.global_scale[base / a.cols];
-  return {gs, inv_global_scale(gs)};
-}
-
 template <typename T>
 int64_t nvfp4_forward(const Nvfp4Args& a, T* out, float* scale) {
   const T* w = static_cast<const T*>(a.weight);
@@ -57,12 +43,12 @@ void nvfp4_backward(const Nvfp4Args& a, const T* grad, float* grad_v, float* gra
 template <typename T>
 int64_t act_forward(const Nvfp4ActArgs& a, T* out) {
   const T* xin = static_cast<const T*>(a.x);
-  const ActScale whole = whole_act_scale(a);
+  const ActScale whole = act_scale(a.global_scale);
   std::atomic<int64_t> bad{0};
   for_each_group<kNvfp4Group, kGrain>(a.rows, a.cols, [&](int64_t, int64_t base, int n) {
     float x[kNvfp4Group], amax;
     if (int b = load_group(xin + base, n, x, &amax)) bad += b;
-    const ActScale s = act_scale_at(a, base, whole);
+    const ActScale s = act_scale_at(a.global_scale, a.per_row, a.cols, base, whole);
     Nvfp4Scale sc = nvfp4_group_scale(amax, 1.0f, s.gs, s.inv);
     for (int j = 0; j < n; ++j) out[base + j] = from_f32<T>(nvfp4_qdq_act(x[j], sc));
   });
@@ -72,15 +58,14 @@ int64_t act_forward(const Nvfp4ActArgs& a, T* out) {
 template <typename T>
 void act_backward(const Nvfp4ActArgs& a, const T* grad, T* grad_x) {
   const T* xin = static_cast<const T*>(a.x);
-  const ActScale whole = whole_act_scale(a);
+  const ActScale whole = act_scale(a.global_scale);
   for_each_group<kNvfp4Group, kGrain>(a.rows, a.cols, [&](int64_t, int64_t base, int n) {
     float x[kNvfp4Group], g[kNvfp4Group], gv[kNvfp4Group], amax, g_m;
     load_group(xin + base, n, x, &amax);
-    const ActScale s = act_scale_at(a, base, whole);
-    const float gs = s.gs, inv_gs = s.inv;
+    const ActScale s = act_scale_at(a.global_scale, a.per_row, a.cols, base, whole);
     for (int j = 0; j < n; ++j) g[j] = to_f32(grad[base + j]);
-    nvfp4_group_backward<true>(x, nullptr, g, n, amax, 1.0f, gs, inv_gs, gv, &g_m);
-    const float os = nvfp4_group_scale(amax, 1.0f, gs, inv_gs).os;
+    nvfp4_group_backward<true>(x, nullptr, g, n, amax, 1.0f, s.gs, s.inv, gv, &g_m);
+    const float os = nvfp4_group_scale(amax, 1.0f, s.gs, s.inv).os;
     const int arg = first_argmax(x, n, amax);
     for (int j = 0; j < n; ++j)
       grad_x[base + j] = from_f32<T>(nvfp4_act_grad<T>(gv[j], os, g_m, x[j], j == arg));

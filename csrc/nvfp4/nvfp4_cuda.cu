@@ -117,12 +117,12 @@ __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_backward_staged_ker
 
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_activation_kernel(Nvfp4ActArgs a, T* out) {
-  const ActScale whole = whole_act_scale(a);
+  const ActScale whole = act_scale(a.global_scale);
   const T* xin = static_cast<const T*>(a.x);
   for_each_group<kVec>(a.rows, a.cols, [&](int64_t, GroupIndex g) {
     float x[kNvfp4Group], amax;
     const int n = load_group<T, kVec>(xin + g.base, g.n, x, &amax);
-    const ActScale s = act_scale_at(a, g.base, whole);
+    const ActScale s = act_scale_at(a.global_scale, a.per_row, a.cols, g.base, whole);
     Nvfp4Scale sc = nvfp4_group_scale(amax, 1.0f, s.gs, s.inv);
 #pragma unroll
     for (int j = 0; j < kNvfp4Group; ++j)
@@ -134,13 +134,13 @@ __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_activation_kernel(N
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_activation_backward_kernel(
     Nvfp4ActArgs a, const T* grad, T* grad_x) {
-  const ActScale whole = whole_act_scale(a);
+  const ActScale whole = act_scale(a.global_scale);
   const T* xin = static_cast<const T*>(a.x);
   for_each_group<kVec>(a.rows, a.cols, [&](int64_t, GroupIndex g) {
     float x[kNvfp4Group], gr[kNvfp4Group], gv[kNvfp4Group], amax, g_m;
     const int n = load_group<T, kVec>(xin + g.base, g.n, x, &amax);
     load_vals<T, kVec>(grad + g.base, g.n, gr);
-    const ActScale s = act_scale_at(a, g.base, whole);
+    const ActScale s = act_scale_at(a.global_scale, a.per_row, a.cols, g.base, whole);
     nvfp4_group_backward<true>(x, nullptr, gr, n, amax, 1.0f, s.gs, s.inv, gv, &g_m);
     const float os = nvfp4_group_scale(amax, 1.0f, s.gs, s.inv).os;
     const int arg = first_argmax(x, n, amax);

@@ -121,23 +121,6 @@ __device__ __forceinline__ void for_each_group(int64_t rows, int64_t cols, F&& b
   }
 }
 
-// An activation group's global scale and its inverse: the tensor's (`whole`, loaded once per
-// thread), or, where the op got one per row, that of the row holding element `base`.
-struct ActScale {
-  float gs, inv;
-};
-
-__device__ __forceinline__ ActScale whole_act_scale(const Nvfp4ActArgs& a) {
-  const float gs = __ldg(a.global_scale);
-  return {gs, inv_global_scale(gs)};
-}
-
-__device__ __forceinline__ ActScale act_scale_at(const Nvfp4ActArgs& a, int64_t base, ActScale whole) {
-  if (!a.per_row) return whole;
-  const float gs = __ldg(a.global_scale + base / a.cols);
-  return {gs, inv_global_scale(gs)};
-}
-
 // Rows are whole groups and every pointer is 16-byte aligned: the vector path applies.
 inline bool whole_groups(int64_t cols, std::initializer_list<const void*> ptrs) {
   if (cols % kNvfp4Group != 0) return false;
