@@ -76,7 +76,7 @@ def capture_block_inputs(model, layer_idx=0, nsamples=16, seqlen=32, seed=0):
     try:
         with torch.no_grad():
             for _ in range(nsamples):
-                model(torch.randint(1, 256, (1, seqlen), generator=g), use_cache=False)
+                model(torch.randint(1, 256, (1, seqlen), generator=g).to(model.device), use_cache=False)
     finally:
         h.remove()
     return caps

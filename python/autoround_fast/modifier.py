@@ -32,6 +32,7 @@ from loguru import logger
 from llmcompressor.modifiers.autoround import AutoRoundModifier as _StockAutoRoundModifier
 from llmcompressor.modifiers.factory import ModifierFactory
 
+from .calibration_pass import GroupedCalibrationPass
 from .moe_checkpoint import keep_per_expert_layout
 from .progress import ModelProgress
 from .resume import BlockStore
@@ -178,6 +179,7 @@ class AutoRoundModifier(_StockAutoRoundModifier):
     _store: Optional[BlockStore] = PrivateAttr(default=None)
     _progress: Optional[ModelProgress] = PrivateAttr(default=None)
     _devices: Optional[list] = PrivateAttr(default=None)
+    _grouped_pass: Optional[GroupedCalibrationPass] = PrivateAttr(default=None)
 
     def _block_devices(self) -> Optional[list[torch.device]]:
         """The cards one block's Linears spread over (None: one device), from device_ids
@@ -269,10 +271,18 @@ class AutoRoundModifier(_StockAutoRoundModifier):
                 self.register_hook(module, functools.partial(_restore_causal_mask, config=config), "forward_pre",
                                    with_kwargs=True)
         super().on_calibration_start(state, event, **kwargs)
+        if self.backend != "auto_round" and self.grouped_experts is not False:
+            self._grouped_pass = GroupedCalibrationPass(self.grouped_experts)
+            for _, module in state.model.named_modules():
+                if self._is_decoding_layer(module):
+                    self.register_hook(module, self._grouped_pass.pre_hook, "forward_pre", with_kwargs=True)
         if self.progress and self.iters > 0 and self.backend != "auto_round":
             self._progress = ModelProgress(len(self._capture_hooks), self.iters)
 
     def on_calibration_end(self, state, event, **kwargs):
+        if self._grouped_pass is not None:
+            self._grouped_pass.close()
+            self._grouped_pass = None
         super().on_calibration_end(state, event, **kwargs)
         if self._progress is not None:
             self._progress.close()
@@ -336,6 +346,8 @@ class AutoRoundModifier(_StockAutoRoundModifier):
             raise ValueError(f"Only one decoding layer is expected per step, found {len(decoding_layers)}.")
         layer = decoding_layers[0]
         layer_name = layer._tmp_name
+        if self._grouped_pass is not None:
+            self._grouped_pass.release(layer)  # the pipeline's pass is over; the engine groups its own
         if layer_name in self._capture_hooks:
             self.remove_hooks({self._capture_hooks.pop(layer_name)})
         inputs = self._all_module_input.pop(layer_name, None)

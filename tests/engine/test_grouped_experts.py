@@ -14,10 +14,10 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._pytree import tree_map
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from autoround_fast import ops
+from autoround_fast.calibration_pass import GroupedCalibrationPass
 from autoround_fast.engine import QuantSpec, precision, tune_block
 from autoround_fast.engine.backends import make_backend
 from autoround_fast.engine import experts as experts_mod
@@ -50,15 +50,16 @@ def _no_last_expert(self, hidden_states):
     return logits, top.to(logits.dtype), idx
 
 
-@pytest.fixture(scope="module")
-def moe():
-    """The linearized model's first block (router without the last expert) and its inputs."""
+def _moe_layer(device="cpu"):
+    """The linearized model's first block (router without the last expert) and its inputs, the
+    model built on ``device``: llm-compressor's linearized experts onload to the device they
+    were linearized on, so a block moved after linearizing would compute its experts there."""
     torch.manual_seed(0)
     cfg = Qwen3MoeConfig(hidden_size=HIDDEN, intermediate_size=128, moe_intermediate_size=128, num_experts=E,
                          num_experts_per_tok=K, norm_topk_prob=True, num_attention_heads=4, num_key_value_heads=2,
                          head_dim=32, num_hidden_layers=1, vocab_size=256, max_position_embeddings=256,
                          tie_word_embeddings=False)
-    model = Qwen3MoeForCausalLM(cfg)
+    model = Qwen3MoeForCausalLM(cfg).to(device)
     linearize_moe(model)  # the per-expert Linears in the config's dtype
     model.to(torch.bfloat16)
     with torch.no_grad():
@@ -68,6 +69,11 @@ def moe():
     layer = model.model.layers[0]
     layer.mlp.gate.forward = types.MethodType(_no_last_expert, layer.mlp.gate)
     return layer, capture_block_inputs(model, nsamples=8, seqlen=16)
+
+
+@pytest.fixture(scope="module")
+def moe():
+    return _moe_layer()
 
 
 @pytest.fixture(autouse=True)
@@ -217,6 +223,43 @@ def test_grouped_block_never_runs_the_loop(moe, scheme):
     assert res.grouped_experts == ["mlp.experts"]
 
 
+def test_the_pipeline_pass_groups_a_layer_until_it_is_released(moe):
+    """GroupedCalibrationPass (the sequential pipeline's pass): from the layer's first forward
+    its experts run grouped, to the loop's output bit for bit over the routed tokens, until
+    release gives the layer its own forward back. A layer one of whose Linears carries a hook
+    (another modifier's observer) keeps the loop, so that the hook sees its inputs."""
+    layer, inputs = moe
+    block = copy.deepcopy(layer)
+    args, kwargs = inputs[0]
+    calls, seen = [], []
+    loop = block.mlp.experts._original_forward_func
+
+    def counted(self, hidden_states, top_k_index, top_k_weights):  # the loop's signature, which the engine checks
+        calls.append(1)
+        return loop(self, hidden_states, top_k_index, top_k_weights)
+
+    block.mlp.experts._original_forward_func = counted
+    with torch.no_grad():
+        looped = block(*args, **kwargs)
+        passes = GroupedCalibrationPass(True)
+        handle = block.register_forward_pre_hook(passes.pre_hook, with_kwargs=True)
+        grouped = [block(*args, **kwargs) for _ in range(2)]
+        assert len(calls) == 1  # the first forward, before the pass
+        passes.release(block)
+        block(*args, **kwargs)
+        assert len(calls) == 2
+        handle.remove()
+        for out in grouped:
+            _assert_same(out, looped)
+
+        block.mlp.experts[0].up_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+        passes = GroupedCalibrationPass(True)
+        block.register_forward_pre_hook(passes.pre_hook, with_kwargs=True)
+        block(*args, **kwargs)
+        passes.close()
+    assert len(calls) == 3 and len(seen) == 1
+
+
 @pytest.mark.parametrize("all_experts", [False, True], ids=["routed", "calibrate_all"])
 @pytest.mark.parametrize("tuned", ["all", "no_expert_0_down"])
 def test_grouped_act_max_equals_the_loop(moe, all_experts, tuned):
@@ -252,18 +295,16 @@ def test_grouped_experts_default_on_a_gpu_only(moe):
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and the CUDA build")
 @pytest.mark.parametrize("scheme", list(SPECS))
-def test_grouped_moe_block_is_graphed_on_a_gpu(moe, scheme):
+def test_grouped_moe_block_is_graphed_on_a_gpu(scheme):
     """On a GPU the MoE block tunes with its experts grouped, its loop captured in a CUDA
     graph (no eager_reason), to the losses of the per-expert loop run eagerly (to rounding:
     the grouped and the per-expert matmuls are different GEMM kernels)."""
-    layer, inputs = moe
+    layer, on_gpu = _moe_layer("cuda")  # the inputs on the GPU, as llm-compressor's pipeline passes them
     specs = {n: SPECS[scheme] for n in ATTENTION + EXPERTS}
 
-    on_gpu = [tree_map(lambda t: t.cuda() if isinstance(t, torch.Tensor) else t, s) for s in inputs]
-
-    def tune(grouped):  # the inputs on the GPU, as llm-compressor's pipeline passes them
-        block = copy.deepcopy(layer).cuda()
-        return tune_block(block, on_gpu, specs, iters=6, batch_size=4, backend="cuda", grouped_experts=grouped)
+    def tune(grouped):
+        return tune_block(copy.deepcopy(layer), on_gpu, specs, iters=6, batch_size=4, backend="cuda",
+                          grouped_experts=grouped)
 
     grouped, loop = tune(True), tune(False)
     assert grouped.grouped_experts == ["mlp.experts"] and grouped.eager_reason == ""

@@ -264,6 +264,39 @@ def test_nvfp4_routed_calibration(moe_dir, backend):
     assert scales.numel() == 56 and torch.isfinite(scales).all() and (scales > 0).all()
 
 
+def test_the_pipeline_pass_runs_the_experts_grouped(moe_dir, monkeypatch):
+    """With grouped experts, the sequential pipeline's pass through each MoE layer (its inputs
+    captured, its outputs the next layer's inputs) runs the experts grouped too: llm-compressor's
+    per-expert loop is never called in the whole oneshot. Its oracle, the per-expert run
+    (grouped_experts=False), calls the loop, and the second block, whose inputs the first
+    block's pass computed, starts and ends at its losses (to rounding: on the CPU the loop's
+    calibrate-all rows round apart from the routed ones in the last bit)."""
+    from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
+
+    calls = []
+    loop = LinearExperts2D.forward
+
+    def counted(self, hidden_states, top_k_index, top_k_weights):  # the loop's signature, which the engine checks
+        calls.append(1)
+        return loop(self, hidden_states, top_k_index, top_k_weights)
+
+    monkeypatch.setattr(LinearExperts2D, "forward", counted)  # before oneshot linearizes the experts
+
+    def run(grouped):
+        calls.clear()
+        mod = AutoRoundModifier(targets="Linear", scheme="W4A16", ignore=IGNORE, iters=4, batch_size=4,
+                                backend="torch", grouped_experts=grouped)
+        quantize(moe_dir, mod)
+        return len(calls), mod.block_stats
+
+    grouped_calls, grouped = run(True)
+    loop_calls, looped = run(False)
+    assert grouped_calls == 0 and loop_calls > 0
+    assert [r["grouped_experts"] for r in grouped] == [["mlp.experts"]] * 2
+    for key in ("init_loss", "best_loss"):
+        assert [r[key] for r in grouped] == pytest.approx([r[key] for r in looped], rel=1e-3)
+
+
 @pytest.fixture(scope="module")
 def mixtral_dir(tmp_path_factory):
     """A tiny Mixtral (4 experts, top-2): its checkpoints name the experts' projections w1/w3/w2."""
