@@ -10,7 +10,7 @@ process on --stock-layers layers; its blocks' time for the whole model is extrap
 first and median later block (the first carries compilation) and compared with ours.
 --extrapolate-to N adds the end-to-end time of the same shape at N layers (a model too large to
 build on the card, such as the 48-layer Qwen3-30B-A3B): load, the time outside the loops and
-save scaled by N / layers, the loops as the first block plus the median later block x (N - 1).
+save scaled by N / layers, the loops as the first block's loop plus the median later loop x (N - 1).
 
     python -m bench.model --scheme NVFP4 --out results/
     python -m bench.model --shape tiny --layers 4 --iters 4 --nsamples 8 --seqlen 32   # CPU, seconds
@@ -78,7 +78,8 @@ def run_ours(args, tmp: str) -> dict:
     return dict(backend=args.backend, scheme=args.scheme, shape=args.shape, layers=args.layers,
                 load_s=load_s, oneshot_s=oneshot_s, tune_s=tune_s, outside_tune_s=oneshot_s - tune_s,
                 save_s=save_s, total_s=load_s + oneshot_s + save_s,
-                block_s=[r["seconds"] for r in rows], best_loss=[r["best_loss"] for r in rows],
+                block_s=[r["seconds"] for r in rows], loop_s=[r["phases"].get("tune", 0.0) for r in rows],
+                best_loss=[r["best_loss"] for r in rows],
                 init_loss=[r["init_loss"] for r in rows],
                 peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30 if gpu else 0.0,
                 peak_host_gib=peak_host_gib())
@@ -106,11 +107,12 @@ def run_stock(args, tmp: str) -> dict:
 
 
 def extrapolate(ours: dict, layers: int) -> dict:
-    """The phases of the same run scaled to a model of ``layers`` layers."""
+    """The phases of the same run scaled to a model of ``layers`` layers: the tuning loops as the
+    first block's loop plus the median later loop for each further block, the rest by layers."""
     scale = layers / ours["layers"]
-    later = later_block_s(ours["block_s"])
+    loops = ours["loop_s"]
     phases = dict(load_s=ours["load_s"] * scale, outside_tune_s=ours["outside_tune_s"] * scale,
-                  tune_s=ours["block_s"][0] + later * (layers - 1), save_s=ours["save_s"] * scale)
+                  tune_s=loops[0] + later_block_s(loops) * (layers - 1), save_s=ours["save_s"] * scale)
     return dict(layers=layers, **phases, total_s=sum(phases.values()))
 
 

@@ -117,10 +117,11 @@ def test_model_bench_phases_add_up(tmp_path):
     assert len(stock["block_s"]) == 2 and stock["later_block_s"] == stock["block_s"][1]
     assert abs(stock["whole_model_s"] - (stock["block_s"][0] + stock["block_s"][1] * (layers - 1))) < 1e-9
     assert "| **end to end** |" in out and "stock path (auto_round), measured on 2 layers" in out
+    assert len(ours["loop_s"]) == layers and abs(sum(ours["loop_s"]) - ours["tune_s"]) < 1e-9
     extra = r["extrapolated"]  # 12 layers: 4x the phases outside the loops, the loops by block
     for phase in ("load_s", "outside_tune_s", "save_s"):
         assert extra[phase] == pytest.approx(4 * ours[phase])
-    later = (ours["block_s"][1] + ours["block_s"][2]) / 2  # the median of the two later blocks
-    assert extra["tune_s"] == pytest.approx(ours["block_s"][0] + later * 11)
+    later = (ours["loop_s"][1] + ours["loop_s"][2]) / 2  # the median of the two later loops
+    assert extra["tune_s"] == pytest.approx(ours["loop_s"][0] + later * 11)
     assert extra["total_s"] == pytest.approx(sum(extra[p] for p in ("load_s", "outside_tune_s", "tune_s", "save_s")))
     assert "extrapolated to 12 layers" in out
