@@ -268,33 +268,41 @@ def test_the_pipeline_pass_runs_the_experts_grouped(moe_dir, monkeypatch):
     """With grouped experts, the sequential pipeline's pass through each MoE layer (its inputs
     captured, its outputs the next layer's inputs) runs the experts grouped too: llm-compressor's
     per-expert loop is never called in the whole oneshot. Its oracle, the per-expert run
-    (grouped_experts=False), calls the loop, and the second block, whose inputs the first
-    block's pass computed, starts and ends at its losses (to rounding: on the CPU the loop's
-    calibrate-all rows round apart from the routed ones in the last bit)."""
+    (grouped_experts=False), calls the loop, and the second layer's inputs, which the first
+    layer's pass computed, agree with it to bf16 rounding (the loop's calibrate-all rows and the
+    grouped rows round apart in the last bit; losses are not compared, since a last-bit change
+    can flip a near-tied routing decision of the next layer)."""
     from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
+    from autoround_fast import modifier as modifier_mod
 
-    calls = []
-    loop = LinearExperts2D.forward
+    calls, seen = [], []
+    loop, tune = LinearExperts2D.forward, modifier_mod.tune_block
 
     def counted(self, hidden_states, top_k_index, top_k_weights):  # the loop's signature, which the engine checks
         calls.append(1)
         return loop(self, hidden_states, top_k_index, top_k_weights)
 
+    def tune_seen(layer, inputs, *args, **kwargs):
+        seen.append(torch.cat([a[0] for a, _ in inputs]).float().cpu())
+        return tune(layer, inputs, *args, **kwargs)
+
     monkeypatch.setattr(LinearExperts2D, "forward", counted)  # before oneshot linearizes the experts
+    monkeypatch.setattr(modifier_mod, "tune_block", tune_seen)
 
     def run(grouped):
         calls.clear()
+        seen.clear()
         mod = AutoRoundModifier(targets="Linear", scheme="W4A16", ignore=IGNORE, iters=4, batch_size=4,
                                 backend="torch", grouped_experts=grouped)
         quantize(moe_dir, mod)
-        return len(calls), mod.block_stats
+        assert [r["grouped_experts"] for r in mod.block_stats] == [["mlp.experts"] if grouped else []] * 2
+        return len(calls), seen[1]
 
     grouped_calls, grouped = run(True)
     loop_calls, looped = run(False)
     assert grouped_calls == 0 and loop_calls > 0
-    assert [r["grouped_experts"] for r in grouped] == [["mlp.experts"]] * 2
-    for key in ("init_loss", "best_loss"):
-        assert [r[key] for r in grouped] == pytest.approx([r[key] for r in looped], rel=1e-3)
+    assert (grouped - looped).abs().max() <= 2 ** -6 * looped.abs().max()
+    assert (grouped == looped).float().mean() > 0.9
 
 
 @pytest.fixture(scope="module")
