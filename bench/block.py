@@ -78,7 +78,7 @@ def engine_spec(scheme: str):
     scales in bf16, as the model's dtype stores them)."""
     from compressed_tensors.quantization import QuantizationScheme, preset_name_to_scheme
 
-    from autoround_fast.modifier import spec_from_scheme
+    from autoround_fast.scheme_spec import spec_from_scheme
 
     s = SCHEMES[scheme]
     qs = preset_name_to_scheme(s, ["Linear"]) if isinstance(s, str) else QuantizationScheme(targets=["Linear"], **s)

@@ -18,7 +18,7 @@ from transformers.utils.quantization_config import CompressedTensorsConfig
 
 from autoround_fast import AutoRoundModifier, load_quantized
 from autoround_fast.engine import precision
-from autoround_fast.modifier import _causal_attention_config, _restore_causal_mask
+from autoround_fast.causal_mask import causal_attention_config, restore_causal_mask
 from conftest import HAS_CUDA, tiny_tokenizer
 from test_modifier import calib
 
@@ -79,7 +79,7 @@ def quantize(model_dir, recipe, n=16, causal_mask=False):
 def restore_causal_masks(model):
     """AutoRoundModifier's causal-mask pre-hook on every decoder layer of the model."""
     for layer in model.model.layers:
-        hook = functools.partial(_restore_causal_mask, config=_causal_attention_config(layer))
+        hook = functools.partial(restore_causal_mask, config=causal_attention_config(layer))
         layer.register_forward_pre_hook(hook, with_kwargs=True)
 
 
@@ -110,13 +110,13 @@ def test_pipeline_mask_is_restored_as_the_model_builds_it(moe_dir):
         want = layer(*args, **kwargs)
         dropped = {**kwargs, "attention_mask": None}
         bidirectional = layer(*args, **dropped)
-        new_args, restored = _restore_causal_mask(layer, args, dropped, config=_causal_attention_config(layer))
+        new_args, restored = restore_causal_mask(layer, args, dropped, config=causal_attention_config(layer))
         got = layer(*new_args, **restored)
     assert torch.equal(restored["attention_mask"], kwargs["attention_mask"])
     assert torch.equal(got, want)
     assert not torch.equal(bidirectional, want)
     # a mask that is there, or sdpa (causal without one), is left alone
-    assert _restore_causal_mask(layer, args, kwargs, config=_causal_attention_config(layer)) is None
+    assert restore_causal_mask(layer, args, kwargs, config=causal_attention_config(layer)) is None
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Which schemes each backend tunes, and the weight group a scheme gets on a given model.
 
 The scheme names are llm-compressor's (compressed-tensors' presets). The autoround_fast
-backends (torch, cuda) tune the presets its engine supports (modifier.spec_from_scheme);
+backends (torch, cuda) tune the presets its engine supports (scheme_spec.spec_from_scheme);
 backend auto_round tunes every preset that the stock AutoRoundModifier maps to an auto-round
 scheme (MXFP4, MXFP8, FP8, ...).
 
@@ -62,7 +62,7 @@ def _tunes(name: str, backend: str) -> bool:
         except Exception:
             return False
         return True
-    from ..modifier import spec_from_scheme
+    from ..scheme_spec import spec_from_scheme
 
     try:
         spec_from_scheme(preset(name), None, "-", backend)
