@@ -336,6 +336,8 @@ EXPERT_ZERO = {"moe_dir": ["mlp.experts.0.down_proj", "mlp.experts.0.gate_proj",
                "mixtral_dir": ["block_sparse_moe.experts.0.w1", "block_sparse_moe.experts.0.w2",
                                "block_sparse_moe.experts.0.w3"],
                "gpt_oss_dir": ["mlp.experts.0.down_proj", "mlp.experts.0.gate_proj", "mlp.experts.0.up_proj"]}
+GATE_UP = {"moe_dir": ("gate_proj", "up_proj"), "mixtral_dir": ("w1", "w3"), "gpt_oss_dir": ("gate_proj", "up_proj")}
+EXPERTS = {"moe_dir": 8, "mixtral_dir": 4, "gpt_oss_dir": 4}
 BIASES = {"gpt_oss_dir": ["bias"]}  # GPT-OSS's expert projections carry biases
 SCALES = {"NVFP4": ["input_global_scale", "weight_global_scale", "weight_packed", "weight_scale"],
           "W4A16": ["weight_packed", "weight_scale", "weight_shape"]}
@@ -352,17 +354,27 @@ def test_moe_checkpoint_reloads_every_expert(model, scheme, request, tmp_path):
     the reloaded model's logits equal the in-memory quantized model's bit for bit, both on
     the CPU (a GPU's index_add_ sums a token's expert outputs with atomics, in no fixed
     order, so two forwards there differ in the last bits). transformers' own from_pretrained re-fuses the experts and
-    drops the global scales (Qwen3-MoE NVFP4), or loses Mixtral's and GPT-OSS's experts."""
+    drops the global scales (Qwen3-MoE NVFP4), or loses Mixtral's and GPT-OSS's experts.
+    Every NVFP4 global scale is stored in fp32, and each expert's gate and up share their weight
+    global scale, as vLLM's fused w13 takes them (it keeps one and warns where they differ)."""
     from safetensors import safe_open
 
-    layout, tensors = EXPERT_ZERO[model], BIASES.get(model, []) + SCALES[scheme]
+    family, layout, tensors = model, EXPERT_ZERO[model], BIASES.get(model, []) + SCALES[scheme]
     router = ["re:.*block_sparse_moe.gate$", "re:.*mlp.gate$"]
     model = quantize(request.getfixturevalue(model), AutoRoundModifier(
         targets="Linear", scheme=scheme, ignore=IGNORE + router, iters=2, batch_size=4, backend="torch"), n=4)
     model.save_pretrained(tmp_path, save_compressed=True)
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
         expert_zero = sorted(k for k in f.keys() if k.startswith("model.layers.0.") and ".experts.0." in k)
+        global_scales = {k: f.get_tensor(k) for k in f.keys() if k.endswith("global_scale")}
     assert expert_zero == sorted(f"model.layers.0.{p}.{t}" for p in layout for t in tensors)
+    # vLLM fuses each expert's gate and up (w13) under one weight global scale, read in fp32
+    gate, up = GATE_UP[family]
+    gates = [k for k in global_scales if k.endswith(f".{gate}.weight_global_scale")]
+    assert len(gates) == (2 * EXPERTS[family] if scheme == "NVFP4" else 0)  # every expert of both layers
+    for k in gates:
+        assert torch.equal(global_scales[k], global_scales[k.replace(f".{gate}.", f".{up}.")]), k
+    assert all(t.dtype == torch.float32 for t in global_scales.values())
     reloaded, info = load_quantized(str(tmp_path), dtype=torch.bfloat16, device_map="cpu", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     ids = held_out(4)
