@@ -117,13 +117,14 @@ def extrapolate(ours: dict, layers: int) -> dict:
 
 
 def table(ours: dict, stock: dict | None, card: str, cmd: str, extra: dict | None = None) -> str:
-    later = later_block_s(ours["block_s"])
+    loops = ours["loop_s"]
+    later = later_block_s(loops)
     lines = [f"card: {card}", f"command: `{cmd}`", "",
              f"{ours['scheme']}, {ours['shape']} shape, {ours['layers']} layers, backend {ours['backend']}:", "",
              "| phase | seconds |", "|---|---|",
              f"| model load | {ours['load_s']:.1f} |",
              f"| calibration and everything outside the tuning loops | {ours['outside_tune_s']:.1f} |",
-             f"| tuning loops ({len(ours['block_s'])} blocks; first {ours['block_s'][0]:.2f} s, "
+             f"| tuning loops ({len(loops)} blocks; first {loops[0]:.2f} s, "
              f"later median {later:.2f} s) | {ours['tune_s']:.1f} |",
              f"| save (compressed) | {ours['save_s']:.1f} |",
              f"| **end to end** | **{ours['total_s']:.1f}** |", "",
@@ -138,7 +139,7 @@ def table(ours: dict, stock: dict | None, card: str, cmd: str, extra: dict | Non
                   f"{stock['later_block_s']:.2f} s per later block, peak GPU {stock['peak_gpu_gib']:.1f} GiB; "
                   f"its {ours['layers']} blocks extrapolated: {stock['whole_model_s']:.0f} s, against our "
                   f"{ours_blocks:.0f} s of blocks ({stock['whole_model_s'] / ours_blocks:.1f}x; "
-                  f"{stock['later_block_s'] / later:.1f}x per later block)"]
+                  f"{stock['later_block_s'] / later_block_s(ours['block_s']):.1f}x per later block)"]
     return "\n".join(lines)
 
 

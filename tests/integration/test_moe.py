@@ -347,7 +347,7 @@ SCALES = {"NVFP4": ["input_global_scale", "weight_global_scale", "weight_packed"
 @pytest.mark.parametrize("model", ["moe_dir", "mixtral_dir", "gpt_oss_dir"])
 def test_moe_checkpoint_reloads_every_expert(model, scheme, request, tmp_path):
     """The checkpoint holds each expert's tensors under vLLM's names (Mixtral's w1/w3/w2,
-    which it held as gate/up/down_proj before; GPT-OSS's as llm-compressor's own path writes
+    where llm-compressor's own checkpoint keeps gate/up/down_proj; GPT-OSS's as llm-compressor's own path writes
     them, gate/up/down_proj apart with their biases, where its fused gate_up_proj interleaves
     gate and up), and load_quantized loads every one of them (NVFP4's weight and input global
     scales included) into one Linear per expert projection:
@@ -387,8 +387,9 @@ def test_moe_checkpoint_reloads_every_expert(model, scheme, request, tmp_path):
 def test_the_command_line_evaluates_the_checkpoint_it_wrote(model, scheme, request, tmp_path):
     """The main job's "reloaded" perplexity row runs the checkpoint as load_quantized loads it
     (the model that computed before saving, bit for bit: test_moe_checkpoint_reloads_every_expert),
-    dense or MoE: its fp32 global and input scales were once cast to the evaluation's bf16,
-    and its MoE experts were loaded fused (NVFP4 global scales, or every expert, lost)."""
+    dense or MoE: its fp32 global and input scales kept in fp32 under the evaluation's bf16,
+    and its MoE experts one Linear per expert projection (transformers' fused loading loses
+    NVFP4's global scales, or every expert)."""
     from autoround_fast.cli import models
 
     router = ["re:.*block_sparse_moe.gate$", "re:.*mlp.gate$", "re:.*mlp.router$"]
