@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .engine.experts import stacked_experts
+from .engine.experts import groups_experts, stacked_experts
 
 
 class GroupedCalibrationPass:
@@ -30,33 +30,27 @@ class GroupedCalibrationPass:
 
     def __init__(self, enabled: Optional[bool]):
         self.enabled = enabled
-        self._open: dict[int, Optional[contextlib.ExitStack]] = {}
+        self._open: dict[int, contextlib.ExitStack] = {}
 
     def pre_hook(self, layer: nn.Module, args: tuple, kwargs: dict) -> None:
         if id(layer) in self._open:
             return
         hidden = args[0] if args else kwargs.get("hidden_states")
         stack = contextlib.ExitStack()
-        if isinstance(hidden, torch.Tensor) and self._on(hidden.device) and not _hooked_linears(layer):
+        if isinstance(hidden, torch.Tensor) and groups_experts(self.enabled, hidden.device) \
+                and not _hooked_linears(layer):
             stack.enter_context(stacked_experts(layer, hidden.device))
         self._open[id(layer)] = stack
 
     def release(self, layer: nn.Module) -> None:
         """The layer's pass is over: its own forward back, the stacked weights freed. A later
         forward of the layer (after it is tuned) runs its own forward."""
-        stack = self._open.get(id(layer))
-        if stack is not None:
-            stack.close()
-        self._open[id(layer)] = None
+        self._open.setdefault(id(layer), contextlib.ExitStack()).close()  # kept: the hook stays off
 
     def close(self) -> None:
         for stack in self._open.values():
-            if stack is not None:
-                stack.close()
+            stack.close()
         self._open.clear()
-
-    def _on(self, device: torch.device) -> bool:
-        return self.enabled if self.enabled is not None else device.type == "cuda"
 
 
 def _hooked_linears(layer: nn.Module) -> bool:

@@ -170,18 +170,19 @@ class AutoRoundModifier(_StockAutoRoundModifier):
         return ok
 
     def on_calibration_start(self, state, event, **kwargs):
+        if self.backend != "auto_round" and self.grouped_experts is not False:
+            self._grouped_pass = GroupedCalibrationPass(self.grouped_experts)
         # before the stock capture hooks, so that the captured inputs hold the mask too
         for _, module in state.model.named_modules():
-            config = causal_attention_config(module) if self._is_decoding_layer(module) else None
+            if not self._is_decoding_layer(module):
+                continue
+            config = causal_attention_config(module)
             if config is not None:
                 self.register_hook(module, functools.partial(restore_causal_mask, config=config), "forward_pre",
                                    with_kwargs=True)
+            if self._grouped_pass is not None:
+                self.register_hook(module, self._grouped_pass.pre_hook, "forward_pre", with_kwargs=True)
         super().on_calibration_start(state, event, **kwargs)
-        if self.backend != "auto_round" and self.grouped_experts is not False:
-            self._grouped_pass = GroupedCalibrationPass(self.grouped_experts)
-            for _, module in state.model.named_modules():
-                if self._is_decoding_layer(module):
-                    self.register_hook(module, self._grouped_pass.pre_hook, "forward_pre", with_kwargs=True)
         if self.progress and self.iters > 0 and self.backend != "auto_round":
             self._progress = ModelProgress(len(self._capture_hooks), self.iters)
 

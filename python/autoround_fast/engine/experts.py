@@ -242,6 +242,12 @@ def grouped_experts(block: nn.Module, tuned: dict[str, TunedLinear], device: tor
     return _swapped(block, found)
 
 
+def groups_experts(option: Optional[bool], device: torch.device) -> bool:
+    """Whether MoE experts run grouped on ``device``: ``option`` (grouped_experts), where
+    None means on a GPU."""
+    return device.type == "cuda" if option is None else bool(option)
+
+
 def stacked_experts(block: nn.Module, device: torch.device, enabled: bool = True,
                     recorder: Optional[Callable[[str, ExpertWeights], Optional[Callable]]] = None):
     """The context of a pass outside the loop: within it (if ``enabled``) every experts

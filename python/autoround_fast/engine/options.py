@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from .. import fusion
 from . import memory
-from .experts import routed_shares
+from .experts import groups_experts, routed_shares
 from .backends import Backend, make_backend
 from .placement import indexed, linear_devices, place_linears, process_group
 from .precision import Precision, cpu_tune_dtype
@@ -148,7 +148,7 @@ def plan(options: TuneOptions, block: nn.Module, linears: dict[str, nn.Linear], 
         budget = memory.device_budget(device)
     if o.iters == 0:  # RTN: no tunables' gradients, no reference outputs, no backward
         budget = None
-    grouped = device.type == "cuda" if o.grouped_experts is None else bool(o.grouped_experts)
+    grouped = groups_experts(o.grouped_experts, device)
     room = memory.fit(linears, n_samples, *sample_shape, min(o.batch_size, n_samples), o.gradient_accumulate_steps,
                       torch.empty(0, dtype=dtype).element_size(), budget,
                       can_cache_on_host=o.cache_device is None and device.type == "cuda",
