@@ -428,8 +428,7 @@ def test_the_command_line_quantizes_moe_families(model, request, tmp_path, capsy
     capsys.readouterr()
     with safe_open(out / "model.safetensors", "pt") as f:
         keys = set(f.keys())
-    n_experts = 4
-    for e in range(n_experts):
+    for e in range(EXPERTS[model]):
         for proj in EXPERT_ZERO[model]:
             name = "model.layers.1." + proj.replace(".experts.0.", f".experts.{e}.")
             assert {f"{name}.{t}" for t in SCALES["NVFP4"]} <= keys, name
