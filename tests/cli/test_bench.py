@@ -103,6 +103,28 @@ def test_profile_sums_kernels_by_kind():
     assert sum(kinds.values()) == sum(r[0] for r in rows)
 
 
+@pytest.mark.parametrize("shape", ["tiny", "tiny-moe"])
+def test_memory_bench_counts_the_blocks_linears(shape):
+    """bench.memory's estimate, worked out by hand from the shape's dimensions: 14 bytes per
+    tuned weight, the two caches a later block does not find held, and one micro-batch's
+    forward and backward over each Linear's widths (an expert's on top_k / E of the tokens)."""
+    sys.path.insert(0, str(ROOT))
+    from bench.memory import estimate
+    from bench.shapes import SHAPES
+
+    s, n, tokens, batch = SHAPES[shape], 4, 16, 2
+    heads_out, kv_out = s.heads * (s.head_dim or s.hidden // s.heads), s.kv_heads * (s.head_dim or s.hidden // s.heads)
+    attention = [(s.hidden, heads_out), (s.hidden, kv_out), (s.hidden, kv_out), (heads_out, s.hidden)]
+    mlp = [(s.hidden, s.intermediate), (s.hidden, s.intermediate), (s.intermediate, s.hidden)]
+    copies, share = (s.experts, s.top_k / s.experts) if s.experts else (1, 1.0)
+    weights = sum(i * o for i, o in attention) + copies * sum(i * o for i, o in mlp)
+    widths = sum(i + o for i, o in attention) + copies * share * sum(i + o for i, o in mlp) + 4 * s.hidden
+    expected = 14 * weights + 2 * n * tokens * s.hidden * 2 + int(2 * batch * tokens * widths * 2)
+    r = estimate(shape, n, tokens, batch)
+    assert r["weights"] == weights and r["routed"] == (3 * s.experts if s.experts else 0)
+    assert r["adds_gib"] * 2**30 == expected
+
+
 def test_model_bench_phases_add_up(tmp_path):
     layers = 3
     out = run_module(["bench.model", "--shape", "tiny", "--layers", str(layers), "--iters", "3", "--nsamples", "4",

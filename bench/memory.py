@@ -1,0 +1,78 @@
+"""The engine's memory estimate for one block of each shape, no GPU needed: what
+``engine/memory.py`` predicts a later block's tuning takes on its device, to set beside the peaks
+that ``bench.block`` measures.
+
+Each shape's decoder layer is built on the CPU with random weights (MoE experts linearized as
+llm-compressor does), and its Linears go through ``memory.tuning_bytes`` as ``options.plan``
+calls it for a block after the first: the fp inputs and the previous block's quantized outputs
+already on the device, every expert run grouped on its routed share of the tokens.
+
+    python -m bench.memory                                  # 8b, 70b and the MoE shapes
+    python -m bench.memory --shape tiny tiny-moe --nsamples 4 --seqlen 16
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn as nn
+
+from bench.shapes import SHAPES, model_config
+
+DEFAULT_SHAPES = ["8b", "70b", "qwen3-moe", "mixtral", "gpt-oss"]
+HELD = 2  # caches a later block finds on its device: its fp inputs and the quantized inputs
+
+
+def block_linears(shape: str) -> tuple[nn.Module, dict[str, nn.Linear]]:
+    """One decoder layer of the shape, built in bf16 on the CPU, with its Linears by name."""
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+    from transformers import AutoModelForCausalLM
+
+    cfg = model_config(shape, 1, 2048)
+    cfg.dtype = torch.bfloat16
+    model = linearize_moe(AutoModelForCausalLM.from_config(cfg))
+    layer = model.model.layers[0]
+    return layer, {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+
+
+def estimate(shape: str, nsamples: int, seqlen: int, batch: int) -> dict:
+    """The block's weights, what its tuning adds, and that plus the caches it finds held."""
+    from autoround_fast.engine.experts import routed_shares
+    from autoround_fast.engine.memory import tuning_bytes
+
+    layer, linears = block_linears(shape)
+    hidden, elem = SHAPES[shape].hidden, torch.empty(0, dtype=torch.bfloat16).element_size()
+    shares = routed_shares(layer, linears)
+    adds = tuning_bytes(linears, nsamples, seqlen, hidden, batch, elem, True, resident=HELD, shares=shares)
+    held = HELD * nsamples * seqlen * hidden * elem
+    weights = sum(m.weight.numel() for m in linears.values())
+    return dict(shape=shape, weights=weights, routed=len(shares), adds_gib=adds / 2**30,
+                with_held_gib=(adds + held) / 2**30)
+
+
+def _gib(x: float) -> str:
+    return f"{x:.2f} GiB" if x >= 1 else f"{x * 1024:.1f} MiB"
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| shape | tuned weights | expert Linears on a share of the tokens | tuning adds | with the held caches |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['weights'] / 1e6:.2f} M | {r['routed']} | {_gib(r['adds_gib'])} "
+                     f"| {_gib(r['with_held_gib'])} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", nargs="+", default=DEFAULT_SHAPES, choices=list(SHAPES))
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=8)
+    args = p.parse_args(argv)
+    print(table([estimate(s, args.nsamples, args.seqlen, args.batch_size) for s in args.shape]))
+
+
+if __name__ == "__main__":
+    main()
