@@ -82,12 +82,16 @@ def bf16_cpu(monkeypatch):
 
 
 def _tuned_experts(layer, spec, backend, dtype):
-    """The layer's experts container, its projections TunedLinears at random tunables (and,
-    under W4A4, a different activation global scale per expert)."""
+    return _tuned_experts_of(layer, EXPERTS, spec, dtype, backend)
+
+
+def _tuned_experts_of(layer, names, spec, dtype, backend="kernels"):
+    """The layer's experts container, its projections ``names`` TunedLinears at random
+    tunables (and, under W4A4, a different activation global scale per expert)."""
     experts = copy.deepcopy(layer.mlp.experts).to(dtype)
     g = torch.Generator().manual_seed(1)
     tuned = {}
-    for name in (n.removeprefix("mlp.experts.") for n in EXPERTS):
+    for name in (n.removeprefix("mlp.experts.") for n in names):
         lin = experts.get_submodule(name)
         gs = ops.nvfp4_global_scale(lin.weight) if spec.kind == "nvfp4" else None
         act_gs = (torch.rand(1, generator=g) * 50 + 20) if spec.act and spec.kind == "nvfp4" else None
@@ -334,3 +338,79 @@ def test_the_memory_plan_counts_routed_tokens_for_grouped_experts(moe):
 
     assert note(True) == ""
     assert "micro-batches of 2" in note(False)
+
+
+GPT_OSS_EXPERTS = [f"mlp.experts.{e}.{p}" for e in range(4) for p in ("gate_proj", "up_proj", "down_proj")]
+
+
+@pytest.fixture(scope="module")
+def gpt_oss():
+    """A tiny GPT-OSS block, linearized (4 experts, top-2, the clamped SwiGLU), with a random
+    non-zero bias on every expert projection, and its inputs."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(0)
+    model = GptOssForCausalLM(GptOssConfig(
+        hidden_size=HIDDEN, intermediate_size=128, num_local_experts=4, num_experts_per_tok=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, num_hidden_layers=1, vocab_size=256, max_position_embeddings=256,
+        tie_word_embeddings=False))
+    linearize_moe(model)
+    model.to(torch.bfloat16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if (p.dim() >= 2 and "embed" not in name) or ".experts." in name:
+                p.normal_(0, 0.08)
+    return model.model.layers[0], capture_block_inputs(model, nsamples=8, seqlen=16)
+
+
+@pytest.mark.parametrize("scheme,dtype", [("w4a16", torch.bfloat16), ("w4a16", torch.float32),
+                                          ("nvfp4", torch.float32)])
+def test_grouped_experts_with_biases_equal_the_loop(gpt_oss, scheme, dtype):
+    """GPT-OSS's experts, whose projections carry biases, run grouped: in bf16 each pair's bias
+    is added after the grouped matmul has rounded, so the output is the routed loop's to
+    rounding (F.linear adds it before rounding); bit for bit in fp32, where the per-expert
+    fallback calls F.linear with the bias itself. (Under W4A4 a last-bit difference in gate/up
+    moves the down projection's FP4 input by whole steps: tune_block's losses below.)"""
+    layer, _ = gpt_oss
+    experts, tuned = _tuned_experts_of(layer, GPT_OSS_EXPERTS, SPECS[scheme], dtype)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(40, HIDDEN, generator=g).to(dtype)
+    with torch.no_grad():
+        _, w, idx = layer.mlp.router(x.to(torch.bfloat16))
+    grad = torch.randn(40, HIDDEN, generator=g).to(dtype)
+    loop = _run(experts, tuned, x, idx, w.to(dtype), grad)
+    with grouped_experts(experts, tuned, torch.device("cpu")) as names:
+        assert names == [""]
+        grouped = _run(experts, tuned, x, idx, w.to(dtype), grad)
+    exact = dtype == torch.float32
+    for a, b in zip(loop[:3], grouped[:3]):
+        _assert_same(a, b, exact=exact, dtype=dtype)
+    for n in loop[3]:
+        if exact or n.endswith(".v"):
+            _assert_same(loop[3][n], grouped[3][n], exact=exact, dtype=dtype)
+
+
+@pytest.mark.parametrize("scheme", ["w4a16", "nvfp4"])
+def test_tune_block_groups_gpt_oss_experts(gpt_oss, scheme):
+    """tune_block on the GPT-OSS block groups its biased experts and counts them on their
+    routed share of the tokens (top_k / E) in the memory plan. With the biases at zero it
+    tunes bit for bit as the loop; with them, the first loss agrees to rounding and the best
+    loss of 30 iterations within 10% (sign steps at lr 1/30 follow the rounding apart)."""
+    layer, inputs = gpt_oss
+    specs = {n: SPECS[scheme] for n in ATTENTION + GPT_OSS_EXPERTS}
+    linears = {n: layer.get_submodule(n) for n in specs}
+    assert routed_shares(layer, linears) == {n: 0.5 for n in GPT_OSS_EXPERTS}
+
+    def tune(block, grouped, iters):
+        return tune_block(copy.deepcopy(block), inputs, specs, iters=iters, batch_size=4, backend="kernels",
+                          grouped_experts=grouped)
+
+    grouped, loop = tune(layer, True, 30), tune(layer, False, 30)
+    assert grouped.grouped_experts == ["mlp.experts"] and loop.grouped_experts == []
+    assert grouped.losses[0] == pytest.approx(loop.losses[0], rel=1e-2)
+    assert grouped.best_loss == pytest.approx(loop.best_loss, rel=0.1)
+    unbiased = copy.deepcopy(layer)
+    with torch.no_grad():
+        for name in GPT_OSS_EXPERTS:
+            unbiased.get_submodule(name).bias.zero_()
+    assert tune(unbiased, True, 6).losses == tune(unbiased, False, 6).losses

@@ -66,13 +66,15 @@ def sort_pairs(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, n_experts
 class ExpertWeights:
     """What :func:`grouped_forward` computes one container's experts with, per projection:
     ``weights(p)`` (a list of [out, in], one per expert, or them stacked [E, out, in]), their
-    ``shapes``, and the ``quantizers`` of their inputs (TunedLinears or ActQuantLinears; None
-    where the inputs stay as they are). ``record``, while calibrating, is called with
+    ``shapes``, the ``quantizers`` of their inputs (TunedLinears or ActQuantLinears; None
+    where the inputs stay as they are) and their ``biases`` stacked [E, out] (None without;
+    GPT-OSS's experts have them). ``record``, while calibrating, is called with
     (container, hidden_states, routing, x, h): the inputs of gate/up (x) and of down (h)."""
 
     weights: Callable[[str], Any]
     shapes: dict[str, tuple[int, int]]
     quantizers: dict[str, Optional[list]]
+    biases: dict[str, Optional[torch.Tensor]]
     record: Optional[Callable] = None
 
 
@@ -95,7 +97,7 @@ def grouped_forward(source: ExpertWeights):
         def project(p, rows):
             if source.quantizers[p] is not None:
                 rows = _quantize_inputs(source.quantizers[p], rows, routing, bounds)
-            return _matmul(rows, source.weights(p), routing, bounds)
+            return _matmul(rows, source.weights(p), source.biases[p], routing, bounds)
 
         h = self._apply_gate(torch.cat([project("gate_proj", x), project("up_proj", x)], dim=-1))
         if source.record is not None:
@@ -105,17 +107,22 @@ def grouped_forward(source: ExpertWeights):
     return forward
 
 
-def _matmul(x: torch.Tensor, weights, routing: Routing, bounds: Optional[list[tuple[int, int]]]) -> torch.Tensor:
+def _matmul(x: torch.Tensor, weights, bias: Optional[torch.Tensor], routing: Routing,
+            bounds: Optional[list[tuple[int, int]]]) -> torch.Tensor:
     """Each expert's rows of x times its weight (``weights``: a list of [out, in], or them
-    stacked), as F.linear computes under autocast: one grouped matmul, or one per expert."""
+    stacked), plus its bias (stacked [E, out], or None), as F.linear computes under autocast:
+    one grouped matmul and each pair's bias added after it, or one F.linear per expert."""
     dt = _autocast_dtype(x.device)
     if dt is not None:
         x = x.to(dt)
         weights = weights.to(dt) if isinstance(weights, torch.Tensor) else [w.to(dt) for w in weights]
+        bias = bias.to(dt) if bias is not None else None
     if bounds is None:
         stacked = weights if isinstance(weights, torch.Tensor) else torch.stack(weights)
-        return torch._grouped_mm(x, stacked.transpose(1, 2), offs=routing.offsets)
-    return torch.cat([F.linear(x[a:b], w) for w, (a, b) in zip(weights, bounds)])
+        y = torch._grouped_mm(x, stacked.transpose(1, 2), offs=routing.offsets)
+        return y if bias is None else y + bias[routing.experts]
+    return torch.cat([F.linear(x[a:b], w, None if bias is None else bias[e])
+                      for e, (w, (a, b)) in enumerate(zip(weights, bounds))])
 
 
 def _quantize_inputs(quantizers: list, x: torch.Tensor, routing: Routing,
@@ -180,27 +187,46 @@ def _projections(m: nn.Module) -> Optional[dict[str, list[nn.Module]]]:
 
 
 def _tuned_weights(m: nn.Module, tuned_ids: set[int], device: torch.device) -> Optional[ExpertWeights]:
-    """A container whose projections are TunedLinears (no bias, one spec and shape per
+    """A container whose projections are TunedLinears (one spec, shape and bias or none per
     projection, on ``device``): their fake-quantized weights, computed at every forward."""
     projections = _projections(m)
     if projections is None:
         return None
     for ls in projections.values():
         if not all(id(tl) in tuned_ids for tl in ls) or any(
-                tl.linear.bias is not None or tl.v.device != device or tl.spec != ls[0].spec
-                or tl.linear.weight.shape != ls[0].linear.weight.shape for tl in ls):
+                tl.v.device != device or tl.spec != ls[0].spec
+                or tl.linear.weight.shape != ls[0].linear.weight.shape for tl in ls) \
+                or not _same_bias([tl.linear for tl in ls], device):
             return None
+    biases = {p: _stacked_biases([tl.linear for tl in ls]) for p, ls in projections.items()}
     return ExpertWeights(weights=lambda p: [tl.qdq()[0] for tl in projections[p]],
                          shapes={p: tuple(ls[0].linear.weight.shape) for p, ls in projections.items()},
-                         quantizers={p: ls if ls[0].spec.act else None for p, ls in projections.items()})
+                         quantizers={p: ls if ls[0].spec.act else None for p, ls in projections.items()},
+                         biases=biases)
+
+
+def _same_bias(lins: list[nn.Linear], device: torch.device) -> bool:
+    """Whether none of the Linears has a bias, or all have one of one dtype on ``device``."""
+    if all(lin.bias is None for lin in lins):
+        return True
+    return all(lin.bias is not None and lin.bias.device == device and lin.bias.dtype == lins[0].bias.dtype
+               for lin in lins)
+
+
+def _stacked_biases(lins: list[nn.Linear]) -> Optional[torch.Tensor]:
+    """The experts' biases of one projection stacked [E, out] (they are not tuned), or None."""
+    if lins[0].bias is None:
+        return None
+    with torch.no_grad():
+        return torch.stack([lin.bias for lin in lins])
 
 
 def _plain_linear(lin) -> bool:
-    """An nn.Linear without bias that computes its plain matmul (compressed-tensors'
-    on-the-fly quantization, where attached, is off)."""
+    """An nn.Linear that computes its plain matmul (compressed-tensors' on-the-fly
+    quantization, where attached, is off)."""
     quantizes = (getattr(lin, "quantization_enabled", True) and getattr(lin, "quantization_scheme", None) is not None
                  and getattr(lin, "quantization_status", None) is not None)
-    return type(lin) is nn.Linear and lin.bias is None and not quantizes
+    return type(lin) is nn.Linear and not quantizes
 
 
 def _stacked_weights(m: nn.Module, device: torch.device) -> Optional[ExpertWeights]:
@@ -210,18 +236,19 @@ def _stacked_weights(m: nn.Module, device: torch.device) -> Optional[ExpertWeigh
     projections = _projections(m)
     if projections is None:
         return None
-    stacked, quantizers = {}, {}
+    stacked, quantizers, biases = {}, {}, {}
     for p, ls in projections.items():
         act = all(isinstance(e, ActQuantLinear) and e.spec == ls[0].spec for e in ls)
         lins = [e.linear if act else e for e in ls]
         if not all(_plain_linear(lin) and lin.weight.device == device and lin.weight.shape == lins[0].weight.shape
-                   and lin.weight.dtype == lins[0].weight.dtype for lin in lins):
+                   and lin.weight.dtype == lins[0].weight.dtype for lin in lins) or not _same_bias(lins, device):
             return None
+        biases[p] = _stacked_biases(lins)
         with torch.no_grad():
             stacked[p] = torch.stack([lin.weight for lin in lins])
         quantizers[p] = ls if act else None
     return ExpertWeights(weights=stacked.__getitem__, shapes={p: tuple(w.shape[1:]) for p, w in stacked.items()},
-                         quantizers=quantizers)
+                         quantizers=quantizers, biases=biases)
 
 
 @contextlib.contextmanager
@@ -269,13 +296,13 @@ def stacked_experts(block: nn.Module, device: torch.device, enabled: bool = True
 
 def routed_shares(block: nn.Module, linears: dict[str, nn.Linear]) -> dict[str, float]:
     """For each expert Linear of the block's experts containers that will run grouped (every
-    projection of every expert among ``linears``, without bias), the share of the tokens it
+    projection of every expert among ``linears``), the share of the tokens it
     computes on: top_k / E (the ``top_k`` of the router beside the container). Containers
     without such a router are left out (every token)."""
     shares = {}
     for name, m in block.named_modules():
         projections = _projections(m)
-        if projections is None or not all(f"{name}.{e}.{p}" in linears and ls[e].bias is None
+        if projections is None or not all(f"{name}.{e}.{p}" in linears
                                           for p, ls in projections.items() for e in range(len(ls))):
             continue
         k = _top_k(block.get_submodule(name.rpartition(".")[0]), m)
