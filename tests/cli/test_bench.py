@@ -132,7 +132,7 @@ def test_model_bench_phases_add_up(tmp_path):
                       "--extrapolate-to", "12", "--out", "res"], tmp_path)
     r = json.loads((tmp_path / "res" / "model.json").read_text())
     ours, stock = r["ours"], r["stock"]
-    assert ours["backend"] == "torch" and len(ours["block_s"]) == layers
+    assert ours["backend"] == "torch" and ours["offload_device"] == "cpu" and len(ours["block_s"]) == layers
     assert abs(ours["load_s"] + ours["oneshot_s"] + ours["save_s"] - ours["total_s"]) < 1e-9
     assert 0 < ours["tune_s"] < ours["oneshot_s"] and ours["outside_tune_s"] > 0
     assert all(b <= i for b, i in zip(ours["best_loss"], ours["init_loss"]))
