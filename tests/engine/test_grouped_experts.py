@@ -414,3 +414,23 @@ def test_tune_block_groups_gpt_oss_experts(gpt_oss, scheme):
         for name in GPT_OSS_EXPERTS:
             unbiased.get_submodule(name).bias.zero_()
     assert tune(unbiased, True, 6).losses == tune(unbiased, False, 6).losses
+
+
+@pytest.mark.parametrize("all_experts", [False, True], ids=["routed", "calibrate_all"])
+def test_grouped_act_max_with_biases(gpt_oss, all_experts):
+    """W4A4's act_max of GPT-OSS's biased experts, recorded grouped: under the calibrate-all
+    flag every expert's gate and up run on all tokens with their biases, bit for bit as the
+    loop's; over the routed tokens gate/up's inputs bit for bit and down's to rounding (the
+    grouped matmul rounds before the bias is added)."""
+    layer, inputs = gpt_oss
+    specs = {n: SPECS["nvfp4"] for n in GPT_OSS_EXPERTS}
+
+    def act_max(grouped):
+        with moe_calibration_context() if all_experts else contextlib.nullcontext():
+            res = tune_block(copy.deepcopy(layer), inputs, specs, iters=1, batch_size=4, backend="kernels",
+                             grouped_experts=grouped)
+        return {n: res.qparams[n]["act_max"] for n in specs}
+
+    grouped, loop = act_max(True), act_max(False)
+    for n in specs:
+        _assert_same(grouped[n], loop[n], exact=all_experts or not n.endswith("down_proj"), dtype=torch.bfloat16)

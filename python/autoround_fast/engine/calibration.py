@@ -163,16 +163,18 @@ _ALL_TOKENS_CHUNK_BYTES = 1 << 29  # the calibrate-all pass's gate, up and h, a 
 
 def _down_inputs_max_all_tokens(container, weights: ExpertWeights, hidden_states) -> torch.Tensor:
     """Per expert, max |down_proj's input| over every token, as the loop under the
-    calibrate-all-experts flag computes it (F.linear of each expert on all tokens), a chunk of
-    experts at a time."""
+    calibrate-all-experts flag computes it (F.linear of each expert on all tokens, with its
+    bias where it has one), a chunk of experts at a time."""
     wg, wu = weights.weights("gate_proj"), weights.weights("up_proj")
+    bg, bu = weights.biases["gate_proj"], weights.biases["up_proj"]
     x = hidden_states.reshape(-1, hidden_states.shape[-1])
     per_expert = 3 * max(1, x.shape[0]) * wg.shape[1] * x.element_size()
     chunk = max(1, _ALL_TOKENS_CHUNK_BYTES // per_expert)
     out = []
     for start in range(0, wg.shape[0], chunk):
-        gate = torch.stack([F.linear(x, w) for w in wg[start:start + chunk]])
-        up = torch.stack([F.linear(x, w) for w in wu[start:start + chunk]])
+        experts = range(start, min(start + chunk, wg.shape[0]))
+        gate = torch.stack([F.linear(x, wg[e], None if bg is None else bg[e]) for e in experts])
+        up = torch.stack([F.linear(x, wu[e], None if bu is None else bu[e]) for e in experts])
         h = container._apply_gate(torch.cat([gate, up], dim=-1))
         out.append(h.abs().amax(dim=(1, 2)).to(torch.float32))
     return torch.cat(out)

@@ -110,8 +110,9 @@ def grouped_forward(source: ExpertWeights):
 def _matmul(x: torch.Tensor, weights, bias: Optional[torch.Tensor], routing: Routing,
             bounds: Optional[list[tuple[int, int]]]) -> torch.Tensor:
     """Each expert's rows of x times its weight (``weights``: a list of [out, in], or them
-    stacked), plus its bias (stacked [E, out], or None), as F.linear computes under autocast:
-    one grouped matmul and each pair's bias added after it, or one F.linear per expert."""
+    stacked), plus its bias (stacked [E, out], or None), under autocast as F.linear casts:
+    one F.linear per expert, or one grouped matmul, which rounds before each pair's bias is
+    added (F.linear adds it first: to rounding, where there is a bias)."""
     dt = _autocast_dtype(x.device)
     if dt is not None:
         x = x.to(dt)
@@ -206,10 +207,11 @@ def _tuned_weights(m: nn.Module, tuned_ids: set[int], device: torch.device) -> O
 
 
 def _same_bias(lins: list[nn.Linear], device: torch.device) -> bool:
-    """Whether none of the Linears has a bias, or all have one of one dtype on ``device``."""
+    """Whether none of the Linears has a bias, or all have one in their weight's dtype on
+    ``device``."""
     if all(lin.bias is None for lin in lins):
         return True
-    return all(lin.bias is not None and lin.bias.device == device and lin.bias.dtype == lins[0].bias.dtype
+    return all(lin.bias is not None and lin.bias.device == device and lin.bias.dtype == lin.weight.dtype
                for lin in lins)
 
 
