@@ -22,14 +22,15 @@ from bench.shapes import SHAPES, model_config
 
 DEFAULT_SHAPES = ["8b", "70b", "qwen3-moe", "mixtral", "gpt-oss"]
 HELD = 2  # caches a later block finds on its device: its fp inputs and the quantized inputs
+ELEM = torch.bfloat16.itemsize  # the block's dtype, as bench.block builds it
 
 
-def block_linears(shape: str) -> tuple[nn.Module, dict[str, nn.Linear]]:
+def block_linears(shape: str, seqlen: int) -> tuple[nn.Module, dict[str, nn.Linear]]:
     """One decoder layer of the shape, built in bf16 on the CPU, with its Linears by name."""
     from llmcompressor.modeling.moe.linearize import linearize_moe
     from transformers import AutoModelForCausalLM
 
-    cfg = model_config(shape, 1, 2048)
+    cfg = model_config(shape, 1, seqlen)
     cfg.dtype = torch.bfloat16
     model = linearize_moe(AutoModelForCausalLM.from_config(cfg))
     layer = model.model.layers[0]
@@ -37,15 +38,16 @@ def block_linears(shape: str) -> tuple[nn.Module, dict[str, nn.Linear]]:
 
 
 def estimate(shape: str, nsamples: int, seqlen: int, batch: int) -> dict:
-    """The block's weights, what its tuning adds, and that plus the caches it finds held."""
+    """The block's weights, what its tuning adds, and that plus the caches it finds held (the
+    whole of what the block holds on the device but the model's weights)."""
     from autoround_fast.engine.experts import routed_shares
     from autoround_fast.engine.memory import tuning_bytes
 
-    layer, linears = block_linears(shape)
-    hidden, elem = SHAPES[shape].hidden, torch.empty(0, dtype=torch.bfloat16).element_size()
+    layer, linears = block_linears(shape, seqlen)
+    hidden = SHAPES[shape].hidden
     shares = routed_shares(layer, linears)
-    adds = tuning_bytes(linears, nsamples, seqlen, hidden, batch, elem, True, resident=HELD, shares=shares)
-    held = HELD * nsamples * seqlen * hidden * elem
+    adds = tuning_bytes(linears, nsamples, seqlen, hidden, batch, ELEM, True, resident=HELD, shares=shares)
+    held = HELD * nsamples * seqlen * hidden * ELEM
     weights = sum(m.weight.numel() for m in linears.values())
     return dict(shape=shape, weights=weights, routed=len(shares), adds_gib=adds / 2**30,
                 with_held_gib=(adds + held) / 2**30)

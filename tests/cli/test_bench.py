@@ -123,6 +123,7 @@ def test_memory_bench_counts_the_blocks_linears(shape):
     r = estimate(shape, n, tokens, batch)
     assert r["weights"] == weights and r["routed"] == (3 * s.experts if s.experts else 0)
     assert r["adds_gib"] * 2**30 == expected
+    assert r["with_held_gib"] * 2**30 == expected + 2 * n * tokens * s.hidden * 2
 
 
 def test_model_bench_phases_add_up(tmp_path):
