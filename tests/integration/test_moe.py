@@ -264,14 +264,15 @@ def test_nvfp4_routed_calibration(moe_dir, backend):
     assert scales.numel() == 56 and torch.isfinite(scales).all() and (scales > 0).all()
 
 
-def test_the_pipeline_pass_runs_the_experts_grouped(moe_dir, monkeypatch):
-    """With grouped experts, the sequential pipeline's pass through each MoE layer (its inputs
-    captured, its outputs the next layer's inputs) runs the experts grouped too: llm-compressor's
-    per-expert loop is never called in the whole oneshot. Its oracle, the per-expert run
-    (grouped_experts=False), calls the loop, and the second layer's inputs, which the first
-    layer's pass computed, agree with it to bf16 rounding (the loop's calibrate-all rows and the
-    grouped rows round apart in the last bit; losses are not compared, since a last-bit change
-    can flip a near-tied routing decision of the next layer)."""
+@pytest.mark.parametrize("model", ["moe_dir", "gpt_oss_dir"])
+def test_the_pipeline_pass_runs_the_experts_grouped(model, request, monkeypatch):
+    """With grouped experts (GPT-OSS's with their biases), the sequential pipeline's pass through
+    each MoE layer (its inputs captured, its outputs the next layer's inputs) runs the experts
+    grouped too: llm-compressor's per-expert loop is never called in the whole oneshot. Its
+    oracle, the per-expert run (grouped_experts=False), calls the loop, and the second layer's
+    inputs, which the first layer's pass computed, agree with it to bf16 rounding (the loop's
+    calibrate-all rows and the grouped rows round apart in the last bit; losses are not
+    compared, since a last-bit change can flip a near-tied routing decision of the next layer)."""
     from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
     from autoround_fast import modifier as modifier_mod
 
@@ -294,7 +295,7 @@ def test_the_pipeline_pass_runs_the_experts_grouped(moe_dir, monkeypatch):
         seen.clear()
         mod = AutoRoundModifier(targets="Linear", scheme="W4A16", ignore=IGNORE, iters=4, batch_size=4,
                                 backend="torch", grouped_experts=grouped)
-        quantize(moe_dir, mod)
+        quantize(request.getfixturevalue(model), mod)
         assert [r["grouped_experts"] for r in mod.block_stats] == [["mlp.experts"] if grouped else []] * 2
         return len(calls), seen[1]
 
