@@ -238,14 +238,11 @@ class AutoRoundModifier(_StockAutoRoundModifier):
         samples.append((keep(args), kept))
 
     def apply_autoround(self, state, modules):
+        """One decoder layer, at the end of the pipeline's pass through it: its captured inputs,
+        its target Linears, tune_block (or the block restored from resume_dir), its row of
+        block_stats, and its quantized outputs kept as the next layer's q_inputs."""
         if self.backend == "auto_round":
-            t0 = time.perf_counter()
-            out = super().apply_autoround(state, modules)
-            names = [m._tmp_name for m in (modules or []) if self._is_decoding_layer(m)]
-            if names:
-                self._block_stats.append(dict(block=names[0], init_loss=float("nan"), best_loss=float("nan"),
-                                              best_iter=-1, seconds=time.perf_counter() - t0, losses=[]))
-            return out
+            return self._apply_stock(state, modules)
         decoding_layers = [m for m in (modules or []) if self._is_decoding_layer(m)]
         if not decoding_layers:
             return
@@ -253,6 +250,33 @@ class AutoRoundModifier(_StockAutoRoundModifier):
             raise ValueError(f"Only one decoding layer is expected per step, found {len(decoding_layers)}.")
         layer = decoding_layers[0]
         layer_name = layer._tmp_name
+        inputs, token_mask = self._block_inputs(layer, layer_name)
+        targets = self._targets(layer, layer_name)
+        if not targets or (self._store is not None and self._restore_block(layer, layer_name, targets, inputs)):
+            if self._progress:
+                self._progress.skip()
+            return
+        result = self._tune(layer, layer_name, targets, inputs, token_mask)
+        self._record(layer_name, len(inputs), result)
+        self._q_input = result.q_outputs
+        if self._store is not None:
+            self._keep_block(layer, layer_name, targets)
+        _log_block(layer_name, result)
+        layer.eval()
+
+    def _apply_stock(self, state, modules):
+        """backend "auto_round": llm-compressor's own AutoRound, timed for block_stats."""
+        t0 = time.perf_counter()
+        out = super().apply_autoround(state, modules)
+        names = [m._tmp_name for m in (modules or []) if self._is_decoding_layer(m)]
+        if names:
+            self._block_stats.append(dict(block=names[0], init_loss=float("nan"), best_loss=float("nan"),
+                                          best_iter=-1, seconds=time.perf_counter() - t0, losses=[]))
+        return out
+
+    def _block_inputs(self, layer, layer_name: str) -> tuple[list, Optional[torch.Tensor]]:
+        """The layer's captured calibration inputs packed as tune_block's cache, and the loss
+        mask of right-padded samples (None without padding); the capture ends here."""
         if self._grouped_pass is not None:
             self._grouped_pass.release(layer)  # the pipeline's pass is over; the engine groups its own
         if layer_name in self._capture_hooks:
@@ -265,17 +289,20 @@ class AutoRoundModifier(_StockAutoRoundModifier):
         # Right-padded samples: the padding stays out of the loss (the stock path drops this
         # mask before it reaches auto-round's loss, docs/numerics.md#fix-padding-mask).
         token_mask = torch.cat(padded_masks, 0) if padded_masks is not None else None
+        return inputs, token_mask
 
+    def _targets(self, layer, layer_name: str) -> dict:
+        """The layer's Linears that the recipe quantizes: name -> (module, QuantSpec)."""
         targets = {}
         for name, module in match_named_modules(layer, self.resolved_targets, self.ignore):
             if getattr(module, "quantization_scheme", None) is None or not isinstance(module, torch.nn.Linear):
                 continue
             targets[name] = (module, self._spec(module, f"{layer_name}.{name}"))
-        if not targets or (self._store is not None and self._restore_block(layer, layer_name, targets, inputs)):
-            if self._progress:
-                self._progress.skip()
-            return
+        return targets
 
+    def _tune(self, layer, layer_name: str, targets: dict, inputs, token_mask) -> BlockResult:
+        """tune_block on the layer with this modifier's settings, each Linear's qparams written
+        by its finalize; the layer back on its own device after."""
         home = next(layer.parameters()).device
         device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "cuda" else home
         if self._devices:  # device_ids: the block runs on the first, its Linears spread over all
@@ -308,25 +335,16 @@ class AutoRoundModifier(_StockAutoRoundModifier):
             raise
         if bar:
             bar.finish_block()
-        self._block_stats.append(dict(block=layer_name, samples=len(inputs), init_loss=result.init_loss,
+        return result
+
+    def _record(self, layer_name: str, samples: int, result: BlockResult) -> None:
+        """The block's row of block_stats."""
+        self._block_stats.append(dict(block=layer_name, samples=samples, init_loss=result.init_loss,
                                       best_loss=result.best_loss, best_iter=result.best_iter,
                                       seconds=result.seconds, losses=result.losses, phases=result.phases,
                                       loop_ms=result.loop_ms, placement=result.placement,
                                       fused=result.fused, grouped_experts=result.grouped_experts,
                                       eager_reason=result.eager_reason, memory_note=result.memory_note))
-        self._q_input = result.q_outputs
-        if self._store is not None:
-            self._keep_block(layer, layer_name, targets)
-        if result.eager_reason:
-            logger.info(f"{layer_name}: {result.eager_reason}")
-        if result.memory_note:
-            logger.warning(f"{layer_name}: {result.memory_note}")
-        if result.losses:
-            logger.info(f"{layer_name}: loss {result.init_loss:.6g} -> {result.best_loss:.6g} "
-                        f"(iter {result.best_iter}), {result.seconds:.1f} s")
-        else:  # iters=0: the imatrix-weighted scale search, no loss is computed
-            logger.info(f"{layer_name}: RTN with the scale search (iters=0), {result.seconds:.1f} s")
-        layer.eval()
 
     def _keep_block(self, layer, layer_name: str, targets: dict) -> None:
         """resume_dir: the tuned block's Linears, its output and its stats row, to disk."""
@@ -390,6 +408,19 @@ class AutoRoundModifier(_StockAutoRoundModifier):
                                global_scale=getattr(module, "weight_global_scale", None))
         put("weight", stored)
         return stored
+
+
+def _log_block(layer_name: str, result: BlockResult) -> None:
+    """A tuned block's log lines: why it ran eagerly, what it gave up to fit, its losses."""
+    if result.eager_reason:
+        logger.info(f"{layer_name}: {result.eager_reason}")
+    if result.memory_note:
+        logger.warning(f"{layer_name}: {result.memory_note}")
+    if result.losses:
+        logger.info(f"{layer_name}: loss {result.init_loss:.6g} -> {result.best_loss:.6g} "
+                    f"(iter {result.best_iter}), {result.seconds:.1f} s")
+    else:  # iters=0: the imatrix-weighted scale search, no loss is computed
+        logger.info(f"{layer_name}: RTN with the scale search (iters=0), {result.seconds:.1f} s")
 
 
 def _put_param(module, param_name: str, value: torch.Tensor) -> None:
