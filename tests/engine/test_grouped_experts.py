@@ -264,6 +264,14 @@ def test_the_pipeline_pass_groups_a_layer_until_it_is_released(moe):
     assert len(calls) == 3 and len(seen) == 1
 
 
+def _act_max(layer, inputs, specs, grouped, all_experts):
+    """Each Linear's act_max from one tune_block, under the calibrate-all flag or routed."""
+    with moe_calibration_context() if all_experts else contextlib.nullcontext():
+        res = tune_block(copy.deepcopy(layer), inputs, specs, iters=1, batch_size=4, backend="kernels",
+                         grouped_experts=grouped)
+    return {n: res.qparams[n]["act_max"] for n in specs}
+
+
 @pytest.mark.parametrize("all_experts", [False, True], ids=["routed", "calibrate_all"])
 @pytest.mark.parametrize("tuned", ["all", "no_expert_0_down"])
 def test_grouped_act_max_equals_the_loop(moe, all_experts, tuned):
@@ -275,14 +283,7 @@ def test_grouped_act_max_equals_the_loop(moe, all_experts, tuned):
     layer, inputs = moe
     left_out = {"mlp.experts.0.down_proj"} if tuned != "all" else set()
     specs = {n: SPECS["nvfp4"] for n in EXPERTS if n not in left_out}
-
-    def act_max(grouped):
-        with moe_calibration_context() if all_experts else contextlib.nullcontext():
-            res = tune_block(copy.deepcopy(layer), inputs, specs, iters=1, batch_size=4, backend="kernels",
-                             grouped_experts=grouped)
-        return {n: res.qparams[n]["act_max"] for n in specs}
-
-    grouped, loop = act_max(True), act_max(False)
+    grouped, loop = (_act_max(layer, inputs, specs, g, all_experts) for g in (True, False))
     assert all(loop[f"mlp.experts.{E - 1}.{p}"] > 0 for p in ("gate_proj", "up_proj", "down_proj"))
     assert len({float(v) for v in loop.values()}) > 3  # the maxima differ per expert and projection
     for n in specs:
@@ -424,13 +425,6 @@ def test_grouped_act_max_with_biases(gpt_oss, all_experts):
     grouped matmul rounds before the bias is added)."""
     layer, inputs = gpt_oss
     specs = {n: SPECS["nvfp4"] for n in GPT_OSS_EXPERTS}
-
-    def act_max(grouped):
-        with moe_calibration_context() if all_experts else contextlib.nullcontext():
-            res = tune_block(copy.deepcopy(layer), inputs, specs, iters=1, batch_size=4, backend="kernels",
-                             grouped_experts=grouped)
-        return {n: res.qparams[n]["act_max"] for n in specs}
-
-    grouped, loop = act_max(True), act_max(False)
+    grouped, loop = (_act_max(layer, inputs, specs, g, all_experts) for g in (True, False))
     for n in specs:
         _assert_same(grouped[n], loop[n], exact=all_experts or not n.endswith("down_proj"), dtype=torch.bfloat16)
