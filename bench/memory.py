@@ -2,7 +2,7 @@
 ``engine/memory.py`` predicts a later block's tuning takes on its device, to set beside the peaks
 that ``bench.block`` measures.
 
-Each shape's decoder layer is built on the CPU with random weights (MoE experts linearized as
+Each shape's decoder layer is built with random weights (MoE experts linearized as
 llm-compressor does), and its Linears go through ``memory.tuning_bytes`` as ``options.plan``
 calls it for a block after the first: the fp inputs and the previous block's quantized outputs
 already on the device, every expert run grouped on its routed share of the tokens.
@@ -18,7 +18,7 @@ import argparse
 import torch
 import torch.nn as nn
 
-from bench.shapes import SHAPES, model_config
+from bench.shapes import SHAPES, build_model
 
 DEFAULT_SHAPES = ["8b", "70b", "qwen3-moe", "mixtral", "gpt-oss"]
 HELD = 2  # caches a later block finds on its device: its fp inputs and the quantized inputs
@@ -26,14 +26,10 @@ ELEM = torch.bfloat16.itemsize  # the block's dtype, as bench.block builds it
 
 
 def block_linears(shape: str, seqlen: int) -> tuple[nn.Module, dict[str, nn.Linear]]:
-    """One decoder layer of the shape, built in bf16 on the CPU, with its Linears by name."""
+    """One decoder layer of the shape, built as bench.block builds it, with its Linears by name."""
     from llmcompressor.modeling.moe.linearize import linearize_moe
-    from transformers import AutoModelForCausalLM
 
-    cfg = model_config(shape, 1, seqlen)
-    cfg.dtype = torch.bfloat16
-    model = linearize_moe(AutoModelForCausalLM.from_config(cfg))
-    layer = model.model.layers[0]
+    layer = linearize_moe(build_model(shape, 1, seqlen)).model.layers[0]
     return layer, {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
 
 

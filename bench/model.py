@@ -77,7 +77,8 @@ def run_ours(args, tmp: str) -> dict:
     save_checkpoint(model, tokenizer(min(vocab, 512)), os.path.join(tmp, "checkpoint"))
     save_s = time.perf_counter() - t0
     return dict(backend=args.backend, scheme=args.scheme, shape=args.shape, layers=args.layers,
-                offload_device=args.offload_device, load_s=load_s, oneshot_s=oneshot_s, tune_s=tune_s, outside_tune_s=oneshot_s - tune_s,
+                offload_device=args.offload_device, load_s=load_s, oneshot_s=oneshot_s, tune_s=tune_s,
+                outside_tune_s=oneshot_s - tune_s,
                 save_s=save_s, total_s=load_s + oneshot_s + save_s,
                 block_s=[r["seconds"] for r in rows], loop_s=[r["phases"].get("tune", 0.0) for r in rows],
                 best_loss=[r["best_loss"] for r in rows],

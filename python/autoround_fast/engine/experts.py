@@ -193,13 +193,16 @@ def _tuned_weights(m: nn.Module, tuned_ids: set[int], device: torch.device) -> O
     projections = _projections(m)
     if projections is None:
         return None
-    for ls in projections.values():
-        if not all(id(tl) in tuned_ids for tl in ls) or any(
-                tl.v.device != device or tl.spec != ls[0].spec
-                or tl.linear.weight.shape != ls[0].linear.weight.shape for tl in ls) \
-                or not _same_bias([tl.linear for tl in ls], device):
+    biases = {}
+    for p, ls in projections.items():
+        if not all(id(tl) in tuned_ids for tl in ls):
             return None
-    biases = {p: _stacked_biases([tl.linear for tl in ls]) for p, ls in projections.items()}
+        lins = [tl.linear for tl in ls]
+        if not _same_bias(lins, device) or any(
+                tl.v.device != device or tl.spec != ls[0].spec or lin.weight.shape != lins[0].weight.shape
+                for tl, lin in zip(ls, lins)):
+            return None
+        biases[p] = _stacked_biases(lins)
     return ExpertWeights(weights=lambda p: [tl.qdq()[0] for tl in projections[p]],
                          shapes={p: tuple(ls[0].linear.weight.shape) for p, ls in projections.items()},
                          quantizers={p: ls if ls[0].spec.act else None for p, ls in projections.items()},
