@@ -4,8 +4,9 @@ that ``bench.block`` measures.
 
 Each shape's decoder layer is built with random weights (MoE experts linearized as
 llm-compressor does), and its Linears go through ``memory.tuning_bytes`` as ``options.plan``
-calls it for a block after the first: the fp inputs and the previous block's quantized outputs
-already on the device, every expert run grouped on its routed share of the tokens.
+calls it for a block after the first under the modifier: the fp inputs and the previous block's
+quantized outputs already on the device, the fp inputs released after the reference pass, every
+expert run grouped on its routed share of the tokens.
 
     python -m bench.memory                                  # 8b, 70b and the MoE shapes
     python -m bench.memory --shape tiny tiny-moe --nsamples 4 --seqlen 16
@@ -34,19 +35,20 @@ def block_linears(shape: str, seqlen: int) -> tuple[nn.Module, dict[str, nn.Line
 
 
 def estimate(shape: str, nsamples: int, seqlen: int, batch: int) -> dict:
-    """The block's weights, what its tuning adds, and that plus the caches it finds held (the
-    whole of what the block holds on the device but the model's weights)."""
+    """The block's weights, what its tuning adds, and that plus the caches it holds while it
+    tunes (the whole of what the block holds on the device but the model's weights)."""
     from autoround_fast.engine.experts import routed_shares
-    from autoround_fast.engine.memory import tuning_bytes
+    from autoround_fast.engine.memory import live_caches, tuning_bytes
 
     layer, linears = block_linears(shape, seqlen)
     hidden = SHAPES[shape].hidden
     shares = routed_shares(layer, linears)
-    adds = tuning_bytes(linears, nsamples, seqlen, hidden, batch, ELEM, True, resident=HELD, shares=shares)
-    held = HELD * nsamples * seqlen * hidden * ELEM
+    live = live_caches(first_block=False, release_inputs=True)
+    adds = tuning_bytes(linears, nsamples, seqlen, hidden, batch, ELEM, True, resident=HELD, shares=shares, live=live)
+    caches = live * nsamples * seqlen * hidden * ELEM
     weights = sum(m.weight.numel() for m in linears.values())
     return dict(shape=shape, weights=weights, routed=len(shares), adds_gib=adds / 2**30,
-                with_held_gib=(adds + held) / 2**30)
+                with_caches_gib=(adds + caches) / 2**30)
 
 
 def _gib(x: float) -> str:
@@ -54,11 +56,11 @@ def _gib(x: float) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| shape | tuned weights | expert Linears on a share of the tokens | tuning adds | with the held caches |",
+    lines = ["| shape | tuned weights | expert Linears on a share of the tokens | tuning adds | with its caches |",
              "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['shape']} | {r['weights'] / 1e6:.2f} M | {r['routed']} | {_gib(r['adds_gib'])} "
-                     f"| {_gib(r['with_held_gib'])} |")
+                     f"| {_gib(r['with_caches_gib'])} |")
     return "\n".join(lines)
 
 

@@ -256,8 +256,9 @@ class AutoRoundModifier(_StockAutoRoundModifier):
             if self._progress:
                 self._progress.skip()
             return
-        result = self._tune(layer, layer_name, targets, inputs, token_mask)
-        self._record(layer_name, len(inputs), result)
+        samples = len(inputs)
+        result = self._tune(layer, layer_name, targets, inputs, token_mask)  # empties inputs
+        self._record(layer_name, samples, result)
         self._q_input = result.q_outputs
         if self._store is not None:
             self._keep_block(layer, layer_name, targets)
@@ -302,7 +303,8 @@ class AutoRoundModifier(_StockAutoRoundModifier):
 
     def _tune(self, layer, layer_name: str, targets: dict, inputs, token_mask) -> BlockResult:
         """tune_block on the layer with this modifier's settings, each Linear's qparams written
-        by its finalize; the layer back on its own device after."""
+        by its finalize; the layer back on its own device after. tune_block empties ``inputs``
+        (release_inputs): their hidden states are freed once the reference outputs are made."""
         home = next(layer.parameters()).device
         device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "cuda" else home
         if self._devices:  # device_ids: the block runs on the first, its Linears spread over all
@@ -327,6 +329,7 @@ class AutoRoundModifier(_StockAutoRoundModifier):
                     cuda_graph=self.cuda_graph and self.backend == "cuda",
                     fuse_elementwise=self.fuse_elementwise,  # True needs backend cuda (on_initialize)
                     step_in_backward=self.step_in_backward, grouped_experts=self.grouped_experts,
+                    release_inputs=True,
                     linear_devices=self._devices if self._devices and len(self._devices) > 1 else None)
                 layer.to(home)
         except BaseException:

@@ -7,6 +7,8 @@ import copy
 import pytest
 import torch
 
+from torch.multiprocessing.reductions import StorageWeakRef
+
 from autoround_fast.engine import QuantSpec, memory, tune_block
 from conftest import capture_block_inputs, tiny_llama
 
@@ -30,12 +32,17 @@ def test_the_estimate_counts_tunables_caches_and_one_micro_batch(block_and_input
     weights = sum(m.weight.numel() for m in lin.values())
     per_token = sum(m.in_features + m.out_features for m in lin.values()) + 4 * 128
     on = memory.tuning_bytes(lin, n_samples=8, tokens=16, hidden=128, batch=4, elem=2, caches_on_device=True)
-    assert on == weights * 14 + 4 * 8 * 16 * 128 * 2 + 2 * 4 * 16 * per_token * 2
+    cache = 8 * 16 * 128 * 2
+    assert on == weights * 14 + 3 * cache + 2 * 4 * 16 * per_token * 2  # fp, quantized inputs, reference
     off = memory.tuning_bytes(lin, n_samples=8, tokens=16, hidden=128, batch=4, elem=2, caches_on_device=False)
-    assert on - off == (4 * 8 - 2 * 4) * 16 * 128 * 2  # the host keeps the caches; two batches are staged
+    assert on - off == 3 * cache - 2 * 4 * 16 * 128 * 2  # the host keeps the caches; two batches are staged
     held = memory.tuning_bytes(lin, n_samples=8, tokens=16, hidden=128, batch=4, elem=2, caches_on_device=True,
                                resident=2)
-    assert on - held == 2 * 8 * 16 * 128 * 2  # the caller's inputs on the device are spent, not needed
+    assert on - held == 2 * cache  # the caller's inputs on the device are spent, not needed
+    released = memory.tuning_bytes(lin, n_samples=8, tokens=16, hidden=128, batch=4, elem=2, caches_on_device=True,
+                                   resident=2, live=memory.live_caches(first_block=False, release_inputs=True))
+    assert held - released == cache  # the released fp inputs make room for the reference outputs
+    assert memory.live_caches(first_block=True, release_inputs=False) == 2  # its fp inputs are its quantized ones
 
 
 def test_fit_gives_up_the_least_that_fits(block_and_inputs):
@@ -83,3 +90,40 @@ def test_rtn_is_not_held_to_the_tuning_estimate(block_and_inputs):
     assert res.memory_note == ""
     with pytest.raises(ValueError, match="tune_block: the block's tuning needs about"):
         tune_block(copy.deepcopy(model.model.layers[0]), inputs, spec, iters=2, memory_budget=1)
+
+
+def _packed_inputs(inputs):
+    """The samples with their hidden states as rows of one tensor (as the modifier packs them on a
+    GPU), and that tensor."""
+    packed = torch.cat([args[0] for args, _ in inputs])
+    return [((packed[i: i + 1], *args[1:]), kw) for i, (args, kw) in enumerate(inputs)], packed
+
+
+@pytest.mark.parametrize("later_block", [True, False])
+def test_released_inputs_are_freed_before_the_loop_and_change_nothing(block_and_inputs, later_block):
+    """release_inputs: in a block after the first, the fp hidden states' storage is freed before
+    the loop runs (the engine's cache is the caller's packed tensor itself, as on a GPU); in
+    a first block, whose quantized inputs they are, they stay. The tuned weights and losses are
+    those of a run that keeps them, bit for bit."""
+    model, inputs = block_and_inputs
+    block0 = copy.deepcopy(model.model.layers[0]).to(torch.bfloat16)
+    bf16 = [((a[0].to(torch.bfloat16), *a[1:]), kw) for a, kw in inputs]
+    q_inputs = torch.cat([a[0] for a, _ in bf16]) * 1.01 if later_block else None
+    spec = {n: QuantSpec("int", 4, 32, True, scale_dtype=torch.bfloat16) for n in LINEARS}
+    runs = {}
+    for release in (False, True):
+        block = copy.deepcopy(block0)
+        samples, packed = _packed_inputs(bf16)
+        storage = StorageWeakRef(packed.untyped_storage())
+        del packed
+        seen = []
+        res = tune_block(block, samples, spec, iters=4, batch_size=4, q_inputs=q_inputs, release_inputs=release,
+                         progress=lambda it, loss: seen.append(not storage.expired()))
+        assert len(seen) == 4 and (samples == []) == release
+        runs[release] = (res.losses, {n: block.get_submodule(n).weight.clone() for n in LINEARS}, seen)
+    assert runs[False][2] == [True] * 4
+    assert runs[True][2] == [not later_block] * 4
+    assert runs[True][0] == runs[False][0]
+    assert all(torch.equal(runs[True][1][n], runs[False][1][n]) for n in LINEARS)
+    with pytest.raises(ValueError, match="release_inputs=True needs fp_inputs as a list"):
+        tune_block(copy.deepcopy(block0), tuple(bf16), spec, iters=1, release_inputs=True)

@@ -76,7 +76,7 @@ def tune_block(block: nn.Module, fp_inputs: Sequence[tuple[tuple, dict]], specs:
     Args:
         block: the decoder layer (any nn.Module whose first output is the hidden state).
         fp_inputs: one ``(args, kwargs)`` per calibration sample, as the block is called
-            (hidden states first, batch dimension 1).
+            (hidden states first, batch dimension 1); emptied under ``release_inputs``.
         specs: Linear name within the block -> :class:`QuantSpec`.
         options: a :class:`TuneOptions`; or give its fields as keywords (``iters=...``).
         q_inputs: the previous block's quantized output [N, L, H] (None for the first block:
@@ -94,10 +94,7 @@ def tune_block(block: nn.Module, fp_inputs: Sequence[tuple[tuple, dict]], specs:
     options = options or TuneOptions(**option_fields)
     t0 = time.perf_counter()
     linears = _linears(block, specs)
-    act_quant = any(s.act for s in specs.values())
-    first = fp_inputs[0][0][0] if fp_inputs else None  # plan() refuses no inputs
-    shape = (first.numel() // first.shape[-1], first.shape[-1]) if first is not None else (0, 0)
-    p = plan(options, block, linears, len(fp_inputs), act_quant, shape, held=(first, q_inputs))
+    p = _plan(options, block, linears, specs, fp_inputs, q_inputs)
     block.to(p.device)
     if p.device.type == "cpu":
         convert_block(block, p.dtype)  # and it stays converted, as auto-round leaves it
@@ -106,6 +103,18 @@ def tune_block(block: nn.Module, fp_inputs: Sequence[tuple[tuple, dict]], specs:
         result = run.tune(fp_inputs, global_scales or {}, finalize, progress)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _plan(options: TuneOptions, block: nn.Module, linears: dict[str, nn.Linear], specs: dict[str, QuantSpec],
+          fp_inputs, q_inputs) -> Plan:
+    """plan() for these inputs (its own frame: no reference to a sample outlives it)."""
+    if options.release_inputs and not isinstance(fp_inputs, list):
+        raise ValueError(f"tune_block: release_inputs=True needs fp_inputs as a list (it is emptied), "
+                         f"got a {type(fp_inputs).__name__}")
+    first = fp_inputs[0][0][0] if fp_inputs else None  # plan() refuses no inputs
+    shape = (first.numel() // first.shape[-1], first.shape[-1]) if first is not None else (0, 0)
+    act_quant = any(s.act for s in specs.values())
+    return plan(options, block, linears, len(fp_inputs), act_quant, shape, held=(first, q_inputs))
 
 
 def _linears(block: nn.Module, specs: dict[str, QuantSpec]) -> dict[str, nn.Linear]:
@@ -158,6 +167,8 @@ class _BlockRun:
             with fusion.fused_elementwise(self.block, p.fuse), \
                     stacked_experts(self.block, p.device, p.grouped_experts and self.iters > 0):
                 ref = run_block(self.block, self.inputs, p.batch_size, p.precision.tuning) if self.iters > 0 else None
+            if p.options.release_inputs and self.q_hidden is not self.inputs.hidden:
+                self.inputs.hidden = None  # from here on everything runs on the quantized inputs
             self.phases.done("reference")
         stats = self._calibrate()
         self.phases.done("calibration")
@@ -176,6 +187,7 @@ class _BlockRun:
                     self._probe_grouped(result)
                 if self.iters > 0:
                     self._loop(tuned, ref, result, progress)
+            ref = None  # the quantized outputs take its place
             self.phases.done("tune")
             with torch.no_grad():
                 result.qparams = self._finalize(tuned, stats, finalize)
@@ -200,20 +212,22 @@ class _BlockRun:
         and the loss mask on the device; a block that waits for the host runs eagerly."""
         p = self.plan
         self.inputs = inputs = BlockInputs(fp_inputs, p.device, p.cache_device)
+        if p.options.release_inputs:
+            fp_inputs.clear()  # the block's cache holds the only reference to the hidden states
         if p.device.type == "cpu":
             inputs.cast_floats(p.dtype)
         inputs.drop_causal_mask(self.block)
+        self.q_hidden = (inputs.hidden if self.q_inputs is None
+                         else to_cache(self.q_inputs.to(dtype=inputs.hidden.dtype), p.cache_device))
         self.host_waits = p.cuda_graph and self._waits_for_host()
         if self.host_waits:
             p.cuda_graph = False
             p.eager_reason = ("the block's forward waits for the host (e.g. MoE routing's nonzero or "
                               ".item()), which a CUDA graph cannot hold: it runs eagerly")
-        self.q_hidden = (inputs.hidden if self.q_inputs is None
-                         else to_cache(self.q_inputs.to(dtype=inputs.hidden.dtype), p.cache_device))
         self.mask = None if self.token_mask is None else self.token_mask.to(device=p.device, dtype=torch.float32)
 
     def _waits_for_host(self) -> bool:
-        args, kwargs = self.inputs.batch(torch.zeros(1, dtype=torch.long, device=self.inputs.device))
+        args, kwargs = self.inputs.batch(torch.zeros(1, dtype=torch.long, device=self.inputs.device), self.q_hidden)
         return waits_for_host(self.block, args, kwargs, self.plan.precision.tuning)
 
     def _probe_grouped(self, result: BlockResult) -> None:

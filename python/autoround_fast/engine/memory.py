@@ -2,16 +2,15 @@
 
 An estimate, made before any tensor is allocated, of the bytes the tuning adds on the device:
 the tunables of every Linear (V, its best copy and its gradient in fp32, the fake-quantized
-weight kept for the backward), the cached activations not there yet (of the fp inputs, the
-reference outputs, the quantized inputs and the quantized outputs made at the end, each
-[N, L, H] in the block's dtype, those the caller already holds on the device are spent, not
-needed), and one micro-batch's forward and backward (what each Linear reads and writes, the
-norms and residuals, twice over for the backward's transients; an MoE expert run grouped only
-on its share of the tokens, top_k / E). Where that does
-not fit, the caches go to host memory (each iteration then copies its batch over); where that
-is still too much, the micro-batch is halved and the steps accumulate gradients over more of
-them (the same samples per step); where even one sample does not fit, a clear error, never a
-crash out of memory half-way through the block.
+weight kept for the backward), the cached activations not there yet (each [N, L, H] in the
+block's dtype: :func:`live_caches` of them at once, those the caller already holds on the
+device are spent, not needed), and one micro-batch's forward and backward (what each Linear
+reads and writes, the norms and residuals, twice over for the backward's transients; an MoE
+expert run grouped only on its share of the tokens, top_k / E). Where that does not fit, the
+caches go to host memory (each iteration then copies its batch over); where that is still too
+much, the micro-batch is halved and the steps accumulate gradients over more of them (the same
+samples per step); where even one sample does not fit, a clear error, never a crash out of
+memory half-way through the block.
 """
 
 from __future__ import annotations
@@ -38,18 +37,28 @@ class Fit:
     note: str = ""
 
 
-CACHES = 4  # fp inputs, reference outputs, quantized inputs, quantized outputs
+CACHES = 3  # fp inputs, quantized inputs, reference outputs (then the quantized outputs in their place)
+
+
+def live_caches(first_block: bool, release_inputs: bool) -> int:
+    """The [N, L, H] caches a block holds at once while it tunes: the quantized inputs and the
+    reference outputs (whose place the quantized outputs take after the loop), and the fp inputs
+    unless they are released after the reference pass (``release_inputs``) or are themselves the
+    quantized inputs (a first block)."""
+    return CACHES - 1 if first_block or release_inputs else CACHES
 
 
 def tuning_bytes(linears: dict[str, nn.Linear], n_samples: int, tokens: int, hidden: int, batch: int,
-                 elem: int, caches_on_device: bool, resident: int = 0, shares: Optional[dict[str, float]] = None) -> int:
-    """The estimate above, in bytes; ``resident``: caches the caller already holds on the
-    device (they stay there wherever the others go); ``shares``: the share of the tokens a
-    Linear computes on, where not every token (an MoE expert run grouped: top_k / E)."""
+                 elem: int, caches_on_device: bool, resident: int = 0, shares: Optional[dict[str, float]] = None,
+                 live: int = CACHES) -> int:
+    """The estimate above, in bytes; ``live``: the caches held at once (:func:`live_caches`);
+    ``resident``: caches the caller already holds on the device (they stay there wherever the
+    others go, or are the released fp inputs); ``shares``: the share of the tokens a Linear
+    computes on, where not every token (an MoE expert run grouped: top_k / E)."""
     shares = shares or {}
     tunables = sum(m.weight.numel() for m in linears.values()) * TUNABLE_BYTES
     cache = n_samples * tokens * hidden * elem
-    caches = (CACHES - resident) * cache if caches_on_device else 2 * batch * tokens * hidden * elem
+    caches = max(live - resident, 0) * cache if caches_on_device else 2 * batch * tokens * hidden * elem
     per_token = sum((m.in_features + m.out_features) * shares.get(n, 1.0) for n, m in linears.items()) + 4 * hidden
     return tunables + caches + int(BACKWARD_FACTOR * batch * tokens * per_token * elem)
 
@@ -70,12 +79,12 @@ def device_budget(device: torch.device) -> Optional[int]:
 
 def fit(linears: dict[str, nn.Linear], n_samples: int, tokens: int, hidden: int, batch: int, accumulate: int,
         elem: int, budget: Optional[int], can_cache_on_host: bool, resident: int = 0,
-        shares: Optional[dict[str, float]] = None) -> Fit:
+        shares: Optional[dict[str, float]] = None, live: int = CACHES) -> Fit:
     """The first of: everything on the device; the caches on the host (``can_cache_on_host``:
     the device is a GPU and the caller left cache_device unset); the micro-batch halved (while
     it divides) with the accumulation doubled. A ValueError if none fits."""
     def need(b, on_device):
-        return tuning_bytes(linears, n_samples, tokens, hidden, b, elem, on_device, resident, shares)
+        return tuning_bytes(linears, n_samples, tokens, hidden, b, elem, on_device, resident, shares, live)
 
     if budget is None or need(batch, True) <= budget:
         return Fit(False, batch, accumulate)

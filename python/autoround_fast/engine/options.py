@@ -68,6 +68,11 @@ class TuneOptions:
         it has free; elsewhere no limit). Where the estimate (:mod:`.memory`) exceeds it, the
         caches go to host memory (if cache_device was left unset), then the micro-batch is
         halved with the accumulation doubled; ``BlockResult.memory_note`` says what changed.
+    release_inputs: let the block free its fp inputs once it has their reference outputs: in
+        a block after the first, the calibration, the loop and the outputs run on the quantized
+        inputs, so one [N, L, H] cache less is held while tuning. tune_block empties
+        ``fp_inputs`` (a list) to drop its references to them; the caller keeps none (the
+        modifier passes its capture). Off by default: callers may reuse their inputs.
     """
 
     iters: int = 200
@@ -86,6 +91,7 @@ class TuneOptions:
     step_in_backward: Optional[bool] = None
     grouped_experts: Optional[bool] = None
     memory_budget: Optional[int] = None
+    release_inputs: bool = False
 
 
 @dataclass
@@ -114,10 +120,11 @@ class Plan:
 
 
 def plan(options: TuneOptions, block: nn.Module, linears: dict[str, nn.Linear], n_samples: int,
-         act_quant: bool, sample_shape: tuple[int, int], held: Sequence[Optional[torch.Tensor]] = ()) -> Plan:
+         act_quant: bool, sample_shape: tuple[int, int], held: Sequence[Optional[torch.Tensor]] = (None, None)) -> Plan:
     """Resolve ``options`` for this block and machine (``sample_shape``: one sample's tokens
-    and hidden size; ``held``: the caller's fp inputs and quantized inputs, whose memory is
-    spent where they already live on the block's device), or raise naming the option at fault."""
+    and hidden size; ``held``: the caller's fp inputs and quantized inputs (None in a first
+    block), whose memory is spent where they already live on the block's device), or raise
+    naming the option at fault."""
     o = options
     be = make_backend(o.backend)
     if n_samples == 0:
@@ -153,7 +160,8 @@ def plan(options: TuneOptions, block: nn.Module, linears: dict[str, nn.Linear], 
                       torch.empty(0, dtype=dtype).element_size(), budget,
                       can_cache_on_host=o.cache_device is None and device.type == "cuda",
                       resident=sum(t is not None and indexed(t.device) == device for t in held),
-                      shares=routed_shares(block, linears) if grouped else None)
+                      shares=routed_shares(block, linears) if grouped else None,
+                      live=memory.live_caches(first_block=held[1] is None, release_inputs=o.release_inputs))
     if room.cache_on_host:
         cache_device = torch.device("cpu")
     o = dataclasses.replace(o, gradient_accumulate_steps=room.accumulate)
