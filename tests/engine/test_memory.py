@@ -10,6 +10,7 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from autoround_fast.engine import QuantSpec, memory, tune_block
+from autoround_fast.engine.precision import cpu_tune_dtype
 from conftest import capture_block_inputs, tiny_llama
 
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -94,8 +95,10 @@ def test_rtn_is_not_held_to_the_tuning_estimate(block_and_inputs):
 
 def _packed_inputs(inputs):
     """The samples with their hidden states as rows of one tensor (as the modifier packs them on a
-    GPU), and that tensor."""
+    GPU), and that tensor: pinned where a GPU is there, so that the engine takes it as its cache
+    without a copy, as it takes the modifier's."""
     packed = torch.cat([args[0] for args, _ in inputs])
+    packed = packed.pin_memory() if torch.cuda.is_available() else packed
     return [((packed[i: i + 1], *args[1:]), kw) for i, (args, kw) in enumerate(inputs)], packed
 
 
@@ -106,14 +109,15 @@ def test_released_inputs_are_freed_before_the_loop_and_change_nothing(block_and_
     a first block, whose quantized inputs they are, they stay. The tuned weights and losses are
     those of a run that keeps them, bit for bit."""
     model, inputs = block_and_inputs
-    block0 = copy.deepcopy(model.model.layers[0]).to(torch.bfloat16)
-    bf16 = [((a[0].to(torch.bfloat16), *a[1:]), kw) for a, kw in inputs]
-    q_inputs = torch.cat([a[0] for a, _ in bf16]) * 1.01 if later_block else None
+    dtype = cpu_tune_dtype()  # the block's own: no cast, the engine's cache is the caller's tensor
+    block0 = copy.deepcopy(model.model.layers[0]).to(dtype)
+    cast = [((a[0].to(dtype), *a[1:]), kw) for a, kw in inputs]
+    q_inputs = torch.cat([a[0] for a, _ in cast]) * 1.01 if later_block else None
     spec = {n: QuantSpec("int", 4, 32, True, scale_dtype=torch.bfloat16) for n in LINEARS}
     runs = {}
     for release in (False, True):
         block = copy.deepcopy(block0)
-        samples, packed = _packed_inputs(bf16)
+        samples, packed = _packed_inputs(cast)
         storage = StorageWeakRef(packed.untyped_storage())
         del packed
         seen = []
@@ -126,4 +130,4 @@ def test_released_inputs_are_freed_before_the_loop_and_change_nothing(block_and_
     assert runs[True][0] == runs[False][0]
     assert all(torch.equal(runs[True][1][n], runs[False][1][n]) for n in LINEARS)
     with pytest.raises(ValueError, match="release_inputs=True needs fp_inputs as a list"):
-        tune_block(copy.deepcopy(block0), tuple(bf16), spec, iters=1, release_inputs=True)
+        tune_block(copy.deepcopy(block0), tuple(cast), spec, iters=1, release_inputs=True)
