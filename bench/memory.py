@@ -6,7 +6,8 @@ Each shape's decoder layer is built with random weights (MoE experts linearized 
 llm-compressor does), and its Linears go through ``memory.tuning_bytes`` as ``options.plan``
 calls it for a block after the first under the modifier: the fp inputs and the previous block's
 quantized outputs already on the device, the fp inputs released after the reference pass, every
-expert run grouped on its routed share of the tokens.
+expert run grouped on its routed share of the tokens, the attention through SDPA where the engine
+swaps it in on a GPU (GPT-OSS's, with its sinks and sliding windows, stays eager).
 
     python -m bench.memory                                  # 8b, 70b and the MoE shapes
     python -m bench.memory --shape tiny tiny-moe --nsamples 4 --seqlen 16
@@ -37,6 +38,7 @@ def block_linears(shape: str, seqlen: int) -> tuple[nn.Module, dict[str, nn.Line
 def estimate(shape: str, nsamples: int, seqlen: int, batch: int) -> dict:
     """The block's weights, what its tuning adds, and that plus the caches it holds while it
     tunes (the whole of what the block holds on the device but the model's weights)."""
+    from autoround_fast.engine.attention import eager_scores
     from autoround_fast.engine.experts import routed_shares
     from autoround_fast.engine.memory import live_caches, tuning_bytes
 
@@ -44,7 +46,8 @@ def estimate(shape: str, nsamples: int, seqlen: int, batch: int) -> dict:
     hidden = SHAPES[shape].hidden
     shares = routed_shares(layer, linears)
     live = live_caches(first_block=False, release_inputs=True)
-    adds = tuning_bytes(linears, nsamples, seqlen, hidden, batch, ELEM, True, resident=HELD, shares=shares, live=live)
+    adds = tuning_bytes(linears, nsamples, seqlen, hidden, batch, ELEM, True, resident=HELD, shares=shares, live=live,
+                        scores=eager_scores(layer, seqlen, on_gpu=True))
     caches = live * nsamples * seqlen * hidden * ELEM
     weights = sum(m.weight.numel() for m in linears.values())
     return dict(shape=shape, weights=weights, routed=len(shares), adds_gib=adds / 2**30,

@@ -10,6 +10,7 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from autoround_fast.engine import QuantSpec, memory, tune_block
+from autoround_fast.engine.attention import eager_scores, sdpa_attention
 from autoround_fast.engine.precision import cpu_tune_dtype
 from conftest import capture_block_inputs, tiny_llama
 
@@ -131,3 +132,24 @@ def test_released_inputs_are_freed_before_the_loop_and_change_nothing(block_and_
     assert all(torch.equal(runs[True][1][n], runs[False][1][n]) for n in LINEARS)
     with pytest.raises(ValueError, match="release_inputs=True needs fp_inputs as a list"):
         tune_block(copy.deepcopy(block0), tuple(cast), spec, iters=1, release_inputs=True)
+
+
+def test_eagerly_run_attention_counts_its_score_matrices(block_and_inputs):
+    """An eager attention that the engine does not swap for SDPA (off a GPU, or one with a
+    sliding window, as GPT-OSS's) adds its heads x tokens x tokens scores per sample, 10 bytes
+    each per sample of the micro-batch; one that SDPA computes adds nothing."""
+    model, _ = block_and_inputs
+    block = copy.deepcopy(model.model.layers[0])
+    cfg = block.self_attn.config
+    scores = cfg.num_attention_heads * 16 * 16
+    cfg._attn_implementation = "sdpa"
+    assert eager_scores(block, 16, on_gpu=False) == eager_scores(block, 16, on_gpu=True) == 0
+    cfg._attn_implementation = "eager"
+    assert (eager_scores(block, 16, on_gpu=False), eager_scores(block, 16, on_gpu=True)) == (scores, 0)
+    cfg.sliding_window = 4
+    assert eager_scores(block, 16, on_gpu=True) == scores
+    with sdpa_attention(block):
+        assert cfg._attn_implementation == "eager"  # left as it is: SDPA has no sliding window here
+    lin = linears_of(model)
+    plain, eager = (memory.tuning_bytes(lin, 8, 16, 128, 4, 2, True, scores=s) for s in (0, scores))
+    assert eager - plain == 4 * scores * memory.EAGER_SCORE_BYTES

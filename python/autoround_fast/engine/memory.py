@@ -6,7 +6,8 @@ weight kept for the backward), the cached activations not there yet (each [N, L,
 block's dtype: :func:`live_caches` of them at once, those the caller already holds on the
 device are spent, not needed), and one micro-batch's forward and backward (what each Linear
 reads and writes, the norms and residuals, twice over for the backward's transients; an MoE
-expert run grouped only on its share of the tokens, top_k / E). Where that does not fit, the
+expert run grouped only on its share of the tokens, top_k / E; the score matrices of an
+attention that runs eagerly, as GPT-OSS's with its sinks and sliding windows does). Where that does not fit, the
 caches go to host memory (each iteration then copies its batch over); where that is still too
 much, the micro-batch is halved and the steps accumulate gradients over more of them (the same
 samples per step); where even one sample does not fit, a clear error, never a crash out of
@@ -22,6 +23,9 @@ import torch
 import torch.nn as nn
 
 TUNABLE_BYTES = 4 + 4 + 4 + 2  # per weight element: V, its best copy, its gradient, the bf16 Wq saved
+# per attention score of an eagerly run attention: the fp32 softmax and its cast, saved for the
+# backward, and the backward's fp32 gradient of the scores
+EAGER_SCORE_BYTES = 4 + 2 + 4
 BACKWARD_FACTOR = 2  # a micro-batch's backward holds about as much again as its forward saved
 MARGIN = 0.05  # of the device's memory, left for the allocator's fragmentation and the library
 
@@ -50,17 +54,19 @@ def live_caches(first_block: bool, release_inputs: bool) -> int:
 
 def tuning_bytes(linears: dict[str, nn.Linear], n_samples: int, tokens: int, hidden: int, batch: int,
                  elem: int, caches_on_device: bool, resident: int = 0, shares: Optional[dict[str, float]] = None,
-                 live: int = CACHES) -> int:
+                 live: int = CACHES, scores: int = 0) -> int:
     """The estimate above, in bytes; ``live``: the caches held at once (:func:`live_caches`);
     ``resident``: caches the caller already holds on the device (they stay there wherever the
     others go, or are the released fp inputs); ``shares``: the share of the tokens a Linear
-    computes on, where not every token (an MoE expert run grouped: top_k / E)."""
+    computes on, where not every token (an MoE expert run grouped: top_k / E); ``scores``: the
+    attention scores one sample makes in eagerly run attention (attention.eager_scores)."""
     shares = shares or {}
     tunables = sum(m.weight.numel() for m in linears.values()) * TUNABLE_BYTES
     cache = n_samples * tokens * hidden * elem
     caches = max(live - resident, 0) * cache if caches_on_device else 2 * batch * tokens * hidden * elem
     per_token = sum((m.in_features + m.out_features) * shares.get(n, 1.0) for n, m in linears.items()) + 4 * hidden
-    return tunables + caches + int(BACKWARD_FACTOR * batch * tokens * per_token * elem)
+    activations = int(BACKWARD_FACTOR * batch * tokens * per_token * elem) + batch * scores * EAGER_SCORE_BYTES
+    return tunables + caches + activations
 
 
 def _size(n: int) -> str:
@@ -79,12 +85,12 @@ def device_budget(device: torch.device) -> Optional[int]:
 
 def fit(linears: dict[str, nn.Linear], n_samples: int, tokens: int, hidden: int, batch: int, accumulate: int,
         elem: int, budget: Optional[int], can_cache_on_host: bool, resident: int = 0,
-        shares: Optional[dict[str, float]] = None, live: int = CACHES) -> Fit:
+        shares: Optional[dict[str, float]] = None, live: int = CACHES, scores: int = 0) -> Fit:
     """The first of: everything on the device; the caches on the host (``can_cache_on_host``:
     the device is a GPU and the caller left cache_device unset); the micro-batch halved (while
     it divides) with the accumulation doubled. A ValueError if none fits."""
     def need(b, on_device):
-        return tuning_bytes(linears, n_samples, tokens, hidden, b, elem, on_device, resident, shares, live)
+        return tuning_bytes(linears, n_samples, tokens, hidden, b, elem, on_device, resident, shares, live, scores)
 
     if budget is None or need(batch, True) <= budget:
         return Fit(False, batch, accumulate)

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from .. import fusion
 from . import memory
+from .attention import eager_scores
 from .experts import groups_experts, routed_shares
 from .backends import Backend, make_backend
 from .placement import indexed, linear_devices, place_linears, process_group
@@ -161,7 +162,8 @@ def plan(options: TuneOptions, block: nn.Module, linears: dict[str, nn.Linear], 
                       can_cache_on_host=o.cache_device is None and device.type == "cuda",
                       resident=sum(t is not None and indexed(t.device) == device for t in held),
                       shares=routed_shares(block, linears) if grouped else None,
-                      live=memory.live_caches(first_block=held[1] is None, release_inputs=o.release_inputs))
+                      live=memory.live_caches(first_block=held[1] is None, release_inputs=o.release_inputs),
+                      scores=eager_scores(block, sample_shape[0], device.type == "cuda"))
     if room.cache_on_host:
         cache_device = torch.device("cpu")
     o = dataclasses.replace(o, gradient_accumulate_steps=room.accumulate)
