@@ -3,8 +3,8 @@
 that ``bench.block`` measures.
 
 Each shape's decoder layer is built with random weights (MoE experts linearized as
-llm-compressor does), and its Linears go through ``memory.tuning_bytes`` as ``options.plan``
-calls it for a block after the first under the modifier: the fp inputs and the previous block's
+llm-compressor does), and its Linears go through ``memory.BlockMemory`` as ``options.plan``
+builds it for a block after the first under the modifier: the fp inputs and the previous block's
 quantized outputs already on the device, the fp inputs released after the reference pass, every
 expert run grouped on its routed share of the tokens, the attention through SDPA where the engine
 swaps it in on a GPU (GPT-OSS's, with its sinks and sliding windows, stays eager).
@@ -40,15 +40,16 @@ def estimate(shape: str, nsamples: int, seqlen: int, batch: int) -> dict:
     tunes (the whole of what the block holds on the device but the model's weights)."""
     from autoround_fast.engine.attention import eager_scores
     from autoround_fast.engine.experts import routed_shares
-    from autoround_fast.engine.memory import live_caches, tuning_bytes
+    from autoround_fast.engine.memory import BlockMemory, live_caches
 
     layer, linears = block_linears(shape, seqlen)
     hidden = SHAPES[shape].hidden
     shares = routed_shares(layer, linears)
-    live = live_caches(first_block=False, release_inputs=True)
-    adds = tuning_bytes(linears, nsamples, seqlen, hidden, batch, ELEM, True, resident=HELD, shares=shares, live=live,
+    block = BlockMemory(linears, nsamples, seqlen, hidden, ELEM, resident=HELD,
+                        live=live_caches(first_block=False, release_inputs=True), shares=shares,
                         scores=eager_scores(layer, seqlen, on_gpu=True))
-    caches = live * nsamples * seqlen * hidden * ELEM
+    adds = block.bytes(batch, caches_on_device=True)
+    caches = HELD * nsamples * seqlen * hidden * ELEM  # those it finds held (the reference takes the fp inputs' place)
     weights = sum(m.weight.numel() for m in linears.values())
     return dict(shape=shape, weights=weights, routed=len(shares), adds_gib=adds / 2**30,
                 with_caches_gib=(adds + caches) / 2**30)

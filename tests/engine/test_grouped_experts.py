@@ -326,8 +326,8 @@ def test_the_memory_plan_counts_routed_tokens_for_grouped_experts(moe):
     linears = {n: layer.get_submodule(n) for n in ATTENTION + EXPERTS}
     shares = routed_shares(layer, linears)
     assert shares == {n: K / E for n in EXPERTS}
-    routed, every_token = (memory.tuning_bytes(linears, len(inputs), 16, HIDDEN, 4, 2, True, shares=s)
-                           for s in (shares, None))
+    routed, every_token = (memory.BlockMemory(linears, len(inputs), 16, HIDDEN, 2, shares=s).bytes(4, True)
+                           for s in (shares, {}))
     assert routed < every_token
     budget = (routed + every_token) // 2
     specs = {n: SPECS["w4a16"] for n in ATTENTION + EXPERTS}

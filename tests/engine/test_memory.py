@@ -29,42 +29,46 @@ def linears_of(model):
 
 
 def test_the_estimate_counts_tunables_caches_and_one_micro_batch(block_and_inputs):
+    """The loop: 14 bytes per tuned weight, the caches not held yet and one micro-batch's
+    forward and backward; the reference pass before it: the fp inputs, the quantized inputs and
+    the reference outputs at once, with one forward, which is the larger where the caches are."""
     model, _ = block_and_inputs
     lin = linears_of(model)
     weights = sum(m.weight.numel() for m in lin.values())
-    per_token = sum(m.in_features + m.out_features for m in lin.values()) + 4 * 128
-    on = memory.tuning_bytes(lin, n_samples=8, tokens=16, hidden=128, batch=4, elem=2, caches_on_device=True)
+    forward = 4 * 16 * (sum(m.in_features + m.out_features for m in lin.values()) + 4 * 128) * 2
     cache = 8 * 16 * 128 * 2
-    assert on == weights * 14 + 3 * cache + 2 * 4 * 16 * per_token * 2  # fp, quantized inputs, reference
-    off = memory.tuning_bytes(lin, n_samples=8, tokens=16, hidden=128, batch=4, elem=2, caches_on_device=False)
-    assert on - off == 3 * cache - 2 * 4 * 16 * 128 * 2  # the host keeps the caches; two batches are staged
-    held = memory.tuning_bytes(lin, n_samples=8, tokens=16, hidden=128, batch=4, elem=2, caches_on_device=True,
-                               resident=2)
-    assert on - held == 2 * cache  # the caller's inputs on the device are spent, not needed
-    released = memory.tuning_bytes(lin, n_samples=8, tokens=16, hidden=128, batch=4, elem=2, caches_on_device=True,
-                                   resident=2, live=memory.live_caches(first_block=False, release_inputs=True))
-    assert held - released == cache  # the released fp inputs make room for the reference outputs
+
+    def estimate(batch=4, on_device=True, **kw):
+        return memory.BlockMemory(lin, n_samples=8, tokens=16, hidden=128, elem=2, **kw).bytes(batch, on_device)
+
+    assert estimate() == weights * 14 + 3 * cache + 2 * forward  # fp, quantized inputs, reference
+    assert estimate() - estimate(on_device=False) == 3 * cache - 2 * 4 * 16 * 128 * 2  # two batches staged
+    assert estimate() - estimate(resident=2) == 2 * cache  # the caller's inputs on the device are spent
+    released = estimate(resident=2, live=memory.live_caches(first_block=False, release_inputs=True))
+    assert estimate(resident=2) - released == cache  # the released fp inputs make room for the reference
     assert memory.live_caches(first_block=True, release_inputs=False) == 2  # its fp inputs are its quantized ones
+    many = dict(n_samples=4096, tokens=16, hidden=128, elem=2, resident=2, live=2)
+    assert memory.BlockMemory(lin, **many).bytes(4, True) == 4096 * 16 * 128 * 2 + forward  # the reference pass
 
 
 def test_fit_gives_up_the_least_that_fits(block_and_inputs):
     model, _ = block_and_inputs
-    lin = linears_of(model)
-    need = lambda b, dev: memory.tuning_bytes(lin, 64, 512, 128, b, 2, dev)  # noqa: E731
-    kw = dict(n_samples=64, tokens=512, hidden=128, batch=8, accumulate=1, elem=2)
-    assert memory.fit(lin, **kw, budget=None, can_cache_on_host=True) == memory.Fit(False, 8, 1)
-    assert memory.fit(lin, **kw, budget=need(8, True), can_cache_on_host=True) == memory.Fit(False, 8, 1)
-    host = memory.fit(lin, **kw, budget=need(8, False), can_cache_on_host=True)
+    block = memory.BlockMemory(linears_of(model), n_samples=64, tokens=512, hidden=128, elem=2)
+    need = block.bytes
+    kw = dict(batch=8, accumulate=1)
+    assert memory.fit(block, **kw, budget=None, can_cache_on_host=True) == memory.Fit(False, 8, 1)
+    assert memory.fit(block, **kw, budget=need(8, True), can_cache_on_host=True) == memory.Fit(False, 8, 1)
+    host = memory.fit(block, **kw, budget=need(8, False), can_cache_on_host=True)
     assert (host.cache_on_host, host.batch_size, host.accumulate) == (True, 8, 1)
     assert "the cached activations go to host memory" in host.note
-    split = memory.fit(lin, **kw, budget=need(2, False), can_cache_on_host=True)
+    split = memory.fit(block, **kw, budget=need(2, False), can_cache_on_host=True)
     assert (split.cache_on_host, split.batch_size, split.accumulate) == (True, 2, 4)
     assert "micro-batches of 2 with 4 accumulation steps (was 8 and 1)" in split.note
-    on_device = memory.fit(lin, **kw, budget=need(4, True), can_cache_on_host=False)
+    on_device = memory.fit(block, **kw, budget=need(4, True), can_cache_on_host=False)
     assert (on_device.cache_on_host, on_device.batch_size, on_device.accumulate) == (False, 4, 2)
     with pytest.raises(ValueError, match=r"tune_block: the block's tuning needs about \d+ MiB and \d+ MiB is free, "
                                          r"and even micro-batches of 1 .*\(device_ids\)"):
-        memory.fit(lin, **kw, budget=need(1, False) - 1, can_cache_on_host=True)
+        memory.fit(block, **kw, budget=need(1, False) - 1, can_cache_on_host=True)
 
 
 def test_a_tight_budget_splits_the_micro_batch_as_the_same_settings_by_hand(block_and_inputs):
@@ -73,7 +77,8 @@ def test_a_tight_budget_splits_the_micro_batch_as_the_same_settings_by_hand(bloc
     model, inputs = block_and_inputs
     spec = {n: QuantSpec("int", 4, 32, True, scale_dtype=torch.bfloat16) for n in LINEARS}
     lin = linears_of(model)
-    budget = memory.tuning_bytes(lin, 8, 16, 128, 2, 2, True, resident=1)  # the fp inputs are there already
+    first = memory.BlockMemory(lin, 8, 16, 128, 2, first_block=True, resident=1, live=2)  # its fp inputs held
+    budget = first.bytes(2, caches_on_device=True)
     runs = {}
     for name, kw in (("fit", dict(batch_size=4, memory_budget=budget)),
                      ("by hand", dict(batch_size=2, gradient_accumulate_steps=2))):
@@ -151,5 +156,5 @@ def test_eagerly_run_attention_counts_its_score_matrices(block_and_inputs):
     with sdpa_attention(block):
         assert cfg._attn_implementation == "eager"  # left as it is: SDPA has no sliding window here
     lin = linears_of(model)
-    plain, eager = (memory.tuning_bytes(lin, 8, 16, 128, 4, 2, True, scores=s) for s in (0, scores))
+    plain, eager = (memory.BlockMemory(lin, 8, 16, 128, 2, scores=s).bytes(4, True) for s in (0, scores))
     assert eager - plain == 4 * scores * memory.EAGER_SCORE_BYTES

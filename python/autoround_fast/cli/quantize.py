@@ -35,6 +35,8 @@ GPU_SETTINGS = dict(iters=200, nsamples=128, seqlen=2048, batch_size=8, lr=None)
 # at once and the kept parameters fit the few calibration tokens, worse than plain RTN on
 # held-out text; lr = 0.02 wins back about half of RTN's perplexity increase (README).
 CPU_SETTINGS = dict(iters=20, nsamples=8, seqlen=128, batch_size=4, lr=0.02)
+# the share of the GPU's free memory that the pipeline's activations between layers may take there
+OFFLOAD_SHARE = 0.25
 
 
 def settings(args, cuda: bool) -> dict:
@@ -193,20 +195,16 @@ def _oneshot(model, tokenizer, recipe, windows: torch.Tensor, with_data: bool = 
         oneshot(model=model, recipe=recipe, processor=tokenizer)
 
 
-# share of the GPU's free memory that the activations between layers may take there
-OFFLOAD_SHARE = 4
-
-
 def offload_device(model, windows: torch.Tensor, device: torch.device, free: int) -> str:
     """Where llm-compressor's sequential pipeline keeps the activations between layers: on
     the GPU the model is on, where they (the hidden states, counted twice for the per-sample
-    masks and the next layer's outputs) take at most a quarter of its free memory; else host
-    memory, the pipeline's default. On the card they save the round trip through the host,
-    1.2 s per layer of an 8B model at 128 x 2048 tokens (docs/benchmarks.md), and change no bit."""
+    masks and the next layer's outputs) take at most OFFLOAD_SHARE of its free memory, which
+    saves their round trip through the host and changes no bit; else host memory, the
+    pipeline's default."""
     if device.type != "cuda":
         return "cpu"
     need = 2 * windows.numel() * model.config.hidden_size * next(model.parameters()).element_size()
-    return "cuda" if OFFLOAD_SHARE * need <= free else "cpu"
+    return str(device) if need <= OFFLOAD_SHARE * free else "cpu"
 
 
 def _free_gpu_memory(model) -> tuple[torch.device, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch.nn as nn
 
@@ -31,7 +32,7 @@ def sdpa_attention(block: nn.Module, enabled: bool = True):
             cfg._attn_implementation = old
 
 
-def _implementation(m: nn.Module):
+def _implementation(m: nn.Module) -> Optional[str]:
     """The attention implementation of an attention module (None for other modules)."""
     cfg = getattr(m, "config", None)
     return getattr(cfg, "_attn_implementation", None) if hasattr(m, "is_causal") and cfg is not None else None

@@ -168,7 +168,7 @@ class _BlockRun:
                     stacked_experts(self.block, p.device, p.grouped_experts and self.iters > 0):
                 ref = run_block(self.block, self.inputs, p.batch_size, p.precision.tuning) if self.iters > 0 else None
             if p.options.release_inputs and self.q_hidden is not self.inputs.hidden:
-                self.inputs.hidden = None  # from here on everything runs on the quantized inputs
+                self.inputs.release_hidden()  # from here on everything runs on the quantized inputs
             self.phases.done("reference")
         stats = self._calibrate()
         self.phases.done("calibration")

@@ -115,9 +115,17 @@ class BlockInputs:
                 kwargs[key] = value
         return kwargs
 
+    def release_hidden(self) -> None:
+        """Drop the fp hidden states: every later batch takes its hidden states from elsewhere
+        (the quantized inputs)."""
+        self.hidden = None
+
     def batch(self, idx: torch.Tensor, hidden: Optional[torch.Tensor] = None):
         """(args, kwargs) for the samples ``idx`` (a tensor on the compute device), with the
         hidden states taken from ``hidden`` (default: the fp inputs)."""
+        if hidden is None and self.hidden is None:
+            raise RuntimeError("BlockInputs.batch: the fp inputs were released (release_hidden); "
+                               "pass the hidden states to take")
         h = _rows(self.hidden if hidden is None else hidden, idx, self.device)
         return (h, *self.rest_args), self.kwargs_for(idx)
 

@@ -1,22 +1,25 @@
 """Whether a block's tuning fits its device, and what to give up when it does not.
 
-An estimate, made before any tensor is allocated, of the bytes the tuning adds on the device:
-the tunables of every Linear (V, its best copy and its gradient in fp32, the fake-quantized
-weight kept for the backward), the cached activations not there yet (each [N, L, H] in the
-block's dtype: :func:`live_caches` of them at once, those the caller already holds on the
-device are spent, not needed), and one micro-batch's forward and backward (what each Linear
-reads and writes, the norms and residuals, twice over for the backward's transients; an MoE
-expert run grouped only on its share of the tokens, top_k / E; the score matrices of an
-attention that runs eagerly, as GPT-OSS's with its sinks and sliding windows does). Where that does not fit, the
-caches go to host memory (each iteration then copies its batch over); where that is still too
-much, the micro-batch is halved and the steps accumulate gradients over more of them (the same
-samples per step); where even one sample does not fit, a clear error, never a crash out of
-memory half-way through the block.
+An estimate, made before any tensor is allocated, of the most the block's run adds on the
+device, over its two heaviest phases:
+- the tuning loop: the tunables of every Linear (V, its best copy and its gradient in fp32, the
+  fake-quantized weight kept for the backward), the cached activations not there yet (each
+  [N, L, H] in the block's dtype: :func:`live_caches` of them at once; those the caller already
+  holds on the device are spent, not needed), and one micro-batch's forward and backward (what
+  each Linear reads and writes, the norms and residuals, twice over for the backward's
+  transients; an MoE expert run grouped only on its share of the tokens, top_k / E; the score
+  matrices of an attention that runs eagerly, as GPT-OSS's with its sinks and sliding windows);
+- the reference pass before it: the fp inputs, the quantized inputs and the reference outputs
+  at once, and one micro-batch's forward.
+Where that does not fit, the caches go to host memory (each iteration then copies its batch
+over); where that is still too much, the micro-batch is halved and the steps accumulate
+gradients over more of them (the same samples per step); where even one sample does not fit, a
+clear error, never a crash out of memory half-way through the block.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -28,6 +31,7 @@ TUNABLE_BYTES = 4 + 4 + 4 + 2  # per weight element: V, its best copy, its gradi
 EAGER_SCORE_BYTES = 4 + 2 + 4
 BACKWARD_FACTOR = 2  # a micro-batch's backward holds about as much again as its forward saved
 MARGIN = 0.05  # of the device's memory, left for the allocator's fragmentation and the library
+CACHES = 3  # fp inputs, quantized inputs, reference outputs (then the quantized outputs in their place)
 
 
 @dataclass(frozen=True)
@@ -41,9 +45,6 @@ class Fit:
     note: str = ""
 
 
-CACHES = 3  # fp inputs, quantized inputs, reference outputs (then the quantized outputs in their place)
-
-
 def live_caches(first_block: bool, release_inputs: bool) -> int:
     """The [N, L, H] caches a block holds at once while it tunes: the quantized inputs and the
     reference outputs (whose place the quantized outputs take after the loop), and the fp inputs
@@ -52,21 +53,48 @@ def live_caches(first_block: bool, release_inputs: bool) -> int:
     return CACHES - 1 if first_block or release_inputs else CACHES
 
 
-def tuning_bytes(linears: dict[str, nn.Linear], n_samples: int, tokens: int, hidden: int, batch: int,
-                 elem: int, caches_on_device: bool, resident: int = 0, shares: Optional[dict[str, float]] = None,
-                 live: int = CACHES, scores: int = 0) -> int:
-    """The estimate above, in bytes; ``live``: the caches held at once (:func:`live_caches`);
-    ``resident``: caches the caller already holds on the device (they stay there wherever the
-    others go, or are the released fp inputs); ``shares``: the share of the tokens a Linear
-    computes on, where not every token (an MoE expert run grouped: top_k / E); ``scores``: the
-    attention scores one sample makes in eagerly run attention (attention.eager_scores)."""
-    shares = shares or {}
-    tunables = sum(m.weight.numel() for m in linears.values()) * TUNABLE_BYTES
-    cache = n_samples * tokens * hidden * elem
-    caches = max(live - resident, 0) * cache if caches_on_device else 2 * batch * tokens * hidden * elem
-    per_token = sum((m.in_features + m.out_features) * shares.get(n, 1.0) for n, m in linears.items()) + 4 * hidden
-    activations = int(BACKWARD_FACTOR * batch * tokens * per_token * elem) + batch * scores * EAGER_SCORE_BYTES
-    return tunables + caches + activations
+@dataclass(frozen=True)
+class BlockMemory:
+    """What the estimate knows of a block: its Linears; the calibration's samples, tokens and
+    hidden size, in ``elem``-byte elements; ``first_block``: its fp inputs are its quantized
+    inputs; ``resident``: caches the caller already holds on the device (they stay there
+    wherever the others go, or are the released fp inputs); ``live``: the caches held at once
+    while tuning (:func:`live_caches`); ``shares``: the share of the tokens a Linear computes
+    on, where not every token (an MoE expert run grouped: top_k / E); ``scores``: the attention
+    scores one sample makes in eagerly run attention (attention.eager_scores)."""
+
+    linears: dict[str, nn.Linear]
+    n_samples: int
+    tokens: int
+    hidden: int
+    elem: int
+    first_block: bool = False
+    resident: int = 0
+    live: int = CACHES
+    shares: dict[str, float] = field(default_factory=dict)
+    scores: int = 0
+
+    def bytes(self, batch: int, caches_on_device: bool) -> int:
+        """The estimate above for micro-batches of ``batch`` samples: the larger of its phases."""
+        forward = self._forward(batch)
+        scores = batch * self.scores * EAGER_SCORE_BYTES
+        tunables = sum(m.weight.numel() for m in self.linears.values()) * TUNABLE_BYTES
+        loop = tunables + self._caches(self.live, batch, caches_on_device) + BACKWARD_FACTOR * forward + scores
+        at_reference = CACHES - 1 if self.first_block else CACHES
+        return max(loop, self._caches(at_reference, batch, caches_on_device) + forward + scores)
+
+    def _caches(self, live: int, batch: int, on_device: bool) -> int:
+        """Bytes of the caches not yet on the device, ``live`` held at once (on the host: the
+        two staged micro-batches on the device)."""
+        row = self.tokens * self.hidden * self.elem
+        return max(live - self.resident, 0) * self.n_samples * row if on_device else 2 * batch * row
+
+    def _forward(self, batch: int) -> int:
+        """Bytes one micro-batch's forward holds through the Linears, norms and residuals (saved
+        for the backward while tuning)."""
+        per_token = sum((m.in_features + m.out_features) * self.shares.get(n, 1.0) for n, m in self.linears.items())
+        per_token += 4 * self.hidden
+        return int(batch * self.tokens * per_token * self.elem)
 
 
 def _size(n: int) -> str:
@@ -83,15 +111,11 @@ def device_budget(device: torch.device) -> Optional[int]:
     return int(free + held - MARGIN * total)
 
 
-def fit(linears: dict[str, nn.Linear], n_samples: int, tokens: int, hidden: int, batch: int, accumulate: int,
-        elem: int, budget: Optional[int], can_cache_on_host: bool, resident: int = 0,
-        shares: Optional[dict[str, float]] = None, live: int = CACHES, scores: int = 0) -> Fit:
+def fit(block: BlockMemory, batch: int, accumulate: int, budget: Optional[int], can_cache_on_host: bool) -> Fit:
     """The first of: everything on the device; the caches on the host (``can_cache_on_host``:
     the device is a GPU and the caller left cache_device unset); the micro-batch halved (while
     it divides) with the accumulation doubled. A ValueError if none fits."""
-    def need(b, on_device):
-        return tuning_bytes(linears, n_samples, tokens, hidden, b, elem, on_device, resident, shares, live, scores)
-
+    need = block.bytes
     if budget is None or need(batch, True) <= budget:
         return Fit(False, batch, accumulate)
     why = f"the block's tuning needs about {_size(need(batch, True))} and {_size(budget)} is free"
