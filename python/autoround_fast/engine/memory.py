@@ -80,7 +80,7 @@ class BlockMemory:
         scores = batch * self.scores * EAGER_SCORE_BYTES
         tunables = sum(m.weight.numel() for m in self.linears.values()) * TUNABLE_BYTES
         loop = tunables + self._caches(self.live, batch, caches_on_device) + BACKWARD_FACTOR * forward + scores
-        at_reference = CACHES - 1 if self.first_block else CACHES
+        at_reference = live_caches(self.first_block, release_inputs=False)  # the fp inputs are still held
         return max(loop, self._caches(at_reference, batch, caches_on_device) + forward + scores)
 
     def _caches(self, live: int, batch: int, on_device: bool) -> int:
