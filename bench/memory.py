@@ -40,13 +40,12 @@ def estimate(shape: str, nsamples: int, seqlen: int, batch: int) -> dict:
     tunes (the whole of what the block holds on the device but the model's weights)."""
     from autoround_fast.engine.attention import eager_scores
     from autoround_fast.engine.experts import routed_shares
-    from autoround_fast.engine.memory import BlockMemory, live_caches
+    from autoround_fast.engine.memory import BlockMemory
 
     layer, linears = block_linears(shape, seqlen)
     hidden = SHAPES[shape].hidden
     shares = routed_shares(layer, linears)
-    block = BlockMemory(linears, nsamples, seqlen, hidden, ELEM, resident=HELD,
-                        live=live_caches(first_block=False, release_inputs=True), shares=shares,
+    block = BlockMemory(linears, nsamples, seqlen, hidden, ELEM, release_inputs=True, resident=HELD, shares=shares,
                         scores=eager_scores(layer, seqlen, on_gpu=True))
     adds = block.bytes(batch, caches_on_device=True)
     caches = HELD * nsamples * seqlen * hidden * ELEM  # those it finds held (the reference takes the fp inputs' place)

@@ -44,10 +44,10 @@ def test_the_estimate_counts_tunables_caches_and_one_micro_batch(block_and_input
     assert estimate() == weights * 14 + 3 * cache + 2 * forward  # fp, quantized inputs, reference
     assert estimate() - estimate(on_device=False) == 3 * cache - 2 * 4 * 16 * 128 * 2  # two batches staged
     assert estimate() - estimate(resident=2) == 2 * cache  # the caller's inputs on the device are spent
-    released = estimate(resident=2, live=memory.live_caches(first_block=False, release_inputs=True))
+    released = estimate(resident=2, release_inputs=True)
     assert estimate(resident=2) - released == cache  # the released fp inputs make room for the reference
     assert memory.live_caches(first_block=True, release_inputs=False) == 2  # its fp inputs are its quantized ones
-    many = dict(n_samples=4096, tokens=16, hidden=128, elem=2, resident=2, live=2)
+    many = dict(n_samples=4096, tokens=16, hidden=128, elem=2, resident=2, release_inputs=True)
     assert memory.BlockMemory(lin, **many).bytes(4, True) == 4096 * 16 * 128 * 2 + forward  # the reference pass
 
 
@@ -77,7 +77,7 @@ def test_a_tight_budget_splits_the_micro_batch_as_the_same_settings_by_hand(bloc
     model, inputs = block_and_inputs
     spec = {n: QuantSpec("int", 4, 32, True, scale_dtype=torch.bfloat16) for n in LINEARS}
     lin = linears_of(model)
-    first = memory.BlockMemory(lin, 8, 16, 128, 2, first_block=True, resident=1, live=2)  # its fp inputs held
+    first = memory.BlockMemory(lin, 8, 16, 128, 2, first_block=True, resident=1)  # its fp inputs held
     budget = first.bytes(2, caches_on_device=True)
     runs = {}
     for name, kw in (("fit", dict(batch_size=4, memory_budget=budget)),

@@ -57,9 +57,9 @@ def live_caches(first_block: bool, release_inputs: bool) -> int:
 class BlockMemory:
     """What the estimate knows of a block: its Linears; the calibration's samples, tokens and
     hidden size, in ``elem``-byte elements; ``first_block``: its fp inputs are its quantized
-    inputs; ``resident``: caches the caller already holds on the device (they stay there
-    wherever the others go, or are the released fp inputs); ``live``: the caches held at once
-    while tuning (:func:`live_caches`); ``shares``: the share of the tokens a Linear computes
+    inputs; ``release_inputs``: the fp inputs go after the reference pass (:func:`live_caches`);
+    ``resident``: caches the caller already holds on the device (they stay there wherever the
+    others go, or are the released fp inputs); ``shares``: the share of the tokens a Linear computes
     on, where not every token (an MoE expert run grouped: top_k / E); ``scores``: the attention
     scores one sample makes in eagerly run attention (attention.eager_scores)."""
 
@@ -69,8 +69,8 @@ class BlockMemory:
     hidden: int
     elem: int
     first_block: bool = False
+    release_inputs: bool = False
     resident: int = 0
-    live: int = CACHES
     shares: dict[str, float] = field(default_factory=dict)
     scores: int = 0
 
@@ -79,7 +79,8 @@ class BlockMemory:
         forward = self._forward(batch)
         scores = batch * self.scores * EAGER_SCORE_BYTES
         tunables = sum(m.weight.numel() for m in self.linears.values()) * TUNABLE_BYTES
-        loop = tunables + self._caches(self.live, batch, caches_on_device) + BACKWARD_FACTOR * forward + scores
+        live = live_caches(self.first_block, self.release_inputs)
+        loop = tunables + self._caches(live, batch, caches_on_device) + BACKWARD_FACTOR * forward + scores
         at_reference = live_caches(self.first_block, release_inputs=False)  # the fp inputs are still held
         return max(loop, self._caches(at_reference, batch, caches_on_device) + forward + scores)
 

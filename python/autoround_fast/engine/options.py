@@ -157,11 +157,10 @@ def plan(options: TuneOptions, block: nn.Module, linears: dict[str, nn.Linear], 
     if o.iters == 0:  # RTN: no tunables' gradients, no reference outputs, no backward
         budget = None
     grouped = groups_experts(o.grouped_experts, device)
-    first_block = held[1] is None
     needs = memory.BlockMemory(
-        linears, n_samples, *sample_shape, torch.empty(0, dtype=dtype).element_size(), first_block=first_block,
+        linears, n_samples, *sample_shape, torch.empty(0, dtype=dtype).element_size(),
+        first_block=held[1] is None, release_inputs=o.release_inputs,
         resident=sum(t is not None and indexed(t.device) == device for t in held),
-        live=memory.live_caches(first_block, o.release_inputs),
         shares=routed_shares(block, linears) if grouped else {},
         scores=eager_scores(block, sample_shape[0], device.type == "cuda"))
     room = memory.fit(needs, min(o.batch_size, n_samples), o.gradient_accumulate_steps, budget,
