@@ -155,10 +155,11 @@ const char* launch_masked_mse_loss_backward(const LossArgs& a, const float* grad
                                             void* grad_pred, cudaStream_t stream);
 
 // SignRound's step on one tuned tensor, in place, fused with the best-parameter copy:
-//   if improved: best = param;   then param = param + (-1 * sign(grad)) * lr
+//   if improved and best: best = param;   then param = param + (-1 * sign(grad)) * lr
 // (sign(NaN) = 0, as torch.sign), equal bit for bit to torch.where(improved, param, best,
-// out=best) followed by param.addcmul_(grad.sign(), lr, value=-1). improved (bool) and lr
-// (float) are one-element device tensors, read by the kernel: a CUDA graph replays it.
+// out=best) followed by param.addcmul_(grad.sign(), lr, value=-1). best may be null (V: the
+// engine keeps the best fake-quantized weight instead). improved (bool) and lr (float) are
+// one-element device tensors, read by the kernel: a CUDA graph replays it.
 struct SignStepArgs {
   int64_t numel;
   float* param;
@@ -171,13 +172,12 @@ const char* launch_sign_step(const SignStepArgs& a, cudaStream_t stream);
 
 // The sign step taken inside a weight backward: where the backward would write the gradients
 // of V and the scales, it steps each in place as launch_sign_step does with that gradient
-// (best copied first when improved). The same bits as the backward followed by the steps,
-// without the gradients' round trip through memory (12 bytes per weight element).
-// v, min_scale and max_scale are the Args' own tensors, written here; min_scale and its best
-// are unused (nullptr) for NVFP4.
+// (the scales' best copied first when improved; V has no best copy, see SignStepArgs). The
+// same bits as the backward followed by the steps, without the gradients' round trip through
+// memory (8 bytes per weight element). v, min_scale and max_scale are the Args' own tensors,
+// written here; min_scale and its best are unused (nullptr) for NVFP4.
 struct StepTargets {
   float* v;
-  float* best_v;
   float* min_scale;
   float* best_min_scale;
   float* max_scale;

@@ -17,10 +17,10 @@ std::tuple<Tensor, Tensor> fake_quant_nvfp4_cpu(Tensor w, Tensor v, Tensor ms, T
 std::tuple<Tensor, Tensor> fake_quant_nvfp4_cuda(Tensor w, Tensor v, Tensor ms, Tensor gs);
 std::tuple<Tensor, Tensor> fake_quant_nvfp4_backward_cpu(Tensor grad, Tensor w, Tensor v, Tensor ms, Tensor gs);
 std::tuple<Tensor, Tensor> fake_quant_nvfp4_backward_cuda(Tensor grad, Tensor w, Tensor v, Tensor ms, Tensor gs);
-void fake_quant_nvfp4_backward_step_cpu(Tensor grad, Tensor w, Tensor v, Tensor ms, Tensor gs, Tensor best_v,
-                                        Tensor best_ms, Tensor improved, Tensor lr);
-void fake_quant_nvfp4_backward_step_cuda(Tensor grad, Tensor w, Tensor v, Tensor ms, Tensor gs, Tensor best_v,
-                                         Tensor best_ms, Tensor improved, Tensor lr);
+void fake_quant_nvfp4_backward_step_cpu(Tensor grad, Tensor w, Tensor v, Tensor ms, Tensor gs, Tensor best_ms,
+                                        Tensor improved, Tensor lr);
+void fake_quant_nvfp4_backward_step_cuda(Tensor grad, Tensor w, Tensor v, Tensor ms, Tensor gs, Tensor best_ms,
+                                         Tensor improved, Tensor lr);
 
 Tensor fake_quant_nvfp4_activation_cpu(Tensor x, Tensor gs);
 Tensor fake_quant_nvfp4_activation_cuda(Tensor x, Tensor gs);
@@ -62,11 +62,11 @@ std::tuple<Tensor, Tensor, Tensor> fake_quant_int_backward_cuda(Tensor grad, Ten
                                                                 Tensor mx, int64_t bits, int64_t group_size,
                                                                 bool sym, int64_t scale_dtype);
 void fake_quant_int_backward_step_cpu(Tensor grad, Tensor w, Tensor v, Tensor mn, Tensor mx, int64_t bits,
-                                      int64_t group_size, bool sym, int64_t scale_dtype, Tensor best_v,
-                                      Tensor best_mn, Tensor best_mx, Tensor improved, Tensor lr);
+                                      int64_t group_size, bool sym, int64_t scale_dtype, Tensor best_mn,
+                                      Tensor best_mx, Tensor improved, Tensor lr);
 void fake_quant_int_backward_step_cuda(Tensor grad, Tensor w, Tensor v, Tensor mn, Tensor mx, int64_t bits,
-                                       int64_t group_size, bool sym, int64_t scale_dtype, Tensor best_v,
-                                       Tensor best_mn, Tensor best_mx, Tensor improved, Tensor lr);
+                                       int64_t group_size, bool sym, int64_t scale_dtype, Tensor best_mn,
+                                       Tensor best_mx, Tensor improved, Tensor lr);
 
 std::tuple<Tensor, Tensor> fake_quant_mx_cpu(Tensor w, Tensor v, Tensor ms, int64_t bits);
 std::tuple<Tensor, Tensor> fake_quant_mx_cuda(Tensor w, Tensor v, Tensor ms, int64_t bits);
@@ -82,7 +82,7 @@ Tensor masked_mse_loss_cuda(Tensor pred, Tensor ref, std::optional<Tensor> mask)
 Tensor masked_mse_loss_backward_cpu(Tensor grad, Tensor pred, Tensor ref, std::optional<Tensor> mask);
 Tensor masked_mse_loss_backward_cuda(Tensor grad, Tensor pred, Tensor ref, std::optional<Tensor> mask);
 
-void sign_step_cpu(Tensor param, Tensor best, Tensor grad, Tensor improved, Tensor lr);
-void sign_step_cuda(Tensor param, Tensor best, Tensor grad, Tensor improved, Tensor lr);
+void sign_step_cpu(Tensor param, std::optional<Tensor> best, Tensor grad, Tensor improved, Tensor lr);
+void sign_step_cuda(Tensor param, std::optional<Tensor> best, Tensor grad, Tensor improved, Tensor lr);
 
 }  // namespace autoround_fast

@@ -224,18 +224,18 @@ inline LossArgs loss_args(const Tensor& pred, const Tensor& ref, const std::opti
                   ref.const_data_ptr(), m};
 }
 
-inline SignStepArgs sign_step_args(Tensor& param, Tensor& best, const Tensor& grad,
+inline SignStepArgs sign_step_args(Tensor& param, std::optional<Tensor>& best, const Tensor& grad,
                                    const Tensor& improved, const Tensor& lr, const char* op) {
   STD_TORCH_CHECK(param.scalar_type() == ScalarType::Float && param.is_contiguous(), op,
                   ": param must be a contiguous float32 tensor");
-  check_fp32(param, best, param.numel(), op, "best");
+  if (best.has_value()) check_fp32(param, *best, param.numel(), op, "best");
   check_fp32(param, grad, param.numel(), op, "grad");
   check_fp32(param, lr, 1, op, "lr");
   check_same_device(param, improved, op, "improved");
   STD_TORCH_CHECK(improved.scalar_type() == ScalarType::Bool && improved.numel() == 1, op,
                   ": improved must be one bool");
   return SignStepArgs{param.numel(), static_cast<float*>(param.mutable_data_ptr()),
-                      static_cast<float*>(best.mutable_data_ptr()),
+                      best.has_value() ? static_cast<float*>(best->mutable_data_ptr()) : nullptr,
                       static_cast<const float*>(grad.const_data_ptr()),
                       static_cast<const bool*>(improved.const_data_ptr()),
                       static_cast<const float*>(lr.const_data_ptr())};
@@ -244,9 +244,8 @@ inline SignStepArgs sign_step_args(Tensor& param, Tensor& best, const Tensor& gr
 // The tensors a backward steps in place (launchers.h's StepTargets), checked: each best like
 // its tunable, improved one bool, lr one float32, all on the tunables' device. min_scale and
 // its best are null for NVFP4.
-inline StepTargets step_targets(Tensor& v, Tensor& best_v, Tensor* mn, Tensor* best_mn, Tensor& mx,
-                                Tensor& best_mx, const Tensor& improved, const Tensor& lr, const char* op) {
-  check_fp32(v, best_v, v.numel(), op, "best_v");
+inline StepTargets step_targets(Tensor& v, Tensor* mn, Tensor* best_mn, Tensor& mx, Tensor& best_mx,
+                                const Tensor& improved, const Tensor& lr, const char* op) {
   if (mn) check_fp32(*mn, *best_mn, mn->numel(), op, "best_min_scale");
   check_fp32(mx, best_mx, mx.numel(), op, "best_max_scale");
   check_fp32(v, lr, 1, op, "lr");
@@ -254,7 +253,7 @@ inline StepTargets step_targets(Tensor& v, Tensor& best_v, Tensor* mn, Tensor* b
   STD_TORCH_CHECK(improved.scalar_type() == ScalarType::Bool && improved.numel() == 1, op,
                   ": improved must be one bool");
   auto ptr = [](Tensor* t) { return t ? static_cast<float*>(t->mutable_data_ptr()) : nullptr; };
-  return StepTargets{ptr(&v), ptr(&best_v), ptr(mn), ptr(best_mn), ptr(&mx), ptr(&best_mx),
+  return StepTargets{ptr(&v), ptr(mn), ptr(best_mn), ptr(&mx), ptr(&best_mx),
                      static_cast<const bool*>(improved.const_data_ptr()),
                      static_cast<const float*>(lr.const_data_ptr())};
 }

@@ -20,7 +20,7 @@ void check_finite_count(int64_t bad, const char* op, const char* name) {
 // (the CUDA kernels do both in one pass; the bits are the same).
 void step_with(const StepTargets& t, int64_t n_v, int64_t n_scales, const float* g_v, const float* g_mn,
                const float* g_mx) {
-  cpu::sign_step(SignStepArgs{n_v, t.v, t.best_v, g_v, t.improved, t.lr});
+  cpu::sign_step(SignStepArgs{n_v, t.v, nullptr, g_v, t.improved, t.lr});
   if (t.min_scale) cpu::sign_step(SignStepArgs{n_scales, t.min_scale, t.best_min_scale, g_mn, t.improved, t.lr});
   cpu::sign_step(SignStepArgs{n_scales, t.max_scale, t.best_max_scale, g_mx, t.improved, t.lr});
 }
@@ -238,32 +238,32 @@ Tensor masked_mse_loss_backward_cpu(Tensor grad, Tensor pred, Tensor ref, std::o
   return gp;
 }
 
-void fake_quant_nvfp4_backward_step_cpu(Tensor grad, Tensor w, Tensor v, Tensor ms, Tensor gs, Tensor best_v,
-                                        Tensor best_ms, Tensor improved, Tensor lr) {
+void fake_quant_nvfp4_backward_step_cpu(Tensor grad, Tensor w, Tensor v, Tensor ms, Tensor gs, Tensor best_ms,
+                                        Tensor improved, Tensor lr) {
   const char* op = "fake_quant_nvfp4_backward_step_";
   check_cpu(w, op);
   nvfp4_args(w, v, ms, gs, op);  // checked under this op's name; the backward checks again
   check_like(w, grad, op, "grad");
-  StepTargets t = step_targets(v, best_v, nullptr, nullptr, ms, best_ms, improved, lr, op);
+  StepTargets t = step_targets(v, nullptr, nullptr, ms, best_ms, improved, lr, op);
   auto [gv, gms] = fake_quant_nvfp4_backward_cpu(grad, w, v, ms, gs);
   step_with(t, v.numel(), ms.numel(), static_cast<const float*>(gv.const_data_ptr()), nullptr,
             static_cast<const float*>(gms.const_data_ptr()));
 }
 
 void fake_quant_int_backward_step_cpu(Tensor grad, Tensor w, Tensor v, Tensor mn, Tensor mx, int64_t bits,
-                                      int64_t group_size, bool sym, int64_t scale_dtype, Tensor best_v,
-                                      Tensor best_mn, Tensor best_mx, Tensor improved, Tensor lr) {
+                                      int64_t group_size, bool sym, int64_t scale_dtype, Tensor best_mn,
+                                      Tensor best_mx, Tensor improved, Tensor lr) {
   const char* op = "fake_quant_int_backward_step_";
   check_cpu(w, op);
   int_args(w, v, mn, mx, bits, group_size, sym, scale_dtype, op);  // as for NVFP4
   check_like(w, grad, op, "grad");
-  StepTargets t = step_targets(v, best_v, &mn, &best_mn, mx, best_mx, improved, lr, op);
+  StepTargets t = step_targets(v, &mn, &best_mn, mx, best_mx, improved, lr, op);
   auto [gv, gmn, gmx] = fake_quant_int_backward_cpu(grad, w, v, mn, mx, bits, group_size, sym, scale_dtype);
   step_with(t, v.numel(), mn.numel(), static_cast<const float*>(gv.const_data_ptr()),
             static_cast<const float*>(gmn.const_data_ptr()), static_cast<const float*>(gmx.const_data_ptr()));
 }
 
-void sign_step_cpu(Tensor param, Tensor best, Tensor grad, Tensor improved, Tensor lr) {
+void sign_step_cpu(Tensor param, std::optional<Tensor> best, Tensor grad, Tensor improved, Tensor lr) {
   const char* op = "sign_step_";
   check_cpu(param, op);
   cpu::sign_step(sign_step_args(param, best, grad, improved, lr, op));

@@ -311,30 +311,30 @@ Tensor masked_mse_loss_backward_cuda(Tensor grad, Tensor pred, Tensor ref, std::
   return gp;
 }
 
-void fake_quant_nvfp4_backward_step_cuda(Tensor grad, Tensor w, Tensor v, Tensor ms, Tensor gs, Tensor best_v,
-                                         Tensor best_ms, Tensor improved, Tensor lr) {
+void fake_quant_nvfp4_backward_step_cuda(Tensor grad, Tensor w, Tensor v, Tensor ms, Tensor gs, Tensor best_ms,
+                                         Tensor improved, Tensor lr) {
   const char* op = "fake_quant_nvfp4_backward_step_";
-  CudaContext ctx({&w, &grad, &v, &ms, &gs, &best_v, &best_ms, &improved, &lr}, op);
+  CudaContext ctx({&w, &grad, &v, &ms, &gs, &best_ms, &improved, &lr}, op);
   Nvfp4Args a = nvfp4_args(w, v, ms, gs, op);
   check_like(w, grad, op, "grad");
-  StepTargets t = step_targets(v, best_v, nullptr, nullptr, ms, best_ms, improved, lr, op);
+  StepTargets t = step_targets(v, nullptr, nullptr, ms, best_ms, improved, lr, op);
   check_launch(launch_fake_quant_nvfp4_backward_step(a, grad.const_data_ptr(), t, ctx.stream), op);
 }
 
 void fake_quant_int_backward_step_cuda(Tensor grad, Tensor w, Tensor v, Tensor mn, Tensor mx, int64_t bits,
-                                       int64_t group_size, bool sym, int64_t scale_dtype, Tensor best_v,
-                                       Tensor best_mn, Tensor best_mx, Tensor improved, Tensor lr) {
+                                       int64_t group_size, bool sym, int64_t scale_dtype, Tensor best_mn,
+                                       Tensor best_mx, Tensor improved, Tensor lr) {
   const char* op = "fake_quant_int_backward_step_";
-  CudaContext ctx({&w, &grad, &v, &mn, &mx, &best_v, &best_mn, &best_mx, &improved, &lr}, op);
+  CudaContext ctx({&w, &grad, &v, &mn, &mx, &best_mn, &best_mx, &improved, &lr}, op);
   IntArgs a = int_args(w, v, mn, mx, bits, group_size, sym, scale_dtype, op);
   check_like(w, grad, op, "grad");
-  StepTargets t = step_targets(v, best_v, &mn, &best_mn, mx, best_mx, improved, lr, op);
+  StepTargets t = step_targets(v, &mn, &best_mn, mx, best_mx, improved, lr, op);
   check_launch(launch_fake_quant_int_backward_step(a, grad.const_data_ptr(), t, ctx.stream), op);
 }
 
-void sign_step_cuda(Tensor param, Tensor best, Tensor grad, Tensor improved, Tensor lr) {
+void sign_step_cuda(Tensor param, std::optional<Tensor> best, Tensor grad, Tensor improved, Tensor lr) {
   const char* op = "sign_step_";
-  CudaContext ctx({&param, &best, &grad, &improved, &lr}, op);
+  CudaContext ctx({&param, &grad, &improved, &lr}, op);  // sign_step_args checks best's device
   check_launch(launch_sign_step(sign_step_args(param, best, grad, improved, lr, op), ctx.stream), op);
 }
 

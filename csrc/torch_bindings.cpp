@@ -26,9 +26,9 @@ STABLE_TORCH_LIBRARY(autoround_fast, m) {
   m.def("fake_quant_mx_activation_backward(Tensor grad, Tensor x, int bits) -> Tensor");
   m.def("masked_mse_loss(Tensor pred, Tensor ref, Tensor? mask) -> Tensor");
   m.def("masked_mse_loss_backward(Tensor grad, Tensor pred, Tensor ref, Tensor? mask) -> Tensor");
-  m.def("sign_step_(Tensor(a!) param, Tensor(b!) best, Tensor grad, Tensor improved, Tensor lr) -> ()");
-  m.def("fake_quant_nvfp4_backward_step_(Tensor grad, Tensor weight, Tensor(a!) v, Tensor(b!) max_scale, Tensor global_scale, Tensor(c!) best_v, Tensor(d!) best_max_scale, Tensor improved, Tensor lr) -> ()");
-  m.def("fake_quant_int_backward_step_(Tensor grad, Tensor weight, Tensor(a!) v, Tensor(b!) min_scale, Tensor(c!) max_scale, int bits, int group_size, bool sym, int scale_dtype, Tensor(d!) best_v, Tensor(e!) best_min_scale, Tensor(f!) best_max_scale, Tensor improved, Tensor lr) -> ()");
+  m.def("sign_step_(Tensor(a!) param, Tensor(b!)? best, Tensor grad, Tensor improved, Tensor lr) -> ()");
+  m.def("fake_quant_nvfp4_backward_step_(Tensor grad, Tensor weight, Tensor(a!) v, Tensor(b!) max_scale, Tensor global_scale, Tensor(c!) best_max_scale, Tensor improved, Tensor lr) -> ()");
+  m.def("fake_quant_int_backward_step_(Tensor grad, Tensor weight, Tensor(a!) v, Tensor(b!) min_scale, Tensor(c!) max_scale, int bits, int group_size, bool sym, int scale_dtype, Tensor(d!) best_min_scale, Tensor(e!) best_max_scale, Tensor improved, Tensor lr) -> ()");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(autoround_fast, CPU, m) {

@@ -112,7 +112,7 @@ __device__ __forceinline__ void store_part(T* p, Left left, const float* x) {
 // value the kernel read (an element of V, a scale) beside its gradient, so the step reads
 // nothing twice. kInPlace: the kernel must read V and the scales with plain loads.
 // Kernels that stage V through shared memory (the NVFP4 backward) write v_value(p, g) to
-// v_dst() and hand each 16-byte chunk of V as read to v_best_chunk.
+// v_dst(). V keeps no best copy here: the engine keeps the best fake-quantized weight.
 struct GradOut {
   static constexpr bool kInPlace = false;
   float* v;
@@ -126,7 +126,6 @@ struct GradOut {
   __device__ __forceinline__ void v_one(int64_t at, float, float g) const { v[at] = g; }
   __device__ __forceinline__ float* v_dst() const { return v; }
   __device__ __forceinline__ float v_value(float, float g) const { return g; }
-  __device__ __forceinline__ void v_best_chunk(int64_t, float4) const {}
   __device__ __forceinline__ void min_one(int64_t gi, float, float g) const { min_scale[gi] = g; }
   __device__ __forceinline__ void max_one(int64_t gi, float, float g) const { max_scale[gi] = g; }
 };
@@ -146,18 +145,14 @@ struct StepOut {
   }
   template <int N>
   __device__ __forceinline__ void v_vec(int64_t at, const float* p, const float* g) const {
-    if (improved) store_vec<float, N>(t.best_v + at, p);
     float s[N];
 #pragma unroll
     for (int j = 0; j < N; ++j) s[j] = sign_step_value(p[j], g[j], lr);
     store_vec<float, N>(t.v + at, s);
   }
-  __device__ __forceinline__ void v_one(int64_t at, float p, float g) const { step(t.v, t.best_v, at, p, g); }
+  __device__ __forceinline__ void v_one(int64_t at, float p, float g) const { t.v[at] = sign_step_value(p, g, lr); }
   __device__ __forceinline__ float* v_dst() const { return t.v; }
   __device__ __forceinline__ float v_value(float p, float g) const { return sign_step_value(p, g, lr); }
-  __device__ __forceinline__ void v_best_chunk(int64_t chunk, float4 p) const {
-    if (improved) reinterpret_cast<float4*>(t.best_v)[chunk] = p;
-  }
   __device__ __forceinline__ void min_one(int64_t gi, float p, float g) const {
     step(t.min_scale, t.best_min_scale, gi, p, g);
   }

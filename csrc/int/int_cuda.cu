@@ -489,7 +489,7 @@ const char* launch_fake_quant_int_backward(const IntArgs& a, const void* grad, f
 
 const char* launch_fake_quant_int_backward_step(const IntArgs& a, const void* grad, const StepTargets& t,
                                                 cudaStream_t stream) {
-  return launch_int_backward(a, grad, StepOut{t, false, 0.f}, {a.weight, a.v, grad, t.best_v}, stream);
+  return launch_int_backward(a, grad, StepOut{t, false, 0.f}, {a.weight, a.v, grad}, stream);
 }
 
 }  // namespace autoround_fast

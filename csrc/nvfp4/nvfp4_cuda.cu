@@ -46,7 +46,7 @@ __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_backward_kernel(Nvf
   });
 }
 
-// The vector path, with V and its result (the gradient, or the stepped V and the best copy)
+// The vector path, with V and its result (the gradient, or the stepped V)
 // staged through shared memory. One thread per group would read and write V's fp32 values as
 // four 16-byte accesses 64 bytes apart across the warp: every store instruction fills half
 // of 32 sectors, and ncu showed the backward + step bound by L2 throughput (84%) with DRAM at
@@ -81,7 +81,6 @@ __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_backward_staged_ker
       if (c < chunks) {
         const float4 p = load_ro<kNc>(v4 + c0 + c);
         tile[tile_slot(c)] = p;
-        out.v_best_chunk(c0 + c, p);
       }
     }
     __syncthreads();
@@ -190,7 +189,7 @@ const char* launch_fake_quant_nvfp4_backward(const Nvfp4Args& a, const void* gra
 
 const char* launch_fake_quant_nvfp4_backward_step(const Nvfp4Args& a, const void* grad,
                                                   const StepTargets& t, cudaStream_t stream) {
-  return launch_nvfp4_backward(a, grad, StepOut{t, false, 0.f}, {a.weight, a.v, grad, t.best_v}, stream);
+  return launch_nvfp4_backward(a, grad, StepOut{t, false, 0.f}, {a.weight, a.v, grad}, stream);
 }
 
 const char* launch_fake_quant_nvfp4_activation(const Nvfp4ActArgs& a, void* out, cudaStream_t stream) {

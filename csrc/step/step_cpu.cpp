@@ -9,7 +9,7 @@ void sign_step(const SignStepArgs& a) {
   const float lr = *a.lr;
   for (int64_t i = 0; i < a.numel; ++i) {
     const float p = a.param[i];
-    if (improved) a.best[i] = p;
+    if (improved && a.best) a.best[i] = p;
     a.param[i] = sign_step_value(p, a.grad[i], lr);
   }
 }

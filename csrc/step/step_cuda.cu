@@ -1,5 +1,6 @@
 // The fused SignSGD step and best-parameter copy: one pass over param and grad (and a write of
-// best only when the loss improved), where torch.where, sign_ and addcmul_ took three passes.
+// best only when the loss improved and there is one), where torch.where, sign_ and addcmul_
+// took three passes.
 #include <algorithm>
 #include <cuda_runtime.h>
 
@@ -22,7 +23,7 @@ __device__ __forceinline__ void step4(float4& p, const float4& g, float lr) {
 // kVec: 16-byte accesses, four elements per iteration (numel % 4 == 0, pointers aligned).
 template <bool kVec>
 __global__ void __launch_bounds__(kThreads) sign_step_kernel(SignStepArgs a) {
-  const bool improved = *a.improved;
+  const bool improved = *a.improved && a.best != nullptr;
   const float lr = *a.lr;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
@@ -49,7 +50,7 @@ __global__ void __launch_bounds__(kThreads) sign_step_kernel(SignStepArgs a) {
 
 const char* launch_sign_step(const SignStepArgs& a, cudaStream_t s) {
   if (a.numel == 0) return nullptr;
-  const bool vec = a.numel % 4 == 0 && aligned16(a.param) && aligned16(a.best) && aligned16(a.grad);
+  const bool vec = a.numel % 4 == 0 && aligned16(a.param) && (a.best == nullptr || aligned16(a.best)) && aligned16(a.grad);
   const int64_t work = vec ? a.numel / 4 : a.numel;
   // grid-stride: a few waves of blocks at most, each thread a few elements
   const unsigned blocks = std::min<unsigned>(grid_for(work, kThreads), 8192u);

@@ -261,37 +261,37 @@ def fake_quant_nvfp4(
 
 
 @torch.library.register_fake("autoround_fast::fake_quant_nvfp4_backward_step_")
-def _(grad, weight, v, max_scale, global_scale, best_v, best_max_scale, improved, lr):
+def _(grad, weight, v, max_scale, global_scale, best_max_scale, improved, lr):
     op = "fake_quant_nvfp4_backward_step_"
     _check_nvfp4(op, weight, v, max_scale, global_scale, fake=True)
     _check_grad_like(grad, weight, op)
-    _check_step_targets(op, improved, lr, [("best_v", v, best_v), ("best_max_scale", max_scale, best_max_scale)])
+    _check_step_targets(op, improved, lr, [("best_max_scale", max_scale, best_max_scale)])
 
 
 torch.library.define(
     "autoround_fast::fake_quant_nvfp4_stepped",
-    "(Tensor weight, Tensor v, Tensor max_scale, Tensor global_scale, Tensor best_v, Tensor best_max_scale, "
+    "(Tensor weight, Tensor v, Tensor max_scale, Tensor global_scale, Tensor best_max_scale, "
     "Tensor improved, Tensor lr) -> (Tensor, Tensor)",
 )
 
 
 @torch.library.impl("autoround_fast::fake_quant_nvfp4_stepped", "default")
-def _(weight, v, max_scale, global_scale, best_v, best_max_scale, improved, lr):
+def _(weight, v, max_scale, global_scale, best_max_scale, improved, lr):
     return _ops.fake_quant_nvfp4(weight, v, max_scale, global_scale)
 
 
 @torch.library.register_fake("autoround_fast::fake_quant_nvfp4_stepped")
-def _(weight, v, max_scale, global_scale, best_v, best_max_scale, improved, lr):
+def _(weight, v, max_scale, global_scale, best_max_scale, improved, lr):
     op = "fake_quant_nvfp4_stepped"
     _check_nvfp4(op, weight, v, max_scale, global_scale, fake=True)
-    _check_step_targets(op, improved, lr, [("best_v", v, best_v), ("best_max_scale", max_scale, best_max_scale)])
+    _check_step_targets(op, improved, lr, [("best_max_scale", max_scale, best_max_scale)])
     return _nvfp4_outputs(weight)
 
 
 def _nvfp4_stepped_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:4])  # weight, v, max_scale, global_scale
-    # best_v, best_max_scale, improved, lr: not saved tensors, as improved and lr are written
-    # after this forward, before the backward
+    # best_max_scale, improved, lr: not saved tensors, as improved and lr are written after
+    # this forward, before the backward
     ctx.step = inputs[4:]
     ctx.mark_non_differentiable(output[1])
 
@@ -299,7 +299,7 @@ def _nvfp4_stepped_setup(ctx, inputs, output):
 def _nvfp4_stepped_backward(ctx, grad_q, grad_scale):
     weight, v, max_scale, global_scale = ctx.saved_tensors
     _ops.fake_quant_nvfp4_backward_step_(grad_q.contiguous(), weight, v, max_scale, global_scale, *ctx.step)
-    return (None,) * 8
+    return (None,) * 7
 
 
 torch.library.register_autograd(
@@ -310,13 +310,14 @@ torch.library.register_autograd(
 def step_in_backward_nvfp4(weight, v, max_scale, global_scale, best, improved, lr, on_step):
     """The tuning loop's :func:`fake_quant_nvfp4` when SignRound's step runs inside the
     backward: the forward is the same; the backward, instead of returning the gradients of
-    ``v`` and ``max_scale``, applies :func:`sign_step_` to each with them (``best`` = [best_v,
-    best_max_scale], ``improved`` and ``lr`` one-element device tensors, read when the backward
-    runs) and calls ``on_step()``. Equal bit for bit to the gradients followed by the steps, in
+    ``v`` and ``max_scale``, applies :func:`sign_step_` to each with them (``best`` =
+    [best_max_scale]: V keeps no best copy, the engine keeps the best fake-quantized weight;
+    ``improved`` and ``lr`` one-element device tensors, read when the backward runs) and calls
+    ``on_step()``. Equal bit for bit to the gradients followed by the steps, in
     one kernel: the gradients never go through memory. Inputs are not validated (the engine's
     own tensors). Valid only where each gradient is final when the backward runs: one forward
     per tensor and step (no accumulation over micro-batches, no reduction over ranks)."""
-    q, scale = _ops.fake_quant_nvfp4_stepped(weight, v, max_scale, global_scale, best[0], best[1], improved, lr)
+    q, scale = _ops.fake_quant_nvfp4_stepped(weight, v, max_scale, global_scale, best[0], improved, lr)
     _after_backward(q, on_step)
     return q, scale
 
@@ -816,35 +817,35 @@ def fake_quant_int(
 
 
 @torch.library.register_fake("autoround_fast::fake_quant_int_backward_step_")
-def _(grad, weight, v, min_scale, max_scale, bits, group_size, sym, scale_dtype, best_v, best_min_scale,
-      best_max_scale, improved, lr):
+def _(grad, weight, v, min_scale, max_scale, bits, group_size, sym, scale_dtype, best_min_scale, best_max_scale,
+      improved, lr):
     op = "fake_quant_int_backward_step_"
     _check_int_fake(op, weight, v, min_scale, max_scale, bits, group_size, scale_dtype)
     _check_grad_like(grad, weight, op)
-    _check_step_targets(op, improved, lr, [("best_v", v, best_v), ("best_min_scale", min_scale, best_min_scale),
+    _check_step_targets(op, improved, lr, [("best_min_scale", min_scale, best_min_scale),
                                            ("best_max_scale", max_scale, best_max_scale)])
 
 
 torch.library.define(
     "autoround_fast::fake_quant_int_stepped",
     "(Tensor weight, Tensor v, Tensor min_scale, Tensor max_scale, int bits, int group_size, bool sym, "
-    "int scale_dtype, Tensor best_v, Tensor best_min_scale, Tensor best_max_scale, Tensor improved, Tensor lr) "
+    "int scale_dtype, Tensor best_min_scale, Tensor best_max_scale, Tensor improved, Tensor lr) "
     "-> (Tensor, Tensor, Tensor)",
 )
 
 
 @torch.library.impl("autoround_fast::fake_quant_int_stepped", "default")
-def _(weight, v, min_scale, max_scale, bits, group_size, sym, scale_dtype, best_v, best_min_scale, best_max_scale,
-      improved, lr):
+def _(weight, v, min_scale, max_scale, bits, group_size, sym, scale_dtype, best_min_scale, best_max_scale, improved,
+      lr):
     return _ops.fake_quant_int(weight, v, min_scale, max_scale, bits, group_size, sym, scale_dtype)
 
 
 @torch.library.register_fake("autoround_fast::fake_quant_int_stepped")
-def _(weight, v, min_scale, max_scale, bits, group_size, sym, scale_dtype, best_v, best_min_scale, best_max_scale,
-      improved, lr):
+def _(weight, v, min_scale, max_scale, bits, group_size, sym, scale_dtype, best_min_scale, best_max_scale, improved,
+      lr):
     op = "fake_quant_int_stepped"
     _check_int_fake(op, weight, v, min_scale, max_scale, bits, group_size, scale_dtype)
-    _check_step_targets(op, improved, lr, [("best_v", v, best_v), ("best_min_scale", min_scale, best_min_scale),
+    _check_step_targets(op, improved, lr, [("best_min_scale", min_scale, best_min_scale),
                                            ("best_max_scale", max_scale, best_max_scale)])
     return _int_outputs(weight, group_size, scale_dtype)
 
@@ -852,14 +853,14 @@ def _(weight, v, min_scale, max_scale, bits, group_size, sym, scale_dtype, best_
 def _int_stepped_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:4])  # weight, v, min_scale, max_scale
     ctx.args = inputs[4:8]  # bits, group_size, sym, scale_dtype
-    ctx.step = inputs[8:]  # best_v, best_min_scale, best_max_scale, improved, lr (as for NVFP4)
+    ctx.step = inputs[8:]  # best_min_scale, best_max_scale, improved, lr (as for NVFP4)
     ctx.mark_non_differentiable(output[1], output[2])
 
 
 def _int_stepped_backward(ctx, grad_q, grad_scale, grad_zp):
     weight, v, min_scale, max_scale = ctx.saved_tensors
     _ops.fake_quant_int_backward_step_(grad_q.contiguous(), weight, v, min_scale, max_scale, *ctx.args, *ctx.step)
-    return (None,) * 13
+    return (None,) * 12
 
 
 torch.library.register_autograd(
@@ -869,12 +870,11 @@ torch.library.register_autograd(
 
 def step_in_backward_int(weight, v, min_scale, max_scale, bits, group_size, sym, scale_dtype, best, improved, lr,
                          on_step):
-    """:func:`step_in_backward_nvfp4` for :func:`fake_quant_int` (``best`` = [best_v,
-    best_min_scale, best_max_scale]; ``scale_dtype`` a torch dtype)."""
+    """:func:`step_in_backward_nvfp4` for :func:`fake_quant_int` (``best`` = [best_min_scale,
+    best_max_scale]; ``scale_dtype`` a torch dtype)."""
     _check_scale_dtype(scale_dtype, "fake_quant_int")
     q, scale, zp = _ops.fake_quant_int_stepped(weight, v, min_scale, max_scale, int(bits), int(group_size), bool(sym),
-                                               SCALE_DTYPE_CODES[scale_dtype], best[0], best[1], best[2], improved,
-                                               lr)
+                                               SCALE_DTYPE_CODES[scale_dtype], best[0], best[1], improved, lr)
     _after_backward(q, on_step)
     return q, scale, zp
 
@@ -1098,6 +1098,8 @@ def _check_sign_step(op: str, param, best, grad, improved, lr, fake: bool = Fals
     _require(param.dtype == torch.float32 and param.is_contiguous(), op,
              f"param must be a contiguous float32 tensor, got {param.dtype}", fake)
     for name, t in (("best", best), ("grad", grad)):
+        if t is None:  # no best copy
+            continue
         _require(t.shape == param.shape and t.is_contiguous(), op,
                  f"{name} must be contiguous with param's shape {tuple(param.shape)}, got {tuple(t.shape)}", fake)
         _check_param(param, t, param.numel(), name, op, fake)
@@ -1110,16 +1112,18 @@ def _(param, best, grad, improved, lr):
     _check_sign_step("sign_step_", param, best, grad, improved, lr, fake=True)
 
 
-def sign_step_(param: torch.Tensor, best: torch.Tensor, grad: torch.Tensor, improved: torch.Tensor,
+def sign_step_(param: torch.Tensor, best: Optional[torch.Tensor], grad: torch.Tensor, improved: torch.Tensor,
                lr: torch.Tensor) -> None:
     """SignRound's step on one tuned tensor, in place, fused with the best-parameter copy::
 
-        if improved: best = param          (the parameters that scored the best loss so far)
+        if improved: best = param          (the parameters that scored the best loss so far;
+                                            skipped where best is None)
         param = param - lr * sign(grad)    (sign(0) = sign(NaN) = 0)
 
     Equal bit for bit to ``torch.where(improved, param, best, out=best)`` followed by
     ``param.addcmul_(grad.sign(), lr, value=-1)``, in one pass instead of three. ``param``,
-    ``best`` and ``grad`` are contiguous fp32 tensors of one shape; ``improved`` (bool) and
+    ``best`` (or None: V, whose best the engine keeps as the fake-quantized weight) and ``grad``
+    are contiguous fp32 tensors of one shape; ``improved`` (bool) and
     ``lr`` (fp32) are one-element tensors on the same device, read by the kernel, so a
     captured CUDA graph replays the step with the values of the moment.
     """

@@ -301,10 +301,11 @@ def masked_mse_loss(pred, ref, mask: Optional[torch.Tensor] = None):
     return torch.nn.functional.mse_loss(pred.to(torch.float32), ref.to(torch.float32))
 
 
-def sign_step_(param: torch.Tensor, best: torch.Tensor, grad: torch.Tensor, improved: torch.Tensor,
+def sign_step_(param: torch.Tensor, best: Optional[torch.Tensor], grad: torch.Tensor, improved: torch.Tensor,
                lr: torch.Tensor) -> None:
-    """SignRound's step on one tuned tensor, in place (docs/numerics.md#sign-step): ``best`` takes the parameters
-    if this iteration's loss improved on the best so far (scored before the step), then
-    SignSGD ``param -= lr * sign(grad)`` with sign(0) = 0."""
-    torch.where(improved, param, best, out=best)
+    """SignRound's step on one tuned tensor, in place (docs/numerics.md#sign-step): ``best`` (where
+    not None) takes the parameters if this iteration's loss improved on the best so far (scored
+    before the step), then SignSGD ``param -= lr * sign(grad)`` with sign(0) = 0."""
+    if best is not None:
+        torch.where(improved, param, best, out=best)
     param.addcmul_(grad.sign(), lr, value=-1.0)

@@ -3,9 +3,11 @@ gets its caches in host memory, then smaller micro-batches, and says so; the sma
 micro-batches tune exactly as the same settings given by hand; no fit is a clear error."""
 
 import copy
+import gc
 
 import pytest
 import torch
+import torch.nn as nn
 
 from torch.multiprocessing.reductions import StorageWeakRef
 
@@ -29,7 +31,8 @@ def linears_of(model):
 
 
 def test_the_estimate_counts_tunables_caches_and_one_micro_batch(block_and_inputs):
-    """The loop: 14 bytes per tuned weight, the caches not held yet and one micro-batch's
+    """The loop: 12 bytes per tuned bf16 weight (V and its gradient, the saved and the best
+    fake-quantized weight), the caches not held yet and one micro-batch's
     forward and backward; the reference pass before it: the fp inputs, the quantized inputs and
     the reference outputs at once, with one forward, which is the larger where the caches are."""
     model, _ = block_and_inputs
@@ -41,7 +44,7 @@ def test_the_estimate_counts_tunables_caches_and_one_micro_batch(block_and_input
     def estimate(batch=4, on_device=True, **kw):
         return memory.BlockMemory(lin, n_samples=8, tokens=16, hidden=128, elem=2, **kw).bytes(batch, on_device)
 
-    assert estimate() == weights * 14 + 3 * cache + 2 * forward  # fp, quantized inputs, reference
+    assert estimate() == weights * 12 + 3 * cache + 2 * forward  # fp, quantized inputs, reference
     assert estimate() - estimate(on_device=False) == 3 * cache - 2 * 4 * 16 * 128 * 2  # two batches staged
     assert estimate() - estimate(resident=2) == 2 * cache  # the caller's inputs on the device are spent
     released = estimate(resident=2, release_inputs=True)
@@ -137,6 +140,27 @@ def test_released_inputs_are_freed_before_the_loop_and_change_nothing(block_and_
     assert all(torch.equal(runs[True][1][n], runs[False][1][n]) for n in LINEARS)
     with pytest.raises(ValueError, match="release_inputs=True needs fp_inputs as a list"):
         tune_block(copy.deepcopy(block0), tuple(cast), spec, iters=1, release_inputs=True)
+
+
+@pytest.mark.parametrize("kind", ["int", "mx"])  # V stepped in the backward, and by the separate step
+def test_the_loop_keeps_the_best_weight_not_a_copy_of_v(block_and_inputs, kind):
+    """V's best is kept as the fake-quantized weight it gave, in the block's dtype, not as an
+    fp32 copy of V: while the loop runs, no fp32 tensor of a weight's shape is alive beside the
+    V parameters (in a bf16 block; in an fp32 one the best weights are those, one per Linear)."""
+    model, inputs = block_and_inputs
+    block = copy.deepcopy(model.model.layers[0])
+    shapes = {tuple(block.get_submodule(n).weight.shape) for n in LINEARS}
+    spec = {n: QuantSpec("int", 4, 32, True, scale_dtype=torch.bfloat16) if kind == "int" else QuantSpec("mx", 4, 32)
+            for n in LINEARS}
+    counts = []
+
+    def count(it, loss):
+        gc.collect()
+        counts.append(sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and not isinstance(o, nn.Parameter)
+                          and o.dtype == torch.float32 and tuple(o.shape) in shapes))
+
+    tune_block(block, inputs, spec, iters=3, batch_size=4, progress=count)
+    assert counts == [0 if cpu_tune_dtype() == torch.bfloat16 else len(LINEARS)] * 3
 
 
 def test_eagerly_run_attention_counts_its_score_matrices(block_and_inputs):

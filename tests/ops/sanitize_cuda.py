@@ -91,7 +91,7 @@ def main():
             q, _ = ops.fake_quant_nvfp4(w, v, ms, gs)
             q.float().sum().backward()
             for improved in (True, False):  # the backward that steps v and max_scale in place
-                q, _ = ops.step_in_backward_nvfp4(w, v, ms, gs, bests(v, ms), flag(improved), lr, lambda: None)
+                q, _ = ops.step_in_backward_nvfp4(w, v, ms, gs, bests(ms), flag(improved), lr, lambda: None)
                 q.float().sum().backward()
             for group in (-1, 32, 48):  # a row per group, a group per 4 lanes, a warp per group
                 groups = ops.int_num_groups(cols, group)
@@ -101,7 +101,7 @@ def main():
                     q, _, _ = ops.fake_quant_int(w, v, mn, mx, 4, group, sym)
                     q.float().sum().backward()
                     q, _, _ = ops.step_in_backward_int(w, v, mn, mx, 4, group, sym, torch.float16,
-                                                       bests(v, mn, mx), flag(sym), lr, lambda: None)
+                                                       bests(mn, mx), flag(sym), lr, lambda: None)
                     q.float().sum().backward()
             x = torch.randn(3, 5, cols, device="cuda", dtype=dtype, requires_grad=True)
             y = ops.fake_quant_nvfp4_activation(x, ops.nvfp4_global_scale(x))
@@ -116,13 +116,15 @@ def main():
     mn, mx = (torch.ones(1024, 16, device="cuda", requires_grad=True) for _ in range(2))
     q, _, _ = ops.fake_quant_int(w, v, mn, mx, 4, 128, True)
     q.float().sum().backward()
-    q, _, _ = ops.step_in_backward_int(w, v, mn, mx, 4, 128, True, torch.float16, bests(v, mn, mx), flag(True),
+    q, _, _ = ops.step_in_backward_int(w, v, mn, mx, 4, 128, True, torch.float16, bests(mn, mx), flag(True),
                                        lr, lambda: None)
     q.float().sum().backward()
     for n, offset in ((4096, 0), (1001, 1)):  # the step's 16-byte and scalar paths
         buf = [torch.randn(n + offset, device="cuda")[offset:] for _ in range(3)]
         for improved in (True, False):
-            ops.sign_step_(*buf, torch.tensor([improved], device="cuda"), torch.full((1,), 0.01, device="cuda"))
+            for best in (buf[1], None):  # with a best copy, and without (V's)
+                ops.sign_step_(buf[0], best, buf[2], torch.tensor([improved], device="cuda"),
+                               torch.full((1,), 0.01, device="cuda"))
     torch.cuda.synchronize()
     print("sanitize_cuda: all kernels ran")
 

@@ -767,13 +767,15 @@ def _opcheck_cases(device):
         (o.masked_mse_loss_backward, (torch.ones((), device=device), x.detach(), gx, mask)),
         (o.sign_step_, (torch.randn(8, 40, generator=gen).to(device), torch.zeros(8, 40, device=device),
                         torch.randn(8, 40, generator=gen).to(device), improved, lr)),
-        (o.fake_quant_nvfp4_backward_step_, (g, w, v.detach().clone(), ms.detach().clone(), gs, *bests(v, ms),
+        (o.sign_step_, (torch.randn(8, 40, generator=gen).to(device), None,
+                        torch.randn(8, 40, generator=gen).to(device), improved, lr)),
+        (o.fake_quant_nvfp4_backward_step_, (g, w, v.detach().clone(), ms.detach().clone(), gs, *bests(ms),
                                              improved, lr)),
         (o.fake_quant_int_backward_step_, (g, w, v.detach().clone(), mn.detach().clone(), mx.detach().clone(),
-                                           4, 32, True, 5, *bests(v, mn, mx), improved, lr)),
+                                           4, 32, True, 5, *bests(mn, mx), improved, lr)),
         # the forwards whose backward steps the tunables in place (ops.step_in_backward_*)
-        (o.fake_quant_nvfp4_stepped, (w, *tunables(v, ms), gs, *bests(v, ms), improved, lr)),
-        (o.fake_quant_int_stepped, (w, *tunables(v, mn, mx), 4, 32, True, 5, *bests(v, mn, mx), improved, lr)),
+        (o.fake_quant_nvfp4_stepped, (w, *tunables(v, ms), gs, *bests(ms), improved, lr)),
+        (o.fake_quant_int_stepped, (w, *tunables(v, mn, mx), 4, 32, True, 5, *bests(mn, mx), improved, lr)),
     ]
 
 
@@ -833,13 +835,18 @@ def test_sign_step_equals_torch(device, numel, offset, improved):
     want_p, want_b = p.clone(), best.clone()
     torch.where(imp, want_p, want_b, out=want_b)
     want_p.addcmul_(g.sign(), lr, value=-1.0)
+    p0 = p.clone()
     p, best, g, imp, lr = to(device, p, best, g, imp, lr)
     ops.sign_step_(p, best, g, imp, lr)
     assert torch.equal(p.cpu(), want_p) and torch.equal(best.cpu(), want_b)
     assert same_bits(p, want_p)  # signed zeros too
+    p = p0.to(device)
+    ops.sign_step_(p, None, g, imp, lr)  # no best copy (V's): the same step
+    assert same_bits(p, want_p)
 
 
 def test_sign_step_errors():
+    """Each bad argument gets an error naming it; best may be None (no copy)."""
     p = torch.zeros(8)
     ok = dict(best=torch.zeros(8), grad=torch.zeros(8), improved=torch.tensor([True]), lr=torch.ones(1))
     for key, bad, match in [("best", torch.zeros(7), "best must be contiguous with param's shape"),
@@ -850,6 +857,7 @@ def test_sign_step_errors():
             ops.sign_step_(p, **{**ok, key: bad})
     with pytest.raises(ValueError, match="param must be a contiguous float32"):
         ops.sign_step_(p.half(), **ok)
+    ops.sign_step_(p, **{**ok, "best": None})
 
 
 # --------------------------------------------------------------------------------------
@@ -859,13 +867,13 @@ def test_sign_step_errors():
 
 def _step_inputs(gen, w, v, *scales):
     """Gradients with zeros, V with signed zeros and values that leave the clamp (zero
-    gradients), bests to overwrite, lr: the step's three cases on every kind of element."""
+    gradients), the scales' bests to overwrite, lr: the step's three cases on every kind of element."""
     g = torch.randn(w.shape, generator=gen).to(w.dtype)
     g[::2, ::3] = 0.0
     v = v.clone()
     v[::3, ::5] = -0.0
     v[1::4, ::7] = 7.0
-    bests = [torch.randn(t.shape, generator=gen) for t in (v, *scales)]
+    bests = [torch.randn(t.shape, generator=gen) for t in scales]
     return g, v, bests, torch.tensor([0.0049999999], dtype=torch.float32)
 
 
@@ -879,23 +887,24 @@ def _assert_bits(got, want, what):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_nvfp4_backward_step_equals_backward_then_step(device, shape, dtype, improved):
     """The backward that steps v and max_scale in place writes, bit for bit, what the
-    backward's gradients followed by sign_step_ on each write (the vector and the ragged
-    paths: SHAPES has rows that are not whole groups)."""
+    backward's gradients followed by sign_step_ on each write (max_scale's best copied where
+    improved, V's kept nowhere; the vector and the ragged paths: SHAPES has rows that are not
+    whole groups)."""
     rows, cols = shape
     gen = torch.Generator().manual_seed(rows * cols)
     w = torch.randn(rows, cols, generator=gen).to(dtype)
     v, ms = rand_params(rows, cols, math.ceil(cols / 16), gen)
-    g, v, (best_v, best_ms), lr = _step_inputs(gen, w, v, ms)
+    g, v, (best_ms,), lr = _step_inputs(gen, w, v, ms)
     gs = ops.nvfp4_global_scale(w).reshape(1)
     imp = torch.tensor([improved])
-    w, g, v, ms, best_v, best_ms, gs, imp, lr = to(device, w, g, v, ms, best_v, best_ms, gs, imp, lr)
+    w, g, v, ms, best_ms, gs, imp, lr = to(device, w, g, v, ms, best_ms, gs, imp, lr)
     o = torch.ops.autoround_fast
     gv, gms = o.fake_quant_nvfp4_backward(g, w, v, ms, gs)
-    want = [t.clone() for t in (v, ms, best_v, best_ms)]
-    ops.sign_step_(want[0], want[2], gv, imp, lr)
-    ops.sign_step_(want[1], want[3], gms, imp, lr)
-    o.fake_quant_nvfp4_backward_step_(g, w, v, ms, gs, best_v, best_ms, imp, lr)
-    _assert_bits((v, ms, best_v, best_ms), want, ("v", "max_scale", "best_v", "best_max_scale"))
+    want = [t.clone() for t in (v, ms, best_ms)]
+    ops.sign_step_(want[0], None, gv, imp, lr)
+    ops.sign_step_(want[1], want[2], gms, imp, lr)
+    o.fake_quant_nvfp4_backward_step_(g, w, v, ms, gs, best_ms, imp, lr)
+    _assert_bits((v, ms, best_ms), want, ("v", "max_scale", "best_max_scale"))
 
 
 @pytest.mark.parametrize("improved", [True, False])
@@ -913,18 +922,17 @@ def test_int_backward_step_equals_backward_then_step(device, shape, group_size, 
     groups = ops.int_num_groups(cols, group_size)
     v, mn = rand_params(rows, cols, groups, gen)
     mx = torch.rand(rows, groups, generator=gen) * 0.5 + 0.5
-    g, v, (best_v, best_mn, best_mx), lr = _step_inputs(gen, w, v, mn, mx)
+    g, v, (best_mn, best_mx), lr = _step_inputs(gen, w, v, mn, mx)
     imp = torch.tensor([improved])
-    w, g, v, mn, mx, best_v, best_mn, best_mx, imp, lr = to(device, w, g, v, mn, mx, best_v, best_mn, best_mx, imp, lr)
+    w, g, v, mn, mx, best_mn, best_mx, imp, lr = to(device, w, g, v, mn, mx, best_mn, best_mx, imp, lr)
     o = torch.ops.autoround_fast
     args = (4, group_size, sym, ops.SCALE_DTYPE_CODES[torch.float16])
     gv, gmn, gmx = o.fake_quant_int_backward(g, w, v, mn, mx, *args)
-    want = [t.clone() for t in (v, mn, mx, best_v, best_mn, best_mx)]
-    for param, best, grad in zip(want[:3], want[3:], (gv, gmn, gmx)):
+    want = [t.clone() for t in (v, mn, mx, best_mn, best_mx)]
+    for param, best, grad in zip(want[:3], [None, *want[3:]], (gv, gmn, gmx)):
         ops.sign_step_(param, best, grad, imp, lr)
-    o.fake_quant_int_backward_step_(g, w, v, mn, mx, *args, best_v, best_mn, best_mx, imp, lr)
-    _assert_bits((v, mn, mx, best_v, best_mn, best_mx), want,
-                 ("v", "min_scale", "max_scale", "best_v", "best_min_scale", "best_max_scale"))
+    o.fake_quant_int_backward_step_(g, w, v, mn, mx, *args, best_mn, best_mx, imp, lr)
+    _assert_bits((v, mn, mx, best_mn, best_mx), want, ("v", "min_scale", "max_scale", "best_min_scale", "best_max_scale"))
 
 
 @pytest.mark.parametrize("kind", ["nvfp4", "int"])
@@ -944,7 +952,7 @@ def test_step_in_backward_through_autograd(device, kind):
 
     def run(stepped):
         ts = [t.clone().to(device).requires_grad_() for t in tunables0]
-        bests = [torch.zeros_like(t) for t in ts]
+        bests = [torch.zeros_like(t) for t in ts[1:]]  # the scales' (V has none)
         calls = []
         if kind == "nvfp4":
             q = (ops.step_in_backward_nvfp4(w, *ts, gs, bests, imp, lr, lambda: calls.append(1))[0] if stepped
@@ -958,7 +966,7 @@ def test_step_in_backward_through_autograd(device, kind):
             assert calls == [1] and all(t.grad is None for t in ts)
         else:
             with torch.no_grad():
-                for t, b in zip(ts, bests):
+                for t, b in zip(ts, [None, *bests]):
                     ops.sign_step_(t, b, t.grad, imp, lr)
         return [t.detach() for t in ts] + bests, q.detach()
 
@@ -968,7 +976,7 @@ def test_step_in_backward_through_autograd(device, kind):
 
 
 def test_backward_step_bad_targets_name_the_tensor():
-    """The backward-step ops check what they write: each best like its tunable, one bool
+    """The backward-step ops check what they write: each scale's best like the scale, one bool
     improved, one float32 lr; the error names the op and the tensor (the CPU op; the CUDA
     op shares the checks)."""
     o = torch.ops.autoround_fast
@@ -977,13 +985,12 @@ def test_backward_step_bad_targets_name_the_tensor():
     gs = ops.nvfp4_global_scale(w).reshape(1)
     imp, lr = torch.tensor([True]), torch.tensor([0.01])
     cases = [
-        (lambda: o.fake_quant_nvfp4_backward_step_(w, w, v, ms, gs, torch.zeros(4, 31), torch.zeros(4, 2), imp, lr),
-         "fake_quant_nvfp4_backward_step_: best_v must have 128 elements, got 124"),
-        (lambda: o.fake_quant_nvfp4_backward_step_(w, w, v, ms, gs, torch.zeros(4, 32), torch.zeros(4, 2),
-                                                   torch.tensor([1.0]), lr),
+        (lambda: o.fake_quant_nvfp4_backward_step_(w, w, v, ms, gs, torch.zeros(4, 1), imp, lr),
+         "fake_quant_nvfp4_backward_step_: best_max_scale must have 8 elements, got 4"),
+        (lambda: o.fake_quant_nvfp4_backward_step_(w, w, v, ms, gs, torch.zeros(4, 2), torch.tensor([1.0]), lr),
          "fake_quant_nvfp4_backward_step_: improved must be one bool"),
-        (lambda: o.fake_quant_int_backward_step_(w, w, v, mn, mx, 4, -1, True, 5, torch.zeros(4, 32),
-                                                 torch.zeros(4, 1), torch.zeros(4, 1, dtype=torch.float64), imp, lr),
+        (lambda: o.fake_quant_int_backward_step_(w, w, v, mn, mx, 4, -1, True, 5, torch.zeros(4, 1),
+                                                 torch.zeros(4, 1, dtype=torch.float64), imp, lr),
          "fake_quant_int_backward_step_: best_max_scale must be float32"),
     ]
     for call, message in cases:

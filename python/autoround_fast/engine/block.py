@@ -338,7 +338,7 @@ def _qparams(tl: TunedLinear, stats: ActStats, iters: int) -> dict[str, torch.Te
         opt_rtn = opt_rtn_nvfp4 if spec.kind == "nvfp4" else opt_rtn_int_sym
         wq, scale = opt_rtn(tl, stats.imatrix.to(tl.v.device))
     else:
-        wq, scale, zp = tl.qdq()
+        wq, scale, zp = tl.tuned_qdq()
     qp = {"scale": scale.detach(), "weight": wq.detach()}
     if zp is not None and not spec.sym:
         qp["zero_point"] = zp.detach()

@@ -203,10 +203,21 @@ def _tuned_weights(m: nn.Module, tuned_ids: set[int], device: torch.device) -> O
                 for tl, lin in zip(ls, lins)):
             return None
         biases[p] = _stacked_biases(lins)
-    return ExpertWeights(weights=lambda p: [tl.qdq()[0] for tl in projections[p]],
+    return ExpertWeights(weights=lambda p: _stacked_qdq(projections[p]),
                          shapes={p: tuple(ls[0].linear.weight.shape) for p, ls in projections.items()},
                          quantizers={p: ls if ls[0].spec.act else None for p, ls in projections.items()},
                          biases=biases)
+
+
+def _stacked_qdq(tuned: list[TunedLinear]) -> torch.Tensor:
+    """The experts' fake-quantized weights stacked [E, out, in]; each TunedLinear's weight of
+    this forward (``wq_now``, kept until the loop scores it) becomes its view of the stack, so
+    that the separate copies go."""
+    stacked = torch.stack([tl.qdq()[0] for tl in tuned])
+    if torch.is_grad_enabled():
+        for tl, wq in zip(tuned, stacked):
+            tl.wq_now = wq
+    return stacked
 
 
 def _same_bias(lins: list[nn.Linear], device: torch.device) -> bool:

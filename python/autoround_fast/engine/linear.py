@@ -18,7 +18,7 @@ from .spec import QuantSpec, fused_layer_groups
 @dataclass
 class Stepper:
     """What a TunedLinear's backward needs to take SignRound's step itself: the best copies of
-    its tunables, the iteration's improved flag and learning rate (device tensors the loop
+    its scales (V has none: the loop keeps the best fake-quantized weight), the iteration's improved flag and learning rate (device tensors the loop
     fills before the backward), and the set the backward adds the Linear to when it ran."""
 
     best: list
@@ -76,6 +76,11 @@ class TunedLinear(nn.Module):
         # Set by the loop when the sign step runs inside this Linear's backward (Stepper).
         self.stepper: Optional[Stepper] = None
         self.forwards = 0  # forwards with gradients (the loop checks that there is one per step)
+        # The fake-quantized weight of the last forward with gradients, until the loop has
+        # scored it; and the best iteration's, which the loop keeps instead of V's best copy
+        # (half its bytes in bf16) and :meth:`tuned_qdq` returns.
+        self.wq_now: Optional[torch.Tensor] = None
+        self.best_wq: Optional[torch.Tensor] = None
 
     @property
     def steps_in_backward(self) -> bool:
@@ -93,12 +98,16 @@ class TunedLinear(nn.Module):
         self.max_scale.data.clamp_(0, 1)
         if self.min_scale is not None:
             self.min_scale.data.clamp_(0, 1)
+        if not torch.is_grad_enabled():
+            return self._qdq(None)
+        self.forwards += 1
+        out = self._qdq(self.stepper)
+        self.wq_now = out[0]
+        return out
+
+    def _qdq(self, st: Optional[Stepper]):
         w = self.linear.weight
         s = self.spec
-        st = None
-        if torch.is_grad_enabled():
-            self.forwards += 1
-            st = self.stepper
         be = self.backend
         if s.kind == "mx":
             q, exponent = be.mx(w, self.v, self.max_scale, s.bits)
@@ -117,6 +126,13 @@ class TunedLinear(nn.Module):
         if st is not None:
             return be.int_stepped(*int_args, *st.args())
         return be.int(*int_args)
+
+    def tuned_qdq(self):
+        """:meth:`qdq` at the tuned parameters: the scales as they are (the loop wrote back the
+        best iteration's; the scale and zero point do not depend on V), the weight the best
+        iteration's (V is left at its last step), where the loop ran."""
+        wq, scale, zp = self.qdq()
+        return (wq if self.best_wq is None else self.best_wq), scale, zp
 
     def forward(self, x, input_quantized: bool = False):
         """``input_quantized``: the caller has already applied this Linear's activation

@@ -45,20 +45,38 @@ class LoopOutcome:
 
 class _Best:
     """The best iteration so far, on the device: its score (the sum over micro-batches of
-    loss / valid tokens, as auto-round scores), its summed loss, its index, and a copy of
-    every Linear's tunables at it."""
+    loss / valid tokens, as auto-round scores), its summed loss, its index, a copy of every
+    Linear's scales at it, and the fake-quantized weight it gave, in place of a copy of V (fp32):
+    all the result needs of V, in half its bytes under bf16."""
 
     def __init__(self, tuned: dict[str, TunedLinear], device: torch.device):
         self.score = torch.full((1,), float("inf"), dtype=torch.float64, device=device)
         self.total = torch.full((1,), float("nan"), dtype=torch.float64, device=device)
         self.iter = torch.zeros(1, dtype=torch.long, device=device)
-        self.of = {name: [p.detach().clone() for p in tl.tunables()] for name, tl in tuned.items()}
+        self.of = {name: [None if p is tl.v else p.detach().clone() for p in tl.tunables()]
+                   for name, tl in tuned.items()}  # V first, without a copy
         self.copies = [b for bs in self.of.values() for b in bs]  # aligned with SignRound.params
+        with torch.no_grad():
+            self.wq = {name: tl.qdq()[0] for name, tl in tuned.items()}
 
     def update(self, improved, score, total, it) -> None:
         self.score.copy_(torch.where(improved, score, self.score))
         self.total.copy_(torch.where(improved, total, self.total))
         self.iter.copy_(torch.where(improved, it, self.iter))
+
+    @torch.no_grad()
+    def keep_weights(self, tuned: dict[str, TunedLinear], improved: torch.Tensor) -> None:
+        """Where ``improved``, each Linear's best weight takes the one this iteration scored:
+        its last forward's, or, where none ran, the one its tunables give now. Before any step
+        of the iteration; each forward's weight is let go."""
+        on = {improved.device: improved}
+        for name, tl in tuned.items():
+            wq = tl.wq_now if tl.wq_now is not None else tl.qdq()[0]
+            best = self.wq[name]
+            if best.device not in on:
+                on[best.device] = improved.to(best.device)
+            torch.where(on[best.device], wq, best, out=best)
+            tl.wq_now = None
 
 
 class SignRound:
@@ -139,8 +157,8 @@ class SignRound:
         """After the first iteration: the step moves into the backward of each Linear that ran
         one forward with gradients in it."""
         for name, tl in self.tuned.items():
-            if tl.forwards == 1 and tl.steps_in_backward:
-                tl.stepper = Stepper(self.best.of[name], self.improved_now, self.lr_now, self.ran, name)
+            if tl.forwards == 1 and tl.steps_in_backward:  # its scales' best copies (V has none)
+                tl.stepper = Stepper(self.best.of[name][1:], self.improved_now, self.lr_now, self.ran, name)
 
     # -- one iteration ---------------------------------------------------------------------
 
@@ -178,8 +196,9 @@ class SignRound:
         return both[:1], both[1:]
 
     def step(self, improved: torch.Tensor, lr: torch.Tensor) -> None:
-        """Keep the best (``best <- p`` where improved) and take the sign step
-        (``p <- p - lr * sign(grad)``) on every tunable whose backward did not take it."""
+        """Keep the best scales (``best <- p`` where improved; V's best is its weight, kept
+        before) and take the sign step (``p <- p - lr * sign(grad)``) on every tunable whose
+        backward did not take it."""
         stepped = {id(p) for name in self.ran for p in self.tuned[name].tunables()}
         on = {d: (improved, lr) if d == self.device else (improved.to(d), lr.to(d)) for d in self.devices}
         for p, b in zip(self.params, self.best.copies):
@@ -188,7 +207,7 @@ class SignRound:
             imp_d, lr_d = on[p.device]
             if p.grad is not None:
                 self.be.step(p, b, p.grad, imp_d, lr_d)
-            else:
+            elif b is not None:
                 torch.where(imp_d, p, b, out=b)
             p.grad = None
 
@@ -209,6 +228,7 @@ class SignRound:
                 torch.lt(score, self.best.score, out=self.improved_now)
                 self.lr_now.copy_(self.lrs.index_select(0, self.it))
                 self.ran.clear()
+                self.best.keep_weights(self.tuned, self.improved_now)  # before the backward steps V
             self.backward(loss)
         if self.dist is not None:
             total, score = self.reduce(total, score)
@@ -216,6 +236,8 @@ class SignRound:
             # scored before the step, as auto-round (stepping: done before the backward)
             improved = self.improved_now if self.stepping else score < self.best.score
             lr = self.lr_now if self.stepping else self.lrs.index_select(0, self.it)
+            if not self.stepping:
+                self.best.keep_weights(self.tuned, improved)
             self.best.update(improved, score, total, self.it)
             self.losses.index_copy_(0, self.it, total)
             self.step(improved, lr)
@@ -269,7 +291,10 @@ class SignRound:
             h.remove()
         with torch.no_grad():
             for p, b in zip(self.params, self.best.copies):
-                p.copy_(b)
+                if b is not None:
+                    p.copy_(b)
+        for name, tl in self.tuned.items():
+            tl.best_wq, tl.wq_now = self.best.wq[name], None
         return LoopOutcome(losses=self.losses.tolist(), best_loss=float(self.best.total.item()),
                            best_iter=int(self.best.iter.item()), loop_ms=loop_ms, step_in_backward=stepped)
 
