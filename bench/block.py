@@ -69,8 +69,8 @@ def capture_layer_inputs(model, ids: torch.Tensor) -> list:
     return caps
 
 
-BLOCK_SCHEMES = ("NVFP4", "MXFP4", "MXFP8", "FP8", "FP8_DYNAMIC", "FP8_BLOCK", "W8A8", "W4AFP8", "W4A16",
-                 "W4A16-G64")  # W4A16-G64 for SmolLM2 (576 features)
+BLOCK_SCHEMES = ("NVFP4", "NVFP4A16", "MXFP4", "MXFP4A16", "MXFP8", "MXFP8A16", "FP8", "FP8_DYNAMIC", "FP8_BLOCK",
+                 "W8A8", "W4AFP8", "W4A16", "W4A16-G64")  # W4A16-G64 for SmolLM2 (576 features)
 
 
 def engine_spec(scheme: str):

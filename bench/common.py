@@ -58,6 +58,8 @@ SCHEMES = {
     "NVFP4A16": "NVFP4A16",
     "MXFP4": "MXFP4",  # FP4 e2m1 weights and dynamic activations, groups of 32, e8m0 scales
     "MXFP8": "MXFP8",  # the same with FP8 e4m3 elements
+    "MXFP4A16": "MXFP4A16",  # MXFP4 weights, activations unquantized
+    "MXFP8A16": "MXFP8A16",  # MXFP8 weights, activations unquantized
     "FP8": "FP8",  # FP8 e4m3 weights per tensor, static per-tensor activations
     "FP8_DYNAMIC": "FP8_DYNAMIC",  # FP8 e4m3 weights per channel (activations dynamic at inference)
     "FP8_BLOCK": "FP8_BLOCK",  # FP8 e4m3 weights in 128 x 128 blocks (activations dynamic, groups of 128)
