@@ -27,5 +27,6 @@ void fake_quant_mx_activation_backward(const MxActArgs& a, const void* grad, voi
 float masked_mse_loss(const LossArgs& a);
 void masked_mse_loss_backward(const LossArgs& a, float grad_loss, void* grad_pred);
 void sign_step(const SignStepArgs& a);
+void copy_if(const CopyIfArgs& a);
 
 }  // namespace autoround_fast::cpu

@@ -170,6 +170,17 @@ struct SignStepArgs {
 };
 const char* launch_sign_step(const SignStepArgs& a, cudaStream_t stream);
 
+// The best fake-quantized weight kept: if *flag, dst = src (bytes bytes; otherwise nothing is
+// read or written). flag is a one-element device tensor, read by the kernel: a CUDA graph
+// replays it, and an iteration that did not improve costs a launch, not a pass over memory.
+struct CopyIfArgs {
+  int64_t bytes;
+  void* dst;
+  const void* src;
+  const bool* flag;
+};
+const char* launch_copy_if(const CopyIfArgs& a, cudaStream_t stream);
+
 // The sign step taken inside a weight backward: where the backward would write the gradients
 // of V and the scales, it steps each in place as launch_sign_step does with that gradient
 // (the scales' best copied first when improved; V has no best copy, see SignStepArgs). The

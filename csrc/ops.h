@@ -82,6 +82,8 @@ Tensor masked_mse_loss_cuda(Tensor pred, Tensor ref, std::optional<Tensor> mask)
 Tensor masked_mse_loss_backward_cpu(Tensor grad, Tensor pred, Tensor ref, std::optional<Tensor> mask);
 Tensor masked_mse_loss_backward_cuda(Tensor grad, Tensor pred, Tensor ref, std::optional<Tensor> mask);
 
+void copy_if_cpu(Tensor dst, Tensor src, Tensor flag);
+void copy_if_cuda(Tensor dst, Tensor src, Tensor flag);
 void sign_step_cpu(Tensor param, std::optional<Tensor> best, Tensor grad, Tensor improved, Tensor lr);
 void sign_step_cuda(Tensor param, std::optional<Tensor> best, Tensor grad, Tensor improved, Tensor lr);
 

@@ -241,6 +241,15 @@ inline SignStepArgs sign_step_args(Tensor& param, std::optional<Tensor>& best, c
                       static_cast<const float*>(lr.const_data_ptr())};
 }
 
+inline CopyIfArgs copy_if_args(Tensor& dst, const Tensor& src, const Tensor& flag, const char* op) {
+  check_like(dst, src, op, "src");
+  STD_TORCH_CHECK(dst.is_contiguous(), op, ": dst must be contiguous");
+  check_same_device(dst, flag, op, "flag");
+  STD_TORCH_CHECK(flag.scalar_type() == ScalarType::Bool && flag.numel() == 1, op, ": flag must be one bool");
+  return CopyIfArgs{dst.numel() * static_cast<int64_t>(dst.element_size()), dst.mutable_data_ptr(),
+                    src.const_data_ptr(), static_cast<const bool*>(flag.const_data_ptr())};
+}
+
 // The tensors a backward steps in place (launchers.h's StepTargets), checked: each best like
 // its tunable, improved one bool, lr one float32, all on the tunables' device. min_scale and
 // its best are null for NVFP4.

@@ -269,4 +269,10 @@ void sign_step_cpu(Tensor param, std::optional<Tensor> best, Tensor grad, Tensor
   cpu::sign_step(sign_step_args(param, best, grad, improved, lr, op));
 }
 
+void copy_if_cpu(Tensor dst, Tensor src, Tensor flag) {
+  const char* op = "copy_if_";
+  check_cpu(dst, op);
+  cpu::copy_if(copy_if_args(dst, src, flag, op));
+}
+
 }  // namespace autoround_fast

@@ -332,6 +332,12 @@ void fake_quant_int_backward_step_cuda(Tensor grad, Tensor w, Tensor v, Tensor m
   check_launch(launch_fake_quant_int_backward_step(a, grad.const_data_ptr(), t, ctx.stream), op);
 }
 
+void copy_if_cuda(Tensor dst, Tensor src, Tensor flag) {
+  const char* op = "copy_if_";
+  CudaContext ctx({&dst, &src, &flag}, op);
+  check_launch(launch_copy_if(copy_if_args(dst, src, flag, op), ctx.stream), op);
+}
+
 void sign_step_cuda(Tensor param, std::optional<Tensor> best, Tensor grad, Tensor improved, Tensor lr) {
   const char* op = "sign_step_";
   CudaContext ctx({&param, &grad, &improved, &lr}, op);  // sign_step_args checks best's device

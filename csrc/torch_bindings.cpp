@@ -26,6 +26,7 @@ STABLE_TORCH_LIBRARY(autoround_fast, m) {
   m.def("fake_quant_mx_activation_backward(Tensor grad, Tensor x, int bits) -> Tensor");
   m.def("masked_mse_loss(Tensor pred, Tensor ref, Tensor? mask) -> Tensor");
   m.def("masked_mse_loss_backward(Tensor grad, Tensor pred, Tensor ref, Tensor? mask) -> Tensor");
+  m.def("copy_if_(Tensor(a!) dst, Tensor src, Tensor flag) -> ()");
   m.def("sign_step_(Tensor(a!) param, Tensor(b!)? best, Tensor grad, Tensor improved, Tensor lr) -> ()");
   m.def("fake_quant_nvfp4_backward_step_(Tensor grad, Tensor weight, Tensor(a!) v, Tensor(b!) max_scale, Tensor global_scale, Tensor(c!) best_max_scale, Tensor improved, Tensor lr) -> ()");
   m.def("fake_quant_int_backward_step_(Tensor grad, Tensor weight, Tensor(a!) v, Tensor(b!) min_scale, Tensor(c!) max_scale, int bits, int group_size, bool sym, int scale_dtype, Tensor(d!) best_min_scale, Tensor(e!) best_max_scale, Tensor improved, Tensor lr) -> ()");
@@ -52,6 +53,7 @@ STABLE_TORCH_LIBRARY_IMPL(autoround_fast, CPU, m) {
   m.impl("masked_mse_loss", TORCH_BOX(&masked_mse_loss_cpu));
   m.impl("masked_mse_loss_backward", TORCH_BOX(&masked_mse_loss_backward_cpu));
   m.impl("sign_step_", TORCH_BOX(&sign_step_cpu));
+  m.impl("copy_if_", TORCH_BOX(&copy_if_cpu));
   m.impl("fake_quant_nvfp4_backward_step_", TORCH_BOX(&fake_quant_nvfp4_backward_step_cpu));
   m.impl("fake_quant_int_backward_step_", TORCH_BOX(&fake_quant_int_backward_step_cpu));
 }
@@ -81,6 +83,7 @@ STABLE_TORCH_LIBRARY_IMPL(autoround_fast, CUDA, m) {
   m.impl("masked_mse_loss", TORCH_BOX(&masked_mse_loss_cuda));
   m.impl("masked_mse_loss_backward", TORCH_BOX(&masked_mse_loss_backward_cuda));
   m.impl("sign_step_", TORCH_BOX(&sign_step_cuda));
+  m.impl("copy_if_", TORCH_BOX(&copy_if_cuda));
   m.impl("fake_quant_nvfp4_backward_step_", TORCH_BOX(&fake_quant_nvfp4_backward_step_cuda));
   m.impl("fake_quant_int_backward_step_", TORCH_BOX(&fake_quant_int_backward_step_cuda));
 }

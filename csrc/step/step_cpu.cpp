@@ -1,4 +1,6 @@
-// The fused SignSGD step and best-parameter copy on the CPU.
+// The fused SignSGD step and best-parameter copy, and the best weight's copy, on the CPU.
+#include <cstring>
+
 #include "cpu_kernels.h"
 #include "step/step.h"
 
@@ -12,6 +14,10 @@ void sign_step(const SignStepArgs& a) {
     if (improved && a.best) a.best[i] = p;
     a.param[i] = sign_step_value(p, a.grad[i], lr);
   }
+}
+
+void copy_if(const CopyIfArgs& a) {
+  if (*a.flag) std::memcpy(a.dst, a.src, static_cast<size_t>(a.bytes));
 }
 
 }  // namespace autoround_fast::cpu

@@ -46,7 +46,37 @@ __global__ void __launch_bounds__(kThreads) sign_step_kernel(SignStepArgs a) {
   }
 }
 
+// kVec: 16-byte accesses (bytes % 16 == 0, pointers aligned), else one byte per thread.
+template <bool kVec>
+__global__ void __launch_bounds__(kThreads) copy_if_kernel(CopyIfArgs a) {
+  if (!*a.flag) return;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if constexpr (kVec) {
+    const int4* s = reinterpret_cast<const int4*>(a.src);
+    int4* d = reinterpret_cast<int4*>(a.dst);
+    for (int64_t i = first; i < a.bytes / 16; i += stride) d[i] = __ldg(s + i);
+  } else {
+    const unsigned char* s = static_cast<const unsigned char*>(a.src);
+    unsigned char* d = static_cast<unsigned char*>(a.dst);
+    for (int64_t i = first; i < a.bytes; i += stride) d[i] = s[i];
+  }
+}
+
 }  // namespace
+
+const char* launch_copy_if(const CopyIfArgs& a, cudaStream_t s) {
+  if (a.bytes == 0) return nullptr;
+  const bool vec = a.bytes % 16 == 0 && aligned16(a.dst) && aligned16(a.src);
+  const int64_t work = vec ? a.bytes / 16 : a.bytes;
+  const unsigned blocks = std::min<unsigned>(grid_for(work, kThreads), 8192u);
+  if (vec) {
+    copy_if_kernel<true><<<blocks, kThreads, 0, s>>>(a);
+  } else {
+    copy_if_kernel<false><<<blocks, kThreads, 0, s>>>(a);
+  }
+  return launch_status();
+}
 
 const char* launch_sign_step(const SignStepArgs& a, cudaStream_t s) {
   if (a.numel == 0) return nullptr;

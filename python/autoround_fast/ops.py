@@ -46,6 +46,7 @@ __all__ = [
     "fake_quant_mx_activation",
     "masked_mse_loss",
     "sign_step_",
+    "copy_if_",
     "nvfp4_global_scale",
     "shared_nvfp4_global_scale",
     "has_cuda_kernels",
@@ -1129,6 +1130,36 @@ def sign_step_(param: torch.Tensor, best: Optional[torch.Tensor], grad: torch.Te
     """
     _check_sign_step("sign_step_", param, best, grad, improved, lr)
     _ops.sign_step_(param, best, grad, improved.reshape(1), lr.reshape(1))
+
+
+# ---------------------------------------------------------------------------------------
+# copy_if_: the best fake-quantized weight kept
+# ---------------------------------------------------------------------------------------
+
+
+def _check_copy_if(dst, src, flag, fake: bool = False) -> None:
+    op = "copy_if_"
+    _require(src.dtype == dst.dtype and src.shape == dst.shape and src.is_contiguous() and dst.is_contiguous(), op,
+             f"src must be contiguous with dst's dtype {dst.dtype} and shape {tuple(dst.shape)}, "
+             f"got {src.dtype} and {tuple(src.shape)}", fake)
+    _require(src.device == dst.device, op, "src must be on dst's device", fake)
+    _require(flag.dtype == torch.bool and flag.numel() == 1 and flag.device == dst.device, op,
+             f"flag must be one bool on {dst.device}, got {flag.dtype} {tuple(flag.shape)} on {flag.device}", fake)
+
+
+@torch.library.register_fake("autoround_fast::copy_if_")
+def _(dst, src, flag):
+    _check_copy_if(dst, src, flag, fake=True)
+
+
+def copy_if_(dst: torch.Tensor, src: torch.Tensor, flag: torch.Tensor) -> None:
+    """``dst = src`` where the one-element bool ``flag`` (a device tensor, read by the kernel)
+    is true; nothing read or written where it is false. Bit for bit
+    ``torch.where(flag, src, dst, out=dst)``, which passes over both tensors either way: the
+    loop keeps the best iteration's fake-quantized weight with it, on a CUDA graph's replays.
+    ``dst`` and ``src``: contiguous tensors of one dtype and shape on one device."""
+    _check_copy_if(dst, src, flag)
+    _ops.copy_if_(dst, src, flag.reshape(1))
 
 
 # ---------------------------------------------------------------------------------------

@@ -301,6 +301,11 @@ def masked_mse_loss(pred, ref, mask: Optional[torch.Tensor] = None):
     return torch.nn.functional.mse_loss(pred.to(torch.float32), ref.to(torch.float32))
 
 
+def copy_if_(dst: torch.Tensor, src: torch.Tensor, flag: torch.Tensor) -> None:
+    """Oracle of :func:`autoround_fast.ops.copy_if_`: ``dst = src`` where ``flag``."""
+    torch.where(flag, src, dst, out=dst)
+
+
 def sign_step_(param: torch.Tensor, best: Optional[torch.Tensor], grad: torch.Tensor, improved: torch.Tensor,
                lr: torch.Tensor) -> None:
     """SignRound's step on one tuned tensor, in place (docs/numerics.md#sign-step): ``best`` (where

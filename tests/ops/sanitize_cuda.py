@@ -122,6 +122,7 @@ def main():
     for n, offset in ((4096, 0), (1001, 1)):  # the step's 16-byte and scalar paths
         buf = [torch.randn(n + offset, device="cuda")[offset:] for _ in range(3)]
         for improved in (True, False):
+            ops.copy_if_(buf[1], buf[2], torch.tensor([improved], device="cuda"))  # 16-byte and byte paths
             for best in (buf[1], None):  # with a best copy, and without (V's)
                 ops.sign_step_(buf[0], best, buf[2], torch.tensor([improved], device="cuda"),
                                torch.full((1,), 0.01, device="cuda"))

@@ -767,6 +767,8 @@ def _opcheck_cases(device):
         (o.masked_mse_loss_backward, (torch.ones((), device=device), x.detach(), gx, mask)),
         (o.sign_step_, (torch.randn(8, 40, generator=gen).to(device), torch.zeros(8, 40, device=device),
                         torch.randn(8, 40, generator=gen).to(device), improved, lr)),
+        (o.copy_if_, (torch.randn(8, 40, generator=gen).to(device).to(torch.bfloat16),
+                      torch.randn(8, 40, generator=gen).to(device).to(torch.bfloat16), improved)),
         (o.sign_step_, (torch.randn(8, 40, generator=gen).to(device), None,
                         torch.randn(8, 40, generator=gen).to(device), improved, lr)),
         (o.fake_quant_nvfp4_backward_step_, (g, w, v.detach().clone(), ms.detach().clone(), gs, *bests(ms),
@@ -843,6 +845,33 @@ def test_sign_step_equals_torch(device, numel, offset, improved):
     p = p0.to(device)
     ops.sign_step_(p, None, g, imp, lr)  # no best copy (V's): the same step
     assert same_bits(p, want_p)
+
+
+@pytest.mark.parametrize("dtype,numel,offset", [(torch.bfloat16, 4096, 0), (torch.float32, 1001, 0),
+                                                (torch.float16, 1000, 1), (torch.bfloat16, 3, 0)])
+@pytest.mark.parametrize("flag", [True, False])
+def test_copy_if_equals_where(device, dtype, numel, offset, flag):
+    """dst = src where flag, else dst untouched: bit for bit torch.where(flag, src, dst), signed
+    zeros and NaN included; an offset of one element (misaligned) and sizes that are not whole
+    16-byte chunks take the byte path."""
+    gen = torch.Generator().manual_seed(numel + offset)
+    base = lambda: torch.randn(numel + offset, generator=gen).to(dtype)[offset:]  # noqa: E731
+    dst, src = base(), base()
+    src[::7] = -0.0
+    src[1::13] = float("nan")
+    want = torch.where(torch.tensor(flag), src, dst)
+    dst, src, f = to(device, dst, src, torch.tensor([flag]))
+    ops.copy_if_(dst, src, f)
+    assert same_bits(dst, want)
+
+
+def test_copy_if_errors():
+    dst = torch.zeros(8, dtype=torch.bfloat16)
+    for src, flag, match in [(torch.zeros(8), torch.tensor([True]), "src must be contiguous with dst's dtype"),
+                             (torch.zeros(7, dtype=torch.bfloat16), torch.tensor([True]), "shape"),
+                             (torch.zeros(8, dtype=torch.bfloat16), torch.tensor([1.0]), "flag must be one bool")]:
+        with pytest.raises(ValueError, match="copy_if_: .*" + match):
+            ops.copy_if_(dst, src, flag)
 
 
 def test_sign_step_errors():

@@ -39,6 +39,8 @@ class Backend(Protocol):
 
     def step(self, param, best, grad, improved, lr) -> None: ...
 
+    def copy_if(self, dst, src, flag) -> None: ...
+
 
 class TorchBackend:
     """The oracles of :mod:`autoround_fast.reference`: bit for bit auto-round's eager code."""
@@ -75,6 +77,9 @@ class TorchBackend:
 
     def step(self, param, best, grad, improved, lr):
         reference.sign_step_(param, best, grad, improved, lr)
+
+    def copy_if(self, dst, src, flag):
+        reference.copy_if_(dst, src, flag)
 
 
 class KernelBackend:
@@ -119,6 +124,9 @@ class KernelBackend:
 
     def step(self, param, best, grad, improved, lr):  # the step and the best copy in one pass
         self._op.sign_step_(param, best, grad, improved, lr)
+
+    def copy_if(self, dst, src, flag):  # reads nothing where flag is false
+        self._op.copy_if_(dst, src.contiguous(), flag)
 
     # The sign step inside the weight backward (SignRound.attach_steppers).
     nvfp4_stepped = staticmethod(ops.step_in_backward_nvfp4)

@@ -65,7 +65,7 @@ class _Best:
         self.iter.copy_(torch.where(improved, it, self.iter))
 
     @torch.no_grad()
-    def keep_weights(self, tuned: dict[str, TunedLinear], improved: torch.Tensor) -> None:
+    def keep_weights(self, tuned: dict[str, TunedLinear], improved: torch.Tensor, backend) -> None:
         """Where ``improved``, each Linear's best weight takes the one this iteration scored:
         its last forward's, or, where none ran, the one its tunables give now. Before any step
         of the iteration; each forward's weight is let go."""
@@ -75,7 +75,7 @@ class _Best:
             best = self.wq[name]
             if best.device not in on:
                 on[best.device] = improved.to(best.device)
-            torch.where(on[best.device], wq, best, out=best)
+            backend.copy_if(best, wq, on[best.device])
             tl.wq_now = None
 
 
@@ -228,7 +228,7 @@ class SignRound:
                 torch.lt(score, self.best.score, out=self.improved_now)
                 self.lr_now.copy_(self.lrs.index_select(0, self.it))
                 self.ran.clear()
-                self.best.keep_weights(self.tuned, self.improved_now)  # before the backward steps V
+                self.best.keep_weights(self.tuned, self.improved_now, self.be)  # before the backward steps V
             self.backward(loss)
         if self.dist is not None:
             total, score = self.reduce(total, score)
@@ -237,7 +237,7 @@ class SignRound:
             improved = self.improved_now if self.stepping else score < self.best.score
             lr = self.lr_now if self.stepping else self.lrs.index_select(0, self.it)
             if not self.stepping:
-                self.best.keep_weights(self.tuned, improved)
+                self.best.keep_weights(self.tuned, improved, self.be)
             self.best.update(improved, score, total, self.it)
             self.losses.index_copy_(0, self.it, total)
             self.step(improved, lr)
