@@ -18,7 +18,7 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from autoround_fast import ops
 from autoround_fast.calibration_pass import GroupedCalibrationPass
-from autoround_fast.engine import QuantSpec, precision, tune_block
+from autoround_fast.engine import QuantSpec, backends, precision, tune_block
 from autoround_fast.engine.backends import make_backend
 from autoround_fast.engine import experts as experts_mod
 from autoround_fast.engine import memory
@@ -169,19 +169,27 @@ def test_grouped_forward_and_gradients_equal_the_loop(moe, scheme, backend, dtyp
 
 @pytest.mark.parametrize("scheme,backend", [("w4a16", "kernels"), ("nvfp4", "torch"), ("nvfp4", "kernels"),
                                             ("mxfp4", "kernels")])
-def test_tune_block_with_grouped_experts_equals_the_loop(moe, scheme, backend):
+def test_tune_block_with_grouped_experts_equals_the_loop(moe, scheme, backend, monkeypatch):
     """tune_block on the MoE block: the same per-iteration losses, tuned weights and quantized
-    outputs bit for bit, with and without the grouped experts."""
+    outputs bit for bit, with and without the grouped experts. Grouped, the best weights of
+    each projection's experts are kept by one copy per iteration, not one per expert."""
     layer, inputs = moe
     specs = {n: SPECS[scheme] for n in ATTENTION + EXPERTS}
+    copies = []
+    cls = type(backends.make_backend(backend))
+    monkeypatch.setattr(cls, "copy_if", lambda self, dst, src, flag, orig=cls.copy_if: (copies.append(dst.dim()),
+                                                                                        orig(self, dst, src, flag)))
 
     def tune(grouped):
         block = copy.deepcopy(layer)
+        copies.clear()
         res = tune_block(block, inputs, specs, iters=6, batch_size=4, backend=backend, grouped_experts=grouped)
-        return res, {n: block.get_submodule(n).weight.detach().clone() for n in specs}
+        return res, {n: block.get_submodule(n).weight.detach().clone() for n in specs}, sorted(copies)
 
-    grouped, grouped_w = tune(True)
-    loop, loop_w = tune(False)
+    grouped, grouped_w, grouped_copies = tune(True)
+    loop, loop_w, loop_copies = tune(False)
+    assert grouped_copies == [2] * 6 * len(ATTENTION) + [3] * 6 * 3  # the attention's, one per projection stack
+    assert loop_copies == [2] * 6 * len(specs)
     assert grouped.grouped_experts == ["mlp.experts"] and loop.grouped_experts == []
     assert grouped.losses == loop.losses
     _assert_same(grouped.q_outputs, loop.q_outputs)

@@ -14,7 +14,7 @@ import torch.nn as nn
 from .. import fusion, ops
 from .attention import sdpa_attention
 from .calibration import ActStats, activation_stats, reduce_over_ranks
-from .experts import grouped_experts, stacked_experts
+from .experts import expert_stacks, grouped_experts, stacked_experts
 from .inputs import BlockInputs, run_block, to_cache
 from .linear import ActQuantLinear, TunedLinear, share_input_quantization, swap_module
 from .options import Plan, TuneOptions, plan
@@ -271,7 +271,8 @@ class _BlockRun:
 
     def _loop(self, tuned, ref, result: BlockResult, progress) -> None:
         data = LoopData(self.inputs, self.q_hidden, ref, self.mask)
-        outcome = SignRound(self.block, tuned, data, self.plan).run(progress)
+        stacks = expert_stacks(self.block, result.grouped_experts)
+        outcome = SignRound(self.block, tuned, data, self.plan, stacks).run(progress)
         result.losses = outcome.losses
         result.init_loss = outcome.losses[0]
         result.best_loss, result.best_iter = outcome.best_loss, outcome.best_iter

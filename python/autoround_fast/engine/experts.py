@@ -285,6 +285,16 @@ def grouped_experts(block: nn.Module, tuned: dict[str, TunedLinear], device: tor
     return _swapped(block, found)
 
 
+def expert_stacks(block: nn.Module, containers: list[str]) -> list[list[str]]:
+    """The TunedLinears each of the named containers (running :func:`grouped_forward` on their
+    fake-quantized weights) stacks per projection, by name, in the stack's order."""
+    stacks = []
+    for name in containers:
+        projections = _projections(block.get_submodule(name))
+        stacks += [[f"{name}.{e}.{p}" for e in range(len(ls))] for p, ls in projections.items()]
+    return stacks
+
+
 def groups_experts(option: Optional[bool], device: torch.device) -> bool:
     """Whether MoE experts run grouped on ``device``: ``option`` (grouped_experts), where
     None means on a GPU."""

@@ -5,7 +5,7 @@ kept (scored before the step, as auto-round)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -47,17 +47,24 @@ class _Best:
     """The best iteration so far, on the device: its score (the sum over micro-batches of
     loss / valid tokens, as auto-round scores), its summed loss, its index, a copy of every
     Linear's scales at it, and the fake-quantized weight it gave, in place of a copy of V (fp32):
-    all the result needs of V, in half its bytes under bf16."""
+    all the result needs of V, in half its bytes under bf16. The weights of Linears that the
+    forward stacks (``stacks``: grouped experts, by name in the stack's order) are kept as one
+    stack too, so that one copy keeps them all."""
 
-    def __init__(self, tuned: dict[str, TunedLinear], device: torch.device):
+    def __init__(self, tuned: dict[str, TunedLinear], device: torch.device, stacks: Sequence[list[str]]):
         self.score = torch.full((1,), float("inf"), dtype=torch.float64, device=device)
         self.total = torch.full((1,), float("nan"), dtype=torch.float64, device=device)
         self.iter = torch.zeros(1, dtype=torch.long, device=device)
         self.of = {name: [None if p is tl.v else p.detach().clone() for p in tl.tunables()]
                    for name, tl in tuned.items()}  # V first, without a copy
         self.copies = [b for bs in self.of.values() for b in bs]  # aligned with SignRound.params
+        self.stacks, self.wq = [], {}
         with torch.no_grad():
-            self.wq = {name: tl.qdq()[0] for name, tl in tuned.items()}
+            for names in stacks:
+                best = torch.stack([tuned[n].qdq()[0] for n in names])
+                self.stacks.append((best, names))
+                self.wq.update(zip(names, best))
+            self.wq.update({name: tl.qdq()[0] for name, tl in tuned.items() if name not in self.wq})
 
     def update(self, improved, score, total, it) -> None:
         self.score.copy_(torch.where(improved, score, self.score))
@@ -67,16 +74,35 @@ class _Best:
     @torch.no_grad()
     def keep_weights(self, tuned: dict[str, TunedLinear], improved: torch.Tensor, backend) -> None:
         """Where ``improved``, each Linear's best weight takes the one this iteration scored:
-        its last forward's, or, where none ran, the one its tunables give now. Before any step
-        of the iteration; each forward's weight is let go."""
+        its last forward's, or, where none ran, the one its tunables give now; a stack's in one
+        copy where the forward's weights are views of one stack. Before any step of the
+        iteration; each forward's weight is let go."""
+        kept = set()
+        for best, names in self.stacks:
+            stacked = _stack_of([tuned[n].wq_now for n in names])
+            if stacked is not None and stacked.shape == best.shape:
+                backend.copy_if(best, stacked, improved)
+                kept.update(names)
         on = {improved.device: improved}
         for name, tl in tuned.items():
-            wq = tl.wq_now if tl.wq_now is not None else tl.qdq()[0]
-            best = self.wq[name]
-            if best.device not in on:
-                on[best.device] = improved.to(best.device)
-            backend.copy_if(best, wq, on[best.device])
+            if name not in kept:
+                wq = tl.wq_now if tl.wq_now is not None else tl.qdq()[0]
+                best = self.wq[name]
+                if best.device not in on:
+                    on[best.device] = improved.to(best.device)
+                backend.copy_if(best, wq, on[best.device])
             tl.wq_now = None
+
+
+def _stack_of(views: list) -> Optional[torch.Tensor]:
+    """The tensor whose rows 0, 1, ... the given tensors are, in order (a stack the forward
+    made), or None."""
+    base = getattr(views[0], "_base", None)
+    if base is None or base.dim() != 3 or len(views) != base.shape[0] or not base.is_contiguous():
+        return None
+    ok = all(v is not None and v._base is base and v.storage_offset() == base.storage_offset() + e * base.stride(0)
+             for e, v in enumerate(views))
+    return base if ok else None
 
 
 class SignRound:
@@ -92,9 +118,14 @@ class SignRound:
     same bits, without writing and reading back V's gradient. The first iteration runs the
     separate step and counts each Linear's forwards; from the second on, the Linears with one
     forward per iteration step in their backward (:meth:`attach_steppers`), and a Linear whose
-    backward did not run in an iteration gets the usual best copy."""
+    backward did not run in an iteration gets the usual best copy.
 
-    def __init__(self, block: nn.Module, tuned: dict[str, TunedLinear], data: LoopData, plan: Plan):
+    ``stacks``: the Linears whose fake-quantized weights the forward stacks (grouped experts,
+    by name in the stack's order, experts.expert_stacks); their best weights are kept as one
+    stack each."""
+
+    def __init__(self, block: nn.Module, tuned: dict[str, TunedLinear], data: LoopData, plan: Plan,
+                 stacks: Sequence[list[str]] = ()):
         o = plan.options
         self.block, self.tuned, self.data, self.plan = block, tuned, data, plan
         self.device = device = data.inputs.device
@@ -114,7 +145,7 @@ class SignRound:
         self.batches = Batches(data.inputs, data.q_hidden, data.ref, order)
         self.it = torch.zeros(1, dtype=torch.long, device=device)
         self.losses = torch.zeros(o.iters, dtype=torch.float64, device=device)
-        self.best = _Best(tuned, device)
+        self.best = _Best(tuned, device, stacks)
         self.stepping = plan.step_in_backward
         assert not self.stepping or (len(self.micro) == 1 and self.dist is None and len(self.devices) == 1)
         self.improved_now = torch.zeros(1, dtype=torch.bool, device=device)  # filled before the backward
