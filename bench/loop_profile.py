@@ -22,7 +22,7 @@ from autoround_fast.engine.signround import SignRound
 FIRST, LAST = 4, 6  # the profiled iterations: past the warm-up and the graph capture
 
 KERNEL_KINDS = (  # (kind, substrings of the kernel name), first match wins
-    ("ours", ("fake_quant_", "silu_mul_act", "masked_mse_", "sign_step_kernel")),
+    ("ours", ("fake_quant_", "silu_mul_act", "masked_mse_", "sign_step_kernel", "copy_if_kernel")),
     ("attention", ("flash", "fmha", "attention", "softmax")),
     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "matmul")),
     ("fused (Triton)", ("triton_",)),

@@ -157,8 +157,8 @@ const char* launch_masked_mse_loss_backward(const LossArgs& a, const float* grad
 // SignRound's step on one tuned tensor, in place, fused with the best-parameter copy:
 //   if improved and best: best = param;   then param = param + (-1 * sign(grad)) * lr
 // (sign(NaN) = 0, as torch.sign), equal bit for bit to torch.where(improved, param, best,
-// out=best) followed by param.addcmul_(grad.sign(), lr, value=-1). best may be null (V: the
-// engine keeps the best fake-quantized weight instead). improved (bool) and lr (float) are
+// out=best) followed by param.addcmul_(grad.sign(), lr, value=-1). best may be null (V's: the
+// engine keeps the best fake-quantized weight, not V). improved (bool) and lr (float) are
 // one-element device tensors, read by the kernel: a CUDA graph replays it.
 struct SignStepArgs {
   int64_t numel;
@@ -185,8 +185,8 @@ const char* launch_copy_if(const CopyIfArgs& a, cudaStream_t stream);
 // of V and the scales, it steps each in place as launch_sign_step does with that gradient
 // (the scales' best copied first when improved; V has no best copy, see SignStepArgs). The
 // same bits as the backward followed by the steps, without the gradients' round trip through
-// memory (8 bytes per weight element). v, min_scale and max_scale are the Args' own tensors,
-// written here; min_scale and its best are unused (nullptr) for NVFP4.
+// memory and V's second read (12 bytes per weight element). v, min_scale and max_scale are the
+// Args' own tensors, written here; min_scale and its best are unused (nullptr) for NVFP4.
 struct StepTargets {
   float* v;
   float* min_scale;

@@ -112,7 +112,7 @@ __device__ __forceinline__ void store_part(T* p, Left left, const float* x) {
 // value the kernel read (an element of V, a scale) beside its gradient, so the step reads
 // nothing twice. kInPlace: the kernel must read V and the scales with plain loads.
 // Kernels that stage V through shared memory (the NVFP4 backward) write v_value(p, g) to
-// v_dst(). V keeps no best copy here: the engine keeps the best fake-quantized weight.
+// v_dst(). V has no best copy: the engine keeps the best fake-quantized weight.
 struct GradOut {
   static constexpr bool kInPlace = false;
   float* v;

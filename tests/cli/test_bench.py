@@ -106,9 +106,10 @@ def test_profile_sums_kernels_by_kind():
 @pytest.mark.parametrize("shape", ["tiny", "tiny-moe"])
 def test_memory_bench_counts_the_blocks_linears(shape):
     """bench.memory's estimate, worked out by hand from the shape's dimensions: 12 bytes per
-    tuned bf16 weight (V and its gradient, the saved and the best fake-quantized weight), no cache beyond the two a later block finds held (the reference outputs take
-    the released fp inputs' place), and one micro-batch's forward and backward over each
-    Linear's widths (an expert's on top_k / E of the tokens); with the caches, two more."""
+    tuned bf16 weight (V and its gradient, the saved and the best fake-quantized weight), no
+    cache beyond the two a later block finds held (the reference outputs take the released fp
+    inputs' place), and one micro-batch's forward and backward over each Linear's widths (an
+    expert's on top_k / E of the tokens); with the caches, two more."""
     sys.path.insert(0, str(ROOT))
     from bench.memory import estimate
     from bench.shapes import SHAPES

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from autoround_fast import fusion, has_cuda_kernels, ops
-from autoround_fast.engine import QuantSpec, precision, tune_block
+from autoround_fast.engine import QuantSpec, backends, precision, tune_block
+from autoround_fast.engine.linear import TunedLinear
 from conftest import DEVICES, HAS_CUDA, capture_block_inputs, tiny_llama
 
 BACKENDS = ["torch", "kernels", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU"))]
@@ -55,6 +56,35 @@ def imatrix(layer, inputs):
 
 def fresh_block(model):
     return copy.deepcopy(model.model.layers[0])
+
+
+@pytest.mark.parametrize("name,accumulate,backend", [("w4a16-g32", 1, "kernels"), ("mxfp8a16", 1, "kernels"),
+                                                   ("w4a16-asym-g32", 2, "kernels"), ("fp8-channel", 1, "torch")])
+def test_the_tuned_weight_is_the_best_iterations(ragged_block, name, accumulate, backend, monkeypatch):
+    """The stored weight is the fake quantization at the V and scales the loop held when it
+    scored its best iteration, bit for bit: with the step inside the backward (INT), the
+    separate step (MX), gradients accumulated over two micro-batches, and the oracles."""
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    model, inputs = ragged_block
+    block = fresh_block(model)
+    spec = SPECS[name]
+    weights = {n: block.get_submodule(n).weight.detach().to(torch.bfloat16, copy=True) for n in LINEARS}
+    states = [None]  # the tunables before each iteration (None: V = 0, scales 1)
+    snap = lambda it, loss: states.append(  # noqa: E731  (after iteration it's step)
+        {n: [t.detach().clone() for t in block.get_submodule(n).tunables()] for n in LINEARS})
+    res = tune_block(block, inputs, {n: spec for n in LINEARS}, iters=40, batch_size=4 // accumulate,
+                     gradient_accumulate_steps=accumulate, backend=backend, progress=snap)
+    assert res.best_iter > 0  # not the RTN state: V moved before and after it
+    for n in LINEARS:
+        out_f, in_f = weights[n].shape
+        linear = torch.nn.Linear(in_f, out_f, bias=False, dtype=torch.bfloat16)
+        linear.weight.data.copy_(weights[n])
+        tl = TunedLinear(linear, spec, backends.make_backend(backend), None, None)
+        with torch.no_grad():
+            for p, t in zip(tl.tunables(), states[res.best_iter][n]):
+                p.copy_(t)
+            want = tl.qdq()[0]
+        assert torch.equal(block.get_submodule(n).weight, want.to(torch.bfloat16)), n
 
 
 @pytest.mark.parametrize("name", list(SPECS))

@@ -158,6 +158,7 @@ class _BlockRun:
         self.static_act = any(s.static_act for s in specs.values())
         self.phases = _Phases(p.device)
         self.q_inputs, self.token_mask = q_inputs, token_mask
+        self.best_weights: dict[str, torch.Tensor] = {}  # the loop's, until finalize
 
     def tune(self, fp_inputs, global_scales, finalize, progress) -> BlockResult:
         p = self.plan
@@ -277,14 +278,16 @@ class _BlockRun:
         result.init_loss = outcome.losses[0]
         result.best_loss, result.best_iter = outcome.best_loss, outcome.best_iter
         result.loop_ms, result.step_in_backward = outcome.loop_ms, outcome.step_in_backward
+        self.best_weights = outcome.best_weights
 
     def _finalize(self, tuned, stats, finalize) -> dict[str, dict[str, torch.Tensor]]:
         """The qparams of every Linear at the best parameters, and its stored weight written
         in place (``finalize``'s, else the fake-quantized weight)."""
         dist, device = self.plan.dist, self.plan.device
         final = {}
+        best, self.best_weights = self.best_weights, {}  # this pass is their last use
         for name, tl in tuned.items():
-            qp = _qparams(tl, stats[name], self.iters)
+            qp = _qparams(tl, stats[name], self.iters, best.get(name))
             tl.linear.to(device)  # linear_devices: the Linear and its qparams come back
             final[name] = {k: v.to(device) for k, v in qp.items()}
         if dist is not None:
@@ -327,10 +330,12 @@ def _global_scales(linears, specs, given: dict[str, torch.Tensor]) -> dict[str, 
     return scales
 
 
-def _qparams(tl: TunedLinear, stats: ActStats, iters: int) -> dict[str, torch.Tensor]:
-    """weight (fake-quantized), scale (MX: its log2, the shared exponent), zero_point (asym
-    INT), global_scale (NVFP4), act_max, input_global_scale (NVFP4 W4A4) and input_scale (FP8
-    static activations) of a tuned Linear; iters=0 runs the optimized RTN."""
+def _qparams(tl: TunedLinear, stats: ActStats, iters: int,
+             best_weight: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """weight (fake-quantized: the loop's best, where it ran), scale (MX: its log2, the shared
+    exponent), zero_point (asym INT), global_scale (NVFP4), act_max, input_global_scale (NVFP4
+    W4A4) and input_scale (FP8 static activations) of a tuned Linear; iters=0 runs the
+    optimized RTN. The scale and zero point come from the scales alone, not from V."""
     spec = tl.spec
     zp = None
     if iters == 0 and spec.kind == "mx":  # unweighted: auto-round collects no imatrix for MX
@@ -339,7 +344,8 @@ def _qparams(tl: TunedLinear, stats: ActStats, iters: int) -> dict[str, torch.Te
         opt_rtn = opt_rtn_nvfp4 if spec.kind == "nvfp4" else opt_rtn_int_sym
         wq, scale = opt_rtn(tl, stats.imatrix.to(tl.v.device))
     else:
-        wq, scale, zp = tl.tuned_qdq()
+        wq, scale, zp = tl.qdq()
+        wq = wq if best_weight is None else best_weight
     qp = {"scale": scale.detach(), "weight": wq.detach()}
     if zp is not None and not spec.sym:
         qp["zero_point"] = zp.detach()

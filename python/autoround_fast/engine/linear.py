@@ -18,8 +18,9 @@ from .spec import QuantSpec, fused_layer_groups
 @dataclass
 class Stepper:
     """What a TunedLinear's backward needs to take SignRound's step itself: the best copies of
-    its scales (V has none: the loop keeps the best fake-quantized weight), the iteration's improved flag and learning rate (device tensors the loop
-    fills before the backward), and the set the backward adds the Linear to when it ran."""
+    its scales (the loop keeps no copy of V), the iteration's improved flag and learning rate
+    (device tensors the loop fills before the backward), and the set the backward adds the
+    Linear to when it ran."""
 
     best: list
     improved: torch.Tensor
@@ -77,10 +78,8 @@ class TunedLinear(nn.Module):
         self.stepper: Optional[Stepper] = None
         self.forwards = 0  # forwards with gradients (the loop checks that there is one per step)
         # The fake-quantized weight of the last forward with gradients, until the loop has
-        # scored it; and the best iteration's, which the loop keeps instead of V's best copy
-        # (half its bytes in bf16) and :meth:`tuned_qdq` returns.
+        # scored the iteration (it keeps the best iteration's).
         self.wq_now: Optional[torch.Tensor] = None
-        self.best_wq: Optional[torch.Tensor] = None
 
     @property
     def steps_in_backward(self) -> bool:
@@ -126,13 +125,6 @@ class TunedLinear(nn.Module):
         if st is not None:
             return be.int_stepped(*int_args, *st.args())
         return be.int(*int_args)
-
-    def tuned_qdq(self):
-        """:meth:`qdq` at the tuned parameters: the scales as they are (the loop wrote back the
-        best iteration's; the scale and zero point do not depend on V), the weight the best
-        iteration's (V is left at its last step), where the loop ran."""
-        wq, scale, zp = self.qdq()
-        return (wq if self.best_wq is None else self.best_wq), scale, zp
 
     def forward(self, x, input_quantized: bool = False):
         """``input_quantized``: the caller has already applied this Linear's activation

@@ -3,9 +3,10 @@
 An estimate, made before any tensor is allocated, of the most the block's run adds on the
 device, over its two heaviest phases:
 - the tuning loop: the tunables of every Linear (V and its gradient in fp32; the fake-quantized
-  weight kept for the backward, and the best iteration's, in the block's dtype), the cached activations not there yet (each
-  [N, L, H] in the block's dtype: :func:`live_caches` of them at once; those the caller already
-  holds on the device are spent, not needed), and one micro-batch's forward and backward (what
+  weight kept for the backward, and the best iteration's, in the block's dtype), the cached
+  activations not there yet (each [N, L, H] in the block's dtype: :func:`live_caches` of them
+  at once; those the caller already holds on the device are spent, not needed), and one
+  micro-batch's forward and backward (what
   each Linear reads and writes, the norms and residuals, twice over for the backward's
   transients; an MoE expert run grouped only on its share of the tokens, top_k / E; the score
   matrices of an attention that runs eagerly, as GPT-OSS's with its sinks and sliding windows);
@@ -26,7 +27,7 @@ import torch
 import torch.nn as nn
 
 TUNABLE_FP32_BYTES = 4 + 4  # per weight element: V and its gradient
-TUNABLE_WQ = 2  # and fake-quantized weights in the block's dtype: the one saved for the backward, the best one
+WQ_COPIES = 2  # fake-quantized weights in the block's dtype: the one saved for the backward, the best one
 # per attention score of an eagerly run attention: the fp32 softmax and its cast, saved for the
 # backward, and the backward's fp32 gradient of the scores
 EAGER_SCORE_BYTES = 4 + 2 + 4
@@ -79,7 +80,8 @@ class BlockMemory:
         """The estimate above for micro-batches of ``batch`` samples: the larger of its phases."""
         forward = self._forward(batch)
         scores = batch * self.scores * EAGER_SCORE_BYTES
-        tunables = sum(m.weight.numel() for m in self.linears.values()) * (TUNABLE_FP32_BYTES + TUNABLE_WQ * self.elem)
+        per_weight = TUNABLE_FP32_BYTES + WQ_COPIES * self.elem
+        tunables = sum(m.weight.numel() for m in self.linears.values()) * per_weight
         live = live_caches(self.first_block, self.release_inputs)
         loop = tunables + self._caches(live, batch, caches_on_device) + BACKWARD_FACTOR * forward + scores
         at_reference = live_caches(self.first_block, release_inputs=False)  # the fp inputs are still held

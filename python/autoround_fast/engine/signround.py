@@ -34,22 +34,24 @@ class LoopData:
 class LoopOutcome:
     """What the loop measured: the loss of every iteration (before its step), the best one
     (iteration and value), milliseconds per iteration per run of ten (GPU), and the Linears
-    whose backward took the step."""
+    whose backward took the step; and what it tuned: each Linear's fake-quantized weight at
+    the best iteration (its scales are back in the Linear's tunables)."""
 
     losses: list[float]
     best_loss: float
     best_iter: int
     loop_ms: list[float] = field(default_factory=list)
     step_in_backward: list[str] = field(default_factory=list)
+    best_weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class _Best:
     """The best iteration so far, on the device: its score (the sum over micro-batches of
     loss / valid tokens, as auto-round scores), its summed loss, its index, a copy of every
-    Linear's scales at it, and the fake-quantized weight it gave, in place of a copy of V (fp32):
-    all the result needs of V, in half its bytes under bf16. The weights of Linears that the
-    forward stacks (``stacks``: grouped experts, by name in the stack's order) are kept as one
-    stack too, so that one copy keeps them all."""
+    Linear's scales at it, and each Linear's fake-quantized weight at it (all the result needs
+    of V, whose best is not kept: ``of`` holds None in its place). The weights of Linears that
+    the forward stacks (``stacks``: grouped experts, by name in the stack's order) are kept as
+    one stack too, so that one copy keeps them all."""
 
     def __init__(self, tuned: dict[str, TunedLinear], device: torch.device, stacks: Sequence[list[str]]):
         self.score = torch.full((1,), float("inf"), dtype=torch.float64, device=device)
@@ -81,22 +83,22 @@ class _Best:
         for best, names in self.stacks:
             stacked = _stack_of([tuned[n].wq_now for n in names])
             if stacked is not None and stacked.shape == best.shape:
-                backend.copy_if(best, stacked, improved)
+                backend.copy_if(best, stacked, _on(improved, best.device))
                 kept.update(names)
-        on = {improved.device: improved}
         for name, tl in tuned.items():
             if name not in kept:
                 wq = tl.wq_now if tl.wq_now is not None else tl.qdq()[0]
-                best = self.wq[name]
-                if best.device not in on:
-                    on[best.device] = improved.to(best.device)
-                backend.copy_if(best, wq, on[best.device])
+                backend.copy_if(self.wq[name], wq, _on(improved, wq.device))
             tl.wq_now = None
+
+
+def _on(flag: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return flag if flag.device == device else flag.to(device)
 
 
 def _stack_of(views: list) -> Optional[torch.Tensor]:
     """The tensor whose rows 0, 1, ... the given tensors are, in order (a stack the forward
-    made), or None."""
+    made, found through the views' ``_base``), or None: then each is copied alone."""
     base = getattr(views[0], "_base", None)
     if base is None or base.dim() != 3 or len(views) != base.shape[0] or not base.is_contiguous():
         return None
@@ -152,7 +154,7 @@ class SignRound:
         self.lr_now = torch.zeros(1, dtype=torch.float32, device=device)
         self.ran: set = set()  # the Linears whose backward took the step this iteration
         for tl in tuned.values():
-            tl.forwards = 0
+            tl.forwards, tl.wq_now = 0, None
         # Data parallel: each gradient's all-reduce starts as soon as the last micro-batch's
         # backward has accumulated it (down_proj's first), so the transfers overlap the rest of
         # the backward; the step waits for all of them. With linear_devices the backward runs
@@ -188,8 +190,9 @@ class SignRound:
         """After the first iteration: the step moves into the backward of each Linear that ran
         one forward with gradients in it."""
         for name, tl in self.tuned.items():
-            if tl.forwards == 1 and tl.steps_in_backward:  # its scales' best copies (V has none)
-                tl.stepper = Stepper(self.best.of[name][1:], self.improved_now, self.lr_now, self.ran, name)
+            if tl.forwards == 1 and tl.steps_in_backward:
+                scales = [b for b in self.best.of[name] if b is not None]  # V has no copy
+                tl.stepper = Stepper(scales, self.improved_now, self.lr_now, self.ran, name)
 
     # -- one iteration ---------------------------------------------------------------------
 
@@ -255,24 +258,33 @@ class SignRound:
             l64 = loss.detach().to(torch.float64).reshape(1)
             total = total + l64
             score = score + l64 / n_valid
-            if self.stepping:  # one micro-batch: the score is final before the backward
-                torch.lt(score, self.best.score, out=self.improved_now)
-                self.lr_now.copy_(self.lrs.index_select(0, self.it))
-                self.ran.clear()
-                self.best.keep_weights(self.tuned, self.improved_now, self.be)  # before the backward steps V
+            if not self.last_micro:
+                self._let_weights_go()  # the next micro-batch's forward gives the same ones
+            elif self.dist is None:  # the score is final before the last backward
+                self._score(score)
             self.backward(loss)
         if self.dist is not None:
             total, score = self.reduce(total, score)
+            self._score(score)  # the ranks' summed score: after the backward
         with torch.no_grad():
-            # scored before the step, as auto-round (stepping: done before the backward)
-            improved = self.improved_now if self.stepping else score < self.best.score
-            lr = self.lr_now if self.stepping else self.lrs.index_select(0, self.it)
-            if not self.stepping:
-                self.best.keep_weights(self.tuned, improved, self.be)
-            self.best.update(improved, score, total, self.it)
+            self.best.update(self.improved_now, score, total, self.it)
             self.losses.index_copy_(0, self.it, total)
-            self.step(improved, lr)
+            self.step(self.improved_now, self.lr_now)
             self.it.add_(1)
+
+    @torch.no_grad()
+    def _score(self, score: torch.Tensor) -> None:
+        """The iteration's improved flag and learning rate, and the best weights kept where it
+        improved: scored before any step, as auto-round (a step inside the backward reads
+        them)."""
+        torch.lt(score, self.best.score, out=self.improved_now)
+        self.lr_now.copy_(self.lrs.index_select(0, self.it))
+        self.ran.clear()
+        self.best.keep_weights(self.tuned, self.improved_now, self.be)
+
+    def _let_weights_go(self) -> None:
+        for tl in self.tuned.values():
+            tl.wq_now = None
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -322,12 +334,12 @@ class SignRound:
             h.remove()
         with torch.no_grad():
             for p, b in zip(self.params, self.best.copies):
-                if b is not None:
+                if b is not None:  # the scales; V is left at its last step
                     p.copy_(b)
-        for name, tl in self.tuned.items():
-            tl.best_wq, tl.wq_now = self.best.wq[name], None
+        self._let_weights_go()
         return LoopOutcome(losses=self.losses.tolist(), best_loss=float(self.best.total.item()),
-                           best_iter=int(self.best.iter.item()), loop_ms=loop_ms, step_in_backward=stepped)
+                           best_iter=int(self.best.iter.item()), loop_ms=loop_ms, step_in_backward=stepped,
+                           best_weights=self.best.wq)
 
 
 class _Reporter:
