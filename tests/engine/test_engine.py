@@ -75,6 +75,7 @@ def test_the_tuned_weight_is_the_best_iterations(ragged_block, name, accumulate,
     res = tune_block(block, inputs, {n: spec for n in LINEARS}, iters=40, batch_size=4 // accumulate,
                      gradient_accumulate_steps=accumulate, backend=backend, progress=snap)
     assert res.best_iter > 0  # not the RTN state: V moved before and after it
+    assert bool(res.step_in_backward) == (name == "w4a16-g32")  # the paths the parameters name
     for n in LINEARS:
         out_f, in_f = weights[n].shape
         linear = torch.nn.Linear(in_f, out_f, bias=False, dtype=torch.bfloat16)

@@ -287,7 +287,7 @@ class _BlockRun:
         final = {}
         best, self.best_weights = self.best_weights, {}  # this pass is their last use
         for name, tl in tuned.items():
-            qp = _qparams(tl, stats[name], self.iters, best.get(name))
+            qp = _qparams(tl, stats[name], self.iters, best.pop(name, None))
             tl.linear.to(device)  # linear_devices: the Linear and its qparams come back
             final[name] = {k: v.to(device) for k, v in qp.items()}
         if dist is not None:
@@ -335,7 +335,7 @@ def _qparams(tl: TunedLinear, stats: ActStats, iters: int,
     """weight (fake-quantized: the loop's best, where it ran), scale (MX: its log2, the shared
     exponent), zero_point (asym INT), global_scale (NVFP4), act_max, input_global_scale (NVFP4
     W4A4) and input_scale (FP8 static activations) of a tuned Linear; iters=0 runs the
-    optimized RTN. The scale and zero point come from the scales alone, not from V."""
+    optimized RTN. The scale and zero point come from W and the scales, not from V."""
     spec = tl.spec
     zp = None
     if iters == 0 and spec.kind == "mx":  # unweighted: auto-round collects no imatrix for MX

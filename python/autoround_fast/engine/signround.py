@@ -79,21 +79,23 @@ class _Best:
         its last forward's, or, where none ran, the one its tunables give now; a stack's in one
         copy where the forward's weights are views of one stack. Before any step of the
         iteration; each forward's weight is let go."""
-        kept = set()
+        kept, on = set(), {improved.device: improved}
+
+        def flag(device):  # one copy of the flag per device
+            if device not in on:
+                on[device] = improved.to(device)
+            return on[device]
+
         for best, names in self.stacks:
             stacked = _stack_of([tuned[n].wq_now for n in names])
             if stacked is not None and stacked.shape == best.shape:
-                backend.copy_if(best, stacked, _on(improved, best.device))
+                backend.copy_if(best, stacked, flag(best.device))
                 kept.update(names)
         for name, tl in tuned.items():
             if name not in kept:
                 wq = tl.wq_now if tl.wq_now is not None else tl.qdq()[0]
-                backend.copy_if(self.wq[name], wq, _on(improved, wq.device))
+                backend.copy_if(self.wq[name], wq, flag(wq.device))
             tl.wq_now = None
-
-
-def _on(flag: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return flag if flag.device == device else flag.to(device)
 
 
 def _stack_of(views: list) -> Optional[torch.Tensor]:
@@ -114,9 +116,11 @@ class SignRound:
     is a torch.where, so the same iteration runs eagerly (CPU, warm-up) or replayed from a
     CUDA graph.
 
-    With ``plan.step_in_backward`` (one micro-batch, no process group, one device, the
-    kernels), the iteration's score, improved flag and learning rate are computed before the
-    backward, and each Linear's weight backward takes the step on its tunables itself: the
+    Without a process group the iteration's score, improved flag and learning rate are
+    computed after the last micro-batch's forward, before its backward (under one, after the
+    backward, once the ranks' scores are summed). With ``plan.step_in_backward`` (one
+    micro-batch, no process group, one device, the kernels), each Linear's weight backward
+    then takes the step on its tunables itself: the
     same bits, without writing and reading back V's gradient. The first iteration runs the
     separate step and counts each Linear's forwards; from the second on, the Linears with one
     forward per iteration step in their backward (:meth:`attach_steppers`), and a Linear whose
@@ -150,7 +154,7 @@ class SignRound:
         self.best = _Best(tuned, device, stacks)
         self.stepping = plan.step_in_backward
         assert not self.stepping or (len(self.micro) == 1 and self.dist is None and len(self.devices) == 1)
-        self.improved_now = torch.zeros(1, dtype=torch.bool, device=device)  # filled before the backward
+        self.improved_now = torch.zeros(1, dtype=torch.bool, device=device)  # filled by _score
         self.lr_now = torch.zeros(1, dtype=torch.float32, device=device)
         self.ran: set = set()  # the Linears whose backward took the step this iteration
         for tl in tuned.values():
@@ -251,6 +255,7 @@ class SignRound:
         n_valid = self.valid.index_select(0, self.it)
         total = torch.zeros(1, dtype=torch.float64, device=self.device)
         score = torch.zeros(1, dtype=torch.float64, device=self.device)
+        self.ran.clear()
         for k, (start, stop) in enumerate(self.micro):
             self.last_micro = k == len(self.micro) - 1
             pred, ref, mask = self.forward(idx_all[start:stop], start, stop)
@@ -279,7 +284,6 @@ class SignRound:
         them)."""
         torch.lt(score, self.best.score, out=self.improved_now)
         self.lr_now.copy_(self.lrs.index_select(0, self.it))
-        self.ran.clear()
         self.best.keep_weights(self.tuned, self.improved_now, self.be)
 
     def _let_weights_go(self) -> None:
