@@ -278,7 +278,9 @@ def test_sigint_exits_130_and_says_no_gpu_once(tiny_model_dir, calib_file, tmp_p
     argv.remove("--iters"), argv.remove("3")
     # PYTHONFAULTHANDLER: if the run outlives the interrupt, SIGABRT prints where each thread is
     env = dict(os.environ, AUTOROUND_FAST_ITERS="100000", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # the default disposition, as a terminal's foreground job has it (a background job's is ignored)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     for line in proc.stdout:
         lines.append(line)
