@@ -285,14 +285,17 @@ def grouped_experts(block: nn.Module, tuned: dict[str, TunedLinear], device: tor
     return _swapped(block, found)
 
 
+def _stack_names(container: str, projections: dict[str, list[nn.Module]]) -> dict[str, list[str]]:
+    """The block-relative names of a container's expert Linears per projection, in the order
+    its stacks take them."""
+    return {p: [f"{container}.{e}.{p}" for e in range(len(ls))] for p, ls in projections.items()}
+
+
 def expert_stacks(block: nn.Module, containers: list[str]) -> list[list[str]]:
     """The TunedLinears each of the named containers (running :func:`grouped_forward` on their
     fake-quantized weights) stacks per projection, by name, in the stack's order."""
-    stacks = []
-    for name in containers:
-        projections = _projections(block.get_submodule(name))
-        stacks += [[f"{name}.{e}.{p}" for e in range(len(ls))] for p, ls in projections.items()]
-    return stacks
+    return [names for name in containers
+            for names in _stack_names(name, _projections(block.get_submodule(name))).values()]
 
 
 def groups_experts(option: Optional[bool], device: torch.device) -> bool:
@@ -328,14 +331,14 @@ def routed_shares(block: nn.Module, linears: dict[str, nn.Linear]) -> dict[str, 
     shares = {}
     for name, m in block.named_modules():
         projections = _projections(m)
-        if projections is None or not all(f"{name}.{e}.{p}" in linears
-                                          for p, ls in projections.items() for e in range(len(ls))):
+        stacks = _stack_names(name, projections) if projections is not None else {}
+        if not stacks or not all(n in linears for names in stacks.values() for n in names):
             continue
         k = _top_k(block.get_submodule(name.rpartition(".")[0]), m)
         if k is None:
             continue
-        for p, ls in projections.items():
-            shares.update({f"{name}.{e}.{p}": k / len(ls) for e in range(len(ls))})
+        for names in stacks.values():
+            shares.update({n: k / len(names) for n in names})
     return shares
 
 
