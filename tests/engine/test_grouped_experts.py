@@ -216,6 +216,43 @@ def test_grouped_forward_never_waits_for_the_host(moe, scheme, monkeypatch):
         experts(x, idx, w).float().sum().backward()
 
 
+@pytest.mark.parametrize("scheme", list(SPECS))
+def test_the_backward_makes_the_gathered_rows_again(moe, scheme, monkeypatch):
+    """The tokens' rows gathered per pair ([pairs, hidden], k times the tokens) and, under
+    W4A4, their quantized copies for gate and up are not held from the forward to the
+    backward: the backward makes them again. The gradients stay the loop's bit for bit
+    (test_grouped_forward_and_gradients_equal_the_loop)."""
+    import weakref
+
+    layer, _ = moe
+    experts, tuned = _tuned_experts(layer, SPECS[scheme], "kernels", torch.bfloat16)
+    made = {"gathered": [], "quantized": []}
+
+    def watched(kind, orig):
+        def f(*args):
+            out = orig(*args)
+            made[kind].append(weakref.ref(out))
+            return out
+        return f
+
+    monkeypatch.setattr(experts_mod, "gather_rows", watched("gathered", experts_mod.gather_rows))
+    monkeypatch.setattr(experts_mod, "_quantize_inputs", watched("quantized", experts_mod._quantize_inputs))
+    x = torch.randn(40, HIDDEN).to(torch.bfloat16).requires_grad_(True)
+    with torch.no_grad():
+        _, w, idx = layer.mlp.gate(x)
+    with grouped_experts(experts, tuned, torch.device("cpu")):
+        out = experts(x, idx, w)
+        forward = {k: len(v) for k, v in made.items()}
+        # gate and up's rows: one gather, and under W4A4 a quantized copy each (and down's)
+        assert forward == {"gathered": 1, "quantized": 3 if SPECS[scheme].act else 0}
+        assert made["gathered"][0]() is None
+        assert all(r() is None for r in made["quantized"][:2])  # gate's and up's are gone
+        out.float().sum().backward()
+    assert len(made["gathered"]) > 1 and all(r() is None for r in made["gathered"])
+    assert len(made["quantized"]) == (5 if SPECS[scheme].act else 0)  # gate's and up's made again
+    assert x.grad is not None and all(tl.v.grad is not None for tl in tuned.values())
+
+
 @pytest.mark.parametrize("scheme", ["w4a16", "nvfp4"])
 def test_grouped_block_never_runs_the_loop(moe, scheme):
     """With the grouped experts, every pass over the block (the reference, W4A4's act_max

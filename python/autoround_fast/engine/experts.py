@@ -91,20 +91,83 @@ def grouped_forward(source: ExpertWeights):
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         routing = sort_pairs(top_k_index, top_k_weights, self.num_experts)
-        x = hidden_states[routing.tokens]  # indexing: a deterministic backward on a GPU
+        x = gather_rows(hidden_states, routing.tokens)
         bounds = routing.bounds() if _needs_bounds(source, x) else None
 
-        def project(p, rows):
-            if source.quantizers[p] is not None:
-                rows = _quantize_inputs(source.quantizers[p], rows, routing, bounds)
+        def project(p, rows, again=None, remake=None):
+            quantizers = source.quantizers[p]
+            if quantizers is not None:
+                rows = _quantize_inputs(quantizers, rows, routing, bounds)
+                if again is not None:
+                    again.keep(rows, lambda: _quantize_inputs(quantizers, remake(), routing, bounds))
             return _matmul(rows, source.weights(p), source.biases[p], routing, bounds)
 
-        h = self._apply_gate(torch.cat([project("gate_proj", x), project("up_proj", x)], dim=-1))
+        def gather():
+            return gather_rows(hidden_states, routing.tokens)
+
+        again = RemadeForBackward()
+        with again:
+            again.keep(x, gather)
+            gate_up = torch.cat([project(p, x, again, gather) for p in ("gate_proj", "up_proj")], dim=-1)
+        h = self._apply_gate(gate_up)
         if source.record is not None:
             source.record(self, hidden_states, routing, x, h)
         return _combine(project("down_proj", h), routing, hidden_states)
 
     return forward
+
+
+def gather_rows(hidden_states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The rows of the sorted pairs' tokens (indexing: a deterministic backward on a GPU)."""
+    return hidden_states[tokens]
+
+
+class RemadeForBackward(torch.autograd.graph.saved_tensors_hooks):
+    """Saved-tensor hooks under which autograd keeps, in place of each tensor given to
+    :meth:`keep`, the way to make it again: the backward remakes it (once for all its uses
+    within the ``with``) instead of holding it from the forward to the backward. For the
+    experts' gathered rows ([pairs, hidden], k times the tokens' own rows, which stay alive
+    instead) and their quantized copies: a gather and a fake quantization, the same bits
+    either way. A saved tensor is recognised by its storage, shape, strides and dtype: the
+    kept ones stay alive until the ``with`` ends, so that no other tensor takes their place."""
+
+    def __init__(self):
+        self._entries: dict[tuple, list] = {}  # key -> [maker, uses not yet unpacked, remade or None]
+        self._kept: list[torch.Tensor] = []
+        super().__init__(self._pack, _unpack_remade)
+
+    def keep(self, t: torch.Tensor, maker: Callable[[], torch.Tensor]) -> None:
+        """Remake ``t`` by ``maker()`` for the backward."""
+        self._entries[_storage_key(t)] = [maker, 0, None]
+        self._kept.append(t)
+
+    def _pack(self, t: torch.Tensor):
+        entry = self._entries.get(_storage_key(t))
+        if entry is None:
+            return t
+        entry[1] += 1
+        return entry
+
+    def __exit__(self, *exc):
+        self._kept.clear()
+        return super().__exit__(*exc)
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
+
+
+def _unpack_remade(packed):
+    """A kept tensor's entry: the tensor remade (once while its uses last); else as saved."""
+    if not isinstance(packed, list):
+        return packed
+    maker, _, remade = packed
+    if remade is None:
+        with torch.no_grad():
+            remade = maker()
+    packed[1] -= 1
+    packed[2] = remade if packed[1] > 0 else None
+    return remade
 
 
 def _matmul(x: torch.Tensor, weights, bias: Optional[torch.Tensor], routing: Routing,
