@@ -13,6 +13,7 @@ grouped matmul over all experts (``torch._grouped_mm``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -23,8 +24,10 @@ import torch.nn.functional as F
 
 from ..fusion import own_forward, swap_forward
 from .linear import ActQuantLinear, TunedLinear, quant_input
+from .remade import RemadeInBackward
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+GATE_UP = PROJECTIONS[:2]  # the projections of the gathered rows, whose outputs the gate function takes side by side
 _FORWARD_ARGS = ("self", "hidden_states", "top_k_index", "top_k_weights")  # LinearExperts2D.forward's
 _ALIGN_BYTES = 16  # _grouped_mm wants every stride but the unit one a multiple of 16 bytes
 
@@ -93,26 +96,10 @@ def grouped_forward(source: ExpertWeights):
         routing = sort_pairs(top_k_index, top_k_weights, self.num_experts)
         x = gather_rows(hidden_states, routing.tokens)
         bounds = routing.bounds() if _needs_bounds(source, x) else None
-
-        def project(p, rows, again=None, remake=None):
-            quantizers = source.quantizers[p]
-            if quantizers is not None:
-                rows = _quantize_inputs(quantizers, rows, routing, bounds)
-                if again is not None:
-                    again.keep(rows, lambda: _quantize_inputs(quantizers, remake(), routing, bounds))
-            return _matmul(rows, source.weights(p), source.biases[p], routing, bounds)
-
-        def gather():
-            return gather_rows(hidden_states, routing.tokens)
-
-        again = RemadeForBackward()
-        with again:
-            again.keep(x, gather)
-            gate_up = torch.cat([project(p, x, again, gather) for p in ("gate_proj", "up_proj")], dim=-1)
-        h = self._apply_gate(gate_up)
+        h = self._apply_gate(_gate_up(source, x, hidden_states, routing, bounds))
         if source.record is not None:
             source.record(self, hidden_states, routing, x, h)
-        return _combine(project("down_proj", h), routing, hidden_states)
+        return _combine(_project(source, "down_proj", h, routing, bounds), routing, hidden_states)
 
     return forward
 
@@ -122,52 +109,37 @@ def gather_rows(hidden_states: torch.Tensor, tokens: torch.Tensor) -> torch.Tens
     return hidden_states[tokens]
 
 
-class RemadeForBackward(torch.autograd.graph.saved_tensors_hooks):
-    """Saved-tensor hooks under which autograd keeps, in place of each tensor given to
-    :meth:`keep`, the way to make it again: the backward remakes it (once for all its uses
-    within the ``with``) instead of holding it from the forward to the backward. For the
-    experts' gathered rows ([pairs, hidden], k times the tokens' own rows, which stay alive
-    instead) and their quantized copies: a gather and a fake quantization, the same bits
-    either way. A saved tensor is recognised by its storage, shape, strides and dtype: the
-    kept ones stay alive until the ``with`` ends, so that no other tensor takes their place."""
-
-    def __init__(self):
-        self._entries: dict[tuple, list] = {}  # key -> [maker, uses not yet unpacked, remade or None]
-        self._kept: list[torch.Tensor] = []
-        super().__init__(self._pack, _unpack_remade)
-
-    def keep(self, t: torch.Tensor, maker: Callable[[], torch.Tensor]) -> None:
-        """Remake ``t`` by ``maker()`` for the backward."""
-        self._entries[_storage_key(t)] = [maker, 0, None]
-        self._kept.append(t)
-
-    def _pack(self, t: torch.Tensor):
-        entry = self._entries.get(_storage_key(t))
-        if entry is None:
-            return t
-        entry[1] += 1
-        return entry
-
-    def __exit__(self, *exc):
-        self._kept.clear()
-        return super().__exit__(*exc)
+def _gate_up(source: ExpertWeights, x: torch.Tensor, hidden_states: torch.Tensor, routing: Routing,
+             bounds: Optional[list[tuple[int, int]]]) -> torch.Tensor:
+    """gate's and up's outputs side by side. With gradients on, the gathered rows x ([pairs,
+    hidden]: top_k times the tokens' own rows) and their quantized copies are made again in the
+    backward, not held (engine/remade.py): one gather and, under W4A4, one quantization each.
+    That saves their memory where the grouped matmul takes x whole; the per-expert matmuls
+    (``bounds``) save slices of x, which hold it whole anyway."""
+    if not torch.is_grad_enabled():
+        return torch.cat([_project(source, p, x, routing, bounds) for p in GATE_UP], dim=-1)
+    outputs = []
+    with RemadeInBackward() as remade:
+        gathered = remade.remake(x, functools.partial(gather_rows, hidden_states, routing.tokens), hidden_states)
+        for p in GATE_UP:
+            rows = _inputs(source, p, x, routing, bounds)
+            if rows is not x:
+                remade.remake(rows, lambda p=p: _inputs(source, p, gathered.current(), routing, bounds))
+            outputs.append(_matmul(rows, source.weights(p), source.biases[p], routing, bounds))
+    return torch.cat(outputs, dim=-1)
 
 
-def _storage_key(t: torch.Tensor) -> tuple:
-    return (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
+def _project(source: ExpertWeights, p: str, rows: torch.Tensor, routing: Routing,
+             bounds: Optional[list[tuple[int, int]]]) -> torch.Tensor:
+    """Projection ``p`` of every expert on its rows."""
+    return _matmul(_inputs(source, p, rows, routing, bounds), source.weights(p), source.biases[p], routing, bounds)
 
 
-def _unpack_remade(packed):
-    """A kept tensor's entry: the tensor remade (once while its uses last); else as saved."""
-    if not isinstance(packed, list):
-        return packed
-    maker, _, remade = packed
-    if remade is None:
-        with torch.no_grad():
-            remade = maker()
-    packed[1] -= 1
-    packed[2] = remade if packed[1] > 0 else None
-    return remade
+def _inputs(source: ExpertWeights, p: str, rows: torch.Tensor, routing: Routing,
+            bounds: Optional[list[tuple[int, int]]]) -> torch.Tensor:
+    """Projection ``p``'s inputs: the rows, quantized where its experts quantize them."""
+    quantizers = source.quantizers[p]
+    return rows if quantizers is None else _quantize_inputs(quantizers, rows, routing, bounds)
 
 
 def _matmul(x: torch.Tensor, weights, bias: Optional[torch.Tensor], routing: Routing,
