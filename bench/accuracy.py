@@ -22,6 +22,7 @@ import os
 import random
 import tempfile
 import time
+from typing import Optional
 
 import torch
 
@@ -42,6 +43,16 @@ def recast_model_weights(model, dtype) -> list[str]:
     for p in own:
         p.data = p.data.to(dtype)
     return dtypes
+
+
+def later_layers(first: Optional[int], n_layers: int) -> list[str]:
+    """The ignore patterns that leave every decoder layer from index ``first`` on unquantized
+    (none where ``first`` is None)."""
+    if first is None:
+        return []
+    if not 0 < first <= n_layers:
+        raise SystemExit(f"bench.accuracy: --layers must be within 1..{n_layers}, got {first}")
+    return [rf"re:(.*\.)?layers\.{i}\..*" for i in range(first, n_layers)]
 
 
 def seed_all(seed: int = 0) -> None:
@@ -78,6 +89,9 @@ def main(argv=None):
     p.add_argument("--scheme", nargs="+", default=["NVFP4", "W4A16-G64"], choices=list(SCHEMES))
     p.add_argument("--rows", nargs="+", default=["rtn", "auto_round:0", "auto_round:200", "cuda:0", "cuda:200"],
                    help="rtn, or backend:iters with backend auto_round, cuda or torch")
+    p.add_argument("--layers", type=int, default=None,
+                   help="quantize only the first LAYERS decoder layers (the rest stay bf16): a stock-path "
+                        "run that fits a time limit, beside ours on the same layers")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512, help="calibration tokens per sample")
     p.add_argument("--eval-seqlen", dest="eval_seqlen", type=int, default=2048)
@@ -124,7 +138,8 @@ def main(argv=None):
         results.append(row)
         print(json.dumps(row), flush=True)
         with open(os.path.join(args.out, "accuracy.json"), "w") as f:
-            json.dump(dict(card=card, command=cmd, eval_tokens=eval_ids.numel(), rows=results), f, indent=1)
+            json.dump(dict(card=card, command=cmd, eval_tokens=eval_ids.numel(), layers=args.layers, rows=results), f,
+                      indent=1)
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg_dir = os.path.join(tmp, "config")
@@ -133,13 +148,15 @@ def main(argv=None):
         record(dict(scheme="-", method="bf16", iters=None, ppl=perplexity(m, eval_ids, args.eval_seqlen)))
         del m
         for scheme in args.scheme:
+            kwargs = quant_kwargs(scheme)
+            kwargs["ignore"] += later_layers(args.layers, config.num_hidden_layers)
             for row in args.rows:
                 if row == "rtn":
                     backend, iters = "rtn", None
-                    recipe = QuantizationModifier(**quant_kwargs(scheme))
+                    recipe = QuantizationModifier(**kwargs)
                 else:
                     backend, iters = row.split(":")[0], int(row.split(":")[1])
-                    recipe = AutoRoundModifier(**quant_kwargs(scheme), iters=iters, batch_size=args.batch_size,
+                    recipe = AutoRoundModifier(**kwargs, iters=iters, batch_size=args.batch_size,
                                                backend=backend, enable_torch_compile=args.compile)
                 model = fresh()
                 model.config._name_or_path = cfg_dir

@@ -56,6 +56,16 @@ def test_dist_bench_two_gloo_ranks(tmp_path):
     assert "| W4A16 | 1 |" in table and "| W4A16 | 2 |" in table and "100%" in table
 
 
+def _toy_texts(tmp_path):
+    """Calibration and evaluation text of toy size, from different halves of Python's own help."""
+    import pydoc_data.topics
+
+    topics = pydoc_data.topics.topics
+    keys = sorted(topics)
+    (tmp_path / "calib.txt").write_text("\n\n".join(topics[k] for k in keys[: len(keys) // 2]))
+    (tmp_path / "eval.txt").write_text("\n\n".join(topics[k] for k in keys[len(keys) // 2:])[:6000])
+
+
 def test_accuracy_bench_on_smollm2(tmp_path):
     """bench.accuracy on the real SmolLM2 at toy sizes: the bf16, RTN and engine rows come out
     finite, quantizing costs perplexity, and the engine's saved checkpoint scores exactly what
@@ -66,12 +76,7 @@ def test_accuracy_bench_on_smollm2(tmp_path):
         bundled_gguf()
     except SystemExit as e:
         pytest.skip(str(e))
-    import pydoc_data.topics
-
-    topics = pydoc_data.topics.topics
-    keys = sorted(topics)
-    (tmp_path / "calib.txt").write_text("\n\n".join(topics[k] for k in keys[: len(keys) // 2]))
-    (tmp_path / "eval.txt").write_text("\n\n".join(topics[k] for k in keys[len(keys) // 2:])[:6000])
+    _toy_texts(tmp_path)
     run_module(["bench.accuracy", "--calib", "calib.txt", "--eval", "eval.txt", "--scheme", "W4A16-G64",
                 "--rows", "rtn", "torch:2", "--nsamples", "2", "--seqlen", "32", "--batch-size", "2",
                 "--eval-seqlen", "256", "--out", "res"], tmp_path)
@@ -81,6 +86,37 @@ def test_accuracy_bench_on_smollm2(tmp_path):
     assert all(r["ppl"] == r["ppl"] and 1 < r["ppl"] < 1e4 for r in rows)
     assert min(r["ppl"] for r in rows if r["method"] != "bf16") > by["bf16"]["ppl"]
     assert by["torch"]["reload_equal"] and by["torch"]["ppl_reloaded"] == by["torch"]["ppl"]
+
+
+def test_accuracy_bench_quantizes_the_first_layers_only(tmp_path):
+    """bench.accuracy --layers N: the engine tunes N decoder layers, and the ignore patterns
+    leave exactly the later ones unquantized, as compressed-tensors matches module names."""
+    from compressed_tensors.utils import match_named_modules
+
+    from autoround_fast.cli.models import bundled_gguf
+
+    sys.path.insert(0, str(ROOT))
+    from bench.accuracy import later_layers
+
+    import torch.nn as nn
+
+    model = nn.Module()
+    model.layers = nn.ModuleList(nn.ModuleDict({"proj": nn.Linear(2, 2)}) for _ in range(12))
+    kept = [n for n, _ in match_named_modules(model, ["Linear"], later_layers(2, 12))]
+    assert kept == ["layers.0.proj", "layers.1.proj"]
+    assert later_layers(None, 12) == []
+    with pytest.raises(SystemExit, match="--layers"):
+        later_layers(13, 12)
+    try:
+        bundled_gguf()
+    except SystemExit as e:
+        pytest.skip(str(e))
+    _toy_texts(tmp_path)
+    run_module(["bench.accuracy", "--calib", "calib.txt", "--eval", "eval.txt", "--scheme", "W4A16-G64",
+                "--rows", "torch:2", "--nsamples", "2", "--seqlen", "32", "--batch-size", "2", "--layers", "2",
+                "--eval-seqlen", "256", "--no-reload", "--out", "res"], tmp_path)
+    result = json.loads((tmp_path / "res" / "accuracy.json").read_text())
+    assert result["layers"] == 2 and result["rows"][1]["blocks"] == 2
 
 
 def test_profile_sums_kernels_by_kind():
