@@ -56,31 +56,32 @@ def test_dist_bench_two_gloo_ranks(tmp_path):
     assert "| W4A16 | 1 |" in table and "| W4A16 | 2 |" in table and "100%" in table
 
 
-def _toy_texts(tmp_path):
-    """Calibration and evaluation text of toy size, from different halves of Python's own help."""
-    import pydoc_data.topics
-
-    topics = pydoc_data.topics.topics
-    keys = sorted(topics)
-    (tmp_path / "calib.txt").write_text("\n\n".join(topics[k] for k in keys[: len(keys) // 2]))
-    (tmp_path / "eval.txt").write_text("\n\n".join(topics[k] for k in keys[len(keys) // 2:])[:6000])
-
-
-def test_accuracy_bench_on_smollm2(tmp_path):
-    """bench.accuracy on the real SmolLM2 at toy sizes: the bf16, RTN and engine rows come out
-    finite, quantizing costs perplexity, and the engine's saved checkpoint scores exactly what
-    the tuned in-memory model scored."""
+def _toy_accuracy(tmp_path, *args) -> dict:
+    """bench.accuracy on the bundled SmolLM2 at toy sizes (skipped without it), calibrated and
+    evaluated on different halves of Python's own help; its accuracy.json."""
     from autoround_fast.cli.models import bundled_gguf
 
     try:
         bundled_gguf()
     except SystemExit as e:
         pytest.skip(str(e))
-    _toy_texts(tmp_path)
+    import pydoc_data.topics
+
+    topics = pydoc_data.topics.topics
+    keys = sorted(topics)
+    (tmp_path / "calib.txt").write_text("\n\n".join(topics[k] for k in keys[: len(keys) // 2]))
+    (tmp_path / "eval.txt").write_text("\n\n".join(topics[k] for k in keys[len(keys) // 2:])[:6000])
     run_module(["bench.accuracy", "--calib", "calib.txt", "--eval", "eval.txt", "--scheme", "W4A16-G64",
-                "--rows", "rtn", "torch:2", "--nsamples", "2", "--seqlen", "32", "--batch-size", "2",
-                "--eval-seqlen", "256", "--out", "res"], tmp_path)
-    rows = json.loads((tmp_path / "res" / "accuracy.json").read_text())["rows"]
+                "--nsamples", "2", "--seqlen", "32", "--batch-size", "2", "--eval-seqlen", "256", "--out", "res",
+                *args], tmp_path)
+    return json.loads((tmp_path / "res" / "accuracy.json").read_text())
+
+
+def test_accuracy_bench_on_smollm2(tmp_path):
+    """bench.accuracy on the real SmolLM2 at toy sizes: the bf16, RTN and engine rows come out
+    finite, quantizing costs perplexity, and the engine's saved checkpoint scores exactly what
+    the tuned in-memory model scored."""
+    rows = _toy_accuracy(tmp_path, "--rows", "rtn", "torch:2")["rows"]
     by = {r["method"]: r for r in rows}
     assert sorted(by) == ["bf16", "rtn", "torch"], by
     assert all(r["ppl"] == r["ppl"] and 1 < r["ppl"] < 1e4 for r in rows)
@@ -91,14 +92,11 @@ def test_accuracy_bench_on_smollm2(tmp_path):
 def test_accuracy_bench_quantizes_the_first_layers_only(tmp_path):
     """bench.accuracy --layers N: the engine tunes N decoder layers, and the ignore patterns
     leave exactly the later ones unquantized, as compressed-tensors matches module names."""
+    import torch.nn as nn
     from compressed_tensors.utils import match_named_modules
-
-    from autoround_fast.cli.models import bundled_gguf
 
     sys.path.insert(0, str(ROOT))
     from bench.accuracy import later_layers
-
-    import torch.nn as nn
 
     model = nn.Module()
     model.layers = nn.ModuleList(nn.ModuleDict({"proj": nn.Linear(2, 2)}) for _ in range(12))
@@ -107,15 +105,7 @@ def test_accuracy_bench_quantizes_the_first_layers_only(tmp_path):
     assert later_layers(None, 12) == []
     with pytest.raises(SystemExit, match="--layers"):
         later_layers(13, 12)
-    try:
-        bundled_gguf()
-    except SystemExit as e:
-        pytest.skip(str(e))
-    _toy_texts(tmp_path)
-    run_module(["bench.accuracy", "--calib", "calib.txt", "--eval", "eval.txt", "--scheme", "W4A16-G64",
-                "--rows", "torch:2", "--nsamples", "2", "--seqlen", "32", "--batch-size", "2", "--layers", "2",
-                "--eval-seqlen", "256", "--no-reload", "--out", "res"], tmp_path)
-    result = json.loads((tmp_path / "res" / "accuracy.json").read_text())
+    result = _toy_accuracy(tmp_path, "--rows", "torch:2", "--layers", "2", "--no-reload")
     assert result["layers"] == 2 and result["rows"][1]["blocks"] == 2
 
 
