@@ -366,8 +366,10 @@ def routed_shares(block: nn.Module, linears: dict[str, nn.Linear]) -> dict[str, 
     shares = {}
     for name, m in block.named_modules():
         projections = _projections(m)
-        stacks = _stack_names(name, projections) if projections is not None else {}
-        if not stacks or not all(n in linears for names in stacks.values() for n in names):
+        if projections is None:
+            continue
+        stacks = _stack_names(name, projections)
+        if not all(n in linears for names in stacks.values() for n in names):
             continue
         k = _top_k(block.get_submodule(name.rpartition(".")[0]), m)
         if k is None:
