@@ -218,13 +218,15 @@ def test_grouped_forward_never_waits_for_the_host(moe, scheme, monkeypatch):
 
 
 @pytest.mark.parametrize("scheme", list(SPECS))
-def test_the_backward_makes_the_gathered_rows_again(moe, scheme, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # grouped matmul; per-expert slices
+def test_the_backward_makes_the_gathered_rows_again(moe, scheme, dtype, monkeypatch):
     """The tokens' rows gathered per pair ([pairs, hidden], k times the tokens) and, under
     W4A4, their quantized copies for gate and up are not held from the forward to the
-    backward: the backward makes them again. The gradients stay the loop's bit for bit
+    backward: the backward makes them again, also where the per-expert matmuls of an fp32
+    block save slices of them. The gradients stay the loop's bit for bit
     (test_grouped_forward_and_gradients_equal_the_loop)."""
     layer, _ = moe
-    experts, tuned = _tuned_experts(layer, SPECS[scheme], "kernels", torch.bfloat16)
+    experts, tuned = _tuned_experts(layer, SPECS[scheme], "kernels", dtype)
     made = {"gathered": [], "quantized": []}
 
     def watched(kind, orig):
@@ -236,9 +238,9 @@ def test_the_backward_makes_the_gathered_rows_again(moe, scheme, monkeypatch):
 
     monkeypatch.setattr(experts_mod, "gather_rows", watched("gathered", experts_mod.gather_rows))
     monkeypatch.setattr(experts_mod, "_quantize_inputs", watched("quantized", experts_mod._quantize_inputs))
-    x = torch.randn(40, HIDDEN).to(torch.bfloat16).requires_grad_(True)
+    x = torch.randn(40, HIDDEN).to(dtype).requires_grad_(True)
     with torch.no_grad():
-        _, w, idx = layer.mlp.gate(x)
+        _, w, idx = layer.mlp.gate(x.to(torch.bfloat16))
     with grouped_experts(experts, tuned, torch.device("cpu")):
         out = experts(x, idx, w)
         forward = {k: len(v) for k, v in made.items()}

@@ -44,3 +44,50 @@ def test_an_input_written_in_place_before_the_backward_is_an_error():
     a.add_(1)
     with pytest.raises(RuntimeError, match="modified in place"):
         out.backward()
+
+
+def test_views_of_the_marked_tensor_are_made_again_from_one_make():
+    """Autograd saves views (a matmul's transposed weight, slices of rows): each use gets its
+    view of the one tensor made again, with autograd's gradients."""
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(3, 6, 4, generator=g, requires_grad=True)
+    x = torch.randn(5, 4, generator=g, requires_grad=True)
+    made = []
+
+    def weights():
+        made.append(1)
+        return v.detach() * 2  # the "fake quantization" of v, without gradients
+
+    def loss(remade=None):
+        w = v * 2
+        ctx = remade if remade is not None else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+        with ctx:
+            if remade is not None:
+                remade.remake(w, weights, v)
+            # saved: w[e].t() for each expert, and slices of x's rows
+            return sum((x[e:e + 2] @ w[e].t()).square().sum() for e in range(3))
+
+    expected = torch.autograd.grad(loss(), (v, x))
+    out = loss(RemadeInBackward())
+    assert made == []
+    got = torch.autograd.grad(out, (v, x))
+    assert made == [1]  # one make for the three saved views
+    for a, b in zip(expected, got):
+        assert torch.equal(a, b)
+
+
+def test_a_view_into_a_larger_storage_cannot_be_marked():
+    rows = torch.randn(6, 4)
+    with RemadeInBackward() as remade, pytest.raises(ValueError, match="whole of its storage"):
+        remade.remake(rows[2:], lambda: rows[2:].clone())
+
+
+def test_a_remake_of_another_layout_is_an_error():
+    a = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(8, 3, requires_grad=True)
+    with RemadeInBackward() as remade:
+        t = a * 1
+        remade.remake(t, lambda: a.detach().t().contiguous().t())  # the same values, column-major
+        out = (t @ w).sum()
+    with pytest.raises(RuntimeError, match="strides"):
+        out.backward()

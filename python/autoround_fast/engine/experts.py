@@ -113,9 +113,9 @@ def _gate_up(source: ExpertWeights, x: torch.Tensor, hidden_states: torch.Tensor
              bounds: Optional[list[tuple[int, int]]]) -> torch.Tensor:
     """gate's and up's outputs side by side. With gradients on, the gathered rows x ([pairs,
     hidden]: top_k times the tokens' own rows) and their quantized copies are made again in the
-    backward, not held (engine/remade.py): one gather and, under W4A4, one quantization each.
-    That saves their memory where the grouped matmul takes x whole; the per-expert matmuls
-    (``bounds``) save slices of x, which hold it whole anyway."""
+    backward, not held (engine/remade.py): one gather and, under W4A4, one quantization each,
+    for the grouped matmul, which saves x whole, and for the per-expert matmuls (``bounds``),
+    which save slices of it."""
     if not torch.is_grad_enabled():
         return torch.cat([_project(source, p, x, routing, bounds) for p in GATE_UP], dim=-1)
     outputs = []

@@ -1,12 +1,12 @@
 """Tensors that autograd makes again in the backward instead of holding them from the forward.
 
 Within ``with RemadeInBackward() as remade``, ``remade.remake(t, make, *inputs)`` marks a
-tensor the forward computed: wherever autograd saves it for the backward (a saved-tensor hook
-recognises it by its address, shape, strides and dtype), it keeps ``make`` instead, and the
-backward calls ``make()`` once for all those uses. For tensors that are large and cheap to
-make exactly again from what stays alive anyway (a gather of rows, a fake quantization).
-As autograd does for what it saves, the inputs ``make`` reads are checked for in-place writes
-between the forward and the backward.
+tensor the forward computed: wherever autograd saves it or a view of it for the backward (a
+saved-tensor hook recognises its storage), it keeps ``make`` instead, and the backward calls
+``make()`` once for all those uses, each taking its view of the result. For tensors that are
+large and cheap to make exactly again from what stays alive anyway (a gather of rows, a fake
+quantization). As autograd does for what it saves, the inputs ``make`` reads are checked for
+in-place writes between the forward and the backward.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ import torch
 
 @dataclass(eq=False)
 class Remade:
-    """One marked tensor: how to make it, the saved uses of it not yet unpacked, and the tensor
-    made again, held while uses remain."""
+    """One marked tensor: how to make it, its layout, the saved uses of it not yet unpacked,
+    and the tensor made again, held while uses remain."""
 
     make: Callable[[], torch.Tensor]
+    layout: tuple  # the marked tensor's shape and strides, which make() must give again
     inputs: tuple[torch.Tensor, ...] = ()
     versions: tuple[int, ...] = ()
     uses: int = 0
@@ -37,6 +38,9 @@ class Remade:
             raise RuntimeError("a tensor remade for the backward was modified in place after the forward")
         with torch.no_grad():
             made = self.make()
+        if (made.shape, made.stride()) != self.layout:
+            raise RuntimeError(f"a tensor remade for the backward came back as {tuple(made.shape)} with strides "
+                               f"{made.stride()}, not as the forward's {self.layout}")
         if self.uses > 0:
             self.tensor = made
         return made
@@ -49,9 +53,24 @@ class Remade:
         return made
 
 
+@dataclass(eq=False)
+class _View:
+    """A saved use of a marked tensor: the view autograd saved (shape, strides, elements from
+    the marked tensor's first)."""
+
+    of: Remade
+    shape: torch.Size
+    stride: tuple[int, ...]
+    offset: int
+
+    def unpack(self) -> torch.Tensor:
+        made = self.of.unpack()
+        return made.as_strided(self.shape, self.stride, made.storage_offset() + self.offset)
+
+
 class RemadeInBackward(torch.autograd.graph.saved_tensors_hooks):
     """The saved-tensor hooks of the module docstring. The marked tensors stay alive until the
-    ``with`` ends, so that no other tensor takes their address meanwhile."""
+    ``with`` ends, so that no other tensor takes their storage meanwhile."""
 
     def __init__(self):
         self._marked: dict[tuple, Remade] = {}
@@ -68,25 +87,32 @@ class RemadeInBackward(torch.autograd.graph.saved_tensors_hooks):
         return super().__exit__(*exc)
 
     def remake(self, t: torch.Tensor, make: Callable[[], torch.Tensor], *inputs: torch.Tensor) -> Remade:
-        """Mark ``t``: the backward gets ``make()`` (which reads ``inputs``) where it saved ``t``."""
-        entry = Remade(make, inputs, tuple(i._version for i in inputs))
-        self._marked[_address(t)] = entry
-        self._alive.append(t)
+        """Mark ``t``, which must own its storage whole: the backward gets ``make()`` (which reads
+        ``inputs``) where it saved ``t`` or a view of it."""
+        if t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            raise ValueError("remake: the marked tensor must be the whole of its storage, not a view into one")
+        entry = Remade(make, (t.shape, t.stride()), inputs, tuple(i._version for i in inputs))
+        if t.numel() > 0:  # empty tensors share no storage to tell them apart by
+            self._marked[_key(t)] = entry
+            self._alive.append(t)
         return entry
 
 
-def _address(t: torch.Tensor) -> tuple:
-    """What tells a saved tensor apart from the others alive: where it starts, how it is laid out."""
-    return (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
+def _key(t: torch.Tensor) -> tuple:
+    """What tells a saved tensor's storage apart from the others alive."""
+    return (t.untyped_storage().data_ptr(), t.dtype, t.device)
 
 
 def _pack(marked: dict[tuple, Remade], t: torch.Tensor):
-    entry = marked.get(_address(t))
+    """An empty view counts as a use as well: it would hold the whole storage too."""
+    if t.layout != torch.strided:
+        return t
+    entry = marked.get(_key(t))
     if entry is None:
         return t
     entry.uses += 1
-    return entry
+    return _View(entry, t.shape, t.stride(), t.storage_offset())
 
 
 def _unpack(saved):
-    return saved.unpack() if isinstance(saved, Remade) else saved
+    return saved.unpack() if isinstance(saved, _View) else saved
