@@ -2,8 +2,9 @@
 
 Rows per scheme: the bf16 model; RTN through llm-compressor's QuantizationModifier;
 AutoRoundModifier with backend "auto_round" (stock) and "cuda" (ours), each at iters 0 and
-200; and the saved-and-reloaded checkpoint of our rows, which must score exactly what the
-in-memory model scored. Calibration and evaluation texts are different files:
+200; and each row's saved-and-reloaded checkpoint, what a user serves (ours must score
+exactly what the in-memory model scored; the stock path's in-memory model may differ from
+its own checkpoint). Calibration and evaluation texts are different files:
 
     python -m bench.accuracy --gguf smollm2.gguf --calib lee_background.txt --eval wiki_dev.txt \\
         --scheme NVFP4 W4A16-G64 --out results/
@@ -23,6 +24,7 @@ import json
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
 from typing import Optional
@@ -102,7 +104,7 @@ def main(argv=None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="auto_round backend: torch.compile (llm-compressor's default)")
     p.add_argument("--no-reload", dest="reload", action="store_false",
-                   help="skip saving and reloading the checkpoints of the cuda/torch rows")
+                   help="skip saving and reloading each row's checkpoint")
     p.add_argument("--out", default="bench-accuracy-out")
     args = p.parse_args(argv)
     if os.path.realpath(args.calib) == os.path.realpath(args.eval):
@@ -183,21 +185,26 @@ def main(argv=None):
                     secs = sorted(r["seconds"] for r in stats)
                     out["block_s_median"] = secs[len(secs) // 2]
                     out["blocks"] = len(secs)
-                if args.reload and backend in ("cuda", "torch"):
+                if args.reload:
                     t0 = time.perf_counter()
                     ckpt = os.path.join(tmp, f"ckpt-{scheme}-{backend}-{iters}")
-                    model.save_pretrained(ckpt, save_compressed=True)
-                    reloaded = AutoModelForCausalLM.from_pretrained(
-                        ckpt, torch_dtype=torch.bfloat16,
-                        quantization_config=CompressedTensorsConfig(run_compressed=False))
-                    # the reload comes back offloaded to the CPU (compressed-tensors' CPUCache,
-                    # onload device cpu), which .to() does not move: the evaluation then ran on
-                    # the CPU. Take the offloading off first.
-                    reloaded = remove_dispatch(reloaded, onload_tensors=True).to(dev).eval()
-                    out["ppl_reloaded"] = perplexity(reloaded, eval_ids, args.eval_seqlen)
-                    out["reload_equal"] = out["ppl_reloaded"] == out["ppl"]
+                    try:
+                        model.save_pretrained(ckpt, save_compressed=True)
+                        reloaded = AutoModelForCausalLM.from_pretrained(
+                            ckpt, torch_dtype=torch.bfloat16,
+                            quantization_config=CompressedTensorsConfig(run_compressed=False))
+                    except Exception as e:  # a row whose checkpoint fails keeps the others' rows
+                        out["reload_error"] = f"{type(e).__name__}: {e}".splitlines()[0]
+                    else:
+                        # the reload comes back offloaded to the CPU (compressed-tensors'
+                        # CPUCache, onload device cpu), which .to() does not move: the
+                        # evaluation then ran on the CPU. Take the offloading off first.
+                        reloaded = remove_dispatch(reloaded, onload_tensors=True).to(dev).eval()
+                        out["ppl_reloaded"] = perplexity(reloaded, eval_ids, args.eval_seqlen)
+                        out["reload_equal"] = out["ppl_reloaded"] == out["ppl"]
+                        del reloaded
                     out["reload_s"] = round(time.perf_counter() - t0, 2)
-                    del reloaded
+                    shutil.rmtree(ckpt, ignore_errors=True)
                 record(out)
                 del model, recipe
                 if dev == "cuda":

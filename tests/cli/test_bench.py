@@ -79,14 +79,16 @@ def _toy_accuracy(tmp_path, *args) -> dict:
 
 def test_accuracy_bench_on_smollm2(tmp_path):
     """bench.accuracy on the real SmolLM2 at toy sizes: the bf16, RTN and engine rows come out
-    finite, quantizing costs perplexity, and the engine's saved checkpoint scores exactly what
-    the tuned in-memory model scored."""
+    finite, quantizing costs perplexity, every quantized row's checkpoint is saved and
+    reloaded, and the engine's scores exactly what the tuned in-memory model scored."""
     rows = _toy_accuracy(tmp_path, "--rows", "rtn", "torch:2")["rows"]
     by = {r["method"]: r for r in rows}
     assert sorted(by) == ["bf16", "rtn", "torch"], by
     assert all(r["ppl"] == r["ppl"] and 1 < r["ppl"] < 1e4 for r in rows)
     assert min(r["ppl"] for r in rows if r["method"] != "bf16") > by["bf16"]["ppl"]
     assert by["torch"]["reload_equal"] and by["torch"]["ppl_reloaded"] == by["torch"]["ppl"]
+    assert "reload_error" not in by["rtn"] and 1 < by["rtn"]["ppl_reloaded"] < 1e4
+    assert "ppl_reloaded" not in by["bf16"]
 
 
 def test_accuracy_bench_quantizes_the_first_layers_only(tmp_path):
