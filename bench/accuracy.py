@@ -34,6 +34,7 @@ import torch
 from bench.common import SCHEMES, quant_kwargs
 
 QPARAM_SUFFIXES = ("_scale", "_zero_point", "_g_idx")
+ROW_BACKENDS = ("auto_round", "cuda", "torch")
 
 
 def recast_model_weights(model, dtype) -> list[str]:
@@ -58,6 +59,20 @@ def later_layers(first: Optional[int], n_layers: int) -> list[str]:
     if not 0 < first <= n_layers:
         raise SystemExit(f"bench.accuracy: --layers must be within 1..{n_layers}, got {first}")
     return [rf"re:(.*\.)?layers\.{i}\..*" for i in range(first, n_layers)]
+
+
+def parse_row(row: str) -> tuple[str, Optional[int], Optional[int]]:
+    """``rtn`` or ``backend:iters[:seed]`` as (backend, iters, seed); a seed (the modifier's:
+    its sample and batch order) for backends cuda and torch only, the stock path having none."""
+    if row == "rtn":
+        return "rtn", None, None
+    parts = row.split(":")
+    if len(parts) not in (2, 3) or parts[0] not in ROW_BACKENDS or not all(p.isdigit() for p in parts[1:]):
+        raise SystemExit(f"bench.accuracy: --rows {row}: expected rtn or backend:iters[:seed], "
+                         f"backend one of {', '.join(ROW_BACKENDS)}")
+    if len(parts) == 3 and parts[0] == "auto_round":
+        raise SystemExit(f"bench.accuracy: --rows {row}: the stock path takes no seed (auto-round's is fixed)")
+    return parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else None
 
 
 def seed_all(seed: int = 0) -> None:
@@ -93,7 +108,8 @@ def main(argv=None):
     p.add_argument("--eval", required=True, help="evaluation text")
     p.add_argument("--scheme", nargs="+", default=["NVFP4", "W4A16-G64"], choices=list(SCHEMES))
     p.add_argument("--rows", nargs="+", default=["rtn", "auto_round:0", "auto_round:200", "cuda:0", "cuda:200"],
-                   help="rtn, or backend:iters with backend auto_round, cuda or torch")
+                   help="rtn, or backend:iters[:seed] with backend auto_round, cuda or torch (a seed for "
+                        "cuda and torch only: another sample and batch order, another tuning path)")
     p.add_argument("--layers", type=int, default=None,
                    help="quantize only the first LAYERS decoder layers (the rest stay bf16): a stock-path "
                         "run that fits a time limit, beside ours on the same layers")
@@ -109,6 +125,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if os.path.realpath(args.calib) == os.path.realpath(args.eval):
         raise SystemExit("bench.accuracy: calibrate and evaluate on different texts")
+    rows = [parse_row(r) for r in args.rows]
 
     from compressed_tensors.offload import remove_dispatch
     from llmcompressor import oneshot
@@ -156,14 +173,13 @@ def main(argv=None):
         for scheme in args.scheme:
             kwargs = quant_kwargs(scheme)
             kwargs["ignore"] += ignored
-            for row in args.rows:
-                if row == "rtn":
-                    backend, iters = "rtn", None
+            for backend, iters, seed in rows:
+                if backend == "rtn":
                     recipe = QuantizationModifier(**kwargs)
                 else:
-                    backend, iters = row.split(":")[0], int(row.split(":")[1])
-                    recipe = AutoRoundModifier(**kwargs, iters=iters, batch_size=args.batch_size,
-                                               backend=backend, enable_torch_compile=args.compile)
+                    recipe = AutoRoundModifier(**kwargs, iters=iters, batch_size=args.batch_size, backend=backend,
+                                               enable_torch_compile=args.compile,
+                                               **({} if seed is None else {"seed": seed}))
                 model = fresh()
                 model.config._name_or_path = cfg_dir
                 seed_all()
@@ -172,6 +188,8 @@ def main(argv=None):
                         num_calibration_samples=len(calib), max_seq_length=args.seqlen)
                 seconds = time.perf_counter() - t0
                 out = dict(scheme=scheme, method=backend, iters=iters, seconds=round(seconds, 2))
+                if seed is not None:
+                    out["seed"] = seed
                 dtypes = recast_model_weights(model, torch.bfloat16)
                 if dtypes:  # auto-round on a CPU without bf16 turns the blocks to fp32
                     out["recast_from"] = dtypes
@@ -187,7 +205,7 @@ def main(argv=None):
                     out["blocks"] = len(secs)
                 if args.reload:
                     t0 = time.perf_counter()
-                    ckpt = os.path.join(tmp, f"ckpt-{scheme}-{backend}-{iters}")
+                    ckpt = os.path.join(tmp, f"ckpt-{scheme}-{backend}-{iters}-{seed}")
                     try:
                         model.save_pretrained(ckpt, save_compressed=True)
                         reloaded = AutoModelForCausalLM.from_pretrained(
@@ -213,7 +231,8 @@ def main(argv=None):
              "| scheme | method | iters | perplexity | reloaded | s (oneshot) | s/block (median) |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['scheme']} | {r['method']} | {'' if r['iters'] is None else r['iters']} | {r['ppl']:.4f} "
+        method = r["method"] + (f" (seed {r['seed']})" if "seed" in r else "")
+        lines.append(f"| {r['scheme']} | {method} | {'' if r['iters'] is None else r['iters']} | {r['ppl']:.4f} "
                      f"| {'%.4f' % r['ppl_reloaded'] if 'ppl_reloaded' in r else ''} | {r.get('seconds', '')} "
                      f"| {'%.2f' % r['block_s_median'] if 'block_s_median' in r else ''} |")
     text = "\n".join(lines)

@@ -107,8 +107,22 @@ def test_accuracy_bench_quantizes_the_first_layers_only(tmp_path):
     assert later_layers(None, 12) == []
     with pytest.raises(SystemExit, match="--layers"):
         later_layers(13, 12)
-    result = _toy_accuracy(tmp_path, "--rows", "torch:2", "--layers", "2", "--no-reload")
-    assert result["layers"] == 2 and result["rows"][1]["blocks"] == 2
+    result = _toy_accuracy(tmp_path, "--rows", "torch:2", "torch:2:7", "--layers", "2", "--no-reload")
+    assert result["layers"] == 2 and [r["blocks"] for r in result["rows"][1:]] == [2, 2]
+    assert "seed" not in result["rows"][1] and result["rows"][2]["seed"] == 7
+
+
+@pytest.mark.parametrize("row,message", [
+    ("cuda", "expected rtn or backend:iters"), ("gptq:200", "expected rtn or backend:iters"),
+    ("cuda:2x", "expected rtn or backend:iters"), ("auto_round:200:1", "the stock path takes no seed")])
+def test_accuracy_bench_refuses_a_bad_row_before_loading_anything(tmp_path, row, message):
+    sys.path.insert(0, str(ROOT))
+    from bench.accuracy import main, parse_row
+
+    assert parse_row("rtn") == ("rtn", None, None)
+    assert parse_row("cuda:200") == ("cuda", 200, None) and parse_row("torch:0:3") == ("torch", 0, 3)
+    with pytest.raises(SystemExit, match=f"--rows {row}: {message}"):
+        main(["--calib", str(tmp_path / "none-a.txt"), "--eval", str(tmp_path / "none-b.txt"), "--rows", "rtn", row])
 
 
 def test_profile_sums_kernels_by_kind():
