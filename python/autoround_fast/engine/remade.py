@@ -6,7 +6,8 @@ saved-tensor hook recognises its storage), it keeps ``make`` instead, and the ba
 ``make()`` once for all those uses, each taking its view of the result. For tensors that are
 large and cheap to make exactly again from what stays alive anyway (a gather of rows, a fake
 quantization). As autograd does for what it saves, the inputs ``make`` reads are checked for
-in-place writes between the forward and the backward.
+in-place writes between the forward and the backward; a view saved after an in-place write
+to the marked tensor is held as it is, not made again.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ class Remade:
     and the tensor made again, held while uses remain."""
 
     make: Callable[[], torch.Tensor]
-    layout: tuple  # the marked tensor's shape and strides, which make() must give again
+    layout: tuple  # the marked tensor's shape, strides, dtype and device, which make() must give again
+    version: int   # the marked tensor's own, at marking: a saved view of it must still have it
     inputs: tuple[torch.Tensor, ...] = ()
     versions: tuple[int, ...] = ()
     uses: int = 0
@@ -38,9 +40,9 @@ class Remade:
             raise RuntimeError("a tensor remade for the backward was modified in place after the forward")
         with torch.no_grad():
             made = self.make()
-        if (made.shape, made.stride()) != self.layout:
-            raise RuntimeError(f"a tensor remade for the backward came back as {tuple(made.shape)} with strides "
-                               f"{made.stride()}, not as the forward's {self.layout}")
+        if _layout(made) != self.layout:
+            raise RuntimeError(f"a tensor remade for the backward came back as {_layout(made)}, "
+                               f"not as the forward's {self.layout}")
         if self.uses > 0:
             self.tensor = made
         return made
@@ -91,11 +93,17 @@ class RemadeInBackward(torch.autograd.graph.saved_tensors_hooks):
         ``inputs``) where it saved ``t`` or a view of it."""
         if t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size():
             raise ValueError("remake: the marked tensor must be the whole of its storage, not a view into one")
-        entry = Remade(make, (t.shape, t.stride()), inputs, tuple(i._version for i in inputs))
+        entry = Remade(make, _layout(t), t._version, inputs, tuple(i._version for i in inputs))
         if t.numel() > 0:  # empty tensors share no storage to tell them apart by
+            if _key(t) in self._marked:
+                raise ValueError("remake: this tensor is marked already")
             self._marked[_key(t)] = entry
             self._alive.append(t)
         return entry
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    return (tuple(t.shape), t.stride(), t.dtype, t.device)
 
 
 def _key(t: torch.Tensor) -> tuple:
@@ -108,7 +116,7 @@ def _pack(marked: dict[tuple, Remade], t: torch.Tensor):
     if t.layout != torch.strided:
         return t
     entry = marked.get(_key(t))
-    if entry is None:
+    if entry is None or t._version != entry.version:  # not marked, or written since: held
         return t
     entry.uses += 1
     return _View(entry, t.shape, t.stride(), t.storage_offset())
