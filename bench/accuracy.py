@@ -27,6 +27,7 @@ import random
 import shutil
 import tempfile
 import time
+import typing
 from typing import Optional
 
 import torch
@@ -34,7 +35,6 @@ import torch
 from bench.common import SCHEMES, quant_kwargs
 
 QPARAM_SUFFIXES = ("_scale", "_zero_point", "_g_idx")
-ROW_BACKENDS = ("auto_round", "cuda", "torch")
 
 
 def recast_model_weights(model, dtype) -> list[str]:
@@ -61,23 +61,69 @@ def later_layers(first: Optional[int], n_layers: int) -> list[str]:
     return [rf"re:(.*\.)?layers\.{i}\..*" for i in range(first, n_layers)]
 
 
+def row_backends() -> tuple[str, ...]:
+    """The backends AutoRoundModifier takes (its ``backend`` field)."""
+    from autoround_fast import AutoRoundModifier
+
+    return typing.get_args(AutoRoundModifier.model_fields["backend"].annotation)
+
+
 def parse_row(row: str) -> tuple[str, Optional[int], Optional[int]]:
-    """``rtn`` or ``backend:iters[:seed]`` as (backend, iters, seed); a seed (the modifier's:
-    its sample and batch order) for backends cuda and torch only, the stock path having none."""
+    """``rtn`` or ``backend:iters[:seed]`` as (backend, iters, seed). The seed is the
+    modifier's (default 42): the order the calibration sampler draws the samples in, under
+    every backend, and the batch order of ours (the stock path's stays auto-round's own)."""
     if row == "rtn":
         return "rtn", None, None
-    parts = row.split(":")
-    if len(parts) not in (2, 3) or parts[0] not in ROW_BACKENDS or not all(p.isdigit() for p in parts[1:]):
+    parts, backends = row.split(":"), row_backends()
+    if len(parts) not in (2, 3) or parts[0] not in backends or not all(p.isdigit() for p in parts[1:]):
         raise SystemExit(f"bench.accuracy: --rows {row}: expected rtn or backend:iters[:seed], "
-                         f"backend one of {', '.join(ROW_BACKENDS)}")
-    if len(parts) == 3 and parts[0] == "auto_round":
-        raise SystemExit(f"bench.accuracy: --rows {row}: the stock path takes no seed (auto-round's is fixed)")
+                         f"backend one of {', '.join(backends)}")
     return parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else None
+
+
+def make_recipe(kwargs: dict, backend: str, iters: Optional[int], seed: Optional[int], batch_size: int,
+                compile: bool):
+    """A row's modifier: QuantizationModifier for RTN, else AutoRoundModifier (the modifier's
+    default seed where the row names none)."""
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    from autoround_fast import AutoRoundModifier
+
+    if backend == "rtn":
+        return QuantizationModifier(**kwargs)
+    return AutoRoundModifier(**kwargs, iters=iters, batch_size=batch_size, backend=backend,
+                             enable_torch_compile=compile, **({} if seed is None else {"seed": seed}))
+
+
+def reload_perplexity(model, ckpt: str, device: str, eval_ids: torch.Tensor, seqlen: int, ours: bool) -> dict:
+    """Save ``model`` compressed to ``ckpt``, reload it as transformers loads a checkpoint and
+    score it: the reloaded perplexity. A row of another method than ours (``ours`` False)
+    whose save or reload fails gets the error in one line instead: a finding, not a reason
+    to lose the rows after it."""
+    from compressed_tensors.offload import remove_dispatch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    try:
+        model.save_pretrained(ckpt, save_compressed=True)
+        reloaded = AutoModelForCausalLM.from_pretrained(
+            ckpt, torch_dtype=torch.bfloat16, quantization_config=CompressedTensorsConfig(run_compressed=False))
+        # the reload comes back offloaded to the CPU (compressed-tensors' CPUCache, onload
+        # device cpu), which .to() does not move: the evaluation would run on the CPU.
+        reloaded = remove_dispatch(reloaded, onload_tensors=True).to(device).eval()
+    except Exception as e:
+        if ours:
+            raise
+        return {"reload_error": f"{type(e).__name__}: {e}".splitlines()[0]}
+    else:
+        return {"ppl_reloaded": perplexity(reloaded, eval_ids, seqlen)}
+    finally:
+        shutil.rmtree(ckpt, ignore_errors=True)
 
 
 def seed_all(seed: int = 0) -> None:
     """oneshot orders the calibration samples with the global generators: seed them alike
-    before every run, so both backends see the same batches."""
+    before every run (for the RTN rows; AutoRoundModifier seeds them again with its own seed)."""
     import numpy as np
 
     random.seed(seed)
@@ -108,8 +154,8 @@ def main(argv=None):
     p.add_argument("--eval", required=True, help="evaluation text")
     p.add_argument("--scheme", nargs="+", default=["NVFP4", "W4A16-G64"], choices=list(SCHEMES))
     p.add_argument("--rows", nargs="+", default=["rtn", "auto_round:0", "auto_round:200", "cuda:0", "cuda:200"],
-                   help="rtn, or backend:iters[:seed] with backend auto_round, cuda or torch (a seed for "
-                        "cuda and torch only: another sample and batch order, another tuning path)")
+                   help="rtn, or backend:iters[:seed] with backend auto_round, cuda or torch (the "
+                        "modifier's seed, default 42: the sample order, and our backends' batch order)")
     p.add_argument("--layers", type=int, default=None,
                    help="quantize only the first LAYERS decoder layers (the rest stay bf16): a stock-path "
                         "run that fits a time limit, beside ours on the same layers")
@@ -127,13 +173,8 @@ def main(argv=None):
         raise SystemExit("bench.accuracy: calibrate and evaluate on different texts")
     rows = [parse_row(r) for r in args.rows]
 
-    from compressed_tensors.offload import remove_dispatch
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import QuantizationModifier
-    from transformers import AutoModelForCausalLM
-    from transformers.utils.quantization_config import CompressedTensorsConfig
 
-    from autoround_fast import AutoRoundModifier
     from autoround_fast.cli.models import bundled_gguf, cast_parameters, load_model, load_tokenizer
     from autoround_fast.cli.texts import calibration_dataset, token_windows
 
@@ -174,12 +215,7 @@ def main(argv=None):
             kwargs = quant_kwargs(scheme)
             kwargs["ignore"] += ignored
             for backend, iters, seed in rows:
-                if backend == "rtn":
-                    recipe = QuantizationModifier(**kwargs)
-                else:
-                    recipe = AutoRoundModifier(**kwargs, iters=iters, batch_size=args.batch_size, backend=backend,
-                                               enable_torch_compile=args.compile,
-                                               **({} if seed is None else {"seed": seed}))
+                recipe = make_recipe(kwargs, backend, iters, seed, args.batch_size, args.compile)
                 model = fresh()
                 model.config._name_or_path = cfg_dir
                 seed_all()
@@ -205,24 +241,11 @@ def main(argv=None):
                     out["blocks"] = len(secs)
                 if args.reload:
                     t0 = time.perf_counter()
-                    ckpt = os.path.join(tmp, f"ckpt-{scheme}-{backend}-{iters}-{seed}")
-                    try:
-                        model.save_pretrained(ckpt, save_compressed=True)
-                        reloaded = AutoModelForCausalLM.from_pretrained(
-                            ckpt, torch_dtype=torch.bfloat16,
-                            quantization_config=CompressedTensorsConfig(run_compressed=False))
-                    except Exception as e:  # a row whose checkpoint fails keeps the others' rows
-                        out["reload_error"] = f"{type(e).__name__}: {e}".splitlines()[0]
-                    else:
-                        # the reload comes back offloaded to the CPU (compressed-tensors'
-                        # CPUCache, onload device cpu), which .to() does not move: the
-                        # evaluation then ran on the CPU. Take the offloading off first.
-                        reloaded = remove_dispatch(reloaded, onload_tensors=True).to(dev).eval()
-                        out["ppl_reloaded"] = perplexity(reloaded, eval_ids, args.eval_seqlen)
+                    out.update(reload_perplexity(model, os.path.join(tmp, "ckpt"), dev, eval_ids, args.eval_seqlen,
+                                                 ours=backend in ("cuda", "torch")))
+                    if "ppl_reloaded" in out:
                         out["reload_equal"] = out["ppl_reloaded"] == out["ppl"]
-                        del reloaded
                     out["reload_s"] = round(time.perf_counter() - t0, 2)
-                    shutil.rmtree(ckpt, ignore_errors=True)
                 record(out)
                 del model, recipe
                 if dev == "cuda":
@@ -233,12 +256,18 @@ def main(argv=None):
     for r in results:
         method = r["method"] + (f" (seed {r['seed']})" if "seed" in r else "")
         lines.append(f"| {r['scheme']} | {method} | {'' if r['iters'] is None else r['iters']} | {r['ppl']:.4f} "
-                     f"| {'%.4f' % r['ppl_reloaded'] if 'ppl_reloaded' in r else ''} | {r.get('seconds', '')} "
+                     f"| {reloaded_cell(r)} | {r.get('seconds', '')} "
                      f"| {'%.2f' % r['block_s_median'] if 'block_s_median' in r else ''} |")
     text = "\n".join(lines)
     print(text)
     with open(os.path.join(args.out, "accuracy.md"), "w") as f:
         f.write(text + "\n")
+
+
+def reloaded_cell(row: dict) -> str:
+    if "reload_error" in row:
+        return "error: " + row["reload_error"]
+    return "%.4f" % row["ppl_reloaded"] if "ppl_reloaded" in row else ""
 
 
 if __name__ == "__main__":

@@ -108,20 +108,34 @@ def test_accuracy_bench_quantizes_the_first_layers_only(tmp_path):
     with pytest.raises(SystemExit, match="--layers"):
         later_layers(13, 12)
     result = _toy_accuracy(tmp_path, "--rows", "torch:2", "torch:2:7", "--layers", "2", "--no-reload")
-    assert result["layers"] == 2 and [r["blocks"] for r in result["rows"][1:]] == [2, 2]
-    assert "seed" not in result["rows"][1] and result["rows"][2]["seed"] == 7
+    default, seeded = result["rows"][1:]
+    assert result["layers"] == 2 and default["blocks"] == seeded["blocks"] == 2
+    assert "seed" not in default and seeded["seed"] == 7
 
 
-@pytest.mark.parametrize("row,message", [
-    ("cuda", "expected rtn or backend:iters"), ("gptq:200", "expected rtn or backend:iters"),
-    ("cuda:2x", "expected rtn or backend:iters"), ("auto_round:200:1", "the stock path takes no seed")])
-def test_accuracy_bench_refuses_a_bad_row_before_loading_anything(tmp_path, row, message):
+def test_accuracy_bench_rows_and_their_modifiers():
+    """A row's backend, iterations and seed reach the modifier it runs; a row without a seed
+    keeps the modifier's default."""
     sys.path.insert(0, str(ROOT))
-    from bench.accuracy import main, parse_row
+    from bench.accuracy import make_recipe, parse_row
+    from bench.common import quant_kwargs
 
     assert parse_row("rtn") == ("rtn", None, None)
-    assert parse_row("cuda:200") == ("cuda", 200, None) and parse_row("torch:0:3") == ("torch", 0, 3)
-    with pytest.raises(SystemExit, match=f"--rows {row}: {message}"):
+    assert parse_row("cuda:200") == ("cuda", 200, None)
+    assert parse_row("auto_round:0:3") == ("auto_round", 0, 3)
+    kwargs = quant_kwargs("MXFP4")
+    assert type(make_recipe(kwargs, *parse_row("rtn"), 8, True)).__name__ == "QuantizationModifier"
+    seeded = make_recipe(kwargs, *parse_row("auto_round:0:3"), 8, False)
+    assert (seeded.backend, seeded.iters, seeded.seed, seeded.enable_torch_compile) == ("auto_round", 0, 3, False)
+    assert make_recipe(kwargs, *parse_row("torch:5"), 4, True).seed == type(seeded)().seed
+
+
+@pytest.mark.parametrize("row", ["cuda", "gptq:200", "cuda:2x", "torch:1:2:3"])
+def test_accuracy_bench_refuses_a_bad_row_before_loading_anything(tmp_path, row):
+    sys.path.insert(0, str(ROOT))
+    from bench.accuracy import main
+
+    with pytest.raises(SystemExit, match=f"--rows {row}: expected rtn or backend:iters"):
         main(["--calib", str(tmp_path / "none-a.txt"), "--eval", str(tmp_path / "none-b.txt"), "--rows", "rtn", row])
 
 
