@@ -61,6 +61,7 @@ struct Fp8Args {
   const void* weight;
   const float* v;          // [rows, cols]
   const float* max_scale;  // [1] (per tensor) or [rows]
+  const float* amax;       // per tensor: max|W| as given [1], or nullptr to compute it
 };
 int64_t fp8_scratch_floats(int64_t numel);
 // scale: [1] or [rows] fp32

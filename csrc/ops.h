@@ -34,10 +34,14 @@ std::tuple<Tensor, Tensor> silu_mul_nvfp4_activation_backward_cuda(Tensor grad, 
 
 // FP8 (e4m3): weights with one scale per tensor or per row, or per 128 x 128 block (FP8_BLOCK);
 // static per-tensor activations.
-std::tuple<Tensor, Tensor> fake_quant_fp8_cpu(Tensor w, Tensor v, Tensor ms, int64_t scale_dtype);
-std::tuple<Tensor, Tensor> fake_quant_fp8_cuda(Tensor w, Tensor v, Tensor ms, int64_t scale_dtype);
-std::tuple<Tensor, Tensor> fake_quant_fp8_backward_cpu(Tensor grad, Tensor w, Tensor v, Tensor ms, int64_t scale_dtype);
-std::tuple<Tensor, Tensor> fake_quant_fp8_backward_cuda(Tensor grad, Tensor w, Tensor v, Tensor ms, int64_t scale_dtype);
+std::tuple<Tensor, Tensor> fake_quant_fp8_cpu(Tensor w, Tensor v, Tensor ms, int64_t scale_dtype,
+                                                std::optional<Tensor> amax);
+std::tuple<Tensor, Tensor> fake_quant_fp8_cuda(Tensor w, Tensor v, Tensor ms, int64_t scale_dtype,
+                                                std::optional<Tensor> amax);
+std::tuple<Tensor, Tensor> fake_quant_fp8_backward_cpu(Tensor grad, Tensor w, Tensor v, Tensor ms, int64_t scale_dtype,
+                                                         std::optional<Tensor> amax);
+std::tuple<Tensor, Tensor> fake_quant_fp8_backward_cuda(Tensor grad, Tensor w, Tensor v, Tensor ms, int64_t scale_dtype,
+                                                         std::optional<Tensor> amax);
 std::tuple<Tensor, Tensor> fake_quant_fp8_block_cpu(Tensor w, Tensor v, Tensor ms, int64_t scale_dtype);
 std::tuple<Tensor, Tensor> fake_quant_fp8_block_cuda(Tensor w, Tensor v, Tensor ms, int64_t scale_dtype);
 std::tuple<Tensor, Tensor> fake_quant_fp8_block_backward_cpu(Tensor grad, Tensor w, Tensor v, Tensor ms,

@@ -119,7 +119,10 @@ inline void check_scale_dtype(int64_t scale_dtype, const char* op) {
 }
 
 // FP8 weights: max_scale has one element (one scale for the tensor) or one per row.
-inline Fp8Args fp8_args(const Tensor& w, const Tensor& v, const Tensor& ms, int64_t scale_dtype, const char* op) {
+// amax: a per-tensor weight's max|W| as the caller knows it (fp32, one element; W unchanged
+// between calls), which spares the kernels a pass over W; absent, the kernels compute it.
+inline Fp8Args fp8_args(const Tensor& w, const Tensor& v, const Tensor& ms, int64_t scale_dtype,
+                        const std::optional<Tensor>& amax, const char* op) {
   check_weight(w, op);
   check_scale_dtype(scale_dtype, op);
   const int64_t rows = w.size(0), cols = w.size(1);
@@ -132,9 +135,18 @@ inline Fp8Args fp8_args(const Tensor& w, const Tensor& v, const Tensor& ms, int6
                   ": max_scale must have 1 element (one scale for the tensor) or ", rows,
                   " (one per row), got ", ms.numel());
   STD_TORCH_CHECK(ms.is_contiguous(), op, ": max_scale must be contiguous");
+  if (amax) {
+    STD_TORCH_CHECK(ms.numel() == 1, op, ": weight_amax is for one scale per tensor, but max_scale has ",
+                    ms.numel(), " elements");
+    check_same_device(w, *amax, op, "weight_amax");
+    STD_TORCH_CHECK(amax->scalar_type() == ScalarType::Float && amax->numel() == 1, op,
+                    ": weight_amax must be one float32 element, got ", amax->numel(), " of ",
+                    dtype_name(amax->scalar_type()));
+  }
   return Fp8Args{float_code(w, op, "weight"), rows, cols, ms.numel() == 1, static_cast<int>(scale_dtype),
                  w.const_data_ptr(), static_cast<const float*>(v.const_data_ptr()),
-                 static_cast<const float*>(ms.const_data_ptr())};
+                 static_cast<const float*>(ms.const_data_ptr()),
+                 amax ? static_cast<const float*>(amax->const_data_ptr()) : nullptr};
 }
 
 // FP8 weights with one scale per kFp8Block x kFp8Block block: max_scale has one element per block.

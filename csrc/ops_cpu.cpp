@@ -71,10 +71,11 @@ Tensor fake_quant_nvfp4_activation_backward_cpu(Tensor grad, Tensor x, Tensor gs
   return gx;
 }
 
-std::tuple<Tensor, Tensor> fake_quant_fp8_cpu(Tensor w, Tensor v, Tensor ms, int64_t scale_dtype) {
+std::tuple<Tensor, Tensor> fake_quant_fp8_cpu(Tensor w, Tensor v, Tensor ms, int64_t scale_dtype,
+                                                std::optional<Tensor> amax) {
   const char* op = "fake_quant_fp8";
   check_cpu(w, op);
-  Fp8Args a = fp8_args(w, v, ms, scale_dtype, op);
+  Fp8Args a = fp8_args(w, v, ms, scale_dtype, amax, op);
   Tensor out = torch::stable::empty_like(w);
   Tensor scale = scales_like(w, a.per_tensor ? 1 : a.rows, 1, ScalarType::Float);
   check_finite_count(cpu::fake_quant_fp8(a, out.mutable_data_ptr(), static_cast<float*>(scale.mutable_data_ptr())),
@@ -82,11 +83,11 @@ std::tuple<Tensor, Tensor> fake_quant_fp8_cpu(Tensor w, Tensor v, Tensor ms, int
   return {out, scale};
 }
 
-std::tuple<Tensor, Tensor> fake_quant_fp8_backward_cpu(Tensor grad, Tensor w, Tensor v, Tensor ms,
-                                                       int64_t scale_dtype) {
+std::tuple<Tensor, Tensor> fake_quant_fp8_backward_cpu(Tensor grad, Tensor w, Tensor v, Tensor ms, int64_t scale_dtype,
+                                                       std::optional<Tensor> amax) {
   const char* op = "fake_quant_fp8_backward";
   check_cpu(w, op);
-  Fp8Args a = fp8_args(w, v, ms, scale_dtype, op);
+  Fp8Args a = fp8_args(w, v, ms, scale_dtype, amax, op);
   check_like(w, grad, op, "grad");
   Tensor gv = torch::stable::empty_like(v);
   Tensor gms = torch::stable::empty_like(ms);

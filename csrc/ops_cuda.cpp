@@ -124,10 +124,11 @@ Tensor fp8_scratch(const Tensor& like, int64_t numel) {
 
 }  // namespace
 
-std::tuple<Tensor, Tensor> fake_quant_fp8_cuda(Tensor w, Tensor v, Tensor ms, int64_t scale_dtype) {
+std::tuple<Tensor, Tensor> fake_quant_fp8_cuda(Tensor w, Tensor v, Tensor ms, int64_t scale_dtype,
+                                                std::optional<Tensor> amax) {
   const char* op = "fake_quant_fp8";
   CudaContext ctx({&w, &v, &ms}, op);
-  Fp8Args a = fp8_args(w, v, ms, scale_dtype, op);
+  Fp8Args a = fp8_args(w, v, ms, scale_dtype, amax, op);
   Tensor out = torch::stable::empty_like(w);
   Tensor scale = scales_like(w, a.per_tensor ? 1 : a.rows, 1, ScalarType::Float);
   Tensor scratch = fp8_scratch(w, w.numel());
@@ -137,11 +138,11 @@ std::tuple<Tensor, Tensor> fake_quant_fp8_cuda(Tensor w, Tensor v, Tensor ms, in
   return {out, scale};
 }
 
-std::tuple<Tensor, Tensor> fake_quant_fp8_backward_cuda(Tensor grad, Tensor w, Tensor v, Tensor ms,
-                                                        int64_t scale_dtype) {
+std::tuple<Tensor, Tensor> fake_quant_fp8_backward_cuda(Tensor grad, Tensor w, Tensor v, Tensor ms, int64_t scale_dtype,
+                                                        std::optional<Tensor> amax) {
   const char* op = "fake_quant_fp8_backward";
   CudaContext ctx({&w, &grad, &v, &ms}, op);
-  Fp8Args a = fp8_args(w, v, ms, scale_dtype, op);
+  Fp8Args a = fp8_args(w, v, ms, scale_dtype, amax, op);
   check_like(w, grad, op, "grad");
   Tensor gv = torch::stable::empty_like(v);
   Tensor gms = torch::stable::empty_like(ms);

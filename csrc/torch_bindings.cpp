@@ -12,8 +12,8 @@ STABLE_TORCH_LIBRARY(autoround_fast, m) {
   m.def("fake_quant_nvfp4_activation_backward(Tensor grad, Tensor x, Tensor global_scale) -> Tensor");
   m.def("silu_mul_nvfp4_activation(Tensor gate, Tensor up, Tensor global_scale) -> Tensor");
   m.def("silu_mul_nvfp4_activation_backward(Tensor grad, Tensor gate, Tensor up, Tensor global_scale) -> (Tensor, Tensor)");
-  m.def("fake_quant_fp8(Tensor weight, Tensor v, Tensor max_scale, int scale_dtype) -> (Tensor, Tensor)");
-  m.def("fake_quant_fp8_backward(Tensor grad, Tensor weight, Tensor v, Tensor max_scale, int scale_dtype) -> (Tensor, Tensor)");
+  m.def("fake_quant_fp8(Tensor weight, Tensor v, Tensor max_scale, int scale_dtype, Tensor? weight_amax=None) -> (Tensor, Tensor)");
+  m.def("fake_quant_fp8_backward(Tensor grad, Tensor weight, Tensor v, Tensor max_scale, int scale_dtype, Tensor? weight_amax=None) -> (Tensor, Tensor)");
   m.def("fake_quant_fp8_block(Tensor weight, Tensor v, Tensor max_scale, int scale_dtype) -> (Tensor, Tensor)");
   m.def("fake_quant_fp8_block_backward(Tensor grad, Tensor weight, Tensor v, Tensor max_scale, int scale_dtype) -> (Tensor, Tensor)");
   m.def("fake_quant_fp8_activation(Tensor x, Tensor act_max, Tensor max_scale, int scale_dtype) -> Tensor");

@@ -30,22 +30,19 @@ int64_t abs_max(const T* p, int64_t n, float* amax) {
   return bad;
 }
 
-// max|p| over a whole tensor, in parallel (a maximum is exact in any order).
+// A per-tensor weight's max|W|: as given, else over the whole tensor in parallel (a maximum
+// is exact in any order).
 template <typename T>
-int64_t tensor_abs_max(const T* p, int64_t n, float* amax) {
-  const int64_t chunks = ceil_div(n, kGrain);
+float tensor_amax(const Fp8Args& a, const T* w) {
+  if (a.amax) return *a.amax;
+  const int64_t n = a.rows * a.cols, chunks = ceil_div(n, kGrain);
   std::vector<float> part(chunks);
-  std::atomic<int64_t> bad{0};
   torch::stable::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      const int64_t b = abs_max(p + c * kGrain, std::min(kGrain, n - c * kGrain), &part[c]);
-      if (b) bad += b;
-    }
+    for (int64_t c = begin; c < end; ++c) abs_max(w + c * kGrain, std::min(kGrain, n - c * kGrain), &part[c]);
   });
   float m = 0.f;
   for (float x : part) m = fmax_(m, x);
-  *amax = m;
-  return bad.load();
+  return m;
 }
 
 // The sums of the flat tensor's backward in fp8.h's order: element(i, acc) adds element i's
@@ -78,14 +75,18 @@ int64_t fp8_forward(const Fp8Args& a, T* out, float* scale) {
   const T* w = static_cast<const T*>(a.weight);
   const int64_t n = a.rows * a.cols;
   if (a.per_tensor) {
-    float amax;
-    const int64_t bad = tensor_abs_max(w, n, &amax);
-    const float s = fp8_scale(amax, a.max_scale[0], a.scale_dtype).s;
+    const float s = fp8_scale(tensor_amax(a, w), a.max_scale[0], a.scale_dtype).s;
     scale[0] = s;
+    std::atomic<int64_t> bad{0};
     torch::stable::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) out[i] = from_f32<T>(fp8_qdq(fp8_input(w[i]), a.v[i], s));
+      int64_t local = 0;
+      for (int64_t i = begin; i < end; ++i) {
+        local += !is_finite(to_f32(w[i]));
+        out[i] = from_f32<T>(fp8_qdq(fp8_input(w[i]), a.v[i], s));
+      }
+      if (local) bad += local;
     });
-    return bad;
+    return bad.load();
   }
   std::atomic<int64_t> bad{0};
   torch::stable::parallel_for(0, a.rows, std::max<int64_t>(1, kGrain / a.cols), [&](int64_t begin, int64_t end) {
@@ -106,8 +107,7 @@ void fp8_backward(const Fp8Args& a, const T* grad, float* grad_v, float* grad_ms
   const T* w = static_cast<const T*>(a.weight);
   const int64_t n = a.rows * a.cols;
   if (a.per_tensor) {
-    float amax;
-    tensor_abs_max(w, n, &amax);
+    const float amax = tensor_amax(a, w);
     const Fp8Scale sc = fp8_scale(amax, a.max_scale[0], a.scale_dtype);
     const Fp8Sums sums = tensor_sums(n, [&](int64_t i, Fp8Sums& acc) {
       grad_v[i] = fp8_element_backward(fp8_input(w[i]), a.v[i], to_f32(grad[i]), sc.s, acc);

@@ -6,8 +6,8 @@
 // warp per row, and a ninth warp that adds each row's terms sequentially, in element order,
 // while the eight compute the next 256 columns (double-buffered in shared memory).
 // Per-tensor weights and activations: flat passes over tiles of kFp8Tile elements, 8 per
-// thread with 16-byte accesses. The tensor's maximum is a first pass (partial maxima per
-// block, reduced by every block of the next pass); the backward writes one partial of each sum
+// thread with 16-byte accesses. A weight's maximum, unless the caller gives it, is a first
+// pass (partial maxima per block, reduced by every block of the next pass); the backward writes one partial of each sum
 // per tile, and a last one-block pass adds them in fp8.h's fixed order. No atomics: the same
 // bits on every run.
 #include <algorithm>
@@ -329,8 +329,9 @@ unsigned flat_blocks(int64_t n) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(tiles, 8 * sms())));
 }
 
-// The per-tensor maximum pass; returns the ScaleSource that reads its partials.
+// A per-tensor weight's ScaleSource: its maximum as given, or the maximum pass's partials.
 ScaleSource weight_amax(const Fp8Args& a, bool vec, float* partials, cudaStream_t s) {
+  if (a.amax) return ScaleSource{nullptr, 0, a.amax, a.max_scale, a.scale_dtype};
   const int64_t n = a.rows * a.cols;
   const unsigned grid = amax_blocks(n);
   with_type_and_vec(a.dtype, vec, [&](auto t, auto kv) {

@@ -473,12 +473,19 @@ def _check_fp8_weight(op: str, weight, v, max_scale, scale_dtype, fake: bool = F
     _require(max_scale.dtype == torch.float32, op, f"max_scale must be float32, got {max_scale.dtype}", fake)
 
 
-def _check_fp8(op: str, weight, v, max_scale, scale_dtype, fake: bool = False) -> None:
+def _check_fp8(op: str, weight, v, max_scale, scale_dtype, weight_amax=None, fake: bool = False) -> None:
     _check_fp8_weight(op, weight, v, max_scale, scale_dtype, fake)
     rows = weight.shape[0]
     _require(max_scale.numel() == 1 or max_scale.numel() == rows, op,
              f"max_scale must have 1 element (one scale for the tensor) or {rows} (one per row), got "
              f"{max_scale.numel()} (shape {tuple(max_scale.shape)})", fake)
+    if weight_amax is not None:
+        _require(max_scale.numel() == 1, op,
+                 f"weight_amax is for one scale per tensor, but max_scale has {max_scale.numel()} elements", fake)
+        _require(weight_amax.device == weight.device, op,
+                 f"weight_amax is on {weight_amax.device} but the first input is on {weight.device}", fake)
+        _require(weight_amax.dtype == torch.float32 and weight_amax.numel() == 1, op,
+                 f"weight_amax must be one float32 element, got {weight_amax.numel()} of {weight_amax.dtype}", fake)
 
 
 def _fp8_outputs(weight, max_scale):
@@ -487,30 +494,33 @@ def _fp8_outputs(weight, max_scale):
 
 
 @torch.library.register_fake("autoround_fast::fake_quant_fp8")
-def _(weight, v, max_scale, scale_dtype):
-    _check_fp8("fake_quant_fp8", weight, v, max_scale, _SCALE_DTYPES.get(scale_dtype, scale_dtype), fake=True)
+def _(weight, v, max_scale, scale_dtype, weight_amax=None):
+    _check_fp8("fake_quant_fp8", weight, v, max_scale, _SCALE_DTYPES.get(scale_dtype, scale_dtype), weight_amax,
+               fake=True)
     return _fp8_outputs(weight, max_scale)
 
 
 @torch.library.register_fake("autoround_fast::fake_quant_fp8_backward")
-def _(grad, weight, v, max_scale, scale_dtype):
+def _(grad, weight, v, max_scale, scale_dtype, weight_amax=None):
     op = "fake_quant_fp8_backward"
-    _check_fp8(op, weight, v, max_scale, _SCALE_DTYPES.get(scale_dtype, scale_dtype), fake=True)
+    _check_fp8(op, weight, v, max_scale, _SCALE_DTYPES.get(scale_dtype, scale_dtype), weight_amax, fake=True)
     _check_grad_like(grad, weight, op)
     return torch.empty_like(v), torch.empty_like(max_scale)
 
 
 def _fp8_setup(ctx, inputs, output):
-    weight, v, max_scale, scale_dtype = inputs
+    """fake_quant_fp8's and fake_quant_fp8_block's: (weight, v, max_scale, scale_dtype) and,
+    fake_quant_fp8's only, weight_amax."""
+    weight, v, max_scale, scale_dtype, *weight_amax = inputs
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(weight, v, max_scale)
+    ctx.save_for_backward(weight, v, max_scale, *weight_amax)
     ctx.scale_dtype = scale_dtype
 
 
 def _fp8_backward(ctx, grad_out, grad_scale):
-    weight, v, max_scale = ctx.saved_tensors
-    gv, gms = _ops.fake_quant_fp8_backward(grad_out.contiguous(), weight, v, max_scale, ctx.scale_dtype)
-    return None, gv, gms, None
+    weight, v, max_scale, weight_amax = ctx.saved_tensors
+    gv, gms = _ops.fake_quant_fp8_backward(grad_out.contiguous(), weight, v, max_scale, ctx.scale_dtype, weight_amax)
+    return None, gv, gms, None, None
 
 
 torch.library.register_autograd("autoround_fast::fake_quant_fp8", _fp8_backward, setup_context=_fp8_setup)
@@ -521,6 +531,7 @@ def fake_quant_fp8(
     v: torch.Tensor,
     max_scale: torch.Tensor,
     scale_dtype: torch.dtype = torch.float32,
+    weight_amax: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 (e4m3) fake quantization with AutoRound's learnable offset and clipping scale, one
     scale for the whole weight (``max_scale`` of one element) or one per output row (one per
@@ -539,15 +550,18 @@ def fake_quant_fp8(
         v: fp32, the weight's shape.
         max_scale: fp32, one element or ``out`` (e.g. [out, 1]).
         scale_dtype: float32, bfloat16 or float16, the dtype the scale is stored in.
+        weight_amax: with one scale per tensor, max|W| as fp32 of one element (auto-round's
+            ``tensor_max``), which spares the kernels a pass over W where W stays the same
+            between calls (a tuned weight); it is used as given. None: computed from W.
 
     Returns:
         (the fake-quantized weight in its dtype, the scales as fp32 [1, 1] or [out, 1]).
     """
     op = "fake_quant_fp8"
-    _check_fp8(op, weight, v, max_scale, scale_dtype)
+    _check_fp8(op, weight, v, max_scale, scale_dtype, weight_amax)
     _check_finite(weight, "weight", op)
     return _ops.fake_quant_fp8(weight.contiguous(), v.contiguous(), max_scale.contiguous(),
-                               SCALE_DTYPE_CODES[scale_dtype])
+                               SCALE_DTYPE_CODES[scale_dtype], None if weight_amax is None else weight_amax.reshape(1))
 
 
 # ---------------------------------------------------------------------------------------

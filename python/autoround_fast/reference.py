@@ -218,17 +218,18 @@ def fake_quant_mx_activation(x, bits):
     return _ungroup(q, x2.shape[0], shape[-1]).to(x.dtype).reshape(shape)
 
 
-def fake_quant_fp8(weight, v, max_scale, scale_dtype=torch.float32):
+def fake_quant_fp8(weight, v, max_scale, scale_dtype=torch.float32, weight_amax=None):
     """Oracle of :func:`autoround_fast.ops.fake_quant_fp8`: FP8 (e4m3) weights with one scale
     per tensor (max_scale of one element) or per output row (one per row):
     ``scale = max(max|W| * max_scale / 448, 1/(448*512))``, rounded to ``scale_dtype`` (fp32:
     auto-round's), ``Wq = e4m3(clamp(W / scale + V, -448, 448)) * scale``
-    (docs/numerics.md#fp8-weight). Returns (Wq in W's dtype, the fp32 scales, [1, 1] or
-    [rows, 1])."""
+    (docs/numerics.md#fp8-weight); max|W| is ``weight_amax`` where given (one scale per
+    tensor). Returns (Wq in W's dtype, the fp32 scales, [1, 1] or [rows, 1])."""
     rows, cols = weight.shape
     per_tensor = max_scale.numel() == 1
     w = weight.reshape(1, -1) if per_tensor else weight
-    amax = torch.amax(torch.abs(w), dim=-1)  # auto-round's max(|clamp(max, 0)|, |clamp(min, 0)|)
+    # auto-round's max(|clamp(max, 0)|, |clamp(min, 0)|)
+    amax = torch.amax(torch.abs(w), dim=-1) if weight_amax is None else weight_amax.reshape(1)
     scale = torch.clip((amax * max_scale.reshape(-1)).to(torch.float32) / E4M3_MAX, min=FP8_SCALE_MIN)
     scale = scale.to(scale_dtype).to(torch.float32)
     if w.dtype == torch.float16:

@@ -120,6 +120,47 @@ def test_fp8_gradients_match_autograd_of_the_oracle(device, shape, dtype, scale_
         assert_max_scale_grad_close(gms, ar_gms, mag, scale_dtype, "max_scale grad vs auto-round")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(64, 128), (3, 2100), (2, 4100), (1, 1)])
+def test_fp8_given_weight_amax(device, shape, dtype):
+    """A per-tensor weight's maximum given by the caller (auto-round's tensor_max): the true
+    one gives the computed one's bits, forward and backward; another one quantizes under it, as
+    the oracle and auto-round's quant_fp8_sym with that tensor_max do."""
+    w, v, ms, g = weight_case(shape, dtype, True, 11, device)
+    true_amax = w.abs().amax().float().reshape(1)
+    fn = lambda amax: lambda v_, m_: ops.fake_quant_fp8(w, v_, m_, torch.float32, amax)[0]
+    q, (gv, gms) = grads_of(fn(None), [v, ms], g)
+    q_given, (gv_given, gms_given) = grads_of(fn(true_amax), [v, ms], g)
+    assert same_bits(q, q_given) and same_bits(gv, gv_given) and same_bits(gms, gms_given)
+
+    other = true_amax * 2.5
+    q_other, (gv_other, gms_other) = grads_of(fn(other), [v, ms], g)
+    want_q, (want_gv, want_gms) = grads_of(
+        lambda v_, m_: reference.fake_quant_fp8(w, v_, m_, torch.float32, other)[0], [v, ms], g)
+    assert not same_bits(q_other, q)
+    assert same_bits(q_other, want_q) and same_bits(gv_other, want_gv)
+    from auto_round.data_type.fp8 import quant_fp8_sym
+
+    ar_q = quant_fp8_sym(w, max_scale=ms.reshape(-1), tensor_max=other, tensor_min=torch.zeros_like(other),
+                         group_size=0, v=v.reshape(1, -1))[0]
+    assert same_bits(q_other, ar_q)
+    s = reference.fake_quant_fp8(w, v, ms, torch.float32, other)[1]
+    mag = _magnitude(w.reshape(1, -1), v, g, s, other).reshape(ms.shape)
+    assert_max_scale_grad_close(gms_other, want_gms, mag, torch.float32)
+
+
+def test_fp8_weight_amax_refused_where_it_does_not_apply():
+    w, v, ms, _ = weight_case((4, 16), torch.bfloat16, False, 3, "cpu")
+    with pytest.raises(ValueError, match="weight_amax is for one scale per tensor"):
+        ops.fake_quant_fp8(w, v, ms, torch.float32, torch.ones(1))
+    with pytest.raises(ValueError, match="weight_amax must be one float32 element"):
+        ops.fake_quant_fp8(w, v, torch.ones(1), torch.float32, torch.ones(2))
+    with pytest.raises(RuntimeError, match="weight_amax is for one scale per tensor"):
+        torch.ops.autoround_fast.fake_quant_fp8(w, v, ms, 6, torch.ones(1))
+    with pytest.raises(RuntimeError, match="weight_amax must be one float32 element"):
+        torch.ops.autoround_fast.fake_quant_fp8_backward(w, w, v, torch.ones(1), 6, torch.ones(1, dtype=torch.float64))
+
+
 def edge_case(dtype):
     """Rows whose maximum is 448, so that the scale is exactly 1 (on the GPU too, where
     448 * fp32(1/448) rounds to 1): y = W + V lands on chosen points of the e4m3 grid.
@@ -703,6 +744,9 @@ def test_fp8_opcheck(device):
     for ms in (torch.ones(1, device=device), torch.full((8, 1), 0.9, device=device)):
         torch.library.opcheck(o.fake_quant_fp8, (w, tunable(v), tunable(ms), bf16))
         torch.library.opcheck(o.fake_quant_fp8_backward, (g, w, v, ms, 6))
+    amax = w.abs().amax().float().reshape(1)  # a per-tensor weight's maximum, given
+    torch.library.opcheck(o.fake_quant_fp8, (w, tunable(v), tunable(torch.ones(1, device=device)), bf16, amax))
+    torch.library.opcheck(o.fake_quant_fp8_backward, (g, w, v, torch.ones(1, device=device), 6, amax))
     ms = torch.full((1,), 0.9, device=device)
     torch.library.opcheck(o.fake_quant_fp8_activation, (tunable(x), act_max, tunable(ms), f16))
     torch.library.opcheck(o.fake_quant_fp8_activation_backward, (gx, x, act_max, ms, 6))

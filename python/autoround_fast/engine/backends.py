@@ -27,7 +27,7 @@ class Backend(Protocol):
 
     def mx(self, w, v, max_scale, bits) -> tuple[torch.Tensor, torch.Tensor]: ...
 
-    def fp8(self, w, v, max_scale, scale_dtype) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def fp8(self, w, v, max_scale, scale_dtype, weight_amax) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def fp8_block(self, w, v, max_scale, scale_dtype) -> tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -60,8 +60,8 @@ class TorchBackend:
     def mx(self, w, v, max_scale, bits):
         return reference.fake_quant_mx(w, v, max_scale, bits)
 
-    def fp8(self, w, v, max_scale, scale_dtype):
-        return reference.fake_quant_fp8(w, v, max_scale, scale_dtype)
+    def fp8(self, w, v, max_scale, scale_dtype, weight_amax):
+        return reference.fake_quant_fp8(w, v, max_scale, scale_dtype, weight_amax)
 
     def fp8_block(self, w, v, max_scale, scale_dtype):
         return reference.fake_quant_fp8_block(w, v, max_scale, scale_dtype)
@@ -106,8 +106,8 @@ class KernelBackend:
     def mx(self, w, v, max_scale, bits):
         return self._op.fake_quant_mx(w, v, max_scale, bits)
 
-    def fp8(self, w, v, max_scale, scale_dtype):
-        return self._op.fake_quant_fp8(w, v, max_scale, formats.SCALE_DTYPE_CODES[scale_dtype])
+    def fp8(self, w, v, max_scale, scale_dtype, weight_amax):
+        return self._op.fake_quant_fp8(w, v, max_scale, formats.SCALE_DTYPE_CODES[scale_dtype], weight_amax)
 
     def fp8_block(self, w, v, max_scale, scale_dtype):
         return self._op.fake_quant_fp8_block(w, v, max_scale, formats.SCALE_DTYPE_CODES[scale_dtype])

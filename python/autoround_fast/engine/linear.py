@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from .. import reference
-from ..formats import FP8_BLOCK
+from ..formats import FP8_BLOCK, FP8_PER_TENSOR
 from .backends import Backend
 from .spec import QuantSpec, fused_layer_groups
 
@@ -67,6 +67,11 @@ class TunedLinear(nn.Module):
         self.register_buffer("global_scale", None if global_scale is None else global_scale.reshape(1).to(dev))
         self.register_buffer("act_global_scale",
                              None if act_global_scale is None else act_global_scale.reshape(1).to(dev))
+        # FP8 with one weight scale: max|W|, which the weight keeps while tuned (a pass over W
+        # less in each of the kernels' forwards and backwards)
+        per_tensor = spec.kind == "fp8" and spec.group_size == FP8_PER_TENSOR
+        with torch.no_grad():
+            self.register_buffer("weight_amax", linear.weight.abs().amax().float().reshape(1) if per_tensor else None)
         # FP8 static activations: the calibrated maximum, and the tuned max_scale on it
         fp8_act = spec.kind == "fp8" and spec.act
         self.register_buffer("act_max", act_max.reshape(1).to(dev, torch.float32) if fp8_act else None)
@@ -111,9 +116,11 @@ class TunedLinear(nn.Module):
         if s.kind == "mx":
             q, exponent = be.mx(w, self.v, self.max_scale, s.bits)
             return q, exponent, None
+        if s.kind == "fp8" and s.group_size == FP8_BLOCK:
+            q, scale = be.fp8_block(w, self.v, self.max_scale, s.scale_dtype)
+            return q, scale, None
         if s.kind == "fp8":
-            fp8 = be.fp8_block if s.group_size == FP8_BLOCK else be.fp8
-            q, scale = fp8(w, self.v, self.max_scale, s.scale_dtype)
+            q, scale = be.fp8(w, self.v, self.max_scale, s.scale_dtype, self.weight_amax)
             return q, scale, None
         if s.kind == "nvfp4":
             if st is not None:
