@@ -16,6 +16,7 @@
 
 #include <type_traits>
 
+#include "../common/division.h"
 #include "../common/numerics.h"
 
 namespace autoround_fast {
@@ -36,14 +37,16 @@ AF_HD float div_by_e4m3_max(float z) {
 }
 
 struct Fp8Scale {
-  float z;  // amax * max_scale / 448, before the floor
-  float s;  // the scale: z floored at kFp8ScaleMin, rounded through the scale dtype
+  float z;      // amax * max_scale / 448, before the floor
+  float s;      // the scale: z floored at kFp8ScaleMin, rounded through the scale dtype
+  Divider div;  // x / s for the group's elements (common/division.h: IEEE division's bits)
 };
 
 AF_HD Fp8Scale fp8_scale(float amax, float max_scale, int scale_dtype) {
   Fp8Scale r;
   r.z = div_by_e4m3_max(mul_rn(amax, max_scale));
   r.s = round_to_scale_dtype(r.z < kFp8ScaleMin ? kFp8ScaleMin : r.z, scale_dtype);
+  r.div = make_divider(r.s);
   return r;
 }
 
@@ -85,9 +88,12 @@ AF_HD float fp8_grid(float y) {
 template <bool kNoV = false>
 AF_HD float fp8_y(float t, float v) { return kNoV ? t : add_rn(t, v); }
 
-// One element's fake-quantized fp32 value (before the cast to W's dtype).
+// One element's fake-quantized fp32 value (before the cast to W's dtype). d: the group's
+// Fp8Scale::div, whose s is the scale.
 template <bool kNoV = false>
-AF_HD float fp8_qdq(float x, float v, float s) { return mul_rn(fp8_grid(fp8_y<kNoV>(div_rn(x, s), v)), s); }
+AF_HD float fp8_qdq(float x, float v, const Divider& d) {
+  return mul_rn(fp8_grid(fp8_y<kNoV>(divide(x, d), v)), d.s);
+}
 
 // The two sums of dS, each in its own fixed order.
 struct Fp8Sums {
@@ -106,18 +112,18 @@ struct Fp8Terms {
   float gy, a, b;
 };
 template <bool kNoV = false>
-AF_HD Fp8Terms fp8_element_terms(float x, float v, float g, float s) {
-  const float t = div_rn(x, s);
+AF_HD Fp8Terms fp8_element_terms(float x, float v, float g, const Divider& d) {
+  const float t = divide(x, d);
   const float y = fp8_y<kNoV>(t, v);
-  const float gy = fabs_(y) <= kE4m3Max ? mul_rn(g, s) : 0.f;  // clip's backward, bounds inclusive
-  return {gy, mul_rn(g, fp8_grid(y)), mul_rn(-gy, div_rn(t, s))};
+  const float gy = fabs_(y) <= kE4m3Max ? mul_rn(g, d.s) : 0.f;  // clip's backward, bounds inclusive
+  return {gy, mul_rn(g, fp8_grid(y)), mul_rn(-gy, divide(t, d))};
 }
 
 // fp8_element_terms, the terms added to acc (in element order); returns dV. Adding a +0 term
 // (an element past the end) changes no sum: a sum that starts at +0 never becomes -0.
 template <bool kNoV = false>
-AF_HD float fp8_element_backward(float x, float v, float g, float s, Fp8Sums& acc) {
-  const Fp8Terms e = fp8_element_terms<kNoV>(x, v, g, s);
+AF_HD float fp8_element_backward(float x, float v, float g, const Divider& d, Fp8Sums& acc) {
+  const Fp8Terms e = fp8_element_terms<kNoV>(x, v, g, d);
   acc.a = add_rn(acc.a, e.a);
   acc.b = add_rn(acc.b, e.b);
   return e.gy;
@@ -137,8 +143,8 @@ AF_HD float fp8_grad_max_scale(const Fp8Sums& sums, const Fp8Scale& sc, float am
 // The activation's gradient: dV / s in fp32, rounded to x's dtype, an fp16 x through bf16 (the
 // backward of its cast to bf16).
 template <typename T>
-AF_HD T fp8_act_grad(float gy, float s) {
-  const float g = div_rn(gy, s);
+AF_HD T fp8_act_grad(float gy, const Divider& d) {
+  const float g = divide(gy, d);
   if constexpr (std::is_same_v<T, f16_t>) return from_f32<T>(round_through<bf16_t>(g));
   return from_f32<T>(g);
 }

@@ -52,9 +52,9 @@ int64_t block_forward(const Fp8BlockArgs& a, T* out, float* scale) {
   for_each_block(a, [&](int64_t k, const Fp8BlockTile& b) {
     float amax;
     if (const int64_t n = block_abs_max<T>(a, b, &amax)) bad += n;
-    const float s = fp8_scale(amax, a.max_scale[k], a.scale_dtype).s;
-    scale[k] = s;
-    for_each_element(a, b, [&](int64_t i) { out[i] = from_f32<T>(fp8_qdq(fp8_input(w[i]), a.v[i], s)); });
+    const Fp8Scale sc = fp8_scale(amax, a.max_scale[k], a.scale_dtype);
+    scale[k] = sc.s;
+    for_each_element(a, b, [&](int64_t i) { out[i] = from_f32<T>(fp8_qdq(fp8_input(w[i]), a.v[i], sc.div)); });
   });
   return bad.load();
 }
@@ -74,7 +74,7 @@ void block_backward(const Fp8BlockArgs& a, const T* grad, float* grad_v, float* 
         const int64_t base = (b.row0 + ch.row) * a.cols + b.col0;
         for (int j = ch.col; j < ch.col + kFp8Chunk && j < b.cols; ++j)
           grad_v[base + j] = fp8_element_backward(fp8_input(w[base + j]), a.v[base + j], to_f32(grad[base + j]),
-                                                  sc.s, th[t]);
+                                                  sc.div, th[t]);
       }
     }
     grad_ms[k] = fp8_grad_max_scale(fp8_combine_threads(th), sc, amax, a.scale_dtype);

@@ -66,15 +66,15 @@ __global__ void __launch_bounds__(kFp8Threads, (kForwardBlocksPerSm<T, kVec>))
     const ThreadChunks tc = thread_chunks(a, fp8_block_tile(a, bi));
     RawChunk<T> raw[kChunks];
     const float amax = block_max(load_weight<T, kVec>(static_cast<const T*>(a.weight), tc, raw), red);
-    const float s = fp8_scale(amax, __ldg(a.max_scale + bi), a.scale_dtype).s;
-    if (threadIdx.x == 0) scale[bi] = s;
+    const Fp8Scale sc = fp8_scale(amax, __ldg(a.max_scale + bi), a.scale_dtype);
+    if (threadIdx.x == 0) scale[bi] = sc.s;
 #pragma unroll
     for (int k = 0; k < kChunks; ++k) {
       if (!tc.has(k)) continue;
       float x[kFp8Chunk];
       load_part<float, kFp8Chunk, kVec>(a.v + tc.at(k), tc.left, x);
 #pragma unroll
-      for (int j = 0; j < kFp8Chunk; ++j) x[j] = fp8_qdq(fp8_x<T>(raw[k][j]), x[j], s);
+      for (int j = 0; j < kFp8Chunk; ++j) x[j] = fp8_qdq(fp8_x<T>(raw[k][j]), x[j], sc.div);
       store_part<T, kFp8Chunk, kVec>(out + tc.at(k), tc.left, x);
     }
   }
@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(kFp8Threads, (kBackwardBlocksPerSm<T, kVec>))
 #pragma unroll
       for (int j = 0; j < kFp8Chunk; ++j)
         if (kVec || j < tc.left)  // the sums add the weight's elements only
-          gg[j] = fp8_element_backward(fp8_x<T>(raw[k][j]), vv[j], gg[j], sc.s, acc);
+          gg[j] = fp8_element_backward(fp8_x<T>(raw[k][j]), vv[j], gg[j], sc.div, acc);
       store_part<float, kFp8Chunk, kVec>(grad_v + tc.at(k), tc.left, gg);
     }
     const Fp8Sums total = block_sum(acc, red);

@@ -75,14 +75,14 @@ int64_t fp8_forward(const Fp8Args& a, T* out, float* scale) {
   const T* w = static_cast<const T*>(a.weight);
   const int64_t n = a.rows * a.cols;
   if (a.per_tensor) {
-    const float s = fp8_scale(tensor_amax(a, w), a.max_scale[0], a.scale_dtype).s;
-    scale[0] = s;
+    const Fp8Scale sc = fp8_scale(tensor_amax(a, w), a.max_scale[0], a.scale_dtype);
+    scale[0] = sc.s;
     std::atomic<int64_t> bad{0};
     torch::stable::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
       int64_t local = 0;
       for (int64_t i = begin; i < end; ++i) {
         local += !is_finite(to_f32(w[i]));
-        out[i] = from_f32<T>(fp8_qdq(fp8_input(w[i]), a.v[i], s));
+        out[i] = from_f32<T>(fp8_qdq(fp8_input(w[i]), a.v[i], sc.div));
       }
       if (local) bad += local;
     });
@@ -94,9 +94,9 @@ int64_t fp8_forward(const Fp8Args& a, T* out, float* scale) {
       const int64_t base = r * a.cols;
       float amax;
       if (int64_t b = abs_max(w + base, a.cols, &amax)) bad += b;
-      const float s = fp8_scale(amax, a.max_scale[r], a.scale_dtype).s;
-      scale[r] = s;
-      for (int64_t j = base; j < base + a.cols; ++j) out[j] = from_f32<T>(fp8_qdq(fp8_input(w[j]), a.v[j], s));
+      const Fp8Scale sc = fp8_scale(amax, a.max_scale[r], a.scale_dtype);
+      scale[r] = sc.s;
+      for (int64_t j = base; j < base + a.cols; ++j) out[j] = from_f32<T>(fp8_qdq(fp8_input(w[j]), a.v[j], sc.div));
     }
   });
   return bad.load();
@@ -110,7 +110,7 @@ void fp8_backward(const Fp8Args& a, const T* grad, float* grad_v, float* grad_ms
     const float amax = tensor_amax(a, w);
     const Fp8Scale sc = fp8_scale(amax, a.max_scale[0], a.scale_dtype);
     const Fp8Sums sums = tensor_sums(n, [&](int64_t i, Fp8Sums& acc) {
-      grad_v[i] = fp8_element_backward(fp8_input(w[i]), a.v[i], to_f32(grad[i]), sc.s, acc);
+      grad_v[i] = fp8_element_backward(fp8_input(w[i]), a.v[i], to_f32(grad[i]), sc.div, acc);
     });
     grad_ms[0] = fp8_grad_max_scale(sums, sc, amax, a.scale_dtype);
     return;
@@ -124,7 +124,7 @@ void fp8_backward(const Fp8Args& a, const T* grad, float* grad_v, float* grad_ms
       const Fp8Scale sc = fp8_scale(amax, a.max_scale[r], a.scale_dtype);
       Fp8Sums acc;
       for (int64_t j = base; j < base + a.cols; ++j)
-        grad_v[j] = fp8_element_backward(fp8_input(w[j]), a.v[j], to_f32(grad[j]), sc.s, acc);
+        grad_v[j] = fp8_element_backward(fp8_input(w[j]), a.v[j], to_f32(grad[j]), sc.div, acc);
       grad_ms[r] = fp8_grad_max_scale(acc, sc, amax, a.scale_dtype);
     }
   });
@@ -133,13 +133,13 @@ void fp8_backward(const Fp8Args& a, const T* grad, float* grad_v, float* grad_ms
 template <typename T>
 int64_t act_forward(const Fp8ActArgs& a, T* out) {
   const T* x = static_cast<const T*>(a.x);
-  const float s = fp8_scale(*a.act_max, *a.max_scale, a.scale_dtype).s;
+  const Divider d = fp8_scale(*a.act_max, *a.max_scale, a.scale_dtype).div;
   std::atomic<int64_t> bad{0};
   torch::stable::parallel_for(0, a.numel, kGrain, [&](int64_t begin, int64_t end) {
     int64_t local = 0;
     for (int64_t i = begin; i < end; ++i) {
       local += !is_finite(to_f32(x[i]));
-      out[i] = from_f32<T>(fp8_qdq<true>(fp8_input(x[i]), 0.f, s));
+      out[i] = from_f32<T>(fp8_qdq<true>(fp8_input(x[i]), 0.f, d));
     }
     if (local) bad += local;
   });
@@ -152,7 +152,7 @@ void act_backward(const Fp8ActArgs& a, const T* grad, T* grad_x, float* grad_ms)
   const float act_max = *a.act_max;
   const Fp8Scale sc = fp8_scale(act_max, *a.max_scale, a.scale_dtype);
   const Fp8Sums sums = tensor_sums(a.numel, [&](int64_t i, Fp8Sums& acc) {
-    grad_x[i] = fp8_act_grad<T>(fp8_element_backward<true>(fp8_input(x[i]), 0.f, to_f32(grad[i]), sc.s, acc), sc.s);
+    grad_x[i] = fp8_act_grad<T>(fp8_element_backward<true>(fp8_input(x[i]), 0.f, to_f32(grad[i]), sc.div, acc), sc.div);
   });
   *grad_ms = fp8_grad_max_scale(sums, sc, act_max, a.scale_dtype);
 }

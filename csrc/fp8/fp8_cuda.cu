@@ -76,8 +76,8 @@ __global__ void __launch_bounds__(kFp8Threads) fp8_flat_forward_kernel(const T* 
                                                                        ScaleSource src, float* scale_out) {
   __shared__ float red[kFp8Warps];
   const float amax = src.amax(red);
-  const float s = fp8_scale(amax, __ldg(src.max_scale), src.scale_dtype).s;
-  if (scale_out && blockIdx.x == 0 && threadIdx.x == 0) *scale_out = s;
+  const Fp8Scale sc = fp8_scale(amax, __ldg(src.max_scale), src.scale_dtype);
+  if (scale_out && blockIdx.x == 0 && threadIdx.x == 0) *scale_out = sc.s;
   const int64_t tiles = (n + kFp8Tile - 1) / kFp8Tile;
   for (int64_t k = blockIdx.x; k < tiles; k += gridDim.x) {
     const int64_t i = tile_of(k, tiles) * kFp8Tile + threadIdx.x * kFp8Chunk;
@@ -87,10 +87,10 @@ __global__ void __launch_bounds__(kFp8Threads) fp8_flat_forward_kernel(const T* 
     if (v) {
       load_part<float, kFp8Chunk, kVec>(v + i, n - i, vv);
 #pragma unroll
-      for (int j = 0; j < kFp8Chunk; ++j) xv[j] = fp8_qdq(fp8_x<T>(xv[j]), vv[j], s);
+      for (int j = 0; j < kFp8Chunk; ++j) xv[j] = fp8_qdq(fp8_x<T>(xv[j]), vv[j], sc.div);
     } else {
 #pragma unroll
-      for (int j = 0; j < kFp8Chunk; ++j) xv[j] = fp8_qdq<true>(fp8_x<T>(xv[j]), 0.f, s);
+      for (int j = 0; j < kFp8Chunk; ++j) xv[j] = fp8_qdq<true>(fp8_x<T>(xv[j]), 0.f, sc.div);
     }
     store_part<T, kFp8Chunk, kVec>(out + i, n - i, xv);
   }
@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kFp8Threads) fp8_flat_backward_kernel(const T*
                                                                         float* tile_a, float* tile_b) {
   __shared__ float red[2 * kFp8Warps];
   const float amax = src.amax(red);
-  const float s = fp8_scale(amax, __ldg(src.max_scale), src.scale_dtype).s;
+  const Divider d = fp8_scale(amax, __ldg(src.max_scale), src.scale_dtype).div;
   const int64_t tiles = (n + kFp8Tile - 1) / kFp8Tile;
   for (int64_t k = blockIdx.x; k < tiles; k += gridDim.x) {
     const int64_t tile = tile_of(k, tiles);
@@ -119,9 +119,9 @@ __global__ void __launch_bounds__(kFp8Threads) fp8_flat_backward_kernel(const T*
 #pragma unroll
       for (int j = 0; j < kFp8Chunk; ++j) {
         if (kVec || j < n - i) {  // the sums add the chunk's real elements only
-          const float gy = fp8_element_backward<kAct>(fp8_x<T>(xv[j]), kAct ? 0.f : vv[j], gv[j], s, acc);
+          const float gy = fp8_element_backward<kAct>(fp8_x<T>(xv[j]), kAct ? 0.f : vv[j], gv[j], d, acc);
           if constexpr (kAct) {
-            gv[j] = to_f32(fp8_act_grad<T>(gy, s));  // exact: a value of T
+            gv[j] = to_f32(fp8_act_grad<T>(gy, d));  // exact: a value of T
           } else {
             gv[j] = gy;
           }
@@ -188,13 +188,13 @@ __global__ void __launch_bounds__(kFp8Threads) fp8_row_forward_kernel(Fp8Args a,
         for (int j = 0; j < kFp8Chunk; ++j) m = max_num(m, fabs_(x[j]));
       }
     }
-    const float s = fp8_scale(block_max(m, red), __ldg(a.max_scale + r), a.scale_dtype).s;
-    if (threadIdx.x == 0) scale[r] = s;
+    const Fp8Scale sc = fp8_scale(block_max(m, red), __ldg(a.max_scale + r), a.scale_dtype);
+    if (threadIdx.x == 0) scale[r] = sc.s;
     auto quantize = [&](int64_t c, float* x) {
       float vv[kFp8Chunk];
       load_part<float, kFp8Chunk, kVec>(v + c, cols - c, vv);
 #pragma unroll
-      for (int j = 0; j < kFp8Chunk; ++j) x[j] = fp8_qdq(fp8_x<T>(x[j]), vv[j], s);
+      for (int j = 0; j < kFp8Chunk; ++j) x[j] = fp8_qdq(fp8_x<T>(x[j]), vv[j], sc.div);
       store_part<T, kFp8Chunk, kVec>(o + c, cols - c, x);
     };
     if constexpr (K > 0) {
@@ -255,7 +255,7 @@ __global__ void __launch_bounds__(kFp8Threads + 32) fp8_row_backward_kernel(Fp8A
         }
       }
       const float amax = warp_max(m);
-      const float s = fp8_scale(amax, valid ? __ldg(a.max_scale + r) : 1.f, a.scale_dtype).s;
+      const Divider d = fp8_scale(amax, valid ? __ldg(a.max_scale + r) : 1.f, a.scale_dtype).div;
       if (lane == 0) row_amax[warp] = amax;
       for (int64_t k = 0; k < steps; ++k) {
         const int64_t c = k * kRowStep + lane * kFp8Chunk;
@@ -267,7 +267,7 @@ __global__ void __launch_bounds__(kFp8Threads + 32) fp8_row_backward_kernel(Fp8A
           load_part<float, kFp8Chunk, kVec>(v + c, cols - c, vv);
 #pragma unroll
           for (int j = 0; j < kFp8Chunk; ++j) {
-            const Fp8Terms e = fp8_element_terms(fp8_x<T>(x[j]), vv[j], gg[j], s);
+            const Fp8Terms e = fp8_element_terms(fp8_x<T>(x[j]), vv[j], gg[j], d);
             gg[j] = e.gy;
             if (kVec || j < cols - c) ta[j] = e.a, tb[j] = e.b;
           }

@@ -14,6 +14,7 @@
 // runs one warp per group, the CPU kernel replays the same order: both give the same bits.
 #pragma once
 
+#include "../common/division.h"
 #include "../common/numerics.h"
 
 namespace autoround_fast {
@@ -54,27 +55,19 @@ struct IntScale {
   float zp;     // zero point (asym), 0 for sym
   float A, B;   // sym: -(wmin*min_scale), wmax*max_scale; asym: wmin*min_scale, wmax*max_scale
   float maxq;
-  // x / s with the reciprocal taken once per group (int_divide): y = RN(1 / s), sh = s * 2^64,
-  // yl = y * 2^-64; fast: the group is in the domain where that division is exact.
-  float y, sh, yl;
-  bool fast;
+  Divider div;  // x / s with the reciprocal taken once per group (int_divide)
+  bool fast;    // the group's largest magnitude is in the fast division's domain
 };
 
-// The fast division's domain (int_divide, docs/design.md#int-fast-division): 2^-24 <= |s| <= 2^16,
-// |x| <= 2^40 |s|, |x| <= 2^62 (x * 2^64 finite), and x = 0 or |x| >= 2^-80. The group's
-// scale and largest magnitude are checked once (IntScale::fast); elements below kFastMin take
-// the IEEE division instead (a zero or a tiny weight sends its lane there), which also keeps
-// the backward's second division t / s (t = x / s rounded, zero or >= 2^-76) in the domain.
-constexpr float kFastMin = 0x1p-60f;
-
+// The fast division (common/division.h) per group: the group's scale and largest magnitude are
+// checked once against its domain (IntScale::fast); elements below kFastMin take the IEEE
+// division instead (a zero or a tiny weight sends its lane there), which also keeps the
+// backward's second division t / s (t = x / s rounded, zero or >= 2^-76) in the domain.
 AF_HD bool int_fast_element(float x) { return fabs_(x) >= kFastMin; }
 
 AF_HD void int_divider(IntScale& r, float wmin, float wmax) {
-  const float as = fabs_(r.s), maxabs = fmax_(-wmin, wmax);
-  r.fast = as >= 0x1p-24f && as <= 0x1p16f && maxabs <= mul_rn(as, 0x1p40f) && maxabs <= 0x1p62f;
-  r.y = div_rn(1.f, r.s);
-  r.sh = mul_rn(r.s, 0x1p64f);
-  r.yl = mul_rn(r.y, 0x1p-64f);
+  r.div = make_divider(r.s);
+  r.fast = fmax_(-wmin, wmax) <= r.div.xmax;
 }
 
 // Whether the backward's second division (t / s, t = x / s in the quotient's dtype) stays in
@@ -82,25 +75,16 @@ AF_HD void int_divider(IntScale& r, float wmin, float wmax) {
 // at most that of the largest element's quotient, rounding being monotone).
 template <typename P>
 AF_HD bool int_second_division_fast(const IntScale& sc, float wmin, float wmax, const P& p) {
-  const float as = fabs_(sc.s);
-  const float tmax = round_to_scale_dtype(div_rn(fmax_(-wmin, wmax), as), p.quot_dtype);
-  return sc.fast && tmax <= mul_rn(as, 0x1p40f) && tmax <= 0x1p62f;
+  const float tmax = round_to_scale_dtype(div_rn(fmax_(-wmin, wmax), fabs_(sc.s)), p.quot_dtype);
+  return sc.fast && tmax <= sc.div.xmax;
 }
 
-// x / s, correctly rounded (IEEE division, bit for bit). kFast: Markstein's division with the
-// group's reciprocal, for x in the domain above: q0 = RN(x * y) is within an ulp of x / s,
-// the remainder x - s * q0 is exact in one FMA (scaled by 2^64, which keeps it off the
-// subnormal range), and RN(q0 + r * y) is the quotient correctly rounded. For x = +-0 q0 is
-// already the signed zero x / s is (the correction would turn -0 into +0): kZero selects it;
-// without kZero the caller guarantees x != 0. No reciprocal instruction and no slow-path
-// branch per element, which the IEEE division has.
+// x / s, correctly rounded (IEEE division, bit for bit). kFast: the group's fast division, for
+// x in its domain or (kZero) +-0; without kZero the caller guarantees x != 0.
 template <bool kFast, bool kZero = true>
 AF_HD float int_divide(float x, const IntScale& sc) {
   if constexpr (kFast) {
-    const float q0 = mul_rn(x, sc.y);
-    const float q = fma_rn(fma_rn(-sc.sh, q0, mul_rn(x, 0x1p64f)), sc.yl, q0);
-    if constexpr (kZero) return x == 0.f ? q0 : q;
-    return q;
+    return divide_fast<kZero>(x, sc.div);
   } else {
     return div_rn(x, sc.s);
   }

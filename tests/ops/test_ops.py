@@ -525,11 +525,11 @@ def test_int_signed_zero_extremes(device, sym, group_size, cols):
             assert same_bits(a, b)
 
 
-def test_int_fast_division_is_ieee_division(tmp_path):
-    """The INT kernels' fast division, compiled from csrc/int/int_quant.h with the host
-    compiler (the CPU kernels' build flags: no contraction), against IEEE division for every
-    finite bf16 and fp16 x and a stride of the fp16 scales, and random fp32 pairs over the
-    domain it is taken in; a mutant (the first estimate x * RN(1/s), uncorrected) must fail."""
+def test_fast_division_is_ieee_division(tmp_path):
+    """The INT and FP8 kernels' fast division, compiled from csrc/common/division.h with the
+    host compiler (the CPU kernels' build flags: no contraction), against IEEE division for
+    every bf16 and fp16 x and a stride of the fp16 scales, and random fp32 pairs in and past its
+    domain; a mutant (the first estimate x * RN(1/s), uncorrected) must fail."""
     import pathlib
     import shutil
     import subprocess
@@ -538,9 +538,9 @@ def test_int_fast_division_is_ieee_division(tmp_path):
     if cxx is None:
         pytest.skip("no C++ compiler")
     here = pathlib.Path(__file__).resolve().parent
-    exe = tmp_path / "int_division_check"
+    exe = tmp_path / "division_check"
     subprocess.run([cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-fno-fast-math", f"-I{here.parents[1] / 'csrc'}",
-                    str(here / "native" / "int_division_check.cpp"), "-o", str(exe)], check=True)
+                    str(here / "native" / "division_check.cpp"), "-o", str(exe)], check=True)
     ok = subprocess.run([str(exe)], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout
     assert " 0 mismatches, 0 scales outside" in ok.stdout
