@@ -138,10 +138,7 @@ inline Fp8Args fp8_args(const Tensor& w, const Tensor& v, const Tensor& ms, int6
   if (amax) {
     STD_TORCH_CHECK(ms.numel() == 1, op, ": weight_amax is for one scale per tensor, but max_scale has ",
                     ms.numel(), " elements");
-    check_same_device(w, *amax, op, "weight_amax");
-    STD_TORCH_CHECK(amax->scalar_type() == ScalarType::Float && amax->numel() == 1, op,
-                    ": weight_amax must be one float32 element, got ", amax->numel(), " of ",
-                    dtype_name(amax->scalar_type()));
+    check_fp32(w, *amax, 1, op, "weight_amax");
   }
   return Fp8Args{float_code(w, op, "weight"), rows, cols, ms.numel() == 1, static_cast<int>(scale_dtype),
                  w.const_data_ptr(), static_cast<const float*>(v.const_data_ptr()),

@@ -76,6 +76,7 @@ std::tuple<Tensor, Tensor> fake_quant_fp8_cpu(Tensor w, Tensor v, Tensor ms, int
   const char* op = "fake_quant_fp8";
   check_cpu(w, op);
   Fp8Args a = fp8_args(w, v, ms, scale_dtype, amax, op);
+  if (a.amax) check_finite_count(is_finite(*a.amax) ? 0 : 1, op, "weight_amax");
   Tensor out = torch::stable::empty_like(w);
   Tensor scale = scales_like(w, a.per_tensor ? 1 : a.rows, 1, ScalarType::Float);
   check_finite_count(cpu::fake_quant_fp8(a, out.mutable_data_ptr(), static_cast<float*>(scale.mutable_data_ptr())),

@@ -1,7 +1,8 @@
 // FP8 (e4m3) fake quantization, forward and backward, for one tensor-wide or one per-row scale
 // (auto-round 0.15.1, data_type/fp8.py: quant_fp8_sym; python/autoround_fast/reference.py's
 // fake_quant_fp8 and fake_quant_fp8_activation). All in fp32, in this order:
-//   amax = max|W_g| (of the weight as given; activations: the calibrated act_max)
+//   amax = max|W_g| (of the weight as given, or the caller's weight_amax for a per-tensor
+//          weight; activations: the calibrated act_max)
 //   z    = (amax * max_scale) / 448
 //   s    = to_fp32(to_scale_dtype(max(z, 1/(448*512))))
 //   y    = x / s + V          (x: W in fp32, an fp16 W rounded to bf16 first; activations V = 0)

@@ -7,9 +7,9 @@
 // while the eight compute the next 256 columns (double-buffered in shared memory).
 // Per-tensor weights and activations: flat passes over tiles of kFp8Tile elements, 8 per
 // thread with 16-byte accesses. A weight's maximum, unless the caller gives it, is a first
-// pass (partial maxima per block, reduced by every block of the next pass); the backward writes one partial of each sum
-// per tile, and a last one-block pass adds them in fp8.h's fixed order. No atomics: the same
-// bits on every run.
+// pass (partial maxima per block, reduced by every block of the next pass); the backward
+// writes one partial of each sum per tile, and a last one-block pass adds them in fp8.h's
+// fixed order. No atomics: the same bits on every run.
 #include <algorithm>
 #include <type_traits>
 
@@ -38,16 +38,16 @@ __device__ __forceinline__ float reduce_amax(const float* partials, int n, float
 
 // ---- per-tensor weights and activations: flat passes ----
 
-// Where a flat pass's scale comes from: the weight's maximum (partial maxima of the first
-// pass) or the activation's calibrated act_max; times max_scale.
+// Where a flat pass's scale comes from: the maximum as given (an activation's calibrated
+// act_max, a weight's weight_amax) or the partial maxima of the first pass; times max_scale.
 struct ScaleSource {
-  const float* amax_partials;  // nullptr: activations
+  const float* amax_partials;  // nullptr: the maximum is given
   int n_partials;
-  const float* act_max;
+  const float* given_amax;
   const float* max_scale;
   int scale_dtype;
   __device__ __forceinline__ float amax(float* red) const {
-    return amax_partials ? reduce_amax(amax_partials, n_partials, red) : __ldg(act_max);
+    return amax_partials ? reduce_amax(amax_partials, n_partials, red) : __ldg(given_amax);
   }
 };
 

@@ -60,9 +60,9 @@ struct IntScale {
 };
 
 // The fast division (common/division.h) per group: the group's scale and largest magnitude are
-// checked once against its domain (IntScale::fast); elements below kFastMin take the IEEE
+// checked once against its range (IntScale::fast); elements below kFastMin take the IEEE
 // division instead (a zero or a tiny weight sends its lane there), which also keeps the
-// backward's second division t / s (t = x / s rounded, zero or >= 2^-76) in the domain.
+// backward's second division t / s (t = x / s rounded, zero or >= 2^-76) in the range.
 AF_HD bool int_fast_element(float x) { return fabs_(x) >= kFastMin; }
 
 AF_HD void int_divider(IntScale& r, float wmin, float wmax) {

@@ -482,10 +482,7 @@ def _check_fp8(op: str, weight, v, max_scale, scale_dtype, weight_amax=None, fak
     if weight_amax is not None:
         _require(max_scale.numel() == 1, op,
                  f"weight_amax is for one scale per tensor, but max_scale has {max_scale.numel()} elements", fake)
-        _require(weight_amax.device == weight.device, op,
-                 f"weight_amax is on {weight_amax.device} but the first input is on {weight.device}", fake)
-        _require(weight_amax.dtype == torch.float32 and weight_amax.numel() == 1, op,
-                 f"weight_amax must be one float32 element, got {weight_amax.numel()} of {weight_amax.dtype}", fake)
+        _check_param(weight, weight_amax, 1, "weight_amax", op, fake)
 
 
 def _fp8_outputs(weight, max_scale):
@@ -560,6 +557,8 @@ def fake_quant_fp8(
     op = "fake_quant_fp8"
     _check_fp8(op, weight, v, max_scale, scale_dtype, weight_amax)
     _check_finite(weight, "weight", op)
+    if weight_amax is not None:
+        _check_finite(weight_amax, "weight_amax", op)
     return _ops.fake_quant_fp8(weight.contiguous(), v.contiguous(), max_scale.contiguous(),
                                SCALE_DTYPE_CODES[scale_dtype], None if weight_amax is None else weight_amax.reshape(1))
 

@@ -227,6 +227,8 @@ def fake_quant_fp8(weight, v, max_scale, scale_dtype=torch.float32, weight_amax=
     tensor). Returns (Wq in W's dtype, the fp32 scales, [1, 1] or [rows, 1])."""
     rows, cols = weight.shape
     per_tensor = max_scale.numel() == 1
+    if weight_amax is not None and not per_tensor:
+        raise ValueError("fake_quant_fp8: weight_amax is for one scale per tensor")
     w = weight.reshape(1, -1) if per_tensor else weight
     # auto-round's max(|clamp(max, 0)|, |clamp(min, 0)|)
     amax = torch.amax(torch.abs(w), dim=-1) if weight_amax is None else weight_amax.reshape(1)

@@ -45,18 +45,22 @@ def nvfp4_activation(x, act_max, grad_out=None):
     return y, x.grad
 
 
-def fp8(weight, v, max_scale, grad_out=None):
+def fp8(weight, v, max_scale, grad_out=None, tensor_max=None):
     """auto-round's quant_fp8_sym on a weight: one scale for the tensor (max_scale of one
     element: group_size 0) or one per row (group_size -1), with tensor_max and tensor_min the
-    clamped maximum and minimum of that group, as auto-round's weight path passes them. Returns
-    (q, scale [groups, 1]) and, with grad_out, the gradients of v and max_scale."""
+    clamped maximum and minimum of that group, as auto-round's weight path passes them, or the
+    given tensor_max with tensor_min 0. Returns (q, scale [groups, 1]) and, with grad_out, the
+    gradients of v and max_scale."""
     from auto_round.data_type.fp8 import quant_fp8_sym
 
     per_tensor = max_scale.numel() == 1
     req = grad_out is not None
     wg = weight.reshape(1, -1) if per_tensor else weight
-    tmax = torch.clamp(wg.max(-1)[0], min=0)
-    tmin = torch.clamp(wg.min(-1)[0], max=0)
+    if tensor_max is None:
+        tmax = torch.clamp(wg.max(-1)[0], min=0)
+        tmin = torch.clamp(wg.min(-1)[0], max=0)
+    else:
+        tmax, tmin = tensor_max, torch.zeros_like(tensor_max)
     vg = v.reshape(wg.shape).detach().clone().requires_grad_(req)
     ms = max_scale.reshape(-1).detach().clone().requires_grad_(req)
     q, s, _ = quant_fp8_sym(weight, max_scale=ms, tensor_max=tmax, tensor_min=tmin,

@@ -139,25 +139,25 @@ def test_fp8_given_weight_amax(device, shape, dtype):
         lambda v_, m_: reference.fake_quant_fp8(w, v_, m_, torch.float32, other)[0], [v, ms], g)
     assert not same_bits(q_other, q)
     assert same_bits(q_other, want_q) and same_bits(gv_other, want_gv)
-    from auto_round.data_type.fp8 import quant_fp8_sym
-
-    ar_q = quant_fp8_sym(w, max_scale=ms.reshape(-1), tensor_max=other, tensor_min=torch.zeros_like(other),
-                         group_size=0, v=v.reshape(1, -1))[0]
-    assert same_bits(q_other, ar_q)
+    ar_q, _, ar_gv, ar_gms = oracle.fp8(w, v, ms, grad_out=g, tensor_max=other)
+    assert same_bits(q_other, ar_q) and same_bits(gv_other, ar_gv)
     s = reference.fake_quant_fp8(w, v, ms, torch.float32, other)[1]
     mag = _magnitude(w.reshape(1, -1), v, g, s, other).reshape(ms.shape)
     assert_max_scale_grad_close(gms_other, want_gms, mag, torch.float32)
+    assert_max_scale_grad_close(gms_other, ar_gms, mag, torch.float32, "max_scale grad vs auto-round")
 
 
 def test_fp8_weight_amax_refused_where_it_does_not_apply():
     w, v, ms, _ = weight_case((4, 16), torch.bfloat16, False, 3, "cpu")
     with pytest.raises(ValueError, match="weight_amax is for one scale per tensor"):
         ops.fake_quant_fp8(w, v, ms, torch.float32, torch.ones(1))
-    with pytest.raises(ValueError, match="weight_amax must be one float32 element"):
+    with pytest.raises(ValueError, match="weight_amax must have 1 elements, got 2"):
         ops.fake_quant_fp8(w, v, torch.ones(1), torch.float32, torch.ones(2))
+    with pytest.raises(ValueError, match="weight_amax is for one scale per tensor"):
+        reference.fake_quant_fp8(w, v, ms, torch.float32, torch.ones(1))
     with pytest.raises(RuntimeError, match="weight_amax is for one scale per tensor"):
         torch.ops.autoround_fast.fake_quant_fp8(w, v, ms, 6, torch.ones(1))
-    with pytest.raises(RuntimeError, match="weight_amax must be one float32 element"):
+    with pytest.raises(RuntimeError, match="weight_amax must be float32"):
         torch.ops.autoround_fast.fake_quant_fp8_backward(w, w, v, torch.ones(1), 6, torch.ones(1, dtype=torch.float64))
 
 
@@ -639,9 +639,16 @@ def test_fp8_rejects_non_finite_inputs(device, bad):
         ops.fake_quant_fp8_activation(w, torch.tensor(1.0, device=device), ms)
     with pytest.raises(ValueError, match="fake_quant_fp8_activation: act_max has non-finite"):
         ops.fake_quant_fp8_activation(torch.ones(3, device=device), torch.tensor(bad, device=device), ms)
+    good = torch.randn(4, 32, device=device)
+    with pytest.raises(ValueError, match="fake_quant_fp8: weight_amax has non-finite"):
+        ops.fake_quant_fp8(good, v, ms, torch.float32, torch.tensor([bad], device=device))
     if device == "cpu":  # the kernels count them too (the C++ checks are a last resort on the GPU)
         with pytest.raises(RuntimeError, match="fake_quant_fp8: weight has 1 non-finite"):
             torch.ops.autoround_fast.fake_quant_fp8(w, v, ms, 6)
+        with pytest.raises(RuntimeError, match="fake_quant_fp8: weight has 1 non-finite"):  # its maximum given
+            torch.ops.autoround_fast.fake_quant_fp8(w, v, ms, 6, good.abs().amax().reshape(1))
+        with pytest.raises(RuntimeError, match="fake_quant_fp8: weight_amax has 1 non-finite"):
+            torch.ops.autoround_fast.fake_quant_fp8(good, v, ms, 6, torch.tensor([bad]))
         with pytest.raises(RuntimeError, match="fake_quant_fp8_activation: x has 1 non-finite"):
             torch.ops.autoround_fast.fake_quant_fp8_activation(w, torch.ones(1), ms, 6)
 

@@ -528,8 +528,9 @@ def test_int_signed_zero_extremes(device, sym, group_size, cols):
 def test_fast_division_is_ieee_division(tmp_path):
     """The INT and FP8 kernels' fast division, compiled from csrc/common/division.h with the
     host compiler (the CPU kernels' build flags: no contraction), against IEEE division for
-    every bf16 and fp16 x and a stride of the fp16 scales, and random fp32 pairs in and past its
-    domain; a mutant (the first estimate x * RN(1/s), uncorrected) must fail."""
+    every bf16 and fp16 x and a stride of the fp16 scales, and random fp32 pairs; the kernels'
+    selection never outside its range; a mutant (the first estimate x * RN(1/s), uncorrected)
+    must fail."""
     import pathlib
     import shutil
     import subprocess
@@ -543,7 +544,7 @@ def test_fast_division_is_ieee_division(tmp_path):
                     str(here / "native" / "division_check.cpp"), "-o", str(exe)], check=True)
     ok = subprocess.run([str(exe)], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout
-    assert " 0 mismatches, 0 scales outside" in ok.stdout
+    assert " 0 mismatches, 0 scales outside the range, 0 selected outside" in ok.stdout
     mutant = subprocess.run([str(exe), "--mutant"], capture_output=True, text=True)
     assert mutant.returncode == 1 and "mismatch:" in mutant.stdout
 
