@@ -45,6 +45,21 @@ float tensor_amax(const Fp8Args& a, const T* w) {
   return m;
 }
 
+// f(i) for every i < n, in parallel; returns how many of x[0..n) are not finite.
+template <typename T, typename F>
+int64_t for_each_counting_non_finite(const T* x, int64_t n, const F& f) {
+  std::atomic<int64_t> bad{0};
+  torch::stable::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    int64_t local = 0;
+    for (int64_t i = begin; i < end; ++i) {
+      local += !is_finite(to_f32(x[i]));
+      f(i);
+    }
+    if (local) bad += local;
+  });
+  return bad.load();
+}
+
 // The sums of the flat tensor's backward in fp8.h's order: element(i, acc) adds element i's
 // terms to acc (and writes its gradient). Tiles run in parallel; each replays the GPU block's
 // threads and tree.
@@ -77,16 +92,8 @@ int64_t fp8_forward(const Fp8Args& a, T* out, float* scale) {
   if (a.per_tensor) {
     const Fp8Scale sc = fp8_scale(tensor_amax(a, w), a.max_scale[0], a.scale_dtype);
     scale[0] = sc.s;
-    std::atomic<int64_t> bad{0};
-    torch::stable::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-      int64_t local = 0;
-      for (int64_t i = begin; i < end; ++i) {
-        local += !is_finite(to_f32(w[i]));
-        out[i] = from_f32<T>(fp8_qdq(fp8_input(w[i]), a.v[i], sc.div));
-      }
-      if (local) bad += local;
-    });
-    return bad.load();
+    return for_each_counting_non_finite(
+        w, n, [&](int64_t i) { out[i] = from_f32<T>(fp8_qdq(fp8_input(w[i]), a.v[i], sc.div)); });
   }
   std::atomic<int64_t> bad{0};
   torch::stable::parallel_for(0, a.rows, std::max<int64_t>(1, kGrain / a.cols), [&](int64_t begin, int64_t end) {
@@ -134,16 +141,8 @@ template <typename T>
 int64_t act_forward(const Fp8ActArgs& a, T* out) {
   const T* x = static_cast<const T*>(a.x);
   const Divider d = fp8_scale(*a.act_max, *a.max_scale, a.scale_dtype).div;
-  std::atomic<int64_t> bad{0};
-  torch::stable::parallel_for(0, a.numel, kGrain, [&](int64_t begin, int64_t end) {
-    int64_t local = 0;
-    for (int64_t i = begin; i < end; ++i) {
-      local += !is_finite(to_f32(x[i]));
-      out[i] = from_f32<T>(fp8_qdq<true>(fp8_input(x[i]), 0.f, d));
-    }
-    if (local) bad += local;
-  });
-  return bad.load();
+  return for_each_counting_non_finite(
+      x, a.numel, [&](int64_t i) { out[i] = from_f32<T>(fp8_qdq<true>(fp8_input(x[i]), 0.f, d)); });
 }
 
 template <typename T>

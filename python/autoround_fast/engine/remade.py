@@ -95,9 +95,10 @@ class RemadeInBackward(torch.autograd.graph.saved_tensors_hooks):
             raise ValueError("remake: the marked tensor must be the whole of its storage, not a view into one")
         entry = Remade(make, _layout(t), t._version, inputs, tuple(i._version for i in inputs))
         if t.numel() > 0:  # empty tensors share no storage to tell them apart by
-            if _key(t) in self._marked:
+            key = _key(t)
+            if key in self._marked:
                 raise ValueError("remake: this tensor is marked already")
-            self._marked[_key(t)] = entry
+            self._marked[key] = entry
             self._alive.append(t)
         return entry
 
