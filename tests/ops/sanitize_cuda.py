@@ -1,7 +1,7 @@
 """Runs every CUDA kernel once on its vector and scalar paths, for compute-sanitizer:
 
-    compute-sanitizer --tool memcheck python tests/sanitize_cuda.py
-    compute-sanitizer --tool racecheck python tests/sanitize_cuda.py
+    compute-sanitizer --tool memcheck python tests/ops/sanitize_cuda.py
+    compute-sanitizer --tool racecheck python tests/ops/sanitize_cuda.py
 """
 
 import torch
