@@ -192,7 +192,7 @@ def bench_fp8_weight(shape, rows_out, per_tensor):
     tmax, tmin = wg.max(-1)[0].clamp(min=0), wg.min(-1)[0].clamp(max=0)
     vg = torch.zeros(wg.shape, device="cuda", requires_grad=True)
     msg = torch.ones(groups, device="cuda", requires_grad=True)
-    amax = w.abs().amax().float().reshape(1) if per_tensor else None
+    amax = ops.fp8_weight_amax(w) if per_tensor else None
     code = 6  # float32 scales
     ours_f = lambda: torch.ops.autoround_fast.fake_quant_fp8(w, v, ms, code, amax)[0]
     theirs_f = lambda: quant_fp8_sym(w, max_scale=msg, tensor_max=tmax, tensor_min=tmin,

@@ -16,6 +16,13 @@ void check_finite_count(int64_t bad, const char* op, const char* name) {
                   " non-finite values (NaN or Inf); refusing to quantize it");
 }
 
+// A given per-tensor maximum (fp8_args checked its shape): finite, and not below 0.
+void check_weight_amax(const Fp8Args& a, const char* op) {
+  if (!a.amax) return;
+  check_finite_count(is_finite(*a.amax) ? 0 : 1, op, "weight_amax");
+  STD_TORCH_CHECK(*a.amax >= 0.f, op, ": weight_amax must be >= 0 (a maximum of |W|), got ", *a.amax);
+}
+
 // The CPU's backward with the step: the backward's gradients, then the step on each tunable
 // (the CUDA kernels do both in one pass; the bits are the same).
 void step_with(const StepTargets& t, int64_t n_v, int64_t n_scales, const float* g_v, const float* g_mn,
@@ -76,7 +83,7 @@ std::tuple<Tensor, Tensor> fake_quant_fp8_cpu(Tensor w, Tensor v, Tensor ms, int
   const char* op = "fake_quant_fp8";
   check_cpu(w, op);
   Fp8Args a = fp8_args(w, v, ms, scale_dtype, amax, op);
-  if (a.amax) check_finite_count(is_finite(*a.amax) ? 0 : 1, op, "weight_amax");
+  check_weight_amax(a, op);
   Tensor out = torch::stable::empty_like(w);
   Tensor scale = scales_like(w, a.per_tensor ? 1 : a.rows, 1, ScalarType::Float);
   check_finite_count(cpu::fake_quant_fp8(a, out.mutable_data_ptr(), static_cast<float*>(scale.mutable_data_ptr())),
@@ -89,6 +96,7 @@ std::tuple<Tensor, Tensor> fake_quant_fp8_backward_cpu(Tensor grad, Tensor w, Te
   const char* op = "fake_quant_fp8_backward";
   check_cpu(w, op);
   Fp8Args a = fp8_args(w, v, ms, scale_dtype, amax, op);
+  check_weight_amax(a, op);
   check_like(w, grad, op, "grad");
   Tensor gv = torch::stable::empty_like(v);
   Tensor gms = torch::stable::empty_like(ms);

@@ -127,8 +127,8 @@ Tensor fp8_scratch(const Tensor& like, int64_t numel) {
 std::tuple<Tensor, Tensor> fake_quant_fp8_cuda(Tensor w, Tensor v, Tensor ms, int64_t scale_dtype,
                                                 std::optional<Tensor> amax) {
   const char* op = "fake_quant_fp8";
+  Fp8Args a = fp8_args(w, v, ms, scale_dtype, amax, op);  // first: it names weight_amax on another device
   CudaContext ctx({&w, &v, &ms}, op);
-  Fp8Args a = fp8_args(w, v, ms, scale_dtype, amax, op);
   Tensor out = torch::stable::empty_like(w);
   Tensor scale = scales_like(w, a.per_tensor ? 1 : a.rows, 1, ScalarType::Float);
   Tensor scratch = fp8_scratch(w, w.numel());
@@ -141,8 +141,8 @@ std::tuple<Tensor, Tensor> fake_quant_fp8_cuda(Tensor w, Tensor v, Tensor ms, in
 std::tuple<Tensor, Tensor> fake_quant_fp8_backward_cuda(Tensor grad, Tensor w, Tensor v, Tensor ms, int64_t scale_dtype,
                                                         std::optional<Tensor> amax) {
   const char* op = "fake_quant_fp8_backward";
+  Fp8Args a = fp8_args(w, v, ms, scale_dtype, amax, op);  // first: it names weight_amax on another device
   CudaContext ctx({&w, &grad, &v, &ms}, op);
-  Fp8Args a = fp8_args(w, v, ms, scale_dtype, amax, op);
   check_like(w, grad, op, "grad");
   Tensor gv = torch::stable::empty_like(v);
   Tensor gms = torch::stable::empty_like(ms);

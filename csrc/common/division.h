@@ -6,15 +6,17 @@
 // subnormal range); and RN(q0 + r * y) is the quotient correctly rounded. It holds for
 // 2^-24 <= |s| <= 2^16 and x = 0 or 2^-80 <= |x| <= 2^40 |s| (tests/ops/native/division_check.cpp).
 // A kernel takes it from kFastMin = 2^-60 up, which keeps a second division of a quotient
-// (t = x / s >= 2^-76) in that range. No reciprocal instruction and no slow-path branch,
-// which the IEEE division (div.rn, ~11 instructions) has.
+// (t = x / s >= 2^-76) in that range. divide_fast has no reciprocal instruction and no
+// slow-path branch, which the IEEE division (div.rn, ~11 instructions) has; divide() still
+// branches to the IEEE division for an x outside the domain.
 #pragma once
 
 #include "numerics.h"
 
 namespace autoround_fast {
 
-constexpr float kFastMin = 0x1p-60f;  // the smallest nonzero |x| a kernel divides this way
+constexpr float kFastMin = 0x1p-60f;          // the smallest nonzero |x| a kernel divides this way
+constexpr float kRemainderScale = 0x1p64f;    // the remainder's scaling, off the subnormal range
 
 struct Divider {
   float s;       // the divisor
@@ -26,7 +28,7 @@ struct Divider {
 AF_HD Divider make_divider(float s) {
   const float as = fabs_(s), y = div_rn(1.f, s);
   const bool ok = as >= 0x1p-24f && as <= 0x1p16f;
-  return Divider{s, y, mul_rn(s, 0x1p64f), mul_rn(y, 0x1p-64f), ok ? mul_rn(as, 0x1p40f) : -1.f};
+  return Divider{s, y, mul_rn(s, kRemainderScale), mul_rn(y, 1.f / kRemainderScale), ok ? mul_rn(as, 0x1p40f) : -1.f};
 }
 
 // Whether divide takes the fast division for x (never for a zero, an infinity or a NaN).
@@ -41,13 +43,14 @@ AF_HD bool in_fast_domain(float x, const Divider& d) {
 template <bool kZero = true>
 AF_HD float divide_fast(float x, const Divider& d) {
   const float q0 = mul_rn(x, d.y);
-  const float q = fma_rn(fma_rn(-d.sh, q0, mul_rn(x, 0x1p64f)), d.yl, q0);
+  const float q = fma_rn(fma_rn(-d.sh, q0, mul_rn(x, kRemainderScale)), d.yl, q0);
   if constexpr (kZero) return x == 0.f ? q0 : q;
   return q;
 }
 
-// x / s for any x: on the GPU the fast division where in_fast_domain, else the IEEE division
-// (the CPU's own division is IEEE; the fast one would be a libm fma call there).
+// x / s for any x, chosen per element (the FP8 kernels): on the GPU the fast division where
+// in_fast_domain, else the IEEE division; on the CPU the IEEE division. The INT kernels choose
+// once per group instead (int_quant.h), on the CPU as on the GPU.
 AF_HD float divide(float x, const Divider& d) {
 #if defined(__CUDA_ARCH__)
   return in_fast_domain(x, d) ? divide_fast<false>(x, d) : div_rn(x, d.s);

@@ -67,7 +67,8 @@ __global__ void __launch_bounds__(kFp8Threads) fp8_amax_kernel(const T* w, int64
 }
 
 // Tiles in reverse order of the maximum pass, which read them first to last: the tiles it read
-// last are the likeliest still in L2.
+// last are the likeliest still in L2 (where the maximum is given, no pass ran, and the order is
+// as good as any).
 __device__ __forceinline__ int64_t tile_of(int64_t k, int64_t tiles) { return tiles - 1 - k; }
 
 // Wq (v: the weight's V, or nullptr for activations). scale_out: the weight's scale, or nullptr.
@@ -330,7 +331,7 @@ unsigned flat_blocks(int64_t n) {
 }
 
 // A per-tensor weight's ScaleSource: its maximum as given, or the maximum pass's partials.
-ScaleSource weight_amax(const Fp8Args& a, bool vec, float* partials, cudaStream_t s) {
+ScaleSource weight_scale_source(const Fp8Args& a, bool vec, float* partials, cudaStream_t s) {
   if (a.amax) return ScaleSource{nullptr, 0, a.amax, a.max_scale, a.scale_dtype};
   const int64_t n = a.rows * a.cols;
   const unsigned grid = amax_blocks(n);
@@ -355,7 +356,7 @@ const char* launch_fake_quant_fp8(const Fp8Args& a, void* out, float* scale, flo
   const int64_t n = a.rows * a.cols;
   if (a.per_tensor) {
     const bool vec = n % kFp8Chunk == 0 && all_aligned({a.weight, a.v, out});
-    const ScaleSource src = weight_amax(a, vec, scratch, stream);
+    const ScaleSource src = weight_scale_source(a, vec, scratch, stream);
     with_type_and_vec(a.dtype, vec, [&](auto t, auto kv) {
       using T = decltype(t);
       fp8_flat_forward_kernel<T, decltype(kv)::value><<<flat_blocks(n), kFp8Threads, 0, stream>>>(
@@ -386,7 +387,7 @@ const char* launch_fake_quant_fp8_backward(const Fp8Args& a, const void* grad, f
   const int64_t n = a.rows * a.cols;
   if (a.per_tensor) {
     const bool vec = n % kFp8Chunk == 0 && all_aligned({a.weight, a.v, grad, grad_v});
-    const ScaleSource src = weight_amax(a, vec, scratch, stream);
+    const ScaleSource src = weight_scale_source(a, vec, scratch, stream);
     const int64_t tiles = (n + kFp8Tile - 1) / kFp8Tile;
     float* tile_a = scratch + kMaxAmaxPartials;
     float* tile_b = tile_a + tiles;

@@ -137,6 +137,13 @@ def _check_finite(t: torch.Tensor, what: str, op: str) -> None:
              fake=False)
 
 
+def _check_non_negative(t: torch.Tensor, what: str, op: str) -> None:
+    # a maximum of |W| given by the caller; one sync, skipped while torch.compile traces
+    if torch.compiler.is_compiling():
+        return
+    _require(bool((t >= 0).all()), op, f"{what} must be >= 0 (a maximum of |W|), got {t.min().item()}", fake=False)
+
+
 def _check_grad_like(grad: torch.Tensor, like: torch.Tensor, op: str) -> None:
     """A backward's incoming gradient: like the forward input it belongs to (fake kernels)."""
     _require(grad.dtype == like.dtype and grad.numel() == like.numel(), op,
@@ -559,6 +566,7 @@ def fake_quant_fp8(
     _check_finite(weight, "weight", op)
     if weight_amax is not None:
         _check_finite(weight_amax, "weight_amax", op)
+        _check_non_negative(weight_amax, "weight_amax", op)
     return _ops.fake_quant_fp8(weight.contiguous(), v.contiguous(), max_scale.contiguous(),
                                SCALE_DTYPE_CODES[scale_dtype], None if weight_amax is None else weight_amax.reshape(1))
 
@@ -1185,6 +1193,12 @@ def nvfp4_global_scale(tensor: torch.Tensor) -> torch.Tensor:
     amax = tensor.detach().to(torch.float32).abs().amax()
     recip = torch.where(amax == 0, torch.zeros_like(amax), 1.0 / amax)
     return (E4M3_MAX * FP4_MAX) * recip
+
+
+def fp8_weight_amax(weight: torch.Tensor) -> torch.Tensor:
+    """max|W| of a weight with one FP8 scale, as fake_quant_fp8's ``weight_amax`` takes it:
+    fp32, one element."""
+    return weight.detach().abs().amax().to(torch.float32).reshape(1)
 
 
 def shared_nvfp4_global_scale(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

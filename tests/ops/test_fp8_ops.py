@@ -125,7 +125,9 @@ def test_fp8_gradients_match_autograd_of_the_oracle(device, shape, dtype, scale_
 def test_fp8_given_weight_amax(device, shape, dtype):
     """A per-tensor weight's maximum given by the caller (auto-round's tensor_max): the true
     one gives the computed one's bits, forward and backward; another one quantizes under it, as
-    the oracle and auto-round's quant_fp8_sym with that tensor_max do."""
+    the oracle and auto-round's quant_fp8_sym with that tensor_max do: a larger one (every
+    element inside the grid) and a smaller one (the largest elements clipped at 448, their
+    gradient 0)."""
     w, v, ms, g = weight_case(shape, dtype, True, 11, device)
     true_amax = w.abs().amax().float().reshape(1)
     fn = lambda amax: lambda v_, m_: ops.fake_quant_fp8(w, v_, m_, torch.float32, amax)[0]
@@ -133,18 +135,20 @@ def test_fp8_given_weight_amax(device, shape, dtype):
     q_given, (gv_given, gms_given) = grads_of(fn(true_amax), [v, ms], g)
     assert same_bits(q, q_given) and same_bits(gv, gv_given) and same_bits(gms, gms_given)
 
-    other = true_amax * 2.5
-    q_other, (gv_other, gms_other) = grads_of(fn(other), [v, ms], g)
-    want_q, (want_gv, want_gms) = grads_of(
-        lambda v_, m_: reference.fake_quant_fp8(w, v_, m_, torch.float32, other)[0], [v, ms], g)
-    assert not same_bits(q_other, q)
-    assert same_bits(q_other, want_q) and same_bits(gv_other, want_gv)
-    ar_q, _, ar_gv, ar_gms = oracle.fp8(w, v, ms, grad_out=g, tensor_max=other)
-    assert same_bits(q_other, ar_q) and same_bits(gv_other, ar_gv)
-    s = reference.fake_quant_fp8(w, v, ms, torch.float32, other)[1]
-    mag = _magnitude(w.reshape(1, -1), v, g, s, other).reshape(ms.shape)
-    assert_max_scale_grad_close(gms_other, want_gms, mag, torch.float32)
-    assert_max_scale_grad_close(gms_other, ar_gms, mag, torch.float32, "max_scale grad vs auto-round")
+    for factor in (2.5, 0.5):
+        other = true_amax * factor
+        q_other, (gv_other, gms_other) = grads_of(fn(other), [v, ms], g)
+        want_q, (want_gv, want_gms) = grads_of(
+            lambda v_, m_: reference.fake_quant_fp8(w, v_, m_, torch.float32, other)[0], [v, ms], g)
+        assert not same_bits(q_other, q)
+        assert same_bits(q_other, want_q) and same_bits(gv_other, want_gv)
+        ar_q, _, ar_gv, ar_gms = oracle.fp8(w, v, ms, grad_out=g, tensor_max=other)
+        assert same_bits(q_other, ar_q) and same_bits(gv_other, ar_gv)
+        s = reference.fake_quant_fp8(w, v, ms, torch.float32, other)[1]
+        assert (factor < 1) == bool(((w.float() / s).abs() > E4M3_MAX).any()), factor  # the clip acts
+        mag = _magnitude(w.reshape(1, -1), v, g, s, other).reshape(ms.shape)
+        assert_max_scale_grad_close(gms_other, want_gms, mag, torch.float32)
+        assert_max_scale_grad_close(gms_other, ar_gms, mag, torch.float32, "max_scale grad vs auto-round")
 
 
 def test_fp8_weight_amax_refused_where_it_does_not_apply():
@@ -159,6 +163,30 @@ def test_fp8_weight_amax_refused_where_it_does_not_apply():
         torch.ops.autoround_fast.fake_quant_fp8(w, v, ms, 6, torch.ones(1))
     with pytest.raises(RuntimeError, match="weight_amax must be float32"):
         torch.ops.autoround_fast.fake_quant_fp8_backward(w, w, v, torch.ones(1), 6, torch.ones(1, dtype=torch.float64))
+
+
+def test_fp8_weight_amax_must_be_a_finite_maximum():
+    """A negative maximum is refused (it would floor the scale silently), as is a non-finite
+    one, by the wrapper and by the CPU op in both directions."""
+    w, v, _, _ = weight_case((4, 16), torch.bfloat16, True, 3, "cpu")
+    one = torch.ones(1)
+    with pytest.raises(ValueError, match="fake_quant_fp8: weight_amax must be >= 0"):
+        ops.fake_quant_fp8(w, v, one, torch.float32, -one)
+    raw = torch.ops.autoround_fast
+    for bad, message in ((-one, "weight_amax must be >= 0"), (torch.tensor([float("nan")]), "weight_amax has 1 non-finite")):
+        with pytest.raises(RuntimeError, match=f"fake_quant_fp8: {message}"):
+            raw.fake_quant_fp8(w, v, one, 6, bad)
+        with pytest.raises(RuntimeError, match=f"fake_quant_fp8_backward: {message}"):
+            raw.fake_quant_fp8_backward(w, w, v, one, 6, bad)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and the CUDA build")
+def test_fp8_weight_amax_on_another_device_is_named():
+    w, v, _, _ = weight_case((4, 16), torch.bfloat16, True, 3, "cpu")
+    for op, args in ((torch.ops.autoround_fast.fake_quant_fp8, (w, v, torch.ones(1), 6)),
+                     (torch.ops.autoround_fast.fake_quant_fp8_backward, (w, w, v, torch.ones(1), 6))):
+        with pytest.raises(RuntimeError, match="weight_amax"):
+            op(*args, torch.ones(1, device="cuda"))
 
 
 def edge_case(dtype):

@@ -9,8 +9,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .. import reference
-from ..formats import FP8_BLOCK, FP8_PER_TENSOR
+from .. import ops, reference
+from ..formats import FP8_BLOCK
 from .backends import Backend
 from .spec import QuantSpec, fused_layer_groups
 
@@ -69,9 +69,7 @@ class TunedLinear(nn.Module):
                              None if act_global_scale is None else act_global_scale.reshape(1).to(dev))
         # FP8 with one weight scale: max|W|, which the weight keeps while tuned (a pass over W
         # less in each of the kernels' forwards and backwards)
-        per_tensor = spec.kind == "fp8" and spec.group_size == FP8_PER_TENSOR
-        with torch.no_grad():
-            self.register_buffer("weight_amax", linear.weight.abs().amax().float().reshape(1) if per_tensor else None)
+        self.register_buffer("weight_amax", ops.fp8_weight_amax(linear.weight) if spec.fp8_per_tensor else None)
         # FP8 static activations: the calibrated maximum, and the tuned max_scale on it
         fp8_act = spec.kind == "fp8" and spec.act
         self.register_buffer("act_max", act_max.reshape(1).to(dev, torch.float32) if fp8_act else None)

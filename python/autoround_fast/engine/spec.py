@@ -80,10 +80,15 @@ class QuantSpec:
             return 1
         return int_num_groups(in_features, self.group_size)
 
+    @property
+    def fp8_per_tensor(self) -> bool:
+        """FP8 with one weight scale for the whole tensor."""
+        return self.kind == "fp8" and self.group_size == FP8_PER_TENSOR
+
     def scale_shape(self, out_features: int, in_features: int) -> tuple[int, int]:
         """The shape of max_scale (and min_scale) for a Linear of this shape: one per group of
         each row; one in all for an FP8 tensor scale, one per block for FP8 blocks."""
-        if self.kind == "fp8" and self.group_size == FP8_PER_TENSOR:
+        if self.fp8_per_tensor:
             return (1, 1)
         if self.kind == "fp8" and self.group_size == FP8_BLOCK:
             return fp8_block_grid(out_features, in_features)
