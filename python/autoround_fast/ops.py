@@ -12,6 +12,7 @@ and its typed wrapper, which checks the arguments and says what is wrong before 
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -137,11 +138,15 @@ def _check_finite(t: torch.Tensor, what: str, op: str) -> None:
              fake=False)
 
 
-def _check_non_negative(t: torch.Tensor, what: str, op: str) -> None:
-    # a maximum of |W| given by the caller; one sync, skipped while torch.compile traces
+def _check_weight_amax(amax: torch.Tensor, op: str) -> None:
+    # a maximum of |W| given by the caller (one element): finite and >= 0, as the CPU op checks
+    # it; one sync, skipped while torch.compile traces
     if torch.compiler.is_compiling():
         return
-    _require(bool((t >= 0).all()), op, f"{what} must be >= 0 (a maximum of |W|), got {t.min().item()}", fake=False)
+    m = amax.item()
+    _require(math.isfinite(m), op, "weight_amax has non-finite values (NaN or Inf); refusing to quantize it",
+             fake=False)
+    _require(m >= 0, op, f"weight_amax must be >= 0 (a maximum of |W|), got {m}", fake=False)
 
 
 def _check_grad_like(grad: torch.Tensor, like: torch.Tensor, op: str) -> None:
@@ -565,8 +570,7 @@ def fake_quant_fp8(
     _check_fp8(op, weight, v, max_scale, scale_dtype, weight_amax)
     _check_finite(weight, "weight", op)
     if weight_amax is not None:
-        _check_finite(weight_amax, "weight_amax", op)
-        _check_non_negative(weight_amax, "weight_amax", op)
+        _check_weight_amax(weight_amax, op)
     return _ops.fake_quant_fp8(weight.contiguous(), v.contiguous(), max_scale.contiguous(),
                                SCALE_DTYPE_CODES[scale_dtype], None if weight_amax is None else weight_amax.reshape(1))
 
