@@ -71,8 +71,8 @@ AF_HD void int_divider(IntScale& r, float wmin, float wmax) {
 }
 
 // Whether the backward's second division (t / s, t = x / s in the quotient's dtype) stays in
-// the domain for every element of the group: |t| <= 2^40 |s| and <= 2^62 (t's magnitude is
-// at most that of the largest element's quotient, rounding being monotone).
+// the domain for every element of the group: |t| <= 2^40 |s| (t's magnitude is at most that of
+// the largest element's quotient, rounding being monotone).
 template <typename P>
 AF_HD bool int_second_division_fast(const IntScale& sc, float wmin, float wmax, const P& p) {
   const float tmax = round_to_scale_dtype(div_rn(fmax_(-wmin, wmax), fabs_(sc.s)), p.quot_dtype);
