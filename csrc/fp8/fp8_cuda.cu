@@ -71,8 +71,10 @@ __global__ void __launch_bounds__(kFp8Threads) fp8_amax_kernel(const T* w, int64
 // as good as any).
 __device__ __forceinline__ int64_t tile_of(int64_t k, int64_t tiles) { return tiles - 1 - k; }
 
-// Wq (v: the weight's V, or nullptr for activations). scale_out: the weight's scale, or nullptr.
-template <typename T, bool kVec>
+// kAct: an activation's fake quantization (no V); else Wq with the weight's V. scale_out: the
+// weight's scale, or nullptr. Two instantiations, so that the activations' holds no V path
+// (its registers decide how many blocks an SM holds).
+template <typename T, bool kVec, bool kAct>
 __global__ void __launch_bounds__(kFp8Threads) fp8_flat_forward_kernel(const T* x, const float* v, T* out, int64_t n,
                                                                        ScaleSource src, float* scale_out) {
   __shared__ float red[kFp8Warps];
@@ -85,7 +87,7 @@ __global__ void __launch_bounds__(kFp8Threads) fp8_flat_forward_kernel(const T* 
     if (i >= n) continue;
     float xv[kFp8Chunk], vv[kFp8Chunk];
     load_part<T, kFp8Chunk, kVec>(x + i, n - i, xv);
-    if (v) {
+    if constexpr (!kAct) {
       load_part<float, kFp8Chunk, kVec>(v + i, n - i, vv);
 #pragma unroll
       for (int j = 0; j < kFp8Chunk; ++j) xv[j] = fp8_qdq(fp8_x<T>(xv[j]), vv[j], sc.div);
@@ -359,7 +361,7 @@ const char* launch_fake_quant_fp8(const Fp8Args& a, void* out, float* scale, flo
     const ScaleSource src = weight_scale_source(a, vec, scratch, stream);
     with_type_and_vec(a.dtype, vec, [&](auto t, auto kv) {
       using T = decltype(t);
-      fp8_flat_forward_kernel<T, decltype(kv)::value><<<flat_blocks(n), kFp8Threads, 0, stream>>>(
+      fp8_flat_forward_kernel<T, decltype(kv)::value, false><<<flat_blocks(n), kFp8Threads, 0, stream>>>(
           static_cast<const T*>(a.weight), a.v, static_cast<T*>(out), n, src, scale);
     });
     return launch_status();
@@ -416,7 +418,7 @@ const char* launch_fake_quant_fp8_activation(const Fp8ActArgs& a, void* out, cud
   const ScaleSource src{nullptr, 0, a.act_max, a.max_scale, a.scale_dtype};
   with_type_and_vec(a.dtype, vec, [&](auto t, auto kv) {
     using T = decltype(t);
-    fp8_flat_forward_kernel<T, decltype(kv)::value><<<flat_blocks(a.numel), kFp8Threads, 0, stream>>>(
+    fp8_flat_forward_kernel<T, decltype(kv)::value, true><<<flat_blocks(a.numel), kFp8Threads, 0, stream>>>(
         static_cast<const T*>(a.x), nullptr, static_cast<T*>(out), a.numel, src, nullptr);
   });
   return launch_status();
