@@ -17,16 +17,20 @@ bool with_float_type(int code, F&& f) {
   }
 }
 
+// Runs f(flag) with flag a std::bool_constant of the run-time one.
+template <typename F>
+void with_flag(bool flag, F&& f) {
+  if (flag)
+    f(std::true_type{});
+  else
+    f(std::false_type{});
+}
+
 // Runs f(T{}, vec) with vec a std::bool_constant of the run-time flag (the kernels' 16-byte
 // path or their guarded scalar one).
 template <typename F>
 void with_type_and_vec(int code, bool vec, F&& f) {
-  with_float_type(code, [&](auto t) {
-    if (vec)
-      f(t, std::true_type{});
-    else
-      f(t, std::false_type{});
-  });
+  with_float_type(code, [&](auto t) { with_flag(vec, [&](auto v) { f(t, v); }); });
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

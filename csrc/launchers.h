@@ -19,7 +19,8 @@ struct Nvfp4Args {
   const void* weight;
   const float* v;          // [rows, cols]
   const float* max_scale;  // [rows, ceil(cols / kNvfp4Group)]
-  const float* global_scale;
+  const float* global_scale;  // [1], or per_row: [rows] (an MoE projection's experts stacked)
+  bool per_row;
 };
 
 const char* launch_fake_quant_nvfp4(const Nvfp4Args& a, void* out, float* scale, cudaStream_t stream);

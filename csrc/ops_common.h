@@ -78,11 +78,14 @@ inline Nvfp4Args nvfp4_args(const Tensor& w, const Tensor& v, const Tensor& ms, 
   const int64_t rows = w.size(0), cols = w.size(1);
   check_fp32(w, v, rows * cols, op, "v");
   check_fp32(w, ms, rows * ceil_div(cols, kNvfp4Group), op, "max_scale");
-  check_fp32(w, gs, 1, op, "global_scale");
+  const bool per_row = gs.numel() == rows && rows != 1;
+  STD_TORCH_CHECK(per_row || gs.numel() == 1, op, ": global_scale must have 1 or ", rows,
+                  " (one per row) elements, got ", gs.numel());
+  check_fp32(w, gs, per_row ? rows : 1, op, "global_scale");
   return Nvfp4Args{float_code(w, op, "weight"), rows, cols, w.const_data_ptr(),
                    static_cast<const float*>(v.const_data_ptr()),
                    static_cast<const float*>(ms.const_data_ptr()),
-                   static_cast<const float*>(gs.const_data_ptr())};
+                   static_cast<const float*>(gs.const_data_ptr()), per_row};
 }
 
 // x (named `name` in errors): contiguous with a non-empty last dimension, viewed as [rows, cols]

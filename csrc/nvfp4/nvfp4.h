@@ -27,7 +27,7 @@ struct Nvfp4Scale {
 
 AF_HD float inv_global_scale(float gs) { return reciprocal_or_zero(gs); }
 
-// An activation group's global scale and its inverse.
+// A group's global scale and its inverse.
 struct ActScale {
   float gs, inv;
 };
@@ -45,6 +45,12 @@ AF_HD ActScale act_scale(const float* gs) {
 // tensor's (`whole`, act_scale(gs) loaded once), or, per_row, that of the group's row.
 AF_HD ActScale act_scale_at(const float* gs, bool per_row, int64_t cols, int64_t base, ActScale whole) {
   return per_row ? act_scale(gs + base / cols) : whole;
+}
+
+// The scale of weight group gi, of `groups` per row: the tensor's (`whole`), or, per_row, that
+// of the group's row (the experts of an MoE projection stacked, each under its own).
+AF_HD ActScale weight_scale_at(const float* gs, bool per_row, int64_t groups, int64_t gi, ActScale whole) {
+  return per_row ? act_scale(gs + gi / groups) : whole;
 }
 
 AF_HD Nvfp4Scale nvfp4_group_scale(float amax, float max_scale, float gs, float inv_gs) {

@@ -15,12 +15,14 @@ constexpr int64_t kGrain = 1024;
 template <typename T>
 int64_t nvfp4_forward(const Nvfp4Args& a, T* out, float* scale) {
   const T* w = static_cast<const T*>(a.weight);
-  const float gs = *a.global_scale, inv_gs = inv_global_scale(gs);
+  const ActScale whole = act_scale(a.global_scale);
+  const int64_t groups = ceil_div(a.cols, kNvfp4Group);
   std::atomic<int64_t> bad{0};
   for_each_group<kNvfp4Group, kGrain>(a.rows, a.cols, [&](int64_t gi, int64_t base, int n) {
     float x[kNvfp4Group], amax;
     if (int b = load_group(w + base, n, x, &amax)) bad += b;
-    Nvfp4Scale sc = nvfp4_group_scale(amax, a.max_scale[gi], gs, inv_gs);
+    const ActScale s = weight_scale_at(a.global_scale, a.per_row, groups, gi, whole);
+    Nvfp4Scale sc = nvfp4_group_scale(amax, a.max_scale[gi], s.gs, s.inv);
     scale[gi] = sc.s;
     for (int j = 0; j < n; ++j) out[base + j] = from_f32<T>(nvfp4_qdq(x[j], a.v[base + j], sc));
   });
@@ -30,12 +32,14 @@ int64_t nvfp4_forward(const Nvfp4Args& a, T* out, float* scale) {
 template <typename T>
 void nvfp4_backward(const Nvfp4Args& a, const T* grad, float* grad_v, float* grad_ms) {
   const T* w = static_cast<const T*>(a.weight);
-  const float gs = *a.global_scale, inv_gs = inv_global_scale(gs);
+  const ActScale whole = act_scale(a.global_scale);
+  const int64_t groups = ceil_div(a.cols, kNvfp4Group);
   for_each_group<kNvfp4Group, kGrain>(a.rows, a.cols, [&](int64_t gi, int64_t base, int n) {
     float x[kNvfp4Group], g[kNvfp4Group], amax;
     load_group(w + base, n, x, &amax);
     for (int j = 0; j < n; ++j) g[j] = to_f32(grad[base + j]);
-    grad_ms[gi] = nvfp4_group_backward(x, a.v + base, g, n, amax, a.max_scale[gi], gs, inv_gs,
+    const ActScale s = weight_scale_at(a.global_scale, a.per_row, groups, gi, whole);
+    grad_ms[gi] = nvfp4_group_backward(x, a.v + base, g, n, amax, a.max_scale[gi], s.gs, s.inv,
                                        grad_v + base, nullptr);
   });
 }

@@ -9,15 +9,19 @@ namespace autoround_fast {
 namespace {
 using namespace nvfp4_cuda;
 
-template <typename T, bool kVec>
+// kPerRow: a global scale per row (Nvfp4Args::per_row), else one for the tensor; a template
+// flag, so that the tensor's kernels carry no per-group division.
+template <typename T, bool kVec, bool kPerRow>
 __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_kernel(Nvfp4Args a, T* out, float* scale) {
-  const float gs = __ldg(a.global_scale), inv_gs = inv_global_scale(gs);
+  const ActScale whole = act_scale(a.global_scale);
+  const int64_t groups = (a.cols + kNvfp4Group - 1) / kNvfp4Group;
   const T* w = static_cast<const T*>(a.weight);
   for_each_group<kVec>(a.rows, a.cols, [&](int64_t gi, GroupIndex g) {
     float x[kNvfp4Group], v[kNvfp4Group], amax;
     int n = load_group<T, kVec>(w + g.base, g.n, x, &amax);
     load_f32<kVec>(a.v + g.base, n, v);
-    Nvfp4Scale sc = nvfp4_group_scale(amax, __ldg(a.max_scale + gi), gs, inv_gs);
+    const ActScale s = weight_scale_at(a.global_scale, kPerRow, groups, gi, whole);
+    Nvfp4Scale sc = nvfp4_group_scale(amax, __ldg(a.max_scale + gi), s.gs, s.inv);
     scale[gi] = sc.s;
 #pragma unroll
     for (int j = 0; j < kNvfp4Group; ++j)
@@ -29,11 +33,12 @@ __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_kernel(Nvfp4Args a,
 // Out: GradOut (the gradients) or StepOut (the sign step in place, cuda_utils.cuh).
 // The ragged path (rows that are not whole groups, or unaligned tensors): one thread per
 // group, element by element.
-template <typename T, typename Out>
+template <typename T, typename Out, bool kPerRow>
 __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_backward_kernel(Nvfp4Args a, const T* grad, Out out) {
   constexpr bool kNc = !Out::kInPlace;
   out.start();
-  const float gs = __ldg(a.global_scale), inv_gs = inv_global_scale(gs);
+  const ActScale whole = act_scale(a.global_scale);
+  const int64_t groups = (a.cols + kNvfp4Group - 1) / kNvfp4Group;
   const T* w = static_cast<const T*>(a.weight);
   for_each_group<false>(a.rows, a.cols, [&](int64_t gi, GroupIndex g) {
     float x[kNvfp4Group], v[kNvfp4Group], gr[kNvfp4Group], gv[kNvfp4Group], amax;
@@ -41,7 +46,8 @@ __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_backward_kernel(Nvf
     load_vals<T, false>(grad + g.base, g.n, gr);
     load_f32<false, kNc>(a.v + g.base, n, v);
     const float ms = load_ro<kNc>(a.max_scale + gi);
-    out.max_one(gi, ms, nvfp4_group_backward(x, v, gr, n, amax, ms, gs, inv_gs, gv, nullptr));
+    const ActScale s = weight_scale_at(a.global_scale, kPerRow, groups, gi, whole);
+    out.max_one(gi, ms, nvfp4_group_backward(x, v, gr, n, amax, ms, s.gs, s.inv, gv, nullptr));
     for (int j = 0; j < n; ++j) out.v_one(g.base + j, v[j], gv[j]);
   });
 }
@@ -59,16 +65,17 @@ __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_backward_kernel(Nvf
 // copies stay conflict-free (it permutes chunks within each aligned run of eight).
 __device__ __forceinline__ int tile_slot(int c) { return c ^ ((c >> 3) & 3); }
 
-template <typename T, typename Out>
+template <typename T, typename Out, bool kPerRow>
 __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_backward_staged_kernel(Nvfp4Args a, const T* grad,
                                                                                    Out out) {
   constexpr bool kNc = !Out::kInPlace;
   constexpr int kChunksPerGroup = kNvfp4Group / 4;  // float4 chunks of V per group
   __shared__ float4 tile[kThreads * kChunksPerGroup];
   out.start();
-  const float gs = __ldg(a.global_scale), inv_gs = inv_global_scale(gs);
+  const ActScale whole = act_scale(a.global_scale);
   const T* w = static_cast<const T*>(a.weight);
-  const int64_t total = a.rows * (a.cols / kNvfp4Group);
+  const int64_t groups = a.cols / kNvfp4Group;
+  const int64_t total = a.rows * groups;
   const float4* v4 = reinterpret_cast<const float4*>(a.v);
   float4* dst4 = reinterpret_cast<float4*>(out.v_dst());
   for (int64_t g0 = blockIdx.x * (int64_t)kThreads; g0 < total; g0 += (int64_t)gridDim.x * kThreads) {
@@ -96,7 +103,8 @@ __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_backward_staged_ker
         v[4 * k] = p.x, v[4 * k + 1] = p.y, v[4 * k + 2] = p.z, v[4 * k + 3] = p.w;
       }
       const float ms = load_ro<kNc>(a.max_scale + gi);
-      out.max_one(gi, ms, nvfp4_group_backward(x, v, gr, kNvfp4Group, amax, ms, gs, inv_gs, gv, nullptr));
+      const ActScale s = weight_scale_at(a.global_scale, kPerRow, groups, gi, whole);
+      out.max_one(gi, ms, nvfp4_group_backward(x, v, gr, kNvfp4Group, amax, ms, s.gs, s.inv, gv, nullptr));
 #pragma unroll
       for (int k = 0; k < kChunksPerGroup; ++k) {
         tile[tile_slot(threadIdx.x * kChunksPerGroup + k)] =
@@ -156,8 +164,10 @@ const char* launch_fake_quant_nvfp4(const Nvfp4Args& a, void* out, float* scale,
   return launch_over_groups(a.dtype, a.rows, a.cols, {a.weight, a.v, out}, stream,
                             [&](auto t, auto vec, unsigned grid, cudaStream_t s) {
                               using T = decltype(t);
-                              fake_quant_nvfp4_kernel<T, decltype(vec)::value><<<grid, kThreads, 0, s>>>(
-                                  a, static_cast<T*>(out), scale);
+                              with_flag(a.per_row, [&](auto per_row) {
+                                fake_quant_nvfp4_kernel<T, decltype(vec)::value, decltype(per_row)::value>
+                                    <<<grid, kThreads, 0, s>>>(a, static_cast<T*>(out), scale);
+                              });
                             });
 }
 
@@ -169,13 +179,16 @@ const char* launch_nvfp4_backward(const Nvfp4Args& a, const void* grad, Out out,
   return launch_over_groups(a.dtype, a.rows, a.cols, ptrs, stream,
                             [&](auto t, auto vec, unsigned grid, cudaStream_t s) {
                               using T = decltype(t);
-                              if constexpr (decltype(vec)::value) {
-                                fake_quant_nvfp4_backward_staged_kernel<T, Out>
-                                    <<<grid, kThreads, 0, s>>>(a, static_cast<const T*>(grad), out);
-                              } else {
-                                fake_quant_nvfp4_backward_kernel<T, Out>
-                                    <<<grid, kThreads, 0, s>>>(a, static_cast<const T*>(grad), out);
-                              }
+                              with_flag(a.per_row, [&](auto per_row) {
+                                constexpr bool kPerRow = decltype(per_row)::value;
+                                if constexpr (decltype(vec)::value) {
+                                  fake_quant_nvfp4_backward_staged_kernel<T, Out, kPerRow>
+                                      <<<grid, kThreads, 0, s>>>(a, static_cast<const T*>(grad), out);
+                                } else {
+                                  fake_quant_nvfp4_backward_kernel<T, Out, kPerRow>
+                                      <<<grid, kThreads, 0, s>>>(a, static_cast<const T*>(grad), out);
+                                }
+                              });
                             });
 }
 

@@ -188,7 +188,14 @@ def _check_nvfp4(op: str, weight, v, max_scale, global_scale, fake: bool = False
     rows, cols = weight.shape
     _check_param(weight, v, rows * cols, "v", op, fake)
     _check_param(weight, max_scale, rows * nvfp4_num_groups(cols), "max_scale", op, fake)
-    _check_param(weight, global_scale, 1, "global_scale", op, fake)
+    _check_global_scale(weight, global_scale, rows, op, fake)
+
+
+def _check_global_scale(like, global_scale, rows: int, op: str, fake: bool) -> None:
+    """An NVFP4 global scale: one fp32, or one per row."""
+    _require(global_scale.numel() in (1, rows), op, f"global_scale must have 1 or {rows} (one per row) elements, "
+             f"got {global_scale.numel()} (shape {tuple(global_scale.shape)})", fake)
+    _check_param(like, global_scale, 1 if global_scale.numel() == 1 else rows, "global_scale", op, fake)
 
 
 def _nvfp4_outputs(weight):
@@ -251,7 +258,9 @@ def fake_quant_nvfp4(
         weight: [out, in] bf16, fp16 or fp32.
         v: fp32, the weight's shape.
         max_scale: fp32 [out, ceil(in / 16)] (used as given; AutoRound clamps it to [0, 1]).
-        global_scale: fp32 scalar, see :func:`nvfp4_global_scale`.
+        global_scale: fp32 scalar, see :func:`nvfp4_global_scale`; or one per row, which
+            quantizes each row as the scalar of its row would (the experts of an MoE
+            projection stacked by rows, each under its own).
 
     Returns:
         (the fake-quantized weight in the weight's dtype, the e4m3-rounded scales as fp32
@@ -261,7 +270,7 @@ def fake_quant_nvfp4(
     _check_nvfp4(op, weight, v, max_scale, global_scale)
     _check_finite(weight, "weight", op)
     return _ops.fake_quant_nvfp4(
-        weight.contiguous(), v.contiguous(), max_scale.contiguous(), global_scale.reshape(1)
+        weight.contiguous(), v.contiguous(), max_scale.contiguous(), global_scale.reshape(-1)
     )
 
 
@@ -343,10 +352,7 @@ def step_in_backward_nvfp4(weight, v, max_scale, global_scale, best, improved, l
 def _check_act(op: str, x, global_scale, fake: bool = False) -> None:
     """x an activation; global_scale one fp32, or one per row of x viewed as [rows, last dimension]."""
     _check_activation(x, "x", op, fake)
-    rows = x.numel() // x.shape[-1]
-    _require(global_scale.numel() in (1, rows), op, f"global_scale must have 1 or {rows} (one per row) elements, "
-             f"got {global_scale.numel()} (shape {tuple(global_scale.shape)})", fake)
-    _check_param(x, global_scale, 1 if global_scale.numel() == 1 else rows, "global_scale", op, fake)
+    _check_global_scale(x, global_scale, x.numel() // x.shape[-1], op, fake)
 
 
 @torch.library.register_fake("autoround_fast::fake_quant_nvfp4_activation")

@@ -90,8 +90,8 @@ def _nvfp4_groups(x: torch.Tensor, v, coeff, global_scale: torch.Tensor):
 
 
 def _per_group(global_scale: torch.Tensor, cols: int) -> torch.Tensor:
-    """An activation's global scale for _nvfp4_groups: the one scalar, or each row's repeated
-    for that row's groups."""
+    """A global scale for _nvfp4_groups: the one scalar, or each row's repeated for that row's
+    groups."""
     if global_scale.numel() == 1:
         return global_scale.reshape(())
     return global_scale.reshape(-1, 1).repeat_interleave(math.ceil(cols / NVFP4_GROUP), 0)
@@ -102,11 +102,12 @@ def _recip_scalar(x: float) -> float:
 
 
 def fake_quant_nvfp4(weight, v, max_scale, global_scale):
-    """Oracle of :func:`autoround_fast.ops.fake_quant_nvfp4` (same arguments and results)."""
+    """Oracle of :func:`autoround_fast.ops.fake_quant_nvfp4` (same arguments and results;
+    global_scale one, or one per row)."""
     rows, cols = weight.shape
     wg, _ = _groups(weight, NVFP4_GROUP)
     vg, _ = _groups(v, NVFP4_GROUP)
-    q, s = _nvfp4_groups(wg, vg, max_scale.reshape(-1, 1), global_scale.to(torch.float32).reshape(()))
+    q, s = _nvfp4_groups(wg, vg, max_scale.reshape(-1, 1), _per_group(global_scale.to(torch.float32), cols))
     return _ungroup(q, rows, cols).to(weight.dtype), s.reshape(rows, -1)
 
 

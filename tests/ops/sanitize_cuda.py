@@ -87,12 +87,13 @@ def main():
             w = torch.randn(33, cols, device="cuda", dtype=dtype)
             v = torch.zeros(33, cols, device="cuda", requires_grad=True)
             ms = torch.ones(33, (cols + 15) // 16, device="cuda", requires_grad=True)
-            gs = ops.nvfp4_global_scale(w)
-            q, _ = ops.fake_quant_nvfp4(w, v, ms, gs)
-            q.float().sum().backward()
-            for improved in (True, False):  # the backward that steps v and max_scale in place
-                q, _ = ops.step_in_backward_nvfp4(w, v, ms, gs, bests(ms), flag(improved), lr, lambda: None)
+            # a global scale for the tensor, and one per row (experts stacked by rows)
+            for gs in (ops.nvfp4_global_scale(w), torch.rand(33, device="cuda") + 0.5):
+                q, _ = ops.fake_quant_nvfp4(w, v, ms, gs)
                 q.float().sum().backward()
+                for improved in (True, False):  # the backward that steps v and max_scale in place
+                    q, _ = ops.step_in_backward_nvfp4(w, v, ms, gs, bests(ms), flag(improved), lr, lambda: None)
+                    q.float().sum().backward()
             for group in (-1, 32, 48):  # a row per group, a group per 4 lanes, a warp per group
                 groups = ops.int_num_groups(cols, group)
                 for sym in (True, False):

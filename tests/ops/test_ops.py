@@ -165,6 +165,54 @@ def test_nvfp4_gradients_match_auto_round(device, dtype, shape):
     assert_grad_close(msd.grad, want_gms, 1e-4, "max_scale grad")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cols", [64, 70])  # the vector (staged backward) and the ragged paths
+def test_nvfp4_with_a_global_scale_per_row_equals_each_slice_alone(device, dtype, cols):
+    """global_scale with one element per row (an MoE projection's experts stacked by rows):
+    the fake-quantized weight, the scales, the gradients and the backward's step bit for bit as
+    each expert's rows quantized alone under its scalar scale; on the CPU also the oracle. A
+    count that is neither 1 nor the rows is refused, by the wrapper and by the raw op."""
+    gen = torch.Generator().manual_seed(seed_of(cols, str(dtype)))
+    sizes = [3, 5, 1, 4]  # the rows of each "expert"
+    rows = sum(sizes)
+    w = (torch.randn(rows, cols, generator=gen) * torch.tensor([0.5, 4.0, 1.0, 20.0]).repeat_interleave(
+        torch.tensor(sizes))[:, None]).to(dtype)
+    v, ms = rand_params(rows, cols, math.ceil(cols / 16), gen)
+    grad = torch.randn(rows, cols, generator=gen).to(dtype)
+    scales = [ops.nvfp4_global_scale(part).reshape(1) for part in w.split(sizes)]
+    per_row = torch.cat([sc.expand(n) for sc, n in zip(scales, sizes)])
+    w, v, ms, grad, per_row = to(device, w, v, ms, grad, per_row)
+    scales = to(device, *scales)
+
+    def run(wi, vi, msi, gs, g):
+        vi, msi = vi.clone().requires_grad_(), msi.clone().requires_grad_()
+        q, s = ops.fake_quant_nvfp4(wi, vi, msi, gs)
+        q.backward(g)
+        return q.detach(), s, vi.grad, msi.grad
+
+    whole = run(w, v, ms, per_row, grad)
+    parts = [run(*t, sc, g) for t, sc, g in zip(zip(w.split(sizes), v.split(sizes), ms.split(sizes)), scales,
+                                                 grad.split(sizes))]
+    for k, name in enumerate(("q", "scale", "grad v", "grad max_scale")):
+        assert same_bits(whole[k], torch.cat([p[k] for p in parts])), name
+    if device == "cpu":
+        want_q, want_s = reference.fake_quant_nvfp4(w, v, ms, per_row)
+        assert same_bits(whole[0], want_q) and same_bits(whole[1], want_s)
+    lr, imp = torch.tensor([0.01], device=device), torch.tensor([True], device=device)
+    o = torch.ops.autoround_fast
+    stepped = [t.clone() for t in (v, ms, torch.zeros_like(ms))]
+    o.fake_quant_nvfp4_backward_step_(grad, w, *stepped[:2], per_row, stepped[2], imp, lr)
+    alone = [[t.clone() for t in (vi, msi, torch.zeros_like(msi))] for vi, msi in zip(v.split(sizes), ms.split(sizes))]
+    for (vi, msi, bi), wi, gi, sc in zip(alone, w.split(sizes), grad.split(sizes), scales):
+        o.fake_quant_nvfp4_backward_step_(gi, wi, vi, msi, sc, bi, imp, lr)
+    for k, name in enumerate(("v", "max_scale", "best_max_scale")):
+        assert same_bits(stepped[k], torch.cat([a[k] for a in alone])), f"stepped {name}"
+    with pytest.raises(ValueError, match=rf"global_scale must have 1 or {rows} \(one per row\) elements, got 2"):
+        ops.fake_quant_nvfp4(w, v, ms, per_row[:2])
+    with pytest.raises(RuntimeError, match=rf"global_scale must have 1 or {rows} \(one per row\) elements, got 2"):
+        o.fake_quant_nvfp4(w, v, ms, per_row[:2])
+
+
 def test_nvfp4_zero_scale_groups_get_zero_gradient(device):
     """Groups whose scale is 0 (all-zero, or underflowing e4m3) get NaN from auto-round's
     autograd (0 * inf in the reciprocal's backward); ours gives 0 there, the same elsewhere."""
@@ -203,7 +251,7 @@ def test_nvfp4_bad_arguments_name_the_tensor():
         ops.fake_quant_nvfp4(w.reshape(-1), torch.zeros(128), torch.ones(8), torch.tensor(1.0))
     with pytest.raises(ValueError, match="weight must be float32, bfloat16 or float16"):
         ops.fake_quant_nvfp4(w.double(), torch.zeros(4, 32), torch.ones(4, 2), torch.tensor(1.0))
-    with pytest.raises(ValueError, match="global_scale must have 1 elements"):
+    with pytest.raises(ValueError, match=r"global_scale must have 1 or 4 \(one per row\) elements, got 2"):
         ops.fake_quant_nvfp4(w, torch.zeros(4, 32), torch.ones(4, 2), torch.ones(2))
     x = torch.randn(2, 16)
     with pytest.raises(ValueError, match="fake_quant_nvfp4_activation: x has non-finite"):
