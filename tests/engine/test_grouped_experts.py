@@ -38,6 +38,13 @@ SPECS = {
     "nvfp4": QuantSpec("nvfp4", act=True),
     "mxfp4": QuantSpec("mx", 4, 32, act=True),
 }
+# weight-only FP8: per channel and per block (rows of 128: whole 128 x 128 blocks) the loop tunes
+# as stacks; per tensor (a weight scale per expert) one expert at a time
+FP8_SPECS = {
+    "fp8-channel": QuantSpec("fp8", 8, -1, scale_dtype=torch.bfloat16),
+    "fp8-block": QuantSpec("fp8", 8, 128, scale_dtype=torch.bfloat16),
+    "fp8-tensor": QuantSpec("fp8", 8, 0, scale_dtype=torch.bfloat16),
+}
 
 
 def _no_last_expert(self, hidden_states):
@@ -105,16 +112,20 @@ def _tuned_experts_of(layer, names, spec, dtype, backend="kernels"):
     return experts, tuned
 
 
-def _run(experts, tuned, x, idx, w, grad):
-    """Output and gradients (x, routing weights, every tunable) of one forward and backward."""
+def _run(experts, tuned, x, idx, w, grad, grouped=None):
+    """Output and gradients (x, routing weights, every expert's tunables: a stack's split into
+    its experts' rows, ``grouped`` the GroupedExperts) of one forward and backward."""
     x = x.detach().requires_grad_(True)
     w = w.detach().requires_grad_(True)
     out = experts(x, idx, w)
     out.backward(grad)
-    grads = {n: p.grad.clone() for tl_name, tl in tuned.items()
-             for n, p in ((f"{tl_name}.{k}", q) for k, q in (("v", tl.v), ("max_scale", tl.max_scale),
-                                                             ("min_scale", tl.min_scale)) if q is not None)}
-    for tl in tuned.values():
+    units = grouped.loop_units(tuned) if grouped else tuned
+    grads = {}
+    for name, tl in units.items():
+        members = grouped.stacks[name][1] if grouped and name in grouped.stacks else [name]
+        for k, q in (("v", tl.v), ("max_scale", tl.max_scale), ("min_scale", tl.min_scale)):
+            if q is not None:
+                grads.update((f"{m}.{k}", g.clone()) for m, g in zip(members, q.grad.chunk(len(members))))
         for p in tl.tunables():
             p.grad = None
     return out.detach(), x.grad, w.grad, grads
@@ -154,9 +165,9 @@ def test_grouped_forward_and_gradients_equal_the_loop(moe, scheme, backend, dtyp
     grad = torch.randn(40, HIDDEN, generator=g).to(dtype)
     with moe_calibration_context() if all_experts else torch.enable_grad():
         loop = _run(experts, tuned, x, idx, w, grad)
-        with grouped_experts(experts, tuned, torch.device("cpu")) as names:
-            assert names == [""]
-            grouped = _run(experts, tuned, x, idx, w, grad)
+        with grouped_experts(experts, tuned, torch.device("cpu")) as found:
+            assert found.names == [""]
+            grouped = _run(experts, tuned, x, idx, w, grad, found)
     for a, b in zip(loop[:3], grouped[:3]):
         _assert_same(a, b, exact=not all_experts, dtype=dtype)
     assert loop[3].keys() == grouped[3].keys()
@@ -169,13 +180,15 @@ def test_grouped_forward_and_gradients_equal_the_loop(moe, scheme, backend, dtyp
 
 
 @pytest.mark.parametrize("scheme,backend", [("w4a16", "kernels"), ("nvfp4", "torch"), ("nvfp4", "kernels"),
-                                            ("mxfp4", "kernels")])
+                                            ("mxfp4", "kernels"), ("fp8-channel", "kernels"), ("fp8-block", "torch"),
+                                            ("fp8-tensor", "kernels")])
 def test_tune_block_with_grouped_experts_equals_the_loop(moe, scheme, backend, monkeypatch):
     """tune_block on the MoE block: the same per-iteration losses, tuned weights and quantized
     outputs bit for bit, with and without the grouped experts. Grouped, the best weights of
-    each projection's experts are kept by one copy per iteration, not one per expert."""
+    each projection's experts are kept by one copy per iteration, not one per expert: the
+    stack's, or (FP8 per tensor, one call per expert) that of the experts' weights stacked."""
     layer, inputs = moe
-    specs = {n: SPECS[scheme] for n in ATTENTION + EXPERTS}
+    specs = {n: {**SPECS, **FP8_SPECS}[scheme] for n in ATTENTION + EXPERTS}
     copies = []
     cls = type(backends.make_backend(backend))
     monkeypatch.setattr(cls, "copy_if", lambda self, dst, src, flag, orig=cls.copy_if: (copies.append(dst.dim()),
@@ -189,13 +202,57 @@ def test_tune_block_with_grouped_experts_equals_the_loop(moe, scheme, backend, m
 
     grouped, grouped_w, grouped_copies = tune(True)
     loop, loop_w, loop_copies = tune(False)
-    assert grouped_copies == [2] * 6 * len(ATTENTION) + [3] * 6 * 3  # the attention's, one per projection stack
+    stack_dim = 3 if scheme == "fp8-tensor" else 2
+    assert grouped_copies == sorted([2] * 6 * len(ATTENTION) + [stack_dim] * 6 * 3)  # the attention's, one per projection
     assert loop_copies == [2] * 6 * len(specs)
     assert grouped.grouped_experts == ["mlp.experts"] and loop.grouped_experts == []
     assert grouped.losses == loop.losses
     _assert_same(grouped.q_outputs, loop.q_outputs)
     for n in specs:
         _assert_same(grouped_w[n], loop_w[n])
+
+
+@pytest.mark.parametrize("scheme", list(SPECS) + ["fp8-channel", "fp8-block"])
+def test_a_projections_experts_are_fake_quantized_in_one_call(moe, scheme, monkeypatch):
+    """In the tuning loop's context each projection's experts are one stack: one call of the
+    weight op per projection, not one per expert (NVFP4: each expert's global scale on its
+    rows). The experts' weights and tunables are views of the stack's rows, so a step on the
+    stack steps every expert; on the way out each weight has storage of its own again, with
+    its values."""
+    layer, _ = moe
+    spec = {**SPECS, **FP8_SPECS}[scheme]
+    experts, tuned = _tuned_experts(layer, spec, "kernels", torch.bfloat16)
+    before = {n: tl.linear.weight.detach().clone() for n, tl in tuned.items()}
+    cls = type(make_backend("kernels"))
+    method = "fp8_block" if scheme == "fp8-block" else spec.kind
+    orig, calls = getattr(cls, method), []
+
+    def counted(self, w, *args):
+        calls.append(tuple(w.shape))
+        return orig(self, w, *args)
+
+    monkeypatch.setattr(cls, method, counted)
+    x = torch.randn(40, HIDDEN).to(torch.bfloat16)
+    with torch.no_grad():
+        _, w, idx = layer.mlp.gate(x)
+    with grouped_experts(experts, tuned, torch.device("cpu")) as found:
+        experts(x, idx, w)
+        assert len(calls) == 3 and len(found.stacks) == 3 and not found.forward_stacks
+        for unit, names in found.stacks.values():
+            rows = unit.linear.weight.shape[0] // E
+            assert unit.linear.weight.shape[0] == E * rows and tuple(unit.linear.weight.shape) in calls
+            with torch.no_grad():
+                unit.v.add_(0.25)
+                unit.max_scale.mul_(0.5)
+            scale_rows = unit.max_scale.shape[0] // E  # FP8 blocks: one row of scales per 128 rows
+            for e, n in enumerate(names):
+                tl, part, scales = tuned[n], slice(e * rows, (e + 1) * rows), slice(e * scale_rows, (e + 1) * scale_rows)
+                assert tl.linear.weight.untyped_storage().data_ptr() == unit.linear.weight.untyped_storage().data_ptr()
+                assert torch.equal(tl.linear.weight, unit.linear.weight[part])
+                assert torch.equal(tl.v, unit.v[part]) and torch.equal(tl.max_scale, unit.max_scale[scales])
+    storages = {tl.linear.weight.untyped_storage().data_ptr() for tl in tuned.values()}
+    assert len(storages) == len(tuned)
+    assert all(torch.equal(tl.linear.weight, before[n]) for n, tl in tuned.items())
 
 
 @pytest.mark.parametrize("scheme", list(SPECS))
@@ -241,7 +298,7 @@ def test_the_backward_makes_the_gathered_rows_again(moe, scheme, dtype, monkeypa
     x = torch.randn(40, HIDDEN).to(dtype).requires_grad_(True)
     with torch.no_grad():
         _, w, idx = layer.mlp.gate(x.to(torch.bfloat16))
-    with grouped_experts(experts, tuned, torch.device("cpu")):
+    with grouped_experts(experts, tuned, torch.device("cpu")) as found:
         out = experts(x, idx, w)
         forward = {k: len(v) for k, v in made.items()}
         # gate and up's rows: one gather, and under W4A4 a quantized copy each (and down's)
@@ -249,10 +306,11 @@ def test_the_backward_makes_the_gathered_rows_again(moe, scheme, dtype, monkeypa
         assert made["gathered"][0]() is None
         assert all(r() is None for r in made["quantized"][:2])  # gate's and up's are gone
         out.float().sum().backward()
+        units = found.loop_units(tuned)
     # one gather more, for every use of the rows and of their quantized copies
     assert len(made["gathered"]) == 2 and all(r() is None for r in made["gathered"])
     assert len(made["quantized"]) == (5 if SPECS[scheme].act else 0)  # gate's and up's made again
-    assert x.grad is not None and all(tl.v.grad is not None for tl in tuned.values())
+    assert x.grad is not None and all(tl.v.grad is not None for tl in units.values())
 
 
 @pytest.mark.parametrize("scheme", ["w4a16", "nvfp4"])
@@ -427,9 +485,9 @@ def test_grouped_experts_with_biases_equal_the_loop(gpt_oss, scheme, dtype):
         _, w, idx = layer.mlp.router(x.to(torch.bfloat16))
     grad = torch.randn(40, HIDDEN, generator=g).to(dtype)
     loop = _run(experts, tuned, x, idx, w.to(dtype), grad)
-    with grouped_experts(experts, tuned, torch.device("cpu")) as names:
-        assert names == [""]
-        grouped = _run(experts, tuned, x, idx, w.to(dtype), grad)
+    with grouped_experts(experts, tuned, torch.device("cpu")) as found:
+        assert found.names == [""]
+        grouped = _run(experts, tuned, x, idx, w.to(dtype), grad, found)
     exact = dtype == torch.float32
     for a, b in zip(loop[:3], grouped[:3]):
         _assert_same(a, b, exact=exact, dtype=dtype)

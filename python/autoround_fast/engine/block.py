@@ -14,7 +14,7 @@ import torch.nn as nn
 from .. import fusion, ops
 from .attention import sdpa_attention
 from .calibration import ActStats, activation_stats, reduce_over_ranks
-from .experts import expert_stacks, grouped_experts, stacked_experts
+from .experts import GroupedExperts, grouped_experts, stacked_experts
 from .inputs import BlockInputs, run_block, to_cache
 from .linear import ActQuantLinear, TunedLinear, share_input_quantization, swap_module
 from .options import Plan, TuneOptions, plan
@@ -183,11 +183,11 @@ class _BlockRun:
                     fusion.fused_elementwise(self.block, p.fuse) as fused, \
                     grouped_experts(self.block, tuned, p.device, p.grouped_experts) as grouped:
                 result.fused = {k: v for k, v in fused.items() if v}
-                result.grouped_experts = grouped
-                if grouped and self.host_waits and self.iters > 0:
+                result.grouped_experts = grouped.names
+                if grouped.names and self.host_waits and self.iters > 0:
                     self._probe_grouped(result)
                 if self.iters > 0:
-                    self._loop(tuned, ref, result, progress)
+                    self._loop(tuned, grouped, ref, result, progress)
             ref = None  # the quantized outputs take its place
             self.phases.done("tune")
             with torch.no_grad():
@@ -270,15 +270,18 @@ class _BlockRun:
             swap_module(self.block, name, tuned[name])
         return tuned
 
-    def _loop(self, tuned, ref, result: BlockResult, progress) -> None:
+    def _loop(self, tuned, grouped: GroupedExperts, ref, result: BlockResult, progress) -> None:
+        """SignRound on the block's TunedLinears (the grouped experts' stacks in place of their
+        experts); the result reports each Linear."""
         data = LoopData(self.inputs, self.q_hidden, ref, self.mask)
-        stacks = expert_stacks(self.block, result.grouped_experts)
-        outcome = SignRound(self.block, tuned, data, self.plan, stacks).run(progress)
+        units = grouped.loop_units(tuned)
+        outcome = SignRound(self.block, units, data, self.plan, grouped.forward_stacks).run(progress)
         result.losses = outcome.losses
         result.init_loss = outcome.losses[0]
         result.best_loss, result.best_iter = outcome.best_loss, outcome.best_iter
-        result.loop_ms, result.step_in_backward = outcome.loop_ms, outcome.step_in_backward
-        self.best_weights = outcome.best_weights
+        result.loop_ms = outcome.loop_ms
+        result.step_in_backward = grouped.linear_names(outcome.step_in_backward)
+        self.best_weights = grouped.per_linear(outcome.best_weights)
 
     def _finalize(self, tuned, stats, finalize) -> dict[str, dict[str, torch.Tensor]]:
         """The qparams of every Linear at the best parameters, and its stored weight written

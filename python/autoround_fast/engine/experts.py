@@ -3,11 +3,12 @@
 llm-compressor linearizes transformers' fused experts into a ModuleList of E expert MLPs
 (``LinearExperts2D``), called as ``experts(hidden_states, top_k_index, top_k_weights)``, whose
 forward loops over the experts in Python and waits for the host at each (``torch.where``).
-Within :func:`grouped_experts` (the tuning loop: each expert's weight fake-quantized by its
-own TunedLinear) and :func:`stacked_experts` (the passes outside it: the experts' own weights,
-stacked once per pass), such a container's forward is swapped for :func:`grouped_forward`,
-which sorts the token-expert pairs by expert on the device and runs each projection as one
-grouped matmul over all experts (``torch._grouped_mm``).
+Within :func:`grouped_experts` (the tuning loop: a projection's experts fake-quantized in one
+call by their stack, expert_stack.py, or each by its own TunedLinear) and :func:`stacked_experts`
+(the passes outside it: the experts' own weights, stacked once per pass), such a container's
+forward is swapped for :func:`grouped_forward`, which sorts the token-expert pairs by expert on
+the device and runs each projection as one grouped matmul over all experts
+(``torch._grouped_mm``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
@@ -23,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..fusion import own_forward, swap_forward
+from .expert_stack import stacked_tunables
 from .linear import ActQuantLinear, TunedLinear, quant_input
 from .remade import RemadeInBackward
 
@@ -222,14 +224,13 @@ def _projections(m: nn.Module) -> Optional[dict[str, list[nn.Module]]]:
     return {p: [getattr(m[e], p, None) for e in range(n)] for p in PROJECTIONS}
 
 
-def _tuned_weights(m: nn.Module, tuned_ids: set[int], device: torch.device) -> Optional[ExpertWeights]:
-    """A container whose projections are TunedLinears (one spec, shape and bias or none per
-    projection, on ``device``): their fake-quantized weights, computed at every forward."""
+def _tuned_projections(m: nn.Module, tuned_ids: set[int], device: torch.device) -> Optional[dict[str, list]]:
+    """A container's projections, where all are TunedLinears (one spec, shape and bias or none
+    per projection, on ``device``); else None."""
     projections = _projections(m)
     if projections is None:
         return None
-    biases = {}
-    for p, ls in projections.items():
+    for ls in projections.values():
         if not all(id(tl) in tuned_ids for tl in ls):
             return None
         lins = [tl.linear for tl in ls]
@@ -237,22 +238,24 @@ def _tuned_weights(m: nn.Module, tuned_ids: set[int], device: torch.device) -> O
                 tl.v.device != device or tl.spec != ls[0].spec or lin.weight.shape != lins[0].weight.shape
                 for tl, lin in zip(ls, lins)):
             return None
-        biases[p] = _stacked_biases(lins)
-    return ExpertWeights(weights=lambda p: _stacked_qdq(projections[p]),
-                         shapes={p: tuple(ls[0].linear.weight.shape) for p, ls in projections.items()},
-                         quantizers={p: ls if ls[0].spec.act else None for p, ls in projections.items()},
-                         biases=biases)
+    return projections
 
 
 def _stacked_qdq(tuned: list[TunedLinear]) -> torch.Tensor:
-    """The experts' fake-quantized weights stacked [E, out, in]; each TunedLinear's weight of
-    this forward (``wq_now``, kept until the loop scores it) becomes its view of the stack, so
-    that the separate copies go."""
+    """The experts' fake-quantized weights stacked [E, out, in], one call per expert; each
+    TunedLinear's weight of this forward (``wq_now``, kept until the loop scores it) becomes its
+    view of the stack, so that the separate copies go."""
     stacked = torch.stack([tl.qdq()[0] for tl in tuned])
     if torch.is_grad_enabled():
         for tl, wq in zip(tuned, stacked):
             tl.wq_now = wq
     return stacked
+
+
+def _stack_qdq(stack: TunedLinear, n_experts: int) -> torch.Tensor:
+    """A stack's fake-quantized weight as [E, out, in]: one call for all experts."""
+    wq = stack.qdq()[0]
+    return wq.view(n_experts, -1, wq.shape[-1])
 
 
 def _same_bias(lins: list[nn.Linear], device: torch.device) -> bool:
@@ -312,25 +315,74 @@ def _swapped(block: nn.Module, found: dict[str, ExpertWeights]):
         yield list(found)
 
 
+@dataclass
+class GroupedExperts:
+    """What :func:`grouped_experts` yields: the containers that run grouped (``names``); the
+    stacks that tune a projection's experts as one, by name, each with its experts' names in
+    row order (``stacks``); and the projections whose experts' fake-quantized weights the
+    forward stacks, their names in the stack's order (``forward_stacks``)."""
+
+    names: list[str] = field(default_factory=list)
+    stacks: dict[str, tuple[TunedLinear, list[str]]] = field(default_factory=dict)
+    forward_stacks: list[list[str]] = field(default_factory=list)
+
+    def loop_units(self, tuned: dict[str, TunedLinear]) -> dict[str, TunedLinear]:
+        """What the loop tunes: the TunedLinears, each stack in place of its experts."""
+        members = {n for _, names in self.stacks.values() for n in names}
+        units = {n: tl for n, tl in tuned.items() if n not in members}
+        units.update({name: stack for name, (stack, _) in self.stacks.items()})
+        return units
+
+    def per_linear(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The loop's weights by unit, a stack's split into its experts' rows."""
+        out = {n: w for n, w in weights.items() if n not in self.stacks}
+        for name, (_, names) in self.stacks.items():
+            if name in weights:
+                out.update(zip(names, weights[name].chunk(len(names))))
+        return out
+
+    def linear_names(self, units: list[str]) -> list[str]:
+        """Unit names as Linear names: a stack's as its experts'."""
+        return sorted(n for u in units for n in (self.stacks[u][1] if u in self.stacks else [u]))
+
+
+@contextlib.contextmanager
 def grouped_experts(block: nn.Module, tuned: dict[str, TunedLinear], device: torch.device, enabled: bool = True):
     """The tuning loop's context: within it (if ``enabled``) every experts container of the
-    block whose projections are all TunedLinears runs grouped. Yields the containers' names."""
-    ids = {id(tl) for tl in tuned.values()}
-    found = {name: w for name, m in block.named_modules() if enabled and (w := _tuned_weights(m, ids, device))}
-    return _swapped(block, found)
+    block whose projections are all TunedLinears runs grouped, each projection's experts
+    tuned as one stack where they can be (expert_stack.py). Yields a GroupedExperts."""
+    names = {id(tl): n for n, tl in tuned.items()}
+    containers = [(n, projections) for n, m in block.named_modules()
+                  if enabled and (projections := _tuned_projections(m, set(names), device))]
+    grouped, found = GroupedExperts(), {}
+    with contextlib.ExitStack() as stack:
+        for name, projections in containers:
+            weights = {}
+            for p, ls in projections.items():
+                experts = [names[id(tl)] for tl in ls]
+                unit = stack.enter_context(stacked_tunables(ls))
+                if unit is None:
+                    weights[p] = functools.partial(_stacked_qdq, ls)
+                    grouped.forward_stacks.append(experts)
+                else:
+                    weights[p] = functools.partial(_stack_qdq, unit, len(ls))
+                    grouped.stacks[f"{name}.{p}"] = (unit, experts)
+            found[name] = ExpertWeights(
+                weights=lambda p, w=weights: w[p](),
+                shapes={p: tuple(ls[0].linear.weight.shape) for p, ls in projections.items()},
+                quantizers={p: ls if ls[0].spec.act else None for p, ls in projections.items()},
+                biases={p: _stacked_biases([tl.linear for tl in ls]) for p, ls in projections.items()})
+        grouped.names = stack.enter_context(_swapped(block, found))
+        try:
+            yield grouped
+        finally:
+            grouped.stacks.clear()  # they hold the stacked weights: let them go with the context
 
 
 def _stack_names(container: str, projections: dict[str, list[nn.Module]]) -> dict[str, list[str]]:
     """The block-relative names of a container's expert Linears per projection, in the order
     its stacks take them."""
     return {p: [f"{container}.{e}.{p}" for e in range(len(ls))] for p, ls in projections.items()}
-
-
-def expert_stacks(block: nn.Module, containers: list[str]) -> list[list[str]]:
-    """The TunedLinears each of the named containers (running :func:`grouped_forward` on their
-    fake-quantized weights) stacks per projection, by name, in the stack's order."""
-    return [names for name in containers
-            for names in _stack_names(name, _projections(block.get_submodule(name))).values()]
 
 
 def groups_experts(option: Optional[bool], device: torch.device) -> bool:

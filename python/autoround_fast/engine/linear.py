@@ -64,7 +64,8 @@ class TunedLinear(nn.Module):
         self.max_scale = nn.Parameter(torch.ones(shape, device=dev, dtype=torch.float32))
         self.min_scale = (nn.Parameter(torch.ones(shape, device=dev, dtype=torch.float32))
                           if spec.kind == "int" else None)
-        self.register_buffer("global_scale", None if global_scale is None else global_scale.reshape(1).to(dev))
+        # NVFP4: one, or one per row (experts stacked by rows, engine/expert_stack.py)
+        self.register_buffer("global_scale", None if global_scale is None else global_scale.reshape(-1).to(dev))
         self.register_buffer("act_global_scale",
                              None if act_global_scale is None else act_global_scale.reshape(1).to(dev))
         # FP8 with one weight scale: max|W|, which the weight keeps while tuned (a pass over W

@@ -126,9 +126,10 @@ class SignRound:
     forward per iteration step in their backward (:meth:`attach_steppers`), and a Linear whose
     backward did not run in an iteration gets the usual best copy.
 
-    ``stacks``: the Linears whose fake-quantized weights the forward stacks (grouped experts,
-    by name in the stack's order, experts.expert_stacks); their best weights are kept as one
-    stack each."""
+    ``tuned``: the TunedLinears by name (a grouped projection's experts as their stack, one
+    TunedLinear: experts.GroupedExperts). ``stacks``: the Linears whose fake-quantized weights
+    the forward stacks (the other grouped experts, by name in the stack's order); their best
+    weights are kept as one stack each."""
 
     def __init__(self, block: nn.Module, tuned: dict[str, TunedLinear], data: LoopData, plan: Plan,
                  stacks: Sequence[list[str]] = ()):
