@@ -72,16 +72,24 @@ inline void check_like(const Tensor& ref, const Tensor& t, const char* op, const
                   " must be contiguous with ", ref.numel(), " elements");
 }
 
+// An NVFP4 global scale for `rows` rows, fp32: one element, or (where per_row_ok) one per row.
+// Returns whether it is one per row.
+inline bool check_global_scale(const Tensor& like, const Tensor& gs, int64_t rows, const char* op,
+                               bool per_row_ok = true) {
+  const bool per_row = per_row_ok && gs.numel() == rows && rows != 1;
+  STD_TORCH_CHECK(!per_row_ok || per_row || gs.numel() == 1, op, ": global_scale must have 1 or ", rows,
+                  " (one per row) elements, got ", gs.numel());
+  check_fp32(like, gs, per_row ? rows : 1, op, "global_scale");
+  return per_row;
+}
+
 inline Nvfp4Args nvfp4_args(const Tensor& w, const Tensor& v, const Tensor& ms, const Tensor& gs,
                             const char* op) {
   check_weight(w, op);
   const int64_t rows = w.size(0), cols = w.size(1);
   check_fp32(w, v, rows * cols, op, "v");
   check_fp32(w, ms, rows * ceil_div(cols, kNvfp4Group), op, "max_scale");
-  const bool per_row = gs.numel() == rows && rows != 1;
-  STD_TORCH_CHECK(per_row || gs.numel() == 1, op, ": global_scale must have 1 or ", rows,
-                  " (one per row) elements, got ", gs.numel());
-  check_fp32(w, gs, per_row ? rows : 1, op, "global_scale");
+  const bool per_row = check_global_scale(w, gs, rows, op);
   return Nvfp4Args{float_code(w, op, "weight"), rows, cols, w.const_data_ptr(),
                    static_cast<const float*>(v.const_data_ptr()),
                    static_cast<const float*>(ms.const_data_ptr()),
@@ -97,10 +105,7 @@ inline Nvfp4ActArgs nvfp4_act_args(const Tensor& x, const Tensor& gs, const char
                   " must have a non-empty last dimension");
   STD_TORCH_CHECK(x.is_contiguous(), op, ": ", name, " must be contiguous");
   const int64_t cols = x.size(x.dim() - 1), rows = x.numel() / cols;
-  const bool per_row = per_row_ok && gs.numel() == rows && rows != 1;
-  STD_TORCH_CHECK(!per_row_ok || per_row || gs.numel() == 1, op, ": global_scale must have 1 or ", rows,
-                  " (one per row) elements, got ", gs.numel());
-  check_fp32(x, gs, per_row ? rows : 1, op, "global_scale");
+  const bool per_row = check_global_scale(x, gs, rows, op, per_row_ok);
   return Nvfp4ActArgs{float_code(x, op, name), rows, cols, x.const_data_ptr(),
                       static_cast<const float*>(gs.const_data_ptr()), per_row};
 }

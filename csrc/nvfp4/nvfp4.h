@@ -28,11 +28,11 @@ struct Nvfp4Scale {
 AF_HD float inv_global_scale(float gs) { return reciprocal_or_zero(gs); }
 
 // A group's global scale and its inverse.
-struct ActScale {
+struct GlobalScale {
   float gs, inv;
 };
 
-AF_HD ActScale act_scale(const float* gs) {
+AF_HD GlobalScale load_global_scale(const float* gs) {
 #if defined(__CUDA_ARCH__)
   const float g = __ldg(gs);
 #else
@@ -41,16 +41,22 @@ AF_HD ActScale act_scale(const float* gs) {
   return {g, inv_global_scale(g)};
 }
 
+// The tensor's global scale, or, per_row, none read (a scale per row of zero rows has no
+// element): the groups then read their row's.
+AF_HD GlobalScale tensor_scale(const float* gs, bool per_row) {
+  return per_row ? GlobalScale{0.f, 0.f} : load_global_scale(gs);
+}
+
 // The scale of the group starting at element `base` of a [rows, cols] activation: the
-// tensor's (`whole`, act_scale(gs) loaded once), or, per_row, that of the group's row.
-AF_HD ActScale act_scale_at(const float* gs, bool per_row, int64_t cols, int64_t base, ActScale whole) {
-  return per_row ? act_scale(gs + base / cols) : whole;
+// tensor's (`whole`, tensor_scale's), or, per_row, that of the group's row.
+AF_HD GlobalScale act_scale_at(const float* gs, bool per_row, int64_t cols, int64_t base, GlobalScale whole) {
+  return per_row ? load_global_scale(gs + base / cols) : whole;
 }
 
 // The scale of weight group gi, of `groups` per row: the tensor's (`whole`), or, per_row, that
 // of the group's row (the experts of an MoE projection stacked, each under its own).
-AF_HD ActScale weight_scale_at(const float* gs, bool per_row, int64_t groups, int64_t gi, ActScale whole) {
-  return per_row ? act_scale(gs + gi / groups) : whole;
+AF_HD GlobalScale weight_scale_at(const float* gs, bool per_row, int64_t groups, int64_t gi, GlobalScale whole) {
+  return per_row ? load_global_scale(gs + gi / groups) : whole;
 }
 
 AF_HD Nvfp4Scale nvfp4_group_scale(float amax, float max_scale, float gs, float inv_gs) {

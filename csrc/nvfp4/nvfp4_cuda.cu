@@ -13,14 +13,14 @@ using namespace nvfp4_cuda;
 // flag, so that the tensor's kernels carry no per-group division.
 template <typename T, bool kVec, bool kPerRow>
 __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_kernel(Nvfp4Args a, T* out, float* scale) {
-  const ActScale whole = act_scale(a.global_scale);
+  const GlobalScale whole = tensor_scale(a.global_scale, kPerRow);
   const int64_t groups = (a.cols + kNvfp4Group - 1) / kNvfp4Group;
   const T* w = static_cast<const T*>(a.weight);
   for_each_group<kVec>(a.rows, a.cols, [&](int64_t gi, GroupIndex g) {
     float x[kNvfp4Group], v[kNvfp4Group], amax;
     int n = load_group<T, kVec>(w + g.base, g.n, x, &amax);
     load_f32<kVec>(a.v + g.base, n, v);
-    const ActScale s = weight_scale_at(a.global_scale, kPerRow, groups, gi, whole);
+    const GlobalScale s = weight_scale_at(a.global_scale, kPerRow, groups, gi, whole);
     Nvfp4Scale sc = nvfp4_group_scale(amax, __ldg(a.max_scale + gi), s.gs, s.inv);
     scale[gi] = sc.s;
 #pragma unroll
@@ -37,7 +37,7 @@ template <typename T, typename Out, bool kPerRow>
 __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_backward_kernel(Nvfp4Args a, const T* grad, Out out) {
   constexpr bool kNc = !Out::kInPlace;
   out.start();
-  const ActScale whole = act_scale(a.global_scale);
+  const GlobalScale whole = tensor_scale(a.global_scale, kPerRow);
   const int64_t groups = (a.cols + kNvfp4Group - 1) / kNvfp4Group;
   const T* w = static_cast<const T*>(a.weight);
   for_each_group<false>(a.rows, a.cols, [&](int64_t gi, GroupIndex g) {
@@ -46,7 +46,7 @@ __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_backward_kernel(Nvf
     load_vals<T, false>(grad + g.base, g.n, gr);
     load_f32<false, kNc>(a.v + g.base, n, v);
     const float ms = load_ro<kNc>(a.max_scale + gi);
-    const ActScale s = weight_scale_at(a.global_scale, kPerRow, groups, gi, whole);
+    const GlobalScale s = weight_scale_at(a.global_scale, kPerRow, groups, gi, whole);
     out.max_one(gi, ms, nvfp4_group_backward(x, v, gr, n, amax, ms, s.gs, s.inv, gv, nullptr));
     for (int j = 0; j < n; ++j) out.v_one(g.base + j, v[j], gv[j]);
   });
@@ -72,7 +72,7 @@ __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_backward_staged_ker
   constexpr int kChunksPerGroup = kNvfp4Group / 4;  // float4 chunks of V per group
   __shared__ float4 tile[kThreads * kChunksPerGroup];
   out.start();
-  const ActScale whole = act_scale(a.global_scale);
+  const GlobalScale whole = tensor_scale(a.global_scale, kPerRow);
   const T* w = static_cast<const T*>(a.weight);
   const int64_t groups = a.cols / kNvfp4Group;
   const int64_t total = a.rows * groups;
@@ -103,7 +103,7 @@ __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_backward_staged_ker
         v[4 * k] = p.x, v[4 * k + 1] = p.y, v[4 * k + 2] = p.z, v[4 * k + 3] = p.w;
       }
       const float ms = load_ro<kNc>(a.max_scale + gi);
-      const ActScale s = weight_scale_at(a.global_scale, kPerRow, groups, gi, whole);
+      const GlobalScale s = weight_scale_at(a.global_scale, kPerRow, groups, gi, whole);
       out.max_one(gi, ms, nvfp4_group_backward(x, v, gr, kNvfp4Group, amax, ms, s.gs, s.inv, gv, nullptr));
 #pragma unroll
       for (int k = 0; k < kChunksPerGroup; ++k) {
@@ -124,12 +124,12 @@ __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_backward_staged_ker
 
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_activation_kernel(Nvfp4ActArgs a, T* out) {
-  const ActScale whole = act_scale(a.global_scale);
+  const GlobalScale whole = tensor_scale(a.global_scale, a.per_row);
   const T* xin = static_cast<const T*>(a.x);
   for_each_group<kVec>(a.rows, a.cols, [&](int64_t, GroupIndex g) {
     float x[kNvfp4Group], amax;
     const int n = load_group<T, kVec>(xin + g.base, g.n, x, &amax);
-    const ActScale s = act_scale_at(a.global_scale, a.per_row, a.cols, g.base, whole);
+    const GlobalScale s = act_scale_at(a.global_scale, a.per_row, a.cols, g.base, whole);
     Nvfp4Scale sc = nvfp4_group_scale(amax, 1.0f, s.gs, s.inv);
 #pragma unroll
     for (int j = 0; j < kNvfp4Group; ++j)
@@ -141,13 +141,13 @@ __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_activation_kernel(N
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) fake_quant_nvfp4_activation_backward_kernel(
     Nvfp4ActArgs a, const T* grad, T* grad_x) {
-  const ActScale whole = act_scale(a.global_scale);
+  const GlobalScale whole = tensor_scale(a.global_scale, a.per_row);
   const T* xin = static_cast<const T*>(a.x);
   for_each_group<kVec>(a.rows, a.cols, [&](int64_t, GroupIndex g) {
     float x[kNvfp4Group], gr[kNvfp4Group], gv[kNvfp4Group], amax, g_m;
     const int n = load_group<T, kVec>(xin + g.base, g.n, x, &amax);
     load_vals<T, kVec>(grad + g.base, g.n, gr);
-    const ActScale s = act_scale_at(a.global_scale, a.per_row, a.cols, g.base, whole);
+    const GlobalScale s = act_scale_at(a.global_scale, a.per_row, a.cols, g.base, whole);
     nvfp4_group_backward<true>(x, nullptr, gr, n, amax, 1.0f, s.gs, s.inv, gv, &g_m);
     const float os = nvfp4_group_scale(amax, 1.0f, s.gs, s.inv).os;
     const int arg = first_argmax(x, n, amax);

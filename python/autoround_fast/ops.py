@@ -270,7 +270,7 @@ def fake_quant_nvfp4(
     _check_nvfp4(op, weight, v, max_scale, global_scale)
     _check_finite(weight, "weight", op)
     return _ops.fake_quant_nvfp4(
-        weight.contiguous(), v.contiguous(), max_scale.contiguous(), global_scale.reshape(-1)
+        weight.contiguous(), v.contiguous(), max_scale.contiguous(), global_scale.reshape(-1).contiguous()
     )
 
 

@@ -207,9 +207,13 @@ def test_tune_block_with_grouped_experts_equals_the_loop(moe, scheme, backend, m
     assert loop_copies == [2] * 6 * len(specs)
     assert grouped.grouped_experts == ["mlp.experts"] and loop.grouped_experts == []
     assert grouped.losses == loop.losses
+    assert grouped.step_in_backward == loop.step_in_backward
     _assert_same(grouped.q_outputs, loop.q_outputs)
     for n in specs:
         _assert_same(grouped_w[n], loop_w[n])
+        assert grouped.qparams[n].keys() == loop.qparams[n].keys()
+        for k in loop.qparams[n]:  # the scales come from each expert's own tunables
+            _assert_same(grouped.qparams[n][k], loop.qparams[n][k])
 
 
 @pytest.mark.parametrize("scheme", list(SPECS) + ["fp8-channel", "fp8-block"])

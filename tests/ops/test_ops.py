@@ -207,6 +207,10 @@ def test_nvfp4_with_a_global_scale_per_row_equals_each_slice_alone(device, dtype
         o.fake_quant_nvfp4_backward_step_(gi, wi, vi, msi, sc, bi, imp, lr)
     for k, name in enumerate(("v", "max_scale", "best_max_scale")):
         assert same_bits(stepped[k], torch.cat([a[k] for a in alone])), f"stepped {name}"
+    # zero rows under a scale per row of zero elements: empty results, no element read
+    q0, s0 = ops.fake_quant_nvfp4(w[:0], v[:0], ms[:0], per_row[:0])
+    assert q0.shape == (0, cols) and s0.shape == (0, math.ceil(cols / 16))
+    assert ops.fake_quant_nvfp4_activation(w[:0], per_row[:0]).shape == (0, cols)
     with pytest.raises(ValueError, match=rf"global_scale must have 1 or {rows} \(one per row\) elements, got 2"):
         ops.fake_quant_nvfp4(w, v, ms, per_row[:2])
     with pytest.raises(RuntimeError, match=rf"global_scale must have 1 or {rows} \(one per row\) elements, got 2"):
@@ -789,6 +793,7 @@ def _opcheck_cases(device):
     v = torch.zeros(8, 40, device=device).requires_grad_()
     ms = torch.ones(8, 3, device=device).requires_grad_()
     gs = ops.nvfp4_global_scale(w).reshape(1)
+    gs_rows = torch.linspace(50, 900, 8, device=device)  # a weight's global scale per row
     g = torch.randn(8, 40, generator=gen).to(torch.bfloat16).to(device)
     x = torch.randn(2, 5, 32, generator=gen).to(torch.bfloat16).to(device).requires_grad_()
     gx = torch.randn(2, 5, 32, generator=gen).to(torch.bfloat16).to(device)
@@ -807,6 +812,11 @@ def _opcheck_cases(device):
     return [
         (o.fake_quant_nvfp4, (w, v, ms, gs)),
         (o.fake_quant_nvfp4_backward, (g, w, v.detach(), ms.detach(), gs)),
+        (o.fake_quant_nvfp4, (w, v, ms, gs_rows)),
+        (o.fake_quant_nvfp4_backward, (g, w, v.detach(), ms.detach(), gs_rows)),
+        (o.fake_quant_nvfp4_backward_step_, (g, w, v.detach().clone(), ms.detach().clone(), gs_rows, *bests(ms),
+                                             improved, lr)),
+        (o.fake_quant_nvfp4_stepped, (w, *tunables(v, ms), gs_rows, *bests(ms), improved, lr)),
         (o.fake_quant_nvfp4_activation, (x, gs)),
         (o.fake_quant_nvfp4_activation_backward, (gx, x.detach(), gs)),
         # a global scale per row (MoE experts' sorted rows), and an activation of no tokens

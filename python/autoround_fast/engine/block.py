@@ -181,7 +181,7 @@ class _BlockRun:
         try:
             with _train_only_tunables(self.block, tuned), torch.enable_grad(), \
                     fusion.fused_elementwise(self.block, p.fuse) as fused, \
-                    grouped_experts(self.block, tuned, p.device, p.grouped_experts) as grouped:
+                    grouped_experts(self.block, tuned, p.device, p.grouped_experts and self.iters > 0) as grouped:
                 result.fused = {k: v for k, v in fused.items() if v}
                 result.grouped_experts = grouped.names
                 if grouped.names and self.host_waits and self.iters > 0:

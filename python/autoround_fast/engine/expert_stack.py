@@ -5,8 +5,9 @@ V and clipping scales live in [E * out, ...] tensors, the experts' rows one afte
 each expert's Linear and TunedLinear hold views of their rows. A TunedLinear over the stacked
 weight (the stack) then fake-quantizes all experts in one call of the op (one kernel launch
 where there were E), and the loop keeps its best weight in one copy and steps its tunables in
-one call (the weight backward's step, or sign_step_). No memory is added: each expert's weight,
-V and scales move into the stack.
+one call (the weight backward's step, or sign_step_). Once stacked, the memory is what it
+was: each expert's weight, V and scales move into the stack (while one projection moves, in
+and out, its weights, and on the way in its V, are there twice).
 
 Each row of these ops comes from its own rows of W and V, its own groups' scales and (NVFP4)
 its row's global scale, each expert's repeated over its rows: the stack gives every expert the
@@ -88,8 +89,7 @@ def stacked_tunables(tuned: list[TunedLinear]):
     if not stackable(tuned):
         yield None
         return
-    stack = _stack(tuned)
     try:
-        yield stack
-    finally:
+        yield _stack(tuned)
+    finally:  # also where _stack raised part way: every weight gets storage of its own
         _unstack(tuned)

@@ -225,8 +225,8 @@ def _projections(m: nn.Module) -> Optional[dict[str, list[nn.Module]]]:
 
 
 def _tuned_projections(m: nn.Module, tuned_ids: set[int], device: torch.device) -> Optional[dict[str, list]]:
-    """A container's projections, where all are TunedLinears (one spec, shape and bias or none
-    per projection, on ``device``); else None."""
+    """A container's projections, where all are TunedLinears (one spec, weight shape and dtype,
+    and bias or none per projection, on ``device``); else None."""
     projections = _projections(m)
     if projections is None:
         return None
@@ -236,7 +236,7 @@ def _tuned_projections(m: nn.Module, tuned_ids: set[int], device: torch.device) 
         lins = [tl.linear for tl in ls]
         if not _same_bias(lins, device) or any(
                 tl.v.device != device or tl.spec != ls[0].spec or lin.weight.shape != lins[0].weight.shape
-                for tl, lin in zip(ls, lins)):
+                or lin.weight.dtype != lins[0].weight.dtype for tl, lin in zip(ls, lins)):
             return None
     return projections
 
@@ -357,26 +357,34 @@ def grouped_experts(block: nn.Module, tuned: dict[str, TunedLinear], device: tor
     grouped, found = GroupedExperts(), {}
     with contextlib.ExitStack() as stack:
         for name, projections in containers:
-            weights = {}
-            for p, ls in projections.items():
-                experts = [names[id(tl)] for tl in ls]
-                unit = stack.enter_context(stacked_tunables(ls))
-                if unit is None:
-                    weights[p] = functools.partial(_stacked_qdq, ls)
-                    grouped.forward_stacks.append(experts)
-                else:
-                    weights[p] = functools.partial(_stack_qdq, unit, len(ls))
-                    grouped.stacks[f"{name}.{p}"] = (unit, experts)
-            found[name] = ExpertWeights(
-                weights=lambda p, w=weights: w[p](),
-                shapes={p: tuple(ls[0].linear.weight.shape) for p, ls in projections.items()},
-                quantizers={p: ls if ls[0].spec.act else None for p, ls in projections.items()},
-                biases={p: _stacked_biases([tl.linear for tl in ls]) for p, ls in projections.items()})
+            found[name] = _tuned_weights(name, projections, names, grouped, stack)
         grouped.names = stack.enter_context(_swapped(block, found))
         try:
             yield grouped
-        finally:
-            grouped.stacks.clear()  # they hold the stacked weights: let them go with the context
+        finally:  # the stacks hold the stacked weights: each goes as soon as it is unstacked
+            found.clear()
+            grouped.stacks.clear()
+
+
+def _tuned_weights(container: str, projections: dict[str, list[TunedLinear]], names: dict[int, str],
+                   grouped: GroupedExperts, stack: contextlib.ExitStack) -> ExpertWeights:
+    """One container's ExpertWeights in the loop: each projection's experts stacked (entered
+    on ``stack``, recorded in ``grouped.stacks``), or each fake-quantized alone and stacked by
+    the forward (``grouped.forward_stacks``)."""
+    weights = {}
+    for p, ls in projections.items():
+        experts = [names[id(tl)] for tl in ls]
+        unit = stack.enter_context(stacked_tunables(ls))
+        if unit is None:
+            weights[p] = functools.partial(_stacked_qdq, ls)
+            grouped.forward_stacks.append(experts)
+        else:
+            weights[p] = functools.partial(_stack_qdq, unit, len(ls))
+            grouped.stacks[f"{container}.{p}" if container else p] = (unit, experts)
+    return ExpertWeights(weights=lambda p: weights[p](),
+                         shapes={p: tuple(ls[0].linear.weight.shape) for p, ls in projections.items()},
+                         quantizers={p: ls if ls[0].spec.act else None for p, ls in projections.items()},
+                         biases={p: _stacked_biases([tl.linear for tl in ls]) for p, ls in projections.items()})
 
 
 def _stack_names(container: str, projections: dict[str, list[nn.Module]]) -> dict[str, list[str]]:
