@@ -184,7 +184,7 @@ class _BlockRun:
                     grouped_experts(self.block, tuned, p.device, p.grouped_experts and self.iters > 0) as grouped:
                 result.fused = {k: v for k, v in fused.items() if v}
                 result.grouped_experts = grouped.names
-                if grouped.names and self.host_waits and self.iters > 0:
+                if grouped.names and self.host_waits:  # grouped.names: empty where iters == 0
                     self._probe_grouped(result)
                 if self.iters > 0:
                     self._loop(tuned, grouped, ref, result, progress)
