@@ -43,6 +43,7 @@ CUDA_VARIANTS = {
     "cuda-nofuse": (dict(fuse_elementwise=False), "fusing the element-wise ops"),
     "cuda-sepstep": (dict(step_in_backward=False), "the sign step inside the weight backward"),
     "cuda-loop": (dict(grouped_experts=False), "the MoE experts as one grouped matmul per projection"),
+    "cuda-held": (dict(remake_weights=False), "the fake-quantized weights made again in the backward"),
     # not a modifier option: fusion.SILU_MUL_ACT_QUANT, off for this run
     "cuda-sepact": (dict(silu_mul_act=False), "SiLU x up fused with down_proj's W4A4 input quantization"),
 }

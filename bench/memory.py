@@ -6,8 +6,9 @@ Each shape's decoder layer is built with random weights (MoE experts linearized 
 llm-compressor does), and its Linears go through ``memory.BlockMemory`` as ``options.plan``
 builds it for a block after the first under the modifier: the fp inputs and the previous block's
 quantized outputs already on the device, the fp inputs released after the reference pass, every
-expert run grouped on its routed share of the tokens, the attention through SDPA where the engine
-swaps it in on a GPU (GPT-OSS's, with its sinks and sliding windows, stays eager).
+expert run grouped on its routed share of the tokens (and, in such a block, the fake-quantized
+weights made again in the backward, not held), the attention through SDPA where the engine swaps
+it in on a GPU (GPT-OSS's, with its sinks and sliding windows, stays eager).
 
     python -m bench.memory                                  # 8b, 70b and the MoE shapes
     python -m bench.memory --shape tiny tiny-moe --nsamples 4 --seqlen 16
@@ -46,7 +47,8 @@ def estimate(shape: str, nsamples: int, seqlen: int, batch: int) -> dict:
     hidden = SHAPES[shape].hidden
     shares = routed_shares(layer, linears)
     block = BlockMemory(linears, nsamples, seqlen, hidden, ELEM, release_inputs=True, resident=HELD, shares=shares,
-                        scores=eager_scores(layer, seqlen, on_gpu=True))
+                        scores=eager_scores(layer, seqlen, on_gpu=True),
+                        weights_remade=bool(shares))  # remake_weights' default: on where experts run grouped
     adds = block.bytes(batch, caches_on_device=True)
     caches = HELD * nsamples * seqlen * hidden * ELEM  # those it finds held (the reference takes the fp inputs' place)
     weights = sum(m.weight.numel() for m in linears.values())

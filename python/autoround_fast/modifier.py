@@ -47,7 +47,7 @@ __all__ = ["AutoRoundModifier"]
 # #execution-invariance), or are the run's lifecycle state.
 _NOT_RESULT_FIELDS = {"index", "group", "start", "end", "update", "initialized_", "finalized_", "started_",
                       "ended_", "progress", "cache_on_cpu", "cuda_graph", "step_in_backward", "device_ids",
-                      "enable_torch_compile"}
+                      "enable_torch_compile", "remake_weights"}
 
 
 class AutoRoundModifier(_StockAutoRoundModifier):
@@ -77,6 +77,9 @@ class AutoRoundModifier(_StockAutoRoundModifier):
     # MoE blocks: run the routed experts as one grouped matmul per projection (tune_block's
     # grouped_experts). None: on a GPU.
     grouped_experts: Optional[bool] = None
+    # Make each fake-quantized weight again in its backward instead of holding it from the
+    # forward (tune_block's remake_weights: less memory, the same bits). None: for MoE blocks.
+    remake_weights: Optional[bool] = None
     # A directory that keeps each tuned block (autoround_fast.resume): a run started again
     # after a crash reloads the blocks it finished instead of tuning them. None: no resume.
     resume_dir: Optional[str] = Field(default=None, exclude=True)  # not in the saved recipe: a local path
@@ -329,7 +332,7 @@ class AutoRoundModifier(_StockAutoRoundModifier):
                     cuda_graph=self.cuda_graph and self.backend == "cuda",
                     fuse_elementwise=self.fuse_elementwise,  # True needs backend cuda (on_initialize)
                     step_in_backward=self.step_in_backward, grouped_experts=self.grouped_experts,
-                    release_inputs=True,
+                    remake_weights=self.remake_weights, release_inputs=True,
                     linear_devices=self._devices if self._devices and len(self._devices) > 1 else None)
                 layer.to(home)
         except BaseException:

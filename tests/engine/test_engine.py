@@ -3,6 +3,7 @@ oracles agree, iters=0 runs the scale search, and bad input gives clear errors."
 
 import contextlib
 import copy
+import weakref
 
 import pytest
 import torch
@@ -683,8 +684,9 @@ def test_step_in_backward_changes_nothing(ragged_block, name, backend):
 
 
 class _Branches(torch.nn.Module):
-    """A block whose Linear a runs twice per forward and whose Linear b's output is unused:
-    a's gradient is a sum of two backwards, and b's backward never runs."""
+    """A block whose Linear a runs three times per forward and whose Linear b's output is
+    unused: a's gradient is a sum of backwards, and b's backward never runs (its matmul saves
+    its weight, b's input needing a gradient, for a backward that never comes)."""
 
     def __init__(self, hidden=64):
         super().__init__()
@@ -693,7 +695,7 @@ class _Branches(torch.nn.Module):
         self.c = torch.nn.Linear(hidden, hidden, bias=False)
 
     def forward(self, hidden_states, **kwargs):
-        self.b(hidden_states)
+        self.b(self.a(hidden_states))
         return (self.c(torch.tanh(self.a(torch.tanh(self.a(hidden_states))))),)
 
 
@@ -713,6 +715,111 @@ def test_step_in_backward_only_where_one_backward_gives_the_gradient(backend):
         runs[label] = _tuned_state(tune_block(block, inputs, spec, step_in_backward=flag, **kw), block, "abc")
     assert runs["in backward"][0].step_in_backward == ["b", "c"]
     assert_same_run(runs["in backward"], runs["separate"], "abc", "branches")
+
+
+@pytest.mark.parametrize("name,backend,accumulate", [
+    ("nvfp4", "kernels", 1), ("w4a16-asym-g32", "kernels", 2), ("mxfp4", "kernels", 1), ("fp8-block", "torch", 1),
+    ("nvfp4", "torch", 2), pytest.param("nvfp4", "cuda", 1, marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")),
+    pytest.param("w4a16-g32", "cuda", 1, marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU"))])
+def test_weights_made_again_in_the_backward_change_nothing(ragged_block, name, backend, accumulate, monkeypatch):
+    """remake_weights: no Linear holds its fake-quantized weight for the backward, which makes
+    it again, once per micro-batch for each Linear whose matmul saves it (o, gate, up, down:
+    q, k and v read an input that needs no gradient, and keep theirs until the iteration is
+    scored: no fake quantization runs but the forwards' and these), and keeps the best weight
+    there. The run of the weights held, bit for bit, with the step in the backward (one
+    micro-batch), a separate step (two) and, on a GPU, the loop replayed from a CUDA graph."""
+    model, inputs = ragged_block
+    spec = {n: SPECS[name] for n in LINEARS}
+    made, quantized = [], []
+    orig_made, orig_qdq = TunedLinear._made_again, TunedLinear._qdq
+    monkeypatch.setattr(TunedLinear, "_made_again", lambda self: made.append(1) or orig_made(self))
+    monkeypatch.setattr(TunedLinear, "_qdq", lambda self, st: quantized.append(1) or orig_qdq(self, st))
+    kw = dict(iters=6, batch_size=4, gradient_accumulate_steps=accumulate, backend=backend, lr=0.005,
+              device=torch.device("cuda") if backend == "cuda" else None)
+    runs, calls = {}, {}
+    eager = 3 if backend == "cuda" else 6  # graphed: two warm-up iterations and the capture run Python
+    for flag in (False, True):
+        block = fresh_block(model)
+        made.clear()
+        quantized.clear()
+        runs[flag] = _tuned_state(tune_block(block, inputs, spec, remake_weights=flag, **kw), block, LINEARS)
+        assert len(made) == flag * eager * accumulate * 4
+        calls[flag] = len(quantized)
+    assert calls[True] == calls[False] + eager * accumulate * 4
+    assert runs[True][0].step_in_backward == runs[False][0].step_in_backward
+    steps = backend != "torch" and accumulate == 1 and SPECS[name].kind in ("nvfp4", "int")
+    assert (runs[True][0].step_in_backward != []) == steps
+    assert runs[True][0].best_iter > 0  # the weights kept are stepped ones
+    assert_same_run(runs[True], runs[False], LINEARS, name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "kernels"])
+def test_weights_made_again_where_a_backward_never_comes(backend):
+    """Linear b's matmul saves its weight for a backward that never runs (its tunables get
+    no gradient and stay where they are), and a runs three times. The run of the weights
+    held, bit for bit."""
+    torch.manual_seed(0)
+    model = _Branches().to(torch.bfloat16)
+    inputs = [((torch.randn(1, 16, 64, dtype=torch.bfloat16),), {}) for _ in range(8)]
+    spec = {n: SPECS["nvfp4a16"] for n in "abc"}
+    runs = {}
+    for flag in (False, True):
+        block = copy.deepcopy(model)
+        runs[flag] = _tuned_state(tune_block(block, inputs, spec, iters=8, batch_size=4, backend=backend, lr=0.02,
+                                             remake_weights=flag), block, "abc")
+    assert runs[True][0].best_iter > 0
+    assert_same_run(runs[True], runs[False], "abc", "branches")
+
+
+def test_a_tuned_linear_whose_weight_is_made_again_holds_none(monkeypatch):
+    """With on_remake set, the forward's fake-quantized weight is gone once the forward
+    returns (held, it lives on in the autograd graph); the backward makes the same bits
+    again, hands them to on_remake and gives the gradients of the weight held."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32, bias=False).to(torch.bfloat16)
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    made, runs = [], {}
+    orig = TunedLinear._qdq
+
+    def spy(self, st):
+        out = orig(self, st)
+        made.append((weakref.ref(out[0]), out[0].detach().clone()))
+        return out
+
+    monkeypatch.setattr(TunedLinear, "_qdq", spy)
+    for remakes in (False, True):
+        tl = TunedLinear(lin, SPECS["nvfp4a16"], backends.make_backend("kernels"), ops.nvfp4_global_scale(lin.weight),
+                         None)
+        with torch.no_grad():
+            tl.v.uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(1))
+        handed = []
+        tl.on_remake = handed.append if remakes else None
+        xi = x.clone().requires_grad_(True)
+        made.clear()
+        out = tl(xi)
+        tl.wq_now = None  # what the loop lets go once it has scored the iteration
+        assert len(made) == 1 and (made[0][0]() is None) == remakes
+        out.float().square().sum().backward()
+        runs[remakes] = (out, xi.grad, tl.v.grad, tl.max_scale.grad)
+        assert len(made) == 1 + remakes and len(handed) == remakes
+        if remakes:
+            assert torch.equal(handed[0], made[0][1]) and torch.equal(made[1][1], made[0][1])
+    for a, b in zip(runs[False], runs[True]):
+        assert torch.equal(a, b)
+
+
+def test_remake_weights_resolves_to_moe_blocks_on_one_device():
+    """remake_weights by default: on where an MoE block's experts run grouped, off for a dense
+    block; never under a process group or with the Linears spread, where asking for it is an
+    error naming the option."""
+    from autoround_fast.engine.options import _remakes_weights
+
+    assert _remakes_weights(None, grouped_moe=True, fits=True)
+    assert not _remakes_weights(None, grouped_moe=False, fits=True)
+    assert not _remakes_weights(None, grouped_moe=True, fits=False)
+    assert _remakes_weights(True, grouped_moe=False, fits=True) and not _remakes_weights(False, True, True)
+    with pytest.raises(ValueError, match="remake_weights=True needs no process group"):
+        _remakes_weights(True, grouped_moe=True, fits=False)
 
 
 def test_step_in_backward_errors(ragged_block):

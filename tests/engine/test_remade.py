@@ -121,3 +121,17 @@ def test_a_tensor_marked_twice_is_an_error():
     with RemadeInBackward() as remade, pytest.raises(ValueError, match="marked already"):
         remade.remake(t, lambda: t.clone())
         remade.remake(t.t(), lambda: t.t().clone())
+
+
+def test_active_is_the_innermost_context_of_the_thread():
+    """active(): what code that marks a tensor its caller's matmul saves (a TunedLinear's
+    weight) marks it in; None outside every context, also after one raised."""
+    assert RemadeInBackward.active() is None
+    with RemadeInBackward() as outer:
+        assert RemadeInBackward.active() is outer
+        with RemadeInBackward() as inner:
+            assert RemadeInBackward.active() is inner
+        assert RemadeInBackward.active() is outer
+    with pytest.raises(KeyError), RemadeInBackward():
+        raise KeyError
+    assert RemadeInBackward.active() is None

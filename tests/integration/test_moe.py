@@ -436,3 +436,25 @@ def test_the_command_line_quantizes_moe_families(model, request, tmp_path, capsy
             assert {f"{name}.{t}" for t in SCALES["NVFP4"]} <= keys, name
     rows = json.loads((out / "autoround_blocks.json").read_text())["perplexity"]["rows"]
     assert [r["role"] for r in rows] == ["original", "rtn", "result"] and math.isfinite(rows[2]["perplexity"])
+
+
+def test_weights_made_again_change_nothing_through_the_modifier(moe_dir, monkeypatch):
+    """remake_weights, by default on where the experts run grouped: the backward makes the
+    fake-quantized weights again instead of holding them, and the oneshot's losses and
+    quantized weights are those of the weights held (remake_weights=False), bit for bit."""
+    from autoround_fast.engine.linear import TunedLinear
+
+    made, orig = [], TunedLinear._made_again
+    monkeypatch.setattr(TunedLinear, "_made_again", lambda self: made.append(1) or orig(self))
+
+    def run(remake):
+        made.clear()
+        mod = AutoRoundModifier(targets="Linear", scheme="NVFP4", ignore=IGNORE, iters=4, batch_size=4,
+                                backend="torch", grouped_experts=True, remake_weights=remake)
+        model = quantize(moe_dir, mod)
+        return len(made), [r["losses"] for r in mod.block_stats], model.state_dict()
+
+    (made_default, losses, state), (made_held, held_losses, held_state) = run(None), run(False)
+    assert made_default > 0 and made_held == 0
+    assert losses == held_losses
+    assert state.keys() == held_state.keys() and all(torch.equal(state[k], held_state[k]) for k in state)

@@ -101,7 +101,9 @@ def grouped_forward(source: ExpertWeights):
         h = self._apply_gate(_gate_up(source, x, hidden_states, routing, bounds))
         if source.record is not None:
             source.record(self, hidden_states, routing, x, h)
-        return _combine(_project(source, "down_proj", h, routing, bounds), routing, hidden_states)
+        with RemadeInBackward() if torch.is_grad_enabled() else contextlib.nullcontext():
+            y = _project(source, "down_proj", h, routing, bounds)  # its weights made again where marked
+        return _combine(y, routing, hidden_states)
 
     return forward
 
@@ -117,7 +119,8 @@ def _gate_up(source: ExpertWeights, x: torch.Tensor, hidden_states: torch.Tensor
     hidden]: top_k times the tokens' own rows) and their quantized copies are made again in the
     backward, not held (engine/remade.py): one gather and, under W4A4, one quantization each,
     for the grouped matmul, which saves x whole, and for the per-expert matmuls (``bounds``),
-    which save slices of it."""
+    which save slices of it. The TunedLinears that the loop asks to (``on_remake``) mark
+    their weights in the same context."""
     if not torch.is_grad_enabled():
         return torch.cat([_project(source, p, x, routing, bounds) for p in GATE_UP], dim=-1)
     outputs = []

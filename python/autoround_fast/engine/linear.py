@@ -3,8 +3,9 @@ every forward, and, under W4A4, its input fake-quantized too."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -12,6 +13,7 @@ import torch.nn as nn
 from .. import ops, reference
 from ..formats import FP8_BLOCK
 from .backends import Backend
+from .remade import Remade, RemadeInBackward, owns_storage
 from .spec import QuantSpec, fused_layer_groups
 
 
@@ -84,6 +86,11 @@ class TunedLinear(nn.Module):
         # The fake-quantized weight of the last forward with gradients, until the loop has
         # scored the iteration (it keeps the best iteration's).
         self.wq_now: Optional[torch.Tensor] = None
+        # Set by the loop where it remakes weights (SignRound): within a RemadeInBackward
+        # context, the forward's weight is marked (``remade``) instead of held, the backward
+        # makes it again and hands it to ``on_remake`` before its matmul's backward uses it.
+        self.on_remake: Optional[Callable[[torch.Tensor], None]] = None
+        self.remade: Optional[Remade] = None
 
     @property
     def steps_in_backward(self) -> bool:
@@ -105,8 +112,19 @@ class TunedLinear(nn.Module):
             return self._qdq(None)
         self.forwards += 1
         out = self._qdq(self.stepper)
-        self.wq_now = out[0]
+        self.wq_now, self.remade = out[0], None
+        context = RemadeInBackward.active()
+        if self.on_remake is not None and context is not None and owns_storage(out[0]):
+            self.remade = context.remake(out[0], self._made_again, self.linear.weight, *self.tunables())
+            self.wq_now = None
         return out
+
+    def _made_again(self) -> torch.Tensor:
+        """The forward's fake-quantized weight, made again in the backward (the tunables have
+        not moved since: remade.py checks)."""
+        wq = self._qdq(None)[0]
+        self.on_remake(wq)
+        return wq
 
     def _qdq(self, st: Optional[Stepper]):
         w = self.linear.weight
@@ -137,10 +155,21 @@ class TunedLinear(nn.Module):
         quantization (:meth:`input_quant_scale`), as the fused SiLU-gated MLP does."""
         home = x.device  # device_ids: this Linear may live on another card than the block
         x = x.to(self.v.device)
-        wq = self.qdq()[0]
-        if self.spec.act and not input_quantized:
-            x = self.quantize_input(x)
-        return nn.functional.linear(x, wq, self.linear.bias).to(home)
+        with self.remaking():
+            wq = self.qdq()[0]
+            if self.spec.act and not input_quantized:
+                x = self.quantize_input(x)
+            y = nn.functional.linear(x, wq, self.linear.bias)
+        if self.remade is not None and self.remade.uses == 0:
+            self.wq_now = wq  # the matmul saved none (its input needs no gradient): held until scored
+        return y.to(home)
+
+    def remaking(self):
+        """The context around this Linear's matmul in which its weight is made again in the
+        backward rather than held (where the loop asks for it, with gradients on)."""
+        if self.on_remake is None or not torch.is_grad_enabled():
+            return contextlib.nullcontext()
+        return RemadeInBackward()
 
     def input_quant_scale(self) -> Optional[torch.Tensor]:
         """The activation global scale under which a caller may quantize this Linear's input

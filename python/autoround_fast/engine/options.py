@@ -65,6 +65,11 @@ class TuneOptions:
         in the last bit, and on a GPU the grouped matmul is another GEMM kernel: there the two
         agree to rounding. On the CPU, where results are the stock path's bit for bit, it is
         off unless asked for.
+    remake_weights: make each Linear's fake-quantized weight again in its backward instead of
+        holding it from the forward, the best iteration's kept there (2 bytes per tuned weight
+        less at the loop's peak, for one more fake quantization of each weight per micro-batch;
+        the same bits). Default: on for a block whose MoE experts run grouped, whose experts'
+        tunables dominate its memory; needs no process group and the Linears on one device.
     memory_budget: bytes the block's tuning may take on its device (default: on one GPU, what
         it has free; elsewhere no limit). Where the estimate (:mod:`.memory`) exceeds it, the
         caches go to host memory (if cache_device was left unset), then the micro-batch is
@@ -91,6 +96,7 @@ class TuneOptions:
     fuse_elementwise: Optional[bool] = None
     step_in_backward: Optional[bool] = None
     grouped_experts: Optional[bool] = None
+    remake_weights: Optional[bool] = None
     memory_budget: Optional[int] = None
     release_inputs: bool = False
 
@@ -111,6 +117,7 @@ class Plan:
     fuse: bool  # the element-wise fusion, in the loop and the passes around it
     step_in_backward: bool
     grouped_experts: bool  # the MoE experts' grouped matmuls in the loop
+    remake_weights: bool  # the fake-quantized weights made again in the backward, not held
     placement: dict[str, torch.device] = field(default_factory=dict)
     eager_reason: str = ""  # why CUDA graphs were asked for but not used
     memory_note: str = ""  # what was given up for the block to fit its device
@@ -157,12 +164,14 @@ def plan(options: TuneOptions, block: nn.Module, linears: dict[str, nn.Linear], 
     if o.iters == 0:  # RTN: no tunables' gradients, no reference outputs, no backward
         budget = None
     grouped = groups_experts(o.grouped_experts, device)
+    shares = routed_shares(block, linears) if grouped else {}
+    remakes = _remakes_weights(o.remake_weights, bool(shares), dist is None and not spread)
     needs = memory.BlockMemory(
         linears, n_samples, *sample_shape, torch.empty(0, dtype=dtype).element_size(),
         first_block=held[1] is None, release_inputs=o.release_inputs,
         resident=sum(t is not None and indexed(t.device) == device for t in held),
-        shares=routed_shares(block, linears) if grouped else {},
-        scores=eager_scores(block, sample_shape[0], device.type == "cuda"))
+        shares=shares, scores=eager_scores(block, sample_shape[0], device.type == "cuda"),
+        weights_remade=remakes)
     room = memory.fit(needs, min(o.batch_size, n_samples), o.gradient_accumulate_steps, budget,
                       can_cache_on_host=o.cache_device is None and device.type == "cuda")
     if room.cache_on_host:
@@ -181,8 +190,18 @@ def plan(options: TuneOptions, block: nn.Module, linears: dict[str, nn.Linear], 
                 precision=Precision(device, dtype, act_quant), batch_size=room.batch_size,
                 dist=dist, cuda_graph=cuda_graph, fuse=bool(fuse) and o.iters > 0,
                 step_in_backward=step_fits and o.step_in_backward is not False,
-                grouped_experts=grouped,
+                grouped_experts=grouped, remake_weights=remakes and o.iters > 0,
                 placement=placement, eager_reason=eager_reason, memory_note=room.note)
+
+
+def _remakes_weights(option: Optional[bool], grouped_moe: bool, fits: bool) -> bool:
+    """remake_weights resolved: where asked for, or by default for a block whose experts run
+    grouped (``grouped_moe``); ``fits``: no process group, the Linears on one device."""
+    if option and not fits:
+        raise ValueError("tune_block: remake_weights=True needs no process group and the Linears on "
+                         "one device (the best weight is kept where the backward makes it, before "
+                         "the ranks' scores are summed)")
+    return fits and (grouped_moe if option is None else bool(option))
 
 
 def _cache_device(cache_device, device: torch.device) -> torch.device:

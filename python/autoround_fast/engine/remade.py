@@ -7,16 +7,20 @@ saved-tensor hook recognises its storage), it keeps ``make`` instead, and the ba
 large and cheap to make exactly again from what stays alive anyway (a gather of rows, a fake
 quantization). As autograd does for what it saves, the inputs ``make`` reads are checked for
 in-place writes between the forward and the backward; a view saved after an in-place write
-to the marked tensor is held as it is, not made again.
+to the marked tensor is held as it is, not made again. :meth:`RemadeInBackward.active` is the
+innermost such ``with`` of the thread, for code that marks what a caller's context saves.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+
+_ACTIVE = threading.local()  # .stack: this thread's RemadeInBackward contexts, innermost last
 
 
 @dataclass(eq=False)
@@ -81,17 +85,25 @@ class RemadeInBackward(torch.autograd.graph.saved_tensors_hooks):
 
     def __enter__(self) -> "RemadeInBackward":
         super().__enter__()
+        _stack().append(self)
         return self
 
     def __exit__(self, *exc):
+        _stack().remove(self)
         self._alive.clear()
         self._marked.clear()
         return super().__exit__(*exc)
 
+    @staticmethod
+    def active() -> Optional["RemadeInBackward"]:
+        """The innermost context entered on this thread and not left, or None."""
+        stack = _stack()
+        return stack[-1] if stack else None
+
     def remake(self, t: torch.Tensor, make: Callable[[], torch.Tensor], *inputs: torch.Tensor) -> Remade:
         """Mark ``t``, which must own its storage whole: the backward gets ``make()`` (which reads
         ``inputs``) where it saved ``t`` or a view of it."""
-        if t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        if not owns_storage(t):
             raise ValueError("remake: the marked tensor must be the whole of its storage, not a view into one")
         entry = Remade(make, _layout(t), t._version, inputs, tuple(i._version for i in inputs))
         if t.numel() > 0:  # empty tensors share no storage to tell them apart by
@@ -101,6 +113,17 @@ class RemadeInBackward(torch.autograd.graph.saved_tensors_hooks):
             self._marked[key] = entry
             self._alive.append(t)
         return entry
+
+
+def _stack() -> list:
+    if not hasattr(_ACTIVE, "stack"):
+        _ACTIVE.stack = []
+    return _ACTIVE.stack
+
+
+def owns_storage(t: torch.Tensor) -> bool:
+    """Whether ``t`` is the whole of its storage (what :meth:`RemadeInBackward.remake` marks)."""
+    return t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
 def _layout(t: torch.Tensor) -> tuple:

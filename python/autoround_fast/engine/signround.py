@@ -4,6 +4,7 @@ kept (scored before the step, as auto-round)."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -74,12 +75,13 @@ class _Best:
         self.iter.copy_(torch.where(improved, it, self.iter))
 
     @torch.no_grad()
-    def keep_weights(self, tuned: dict[str, TunedLinear], improved: torch.Tensor, backend) -> None:
+    def keep_weights(self, tuned: dict[str, TunedLinear], improved: torch.Tensor, backend) -> set[str]:
         """Where ``improved``, each Linear's best weight takes the one this iteration scored:
         its last forward's, or, where none ran, the one its tunables give now; a stack's in one
         copy where the forward's weights are views of one stack. Before any step of the
-        iteration; each forward's weight is let go."""
-        kept, on = set(), {improved.device: improved}
+        iteration; each forward's weight is let go. Returns the Linears whose forward's weight
+        the backward makes again (``remade``): their copy is left to :meth:`keep` there."""
+        kept, deferred, on = set(), set(), {improved.device: improved}
 
         def flag(device):  # one copy of the flag per device
             if device not in on:
@@ -92,10 +94,17 @@ class _Best:
                 backend.copy_if(best, stacked, flag(best.device))
                 kept.update(names)
         for name, tl in tuned.items():
-            if name not in kept:
+            if tl.remade is not None and tl.remade.uses > 0 and name not in kept:
+                deferred.add(name)
+            elif name not in kept:
                 wq = tl.wq_now if tl.wq_now is not None else tl.qdq()[0]
                 backend.copy_if(self.wq[name], wq, flag(wq.device))
-            tl.wq_now = None
+            tl.wq_now = tl.remade = None
+        return deferred
+
+    def keep(self, name: str, wq: torch.Tensor, improved: torch.Tensor, backend) -> None:
+        """Where ``improved``, Linear ``name``'s best weight takes ``wq``."""
+        backend.copy_if(self.wq[name], wq, improved)
 
 
 def _stack_of(views: list) -> Optional[torch.Tensor]:
@@ -129,7 +138,12 @@ class SignRound:
     ``tuned``: the TunedLinears by name (a grouped projection's experts as their stack, one
     TunedLinear: experts.GroupedExperts). ``stacks``: the Linears whose fake-quantized weights
     the forward stacks (the other grouped experts, by name in the stack's order); their best
-    weights are kept as one stack each."""
+    weights are kept as one stack each.
+
+    With ``plan.remake_weights`` (no process group, one device), no Linear holds its
+    fake-quantized weight from the forward to the backward: the backward makes it again
+    (engine/remade.py), and in the last micro-batch's backward, where the iteration is scored,
+    keeps it as the best weight where the score improved."""
 
     def __init__(self, block: nn.Module, tuned: dict[str, TunedLinear], data: LoopData, plan: Plan,
                  stacks: Sequence[list[str]] = ()):
@@ -158,8 +172,12 @@ class SignRound:
         self.improved_now = torch.zeros(1, dtype=torch.bool, device=device)  # filled by _score
         self.lr_now = torch.zeros(1, dtype=torch.float32, device=device)
         self.ran: set = set()  # the Linears whose backward took the step this iteration
-        for tl in tuned.values():
+        self.unkept: set = set()  # the Linears whose best weight the backward is to keep
+        in_forward_stacks = {n for names in stacks for n in names}
+        for name, tl in tuned.items():
             tl.forwards, tl.wq_now = 0, None
+            remakes = plan.remake_weights and name not in in_forward_stacks
+            tl.on_remake = functools.partial(self._keep_remade, name) if remakes else None
         # Data parallel: each gradient's all-reduce starts as soon as the last micro-batch's
         # backward has accumulated it (down_proj's first), so the transfers overlap the rest of
         # the backward; the step waits for all of them. With linear_devices the backward runs
@@ -273,6 +291,9 @@ class SignRound:
             total, score = self.reduce(total, score)
             self._score(score)  # the ranks' summed score: after the backward
         with torch.no_grad():
+            # a weight marked but never made again had no backward: its tunables did not move,
+            # and the best weight kept before is still the one they give
+            self.unkept.clear()
             self.best.update(self.improved_now, score, total, self.it)
             self.losses.index_copy_(0, self.it, total)
             self.step(self.improved_now, self.lr_now)
@@ -285,11 +306,19 @@ class SignRound:
         them)."""
         torch.lt(score, self.best.score, out=self.improved_now)
         self.lr_now.copy_(self.lrs.index_select(0, self.it))
-        self.best.keep_weights(self.tuned, self.improved_now, self.be)
+        self.unkept = self.best.keep_weights(self.tuned, self.improved_now, self.be)
+
+    @torch.no_grad()
+    def _keep_remade(self, name: str, wq: torch.Tensor) -> None:
+        """TunedLinear.on_remake: in the scored micro-batch's backward, the best weight from
+        the weight made again (earlier micro-batches' backwards keep nothing)."""
+        if name in self.unkept:
+            self.unkept.discard(name)
+            self.best.keep(name, wq, self.improved_now, self.be)
 
     def _let_weights_go(self) -> None:
         for tl in self.tuned.values():
-            tl.wq_now = None
+            tl.wq_now = tl.remade = None
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -334,7 +363,7 @@ class SignRound:
     def _finish(self, loop_ms: list[float]) -> LoopOutcome:
         stepped = sorted(n for n, tl in self.tuned.items() if tl.stepper is not None)
         for tl in self.tuned.values():
-            tl.stepper = None
+            tl.stepper = tl.on_remake = None
         for h in self.grad_hooks:
             h.remove()
         with torch.no_grad():
