@@ -507,8 +507,10 @@ def test_grouped_experts_with_biases_equal_the_loop(gpt_oss, scheme, dtype):
 def test_tune_block_groups_gpt_oss_experts(gpt_oss, scheme):
     """tune_block on the GPT-OSS block groups its biased experts and counts them on their
     routed share of the tokens (top_k / E) in the memory plan. With the biases at zero it
-    tunes bit for bit as the loop; with them, the first loss agrees to rounding and the best
-    loss of 30 iterations within 10% (sign steps at lr 1/30 follow the rounding apart)."""
+    tunes bit for bit as the loop; with them, the first loss agrees to rounding, and the
+    sign steps at lr 1/30 follow the rounding apart: both bring the loss below a third of the
+    first in 30 iterations, their best losses within 25% of each other (2-17% apart, either
+    way, where the CPU's bf16 matmuls run on AVX2 or on AMX)."""
     layer, inputs = gpt_oss
     specs = {n: SPECS[scheme] for n in ATTENTION + GPT_OSS_EXPERTS}
     linears = {n: layer.get_submodule(n) for n in specs}
@@ -521,7 +523,8 @@ def test_tune_block_groups_gpt_oss_experts(gpt_oss, scheme):
     grouped, loop = tune(layer, True, 30), tune(layer, False, 30)
     assert grouped.grouped_experts == ["mlp.experts"] and loop.grouped_experts == []
     assert grouped.losses[0] == pytest.approx(loop.losses[0], rel=1e-2)
-    assert grouped.best_loss == pytest.approx(loop.best_loss, rel=0.1)
+    assert max(grouped.best_loss / grouped.losses[0], loop.best_loss / loop.losses[0]) < 1 / 3
+    assert grouped.best_loss == pytest.approx(loop.best_loss, rel=0.25)
     unbiased = copy.deepcopy(layer)
     with torch.no_grad():
         for name in GPT_OSS_EXPERTS:
