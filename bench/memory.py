@@ -6,8 +6,9 @@ Each shape's decoder layer is built with random weights (MoE experts linearized 
 llm-compressor does), and its Linears go through ``memory.BlockMemory`` as ``options.plan``
 builds it for a block after the first under the modifier: the fp inputs and the previous block's
 quantized outputs already on the device, the fp inputs released after the reference pass, every
-expert run grouped on its routed share of the tokens (and, in such a block, the fake-quantized
-weights made again in the backward, not held), the attention through SDPA where the engine swaps
+expert run grouped on its routed share of the tokens (and, in such a block, the experts'
+fake-quantized weights made again in the backward, one projection's stack at a time, under a
+scheme whose experts stack: W4A16, NVFP4, MX), the attention through SDPA where the engine swaps
 it in on a GPU (GPT-OSS's, with its sinks and sliding windows, stays eager).
 
     python -m bench.memory                                  # 8b, 70b and the MoE shapes
@@ -26,6 +27,8 @@ from bench.shapes import SHAPES, build_model
 DEFAULT_SHAPES = ["8b", "70b", "qwen3-moe", "mixtral", "gpt-oss"]
 HELD = 2  # caches a later block finds on its device: its fp inputs and the quantized inputs
 ELEM = torch.bfloat16.itemsize  # the block's dtype, as bench.block builds it
+# a scheme whose experts stack (W4A16; NVFP4 and MX alike): their weights made again in the backward
+STACKED_SCHEME = ("int", 4, 128, True)
 
 
 def block_linears(shape: str, seqlen: int) -> tuple[nn.Module, dict[str, nn.Linear]]:
@@ -42,13 +45,15 @@ def estimate(shape: str, nsamples: int, seqlen: int, batch: int) -> dict:
     from autoround_fast.engine.attention import eager_scores
     from autoround_fast.engine.experts import routed_shares
     from autoround_fast.engine.memory import BlockMemory
+    from autoround_fast.engine.options import remade_stacks
+    from autoround_fast.engine.spec import QuantSpec
 
     layer, linears = block_linears(shape, seqlen)
     hidden = SHAPES[shape].hidden
     shares = routed_shares(layer, linears)
     block = BlockMemory(linears, nsamples, seqlen, hidden, ELEM, release_inputs=True, resident=HELD, shares=shares,
                         scores=eager_scores(layer, seqlen, on_gpu=True),
-                        weights_remade=bool(shares))  # remake_weights' default: on where experts run grouped
+                        remade=remade_stacks(layer, linears, {n: QuantSpec(*STACKED_SCHEME) for n in linears}))
     adds = block.bytes(batch, caches_on_device=True)
     caches = HELD * nsamples * seqlen * hidden * ELEM  # those it finds held (the reference takes the fp inputs' place)
     weights = sum(m.weight.numel() for m in linears.values())

@@ -755,18 +755,27 @@ def test_weights_made_again_in_the_backward_change_nothing(ragged_block, name, b
 
 @pytest.mark.parametrize("backend", ["torch", "kernels"])
 def test_weights_made_again_where_a_backward_never_comes(backend):
-    """Linear b's matmul saves its weight for a backward that never runs (its tunables get
-    no gradient and stay where they are), and a runs three times. The run of the weights
-    held, bit for bit."""
+    """Linear b's matmul saves its weight for a backward that never runs, so b's weight is
+    never made again (its tunables get no gradient and stay where they are: its best weight
+    is any iteration's), and a runs three times, one of them into b. The bookkeeping of the
+    weights kept in the backward carries nothing over into later iterations: the run of the
+    weights held, bit for bit."""
     torch.manual_seed(0)
     model = _Branches().to(torch.bfloat16)
     inputs = [((torch.randn(1, 16, 64, dtype=torch.bfloat16),), {}) for _ in range(8)]
     spec = {n: SPECS["nvfp4a16"] for n in "abc"}
+    made = []
+    orig = TunedLinear._made_again
     runs = {}
     for flag in (False, True):
         block = copy.deepcopy(model)
-        runs[flag] = _tuned_state(tune_block(block, inputs, spec, iters=8, batch_size=4, backend=backend, lr=0.02,
-                                             remake_weights=flag), block, "abc")
+        names = {}
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(TunedLinear, "_made_again", lambda self: made.append(names[id(self.linear)]) or orig(self))
+            names.update({id(block.get_submodule(n)): n for n in "abc"})
+            runs[flag] = _tuned_state(tune_block(block, inputs, spec, iters=8, batch_size=4, backend=backend,
+                                                 lr=0.02, remake_weights=flag), block, "abc")
+    assert sorted(set(made)) == ["a", "c"]
     assert runs[True][0].best_iter > 0
     assert_same_run(runs[True], runs[False], "abc", "branches")
 

@@ -219,6 +219,35 @@ def test_tune_block_with_grouped_experts_equals_the_loop(moe, scheme, backend, m
             _assert_same(grouped.qparams[n][k], loop.qparams[n][k])
 
 
+@pytest.mark.parametrize("scheme", ["w4a16", "nvfp4", "fp8-tensor"])
+def test_the_backward_makes_each_stacks_weight_again(moe, scheme, monkeypatch):
+    """remake_weights, on by default with the grouped experts: each projection's stack has its
+    fake-quantized weight made again in the backward, once per iteration, and no fake
+    quantization runs but those and the forwards' (none at scoring); FP8 per tensor, whose
+    experts' weights the forward stacks, holds that stack. The losses of the weights held."""
+    from autoround_fast.engine.expert_stack import _Rows
+
+    layer, inputs = moe
+    specs = {n: {**SPECS, **FP8_SPECS}[scheme] for n in ATTENTION + EXPERTS}
+    made, quantized = [], []
+    orig_made, orig_qdq = TunedLinear._made_again, TunedLinear._qdq
+    monkeypatch.setattr(TunedLinear, "_made_again",
+                        lambda self: made.append(isinstance(self.linear, _Rows)) or orig_made(self))
+    monkeypatch.setattr(TunedLinear, "_qdq", lambda self, st: quantized.append(1) or orig_qdq(self, st))
+    runs = {}
+    for remake in (None, False):
+        made.clear()
+        quantized.clear()
+        res = tune_block(copy.deepcopy(layer), inputs, specs, iters=6, batch_size=4, backend="kernels",
+                         grouped_experts=True, remake_weights=remake)
+        runs[remake] = (res.losses, list(made), len(quantized))
+    (losses, made_default, calls), (held_losses, made_held, held_calls) = runs[None], runs[False]
+    assert sum(made_default) == (0 if scheme == "fp8-tensor" else 6 * 3) and made_held == []
+    assert len(made_default) - sum(made_default) == 6  # o_proj's (q, k and v: their input needs no gradient)
+    assert calls == held_calls + len(made_default)
+    assert losses == held_losses
+
+
 @pytest.mark.parametrize("scheme", list(SPECS) + ["fp8-channel", "fp8-block"])
 def test_a_projections_experts_are_fake_quantized_in_one_call(moe, scheme, monkeypatch):
     """In the tuning loop's context each projection's experts are one stack: one call of the

@@ -113,8 +113,7 @@ def _plan(options: TuneOptions, block: nn.Module, linears: dict[str, nn.Linear],
                          f"got a {type(fp_inputs).__name__}")
     first = fp_inputs[0][0][0] if fp_inputs else None  # plan() refuses no inputs
     shape = (first.numel() // first.shape[-1], first.shape[-1]) if first is not None else (0, 0)
-    act_quant = any(s.act for s in specs.values())
-    return plan(options, block, linears, len(fp_inputs), act_quant, shape, held=(first, q_inputs))
+    return plan(options, block, linears, specs, len(fp_inputs), shape, held=(first, q_inputs))
 
 
 def _linears(block: nn.Module, specs: dict[str, QuantSpec]) -> dict[str, nn.Linear]:

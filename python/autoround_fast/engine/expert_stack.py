@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from ..formats import FP8_BLOCK
 from .linear import TunedLinear
+from .spec import QuantSpec
 
 _STACKED = ("v", "min_scale", "max_scale")  # the TunedLinear tunables a stack holds
 
@@ -41,13 +42,16 @@ class _Rows(nn.Module):
 def stackable(tuned: list[TunedLinear]) -> bool:
     """Whether one projection's experts (one spec and shape) can be tuned as a stack (their
     biases, not tuned, stay with the grouped forward)."""
-    first = tuned[0]
-    spec, out_features = first.spec, first.linear.weight.shape[0]
-    if first.act_max_scale is not None:
-        return False
+    return stacks(tuned[0].spec, tuned[0].linear.weight.shape[0])
+
+
+def stacks(spec: QuantSpec, out_features: int) -> bool:
+    """Whether experts of this spec and width stack: not with a weight scale or a static
+    activation scale per expert (FP8 per tensor, FP8 static activations), nor FP8 blocks
+    that an expert's rows do not fill."""
     if spec.kind in ("int", "mx", "nvfp4"):
         return True
-    if spec.kind == "fp8" and not spec.fp8_per_tensor:
+    if spec.kind == "fp8" and not spec.fp8_per_tensor and not spec.act:
         return spec.group_size != FP8_BLOCK or out_features % FP8_BLOCK == 0
     return False
 

@@ -426,7 +426,18 @@ def routed_shares(block: nn.Module, linears: dict[str, nn.Linear]) -> dict[str, 
     projection of every expert among ``linears``), the share of the tokens it
     computes on: top_k / E (the ``top_k`` of the router beside the container). Containers
     without such a router are left out (every token)."""
-    shares = {}
+    return {n: k / len(names) for names, k in _routed_projections(block, linears) for n in names}
+
+
+def routed_projections(block: nn.Module, linears: dict[str, nn.Linear]) -> list[list[str]]:
+    """The expert Linears of :func:`routed_shares`, a list of names per projection of each
+    container (the order of its stack)."""
+    return [names for names, _ in _routed_projections(block, linears)]
+
+
+def _routed_projections(block: nn.Module, linears: dict[str, nn.Linear]):
+    """(a projection's expert names, the container's top_k) for each projection of each
+    experts container of the block whose Linears are all among ``linears``, with a router."""
     for name, m in block.named_modules():
         projections = _projections(m)
         if projections is None:
@@ -435,11 +446,8 @@ def routed_shares(block: nn.Module, linears: dict[str, nn.Linear]) -> dict[str, 
         if not all(n in linears for names in stacks.values() for n in names):
             continue
         k = _top_k(block.get_submodule(name.rpartition(".")[0]), m)
-        if k is None:
-            continue
-        for names in stacks.values():
-            shares.update({n: k / len(names) for n in names})
-    return shares
+        if k is not None:
+            yield from ((names, k) for names in stacks.values())
 
 
 def _top_k(moe_block: nn.Module, experts: nn.Module) -> Optional[int]:

@@ -121,7 +121,8 @@ class TunedLinear(nn.Module):
 
     def _made_again(self) -> torch.Tensor:
         """The forward's fake-quantized weight, made again in the backward (the tunables have
-        not moved since: remade.py checks)."""
+        not moved since: remade.py checks), outside the forward's autocast, which the weight
+        ops do not follow."""
         wq = self._qdq(None)[0]
         self.on_remake(wq)
         return wq
@@ -160,7 +161,7 @@ class TunedLinear(nn.Module):
             if self.spec.act and not input_quantized:
                 x = self.quantize_input(x)
             y = nn.functional.linear(x, wq, self.linear.bias)
-        if self.remade is not None and self.remade.uses == 0:
+        if self.remade is not None and not self.remade.saved:
             self.wq_now = wq  # the matmul saved none (its input needs no gradient): held until scored
         return y.to(home)
 

@@ -3,8 +3,8 @@
 An estimate, made before any tensor is allocated, of the most the block's run adds on the
 device, over its two heaviest phases:
 - the tuning loop: the tunables of every Linear (V and its gradient in fp32; the fake-quantized
-  weight kept for the backward unless it is made again there, and the best iteration's, in the
-  block's dtype), the cached
+  weight kept for the backward, unless the backward makes it again (then one unit of them at a
+  time), and the best iteration's, in the block's dtype), the cached
   activations not there yet (each [N, L, H] in the block's dtype: :func:`live_caches` of them
   at once; those the caller already holds on the device are spent, not needed), and one
   micro-batch's forward and backward (what
@@ -65,8 +65,9 @@ class BlockMemory:
     others go, or are the released fp inputs); ``shares``: the share of the tokens a Linear computes
     on, where not every token (an MoE expert run grouped: top_k / E); ``scores``: the attention
     scores one sample makes in eagerly run attention (attention.eager_scores);
-    ``weights_remade``: the forward's fake-quantized weights are not held for the backward
-    (TuneOptions.remake_weights)."""
+    ``remade``: the Linears whose fake-quantized weights the backward makes again instead of
+    holding them (TuneOptions.remake_weights), in the units it makes one at a time (an MoE
+    projection's stacked experts)."""
 
     linears: dict[str, nn.Linear]
     n_samples: int
@@ -78,18 +79,24 @@ class BlockMemory:
     resident: int = 0
     shares: dict[str, float] = field(default_factory=dict)
     scores: int = 0
-    weights_remade: bool = False
+    remade: tuple[tuple[str, ...], ...] = ()
 
     def bytes(self, batch: int, caches_on_device: bool) -> int:
         """The estimate above for micro-batches of ``batch`` samples: the larger of its phases."""
         forward = self._forward(batch)
         scores = batch * self.scores * EAGER_SCORE_BYTES
-        per_weight = TUNABLE_FP32_BYTES + (WQ_COPIES - self.weights_remade) * self.elem
-        tunables = sum(m.weight.numel() for m in self.linears.values()) * per_weight
+        per_weight = TUNABLE_FP32_BYTES + WQ_COPIES * self.elem
+        tunables = sum(m.weight.numel() for m in self.linears.values()) * per_weight - self._not_held()
         live = live_caches(self.first_block, self.release_inputs)
         loop = tunables + self._caches(live, batch, caches_on_device) + BACKWARD_FACTOR * forward + scores
         at_reference = live_caches(self.first_block, release_inputs=False)  # the fp inputs are still held
         return max(loop, self._caches(at_reference, batch, caches_on_device) + forward + scores)
+
+    def _not_held(self) -> int:
+        """Bytes of the fake-quantized weights made again in the backward, less the largest
+        unit's, which is there while its matmul's backward runs."""
+        units = [sum(self.linears[n].weight.numel() for n in unit) for unit in self.remade]
+        return (sum(units) - max(units, default=0)) * self.elem
 
     def _caches(self, live: int, batch: int, on_device: bool) -> int:
         """Bytes of the caches not yet on the device, ``live`` held at once (on the host: the

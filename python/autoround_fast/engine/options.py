@@ -13,7 +13,9 @@ import torch.nn as nn
 from .. import fusion
 from . import memory
 from .attention import eager_scores
-from .experts import groups_experts, routed_shares
+from .expert_stack import stacks
+from .experts import groups_experts, routed_projections, routed_shares
+from .spec import QuantSpec
 from .backends import Backend, make_backend
 from .placement import indexed, linear_devices, place_linears, process_group
 from .precision import Precision, cpu_tune_dtype
@@ -127,10 +129,10 @@ class Plan:
         return any(d != self.device for d in self.placement.values())
 
 
-def plan(options: TuneOptions, block: nn.Module, linears: dict[str, nn.Linear], n_samples: int,
-         act_quant: bool, sample_shape: tuple[int, int], held: Sequence[Optional[torch.Tensor]] = (None, None)) -> Plan:
-    """Resolve ``options`` for this block and machine (``sample_shape``: one sample's tokens
-    and hidden size; ``held``: the caller's fp inputs and quantized inputs (None in a first
+def plan(options: TuneOptions, block: nn.Module, linears: dict[str, nn.Linear], specs: dict[str, QuantSpec],
+         n_samples: int, sample_shape: tuple[int, int], held: Sequence[Optional[torch.Tensor]] = (None, None)) -> Plan:
+    """Resolve ``options`` for this block and machine (``specs``: each Linear's scheme;
+    ``sample_shape``: one sample's tokens and hidden size; ``held``: the caller's fp inputs and quantized inputs (None in a first
     block), whose memory is spent where they already live on the block's device), or raise
     naming the option at fault."""
     o = options
@@ -163,15 +165,18 @@ def plan(options: TuneOptions, block: nn.Module, linears: dict[str, nn.Linear], 
         budget = memory.device_budget(device)
     if o.iters == 0:  # RTN: no tunables' gradients, no reference outputs, no backward
         budget = None
+    precision = Precision(device, dtype, any(s.act for s in specs.values()))
     grouped = groups_experts(o.grouped_experts, device)
     shares = routed_shares(block, linears) if grouped else {}
     remakes = _remakes_weights(o.remake_weights, bool(shares), dist is None and not spread)
+    # a weight that autocast casts for its matmul is saved as the cast copy, held either way
+    casts = precision.amp and precision.amp_dtype != dtype
     needs = memory.BlockMemory(
         linears, n_samples, *sample_shape, torch.empty(0, dtype=dtype).element_size(),
         first_block=held[1] is None, release_inputs=o.release_inputs,
         resident=sum(t is not None and indexed(t.device) == device for t in held),
         shares=shares, scores=eager_scores(block, sample_shape[0], device.type == "cuda"),
-        weights_remade=remakes)
+        remade=remade_stacks(block, linears, specs) if remakes and not casts else ())
     room = memory.fit(needs, min(o.batch_size, n_samples), o.gradient_accumulate_steps, budget,
                       can_cache_on_host=o.cache_device is None and device.type == "cuda")
     if room.cache_on_host:
@@ -187,7 +192,7 @@ def plan(options: TuneOptions, block: nn.Module, linears: dict[str, nn.Linear], 
                          "micro-batch per step (gradient_accumulate_steps=1), no process group and the "
                          "Linears on one device" + (f"; {room.note}" if room.note else ""))
     return Plan(options=o, backend=be, device=device, cache_device=cache_device, dtype=dtype,
-                precision=Precision(device, dtype, act_quant), batch_size=room.batch_size,
+                precision=precision, batch_size=room.batch_size,
                 dist=dist, cuda_graph=cuda_graph, fuse=bool(fuse) and o.iters > 0,
                 step_in_backward=step_fits and o.step_in_backward is not False,
                 grouped_experts=grouped, remake_weights=remakes and o.iters > 0,
@@ -202,6 +207,14 @@ def _remakes_weights(option: Optional[bool], grouped_moe: bool, fits: bool) -> b
                          "one device (the best weight is kept where the backward makes it, before "
                          "the ranks' scores are summed)")
     return fits and (grouped_moe if option is None else bool(option))
+
+
+def remade_stacks(block: nn.Module, linears: dict[str, nn.Linear],
+                   specs: dict[str, QuantSpec]) -> tuple[tuple[str, ...], ...]:
+    """The experts' stacks whose fake-quantized weights the backward makes again (what the
+    memory estimate counts; the other Linears it counts as held)."""
+    return tuple(tuple(names) for names in routed_projections(block, linears)
+                 if stacks(specs[names[0]], linears[names[0]].out_features))
 
 
 def _cache_device(cache_device, device: torch.device) -> torch.device:

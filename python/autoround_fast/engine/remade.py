@@ -36,6 +36,11 @@ class Remade:
     uses: int = 0
     tensor: Optional[torch.Tensor] = field(default=None, repr=False)
 
+    @property
+    def saved(self) -> bool:
+        """Whether autograd saved the marked tensor, or a view of it, for a use still to come."""
+        return self.uses > 0
+
     def current(self) -> torch.Tensor:
         """The tensor made again (without gradients); held for the uses still to come."""
         if self.tensor is not None:

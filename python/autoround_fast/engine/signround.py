@@ -94,7 +94,7 @@ class _Best:
                 backend.copy_if(best, stacked, flag(best.device))
                 kept.update(names)
         for name, tl in tuned.items():
-            if tl.remade is not None and tl.remade.uses > 0 and name not in kept:
+            if tl.remade is not None and tl.remade.saved and name not in kept:
                 deferred.add(name)
             elif name not in kept:
                 wq = tl.wq_now if tl.wq_now is not None else tl.qdq()[0]
