@@ -383,7 +383,9 @@ def main(argv=None):
     p.add_argument("--backends", nargs="+", default=["auto_round", "cuda"],
                    choices=["auto_round", "cuda", *CUDA_VARIANTS, "torch"],
                    help="cuda-nofuse: backend cuda with fuse_elementwise off; cuda-sepstep: with the sign "
-                        "step as its own kernel (step_in_backward off)")
+                        "step as its own kernel (step_in_backward off); cuda-loop: MoE experts one Linear "
+                        "at a time (grouped_experts off); cuda-held: the fake-quantized weights held for the "
+                        "backward (remake_weights off)")
     p.add_argument("--shape", default="8b", choices=list(SHAPES))
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--nsamples", type=int, default=128)
