@@ -132,9 +132,9 @@ class Plan:
 def plan(options: TuneOptions, block: nn.Module, linears: dict[str, nn.Linear], specs: dict[str, QuantSpec],
          n_samples: int, sample_shape: tuple[int, int], held: Sequence[Optional[torch.Tensor]] = (None, None)) -> Plan:
     """Resolve ``options`` for this block and machine (``specs``: each Linear's scheme;
-    ``sample_shape``: one sample's tokens and hidden size; ``held``: the caller's fp inputs and quantized inputs (None in a first
-    block), whose memory is spent where they already live on the block's device), or raise
-    naming the option at fault."""
+    ``sample_shape``: one sample's tokens and hidden size; ``held``: the caller's fp inputs and
+    quantized inputs (None in a first block), whose memory is spent where they already live on
+    the block's device), or raise naming the option at fault."""
     o = options
     be = make_backend(o.backend)
     if n_samples == 0:
@@ -210,7 +210,7 @@ def _remakes_weights(option: Optional[bool], grouped_moe: bool, fits: bool) -> b
 
 
 def remade_stacks(block: nn.Module, linears: dict[str, nn.Linear],
-                   specs: dict[str, QuantSpec]) -> tuple[tuple[str, ...], ...]:
+                  specs: dict[str, QuantSpec]) -> tuple[tuple[str, ...], ...]:
     """The experts' stacks whose fake-quantized weights the backward makes again (what the
     memory estimate counts; the other Linears it counts as held)."""
     return tuple(tuple(names) for names in routed_projections(block, linears)
