@@ -21,7 +21,7 @@ from autoround_fast import ops
 from autoround_fast.calibration_pass import GroupedCalibrationPass
 from autoround_fast.engine import QuantSpec, backends, precision, tune_block
 from autoround_fast.engine.backends import make_backend
-from autoround_fast.engine import experts as experts_mod
+from autoround_fast.engine import expert_forward
 from autoround_fast.engine import memory
 from autoround_fast.engine.experts import grouped_experts, routed_shares
 from autoround_fast.engine.linear import TunedLinear, swap_module
@@ -302,7 +302,7 @@ def test_grouped_forward_never_waits_for_the_host(moe, scheme, monkeypatch):
     def no_bounds(self):
         raise AssertionError("the grouped forward asked for the experts' row counts")
 
-    monkeypatch.setattr(experts_mod.Routing, "bounds", no_bounds)
+    monkeypatch.setattr(expert_forward.Routing, "bounds", no_bounds)
     x = torch.randn(40, HIDDEN).to(torch.bfloat16)
     with torch.no_grad():
         _, w, idx = layer.mlp.gate(x)
@@ -329,8 +329,8 @@ def test_the_backward_makes_the_gathered_rows_again(moe, scheme, dtype, monkeypa
             return out
         return f
 
-    monkeypatch.setattr(experts_mod, "gather_rows", watched("gathered", experts_mod.gather_rows))
-    monkeypatch.setattr(experts_mod, "_quantize_inputs", watched("quantized", experts_mod._quantize_inputs))
+    monkeypatch.setattr(expert_forward, "gather_rows", watched("gathered", expert_forward.gather_rows))
+    monkeypatch.setattr(expert_forward, "_quantize_inputs", watched("quantized", expert_forward._quantize_inputs))
     x = torch.randn(40, HIDDEN).to(dtype).requires_grad_(True)
     with torch.no_grad():
         _, w, idx = layer.mlp.gate(x.to(torch.bfloat16))

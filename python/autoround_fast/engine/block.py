@@ -232,7 +232,7 @@ class _BlockRun:
 
     def _probe_grouped(self, result: BlockResult) -> None:
         """The loop graphed after all where the grouped experts took away the block's waits
-        for the host (the experts' loop's; static FP8 activations keep one, see experts.py)."""
+        for the host (the experts' loop's; static FP8 activations keep one, see expert_forward.py)."""
         if not self._waits_for_host():
             self.plan.cuda_graph = True
             self.plan.eager_reason = result.eager_reason = ""

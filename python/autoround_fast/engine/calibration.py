@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .experts import ExpertWeights, Routing, stacked_experts
+from .expert_forward import ExpertWeights, Routing
+from .experts import stacked_experts
 from .inputs import BlockInputs
 
 

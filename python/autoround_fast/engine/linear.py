@@ -13,7 +13,7 @@ import torch.nn as nn
 from .. import ops, reference
 from ..formats import FP8_BLOCK
 from .backends import Backend
-from .remade import Remade, RemadeInBackward, owns_storage
+from .remade import Remade, RemadeInBackward, owns_storage, remade_with_grad
 from .spec import QuantSpec, fused_layer_groups
 
 
@@ -168,9 +168,7 @@ class TunedLinear(nn.Module):
     def remaking(self):
         """The context around this Linear's matmul in which its weight is made again in the
         backward rather than held (where the loop asks for it, with gradients on)."""
-        if self.on_remake is None or not torch.is_grad_enabled():
-            return contextlib.nullcontext()
-        return RemadeInBackward()
+        return contextlib.nullcontext() if self.on_remake is None else remade_with_grad()
 
     def input_quant_scale(self) -> Optional[torch.Tensor]:
         """The activation global scale under which a caller may quantize this Linear's input

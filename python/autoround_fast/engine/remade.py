@@ -13,6 +13,7 @@ innermost such ``with`` of the thread, for code that marks what a caller's conte
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from dataclasses import dataclass, field
@@ -118,6 +119,11 @@ class RemadeInBackward(torch.autograd.graph.saved_tensors_hooks):
             self._marked[key] = entry
             self._alive.append(t)
         return entry
+
+
+def remade_with_grad() -> contextlib.AbstractContextManager:
+    """A RemadeInBackward where gradients are on (a backward may come), else a null context."""
+    return RemadeInBackward() if torch.is_grad_enabled() else contextlib.nullcontext()
 
 
 def _stack() -> list:
