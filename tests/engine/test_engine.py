@@ -683,6 +683,34 @@ def test_step_in_backward_changes_nothing(ragged_block, name, backend):
     assert_same_run(runs["in backward"], runs["separate"], LINEARS, name)
 
 
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp4"])
+def test_the_backward_holds_one_gradient_at_a_time(ragged_block, name, monkeypatch):
+    """With the step in the backward, a tunable that no stepping kernel steps (every one in the
+    first iteration; MX, which has no such kernel, in every one) is stepped as soon as its
+    gradient is accumulated, which goes then: no separate step ever sees a second tunable's
+    gradient alive. With the step after the backward, it sees them all."""
+    from autoround_fast.engine import signround
+
+    model, inputs = ragged_block
+    spec = {n: SPECS[name] for n in LINEARS}
+    loops, alive = [], []
+    orig_init, orig_step = signround.SignRound.__init__, backends.KernelBackend.step
+    monkeypatch.setattr(signround.SignRound, "__init__",
+                        lambda self, *a, **k: orig_init(self, *a, **k) or loops.append(self))
+    monkeypatch.setattr(backends.KernelBackend, "step", lambda self, p, *a: alive.append(
+        sum(q.grad is not None for q in loops[-1].params)) or orig_step(self, p, *a))
+    counts = {}
+    for flag in (False, None):
+        alive.clear()
+        result = tune_block(fresh_block(model), inputs, spec, iters=4, batch_size=4, backend="kernels",
+                            step_in_backward=flag)
+        counts[flag] = (max(alive), len(alive), result.step_in_backward)
+    n_params = len(loops[-1].params)
+    assert counts[False] == (n_params, 4 * n_params, [])
+    kernel_steps = SPECS[name].kind == "nvfp4"
+    assert counts[None] == (1, n_params if kernel_steps else 4 * n_params, sorted(LINEARS) if kernel_steps else [])
+
+
 class _Branches(torch.nn.Module):
     """A block whose Linear a runs three times per forward and whose Linear b's output is
     unused: a's gradient is a sum of backwards, and b's backward never runs (its matmul saves

@@ -130,10 +130,12 @@ class SignRound:
     backward, once the ranks' scores are summed). With ``plan.step_in_backward`` (one
     micro-batch, no process group, one device, the kernels), each Linear's weight backward
     then takes the step on its tunables itself: the
-    same bits, without writing and reading back V's gradient. The first iteration runs the
-    separate step and counts each Linear's forwards; from the second on, the Linears with one
-    forward per iteration step in their backward (:meth:`attach_steppers`), and a Linear whose
-    backward did not run in an iteration gets the usual best copy.
+    same bits, without writing and reading back V's gradient. The first iteration counts each
+    Linear's forwards; from the second on, the Linears with one forward per iteration step in
+    their backward (:meth:`attach_steppers`). Every other tunable (all of them in the first
+    iteration) takes its step as soon as the backward has accumulated its gradient, which goes
+    at once, so that the backward holds no more than one such gradient at a time. A Linear
+    whose backward did not run in an iteration gets the usual best copy.
 
     ``tuned``: the TunedLinears by name (a grouped projection's experts as their stack, one
     TunedLinear: experts.GroupedExperts). ``stacks``: the Linears whose fake-quantized weights
@@ -189,6 +191,13 @@ class SignRound:
         self.last_micro = False
         self.grad_hooks = ([p.register_post_accumulate_grad_hook(self._reduce_when_ready) for p in self.params]
                            if self.overlap else [])
+        # With the step in the backward, a tunable that its Linear's backward does not step (the
+        # first iteration's, a Linear with two forwards, a kind without a stepping kernel) takes
+        # it as soon as its gradient is final, which then goes: one such gradient alive at a time
+        self.accumulated: set = set()  # the tunables stepped so this iteration
+        if self.stepping:
+            self.grad_hooks = [p.register_post_accumulate_grad_hook(functools.partial(self._step_accumulated, b))
+                               for p, b in zip(self.params, self.best.copies)]
 
     def _valid_counts(self, global_bs: int, accumulate: int) -> torch.Tensor:
         """Per iteration, what auto-round divides each micro-batch's loss by to score it (in
@@ -208,6 +217,14 @@ class SignRound:
     def _reduce_when_ready(self, p) -> None:
         if self.last_micro:
             self.in_flight.append(self.dist.all_reduce(p.grad, async_op=True))
+
+    @torch.no_grad()
+    def _step_accumulated(self, best: Optional[torch.Tensor], p: torch.Tensor) -> None:
+        if p.grad is None:  # the stepping kernel's backward: stepped there, no gradient
+            return
+        self.be.step(p, best, p.grad, self.improved_now, self.lr_now)
+        p.grad = None
+        self.accumulated.add(id(p))
 
     def attach_steppers(self) -> None:
         """After the first iteration: the step moves into the backward of each Linear that ran
@@ -256,7 +273,8 @@ class SignRound:
         """Keep the best scales (``best <- p`` where improved; V's best is its weight, kept
         before) and take the sign step (``p <- p - lr * sign(grad)``) on every tunable whose
         backward did not take it."""
-        stepped = {id(p) for name in self.ran for p in self.tuned[name].tunables()}
+        stepped = {id(p) for name in self.ran for p in self.tuned[name].tunables()} | self.accumulated
+        self.accumulated.clear()
         on = {d: (improved, lr) if d == self.device else (improved.to(d), lr.to(d)) for d in self.devices}
         for p, b in zip(self.params, self.best.copies):
             if id(p) in stepped:  # done in its backward
