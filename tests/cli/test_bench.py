@@ -208,3 +208,17 @@ def test_model_bench_phases_add_up(tmp_path):
     assert extra["tune_s"] == pytest.approx(ours["loop_s"][0] + later * 11)
     assert extra["total_s"] == pytest.approx(sum(extra[p] for p in ("load_s", "outside_tune_s", "tune_s", "save_s")))
     assert "extrapolated to 12 layers" in out
+
+
+def test_trace_memory_finds_what_is_live_at_the_highest_total():
+    """bench.trace_memory's replay of an allocation trace: the live set at the highest total,
+    frees counted only once completed, a free of an allocation from before the trace ignored."""
+    sys.path.insert(0, str(ROOT))
+    from bench.trace_memory import live_at_peak
+
+    events = [dict(action="alloc", addr=1, size=100), dict(action="alloc", addr=2, size=50),
+              dict(action="free_requested", addr=1, size=100), dict(action="alloc", addr=3, size=30),
+              dict(action="free_completed", addr=1, size=100), dict(action="free_completed", addr=9, size=70),
+              dict(action="alloc", addr=4, size=90), dict(action="alloc", addr=5, size=10)]
+    peak, live = live_at_peak(events)
+    assert peak == 180 and sorted(live) == [1, 2, 3]
