@@ -31,17 +31,25 @@ def _frame_name(ev: dict) -> str:
 
 
 def live_at_peak(events: list[dict]) -> tuple[int, dict]:
-    """The highest total of live bytes over the trace's events, and the allocations live then."""
-    live, total, peak, at_peak = {}, 0, 0, {}
-    for ev in events:
+    """The highest total of live bytes over the trace's events, and the allocations live then
+    (found in a second replay up to the peak's event)."""
+    total, peak, peak_at = 0, 0, -1
+    sizes = {}
+    for i, ev in enumerate(events):
         if ev["action"] == "alloc":
-            live[ev["addr"]] = ev
+            sizes[ev["addr"]] = ev["size"]
             total += ev["size"]
             if total > peak:
-                peak, at_peak = total, dict(live)
-        elif ev["action"] == "free_completed" and ev["addr"] in live:
-            total -= live.pop(ev["addr"])["size"]
-    return peak, at_peak
+                peak, peak_at = total, i
+        elif ev["action"] == "free_completed" and ev["addr"] in sizes:
+            total -= sizes.pop(ev["addr"])
+    live = {}
+    for ev in events[:peak_at + 1]:
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = ev
+        elif ev["action"] == "free_completed":
+            live.pop(ev["addr"], None)
+    return peak, live
 
 
 def main(argv=None) -> None:
@@ -56,7 +64,7 @@ def main(argv=None) -> None:
     for ev in at_peak.values():
         size[_frame_name(ev)] += ev["size"]
         count[_frame_name(ev)] += 1
-    print(f"traced peak {peak / 2**30:.2f} GiB (allocations since tracing began)")
+    print(f"traced peak {peak / 2**30:.2f} GiB (of the allocations the trace holds: the last {_TRACE_ENTRIES})")
     for name, n in size.most_common(_GROUPS):
         print(f"{n / 2**30:7.3f} GiB {count[name]:6d}  {name}")
 

@@ -61,8 +61,7 @@ def _groups(t: torch.Tensor, group: int) -> tuple[torch.Tensor, int]:
 
 def _ungroup(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     # the padded width spelled out: reshape(rows, -1) cannot size no rows (an MoE expert
-    # routed no token); contiguous, as the kernels' outputs, and the whole of its storage
-    # where padded (engine/remade.py marks only such tensors)
+    # routed no token); contiguous, as the kernels' outputs are
     return t.reshape(rows, math.ceil(cols / t.shape[-1]) * t.shape[-1])[:, :cols].contiguous()
 
 

@@ -85,7 +85,8 @@ def test_a_tight_budget_splits_the_micro_batch_as_the_same_settings_by_hand(bloc
     model, inputs = block_and_inputs
     spec = {n: QuantSpec("int", 4, 32, True, scale_dtype=torch.bfloat16) for n in LINEARS}
     lin = linears_of(model)
-    first = memory.BlockMemory(lin, 8, 16, 128, 2, first_block=True, resident=1)  # its fp inputs held
+    elem = torch.empty(0, dtype=cpu_tune_dtype()).element_size()  # fp32 on a CPU without AVX512-BF16
+    first = memory.BlockMemory(lin, 8, 16, 128, elem, first_block=True, resident=1)  # its fp inputs held
     budget = first.bytes(2, caches_on_device=True)
     runs = {}
     for name, kw in (("fit", dict(batch_size=4, memory_budget=budget)),

@@ -26,6 +26,7 @@ from .linear import ActQuantLinear, TunedLinear
 
 _FORWARD_ARGS = ("self", "hidden_states", "top_k_index", "top_k_weights")  # LinearExperts2D.forward's
 
+
 def _projections(m: nn.Module) -> Optional[dict[str, list[nn.Module]]]:
     """A LinearExperts2D-style container's projections by name, one module per expert: a
     ModuleList whose first num_experts members have gate_proj, up_proj and down_proj, with a

@@ -54,9 +54,12 @@ class TuneOptions:
         compiled by torch.compile while tuning (:mod:`autoround_fast.fusion`; default: on
         for backend "cuda" where Triton is there). They round as eager does but reduce in
         their own order; on the CPU, where results are auto-round's bit for bit, it is an error.
-    step_in_backward: take SignRound's step inside each Linear's weight backward (the same
-        bits, the gradients never go through memory). Default: on with the kernels where it
-        applies: one micro-batch per step, no process group, the Linears on one device.
+    step_in_backward: take SignRound's step inside the backward (the same bits): in each
+        Linear's weight backward where a kernel steps its kind (NVFP4, INT; the gradients
+        never go through memory), else as soon as each tunable's gradient is accumulated (the
+        first iteration, MX, FP8, a Linear with several forwards; one tunable's gradient held
+        at a time). Default: on with the kernels where it applies: one micro-batch per step,
+        no process group, the Linears on one device.
     grouped_experts: run an MoE block's routed experts (llm-compressor's linearized
         ``LinearExperts2D``) as one grouped matmul per projection in every pass over the block,
         with the token-expert pairs sorted on the device (:mod:`.experts`), instead of the

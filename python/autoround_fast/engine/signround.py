@@ -129,13 +129,13 @@ class SignRound:
     computed after the last micro-batch's forward, before its backward (under one, after the
     backward, once the ranks' scores are summed). With ``plan.step_in_backward`` (one
     micro-batch, no process group, one device, the kernels), each Linear's weight backward
-    then takes the step on its tunables itself: the
-    same bits, without writing and reading back V's gradient. The first iteration counts each
-    Linear's forwards; from the second on, the Linears with one forward per iteration step in
-    their backward (:meth:`attach_steppers`). Every other tunable (all of them in the first
-    iteration) takes its step as soon as the backward has accumulated its gradient, which goes
-    at once, so that the backward holds no more than one such gradient at a time. A Linear
-    whose backward did not run in an iteration gets the usual best copy.
+    then takes the step on its tunables itself: the same bits, without writing and reading
+    back V's gradient. The first iteration counts each Linear's forwards; from the second on,
+    the Linears with one forward per iteration step in their backward (:meth:`attach_steppers`).
+    Every other tunable (all of them in the first iteration) takes its step as soon as the
+    backward has accumulated its gradient, which goes then: the tunables' gradients are not
+    held side by side. A Linear whose backward did not run in an iteration gets the usual
+    best copy.
 
     ``tuned``: the TunedLinears by name (a grouped projection's experts as their stack, one
     TunedLinear: experts.GroupedExperts). ``stacks``: the Linears whose fake-quantized weights
@@ -180,24 +180,30 @@ class SignRound:
             tl.forwards, tl.wq_now = 0, None
             remakes = plan.remake_weights and name not in in_forward_stacks
             tl.on_remake = functools.partial(self._keep_remade, name) if remakes else None
-        # Data parallel: each gradient's all-reduce starts as soon as the last micro-batch's
-        # backward has accumulated it (down_proj's first), so the transfers overlap the rest of
-        # the backward; the step waits for all of them. With linear_devices the backward runs
-        # one autograd thread per device, whose hooks would issue the collectives in an order
-        # that differs between ranks (NCCL hangs): then each gradient is reduced after the
-        # backward, in parameter order, via the compute device.
         self.overlap = self.dist is not None and len(self.devices) == 1
         self.in_flight: list = []
         self.last_micro = False
-        self.grad_hooks = ([p.register_post_accumulate_grad_hook(self._reduce_when_ready) for p in self.params]
-                           if self.overlap else [])
-        # With the step in the backward, a tunable that its Linear's backward does not step (the
-        # first iteration's, a Linear with two forwards, a kind without a stepping kernel) takes
-        # it as soon as its gradient is final, which then goes: one such gradient alive at a time
-        self.accumulated: set = set()  # the tunables stepped so this iteration
+        self.accumulated: set = set()  # the tunables stepped as their gradient was accumulated, this iteration
+        self.grad_hooks = self._grad_hooks()
+
+    def _grad_hooks(self) -> list:
+        """Data parallel: each gradient's all-reduce starts as soon as the last micro-batch's
+        backward has accumulated it (down_proj's first), so the transfers overlap the rest of
+        the backward; the step waits for all of them. With linear_devices the backward runs
+        one autograd thread per device, whose hooks would issue the collectives in an order
+        that differs between ranks (NCCL hangs): then each gradient is reduced after the
+        backward, in parameter order, via the compute device.
+
+        With the step in the backward, a tunable that its Linear's backward does not step (the
+        first iteration's, a Linear with two forwards, a kind without a stepping kernel) takes
+        its step as soon as its gradient is accumulated, and the gradient goes: the tunables'
+        gradients are not held side by side."""
+        if self.overlap:
+            return [p.register_post_accumulate_grad_hook(self._reduce_when_ready) for p in self.params]
         if self.stepping:
-            self.grad_hooks = [p.register_post_accumulate_grad_hook(functools.partial(self._step_accumulated, b))
-                               for p, b in zip(self.params, self.best.copies)]
+            return [p.register_post_accumulate_grad_hook(functools.partial(self._step_accumulated, b))
+                    for p, b in zip(self.params, self.best.copies)]
+        return []
 
     def _valid_counts(self, global_bs: int, accumulate: int) -> torch.Tensor:
         """Per iteration, what auto-round divides each micro-batch's loss by to score it (in
