@@ -62,8 +62,9 @@ def main(argv=None) -> None:
     peak, at_peak = live_at_peak(snapshot["device_traces"][torch.cuda.current_device()])
     size, count = collections.Counter(), collections.Counter()
     for ev in at_peak.values():
-        size[_frame_name(ev)] += ev["size"]
-        count[_frame_name(ev)] += 1
+        name = _frame_name(ev)
+        size[name] += ev["size"]
+        count[name] += 1
     print(f"traced peak {peak / 2**30:.2f} GiB (of the allocations the trace holds: the last {_TRACE_ENTRIES})")
     for name, n in size.most_common(_GROUPS):
         print(f"{n / 2**30:7.3f} GiB {count[name]:6d}  {name}")
