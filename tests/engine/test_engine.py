@@ -659,6 +659,7 @@ def test_linears_spread_over_two_gpus_change_nothing(ragged_block, name, iters):
 
 
 STEP_BACKENDS = ["kernels", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU"))]
+KERNEL_STEPPED = ("nvfp4", "int")  # the kinds whose weight backward has a stepping kernel
 
 
 @pytest.mark.parametrize("name", ["nvfp4", "w4a16-asym-g32", "w8a16-perrow", "mxfp4", "fp8-channel"])
@@ -680,7 +681,7 @@ def test_step_in_backward_changes_nothing(ragged_block, name, backend):
         block = fresh_block(model)
         runs[label] = _tuned_state(tune_block(block, inputs, spec, step_in_backward=flag, **kw), block, LINEARS)
     assert runs["separate"][0].step_in_backward == []
-    kernel_steps = SPECS[name].kind in ("nvfp4", "int")
+    kernel_steps = SPECS[name].kind in KERNEL_STEPPED
     assert runs["in backward"][0].step_in_backward == (sorted(LINEARS) if kernel_steps else [])
     assert len(set(runs["separate"][0].losses)) > 1  # the loop moved
     assert_same_run(runs["in backward"], runs["separate"], LINEARS, name)
@@ -710,7 +711,7 @@ def test_the_backward_holds_one_gradient_at_a_time(ragged_block, name, monkeypat
         counts[flag] = (max(alive), len(alive), result.step_in_backward)
     n_params = len(loops[-1].params)
     assert counts[False] == (n_params, 4 * n_params, [])
-    kernel_steps = SPECS[name].kind == "nvfp4"
+    kernel_steps = SPECS[name].kind in KERNEL_STEPPED
     assert counts[None] == (1, n_params if kernel_steps else 4 * n_params, sorted(LINEARS) if kernel_steps else [])
 
 
@@ -778,7 +779,7 @@ def test_weights_made_again_in_the_backward_change_nothing(ragged_block, name, b
         calls[flag] = len(quantized)
     assert calls[True] == calls[False] + eager * accumulate * 4
     assert runs[True][0].step_in_backward == runs[False][0].step_in_backward
-    steps = backend != "torch" and accumulate == 1 and SPECS[name].kind in ("nvfp4", "int")
+    steps = backend != "torch" and accumulate == 1 and SPECS[name].kind in KERNEL_STEPPED
     assert (runs[True][0].step_in_backward != []) == steps
     assert runs[True][0].best_iter > 0  # the weights kept are stepped ones
     assert_same_run(runs[True], runs[False], LINEARS, name)
